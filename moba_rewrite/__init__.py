@@ -1,0 +1,37 @@
+"""moba-rewrite: rewrite the attention of any PyTorch model into MoBA, layer by layer.
+
+Public API (SPEC section 1): `moba_attention`, `load_policy`, `rewrite`, `compile`, `export`,
+`plan`, `load`. Everything else is internal. Imports are lazy so `import moba_rewrite` stays
+fast and registers the `moba::attention` op.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from moba_rewrite.attention import moba_attention
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_policy": "moba_rewrite.policy",
+    "Policy": "moba_rewrite.policy",
+    "Decision": "moba_rewrite.policy",
+    "PolicyError": "moba_rewrite.policy",
+    "rewrite": "moba_rewrite.api",
+    "compile": "moba_rewrite.api",
+    "export": "moba_rewrite.api",
+    "plan": "moba_rewrite.api",
+    "load": "moba_rewrite.checkpoints",
+    "RewriteReport": "moba_rewrite.report",
+    "moba_attention_varlen": "moba_rewrite.varlen",
+}
+
+__all__ = ["moba_attention", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moba_rewrite' has no attribute {name!r}")

@@ -1,0 +1,121 @@
+"""Dense MoBA: the definition every other backend is checked against.
+
+Readable first, fast never: it materialises the full `[B, Hq, Tq, Tk]` score matrix. It
+follows SPEC section 2 step by step (blocks, positions, gate, candidates, selection,
+attention) so that a reader can check it against the paper in one sitting.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types and fp32, fp64 for fp64: gate and softmax statistics precision."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def repeat_kv(x: Tensor, num_q_heads: int) -> Tensor:
+    """Expand `[B, Hkv, T, D]` to `[B, Hq, T, D]` (query head h uses KV head h // group)."""
+    group = num_q_heads // x.shape[1]
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def visible_keys(attn_mask: Tensor | None, shape: tuple[int, int, int, int], device) -> Tensor:
+    """Boolean `[B, Hq, Tq, Tk]` view: which keys the attention mask lets each query see."""
+    if attn_mask is None:
+        return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device).expand(shape)
+    visible = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
+    return visible.expand(shape)
+
+
+def query_positions(tq: int, tk: int, device) -> Tensor:
+    """Absolute position of each query: the queries are the newest `tq` of `tk` tokens."""
+    return torch.arange(tk - tq, tk, device=device)
+
+
+def block_means(k: Tensor, block_size: int) -> Tensor:
+    """Mean key of each block, `[B, H, n_blocks, D]` in compute precision (last block may be partial)."""
+    b, h, tk, d = k.shape
+    n_blocks = -(-tk // block_size)
+    padded = k.new_zeros((b, h, n_blocks * block_size, d), dtype=compute_dtype(k.dtype))
+    padded[:, :, :tk] = k
+    counts = torch.clamp(tk - torch.arange(n_blocks, device=k.device) * block_size, max=block_size)
+    return padded.view(b, h, n_blocks, block_size, d).sum(3) / counts[:, None].to(padded.dtype)
+
+
+@torch.no_grad()
+def block_selection(
+    q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool, attn_mask: Tensor | None = None
+) -> Tensor:
+    """Boolean `[B, Hq, Tq, n_blocks]`: the key blocks each query attends, own block included."""
+    b, hq, tq, _ = q.shape
+    tk = k.shape[2]
+    n_blocks = -(-tk // block_size)
+    dev = q.device
+    # Gate: s[i, j] = q_i . mean(K_j), per query head, in fp32.
+    gate = q.to(compute_dtype(q.dtype)) @ repeat_kv(block_means(k, block_size), hq).transpose(-1, -2)
+    own = query_positions(tq, tk, dev) // block_size  # [Tq]
+    blocks = torch.arange(n_blocks, device=dev)
+    # Candidates: earlier complete blocks (causal) or every other block (non-causal) ...
+    candidate = blocks[None, :] < own[:, None] if causal else blocks[None, :] != own[:, None]
+    candidate = candidate.expand(b, hq, tq, n_blocks)
+    # ... that hold at least one key the mask lets this query see.
+    if attn_mask is not None:
+        visible = visible_keys(attn_mask, (b, hq, tq, tk), dev)
+        pad = n_blocks * block_size - tk
+        visible = torch.nn.functional.pad(visible, (0, pad), value=False)
+        candidate = candidate & visible.reshape(b, hq, tq, n_blocks, block_size).any(-1)
+    selected = torch.zeros((b, hq, tq, n_blocks), dtype=torch.bool, device=dev)
+    # Selection: the own block plus the top_k - 1 best candidates (fewer if fewer exist).
+    n_pick = min(top_k - 1, n_blocks)
+    if n_pick > 0:
+        scores = gate.masked_fill(~candidate, float("-inf"))
+        values, index = scores.topk(n_pick, dim=-1)
+        selected.scatter_(-1, index, values > float("-inf"))
+    selected.scatter_(-1, own.expand(b, hq, tq)[..., None], True)
+    return selected
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
+    attn_mask: Tensor | None,
+) -> Tensor:
+    """MoBA output `[B, Hq, Tq, D]` by dense masked softmax attention over the selected blocks."""
+    b, hq, tq, _ = q.shape
+    tk = k.shape[2]
+    dev = q.device
+    selected = block_selection(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask)
+    key_block = torch.arange(tk, device=dev) // block_size
+    allowed = selected[..., key_block]  # [B, Hq, Tq, Tk]
+    if causal:
+        allowed = allowed & (torch.arange(tk, device=dev)[None, :] <= query_positions(tq, tk, dev)[:, None])
+    ct = compute_dtype(q.dtype)
+    scores = (q.to(ct) @ repeat_kv(k, hq).to(ct).transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask
+        else:
+            scores = scores + attn_mask.to(ct)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    # Softmax that gives zeros, not NaN, on rows with no visible key.
+    row_max = scores.amax(-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(-1, keepdim=True)
+    probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return (probs @ repeat_kv(v, hq).to(ct)).to(q.dtype)
+
+
+def backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
+    causal: bool, scale: float, attn_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `forward` by autograd through the dense reference."""
+    with torch.enable_grad():
+        qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+        o = forward(qg, kg, vg, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
+                    attn_mask=attn_mask)
+        dq, dk, dv = torch.autograd.grad(o, (qg, kg, vg), grad_out)
+    return dq, dk, dv

@@ -1,0 +1,72 @@
+"""The `moba::attention` custom op: one opaque operator in front of every kernel backend.
+
+`torch.compile`, `torch.export`, AOTInductor and the ONNX exporter all see this single node.
+The backend is resolved at run time from the tensors' device (`auto`), so an exported
+program keeps running well on whatever device it is loaded on.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from moba_rewrite.kernels import load_backend, resolve_backend
+
+
+def _kernel(backend: str, device: torch.device):
+    return load_backend(resolve_backend(backend, device))
+
+
+@torch.library.custom_op("moba::attention", mutates_args=())
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], block_size: int, top_k: int,
+    causal: bool, scale: float, backend: str,
+) -> Tensor:
+    """MoBA attention (SPEC section 2) on validated arguments; see `moba_rewrite.moba_attention`."""
+    out = _kernel(backend, q.device).forward(
+        q, k, v, block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask
+    )
+    return out.contiguous()
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, attn_mask, block_size, top_k, causal, scale, backend):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("moba::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, attn_mask: Optional[Tensor],
+    block_size: int, top_k: int, causal: bool, scale: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `moba::attention` with respect to q, k and v."""
+    dq, dk, dv = _kernel(backend, q.device).backward(
+        grad_out, q, k, v, out, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
+        attn_mask=attn_mask,
+    )
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(grad_out, q, k, v, out, attn_mask, block_size, top_k, causal, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, block_size, top_k, causal, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, output, attn_mask)
+    ctx.params = (block_size, top_k, causal, scale, backend)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, out, attn_mask = ctx.saved_tensors
+    block_size, top_k, causal, scale, backend = ctx.params
+    dq, dk, dv = attention_backward(
+        grad_out.contiguous(), q, k, v, out, attn_mask, block_size, top_k, causal, scale, backend
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
