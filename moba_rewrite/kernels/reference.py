@@ -78,11 +78,11 @@ def block_selection(
     return selected
 
 
-def forward(
-    q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
+def attention_probs(
+    q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
     attn_mask: Tensor | None,
 ) -> Tensor:
-    """MoBA output `[B, Hq, Tq, D]` by dense masked softmax attention over the selected blocks."""
+    """Dense `[B, Hq, Tq, Tk]` attention weights of MoBA, in compute precision (zero rows allowed)."""
     b, hq, tq, _ = q.shape
     tk = k.shape[2]
     dev = q.device
@@ -104,18 +104,39 @@ def forward(
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
     denom = weights.sum(-1, keepdim=True)
-    probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return (probs @ repeat_kv(v, hq).to(ct)).to(q.dtype)
+    return weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
+    attn_mask: Tensor | None,
+) -> Tensor:
+    """MoBA output `[B, Hq, Tq, D]` by dense masked softmax attention over the selected blocks."""
+    probs = attention_probs(q, k, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
+                            attn_mask=attn_mask)
+    return (probs @ repeat_kv(v, q.shape[1]).to(probs.dtype)).to(q.dtype)
+
+
+def _sum_groups(x: Tensor, num_kv_heads: int) -> Tensor:
+    """Fold `[B, Hq, T, D]` gradients back onto `[B, Hkv, T, D]` (sum over each GQA group)."""
+    b, hq, t, d = x.shape
+    return x.view(b, num_kv_heads, hq // num_kv_heads, t, d).sum(2)
 
 
 def backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
     causal: bool, scale: float, attn_mask: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of `forward` by autograd through the dense reference."""
-    with torch.enable_grad():
-        qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
-        o = forward(qg, kg, vg, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
-                    attn_mask=attn_mask)
-        dq, dk, dv = torch.autograd.grad(o, (qg, kg, vg), grad_out)
-    return dq, dk, dv
+    """Dense softmax-attention gradients over the selected blocks (selection has no gradient)."""
+    hq, hkv = q.shape[1], k.shape[1]
+    probs = attention_probs(q, k, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
+                            attn_mask=attn_mask)
+    ct = probs.dtype
+    do = grad_out.to(ct)
+    kr, vr = repeat_kv(k, hq).to(ct), repeat_kv(v, hq).to(ct)
+    dv = probs.transpose(-1, -2) @ do
+    dp = do @ vr.transpose(-1, -2)
+    ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))
+    dq = (ds @ kr) * scale
+    dk = (ds.transpose(-1, -2) @ q.to(ct)) * scale
+    return dq.to(q.dtype), _sum_groups(dk, hkv).to(k.dtype), _sum_groups(dv, hkv).to(v.dtype)
