@@ -154,7 +154,7 @@ class Rule:
                            ("ignore", self.ignore)):
             if value is None:
                 continue
-            shown = [str(v) if key == "layers" else repr(v) for v in value]
+            shown = [str(v) if key == "layers" else _quoted(v) for v in value]
             parts.append(f"{key}: {shown[0] if len(shown) == 1 else '[' + ', '.join(shown) + ']'}")
         name = f" {self.name!r}" if self.name is not None else ""
         return f"rules[{self.index}]{name} ({', '.join(parts) if parts else 'all sites'})"
@@ -255,6 +255,11 @@ class Policy:
 
 # ------------------------------------------------------------------------------- matching
 
+def _quoted(text: str) -> str:
+    """'text' as written in the file: quotes, but backslashes of regexes left single."""
+    return f"'{text}'"
+
+
 @functools.lru_cache(maxsize=1024)
 def _pattern(pattern: str) -> re.Pattern[str]:
     """`re:...` -> that regex; anything else is a glob (`*` crosses dots). Use with fullmatch."""
@@ -291,8 +296,8 @@ def _no_match_hint(rule: Rule, sites: list[AttentionSite]) -> str:
     for pattern in rule.match or ():
         if pattern.startswith("re:"):
             continue
-        if any(c in pattern for c in "\\+()^$|{}") or ".*" in pattern:
-            hints.append(f"{pattern!r} is a glob; for a regular expression write 're:{pattern}'")
+        if any(c in pattern for c in "\\+()^$|{}"):
+            hints.append(f"{_quoted(pattern)} is a glob; for a regular expression write 're:{pattern}'")
         elif not any(c in pattern for c in "*?["):
             hints.append(did_you_mean(pattern, [s.name for s in sites]).strip(" ()"))
     for pattern in rule.classes or ():

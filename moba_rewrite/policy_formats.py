@@ -134,7 +134,7 @@ def _yaml_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], sourc
 
 def _parse_json(text: str, source: str) -> tuple[Any, Locator]:
     where: dict[int, dict[Any, int]] = {}  # id(container) -> {key or index: offset of value}
-    duplicate: list[tuple[str, int, int]] = []
+    duplicate: list[tuple[int, str, int, int]] = []  # (id(obj), key, offset, first offset)
 
     def parse_object(s_and_end, strict, scan_once, object_hook, object_pairs_hook, memo=None):
         offsets: list[int] = []
@@ -149,7 +149,7 @@ def _parse_json(text: str, source: str) -> tuple[Any, Locator]:
         positions: dict[Any, int] = {}
         for (key, value), offset in zip(pairs, offsets):
             if key in obj and not duplicate:
-                duplicate.append((key, offset, positions[key]))
+                duplicate.append((id(obj), key, offset, positions[key]))
             obj[key] = value
             positions[key] = offset
         where[id(obj)] = positions
@@ -187,14 +187,18 @@ def _parse_json(text: str, source: str) -> tuple[Any, Locator]:
         items = obj.items() if isinstance(obj, dict) else enumerate(obj)
         for key, value in items:
             lines[path + (key,)] = line_at(positions[key])
+            check_duplicate(value, path + (key,))
             walk(value, path + (key,))
 
+    def check_duplicate(obj: Any, path: KeyPath) -> None:
+        if duplicate and id(obj) == duplicate[0][0]:
+            _, key, offset, first = duplicate[0]
+            raise PolicyError(source, line_at(offset), format_path(path),
+                              f"duplicate key {key!r} (first written at line {line_at(first)})")
+
     lines[()] = line_at(len(text) - len(text.lstrip()))
+    check_duplicate(data, ())
     walk(data, ())
-    if duplicate:
-        key, offset, first = duplicate[0]
-        raise PolicyError(source, line_at(offset), "",
-                          f"duplicate key {key!r} (first written at line {line_at(first)})")
     return data, Locator(lines)
 
 
@@ -214,6 +218,8 @@ def _parse_toml(text: str, source: str) -> tuple[Any, Locator]:
         if found:
             msg = f"{msg[:found.start()]} (column {found.group(2)})"
         raise PolicyError(source, line, "", f"malformed TOML: {msg}") from None
+    if not data:
+        data = None  # only comments or blank lines: an empty file, as in YAML
     return data, Locator(search=_toml_search(text))
 
 
