@@ -345,25 +345,29 @@ class _Checker:
             raise self.fail((), "expected a mapping with keys version, defaults, rules; the file is empty")
         data = self.mapping(data, (), "with keys version, strict, defaults, rules")
         self.keys(data, (), TOP_KEYS, "the policy")
-        version = data.get("version", VERSION)
-        if isinstance(version, bool) or not isinstance(version, int) or version != VERSION:
-            raise self.fail(("version",), f"expected {VERSION} (the only policy format version), "
-                                          f"got {describe(version)}")
-        description = data.get("description")
-        if description is not None and not isinstance(description, str):
-            raise self.fail(("description",), f"expected a string, got {describe(description)}")
-        strict = data.get("strict", False)
-        if not isinstance(strict, bool):
-            raise self.fail(("strict",), f"expected true or false, got {describe(strict)}")
-        defaults = Settings()
-        if "defaults" in data:
-            raw = self.mapping(data["defaults"], ("defaults",), "of settings")
-            self.keys(raw, ("defaults",), SETTINGS_FIELDS, "defaults")
-            defaults = Settings(**{k: self.setting(k, v, ("defaults", k)) for k, v in raw.items()})
-        raw_rules = data.get("rules", [])
-        if not isinstance(raw_rules, list):
-            raise self.fail(("rules",), f"expected a list of rules, got {describe(raw_rules)}")
-        rules = tuple(self.rule(raw, i) for i, raw in enumerate(raw_rules))
+        version, description, strict = VERSION, None, False
+        defaults, rules = Settings(), ()
+        for key, value in data.items():  # file order, so the first problem reported is the first written
+            if key == "version":
+                if isinstance(value, bool) or not isinstance(value, int) or value != VERSION:
+                    raise self.fail((key,), f"expected {VERSION} (the only policy format version), "
+                                            f"got {describe(value)}")
+            elif key == "description":
+                if not isinstance(value, str):
+                    raise self.fail((key,), f"expected a string, got {describe(value)}")
+                description = value
+            elif key == "strict":
+                if not isinstance(value, bool):
+                    raise self.fail((key,), f"expected true or false, got {describe(value)}")
+                strict = value
+            elif key == "defaults":
+                raw = self.mapping(value, (key,), "of settings")
+                self.keys(raw, (key,), SETTINGS_FIELDS, "defaults")
+                defaults = Settings(**{k: self.setting(k, v, (key, k)) for k, v in raw.items()})
+            else:  # rules
+                if not isinstance(value, list):
+                    raise self.fail((key,), f"expected a list of rules, got {describe(value)}")
+                rules = tuple(self.rule(raw, i) for i, raw in enumerate(value))
         lines = tuple(self.locator.line_of(("rules", i)) for i in range(len(rules)))
         return Policy(defaults=defaults, rules=rules, strict=strict, version=VERSION,
                       description=description, source=self.source, rule_lines=lines)

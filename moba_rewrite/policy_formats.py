@@ -92,12 +92,15 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, Locator]:
         node = loader.get_single_node()
         lines: dict[KeyPath, int] = {}
         if node is not None:
+            lines[()] = node.start_mark.line + 1
             _yaml_lines(node, (), lines, source)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark is not None else None
         problem = err.problem or err.context or "syntax error"
+        if err.context and problem.startswith("but "):
+            problem = f"{err.context}, {problem}"
         column = f" (column {mark.column + 1})" if mark is not None else ""
         hint = ""
         if "mapping values are not allowed" in problem:
