@@ -1,0 +1,180 @@
+"""Block routing for the `torch` backend: gate, top-k and the per-block query lists.
+
+Memory stays `O(Tq * Hq * top_k)`: the gate `[B, Hq, chunk, n_blocks]` is computed for one
+chunk of queries at a time and only the selected block indices are kept. The result is a
+`RoutePlan`: every (query row, key block) pair that attention must visit, sorted by
+(batch, kv head, key block) so that each key block is visited once with all the query rows
+(of every query head in its GQA group) that selected it. Within a block the rows that have it
+as their *own* block come last, so the causal cut is applied to that tail only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Elements per temporary: gate chunk, mask chunk (about 16 MiB in fp32).
+_CHUNK_ELEMS = 1 << 22
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types and fp32, fp64 for fp64 (gate and softmax statistics precision)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def mask4(attn_mask: Tensor | None) -> Tensor | None:
+    """The mask as a 4-D view (leading broadcast dims added), no copy."""
+    if attn_mask is None:
+        return None
+    return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+
+
+def _visible(m: Tensor) -> Tensor:
+    return m if m.dtype == torch.bool else m != float("-inf")
+
+
+def block_means(k: Tensor, block_size: int, ct: torch.dtype) -> Tensor:
+    """Mean key per block `[B, Hkv, n_blocks, D]` in `ct`; the last block may be partial."""
+    b, h, tk, d = k.shape
+    n_full, tail = divmod(tk, block_size)
+    parts = []
+    if n_full:
+        parts.append(k[:, :, : n_full * block_size].reshape(b, h, n_full, block_size, d).sum(3, dtype=ct)
+                     / block_size)
+    if tail:
+        parts.append(k[:, :, n_full * block_size:].sum(2, keepdim=True, dtype=ct) / tail)
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
+def _block_visibility(vis: Tensor, n_blocks: int, block_size: int) -> Tensor:
+    """`[..., Tk]` bool -> `[..., n_blocks]`: does the block hold a visible key (`Tk`=1 broadcasts)."""
+    tk = vis.shape[-1]
+    if tk == 1:
+        return vis
+    n_full = tk // block_size
+    parts = []
+    if n_full:
+        parts.append(vis[..., : n_full * block_size].reshape(*vis.shape[:-1], n_full, block_size).any(-1))
+    if n_full < n_blocks:
+        parts.append(vis[..., n_full * block_size:].any(-1, keepdim=True))
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+@torch.no_grad()
+def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool,
+                  attn_mask: Tensor | None) -> Tensor:
+    """History blocks per query `[B, Hq, Tq, top_k - 1]` (int64, -1 = none), own block excluded.
+
+    Gate `q . mean(K_j)` in fp32 (fp64 for fp64), candidates per SPEC section 2 step 4,
+    top `top_k - 1` of them. Queries are processed in chunks so the gate is never whole.
+    """
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    n = -(-tk // block_size)
+    n_pick = min(top_k - 1, n)
+    dev = q.device
+    sel = torch.full((b, hq, tq, max(n_pick, 0)), -1, dtype=torch.long, device=dev)
+    if n_pick <= 0 or n == 1:
+        return sel
+    ct = compute_dtype(q.dtype)
+    means_t = block_means(k, block_size, ct).transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, n]
+    m4 = mask4(attn_mask)
+    blocks = torch.arange(n, device=dev)
+    offset = tk - tq
+    chunk = max(1, _CHUNK_ELEMS // (b * hq * n))
+    if m4 is not None and m4.shape[2] > 1:
+        chunk = min(chunk, max(1, _CHUNK_ELEMS // (m4.shape[0] * m4.shape[1] * m4.shape[3])))
+    static_vis = None
+    if m4 is not None and m4.shape[2] == 1:
+        static_vis = _block_visibility(_visible(m4), n, block_size)  # [mB, mH, 1, n or 1]
+    for i0 in range(0, tq, chunk):
+        i1 = min(tq, i0 + chunk)
+        c = i1 - i0
+        qc = q[:, :, i0:i1].to(ct).reshape(b, hkv, g, c, d)
+        gate = torch.matmul(qc, means_t).reshape(b, hq, c, n)
+        own = torch.arange(offset + i0, offset + i1, device=dev) // block_size
+        cand = blocks[None, :] < own[:, None] if causal else blocks[None, :] != own[:, None]
+        if m4 is not None:
+            vis = static_vis if static_vis is not None else _block_visibility(
+                _visible(m4[:, :, i0:i1]), n, block_size)
+            cand = cand & vis
+        gate.masked_fill_(~cand, float("-inf"))
+        values, index = gate.topk(n_pick, dim=-1, sorted=False)
+        sel[:, :, i0:i1] = index.masked_fill_(values == float("-inf"), -1)
+    return sel
+
+
+@dataclass
+class RoutePlan:
+    """Query rows grouped by the key block they visit.
+
+    `rows` holds flat query-row indices into `q.reshape(B*Hq*Tq, D)`, sorted by group
+    `(b * Hkv + kv_head) * n_blocks + j`; each entry of `groups` is
+    `(b, kv_head, j, start, own_start, end)`: rows `[start, end)` of `rows` visit key block j
+    of that kv head, those in `[own_start, end)` having block j as their own block.
+    """
+
+    rows: Tensor
+    groups: list[tuple[int, int, int, int, int, int]]  # (b, kv_head, j, start, own_start, end)
+    n_blocks: int
+    block_size: int
+    offset: int  # Tk - Tq: position of query 0
+
+
+@torch.no_grad()
+def route(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool,
+          attn_mask: Tensor | None) -> RoutePlan:
+    """Select blocks and sort the (query row, block) pairs into per-block groups."""
+    b, hq, tq, _ = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    n = -(-tk // block_size)
+    dev = q.device
+    offset = tk - tq
+    sel = select_blocks(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask)
+    # Group id base per (b, hq): (b * Hkv + hq // G) * n.
+    base = ((torch.arange(b, device=dev)[:, None] * hkv + torch.arange(hq, device=dev)[None, :] // g) * n)
+    own = (torch.arange(offset, tk, device=dev) // block_size)
+    own_key = (base[:, :, None] + own[None, None, :]) * 2 + 1  # [B, Hq, Tq], odd: own rows last
+    rows_all = torch.arange(b * hq * tq, device=dev)
+    keys, rows = [own_key.reshape(-1)], [rows_all]
+    if sel.shape[-1] > 0:
+        valid = sel >= 0
+        hist_key = (base[:, :, None, None] + sel) * 2
+        keys.insert(0, hist_key[valid])
+        rows.insert(0, rows_all.view(b, hq, tq, 1).expand_as(sel)[valid])
+        del valid, hist_key
+    del sel
+    key = torch.cat(keys) if len(keys) > 1 else keys[0]
+    row = torch.cat(rows) if len(rows) > 1 else rows[0]
+    key, order = torch.sort(key, stable=True)
+    row = row[order]
+    del order
+    counts = torch.bincount(key, minlength=2 * b * hkv * n).view(-1, 2).tolist()
+    groups = []
+    pos = 0
+    for gid, (n_hist, n_own) in enumerate(counts):
+        if n_hist + n_own == 0:
+            continue
+        bh, j = divmod(gid, n)
+        bi, hi = divmod(bh, hkv)
+        groups.append((bi, hi, j, pos, pos + n_hist, pos + n_hist + n_own))
+        pos += n_hist + n_own
+    return RoutePlan(rows=row, groups=groups, n_blocks=n, block_size=block_size, offset=offset)
+
+
+def block_selection(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool,
+                    attn_mask: Tensor | None = None) -> Tensor:
+    """Boolean `[B, Hq, Tq, n_blocks]` map of attended blocks (own included), for tests."""
+    b, hq, tq, _ = q.shape
+    tk = k.shape[2]
+    n = -(-tk // block_size)
+    sel = select_blocks(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask)
+    out = torch.zeros((b, hq, tq, n + 1), dtype=torch.bool, device=q.device)
+    out.scatter_(-1, torch.where(sel >= 0, sel, n), True)
+    own = (torch.arange(tk - tq, tk, device=q.device) // block_size).expand(b, hq, tq)
+    out.scatter_(-1, own[..., None], True)
+    return out[..., :n]
