@@ -1,0 +1,364 @@
+"""Block-sparse MoBA attention in Triton, "gather and densify" by KV block.
+
+A work item is one KV block `j` of one (batch, KV head) together with a chunk of `BLOCK_M`
+rows that attend it (from the CSR built in `triton_gate.build_csr`); rows of all query
+heads of a GQA group are mixed in one chunk, so they share every K/V load, and no work is
+done for a block that no row selected. The selection is arbitrary per query, so the
+gathered rows fill dense tensor-core tiles even when neighbouring queries choose
+different blocks.
+
+Forward runs in two passes over the work items:
+  1. LSE pass: per (row, block, key split) log-sum-exp of the visible scores;
+     reduced per row on the host side (`row_lse`).
+  2. Output pass: with every row's final LSE known, `exp(s - lse) @ V` is the row's exact
+     share of the output, summed across its blocks with fp32 atomics.
+A key split > 1 cuts each block into spans processed in parallel (split-KV; used for
+decode, where a handful of rows meets a long block).
+
+Backward: one program per key tile of a block owns that tile's dK/dV (no atomics) and
+walks the block's attending rows once; dQ is summed with fp32 atomics.
+All softmax statistics are kept in base 2 (`exp2`, `log2`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from moba_rewrite.kernels.triton_gate import Selection
+from moba_rewrite.kernels.triton_layout import Problem, interpreted, next_pow2
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O32, LSE_PART, ROW_LSE, MASK,
+    WORK_IDX, WORK_CHUNK, OFFSETS, ENTRY_ROW, ENTRY_SRC,
+    q_start, q_len, k_start, k_len,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb, smh, smt, smk,
+    H_KV, G, NB, N_ITEMS, L, RP, NSPLIT, block_size, span, scale_log2,
+    MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """MODE 0: per-entry LSE of one key span of block j. MODE 1: add exp(s - lse) @ V into O32."""
+    w = tl.program_id(0)
+    split = tl.program_id(1)
+    idx = tl.load(WORK_IDX + w)
+    if idx < N_ITEMS:
+        bh = idx // NB
+        j = idx % NB
+        b = bh // H_KV
+        h = bh % H_KV
+        chunk = tl.load(WORK_CHUNK + w)
+        e_lo = tl.load(OFFSETS + bh * (NB + 1) + j)
+        e_hi = tl.load(OFFSETS + bh * (NB + 1) + j + 1)
+        e = e_lo + chunk * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = e < e_hi
+        rows = tl.load(ENTRY_ROW + bh.to(tl.int64) * L + e, mask=ok, other=0)
+        t = rows // G
+        hq = h * G + rows % G
+        tq = tl.load(q_len + b)
+        tk = tl.load(k_len + b)
+        qs = tl.load(q_start + b).to(tl.int64)
+        ks = tl.load(k_start + b).to(tl.int64)
+        pos = tk - tq + t
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        q = tl.load(Q + b.to(tl.int64) * sqb + hq.to(tl.int64)[:, None] * sqh + (qs + t)[:, None] * sqt
+                    + offs_d[None, :], mask=ok[:, None] & dmask[None, :], other=0.0)
+        lo = j * block_size + split * span
+        hi = tl.minimum(tl.minimum(lo + span, (j + 1) * block_size), tk)
+        if CAUSAL:
+            hi = tl.minimum(hi, tl.max(tl.where(ok, pos, -1)) + 1)
+        k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        if MODE == 0:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            for n0 in range(lo, hi, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                kt = tl.load(k_base + (ks + cols)[:, None] * skt + offs_d[None, :],
+                             mask=(cols < hi)[:, None] & dmask[None, :], other=0.0)
+                s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale_log2
+                # visible = in range, causal, and shown by the attention mask (inlined: cheaper to interpret)
+                allowed = ok[:, None] & (cols < hi)[None, :]
+                if CAUSAL:
+                    allowed = allowed & (cols[None, :] <= pos[:, None])
+                if HAS_MASK:
+                    mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64)[:, None] * smh + t.to(tl.int64)[:, None] * smt
+                                 + cols[None, :] * smk, mask=allowed, other=0)
+                    if MASK_BOOL:
+                        allowed = allowed & (mv != 0)
+                    else:
+                        s = s + mv.to(tl.float32) * 1.4426950408889634
+                s = tl.where(allowed, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+                m_i = m_new
+            lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+            src = tl.load(ENTRY_SRC + bh.to(tl.int64) * L + e, mask=ok, other=0)
+            tl.store(LSE_PART + (bh.to(tl.int64) * L + src) * NSPLIT + split, lse, mask=ok)
+        else:
+            row_lse = tl.load(ROW_LSE + bh.to(tl.int64) * RP + rows, mask=ok, other=float("inf"))
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for n0 in range(lo, hi, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                kv_mask = (cols < hi)[:, None] & dmask[None, :]
+                kt = tl.load(k_base + (ks + cols)[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+                vt = tl.load(v_base + (ks + cols)[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+                s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale_log2
+                # visible = in range, causal, and shown by the attention mask (inlined: cheaper to interpret)
+                allowed = ok[:, None] & (cols < hi)[None, :]
+                if CAUSAL:
+                    allowed = allowed & (cols[None, :] <= pos[:, None])
+                if HAS_MASK:
+                    mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64)[:, None] * smh + t.to(tl.int64)[:, None] * smt
+                                 + cols[None, :] * smk, mask=allowed, other=0)
+                    if MASK_BOOL:
+                        allowed = allowed & (mv != 0)
+                    else:
+                        s = s + mv.to(tl.float32) * 1.4426950408889634
+                s = tl.where(allowed, s, float("-inf"))
+                p = tl.exp2(s - row_lse[:, None])
+                acc += tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+            o_ptrs = (O32 + b.to(tl.int64) * sob + hq.to(tl.int64)[:, None] * soh + (qs + t)[:, None] * sot
+                      + offs_d[None, :])
+            tl.atomic_add(o_ptrs, acc, mask=ok[:, None] & dmask[None, :], sem="relaxed")
+
+
+@triton.jit
+def _row_dot_kernel(
+    DO, O, DELTA, q_start, q_len, sdb, sdh, sdt, sob, soh, sot, H_KV, G, RP,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+):
+    """DELTA[bh, R] = rowsum(dO * O) in fp32 for the backward's softmax term."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H_KV
+    h = bh % H_KV
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = rows // G
+    hq = h * G + rows % G
+    ok = t < tl.load(q_len + b)
+    qs = tl.load(q_start + b).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = ok[:, None] & (offs_d < D)[None, :]
+    do = tl.load(DO + b.to(tl.int64) * sdb + hq.to(tl.int64)[:, None] * sdh + (qs + t)[:, None] * sdt
+                 + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    o = tl.load(O + b.to(tl.int64) * sob + hq.to(tl.int64)[:, None] * soh + (qs + t)[:, None] * sot
+                + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * RP + rows, tl.sum(do * o, axis=1), mask=rows < RP)
+
+
+@triton.jit
+def _bwd_kernel(
+    Q, K, V, DO, DQ32, DK, DV, ROW_LSE, DELTA, MASK, OFFSETS, ENTRY_ROW,
+    q_start, q_len, k_start, k_len,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+    sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt, smb, smh, smt, smk,
+    H_KV, G, NB, N_SUB, L, RP, block_size, scale, scale_log2,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dK, dV of one key tile of block j (owned, no atomics); dQ of its rows by fp32 atomics."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    j = pid // N_SUB
+    sub = pid % N_SUB
+    b = bh // H_KV
+    h = bh % H_KV
+    tq = tl.load(q_len + b)
+    tk = tl.load(k_len + b)
+    qs = tl.load(q_start + b).to(tl.int64)
+    ks = tl.load(k_start + b).to(tl.int64)
+    lo = j * block_size + sub * BLOCK_N
+    hi = tl.minimum(tl.minimum(lo + BLOCK_N, (j + 1) * block_size), tk)
+    if lo < hi:
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        cols = lo + tl.arange(0, BLOCK_N)
+        kv_mask = (cols < hi)[:, None] & dmask[None, :]
+        kt = tl.load(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + (ks + cols)[:, None] * skt + offs_d[None, :],
+                     mask=kv_mask, other=0.0)
+        vt = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + (ks + cols)[:, None] * svt + offs_d[None, :],
+                     mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        e_lo = tl.load(OFFSETS + bh * (NB + 1) + j)
+        e_hi = tl.load(OFFSETS + bh * (NB + 1) + j + 1)
+        for e0 in range(e_lo, e_hi, BLOCK_M):
+            e = e0 + tl.arange(0, BLOCK_M)
+            ok = e < e_hi
+            rows = tl.load(ENTRY_ROW + bh.to(tl.int64) * L + e, mask=ok, other=0)
+            t = rows // G
+            hq = h * G + rows % G
+            pos = tk - tq + t
+            rm = ok[:, None] & dmask[None, :]
+            q = tl.load(Q + b.to(tl.int64) * sqb + hq.to(tl.int64)[:, None] * sqh + (qs + t)[:, None] * sqt
+                        + offs_d[None, :], mask=rm, other=0.0)
+            do = tl.load(DO + b.to(tl.int64) * sdb + hq.to(tl.int64)[:, None] * sdh + (qs + t)[:, None] * sdt
+                         + offs_d[None, :], mask=rm, other=0.0)
+            lse = tl.load(ROW_LSE + bh.to(tl.int64) * RP + rows, mask=ok, other=float("inf"))
+            delta = tl.load(DELTA + bh.to(tl.int64) * RP + rows, mask=ok, other=0.0)
+            s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale_log2
+            # visible = in range, causal, and shown by the attention mask (inlined: cheaper to interpret)
+            allowed = ok[:, None] & (cols < hi)[None, :]
+            if CAUSAL:
+                allowed = allowed & (cols[None, :] <= pos[:, None])
+            if HAS_MASK:
+                mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64)[:, None] * smh + t.to(tl.int64)[:, None] * smt
+                             + cols[None, :] * smk, mask=allowed, other=0)
+                if MASK_BOOL:
+                    allowed = allowed & (mv != 0)
+                else:
+                    s = s + mv.to(tl.float32) * 1.4426950408889634
+            s = tl.where(allowed, s, float("-inf"))
+            p = tl.exp2(s - lse[:, None])
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+            dp = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+            dq = tl.dot(ds.to(kt.dtype), kt, input_precision=DOT_PREC) * scale
+            tl.atomic_add(DQ32 + b.to(tl.int64) * sgqb + hq.to(tl.int64)[:, None] * sgqh + (qs + t)[:, None] * sgqt
+                          + offs_d[None, :], dq, mask=rm, sem="relaxed")
+        dk_ptrs = DK + b.to(tl.int64) * sgkb + h.to(tl.int64) * sgkh + (ks + cols)[:, None] * sgkt + offs_d[None, :]
+        dv_ptrs = DV + b.to(tl.int64) * sgvb + h.to(tl.int64) * sgvh + (ks + cols)[:, None] * sgvt + offs_d[None, :]
+        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def attn_tiles(p: Problem) -> tuple[int, int]:
+    """(BLOCK_M gathered rows, BLOCK_N keys) per program."""
+    if interpreted(p.q.device):
+        return 32, 16  # fewer, larger programs: the interpreter's cost is per operation
+    if p.d <= 64:
+        return 64, 64
+    return (64, 64) if p.d <= 128 else (32, 32)
+
+
+def _dot_prec(p: Problem) -> str:
+    return "ieee" if (p.q.dtype == torch.float32 or interpreted(p.q.device)) else "tf32"
+
+
+def _mask_args(p: Problem):
+    if p.attn_mask is None:
+        return p.q_len, (0, 0, 0, 0), False, False
+    m = p.attn_mask
+    return m, m.stride(), True, m.dtype == torch.uint8
+
+
+def _work_list(p: Problem, sel: Selection, block_m: int) -> tuple[Tensor, Tensor, int]:
+    """Flattened (block, row chunk) work items from the CSR, without a host sync."""
+    counts = (sel.offsets[:, 1:] - sel.offsets[:, :-1]).reshape(-1).to(torch.int64)
+    chunks = (counts + block_m - 1) // block_m
+    cum = torch.cumsum(chunks, 0)
+    bh = sel.offsets.shape[0]
+    n_items = bh * p.n_blocks
+    entries = sel.entry_row.shape[1]
+    upper = max(1, bh * (-(-entries // block_m) + p.n_blocks))
+    w = torch.arange(upper, device=counts.device)
+    idx = torch.searchsorted(cum, w, right=True)
+    start = cum - chunks
+    chunk = w - start[idx.clamp(max=n_items - 1)]
+    return idx.to(torch.int32), chunk.to(torch.int32), upper
+
+
+def key_splits(p: Problem) -> int:
+    """Split-KV factor: decode-like calls (few rows per KV head) cut each block into key spans
+    processed by separate programs; prefill has enough (block, row chunk) items already."""
+    if p.max_tq * p.group > 64:
+        return 1
+    if interpreted(p.q.device):
+        return 2 if p.block_size >= 2 else 1
+    return max(1, -(-p.block_size // 128))
+
+
+def _span(p: Problem, nsplit: int) -> int:
+    _, block_n = attn_tiles(p)
+    span = -(-p.block_size // nsplit)
+    return span if interpreted(p.q.device) else -(-span // block_n) * block_n
+
+
+def row_lse(p: Problem, sel: Selection, nsplit: int | None = None) -> Tensor:
+    """Pass 1: every row's log2-sum-exp2 over its selected blocks; +inf for rows seeing nothing."""
+    nsplit = nsplit or key_splits(p)
+    span = _span(p, nsplit)
+    bh = p.batch * p.hkv
+    L = sel.entry_row.shape[1]
+    lse_part = torch.full((bh, L, nsplit), float("-inf"), dtype=torch.float32, device=p.q.device)
+    _launch_fwd(p, sel, 0, lse_part, lse_part, lse_part, nsplit, span)
+    parts = lse_part.view(bh, sel.row_pad, sel.slots * nsplit)
+    m = parts.amax(-1)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    total = torch.exp2(parts - m_safe[..., None]).sum(-1)
+    return torch.where(total > 0, m_safe + torch.log2(total), torch.full_like(m, float("inf")))
+
+
+def _launch_fwd(p: Problem, sel: Selection, mode: int, o32: Tensor, lse_part: Tensor, lse: Tensor,
+                nsplit: int, span: int) -> None:
+    block_m, block_n = attn_tiles(p)
+    idx, chunk, upper = _work_list(p, sel, block_m)
+    mask, ms, has_mask, mask_bool = _mask_args(p)
+    so = p.out_strides(o32)
+    _fwd_kernel[(upper, nsplit)](
+        p.q, p.k, p.v, o32, lse_part, lse, mask, idx, chunk, sel.offsets, sel.entry_row, sel.entry_src,
+        p.q_start, p.q_len, p.k_start, p.k_len,
+        p.sq.sb, p.sq.sh, p.sq.st, p.sk.sb, p.sk.sh, p.sk.st, p.sv.sb, p.sv.sh, p.sv.st, so.sb, so.sh, so.st,
+        ms[0], ms[1], ms[2], ms[3],
+        p.hkv, p.group, p.n_blocks, p.batch * p.hkv * p.n_blocks, sel.entry_row.shape[1], sel.row_pad, nsplit,
+        p.block_size, span, p.scale * LOG2E,
+        MODE=mode, CAUSAL=p.causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=max(16, next_pow2(p.d)), D=p.d, DOT_PREC=_dot_prec(p),
+    )
+
+
+def attention_forward(p: Problem, sel: Selection) -> tuple[Tensor, Tensor]:
+    """Output (q's dtype and layout) and per-row LSE (base 2, `[B*Hkv, RP]`) for a selection with CSR."""
+    nsplit = key_splits(p)
+    span = _span(p, nsplit)
+    lse = row_lse(p, sel, nsplit).contiguous()
+    o32 = p.new_out(torch.float32)
+    _launch_fwd(p, sel, 1, o32, lse, lse, nsplit, span)
+    return o32.to(p.q.dtype), lse
+
+
+def attention_backward(p: Problem, sel: Selection, grad_out: Tensor, out: Tensor, lse: Tensor
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv (q/k/v dtypes and layouts) from the row LSE of the forward."""
+    block_m, block_n = attn_tiles(p)
+    bh = p.batch * p.hkv
+    block_d = max(16, next_pow2(p.d))
+    grad_out = grad_out.contiguous()
+    out = out.contiguous()
+    sd, so = p.out_strides(grad_out), p.out_strides(out)
+    delta = torch.zeros((bh, sel.row_pad), dtype=torch.float32, device=p.q.device)
+    _row_dot_kernel[(-(-sel.row_pad // block_m), bh)](
+        grad_out, out, delta, p.q_start, p.q_len, sd.sb, sd.sh, sd.st, so.sb, so.sh, so.st,
+        p.hkv, p.group, sel.row_pad, BLOCK_M=block_m, BLOCK_D=block_d, D=p.d,
+    )
+    dq32 = p.new_out(torch.float32)
+    dk = torch.zeros_like(p.k)  # zeros: packed tokens outside every sequence get no gradient
+    dv = torch.zeros_like(p.v)
+    sgq, sgk, sgv = p.out_strides(dq32), p.out_strides(dk), p.out_strides(dv)
+    n_sub = -(-p.block_size // block_n)
+    mask, ms, has_mask, mask_bool = _mask_args(p)
+    _bwd_kernel[(p.n_blocks * n_sub, bh)](
+        p.q, p.k, p.v, grad_out, dq32, dk, dv, lse, delta, mask, sel.offsets, sel.entry_row,
+        p.q_start, p.q_len, p.k_start, p.k_len,
+        p.sq.sb, p.sq.sh, p.sq.st, p.sk.sb, p.sk.sh, p.sk.st, p.sv.sb, p.sv.sh, p.sv.st, sd.sb, sd.sh, sd.st,
+        sgq.sb, sgq.sh, sgq.st, sgk.sb, sgk.sh, sgk.st, sgv.sb, sgv.sh, sgv.st, ms[0], ms[1], ms[2], ms[3],
+        p.hkv, p.group, p.n_blocks, n_sub, sel.entry_row.shape[1], sel.row_pad, p.block_size,
+        p.scale, p.scale * LOG2E,
+        CAUSAL=p.causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=block_d, D=p.d, DOT_PREC=_dot_prec(p),
+    )
+    return dq32.to(p.q.dtype), dk, dv

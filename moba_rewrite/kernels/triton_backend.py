@@ -1,0 +1,123 @@
+"""`triton` backend: fused MoBA kernels (gate + top-k, block-sparse forward and backward,
+GQA, split-KV decode, packed varlen) behind the backend contract of docs/ARCHITECTURE.md.
+
+Runs on CUDA, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before
+triton was first imported; fp32/fp16 only there). Attention masks of any broadcastable
+shape are supported (bool or additive float); `supports()` says which calls can run here.
+The backward recomputes the selection and the row LSE instead of keeping state between the
+op's forward and backward calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton  # noqa: F401
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    _IMPORT_ERROR = f"triton is not installed ({exc})"
+
+if _IMPORT_ERROR is None:
+    from moba_rewrite.kernels import triton_attn, triton_gate
+    from moba_rewrite.kernels.triton_layout import Problem, dense_problem
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def interpreter_active() -> bool:
+    """True when the kernels were built for the Triton interpreter (CPU tensors)."""
+    if _IMPORT_ERROR is not None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton_attn._fwd_kernel, InterpretedFunction)
+
+
+def is_available() -> bool:
+    return _IMPORT_ERROR is None and (torch.cuda.is_available() or interpreter_active())
+
+
+def unavailable_reason() -> str:
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if not is_available():
+        return ("no CUDA device, and the Triton interpreter is off (set TRITON_INTERPRET=1 before "
+                "triton is imported to run the kernels on CPU)")
+    return ""
+
+
+def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None = None) -> str | None:
+    """Why this call cannot run on the triton backend here, or None when it can."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if q.device.type == "cuda":
+        if interpreter_active():
+            return "CUDA tensors while the Triton interpreter is on"
+        return None
+    if not interpreter_active():
+        return f"{q.device.type} tensors need the Triton interpreter (TRITON_INTERPRET=1 before importing triton)"
+    if q.dtype == torch.bfloat16:
+        return "bfloat16 under the Triton interpreter (use float16 or float32 on CPU)"
+    return None
+
+
+def supports(q: Tensor, k: Tensor, attn_mask: Tensor | None = None) -> bool:
+    """Can `forward`/`backward` run this call? Masks of every contract-allowed kind are supported."""
+    return unsupported_reason(q, k, attn_mask) is None
+
+
+def _check(q: Tensor, k: Tensor, attn_mask: Tensor | None) -> None:
+    reason = unsupported_reason(q, k, attn_mask)
+    if reason is not None:
+        raise NotImplementedError(f"MoBA triton backend does not support {reason}")
+
+
+def _plan(q, k, v, block_size, top_k, causal, scale, attn_mask) -> tuple["Problem", "triton_gate.Selection"]:
+    _check(q, k, attn_mask)
+    p = dense_problem(q, k, v, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
+                      attn_mask=attn_mask)
+    sel = triton_gate.select_blocks(p)
+    return p, triton_gate.build_csr(p, sel)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
+            attn_mask: Tensor | None) -> Tensor:
+    """MoBA output `[B, Hq, Tq, D]` (see SPEC section 2)."""
+    p, sel = _plan(q, k, v, block_size, top_k, causal, scale, attn_mask)
+    out, _ = triton_attn.attention_forward(p, sel)
+    return out
+
+
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
+             causal: bool, scale: float, attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv); recomputes the selection and the row LSE (one score pass)."""
+    p, sel = _plan(q, k, v, block_size, top_k, causal, scale, attn_mask)
+    lse = triton_attn.row_lse(p, sel).contiguous()
+    return triton_attn.attention_backward(p, sel, grad_out, out, lse)
+
+
+@torch.no_grad()
+def block_selection(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool,
+                    attn_mask: Tensor | None = None) -> Tensor:
+    """Boolean `[B, Hq, Tq, n_blocks]` of the blocks the kernels attend (own block included)."""
+    _check(q, k, attn_mask)
+    p = dense_problem(q, k, k, block_size=block_size, top_k=top_k, causal=causal, scale=1.0, attn_mask=attn_mask)
+    return triton_gate.selection_map(p, triton_gate.select_blocks(p))
+
+
+def forward_with_selection(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, block_size: int, causal: bool,
+                           scale: float, attn_mask: Tensor | None = None) -> Tensor:
+    """Attention over a given boolean `[B, Hq, Tq, n_blocks]` selection (own block always added): for tests."""
+    _check(q, k, attn_mask)
+    p = dense_problem(q, k, v, block_size=block_size, top_k=1, causal=causal, scale=scale, attn_mask=attn_mask)
+    sel = triton_gate.build_csr(p, triton_gate.selection_from_map(p, selected))
+    out, _ = triton_attn.attention_forward(p, sel)
+    return out

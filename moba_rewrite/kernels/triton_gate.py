@@ -1,0 +1,246 @@
+"""MoBA gating in Triton: block means of K, then a fused tiled `Q . mean(K)^T` with the
+candidate filter and a running top-k, so the `[H, T, n_blocks]` gate never reaches memory.
+
+Output ("picks"): for every row `R = t * G + g` of a KV head's group, the `top_k - 1` chosen
+history blocks (`-1` where fewer candidates exist). The own block is implied by the
+query's position and is added by `build_csr`, which inverts the selection into, per KV
+block, the sorted list of rows that attend it (the CSR used by forward and backward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from moba_rewrite.kernels.triton_layout import Problem, interpreted, next_pow2
+
+
+@triton.jit
+def _block_means_kernel(
+    K, MEANS, k_start, k_len, skb, skh, skt, H_KV, NB, block_size,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """MEANS[b, h, j, :] = mean of the keys of block j (fp32); blocks past the sequence get 0."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H_KV
+    h = bh % H_KV
+    tk = tl.load(k_len + b)
+    ks = tl.load(k_start + b).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    lo = j * block_size
+    hi = tl.minimum(lo + block_size, tk)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        m = (offs_n < hi)[:, None] & (offs_d < D)[None, :]
+        kt = tl.load(base + (ks + offs_n)[:, None] * skt + offs_d[None, :], mask=m, other=0.0)
+        acc += tl.sum(kt.to(tl.float32), axis=0)
+    count = tl.maximum(hi - lo, 1)
+    tl.store(MEANS + (bh.to(tl.int64) * NB + j) * D + offs_d, acc / count.to(tl.float32), mask=offs_d < D)
+
+
+@triton.jit
+def _gate_topk_kernel(
+    Q, MEANS, PICKS, VIS,
+    q_start, q_len, k_len, sqb, sqh, sqt,
+    svb, svh, svt, svn,
+    H_KV, G, NB, RP, block_size,
+    CAUSAL: tl.constexpr, HAS_VIS: tl.constexpr, N_PICK: tl.constexpr, KP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+    GATE_PREC: tl.constexpr,
+):
+    """For a tile of rows: the N_PICK best candidate blocks by gate score, never storing the gate."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H_KV
+    h = bh % H_KV
+    tq = tl.load(q_len + b)
+    tk = tl.load(k_len + b)
+    qs = tl.load(q_start + b).to(tl.int64)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = rows // G
+    hq = h * G + rows % G
+    rvalid = t < tq
+    own = (tk - tq + t) // block_size
+    n_blocks = (tk + block_size - 1) // block_size
+    offs_d = tl.arange(0, BLOCK_D)
+    slots = tl.arange(0, KP)
+    # Unused slots (>= N_PICK) hold +inf so they are never the row minimum that gets replaced.
+    topv = tl.where(slots[None, :] < N_PICK, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, KP], tl.float32)
+    topi = tl.full([BLOCK_M, KP], -1, tl.int32)
+    q_ptrs = Q + b.to(tl.int64) * sqb + hq.to(tl.int64)[:, None] * sqh + (qs + t)[:, None] * sqt + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=rvalid[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+    if CAUSAL:
+        hi = tl.max(tl.where(rvalid, own, 0))  # candidates are blocks before the own block
+    else:
+        hi = n_blocks
+    mean_base = MEANS + bh.to(tl.int64) * NB * D
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        mk = tl.load(mean_base + cols[:, None] * D + offs_d[None, :],
+                     mask=(cols < n_blocks)[:, None] & (offs_d < D)[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(mk), input_precision=GATE_PREC)
+        cand = rvalid[:, None] & (cols < n_blocks)[None, :]
+        if CAUSAL:
+            cand = cand & (cols[None, :] < own[:, None])
+        else:
+            cand = cand & (cols[None, :] != own[:, None])
+        if HAS_VIS:
+            vis = tl.load(VIS + b.to(tl.int64) * svb + hq.to(tl.int64)[:, None] * svh + t[:, None] * svt
+                          + cols[None, :] * svn, mask=cand, other=0)
+            cand = cand & (vis != 0)
+        s = tl.where(cand, s, float("-inf"))
+        # Merge this tile into the running top-k: pull the tile's best N_PICK in descending
+        # order, each replacing the row's current worst kept score when it beats it.
+        improves = (tl.max(s, axis=1) > tl.min(topv, axis=1)).to(tl.int32)
+        if tl.max(improves) > 0:  # skip tiles that cannot change any row's top-k
+            for _ in tl.static_range(N_PICK):
+                best = tl.max(s, axis=1)
+                best_col = tl.argmax(s, axis=1)
+                worst = tl.min(topv, axis=1)
+                worst_slot = tl.argmin(topv, axis=1)
+                repl = (best > worst)[:, None] & (slots[None, :] == worst_slot[:, None])
+                topv = tl.where(repl, best[:, None], topv)
+                topi = tl.where(repl, (n0 + best_col)[:, None].to(tl.int32), topi)
+                s = tl.where(cols[None, :] == (n0 + best_col)[:, None], float("-inf"), s)
+    out = PICKS + (bh.to(tl.int64) * RP + rows)[:, None] * KP + slots[None, :]
+    tl.store(out, topi)
+
+
+@dataclass
+class Selection:
+    """Per-row picks plus the CSR (KV block -> attending rows) built from them once."""
+
+    picks: Tensor  # int32 [B*Hkv, RP, KP]: chosen history blocks, -1 = none
+    n_pick: int
+    row_pad: int  # RP
+    offsets: Tensor | None = None  # int32 [B*Hkv, NB + 1] into entry_row
+    entry_row: Tensor | None = None  # int32 [B*Hkv, RP * KS]: rows sorted by block
+    entry_src: Tensor | None = None  # int32 [B*Hkv, RP * KS]: the entry's slot in row-major [RP, KS]
+
+    @property
+    def slots(self) -> int:  # KS: own block + KP pick slots
+        return 1 + self.picks.shape[-1]
+
+
+def gate_tiles(device: torch.device, d: int) -> tuple[int, int]:
+    if interpreted(device):
+        return 32, 16
+    return (64, 64) if d <= 128 else (32, 32)
+
+
+def block_means(p: Problem) -> Tensor:
+    """fp32 `[B*Hkv, NB, D]` mean key of every block (partial last block divided by its size)."""
+    nb = p.n_blocks
+    means = torch.empty((p.batch * p.hkv, nb, p.d), dtype=torch.float32, device=p.q.device)
+    block_d = max(16, next_pow2(p.d))
+    block_n = 16 if interpreted(p.q.device) else 64
+    _block_means_kernel[(nb, p.batch * p.hkv)](
+        p.k, means, p.k_start, p.k_len, p.sk.sb, p.sk.sh, p.sk.st, p.hkv, nb, p.block_size,
+        D=p.d, BLOCK_D=block_d, BLOCK_N=block_n,
+    )
+    return means
+
+
+def block_visibility(p: Problem) -> Tensor | None:
+    """Bool `[B, Hq, Tq, NB]` (broadcast views kept): does block j hold a key the mask shows?"""
+    if p.attn_mask is None:
+        return None
+    mask = p.attn_mask
+    # Work on the un-broadcast mask where possible, then expand (stride-0 views).
+    squeezed = mask
+    for dim in range(4):
+        if squeezed.stride(dim) == 0:
+            squeezed = squeezed.narrow(dim, 0, 1)
+    visible = squeezed != 0 if squeezed.dtype == torch.uint8 else squeezed != float("-inf")
+    nb, bs = p.n_blocks, p.block_size
+    pad = nb * bs - p.max_tk
+    visible = torch.nn.functional.pad(visible, (0, pad), value=False)
+    vis = visible.reshape(*visible.shape[:3], nb, bs).any(-1)
+    return vis.expand(p.batch, p.hq, p.max_tq, nb).view(torch.uint8)
+
+
+def select_blocks(p: Problem, block_m: int | None = None) -> Selection:
+    """Run the fused gate/top-k kernel: each row's `top_k - 1` best candidate blocks."""
+    dev = p.q.device
+    default_m, block_n = gate_tiles(dev, p.d)
+    block_m = block_m or default_m
+    n_pick = min(p.top_k - 1, p.n_blocks)
+    kp = max(1, next_pow2(n_pick))
+    n_tiles = -(-p.rows // block_m)
+    rp = n_tiles * block_m
+    picks = torch.full((p.batch * p.hkv, rp, kp), -1, dtype=torch.int32, device=dev)
+    if n_pick > 0:
+        means = block_means(p)
+        vis = block_visibility(p)
+        vis_arg = vis if vis is not None else picks
+        vs = vis.stride() if vis is not None else (0, 0, 0, 0)
+        prec = "ieee" if interpreted(dev) else "tf32x3"
+        _gate_topk_kernel[(n_tiles, p.batch * p.hkv)](
+            p.q, means, picks, vis_arg, p.q_start, p.q_len, p.k_len, p.sq.sb, p.sq.sh, p.sq.st,
+            vs[0], vs[1], vs[2], vs[3], p.hkv, p.group, p.n_blocks, rp, p.block_size,
+            CAUSAL=p.causal, HAS_VIS=vis is not None, N_PICK=n_pick, KP=kp, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(p.d)), D=p.d, GATE_PREC=prec,
+        )
+    return Selection(picks=picks, n_pick=n_pick, row_pad=rp)
+
+
+def row_blocks(p: Problem, sel: Selection) -> Tensor:
+    """int32 `[B*Hkv, RP, KS]`: own block then picks per row; -1 for none / padding rows."""
+    dev = sel.picks.device
+    rows = torch.arange(sel.row_pad, device=dev)
+    t = rows // p.group
+    q_len = p.q_len.repeat_interleave(p.hkv)[:, None]  # [B*Hkv, 1]
+    k_len = p.k_len.repeat_interleave(p.hkv)[:, None]
+    valid = t[None, :] < q_len
+    own = torch.where(valid, (k_len - q_len + t[None, :]) // p.block_size, -1).to(torch.int32)
+    picks = torch.where(valid[..., None], sel.picks, -1)
+    return torch.cat([own[..., None], picks], dim=-1)
+
+
+def build_csr(p: Problem, sel: Selection) -> Selection:
+    """Invert the selection once: per (batch, KV head, block), the sorted rows that attend it."""
+    blocks = row_blocks(p, sel)  # [BH, RP, KS]
+    bh, rp, ks = blocks.shape
+    nb = p.n_blocks
+    key = torch.where(blocks >= 0, blocks, nb).reshape(bh, rp * ks)
+    sorted_key, perm = torch.sort(key, dim=-1, stable=True)
+    bounds = torch.arange(nb + 1, device=key.device, dtype=sorted_key.dtype).expand(bh, nb + 1).contiguous()
+    sel.offsets = torch.searchsorted(sorted_key.contiguous(), bounds).to(torch.int32)
+    sel.entry_row = (perm // ks).to(torch.int32)
+    sel.entry_src = perm.to(torch.int32)
+    return sel
+
+
+def selection_map(p: Problem, sel: Selection) -> Tensor:
+    """Boolean `[B, Hq, Tq, NB]` of attended blocks (own included), for tests and inspection."""
+    blocks = row_blocks(p, sel)[:, : p.rows]  # [BH, Tq*G, KS]
+    nb = p.n_blocks
+    onehot = torch.zeros((*blocks.shape[:2], nb + 1), dtype=torch.bool, device=blocks.device)
+    onehot.scatter_(-1, torch.where(blocks >= 0, blocks, nb).long(), True)
+    out = onehot[..., :nb].view(p.batch, p.hkv, p.max_tq, p.group, nb)
+    return out.permute(0, 1, 3, 2, 4).reshape(p.batch, p.hq, p.max_tq, nb)
+
+
+def selection_from_map(p: Problem, selected: Tensor) -> Selection:
+    """Picks in kernel layout from a boolean `[B, Hq, Tq, NB]` map (own block ignored): for tests."""
+    b, hq, tq, nb = selected.shape
+    own = (torch.arange(tq, device=selected.device) + p.max_tk - tq) // p.block_size
+    hist = selected & (torch.arange(nb, device=selected.device)[None, :] != own[:, None])
+    n_pick = int(hist.sum(-1).max().item()) if hist.numel() else 0
+    kp = max(1, next_pow2(n_pick))
+    default_m, _ = gate_tiles(selected.device, p.d)
+    rp = -(-p.rows // default_m) * default_m
+    ids = torch.where(hist, torch.arange(nb, device=selected.device), nb + 1)
+    ids = ids.sort(-1).values[..., :kp] if nb >= kp else torch.nn.functional.pad(ids.sort(-1).values, (0, kp - nb), value=nb + 1)
+    ids = torch.where(ids > nb, -1, ids).to(torch.int32)  # [B, Hq, Tq, KP]
+    rows = ids.view(b, p.hkv, p.group, tq, kp).permute(0, 1, 3, 2, 4).reshape(b * p.hkv, tq * p.group, kp)
+    picks = torch.full((b * p.hkv, rp, kp), -1, dtype=torch.int32, device=selected.device)
+    picks[:, : tq * p.group] = rows
+    return Selection(picks=picks, n_pick=n_pick, row_pad=rp)

@@ -1,0 +1,128 @@
+"""Host-side description of one MoBA problem for the Triton kernels.
+
+Every kernel addresses tensors through `(batch, head, token)` strides plus per-sequence
+start offsets and lengths, so the same kernels serve the SDPA layout `[B, H, T, D]`
+(starts 0, one length for all) and flash-attn's packed varlen layout `[total, H, D]`
+(batch stride 0, starts from `cu_seqlens`).
+
+Inside the kernels a "row" is one (query, query head) pair of a KV head's group:
+`R = t * G + g` with `G = Hq // Hkv`, so the query heads sharing a KV head are tiled
+together and share every K/V load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def interpreted(device: torch.device) -> bool:
+    """True when kernels run under the Triton interpreter (CPU tensors)."""
+    return device.type != "cuda"
+
+
+@dataclass
+class Seqs:
+    """Tensor strides of one `[.., H, T, D]`-like tensor: (batch, head, token)."""
+
+    sb: int
+    sh: int
+    st: int
+
+
+def strides_bhtd(x: Tensor) -> Seqs:
+    return Seqs(x.stride(0), x.stride(1), x.stride(2))
+
+
+def strides_thd(x: Tensor) -> Seqs:
+    return Seqs(0, x.stride(1), x.stride(0))
+
+
+@dataclass
+class Problem:
+    """Shapes, offsets and MoBA parameters shared by the gate, forward and backward kernels."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    sq: Seqs
+    sk: Seqs
+    sv: Seqs
+    q_start: Tensor  # int32 [B]
+    q_len: Tensor  # int32 [B]
+    k_start: Tensor  # int32 [B]
+    k_len: Tensor  # int32 [B]
+    batch: int
+    hq: int
+    hkv: int
+    d: int
+    max_tq: int
+    max_tk: int
+    block_size: int
+    top_k: int
+    causal: bool
+    scale: float
+    varlen: bool
+    attn_mask: Tensor | None = None  # expanded to [B, Hq, Tq, Tk] (dense layout only)
+
+    @property
+    def group(self) -> int:
+        return self.hq // self.hkv
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.max_tk // self.block_size)
+
+    @property
+    def rows(self) -> int:
+        return self.max_tq * self.group
+
+    def out_strides(self, o: Tensor) -> Seqs:
+        return strides_thd(o) if self.varlen else strides_bhtd(o)
+
+    def new_out(self, dtype: torch.dtype) -> Tensor:
+        """A zeroed output-shaped buffer (fp32 accumulators are summed into it)."""
+        return torch.zeros(self.q.shape, dtype=dtype, device=self.q.device)
+
+
+def dense_problem(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool,
+                  scale: float, attn_mask: Tensor | None) -> Problem:
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    dev = q.device
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.expand(b, hq, tq, tk)
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)
+    return Problem(
+        q=q, k=k, v=v, sq=strides_bhtd(q), sk=strides_bhtd(k), sv=strides_bhtd(v),
+        q_start=torch.zeros(b, dtype=torch.int32, device=dev),
+        q_len=torch.full((b,), tq, dtype=torch.int32, device=dev),
+        k_start=torch.zeros(b, dtype=torch.int32, device=dev),
+        k_len=torch.full((b,), tk, dtype=torch.int32, device=dev),
+        batch=b, hq=hq, hkv=hkv, d=d, max_tq=tq, max_tk=tk, block_size=block_size, top_k=top_k,
+        causal=causal, scale=scale, varlen=False, attn_mask=mask,
+    )
+
+
+def varlen_problem(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, *, block_size: int,
+                   top_k: int, causal: bool, scale: float) -> Problem:
+    """Packed layout: q `[total_q, Hq, D]`, k/v `[total_k, Hkv, D]`, int32 `cu_seqlens`."""
+    q_len = (cu_q[1:] - cu_q[:-1]).to(torch.int32)
+    k_len = (cu_k[1:] - cu_k[:-1]).to(torch.int32)
+    lens = torch.stack([q_len.max(), k_len.max()]).tolist() if q_len.numel() else [1, 1]
+    return Problem(
+        q=q, k=k, v=v, sq=strides_thd(q), sk=strides_thd(k), sv=strides_thd(v),
+        q_start=cu_q[:-1].to(torch.int32).contiguous(), q_len=q_len.contiguous(),
+        k_start=cu_k[:-1].to(torch.int32).contiguous(), k_len=k_len.contiguous(),
+        batch=q_len.numel(), hq=q.shape[1], hkv=k.shape[1], d=q.shape[2],
+        max_tq=max(int(lens[0]), 1), max_tk=max(int(lens[1]), 1), block_size=block_size, top_k=top_k,
+        causal=causal, scale=scale, varlen=True,
+    )

@@ -1,0 +1,166 @@
+"""Triton backend vs the dense reference, under the Triton interpreter on CPU (tiny shapes)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from moba_rewrite import moba_attention  # noqa: E402
+from moba_rewrite.kernels import reference as ref  # noqa: E402
+from moba_rewrite.kernels import triton_backend as tb  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not tb.is_available(), reason=tb.unavailable_reason() or "triton unavailable")
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
+
+
+def _inputs(b, hq, hkv, tq, tk, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, tq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, tk, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, tk, d, generator=g).to(dtype)
+    return q, k, v
+
+
+def _gate(q, k, block_size):
+    hq = q.shape[1]
+    means = ref.repeat_kv(ref.block_means(k, block_size), hq)
+    return q.float() @ means.transpose(-1, -2)  # [B, Hq, Tq, NB]
+
+
+def assert_selection_equivalent(sel, want, q, k, block_size, *, tol=1e-4):
+    """Same own block, same number of picks, and the same multiset of gate values (near-ties allowed)."""
+    assert sel.shape == want.shape
+    gate = _gate(q, k, block_size)
+    tq, tk = q.shape[2], k.shape[2]
+    own = (torch.arange(tq) + tk - tq) // block_size
+    own_hot = torch.nn.functional.one_hot(own, sel.shape[-1]).bool()
+    assert (sel & own_hot).sum(-1).eq(1).all(), "own block missing"
+    assert torch.equal(sel.sum(-1), want.sum(-1)), "number of selected blocks differs"
+    hist_sel = (sel & ~own_hot)
+    hist_want = (want & ~own_hot)
+    big = torch.finfo(torch.float32).max
+    a = torch.where(hist_sel, gate, -big).sort(-1, descending=True).values
+    b = torch.where(hist_want, gate, -big).sort(-1, descending=True).values
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def _check(q, k, v, *, block_size, top_k, causal, attn_mask=None, grads=True):
+    scale = q.shape[-1] ** -0.5
+    kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
+    sel = tb.block_selection(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask)
+    want_sel = ref.block_selection(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask)
+    assert_selection_equivalent(sel, want_sel, q, k, block_size)
+    out = tb.forward(q, k, v, **kw)
+    want = ref.forward(q, k, v, **kw)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), want.float(), **TOL[q.dtype])
+    if grads:
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(q.dtype)
+        got = tb.backward(go, q, k, v, out, **kw)
+        exp = ref.backward(go, q, k, v, want, **kw)
+        for name, a, e in zip("qkv", got, exp):
+            assert a.shape == e.shape and a.dtype == e.dtype, name
+            assert torch.isfinite(a).all(), name
+            torch.testing.assert_close(a.float(), e.float(), **TOL[q.dtype], msg=lambda m: f"d{name}: {m}")
+
+
+CASES = {
+    # name: (B, Hq, Hkv, Tq, Tk, D, block, top_k, causal, dtype)
+    "prefill_causal_fp32": (1, 2, 2, 48, 48, 16, 16, 2, True, torch.float32),
+    "prefill_gqa_nonmultiple_fp16": (1, 4, 2, 50, 50, 16, 16, 3, True, torch.float16),
+    "noncausal_chunk_fp32": (2, 2, 1, 30, 70, 16, 16, 3, False, torch.float32),
+    "chunked_prefill_gqa_fp32": (1, 4, 2, 20, 75, 16, 16, 3, True, torch.float32),
+    "decode_gqa_fp16": (2, 4, 1, 1, 90, 16, 16, 3, True, torch.float16),
+    "decode_noncausal_fp32": (1, 2, 2, 1, 60, 16, 16, 2, False, torch.float32),
+    "own_block_only": (1, 2, 2, 40, 40, 16, 16, 1, True, torch.float32),
+    "head_dim_24_block_12": (1, 2, 1, 37, 37, 24, 12, 3, True, torch.float32),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_backward_match_reference(name):
+    b, hq, hkv, tq, tk, d, bs, top_k, causal, dtype = CASES[name]
+    q, k, v = _inputs(b, hq, hkv, tq, tk, d, dtype)
+    _check(q, k, v, block_size=bs, top_k=top_k, causal=causal)
+
+
+def test_dense_limit_equals_causal_sdpa():
+    q, k, v = _inputs(1, 2, 2, 40, 40, 16, torch.float32, seed=3)
+    out = tb.forward(q, k, v, block_size=16, top_k=3, causal=True, scale=0.25, attn_mask=None)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+
+
+def test_bool_mask_causal_by_mask_with_padding():
+    """causal=False plus a boolean causal+padding mask: hidden blocks are never candidates."""
+    q, k, v = _inputs(2, 2, 2, 45, 45, 16, torch.float32, seed=1)
+    causal_mask = torch.ones(45, 45, dtype=torch.bool).tril()
+    pad = torch.ones(2, 1, 1, 45, dtype=torch.bool)
+    pad[1, :, :, 40:] = False  # second sequence: last 5 keys are padding
+    _check(q, k, v, block_size=16, top_k=2, causal=False, attn_mask=causal_mask & pad)
+
+
+def test_float_mask_with_hidden_rows_gives_zeros():
+    q, k, v = _inputs(1, 2, 1, 33, 33, 16, torch.float32, seed=2)
+    mask = torch.randn(1, 2, 33, 33) * 0.5
+    mask[..., 5, :] = float("-inf")  # query 5 sees nothing: output row must be 0, gradients finite
+    mask[..., 20:, 0:16] = float("-inf")  # block 0 hidden from late queries: never a candidate
+    _check(q, k, v, block_size=16, top_k=2, causal=True, attn_mask=mask)
+    out = tb.forward(q, k, v, block_size=16, top_k=2, causal=True, scale=0.25, attn_mask=mask)
+    assert out[..., 5, :].abs().max() == 0
+
+
+def _dense_with_selection(q, k, v, selected, block_size, causal, scale):
+    hq = q.shape[1]
+    tq, tk = q.shape[2], k.shape[2]
+    allowed = selected[..., torch.arange(tk) // block_size]
+    if causal:
+        allowed = allowed & (torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None])
+    s = (q.float() @ ref.repeat_kv(k, hq).float().transpose(-1, -2)) * scale
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+    return p @ ref.repeat_kv(v, hq).float()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_with_fixed_selection(causal):
+    """The attention kernels alone, over a random block selection (the gate is not involved)."""
+    q, k, v = _inputs(1, 4, 2, 40, 56, 16, torch.float32, seed=4)
+    nb = 4
+    g = torch.Generator().manual_seed(5)
+    selected = torch.rand(1, 4, 40, nb, generator=g) < 0.4
+    own = (torch.arange(40) + 16) // 16
+    if causal:  # only earlier blocks are meaningful history under causality
+        selected &= torch.arange(nb)[None, :] < own[:, None]
+    selected |= torch.nn.functional.one_hot(own, nb).bool()
+    out = tb.forward_with_selection(q, k, v, selected, block_size=16, causal=causal, scale=0.25)
+    want = _dense_with_selection(q, k, v, selected, 16, causal, 0.25)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+
+
+def test_through_op_with_autograd():
+    q, k, v = _inputs(1, 4, 2, 24, 24, 16, torch.float32, seed=6)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = moba_attention(*leaves, block_size=8, top_k=2, causal=True, enable_gqa=True, backend="triton")
+    out.square().sum().backward()
+    ref_leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    want = moba_attention(*ref_leaves, block_size=8, top_k=2, causal=True, enable_gqa=True, backend="reference")
+    want.square().sum().backward()
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    for a, e in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, e.grad, atol=5e-5, rtol=5e-5)
+
+
+def test_unsupported_calls_raise_clear_errors():
+    q, k, v = _inputs(1, 2, 2, 16, 16, 16, torch.bfloat16)
+    assert not tb.supports(q, k, None)
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        tb.forward(q, k, v, block_size=8, top_k=2, causal=True, scale=0.25, attn_mask=None)
+    q64 = q.double()
+    assert not tb.supports(q64, q64, None)
+    assert tb.supports(q.float(), k.float(), torch.ones(16, 16, dtype=torch.bool))
