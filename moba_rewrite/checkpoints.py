@@ -1,0 +1,531 @@
+"""Reading and writing model files safely.
+
+Inputs (`read_checkpoint`, detected by `detect_kind`):
+
+- `hf`: a Hugging Face model directory (`config.json` + `*.safetensors` or `pytorch_model*.bin`),
+  built by transformers from local files only; `.bin` weights are read with
+  `torch.load(weights_only=True)`; code shipped with the checkpoint runs only with
+  `trust_remote_code=True`.
+- `moba-hf`: such a directory written by `moba-rewrite rewrite --format hf` (it also holds
+  `moba_policy.json`); `load` rewrites the model with that policy.
+- `safetensors`: a `.safetensors` file plus a `config.json` (given, or beside the file).
+- `pt2`: a `torch.export` program (`torch.export.save`).
+- `aoti`: an AOTInductor package (`torch._inductor.aoti_compile_and_package`).
+- `pickle`: a pickled full `nn.Module` (`torch.save(model)`). Unpickling runs arbitrary code
+  from the file, so it is refused unless `trust_pickle=True`. A `.pt`/`.pth`/`.bin` file that
+  holds only tensors (a state dict) is read safely and treated like a safetensors file.
+
+Outputs are written by `atomic_output`: into a temporary path beside the target, moved into
+place only when complete, never over an existing path without `force`, never into the input.
+
+Every failure is a `CheckpointError` whose message is `<file>: <what was expected>` and whose
+`exit_code` is the CLI's exit status (see docs/CLI.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+POLICY_FILE = "moba_policy.json"
+META_FILE = "moba_rewrite.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_HF_WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json")
+
+
+# --------------------------------------------------------------------------- errors
+
+class CheckpointError(Exception):
+    """A checkpoint or output path problem; `str()` is `<file>: <what was expected>`."""
+
+    exit_code = 3
+
+    def __init__(self, path: str | os.PathLike, message: str) -> None:
+        self.path = str(path)
+        self.message = message
+        super().__init__(f"{self.path}: {message}")
+
+
+class CheckpointNotFound(CheckpointError):
+    """The input path does not exist."""
+
+    exit_code = 3
+
+
+class CorruptCheckpoint(CheckpointError):
+    """The input exists but cannot be read as the kind of checkpoint it claims to be."""
+
+    exit_code = 3
+
+
+class UnknownArchitecture(CheckpointError):
+    """The config names a model type that transformers cannot build locally."""
+
+    exit_code = 4
+
+
+class PickleRefused(CheckpointError):
+    """A pickled module was given without `trust_pickle=True`."""
+
+    exit_code = 9
+
+
+class OutputExists(CheckpointError):
+    """The output path exists and `force` was not given."""
+
+    exit_code = 6
+
+
+class OutputNotWritable(CheckpointError):
+    """The output path cannot be created (permissions, read-only file system, or it is the input)."""
+
+    exit_code = 7
+
+
+# --------------------------------------------------------------------------- detection
+
+def _zip_names(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CorruptCheckpoint(path, f"expected a .pt2 zip archive ({exc})") from exc
+
+
+def detect_kind(path: str | os.PathLike) -> str:
+    """One of `hf`, `moba-hf`, `safetensors`, `pt2`, `aoti`, `torch-file` for an existing path."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointNotFound(p, "no such file or directory; expected a Hugging Face model directory, "
+                                    "a .safetensors file, a .pt2 file or a .pt file")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise CorruptCheckpoint(p, "expected a Hugging Face model directory with a config.json")
+        return "moba-hf" if (p / POLICY_FILE).is_file() else "hf"
+    suffix = p.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix == ".pt2" or zipfile.is_zipfile(p) and suffix not in (".pt", ".pth", ".bin"):
+        names = _zip_names(p)
+        if any("/data/aotinductor/" in n for n in names):
+            return "aoti"
+        if any(n.endswith("models/model.json") or "/serialized_exported_program" in n for n in names):
+            return "pt2"
+        raise CorruptCheckpoint(p, "expected a torch.export program or an AOTInductor package "
+                                   "(.pt2 archive without either)")
+    if suffix in (".pt", ".pth", ".bin"):
+        return "torch-file"
+    if suffix == ".json" and p.name == "config.json":
+        raise CorruptCheckpoint(p, "expected the model directory (the folder holding config.json), "
+                                   "not config.json itself")
+    raise CorruptCheckpoint(p, "expected a Hugging Face model directory, a .safetensors file (with "
+                               "--config), a .pt2 file or a .pt file")
+
+
+# --------------------------------------------------------------------------- HF configs
+
+def read_config_json(path: Path) -> dict:
+    """Parse a config.json, with an error naming the file on bad JSON."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointNotFound(path, "expected a Hugging Face config.json") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpoint(path, f"expected valid JSON (line {getattr(exc, 'lineno', '?')}: "
+                                      f"{getattr(exc, 'msg', exc)})") from exc
+    if not isinstance(data, dict):
+        raise CorruptCheckpoint(path, "expected a JSON object with a model_type")
+    return data
+
+
+def build_config(config_path: Path, *, trust_remote_code: bool = False):
+    """A transformers `PretrainedConfig` from a config.json, or `UnknownArchitecture`."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    data = read_config_json(config_path)
+    model_type = data.get("model_type")
+    remote = "auto_map" in data
+    if model_type not in CONFIG_MAPPING:
+        if remote and not trust_remote_code:
+            raise UnknownArchitecture(
+                config_path, f"model_type {model_type!r} comes with its own code (auto_map); expected an "
+                             "architecture transformers knows, or pass --trust-remote-code if you trust "
+                             "the checkpoint's code")
+        if not remote:
+            raise UnknownArchitecture(
+                config_path, f"expected a model_type transformers can build locally, got {model_type!r}")
+    try:
+        return AutoConfig.from_pretrained(str(config_path.parent), trust_remote_code=trust_remote_code,
+                                          local_files_only=True)
+    except Exception as exc:  # transformers raises many kinds here
+        raise CorruptCheckpoint(config_path, f"expected a config transformers can read ({_first_line(exc)})") from exc
+
+
+def _model_class(config, trust_remote_code: bool):
+    """The transformers class named by config.architectures, else the causal-LM / base auto class."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    for auto in (AutoModelForCausalLM, AutoModel):
+        try:
+            mapping = auto._model_mapping
+            if type(config) in mapping:
+                return auto
+        except Exception:  # pragma: no cover - mapping internals vary
+            pass
+    if trust_remote_code and getattr(config, "auto_map", None):
+        return AutoModelForCausalLM
+    raise UnknownArchitecture(getattr(config, "_name_or_path", "config.json") or "config.json",
+                              f"expected an architecture transformers can build, got {config.model_type!r}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- weights
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:
+        raise CorruptCheckpoint(path, f"expected a readable safetensors file ({_first_line(exc)})") from exc
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file or a tensors-only torch file (`weights_only=True`)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        _check_safetensors(path)
+        return load_file(str(path))
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise CheckpointNotFound(path, "no such file") from exc
+    except Exception as exc:
+        raise CorruptCheckpoint(path, f"expected a state dict readable with weights_only=True ({_first_line(exc)})") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CorruptCheckpoint(path, "expected a dict of tensors (a state dict)")
+    return obj
+
+
+def _hf_weight_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    if not files:
+        raise CorruptCheckpoint(directory, "expected weights beside config.json (model.safetensors or "
+                                           "pytorch_model.bin)")
+    return files
+
+
+# --------------------------------------------------------------------------- loading
+
+@dataclass
+class Checkpoint:
+    """What `read_checkpoint` found: the model (or program) and where it came from."""
+
+    kind: str
+    path: Path
+    model: Any
+    config: Any = None  # transformers config for HF models
+    policy: dict | None = None  # the stored policy of a `moba-hf` directory
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def is_hf(self) -> bool:
+        return self.config is not None and isinstance(self.model, nn.Module)
+
+
+def _torch_dtype(dtype: str | torch.dtype | None):
+    if dtype is None or dtype == "auto":
+        return dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        value = getattr(torch, dtype)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype: expected auto, float32, float16 or bfloat16, got {dtype!r}")
+    return value
+
+
+def _load_hf_dir(directory: Path, *, trust_remote_code: bool, dtype, attn_implementation: str | None):
+    config = build_config(directory / "config.json", trust_remote_code=trust_remote_code)
+    for f in _hf_weight_files(directory):
+        if f.suffix == ".safetensors":
+            _check_safetensors(f)
+    cls = _model_class(config, trust_remote_code)
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = cls.from_pretrained(str(directory), config=config, **kwargs)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CorruptCheckpoint(directory, f"expected weights matching config.json ({_first_line(exc)})") from exc
+    return model.eval(), config
+
+
+def _load_from_state_dict(weights: Path, config_path: Path | None, *, trust_remote_code: bool, dtype,
+                          attn_implementation: str | None):
+    if config_path is None:
+        config_path = weights.parent / "config.json"
+        if not config_path.is_file():
+            raise CorruptCheckpoint(weights, "expected a config.json beside the weights file, or pass --config")
+    config = build_config(config_path, trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    state = read_state_dict(weights)
+    cls = _model_class(config, trust_remote_code)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code} if cls.__name__.startswith("Auto") else {}
+    try:
+        model = cls.from_config(config, **kwargs) if hasattr(cls, "from_config") else cls(config)
+        if isinstance(dtype, torch.dtype):
+            model = model.to(dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        if isinstance(getattr(model, "_tied_weights_keys", None), dict):
+            tied = set(model._tied_weights_keys)
+        missing = [m for m in missing if m not in tied]
+    except Exception as exc:
+        raise CorruptCheckpoint(weights, f"expected weights matching {config_path} ({_first_line(exc)})") from exc
+    if missing or unexpected:
+        what = ", ".join([f"missing {m}" for m in missing[:3]] + [f"unexpected {u}" for u in unexpected[:3]])
+        raise CorruptCheckpoint(weights, f"expected weights matching {config_path.name} ({what})")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval(), config
+
+
+def _load_torch_file(path: Path, config_path: Path | None, *, trust_pickle: bool, trust_remote_code: bool,
+                     dtype, attn_implementation: str | None):
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as safe_exc:
+        if not trust_pickle:
+            raise PickleRefused(
+                path, "expected a tensors-only file; this one is a pickled Python object, and unpickling "
+                      "runs arbitrary code from the file. Pass --trust-pickle (trust_pickle=True) only if "
+                      "you trust its source, or save the model as a Hugging Face directory, safetensors "
+                      "or .pt2") from safe_exc
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise CorruptCheckpoint(path, f"expected a torch.save file ({_first_line(exc)})") from exc
+        if not isinstance(obj, nn.Module):
+            raise CorruptCheckpoint(path, f"expected a pickled nn.Module, got {type(obj).__name__}")
+        return obj.eval(), getattr(obj, "config", None), True
+    model, config = _load_from_state_dict(path, config_path, trust_remote_code=trust_remote_code, dtype=dtype,
+                                          attn_implementation=attn_implementation)
+    return model, config, False
+
+
+def read_checkpoint(path: str | os.PathLike, *, config: str | os.PathLike | None = None,
+                    trust_pickle: bool = False, trust_remote_code: bool = False,
+                    dtype: str | torch.dtype | None = None,
+                    attn_implementation: str | None = None) -> Checkpoint:
+    """Read any supported input without rewriting it (a `moba-hf` directory comes back dense,
+    with its stored policy in `.policy`)."""
+    p = Path(path)
+    kind = detect_kind(p)
+    config_path = Path(config) if config is not None else None
+    if config_path is not None and not config_path.is_file():
+        raise CheckpointNotFound(config_path, "expected a config.json file")
+    tdtype = _torch_dtype(dtype)
+    if kind in ("hf", "moba-hf"):
+        model, cfg = _load_hf_dir(p, trust_remote_code=trust_remote_code, dtype=tdtype,
+                                  attn_implementation=attn_implementation)
+        ck = Checkpoint(kind, p, model, cfg)
+        if kind == "moba-hf":
+            ck.policy = _read_json(p / POLICY_FILE, "expected the policy written by moba-rewrite (JSON)")
+            meta = p / META_FILE
+            ck.meta = _read_json(meta, "expected moba-rewrite metadata (JSON)") if meta.is_file() else {}
+        return ck
+    if kind == "safetensors":
+        model, cfg = _load_from_state_dict(p, config_path, trust_remote_code=trust_remote_code, dtype=tdtype,
+                                           attn_implementation=attn_implementation)
+        return Checkpoint(kind, p, model, cfg)
+    if kind == "torch-file":
+        model, cfg, pickled = _load_torch_file(p, config_path, trust_pickle=trust_pickle,
+                                               trust_remote_code=trust_remote_code, dtype=tdtype,
+                                               attn_implementation=attn_implementation)
+        return Checkpoint("pickle" if pickled else "state-dict", p, model, cfg)
+    if kind == "pt2":
+        import moba_rewrite.op  # noqa: F401  (programs may hold moba nodes)
+
+        try:
+            ep = torch.export.load(str(p))
+        except Exception as exc:
+            raise CorruptCheckpoint(p, f"expected a torch.export program ({_first_line(exc)})") from exc
+        return Checkpoint(kind, p, ep)
+    if kind == "aoti":
+        import moba_rewrite.op  # noqa: F401  (the package calls moba::attention)
+
+        try:
+            runner = torch._inductor.aoti_load_package(str(p))
+        except Exception as exc:
+            raise CorruptCheckpoint(p, f"expected an AOTInductor package for this machine ({_first_line(exc)})") from exc
+        return Checkpoint(kind, p, runner)
+    raise CorruptCheckpoint(p, f"unsupported input kind {kind}")  # pragma: no cover
+
+
+def _read_json(path: Path, expected: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointNotFound(path, expected) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpoint(path, expected) from exc
+    if not isinstance(data, dict):
+        raise CorruptCheckpoint(path, expected)
+    return data
+
+
+def load(path: str | os.PathLike, *, trust_pickle: bool = False, trust_remote_code: bool = False,
+         dtype: str | torch.dtype | None = None) -> Any:
+    """Load a model written by `moba-rewrite rewrite` (or any supported input), ready to run.
+
+    - a directory written with `--format hf` becomes the Hugging Face model with its attention
+      rewritten by the stored policy (ready for `torch.compile` and `generate()`);
+    - a `.pt2` program becomes a `torch.export.ExportedProgram`;
+    - an AOTInductor package becomes its callable runner;
+    - a plain Hugging Face directory, safetensors file + config, or (with `trust_pickle=True`)
+      pickled module is returned as it is, unrewritten.
+    """
+    ck = read_checkpoint(path, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code, dtype=dtype)
+    if ck.kind == "moba-hf":
+        return apply_stored_policy(ck)
+    return ck.model
+
+
+def apply_stored_policy(ck: Checkpoint) -> nn.Module:
+    """Rewrite a `moba-hf` checkpoint's model with the policy stored beside its weights."""
+    from moba_rewrite import api
+    from moba_rewrite.policy import load_policy
+
+    try:
+        policy = load_policy(ck.policy)
+    except Exception as exc:
+        raise CorruptCheckpoint(ck.path / POLICY_FILE, f"expected a valid policy ({_first_line(exc)})") from exc
+    return api.rewrite(ck.model, policy)
+
+
+# --------------------------------------------------------------------------- writing
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_output(target: str | os.PathLike, *, force: bool = False,
+                 inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Fail early (before any slow work) if `target` cannot be written as asked."""
+    t = Path(target)
+    for src in inputs:
+        s = Path(src)
+        if s.exists() and (_is_within(t, s) or _is_within(s, t) or t.resolve() == s.resolve()):
+            raise OutputNotWritable(t, f"expected an output path outside the input {s} (the input is never modified)")
+    if t.exists() or t.is_symlink():
+        if not force:
+            raise OutputExists(t, "expected a path that does not exist yet (pass --force to replace it)")
+    parent = t.parent if str(t.parent) else Path(".")
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputNotWritable(t, f"expected a writable location ({existing} is not writable)")
+    return t
+
+
+@contextlib.contextmanager
+def atomic_output(target: str | os.PathLike, *, directory: bool, force: bool = False,
+                  inputs: tuple[str | os.PathLike, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; move it into place only if the block succeeds.
+
+    `directory=True` yields an empty directory to fill; otherwise a file path to write. With
+    `force`, an existing target is replaced only once the new one is complete.
+    """
+    t = check_output(target, force=force, inputs=inputs)
+    parent = t.parent if str(t.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{t.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise OutputNotWritable(t, f"expected a writable location ({exc.strerror or exc})") from exc
+    work = staging if directory else staging / t.name
+    try:
+        yield work
+        if not work.exists():
+            raise OutputNotWritable(t, "expected the writer to produce the output, but it wrote nothing")
+        old = None
+        if t.exists() or t.is_symlink():
+            old = parent / f".{t.name}.old-{os.getpid()}"
+            os.replace(t, old)
+        try:
+            os.replace(work, t)
+        except OSError:
+            if old is not None:
+                os.replace(old, t)
+            raise
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputNotWritable(t, f"expected a writable location ({exc.strerror or exc})") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_hf_checkpoint(out_dir: Path, ck: Checkpoint, policy_dict: dict, meta: dict) -> None:
+    """Fill `out_dir` with a `moba-hf` checkpoint: the input's files copied byte for byte (or
+    the dense model saved with `save_pretrained`), plus the policy and metadata beside them.
+
+    Must be called with the dense (not yet rewritten) model when the input is not a directory.
+    """
+    if ck.kind in ("hf", "moba-hf"):
+        for item in ck.path.iterdir():
+            if item.name in (POLICY_FILE, META_FILE) or item.name.startswith("."):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, out_dir / item.name)
+            else:
+                shutil.copy2(item, out_dir / item.name)
+    elif ck.is_hf and hasattr(ck.model, "save_pretrained"):
+        ck.model.save_pretrained(str(out_dir))
+    else:
+        raise CheckpointError(ck.path, "expected a Hugging Face model for --format hf; use --format pt2, aoti "
+                                       "or onnx for other models")
+    (out_dir / POLICY_FILE).write_text(json.dumps(policy_dict, indent=2, sort_keys=True) + "\n")
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,93 @@
+"""What every exporter needs: an exportable forward, sample inputs, and output comparison.
+
+Hugging Face models are exported through `LogitsOnly` (input_ids -> logits, no KV cache),
+so the exported program, AOTInductor package and ONNX model all take one `input_ids`
+tensor `[batch, seq]` and return one tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class LogitsOnly(nn.Module):
+    """`input_ids -> logits` (or last hidden state for base models), without a KV cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        out = self.model(input_ids=input_ids, use_cache=False)
+        logits = getattr(out, "logits", None)
+        return logits if logits is not None else out.last_hidden_state
+
+
+def is_hf_model(model: Any) -> bool:
+    """True for transformers `PreTrainedModel`s (they take `input_ids`)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """The module to hand to torch.export / ONNX: HF models wrapped in `LogitsOnly`."""
+    return LogitsOnly(model).eval() if is_hf_model(model) else model
+
+
+def sample_inputs(model: Any, seq_len: int, *, batch: int = 1, seed: int = 0) -> tuple[Tensor, ...]:
+    """Deterministic sample inputs for `exportable(model)` at sequence length `seq_len`.
+
+    HF models get random `input_ids`; other modules must define `example_inputs(seq_len)`
+    returning a tuple of tensors; an ExportedProgram reuses the shapes it was exported with.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if is_hf_model(model):
+        vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+        if vocab < 1:
+            raise ValueError("sample inputs: expected config.vocab_size >= 1 for a Hugging Face model")
+        device = next(model.parameters()).device
+        return (torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device),)
+    maker = getattr(model, "example_inputs", None)
+    if callable(maker):
+        torch.manual_seed(seed)
+        out = maker(seq_len)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    raise ValueError(f"sample inputs: expected a Hugging Face model or a module with an example_inputs(seq_len) "
+                     f"method, got {type(model).__name__}")
+
+
+def seq_dynamic_shapes(args: tuple[Tensor, ...], *, max_seq: int = 1 << 17) -> tuple:
+    """`dynamic_shapes` marking dim 1 (the sequence) of every input as one dynamic `seq` dim."""
+    seq = torch.export.Dim("seq", min=2, max=max_seq)
+    return tuple({1: seq} if isinstance(a, Tensor) and a.dim() >= 2 else None for a in args)
+
+
+def first_tensor(out: Any) -> Tensor:
+    """The first tensor of a model output (tensor, tuple/list, or a ModelOutput)."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict):
+        for value in out.values():
+            if isinstance(value, Tensor):
+                return value
+    if isinstance(out, (tuple, list)) and out:
+        return first_tensor(out[0])
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(f"expected a tensor output, got {type(out).__name__}")
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    """Largest absolute difference between two outputs (numpy arrays or tensors)."""
+    ta = torch.as_tensor(a).detach().float().cpu()
+    tb = torch.as_tensor(b).detach().float().cpu()
+    if ta.shape != tb.shape:
+        raise ValueError(f"output shapes differ: {list(ta.shape)} vs {list(tb.shape)}")
+    return float((ta - tb).abs().max()) if ta.numel() else 0.0
