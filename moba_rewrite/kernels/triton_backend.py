@@ -121,3 +121,31 @@ def forward_with_selection(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *,
     sel = triton_gate.build_csr(p, triton_gate.selection_from_map(p, selected))
     out, _ = triton_attn.attention_forward(p, sel)
     return out
+
+
+# ----------------------------------------------------------------------------- packed varlen
+
+
+def _plan_varlen(q, k, v, cu_q, cu_k, block_size, top_k, causal, scale):
+    _check(q, k, None)
+    from moba_rewrite.kernels.triton_layout import varlen_problem
+
+    p = varlen_problem(q, k, v, cu_q, cu_k, block_size=block_size, top_k=top_k, causal=causal, scale=scale)
+    sel = triton_gate.select_blocks(p)
+    return p, triton_gate.build_csr(p, sel)
+
+
+def forward_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *,
+                   block_size: int, top_k: int, causal: bool, scale: float) -> Tensor:
+    """Packed MoBA: q `[total_q, Hq, D]`, k/v `[total_k, Hkv, D]`; each sequence is its own problem."""
+    p, sel = _plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_size, top_k, causal, scale)
+    out, _ = triton_attn.attention_forward(p, sel)
+    return out
+
+
+def backward_varlen(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, cu_seqlens_q: Tensor,
+                    cu_seqlens_k: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    p, sel = _plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_size, top_k, causal, scale)
+    lse = triton_attn.row_lse(p, sel).contiguous()
+    return triton_attn.attention_backward(p, sel, grad_out, out, lse)
