@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 import json
 from pathlib import Path
 
@@ -382,7 +383,7 @@ def test_yaml_base60_numbers_are_not_ints(tmp_path):
 
 def test_load_policy_accepts_a_policy_and_rejects_other_types():
     policy = load_policy({})
-    assert load_policy(policy) is policy
+    assert isinstance(policy, Policy) and load_policy(policy) is policy
     with pytest.raises(TypeError, match="expects a path, a dict or a Policy, got int"):
         load_policy(3)
 
@@ -425,7 +426,8 @@ def test_starter_policy_lists_sites_and_is_the_layer_wise_hybrid(tmp_path):
     assert [d.mode for d in decisions] == ["moba"] * 3 + ["dense"] * 3
     # Every commented example is itself a valid rule for this model.
     examples = [line.replace("  # ", "  ", 1) for line in text.splitlines() if line.startswith("  # ")]
-    extra = yaml.safe_load("rules:\n" + "\n".join(l for l in examples if not l.lstrip().startswith(("#", "Layer", "More"))))
+    rule_lines = [line for line in examples if not line.lstrip().startswith(("#", "Layer", "More"))]
+    extra = yaml.safe_load("rules:\n" + "\n".join(rule_lines))
     assert len(extra["rules"]) == 5
     decisions, warnings = load_policy(extra).decide_all(llama)
     assert warnings == []
@@ -493,3 +495,23 @@ def test_schema_rejects_what_the_validator_rejects(doc):
     with pytest.raises(PolicyError):
         load_policy(doc)
     assert not jsonschema.Draft202012Validator(policy_schema()).is_valid(doc)
+
+
+# ------------------------------------------------------------------------------------ docs
+
+def test_policy_md_examples_load_and_precedence_example_holds(tmp_path):
+    text = (Path(__file__).parents[1] / "docs" / "POLICY.md").read_text()
+    blocks = re.findall(r"```(yaml|toml)\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 3
+    llama = [AttentionSite(f"model.layers.{i}.self_attn", "LlamaAttention", i) for i in range(32)]
+    for n, (fmt, body) in enumerate(blocks):
+        path = tmp_path / f"doc{n}.{fmt}"
+        path.write_text(body)
+        load_policy(path).decide_all(llama)
+    precedence = next(load_policy(yaml.safe_load(body)) for fmt, body in blocks if "rules[2]" in body)
+    decisions, _ = precedence.decide_all(llama)
+    assert {(d.mode, d.block_size, d.top_k) for d in decisions[:29]} == {("moba", 1024, 5)}
+    assert [(d.mode, d.block_size, d.top_k) for d in decisions[29:]] == [
+        ("dense", 1024, 5), ("dense", 1024, 5), ("dense", 2048, 5)]
+    assert decisions[31].matched_rules == (0, 1, 2)
+    assert decisions[31].reason in " ".join(text.split())

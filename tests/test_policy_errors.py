@@ -197,7 +197,8 @@ def test_file_level_errors(tmp_path):
     (tmp_path / "p.txt").write_text("version: 1\n")
     with pytest.raises(PolicyError) as err:
         load_policy(tmp_path / "p.txt")
-    assert str(err.value) == f"{tmp_path / 'p.txt'}: expected a policy file ending in .yaml, .yml, .toml or .json, got '.txt'"
+    assert str(err.value) == (f"{tmp_path / 'p.txt'}: expected a policy file ending in .yaml, .yml, .toml "
+                              "or .json, got '.txt'")
     (tmp_path / "d.yaml").mkdir()
     with pytest.raises(PolicyError) as err:
         load_policy(tmp_path / "d.yaml")

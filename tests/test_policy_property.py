@@ -32,7 +32,8 @@ REGEXES = st.sampled_from([r"re:.*", r"re:model\..*", r"re:.*\.(0|1)\..*", r"re:
                            r"re:.*attn", r"re:"])
 PATTERNS = st.one_of(GLOBS, REGEXES)
 PATTERN_FIELD = st.one_of(PATTERNS, st.lists(PATTERNS, min_size=1, max_size=3))
-CLASS_FIELD = st.one_of(CLASSES, st.sampled_from(["*Attention", "re:.*Attn.*"]), st.lists(CLASSES, min_size=1, max_size=2))
+CLASS_FIELD = st.one_of(CLASSES, st.sampled_from(["*Attention", "re:.*Attn.*"]),
+                        st.lists(CLASSES, min_size=1, max_size=2))
 BOUND = st.one_of(st.none(), st.integers(-12, 12))
 SLICES = st.builds(
     lambda a, b, c: f"{'' if a is None else a}:{'' if b is None else b}" + ("" if c is None else f":{c}"),
@@ -149,7 +150,8 @@ def junk_policies(draw) -> dict:
     doc = draw(policies())
     for _ in range(draw(st.integers(0, 2))):
         targets = [doc] + [v for v in (doc.get("defaults"),) if isinstance(v, dict)]
-        targets += [r for r in doc.get("rules", []) if isinstance(r, dict)] if isinstance(doc.get("rules"), list) else []
+        if isinstance(doc.get("rules"), list):
+            targets += [r for r in doc["rules"] if isinstance(r, dict)]
         target = targets[draw(st.integers(0, len(targets) - 1))]
         if target and draw(st.booleans()):
             del target[draw(st.sampled_from(sorted(target)))]
