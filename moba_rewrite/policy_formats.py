@@ -236,7 +236,7 @@ def _toml_search(text: str) -> Callable[[KeyPath], int | None]:
             sections.append((m.group(2).strip().strip('"\''), m.group(1) == "[[", n))
 
     def key_line(key: str, start: int, stop: int) -> int | None:
-        rx = re.compile(rf"""^\s*(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')\s*=""")
+        rx = re.compile(rf"""^\s*(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')\s*[=.]""")
         for n in range(start, stop):
             if rx.match(lines[n]):
                 return n + 1
@@ -266,7 +266,9 @@ def _toml_search(text: str) -> Callable[[KeyPath], int | None]:
         if len(path) >= 2 and isinstance(path[0], str):
             index = path[1] if isinstance(path[1], int) else None
             span = section_span(path[0], index)
-            if span is None:
+            if span is None:  # a dotted key at the top: defaults.top_k = 0
+                if index is None and isinstance(path[1], str):
+                    return key_line(f"{path[0]}.{path[1]}", 0, top_stop) or key_line(path[0], 0, top_stop)
                 return None
             rest = path[2:] if index is not None else path[1:]
             if not rest:

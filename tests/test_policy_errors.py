@@ -214,3 +214,12 @@ def test_first_error_in_file_order_is_reported(tmp_path):
     assert err.line == 2 and err.key_path == "rules[0].top_k"
     err = error_of(tmp_path, "p.json", json.dumps({"defaults": {"mode": "x"}, "rules": [{"top_k": 0}]}))
     assert err.key_path == "defaults.mode"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('version = 1\nrules = [\n  {mode = "dense"},\n  {top_k = 0},\n]\n', ":2 rules[1].top_k"),   # inline: the key
+    ('version = 1\ndefaults.top_k = 0\n', ":2 defaults.top_k"),                               # dotted key
+    ('[defaults]\nmode = "moba"\n\n[[rules]]\nmode = "dense"\n[rules.oops]\n', ":4 rules[0]"),  # odd layout
+])
+def test_toml_lines_are_best_effort_but_never_wrong_file(tmp_path, text, expected):
+    assert short(error_of(tmp_path, "p.toml", text), tmp_path).startswith("p.toml" + expected)
