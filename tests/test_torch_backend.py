@@ -10,14 +10,14 @@ the same half-precision inputs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import moba_rewrite
-from moba_rewrite.kernels import reference, torch_blocks, torch_select
+from moba_rewrite.kernels import reference, torch_blocks, torch_fast, torch_online, torch_select
 
 
 @dataclass
@@ -35,30 +35,35 @@ class Case:
     mask: str | None = None  # see _make_mask
     q_gain: float = 1.0  # large gains push scores past the backend's no-max fast path
     small_tiles: bool = False
-    extra: dict = field(default_factory=dict)
+    path: str = "fast"  # which implementation torch_blocks must pick: "fast" or "online"
 
 
 CASES = [
     Case("prefill_causal"),
     Case("prefill_noncausal", causal=False),
-    Case("decode", tq=1, tk=70, hq=4, hkv=2),
-    Case("decode_noncausal", tq=1, tk=70, causal=False),
+    Case("prefill_subblocks", tq=60, tk=60, block_size=12, small_tiles=True),
+    Case("prefill_subblocks_noncausal_gqa", hq=4, hkv=2, tq=60, tk=66, block_size=12, causal=False,
+         small_tiles=True),
+    Case("decode", tq=1, tk=70, hq=4, hkv=2, path="online"),
+    Case("decode_noncausal", tq=1, tk=70, causal=False, path="online"),
     Case("chunked_prefill_gqa", tq=21, tk=70, hq=4, hkv=2, small_tiles=True),
+    Case("chunked_prefill_short", tq=9, tk=70, hq=4, hkv=2, path="online"),
     Case("mqa_partial_block", tq=45, tk=45, hq=3, hkv=1, block_size=8, top_k=2),
-    Case("tk_below_block", tq=10, tk=10, block_size=16),
-    Case("tk_below_block_decode", tq=1, tk=5, block_size=16, causal=False),
+    Case("tk_below_block", tq=10, tk=10, block_size=16, path="online"),
+    Case("tk_below_block_decode", tq=1, tk=5, block_size=16, causal=False, path="online"),
     Case("top1_own_only", top_k=1, tk=50, tq=50),
     Case("topk_exceeds_blocks", top_k=9, tk=40, tq=40, block_size=8),
     Case("bool_padding", tq=30, tk=75, hq=4, hkv=2, mask="padding", small_tiles=True),
     Case("bool_padding_noncausal", tq=30, tk=75, causal=False, mask="padding"),
-    Case("explicit_bool_causal", tq=30, tk=75, causal=False, mask="causal_bool"),
-    Case("additive_inf_noncausal", tq=30, tk=75, hq=4, hkv=2, causal=False, mask="additive"),
-    Case("additive_inf_causal", tq=30, tk=75, mask="additive", small_tiles=True),
-    Case("additive_query_shared", tq=30, tk=75, mask="additive_2d"),
+    Case("explicit_bool_causal", tq=30, tk=75, causal=False, mask="causal_bool", small_tiles=True),
+    Case("additive_inf_noncausal", tq=30, tk=75, hq=4, hkv=2, causal=False, mask="additive", path="online"),
+    Case("additive_inf_causal", tq=30, tk=75, mask="additive", small_tiles=True, path="online"),
+    Case("additive_query_shared", tq=30, tk=75, mask="additive_2d", path="online"),
     Case("bool_random_empty_rows", tq=30, tk=75, mask="random_bool", small_tiles=True),
     Case("bool_head_mask_gqa", tq=24, tk=60, hq=4, hkv=2, causal=False, mask="head_bool"),
-    Case("large_scores_causal", q_gain=40.0, small_tiles=True),
-    Case("large_scores_mask", q_gain=40.0, tq=30, tk=75, mask="padding", causal=False),
+    Case("bool_decode_padding", tq=1, tk=75, mask="padding", path="online"),
+    Case("large_scores_causal", q_gain=40.0, small_tiles=True, path="online"),
+    Case("large_scores_mask", q_gain=40.0, tq=30, tk=75, mask="padding", causal=False, path="online"),
 ]
 
 
@@ -106,7 +111,9 @@ def _inputs(c: Case, dtype: torch.dtype):
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Shrink tiles and gate chunks so that loops over tiles and chunks run on tiny shapes."""
-    monkeypatch.setattr(torch_blocks, "_TILE_ELEMS", 64)
+    monkeypatch.setattr(torch_online, "_TILE_ELEMS", 64)
+    monkeypatch.setattr(torch_fast, "_TILE_ELEMS", 64)
+    monkeypatch.setattr(torch_fast, "_SUB_BLOCK", 5)  # does not divide the block: ragged sub-tiles
     monkeypatch.setattr(torch_select, "_CHUNK_ELEMS", 96)
 
 
@@ -136,6 +143,8 @@ def test_matches_reference(case: Case, dtype, request):
     sel = torch_blocks.block_selection(q, k, block_size=case.block_size, top_k=case.top_k,
                                        causal=case.causal, attn_mask=mask)
     assert torch.equal(sel, sel_ref)
+    impl = torch_blocks.implementation(q, k, v, block_size=case.block_size, scale=case.d ** -0.5, attn_mask=mask)
+    assert impl is {"fast": torch_fast, "online": torch_online}[case.path]
     weight = torch.randn(case.b, case.hq, case.tq, case.d)
     got = _run("torch", q, k, v, case, mask, weight)
     want = _run("reference", q, k, v, case, mask, weight)
@@ -201,7 +210,7 @@ def test_gradcheck_fp64(shape):
                                            causal=shape["causal"], attn_mask=mask,
                                            enable_gqa=shape["hq"] != shape["hkv"], backend="torch")
 
-    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -31,6 +31,20 @@ def mask4(attn_mask: Tensor | None) -> Tensor | None:
     return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
 
 
+def row_mask(m4: Tensor, b: int, rows: Tensor, tq: int, hq: int, ks: int, ke: int) -> Tensor:
+    """Mask entries for flat query rows of batch `b` against keys `[ks, ke)`: `[rows, keys]`.
+
+    Only the needed entries are gathered from the broadcast mask (size-1 dims stay size 1, so
+    the result may be `[keys]` or `[rows, 1]` and broadcasts against the scores).
+    """
+    mb = m4[b if m4.shape[0] > 1 else 0]
+    if mb.shape[-1] > 1:
+        mb = mb[..., ks:ke]
+    hi = (rows // tq) % hq if mb.shape[0] > 1 else 0
+    ii = rows % tq if mb.shape[1] > 1 else 0
+    return mb[hi, ii]
+
+
 def _visible(m: Tensor) -> Tensor:
     return m if m.dtype == torch.bool else m != float("-inf")
 
@@ -126,8 +140,12 @@ class RoutePlan:
 
 @torch.no_grad()
 def route(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool,
-          attn_mask: Tensor | None) -> RoutePlan:
-    """Select blocks and sort the (query row, block) pairs into per-block groups."""
+          attn_mask: Tensor | None, include_own: bool = True) -> RoutePlan:
+    """Select blocks and sort the (query row, block) pairs into per-block groups.
+
+    With `include_own=False` only the history pairs are listed (the caller handles every
+    query's own block itself).
+    """
     b, hq, tq, _ = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -137,10 +155,12 @@ def route(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool,
     sel = select_blocks(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask)
     # Group id base per (b, hq): (b * Hkv + hq // G) * n.
     base = ((torch.arange(b, device=dev)[:, None] * hkv + torch.arange(hq, device=dev)[None, :] // g) * n)
-    own = (torch.arange(offset, tk, device=dev) // block_size)
-    own_key = (base[:, :, None] + own[None, None, :]) * 2 + 1  # [B, Hq, Tq], odd: own rows last
     rows_all = torch.arange(b * hq * tq, device=dev)
-    keys, rows = [own_key.reshape(-1)], [rows_all]
+    keys, rows = [], []
+    if include_own:
+        own = (torch.arange(offset, tk, device=dev) // block_size)
+        keys.append(((base[:, :, None] + own[None, None, :]) * 2 + 1).reshape(-1))  # odd: own rows last
+        rows.append(rows_all)
     if sel.shape[-1] > 0:
         valid = sel >= 0
         hist_key = (base[:, :, None, None] + sel) * 2
@@ -148,6 +168,8 @@ def route(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool,
         rows.insert(0, rows_all.view(b, hq, tq, 1).expand_as(sel)[valid])
         del valid, hist_key
     del sel
+    if not keys:
+        return RoutePlan(rows=rows_all[:0], groups=[], n_blocks=n, block_size=block_size, offset=offset)
     key = torch.cat(keys) if len(keys) > 1 else keys[0]
     row = torch.cat(rows) if len(rows) > 1 else rows[0]
     key, order = torch.sort(key, stable=True)
