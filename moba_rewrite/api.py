@@ -1,0 +1,364 @@
+"""Public entry points: rewrite, plan, export, export_with_report, compile.
+
+Signatures (stable: the CLI, checkpoints and exporters build on them)::
+
+    rewrite(model, policy, example_inputs=None) -> nn.Module
+        In place, returns `model`. Report at `model._moba_report` (also `report_of(model)`).
+    plan(model, policy, example_inputs=None) -> RewriteReport
+        Decisions without changing the model.
+    export(model, args, policy, kwargs=None, dynamic_shapes=None, *, strict=False) -> ExportedProgram
+    export_with_report(model, args, policy, kwargs=None, dynamic_shapes=None, *, strict=False)
+        -> tuple[ExportedProgram, RewriteReport]
+    rewrite_exported(ep, policy) -> tuple[ExportedProgram, RewriteReport]
+        The pass alone, on an existing ExportedProgram (modified in place and returned).
+    compile(model, policy, **torch_compile_kwargs) -> compiled module
+        torch.compile with the rewrite pass in a Dynamo backend (then Inductor's compile_fx).
+        Report at `compiled.moba_report`, filled as graphs compile.
+    find_sites(model, example_inputs=None) -> list[AttentionSite]
+    report_of(model) -> RewriteReport | None
+
+`policy` is anything `load_policy` takes: a `Policy`, a dict, or a path (YAML/TOML/JSON).
+`example_inputs`: a tuple of positional arguments, a dict of keyword arguments, or a tensor.
+Hugging Face models do not need them (their `dummy_inputs` are used); plain modules use
+them to record shapes and how each attention module is called.
+
+`RewriteReport` (moba_rewrite.report): `.rows` (ReportRow: name, module_class, layer, kind,
+num_heads, num_kv_heads, head_dim, causal, mask_kind, decision ("moba"|"dense", what the site
+computes now), block_size, top_k, backend, decode, reason, requested (what the policy asked),
+matched_rules), `.warnings`, `.graph`, `.moba_sites`, `.dense_sites`, `str()` (aligned
+table), `.to_json()`, `.to_dict()`, `RewriteReport.from_dict()`, `report[name_or_index]`.
+
+Which machinery a model gets (docs/REWRITING.md):
+- Hugging Face models on the AttentionInterface: the `moba_sdpa` / `moba_eager` attention
+  functions (`moba_rewrite.hf`); generate() and the KV cache keep working.
+- other modules: `nn.MultiheadAttention` is swapped for `MobaMultiheadAttention`; modules
+  calling SDPA or hand-written attention are traced with torch.fx and get the rewritten
+  graph as their forward (`passes.eager`).
+- export / compile: the graph pass (`passes.detect` + `passes.rewrite`) on the aten or
+  Dynamo graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from moba_rewrite import hf
+from moba_rewrite.report import ReportRow, RewriteReport
+from passes import detect, eager, find_mha
+from passes.found import FoundSite, number_sites
+from passes.rewrite import Outcome, UnsupportedSiteError, plan_outcome, rewrite_graph
+from passes.sites import AttentionSite
+
+__all__ = [
+    "rewrite", "plan", "export", "export_with_report", "rewrite_exported", "compile", "find_sites",
+    "report_of", "UnsupportedSiteError",
+]
+
+
+def _as_policy(policy: Any):
+    from moba_rewrite.policy import Policy, load_policy
+
+    return policy if isinstance(policy, Policy) else load_policy(policy)
+
+
+def _dense(decision: Any) -> Any:
+    return dataclasses.replace(decision, mode="dense")
+
+
+# --------------------------------------------------------------------------------------------
+# Site discovery for eager models
+
+
+@dataclasses.dataclass
+class _Entry:
+    """One eager site: where it lives and how it would be rewritten."""
+
+    site: AttentionSite
+    machinery: str  # "hf" | "mha" | "traced"
+    module: nn.Module
+    found: FoundSite | None = None
+    problems: list[str] = dataclasses.field(default_factory=list)
+    note: str = ""  # extra information for the report (e.g. behaviour while training)
+
+
+def _hf_entries(model: nn.Module, example_inputs: Any) -> list[_Entry]:
+    modules, calls = hf.attention_modules(model, example_inputs)
+    first: dict[int, hf.CallRecord] = {}
+    for c in calls:
+        first.setdefault(id(c.module), c)
+    origin = hf.origin_of(model)
+    out = []
+    for layer, (name, m) in enumerate(modules):
+        c = first[id(m)]
+        causal = getattr(m, "is_causal", None)
+        causal = bool(causal) if causal is not None else None
+        if causal:
+            mask_kind = "causal+padding" if c.mask != "none" and _has_padding(example_inputs) else "causal"
+        else:
+            mask_kind = "padding" if c.mask != "none" else "none"
+        problems = [f"{what} ({k})" for k, what in hf._UNSUPPORTED_KWARGS.items() if k in c.kwargs]
+        if c.v_shape[-1] != c.q_shape[-1]:
+            problems.append(f"value head dim {c.v_shape[-1]} differs from query head dim {c.q_shape[-1]}")
+        p_train = _hf_dropout(m)
+        note = f"; while training: attention dropout p={p_train} -> dense (or error)" if p_train > 0 else ""
+        site = AttentionSite(
+            name=name, module_class=type(m).__name__, layer=layer, kind="sdpa" if origin == "sdpa" else "manual",
+            num_heads=c.q_shape[1], num_kv_heads=c.k_shape[1], head_dim=c.q_shape[3], causal=causal,
+            mask_kind=mask_kind, scale=c.scaling, dropout_p=p_train, seq_len=c.q_shape[2],
+            extra={"problems": problems, "origin": origin},
+        )
+        out.append(_Entry(site=site, machinery="hf", module=m, problems=problems, note=note))
+    return out
+
+
+def _has_padding(example_inputs: Any) -> bool:
+    if isinstance(example_inputs, dict) and isinstance(example_inputs.get("attention_mask"), torch.Tensor):
+        return bool((example_inputs["attention_mask"] == 0).any())
+    return False
+
+
+def _hf_dropout(m: nn.Module) -> float:
+    for attr in ("attention_dropout", "attn_dropout", "dropout"):
+        v = getattr(m, attr, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, nn.Dropout):
+            return float(v.p)
+    return 0.0
+
+
+def _generic_entries(model: nn.Module, example_inputs: Any) -> tuple[list[_Entry], eager.Discovery]:
+    position = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
+    keyed: list[tuple[int, int, _Entry]] = []
+    for name, m in find_mha.find_mha_modules(model):
+        site = find_mha.mha_site(name, m, layer=0)
+        note = f"; while training: attention dropout p={m.dropout} -> dense (or error)" if m.dropout > 0 else ""
+        keyed.append((position[id(m)], 0, _Entry(site=site, machinery="mha", module=m, note=note)))
+    disc = eager.discover(model, example_inputs)
+    for i, ts in enumerate(disc.sites):
+        keyed.append((position[id(ts.owner)], i + 1, _Entry(
+            site=ts.found.site(0), machinery="traced", module=ts.owner, found=ts.found,
+            problems=list(ts.found.problems))))
+    keyed.sort(key=lambda t: (t[0], t[1]))
+    entries = [e for _, _, e in keyed]
+    for layer, e in enumerate(entries):
+        e.site = dataclasses.replace(e.site, layer=layer)
+    return entries, disc
+
+
+def _entries(model: nn.Module, example_inputs: Any) -> tuple[list[_Entry], str, eager.Discovery | None]:
+    if hf.is_hf_model(model):
+        with _pristine(model):
+            return _hf_entries(model, example_inputs), "hf", None
+    with _pristine(model):
+        entries, disc = _generic_entries(model, example_inputs)
+    return entries, "symbolic_trace", disc
+
+
+def find_sites(model: nn.Module | torch.fx.GraphModule, example_inputs: Any = None) -> list[AttentionSite]:
+    """Every attention site of a model (eager discovery) or of an FX GraphModule (graph pass)."""
+    if isinstance(model, torch.fx.GraphModule) and not hasattr(model, "_moba_report"):
+        return detect.sites_of(model)
+    entries, _, _ = _entries(model, example_inputs)
+    return [e.site for e in entries]
+
+
+def _outcome(e: _Entry, decision: Any) -> Outcome:
+    if e.found is not None:
+        return plan_outcome(e.found, decision)
+    if decision.mode != "moba":
+        return Outcome("dense", decision.reason or "policy: full attention")
+    if e.problems:
+        why = "; ".join(e.problems)
+        if decision.on_unsupported == "error":
+            raise UnsupportedSiteError(
+                f"attention site {e.site.name!r} ({e.site.module_class}) cannot be rewritten to MoBA: {why} "
+                "(policy on_unsupported: error)")
+        return Outcome("dense", f"unsupported, kept dense: {why}")
+    return Outcome("moba", decision.reason or "policy: MoBA")
+
+
+def _report(entries: list[_Entry], decisions: list[Any], outcomes: list[Outcome], warnings: list[str],
+            graph: str) -> RewriteReport:
+    rows = []
+    for e, d, o in zip(entries, decisions, outcomes):
+        reason = o.reason + (e.note if o.mode == "moba" else "")
+        rows.append(ReportRow.build(e.site, d, o.mode, reason))
+    return RewriteReport(rows=rows, warnings=list(warnings), graph=graph)
+
+
+# --------------------------------------------------------------------------------------------
+# plan / rewrite
+
+
+def plan(model: nn.Module, policy: Any, example_inputs: Any = None) -> RewriteReport:
+    """Which site would get what, and why, without changing the model.
+
+    Raises `UnsupportedSiteError` where the policy says `on_unsupported: error` and a site
+    it selects for MoBA cannot be rewritten faithfully (exactly as `rewrite` would).
+    """
+    policy = _as_policy(policy)
+    entries, graph, _ = _entries(model, example_inputs)
+    decisions, warnings = policy.decide_all([e.site for e in entries])
+    outcomes = [_outcome(e, d) for e, d in zip(entries, decisions)]
+    return _report(entries, decisions, outcomes, warnings, graph)
+
+
+def rewrite(model: nn.Module, policy: Any, example_inputs: Any = None) -> nn.Module:
+    """Make `model`'s attention sites follow `policy`, in place; returns `model`.
+
+    `state_dict()` keys, `train()`/`eval()`, Hugging Face `generate()` and
+    `torch.compile(model, fullgraph=True)` keep working. The report is `model._moba_report`.
+    Calling it again replaces the previous rewrite.
+    """
+    policy = _as_policy(policy)
+    entries, graph, disc = _entries(model, example_inputs)
+    decisions, warnings = policy.decide_all([e.site for e in entries])
+    outcomes = [_outcome(e, d) for e, d in zip(entries, decisions)]  # raises before any change
+    effective = [d if o.mode == "moba" else _dense(d) for d, o in zip(decisions, outcomes)]
+    if graph == "hf":
+        hf.apply(model, [(e.site.name, e.module) for e in entries], effective)
+    else:
+        mha = [(e, d) for e, d in zip(entries, effective) if e.machinery == "mha"]
+        find_mha.install(model, [(e.site.name, e.module) for e, _ in mha], [d for _, d in mha])
+        _install_traced(model, [(e, d) for e, d in zip(entries, decisions) if e.machinery == "traced"], disc)
+    report = _report(entries, decisions, outcomes, warnings, graph)
+    model._moba_report = report
+    return model
+
+
+def _install_traced(model: nn.Module, items: list[tuple[_Entry, Any]], disc: eager.Discovery | None) -> None:
+    """Trace each owner in eval and train mode, rewrite its own sites, install the result."""
+    owners: dict[int, list[tuple[_Entry, Any]]] = {}
+    for e, d in items:
+        owners.setdefault(id(e.module), []).append((e, d))
+    for group in owners.values():
+        owner = group[0][0].module
+        if hasattr(owner, "_moba_original_forward"):
+            owner.__dict__.pop("forward", None)
+        pattern = eager._concrete_pattern(owner, disc.calls.get(id(owner)) if disc else None)
+        was_training = owner.training
+        graphs = {}
+        try:
+            for mode in (False, True):
+                owner.train(mode)
+                gm, _ = eager.trace(owner, pattern)
+                found = [f for f in detect.find_sites(gm) if f.name == ""]
+                if len(found) != len(group):
+                    raise RuntimeError(
+                        f"tracing {group[0][0].site.name!r} again found {len(found)} attention sites, "
+                        f"expected {len(group)}")
+                decs = [d for _, d in group]
+                if mode != was_training:
+                    decs = [_other_mode_decision(f, d) for f, d in zip(found, decs)]
+                rewrite_graph(gm, found, decs, emitter="runtime", training=mode)
+                graphs[mode] = gm
+        finally:
+            owner.train(was_training)
+        eager.install(owner, graphs[False], graphs[True])
+
+
+def _other_mode_decision(f: FoundSite, d: Any) -> Any:
+    """In the mode the model is not in now, an `error` policy must not fire at rewrite time:
+    sites whose only problem is dropout while training get the run-time check instead."""
+    if d.mode == "moba" and f.problems and d.on_unsupported == "error":
+        if all("dropout" in p for p in f.problems):
+            f.problems = []  # site_attention raises at call time (dropout_p > 0 and training)
+        return d
+    return d
+
+
+# --------------------------------------------------------------------------------------------
+# export
+
+
+@contextlib.contextmanager
+def _pristine(model: nn.Module) -> Iterator[None]:
+    """Temporarily undo a previous `rewrite` so detection sees the original attention."""
+    undo: list = []
+    if hf.is_hf_model(model) and model.config._attn_implementation.startswith(hf.IMPL_PREFIX):
+        impl = model.config._attn_implementation
+        model.set_attn_implementation(hf.origin_of(model))
+        undo.append(lambda: model.set_attn_implementation(impl))
+    for m in model.modules():
+        if "_moba_original_forward" in m.__dict__ and "forward" in m.__dict__:
+            fwd = m.__dict__.pop("forward")
+            undo.append(lambda m=m, fwd=fwd: m.__dict__.__setitem__("forward", fwd))
+        if isinstance(m, find_mha.MobaMultiheadAttention):
+            dec = m._moba_decision
+            m._moba_decision = None
+            undo.append(lambda m=m, dec=dec: setattr(m, "_moba_decision", dec))
+    try:
+        yield
+    finally:
+        for fn in reversed(undo):
+            fn()
+
+
+def rewrite_exported(ep: torch.export.ExportedProgram, policy: Any) -> tuple[torch.export.ExportedProgram, RewriteReport]:
+    """Run the rewrite pass on an ExportedProgram's graph (in place); returns (ep, report)."""
+    policy = _as_policy(policy)
+    gm = ep.graph_module
+    found = detect.find_sites(gm)
+    sites = number_sites(found)
+    decisions, warnings = policy.decide_all(sites) if sites else ([], [])
+    outcomes = rewrite_graph(gm, found, decisions, emitter="inline")
+    entries = [_Entry(site=s, machinery="export", module=None, found=f) for s, f in zip(sites, found)]  # type: ignore[arg-type]
+    return ep, _report(entries, decisions, outcomes, warnings, "export")
+
+
+def export_with_report(model: nn.Module, args: Any, policy: Any, kwargs: dict | None = None,
+                       dynamic_shapes: Any = None, *, strict: bool = False
+                       ) -> tuple[torch.export.ExportedProgram, RewriteReport]:
+    """`torch.export` the model (non-strict by default: robust for HF code), then rewrite the graph."""
+    policy = _as_policy(policy)
+    args = tuple(args) if isinstance(args, (tuple, list)) else (() if args is None else (args,))
+    with _pristine(model):
+        ep = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+    return rewrite_exported(ep, policy)
+
+
+def export(model: nn.Module, args: Any, policy: Any, kwargs: dict | None = None, dynamic_shapes: Any = None,
+           *, strict: bool = False) -> torch.export.ExportedProgram:
+    """An ExportedProgram whose MoBA sites are `moba.attention` nodes (report: `export_with_report`)."""
+    return export_with_report(model, args, policy, kwargs, dynamic_shapes, strict=strict)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# compile
+
+
+def compile(model: nn.Module, policy: Any, **torch_compile_kwargs: Any):  # noqa: A001 (public name)
+    """`torch.compile(model)` with the MoBA rewrite pass run on every Dynamo graph.
+
+    Layers are numbered over the whole model (found once by eager discovery), so rules like
+    `layers: "-3:"` mean the same as in `rewrite`, even when the model has graph breaks.
+    Pass an un-rewritten model. The report is `compiled.moba_report`.
+    """
+    from passes.backend import MobaBackend
+
+    policy = _as_policy(policy)
+    try:
+        sites = find_sites(model)
+    except Exception as exc:  # discovery is an aid for numbering only
+        sites = None
+        note = f"eager discovery failed ({type(exc).__name__}: {exc}); layers numbered per graph"
+    else:
+        note = ""
+    backend = MobaBackend(policy, sites=sites, mode=torch_compile_kwargs.pop("mode", None),
+                          options=torch_compile_kwargs.pop("options", None))
+    if note:
+        backend.report.warnings.append(note)
+    compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
+    compiled.moba_report = backend.report
+    return compiled
+
+
+def report_of(model: Any) -> RewriteReport | None:
+    """The report attached by `rewrite` / `compile`, if any."""
+    return getattr(model, "_moba_report", None) or getattr(model, "moba_report", None)

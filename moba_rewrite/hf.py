@@ -1,0 +1,254 @@
+"""Hugging Face integration: MoBA through transformers' `AttentionInterface`.
+
+Models built on the AttentionInterface (Llama, Qwen2, Mistral, Phi-3, Gemma, GPT-2,
+GPT-NeoX, BERT, ...) look their attention function up by `config._attn_implementation`.
+We register two functions, `moba_sdpa` and `moba_eager` (one per original implementation,
+each with the original's mask builder in `AttentionMaskInterface`), and switch the model to
+the one matching what it was loaded with. Each attention module carries its own decision
+(`module._moba_decision`): MoBA sites compute `moba::attention`, dense sites call the
+original function with the original arguments, so they stay bit-for-bit what they were.
+Because the KV cache update happens in the module before the attention call, `generate()`
+keeps working; a decode step (Tq == 1) follows the decision's `decode` setting.
+
+Masks: sdpa-origin models hand a boolean mask (or None for plain causal); eager-origin
+models an additive mask built from 0 and `finfo.min` (finite!), converted with
+`mask > finfo.min / 2` so hidden keys stay hidden (docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+import moba_rewrite.op  # noqa: F401  (registers torch.ops.moba)
+
+IMPL_PREFIX = "moba_"
+SUPPORTED_ORIGINS = ("sdpa", "eager")
+_UNSUPPORTED_KWARGS = {
+    "softcap": "attention logit soft-capping",
+    "position_bias": "an additive position bias",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+}
+
+
+class HFUnsupportedError(RuntimeError):
+    """The model cannot be routed through the MoBA attention function."""
+
+
+# --------------------------------------------------------------------------------------------
+# Registration
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """A transformers `PreTrainedModel` whose attention goes through the AttentionInterface."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    if not isinstance(model, PreTrainedModel):
+        return False
+    can = getattr(model, "_can_set_attn_implementation", None)
+    return bool(can()) if callable(can) else True
+
+
+def origin_of(model: nn.Module) -> str:
+    """The implementation the model was loaded with (`sdpa` / `eager`), seen through a previous rewrite."""
+    impl = model.config._attn_implementation or "eager"
+    return impl[len(IMPL_PREFIX):] if impl.startswith(IMPL_PREFIX) else impl
+
+
+def _dense_function(origin: str, module: nn.Module) -> Callable:
+    if origin == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise HFUnsupportedError(
+            f"{type(module).__name__} ({type(module).__module__}) has no eager_attention_forward to keep dense sites exact"
+        )
+    return fn
+
+
+def _make_interface(origin: str) -> Callable:
+    def attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
+        return moba_attention_forward(origin, module, query, key, value, attention_mask, *args, **kwargs)
+
+    attention.__name__ = f"moba_{origin}_attention_forward"
+    attention.__qualname__ = attention.__name__
+    return attention
+
+
+def register() -> None:
+    """Register `moba_sdpa` / `moba_eager` attention and mask functions (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    for origin in SUPPORTED_ORIGINS:
+        name = IMPL_PREFIX + origin
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, _make_interface(origin))
+        if name not in AttentionMaskInterface._global_mapping:
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[origin])
+
+
+# --------------------------------------------------------------------------------------------
+# The attention function
+
+
+@dataclass
+class CallRecord:
+    """What one attention call looked like (used to find sites by running the model once)."""
+
+    module: nn.Module
+    q_shape: tuple
+    k_shape: tuple
+    v_shape: tuple
+    mask: str  # none | bool | float
+    dropout: float
+    scaling: float | None
+    is_causal: bool | None
+    kwargs: tuple[str, ...]
+
+
+_RECORDER: list[CallRecord] | None = None
+
+
+@contextmanager
+def recording() -> Iterator[list[CallRecord]]:
+    """Collect a `CallRecord` per attention call made inside the block."""
+    global _RECORDER
+    previous, _RECORDER = _RECORDER, []
+    try:
+        yield _RECORDER
+    finally:
+        _RECORDER = previous
+
+
+def unsupported_reasons(query, key, value, mask, dropout: float, training: bool, kwargs: dict) -> list[str]:
+    """Why this call cannot be computed faithfully by MoBA (empty when it can)."""
+    out = []
+    for k, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(k) is not None:
+            out.append(f"{what} ({k})")
+    if training and dropout > 0:
+        out.append(f"attention dropout p={dropout} while training")
+    if query.shape[2] > key.shape[2]:
+        out.append(f"more queries than keys (Tq={query.shape[2]} > Tk={key.shape[2]})")
+    if value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
+        out.append(f"head dims differ (q {query.shape[-1]}, k {key.shape[-1]}, v {value.shape[-1]})")
+    if query.shape[1] % key.shape[1] != 0:
+        out.append(f"query heads {query.shape[1]} not a multiple of kv heads {key.shape[1]}")
+    if mask is not None and mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        out.append(f"attention mask of dtype {mask.dtype}")
+    return out
+
+
+def moba_attention_forward(origin: str, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
+    """AttentionInterface function: MoBA or the original attention, per `module._moba_decision`."""
+    dense = _dense_function(origin, module)
+    decision = getattr(module, "_moba_decision", None)
+    dropout = kwargs.get("dropout", args[0] if args else 0.0)
+    if _RECORDER is not None:
+        _RECORDER.append(CallRecord(
+            module=module, q_shape=tuple(query.shape), k_shape=tuple(key.shape), v_shape=tuple(value.shape),
+            mask="none" if attention_mask is None else ("bool" if attention_mask.dtype == torch.bool else "float"),
+            dropout=float(dropout or 0.0), scaling=kwargs.get("scaling"), is_causal=kwargs.get("is_causal"),
+            kwargs=tuple(k for k, v in kwargs.items() if v is not None),
+        ))
+    if decision is None or decision.mode != "moba":
+        return dense(module, query, key, value, attention_mask, *args, **kwargs)
+    tq, tk = query.shape[2], key.shape[2]
+    if tq == 1 and decision.decode == "dense":
+        return dense(module, query, key, value, attention_mask, *args, **kwargs)
+    problems = unsupported_reasons(query, key, value, attention_mask, float(dropout or 0.0), module.training, kwargs)
+    if problems:
+        if decision.on_unsupported == "error":
+            raise HFUnsupportedError(
+                f"attention site {getattr(module, '_moba_site', type(module).__name__)!r} cannot run MoBA: "
+                f"{'; '.join(problems)} (policy on_unsupported: error)"
+            )
+        return dense(module, query, key, value, attention_mask, *args, **kwargs)
+    scaling = kwargs.get("scaling")
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    is_causal = kwargs.get("is_causal")
+    causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
+    mask = attention_mask
+    if mask is None:
+        if causal and tq > 1 and tk > tq:
+            # Prefill into an empty static cache: keys past Tq are empty slots (as HF's sdpa path).
+            key, value = key[:, :, :tq], value[:, :, :tq]
+    else:
+        if mask.dtype != torch.bool:
+            mask = mask > torch.finfo(mask.dtype).min / 2
+        if mask.dim() == 4 and mask.shape[-1] > tk:
+            mask = mask[..., :tk]
+        # The boolean mask already holds causality (and padding, windows); causal=False with it
+        # is exactly causal MoBA (docs/ARCHITECTURE.md).
+        causal = False
+    out = torch.ops.moba.attention(query, key, value, mask, int(decision.block_size), int(decision.top_k),
+                                   causal, scale, str(decision.backend))
+    return out.transpose(1, 2).contiguous(), None
+
+
+# --------------------------------------------------------------------------------------------
+# Applying decisions
+
+
+def attention_modules(model: nn.Module, example_inputs: Any = None) -> tuple[list[tuple[str, nn.Module]], list[CallRecord]]:
+    """(fqn, module) of every attention module in execution order, found by running the model once.
+
+    The model runs with the MoBA interface in recording mode (every site dense), on
+    `example_inputs` (a dict of keyword arguments, a tuple of positional ones, or a tensor)
+    or on the model's own `dummy_inputs`.
+    """
+    register()
+    origin = origin_of(model)
+    if origin not in SUPPORTED_ORIGINS:
+        raise HFUnsupportedError(
+            f"{type(model).__name__} uses attn_implementation={origin!r}; rewriting supports models loaded "
+            f"with {' or '.join(SUPPORTED_ORIGINS)}"
+        )
+    names = {id(m): n for n, m in model.named_modules()}
+    previous = model.config._attn_implementation
+    saved = {id(m): getattr(m, "_moba_decision", None) for m in model.modules()}
+    for m in model.modules():
+        if hasattr(m, "_moba_decision"):
+            m._moba_decision = None
+    model.set_attn_implementation(IMPL_PREFIX + origin)
+    inputs = example_inputs if example_inputs is not None else model.dummy_inputs
+    try:
+        with recording() as calls, torch.no_grad():
+            if isinstance(inputs, dict):
+                model(**inputs)
+            elif isinstance(inputs, (tuple, list)):
+                model(*inputs)
+            else:
+                model(inputs)
+    finally:
+        for m in model.modules():
+            if id(m) in saved and hasattr(m, "_moba_decision"):
+                m._moba_decision = saved[id(m)]
+        model.set_attn_implementation(previous)
+    seen: dict[int, tuple[str, nn.Module]] = {}
+    for c in calls:
+        if id(c.module) not in seen:
+            seen[id(c.module)] = (names.get(id(c.module), type(c.module).__name__), c.module)
+    return list(seen.values()), calls
+
+
+def apply(model: nn.Module, modules: list[tuple[str, nn.Module]], decisions: list[Any]) -> None:
+    """Store each module's decision on it and route the model through the MoBA interface."""
+    register()
+    origin = origin_of(model)
+    for (name, module), d in zip(modules, decisions):
+        _dense_function(origin, module)  # fail early if dense sites could not stay exact
+        module._moba_decision = d
+        module._moba_site = name
+    model.set_attn_implementation(IMPL_PREFIX + origin)

@@ -1,0 +1,33 @@
+"""One entry point for graph-level detection: every attention site of an FX graph.
+
+Combines `find_sdpa` (SDPA in every spelling) and `find_manual` (matmul -> softmax ->
+matmul subgraphs, which also covers `nn.MultiheadAttention`'s own math path when traced),
+in graph order, so a site's `layer` is its ordinal in execution order.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from passes import find_manual, find_sdpa
+from passes.found import FoundSite, number_sites
+from passes.sites import AttentionSite
+
+
+def find_sites(gm: fx.GraphModule) -> list[FoundSite]:
+    """All attention sites of `gm` in graph order (SDPA calls and hand-written attention)."""
+    found = find_sdpa.find_sdpa(gm)
+    taken = {f.out for f in found}
+    found += [f for f in find_manual.find_manual(gm) if f.out not in taken]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    found.sort(key=lambda f: order[f.out])
+    for f in found:
+        if f.kind == "sdpa" or f.kind == "manual":
+            if f.module_class == "MultiheadAttention":
+                f.kind = "mha"
+    return found
+
+
+def sites_of(gm: fx.GraphModule) -> list[AttentionSite]:
+    """`AttentionSite`s of a graph (layer = ordinal in graph order)."""
+    return number_sites(find_sites(gm))

@@ -1,0 +1,177 @@
+"""Replace found attention sites with the `moba::attention` op, per decision.
+
+Two emitters share one set of rules:
+
+- `inline` (torch.export and Dynamo graphs, whose shapes are known): aten nodes for the
+  mask conversion and layout fixes, then one `torch.ops.moba.attention.default` node, with
+  value metadata recomputed under the graph's fake mode so the result exports, saves and
+  compiles like any other graph.
+- `runtime` (symbolic_trace graphs used by the eager `rewrite`): one call to
+  `passes.runtime.site_attention`, which checks the shape-dependent facts on every call.
+
+Dense decisions and sites that cannot be rewritten faithfully leave the graph untouched;
+`on_unsupported="error"` raises `UnsupportedSiteError` instead.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+import moba_rewrite.op  # noqa: F401  (registers torch.ops.moba)
+from passes import fxutil
+from passes.found import FoundSite
+from passes.runtime import HIDDEN_BELOW, site_attention
+
+
+class UnsupportedSiteError(RuntimeError):
+    """The policy asked for MoBA (with `on_unsupported: error`) at a site that cannot take it."""
+
+
+@dataclass
+class Outcome:
+    """What happened to one site: applied mode and why."""
+
+    mode: str  # "moba" | "dense"
+    reason: str
+    node: fx.Node | None = None
+
+
+def plan_outcome(f: FoundSite, decision: Any) -> Outcome:
+    """The mode a site gets under `decision`, without touching the graph (raises on error policy)."""
+    if decision.mode != "moba":
+        return Outcome("dense", decision.reason or "policy: full attention")
+    if f.problems:
+        why = "; ".join(f.problems)
+        if getattr(decision, "on_unsupported", "dense") == "error":
+            raise UnsupportedSiteError(
+                f"attention site {f.name or '<root>'!r} ({f.module_class}) cannot be rewritten to MoBA: {why} "
+                "(policy on_unsupported: error)"
+            )
+        return Outcome("dense", f"unsupported, kept dense: {why}")
+    if fxutil.static_int(f.tq) == 1 and getattr(decision, "decode", "moba") == "dense":
+        return Outcome("dense", "decode step (Tq=1) and policy decode: dense")
+    note = ""
+    if f.tq is not None and fxutil.static_int(f.tq) is None and getattr(decision, "decode", "moba") == "dense":
+        note = " (dynamic Tq: decode steps of this graph also use MoBA)"
+    return Outcome("moba", (decision.reason or "policy: MoBA") + note)
+
+
+def _mask_arg(graph: fx.Graph, f: FoundSite, fake_mode) -> Any:
+    m = f.mask
+    if m.node is None:
+        return None
+    node = m.node
+    if m.convert == "float_to_bool":
+        node = fxutil.call(graph, torch.ops.aten.gt.Scalar, (node, HIDDEN_BELOW), like=f.out, fake_mode=fake_mode)
+    elif m.convert == "invert":
+        node = fxutil.call(graph, torch.ops.aten.logical_not.default, (node,), like=f.out, fake_mode=fake_mode)
+    if f.layout == "3d":
+        s = fxutil.shape(node)
+        if s is not None and len(s) == 3:
+            node = fxutil.call(graph, torch.ops.aten.unsqueeze.default, (node, 1), like=f.out, fake_mode=fake_mode)
+    return node
+
+
+def _emit_inline(gm: fx.GraphModule, f: FoundSite, decision: Any, fake_mode) -> fx.Node:
+    g = gm.graph
+    with g.inserting_before(f.out):
+        q = f.q
+        k = f.kv_source if f.kv_source is not None else f.k
+        v = f.v_source if f.v_source is not None else f.v
+        if f.k_transposed:
+            k = fxutil.call(g, torch.ops.aten.transpose.int, (k, -2, -1), like=f.out, fake_mode=fake_mode)
+        if f.layout == "3d":
+            q, k, v = (fxutil.call(g, torch.ops.aten.unsqueeze.default, (t, 1), like=f.out, fake_mode=fake_mode)
+                       for t in (q, k, v))
+        mask = _mask_arg(g, f, fake_mode)
+        scale = 1.0 if f.scale_on_q else float(f.scale)
+        out = fxutil.call(
+            g, torch.ops.moba.attention.default,
+            (q, k, v, mask, int(decision.block_size), int(decision.top_k), bool(f.is_causal), scale,
+             str(decision.backend)),
+            like=f.out, fake_mode=fake_mode,
+        )
+        if f.layout == "3d":
+            out = fxutil.call(g, torch.ops.aten.squeeze.dim, (out, 1), like=f.out, fake_mode=fake_mode)
+    return out
+
+
+def _emit_runtime(gm: fx.GraphModule, f: FoundSite, decision: Any, training: bool) -> fx.Node:
+    g = gm.graph
+    with g.inserting_before(f.out):
+        k = f.kv_source if f.kv_source is not None else f.k
+        v = f.v_source if f.v_source is not None else f.v
+        dropout = float(f.dropout_p) if isinstance(f.dropout_p, (int, float)) else 0.0
+        out = g.call_function(site_attention, (f.q, k, v, f.mask.node), dict(
+            site=f.name, is_causal=bool(f.is_causal), scale=(1.0 if f.scale_on_q else f.scale),
+            convert=f.mask.convert, layout=f.layout, k_transposed=f.k_transposed, dropout_p=dropout,
+            training=training, block_size=int(decision.block_size), top_k=int(decision.top_k),
+            backend=str(decision.backend), decode=str(getattr(decision, "decode", "moba")),
+            sdpa_site=(f.kind == "sdpa" and not f.k_transposed and f.layout == "4d"),
+            enable_gqa=f.enable_gqa or f.kv_source is not None,
+        ))
+        for key in ("nn_module_stack", "stack_trace"):
+            if key in f.out.meta:
+                out.meta[key] = f.out.meta[key]
+    return out
+
+
+def _replace(gm: fx.GraphModule, f: FoundSite, new: fx.Node) -> None:
+    g = gm.graph
+    if f.users_via_getitem:
+        for u in list(f.out.users):
+            if u.op == "call_function" and u.target is operator.getitem:
+                u.replace_all_uses_with(new)
+                g.erase_node(u)
+    else:
+        f.out.replace_all_uses_with(new)
+    # Erase the pattern's own nodes once nothing reads them (reverse graph order).
+    for n in sorted(set(f.covered) | {f.out}, key=_order(g), reverse=True):
+        if not n.users and n.op in ("call_function", "call_method", "call_module"):
+            g.erase_node(n)
+    _erase_dead_ancestors(g, [f.k, f.v, f.q])
+
+
+def _order(g: fx.Graph):
+    index = {n: i for i, n in enumerate(g.nodes)}
+    return lambda n: index.get(n, -1)
+
+
+_PURE_KINDS = {"view", "cast", "transpose", "permute", "mul", "div"}
+
+
+def _erase_dead_ancestors(g: fx.Graph, starts: list) -> None:
+    """Drop now-unused pure producers (repeat_kv expands, k transposes) of the old operands."""
+    todo = [n for n in starts if isinstance(n, fx.Node)]
+    while todo:
+        n = todo.pop()
+        if n.users or n.op not in ("call_function", "call_method") or fxutil.kind(n) not in _PURE_KINDS:
+            continue
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
+            continue
+        inputs = list(n.all_input_nodes)
+        g.erase_node(n)
+        todo.extend(inputs)
+
+
+def rewrite_graph(gm: fx.GraphModule, found: list[FoundSite], decisions: list[Any], *,
+                  emitter: str = "inline", training: bool = False) -> list[Outcome]:
+    """Rewrite every site whose decision (and faithfulness) allows it; returns one Outcome per site."""
+    if len(found) != len(decisions):
+        raise ValueError(f"rewrite_graph: {len(found)} sites but {len(decisions)} decisions")
+    outcomes = [plan_outcome(f, d) for f, d in zip(found, decisions)]  # raises before any change
+    fake_mode = fxutil.fake_mode_of(gm.graph) if emitter == "inline" else None
+    for f, d, o in zip(found, decisions, outcomes):
+        if o.mode != "moba":
+            continue
+        new = _emit_inline(gm, f, d, fake_mode) if emitter == "inline" else _emit_runtime(gm, f, d, training)
+        _replace(gm, f, new)
+        o.node = new
+    gm.graph.lint()
+    gm.recompile()
+    return outcomes
