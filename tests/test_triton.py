@@ -116,6 +116,17 @@ def test_float_mask_with_hidden_rows_gives_zeros():
     assert out[..., 5, :].abs().max() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_with_padding_mask(dtype):
+    """Split-KV decode honours a [B, 1, 1, Tk] padding mask (bool) and an additive float mask."""
+    q, k, v = _inputs(2, 4, 2, 1, 80, 16, dtype, seed=8)
+    pad = torch.ones(2, 1, 1, 80, dtype=torch.bool)
+    pad[0, ..., 10:30] = False  # a hole covering block 1 entirely: never a candidate
+    _check(q, k, v, block_size=16, top_k=3, causal=True, attn_mask=pad, grads=dtype == torch.float32)
+    additive = torch.zeros(2, 1, 1, 80).masked_fill(~pad, float("-inf"))
+    _check(q, k, v, block_size=16, top_k=3, causal=True, attn_mask=additive, grads=False)
+
+
 def _dense_with_selection(q, k, v, selected, block_size, causal, scale):
     hq = q.shape[1]
     tq, tk = q.shape[2], k.shape[2]

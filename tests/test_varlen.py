@@ -68,6 +68,7 @@ TRITON_CASES = {
     # lens_q, lens_k, Hq, Hkv, causal, dtype, extra unused rows
     "prefill_gqa_fp32": ([40, 17, 1], [40, 17, 50], 4, 2, True, torch.float32, 0),
     "chunked_noncausal_fp16": ([9, 30], [45, 30], 2, 2, False, torch.float16, 0),
+    "decode_one_query_per_sequence_fp16": ([1, 0, 1], [40, 3, 70], 4, 1, True, torch.float16, 0),
     "empty_sequence_and_padding_rows": ([0, 21, 35], [5, 40, 35], 2, 1, True, torch.float32, 3),
 }
 

@@ -233,6 +233,95 @@ def _bwd_kernel(
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+@triton.jit
+def _decode_kernel(
+    Q, K, V, PICKS, O_PART, LSE_PART, MASK,
+    q_start, q_len, k_start, k_len,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, smb, smh, smt, smk,
+    HQ, G, RP, KP, block_size, span, NSPLIT, scale_log2,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+):
+    """Split-KV decode (one query per sequence): partial softmax of one query head over one key
+    span of one of its selected blocks (slot 0 = own block, slot s = pick s-1)."""
+    pid = tl.program_id(0)
+    slot = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid // HQ
+    hq = pid % HQ
+    h = hq // G
+    g = hq % G
+    tq = tl.load(q_len + b)
+    tk = tl.load(k_len + b)
+    qs = tl.load(q_start + b).to(tl.int64)
+    ks = tl.load(k_start + b).to(tl.int64)
+    own = (tk - 1) // block_size
+    pick = tl.load(PICKS + ((b * (HQ // G) + h).to(tl.int64) * RP + g) * KP + slot - 1, mask=slot > 0, other=-1)
+    j = tl.where(slot == 0, own, pick)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    m_i = float("-inf")
+    l_i = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    if (tq > 0) & (j >= 0):
+        q = tl.load(Q + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + qs * sqt + offs_d, mask=dmask, other=0.0)
+        q = q.to(tl.float32)
+        lo = j * block_size + split * span
+        hi = tl.minimum(tl.minimum(lo + span, (j + 1) * block_size), tk)
+        k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            kv_mask = (cols < hi)[:, None] & dmask[None, :]
+            kt = tl.load(k_base + (ks + cols)[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+            vt = tl.load(v_base + (ks + cols)[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1) * scale_log2
+            allowed = cols < hi
+            if HAS_MASK:
+                mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64) * smh + cols * smk, mask=allowed, other=0)
+                if MASK_BOOL:
+                    allowed = allowed & (mv != 0)
+                else:
+                    s = s + mv.to(tl.float32) * 1.4426950408889634
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe)
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
+            m_i = m_new
+    part = pid.to(tl.int64) * (KP + 1) * NSPLIT + slot * NSPLIT + split
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+    tl.store(LSE_PART + part, lse)
+    tl.store(O_PART + part * BLOCK_D + offs_d, acc / tl.maximum(l_i, 1e-30))
+
+
+@triton.jit
+def _decode_combine_kernel(
+    O_PART, LSE_PART, O, q_start, q_len, sob, soh, sot, HQ, N_PART,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+):
+    """Merge a decode query's partials by their LSE; a query that sees nothing gets zeros."""
+    pid = tl.program_id(0)
+    b = pid // HQ
+    hq = pid % HQ
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse = tl.load(LSE_PART + pid.to(tl.int64) * N_PART + offs_s, mask=offs_s < N_PART, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)
+    parts = tl.load(O_PART + (pid.to(tl.int64) * N_PART + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+                    mask=(offs_s < N_PART)[:, None], other=0.0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * parts, axis=0) / tl.maximum(total, 1e-30)
+    qs = tl.load(q_start + b).to(tl.int64)
+    ok = (offs_d < D) & ((offs_d * 0 + tl.load(q_len + b)) > 0)  # vector form: the interpreter rejects scalar & block masks
+    tl.store(O + b.to(tl.int64) * sob + hq.to(tl.int64) * soh + qs * sot + offs_d, out.to(O.dtype.element_ty),
+             mask=ok)
+
+
 # ----------------------------------------------------------------------------- host side
 
 
@@ -319,6 +408,33 @@ def _launch_fwd(p: Problem, sel: Selection, mode: int, o32: Tensor, lse_part: Te
         MODE=mode, CAUSAL=p.causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, next_pow2(p.d)), D=p.d, DOT_PREC=_dot_prec(p),
     )
+
+
+def decode_forward(p: Problem, sel: Selection) -> Tensor:
+    """Split-KV decode (every sequence has one query): per (query head, selected block, key span)
+    partials, merged by LSE. Needs only the picks, not the CSR."""
+    _, block_n = attn_tiles(p)
+    block_d = max(16, next_pow2(p.d))
+    nsplit = 2 if interpreted(p.q.device) else max(1, -(-p.block_size // 128))
+    span = _span(p, nsplit)
+    kp = sel.picks.shape[-1]
+    n_part = (kp + 1) * nsplit
+    o_part = torch.empty((p.batch * p.hq, n_part, block_d), dtype=torch.float32, device=p.q.device)
+    lse_part = torch.empty((p.batch * p.hq, n_part), dtype=torch.float32, device=p.q.device)
+    mask, ms, has_mask, mask_bool = _mask_args(p)
+    _decode_kernel[(p.batch * p.hq, kp + 1, nsplit)](
+        p.q, p.k, p.v, sel.picks, o_part, lse_part, mask, p.q_start, p.q_len, p.k_start, p.k_len,
+        p.sq.sb, p.sq.sh, p.sq.st, p.sk.sb, p.sk.sh, p.sk.st, p.sv.sb, p.sv.sh, p.sv.st,
+        ms[0], ms[1], ms[2], ms[3], p.hq, p.group, sel.row_pad, kp, p.block_size, span, nsplit, p.scale * LOG2E,
+        HAS_MASK=has_mask, MASK_BOOL=mask_bool, BLOCK_N=block_n, BLOCK_D=block_d, D=p.d,
+    )
+    out = torch.zeros_like(p.q)
+    so = p.out_strides(out)
+    _decode_combine_kernel[(p.batch * p.hq,)](
+        o_part, lse_part, out, p.q_start, p.q_len, so.sb, so.sh, so.st, p.hq, n_part,
+        BLOCK_S=max(2, next_pow2(n_part)), BLOCK_D=block_d, D=p.d,
+    )
+    return out
 
 
 def attention_forward(p: Problem, sel: Selection) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 if _IMPORT_ERROR is None:
     from moba_rewrite.kernels import triton_attn, triton_gate
-    from moba_rewrite.kernels.triton_layout import Problem, dense_problem
+    from moba_rewrite.kernels.triton_layout import Problem, dense_problem, varlen_problem
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -91,8 +91,17 @@ def _plan(q, k, v, block_size, top_k, causal, scale, attn_mask) -> tuple["Proble
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
             attn_mask: Tensor | None) -> Tensor:
     """MoBA output `[B, Hq, Tq, D]` (see SPEC section 2)."""
-    p, sel = _plan(q, k, v, block_size, top_k, causal, scale, attn_mask)
-    out, _ = triton_attn.attention_forward(p, sel)
+    _check(q, k, attn_mask)
+    p = dense_problem(q, k, v, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
+                      attn_mask=attn_mask)
+    return _run_forward(p)
+
+
+def _run_forward(p: "Problem") -> Tensor:
+    sel = triton_gate.select_blocks(p)
+    if p.max_tq == 1:  # decode: split-KV straight from the picks, no CSR
+        return triton_attn.decode_forward(p, sel)
+    out, _ = triton_attn.attention_forward(p, triton_gate.build_csr(p, sel))
     return out
 
 
@@ -128,8 +137,6 @@ def forward_with_selection(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *,
 
 def _plan_varlen(q, k, v, cu_q, cu_k, block_size, top_k, causal, scale):
     _check(q, k, None)
-    from moba_rewrite.kernels.triton_layout import varlen_problem
-
     p = varlen_problem(q, k, v, cu_q, cu_k, block_size=block_size, top_k=top_k, causal=causal, scale=scale)
     sel = triton_gate.select_blocks(p)
     return p, triton_gate.build_csr(p, sel)
@@ -138,9 +145,10 @@ def _plan_varlen(q, k, v, cu_q, cu_k, block_size, top_k, causal, scale):
 def forward_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *,
                    block_size: int, top_k: int, causal: bool, scale: float) -> Tensor:
     """Packed MoBA: q `[total_q, Hq, D]`, k/v `[total_k, Hkv, D]`; each sequence is its own problem."""
-    p, sel = _plan_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_size, top_k, causal, scale)
-    out, _ = triton_attn.attention_forward(p, sel)
-    return out
+    _check(q, k, None)
+    p = varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, block_size=block_size, top_k=top_k, causal=causal,
+                       scale=scale)
+    return _run_forward(p)
 
 
 def backward_varlen(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, cu_seqlens_q: Tensor,
