@@ -253,6 +253,13 @@ def _install_traced(model: nn.Module, items: list[tuple[_Entry, Any]], disc: eag
                     raise RuntimeError(
                         f"tracing {group[0][0].site.name!r} again found {len(found)} attention sites, "
                         f"expected {len(group)}")
+                for f, (e, _) in zip(found, group):
+                    # Discovery saw shapes (example inputs) and the model's current mode: its
+                    # findings rule; the other mode adds its own (dropout while training).
+                    known = list(e.found.problems) if e.found is not None else []
+                    f.problems = known if mode == was_training else sorted(set(known) | set(f.problems))
+                    if e.found is not None and e.found.mask.convert != "none":
+                        f.mask.convert = e.found.mask.convert
                 decs = [d for _, d in group]
                 if mode != was_training:
                     decs = [_other_mode_decision(f, d) for f, d in zip(found, decs)]

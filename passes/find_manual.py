@@ -1,6 +1,376 @@
-"""Hand-written attention (placeholder while the matcher is written)."""
+"""Find hand-written attention: matmul -> scale -> (mask) -> softmax -> (dropout) -> matmul.
+
+The matcher starts at every softmax over the last dim and walks both ways through the forms
+models actually write:
+
+- scores: `matmul` / `@` / `bmm` / `einsum("..id,..jd->..ij")` / `baddbmm(mask, q, k^T)` of
+  q and k^T (a transpose of k, or anything else, transposed back by the rewrite);
+- scale: `mul` / `div` by a constant on the scores, or on q before the matmul (timm ViT,
+  nn.MultiheadAttention), any number of them;
+- masks: `+ mask` (additive; accepted when proven 0 / -huge, `passes.masks`),
+  `masked_fill(cond, -inf or finfo.min)` (GPT-2 / nanoGPT) and `where(cond, scores, -huge)`,
+  up to two of them (AND-ed);
+- softmax in any dtype (`softmax(x, -1, dtype=float32)` or `.float().softmax(-1)`) with the
+  cast back (`.to(q.dtype)`, `type_as`), then dropout (functional or an `nn.Dropout` module,
+  counting only when it is active) and the matmul / einsum with v.
+
+It covers Hugging Face "eager" attention (v4 and v5 forms, `repeat_kv` GQA included),
+BERT/GPT-2-style masks and timm-style ViTs. A site whose attention probabilities are also
+used elsewhere (returned as attention weights) is reported but cannot be replaced.
+"""
+
 from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
 import torch.fx as fx
-from passes.found import FoundSite
+
+from passes import fxutil, masks
+from passes.find_sdpa import unrepeat_kv
+from passes.found import FoundSite, check_common
+
+_MAX_MASKS = 2
+
+
+def _const(x: Any) -> float | None:
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    return None
+
+
+def _softmax_dim(n: fx.Node) -> Any:
+    if n.op == "call_method":
+        return fxutil.arg(n, 1, "dim", -1)
+    return fxutil.arg(n, 1, "dim", None)
+
+
+def _is_last_dim(dim: Any, node: fx.Node) -> bool:
+    if dim == -1:
+        return True
+    s = fxutil.shape(node)
+    return isinstance(dim, int) and s is not None and dim == len(s) - 1
+
+
+def _einsum_parts(n: fx.Node) -> tuple[str, list] | None:
+    eq = n.args[0] if n.args else None
+    if not isinstance(eq, str):
+        return None
+    ops = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else list(n.args[1:])
+    return eq.replace(" ", ""), list(ops)
+
+
+_EQ = re.compile(r"^([a-z.]*)([a-z]),([a-z.]*)([a-z])->([a-z.]*)$", re.I)
+
+
+def _einsum_kind(eq: str) -> str | None:
+    """'scores' for P+i+d, P+j+d -> P+i+j; 'output' for P+i+j, P+j+d -> P+i+d; else None."""
+    try:
+        lhs, out = eq.split("->")
+        a, b = lhs.split(",")
+    except ValueError:
+        return None
+    if len(a) < 2 or len(a) != len(b) or len(a) != len(out):
+        return None
+    p = a[:-2]
+    if b[:-2] != p or out[:-2] != p:
+        return None
+    i, x = a[-2], a[-1]
+    y, z = b[-2], b[-1]
+    o1, o2 = out[-2], out[-1]
+    if x == z and (o1, o2) == (i, y) and len({i, x, y}) == 3:
+        return "scores"
+    if x == y and (o1, o2) == (i, z) and len({i, x, z}) == 3:
+        return "output"
+    return None
+
+
+def _dropout_p(n: fx.Node, root: torch.nn.Module | None) -> Any:
+    """Effective dropout probability of a dropout node (0 when inactive); None if not dropout."""
+    if n.op == "call_module":
+        if not fxutil.is_dropout_module(n, root):
+            return None
+        mod = root.get_submodule(n.target)
+        return float(mod.p) if mod.training else 0.0
+    if fxutil.kind(n) != "dropout":
+        return None
+    p = fxutil.arg(n, 1, "p", 0.5)
+    training = fxutil.arg(n, 2, "train" if isinstance(n.target, torch._ops.OpOverload) else "training", True)
+    if isinstance(training, fx.Node) or isinstance(p, fx.Node):
+        return p if not isinstance(p, fx.Node) or training is not False else 0.0
+    return float(p) if training else 0.0
+
+
+def _single_user(n: fx.Node) -> bool:
+    return len(n.users) == 1
+
+
+def _transpose_last2(n: fx.Node) -> fx.Node | None:
+    """If n is x.transpose(-2, -1) (any spelling) return x."""
+    k = fxutil.kind(n)
+    if k == "transpose":
+        if n.op == "call_function" and "aten.t" in str(n.target) and "transpose" not in str(n.target):
+            return n.args[0]
+        dims = [fxutil.arg(n, 1, "dim0"), fxutil.arg(n, 2, "dim1")]
+        s = fxutil.shape(n.args[0])
+        nd = len(s) if s is not None else None
+        norm = sorted(d + nd if (isinstance(d, int) and d < 0 and nd) else d for d in dims)
+        if sorted(dims) == [-2, -1] or (nd is not None and norm == [nd - 2, nd - 1]):
+            return n.args[0]
+        return None
+    if k == "permute":
+        perm = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else list(n.args[1:])
+        perm = list(perm)
+        if len(perm) >= 2 and perm[:-2] == list(range(len(perm) - 2)) and perm[-2:] == [len(perm) - 1, len(perm) - 2]:
+            return n.args[0]
+    return None
+
+
+class _Match:
+    def __init__(self) -> None:
+        self.covered: list[fx.Node] = []
+        self.masks: list[masks.MaskInfo] = []
+        self.scale = 1.0
+        self.scale_nodes: list[Any] = []  # non-constant scale factors (runtime only)
+        self.problems: list[str] = []
+        self.dropout_p: Any = 0.0
+
+
+def _walk_scores(x: Any, m: _Match, root) -> fx.Node | None:
+    """From the softmax input back to the scores matmul, collecting scale and masks."""
+    for _ in range(12):
+        if not isinstance(x, fx.Node):
+            return None
+        k = fxutil.kind(x)
+        if k == "cast" or (k == "view" and x.op != "call_function") or (
+                k == "view" and x.target in (torch.ops.aten.contiguous.default, torch.ops.aten.clone.default)):
+            m.covered.append(x)
+            x = x.args[0]
+            continue
+        if k in ("matmul", "einsum", "baddbmm"):
+            return x
+        if k in ("mul", "div") and len(x.args) >= 2:
+            a, b = x.args[:2]
+            ca, cb = _const(a), _const(b)
+            if cb is not None and isinstance(a, fx.Node):
+                m.scale *= (1.0 / cb) if k == "div" else cb
+                m.covered.append(x)
+                x = a
+                continue
+            if ca is not None and isinstance(b, fx.Node) and k == "mul":
+                m.scale *= ca
+                m.covered.append(x)
+                x = b
+                continue
+            return None
+        if k == "add" and len(x.args) >= 2:
+            a, b = x.args[:2]
+            alpha = x.kwargs.get("alpha", 1)
+            if alpha != 1 or len(m.masks) >= _MAX_MASKS:
+                return None
+            # The scores side is the one that leads to a matmul; the other is the mask.
+            scores, mask = (a, b) if _leads_to_scores(a) else (b, a)
+            if not _leads_to_scores(scores):
+                return None
+            m.masks.append(masks.analyze(mask, root=root))
+            m.covered.append(x)
+            x = scores
+            continue
+        if k == "masked_fill" and len(x.args) >= 3:
+            base, cond, fill = x.args[:3]
+            if not masks._is_huge_negative(fill) or len(m.masks) >= _MAX_MASKS:
+                return None
+            m.masks.append(_cond_mask(cond, invert=True))
+            m.covered.append(x)
+            x = base
+            continue
+        if k == "where" and len(x.args) == 3:
+            cond, a, b = x.args
+            if not masks._is_huge_negative(b) or len(m.masks) >= _MAX_MASKS:
+                return None
+            m.masks.append(_cond_mask(cond, invert=False))
+            m.covered.append(x)
+            x = a
+            continue
+        return None
+    return None
+
+
+def _leads_to_scores(x: Any, depth: int = 0) -> bool:
+    if not isinstance(x, fx.Node) or depth > 10:
+        return False
+    k = fxutil.kind(x)
+    if k in ("matmul", "einsum", "baddbmm"):
+        return True
+    if k in ("cast", "mul", "div", "add", "masked_fill", "where", "view"):
+        first = x.args[1] if k == "where" and len(x.args) > 1 else (x.args[0] if x.args else None)
+        if k == "add":
+            return any(_leads_to_scores(a, depth + 1) for a in x.args[:2])
+        return _leads_to_scores(first, depth + 1)
+    return False
+
+
+def _cond_mask(cond: Any, invert: bool) -> masks.MaskInfo:
+    if not isinstance(cond, fx.Node):
+        return masks.MaskInfo(node=None, kind="unknown", usable=False, reason="constant mask condition")
+    dt = fxutil.dtype(cond)
+    if dt is not None and dt != torch.bool:
+        return masks.MaskInfo(node=cond, kind="unknown", usable=False, reason=f"mask condition of dtype {dt}")
+    causal, padding = masks._structure(cond)
+    return masks.MaskInfo(node=cond, kind=masks._label(causal, padding), convert="invert" if invert else "bool",
+                          dtype=torch.bool)
+
+
+def _scaled_operand(x: Any, m: _Match) -> Any:
+    """Strip constant scalings of q (timm: `q = q * self.scale`) into the match's scale."""
+    while isinstance(x, fx.Node) and fxutil.kind(x) in ("mul", "div") and len(x.args) >= 2:
+        a, b = x.args[:2]
+        k = fxutil.kind(x)
+        cb, ca = _const(b), _const(a)
+        if cb is not None and isinstance(a, fx.Node) and len(fxutil.real_users(x)) == 1:
+            m.scale *= (1.0 / cb) if k == "div" else cb
+            m.covered.append(x)
+            x = a
+        elif ca is not None and k == "mul" and isinstance(b, fx.Node) and len(fxutil.real_users(x)) == 1:
+            m.scale *= ca
+            m.covered.append(x)
+            x = b
+        else:
+            break
+    return x
+
+
+def _match(sm: fx.Node, root) -> FoundSite | None:
+    if fxutil.kind(sm) != "softmax" or not sm.args:
+        return None
+    if not _is_last_dim(_softmax_dim(sm), sm.args[0]):
+        return None
+    m = _Match()
+    # ---- output side: softmax -> cast -> dropout -> matmul(p, v)
+    x = sm
+    out = None
+    v = None
+    for _ in range(6):
+        users = fxutil.real_users(x)
+        if len(users) != 1:
+            if x is not sm or len(users) != 1:
+                m.problems.append("the attention probabilities are also used elsewhere (attention weights output)")
+            users = [u for u in users if fxutil.kind(u) in ("cast", "dropout", "matmul", "einsum")
+                     or fxutil.is_dropout_module(u, root)]
+            if len(users) != 1:
+                return None
+        u = users[0]
+        k = fxutil.kind(u)
+        if k == "cast" or (k == "view" and u.op != "call_function" and u.target == "contiguous"):
+            m.covered.append(u)
+            x = u
+            continue
+        p = _dropout_p(u, root)
+        if p is not None:
+            m.dropout_p = p
+            m.covered.append(u)
+            x = u
+            continue
+        if k == "matmul" and u.args[0] is x and len(u.args) >= 2:
+            out, v = u, u.args[1]
+            break
+        if k == "einsum":
+            parts = _einsum_parts(u)
+            if parts and _einsum_kind(parts[0]) == "output" and len(parts[1]) == 2 and parts[1][0] is x:
+                out, v = u, parts[1][1]
+                break
+        return None
+    if out is None or not isinstance(v, fx.Node):
+        return None
+    # ---- input side: softmax <- cast <- masks <- scale <- matmul(q, k^T)
+    scores = _walk_scores(sm.args[0], m, root)
+    if scores is None:
+        return None
+    sk = fxutil.kind(scores)
+    baddbmm_mask = None
+    if sk == "matmul":
+        q, kt = scores.args[0], scores.args[1]
+    elif sk == "baddbmm":
+        baddbmm_mask, q, kt = scores.args[0], scores.args[1], scores.args[2]
+        if fxutil.arg(scores, 3, "beta", 1) != 1 or fxutil.arg(scores, 4, "alpha", 1) != 1:
+            return None
+        m.masks.append(masks.analyze(baddbmm_mask))
+    else:
+        parts = _einsum_parts(scores)
+        if not parts or _einsum_kind(parts[0]) != "scores" or len(parts[1]) != 2:
+            return None
+        q, kt = parts[1]
+        kt = ("einsum_k", kt)
+    if not isinstance(q, fx.Node):
+        return None
+    if any(len(fxutil.real_users(n)) != 1 for n in m.covered if n is not sm):
+        m.problems.append("intermediate attention scores are also used elsewhere")
+    if len(fxutil.real_users(scores)) != 1:
+        m.problems.append("the attention scores are also used elsewhere")
+    q = _scaled_operand(q, m)
+    k_transposed = True
+    if isinstance(kt, tuple):  # einsum: k is given untransposed
+        k, k_transposed = kt[1], False
+    else:
+        k = kt
+        inner = _transpose_last2(kt) if isinstance(kt, fx.Node) else None
+        if inner is not None:
+            if len(fxutil.real_users(kt)) == 1:
+                m.covered.append(kt)
+            k, k_transposed = inner, False
+    if not isinstance(k, fx.Node):
+        return None
+    k = _scaled_operand(k, m)
+    name, cls = fxutil.owner(sm)
+    mask = m.masks[0] if m.masks else masks.MaskInfo(node=None)
+    f = FoundSite(kind="manual", out=out, q=q, k=k, v=v, mask=mask, name=name, module_class=cls,
+                  scale=m.scale, scale_on_q=False, dropout_p=m.dropout_p, k_transposed=k_transposed,
+                  covered=[sm, scores, *m.covered])
+    f.extra_masks = m.masks[1:]
+    f.problems.extend(m.problems)
+    for extra in f.extra_masks:
+        if not extra.usable:
+            f.problems.append(extra.reason or "attention mask of an unknown form")
+    if m.masks and len(m.masks) > 1:
+        causal = any(mi.kind.startswith("causal") for mi in m.masks)
+        padding = any("padding" in mi.kind for mi in m.masks)
+        f.mask.kind = masks._label(causal, padding) if all(mi.usable for mi in m.masks) else "unknown"
+    if m.scale <= 0:
+        f.problems.append(f"non-positive attention scale {m.scale}")
+    qs, ks, vs = fxutil.shape(q), fxutil.shape(k), fxutil.shape(v)
+    if qs is not None:
+        f.layout = "3d" if len(qs) == 3 else "4d"
+        if len(qs) not in (3, 4):
+            f.problems.append(f"query has {len(qs)} dims; expected [B, H, T, D] or [B*H, T, D]")
+        f.tq, f.head_dim = qs[-2], fxutil.static_int(qs[-1])
+        f.num_heads = fxutil.static_int(qs[1]) if len(qs) == 4 else None
+    if ks is not None:
+        # k is [.., T, D] unless still transposed ([.., D, T]).
+        f.tk = ks[-1] if k_transposed else ks[-2]
+        f.num_kv_heads = fxutil.static_int(ks[1]) if len(ks) == 4 else None
+    if vs is not None:
+        f.v_head_dim = fxutil.static_int(vs[-1])
+    if not k_transposed:
+        rk, rv = unrepeat_kv(k), unrepeat_kv(v)
+        if rk is not None and rv is not None and rk[1] == rv[1]:
+            f.kv_source, f.v_source = rk[0], rv[0]
+            f.num_kv_heads = fxutil.static_int(fxutil.shape(rk[0])[1])
+    if qs is None and f.layout == "4d":
+        f.layout = "auto"
+    check_common(f)
+    return f
+
+
 def find_manual(gm: fx.GraphModule) -> list[FoundSite]:
-    return []
+    """Every hand-written attention of `gm` (one per softmax that completes the pattern)."""
+    found = []
+    for node in gm.graph.nodes:
+        if fxutil.kind(node) == "softmax":
+            f = _match(node, gm)
+            if f is not None:
+                found.append(f)
+    return found
+

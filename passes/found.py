@@ -52,6 +52,7 @@ class FoundSite:
     tq: Any = None
     tk: Any = None
     problems: list[str] = field(default_factory=list)
+    extra_masks: list[MaskInfo] = field(default_factory=list)  # further masks, AND-ed with `mask`
     users_via_getitem: bool = False
     covered: list[fx.Node] = field(default_factory=list)
 
@@ -108,8 +109,6 @@ def check_common(f: FoundSite) -> None:
         f.problems.append(f.mask.reason or "attention mask of an unknown form")
     if f.is_causal and f.mask.node is not None:
         f.problems.append("both is_causal=True and an attention mask")
-    if f.scale is None and f.head_dim is None:
-        f.problems.append("scale unknown: the graph records no head dim")
 
 
 def number_sites(found: list[FoundSite]) -> list[AttentionSite]:

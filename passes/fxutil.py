@@ -210,6 +210,15 @@ def kind(node: Any) -> str | None:
     return None
 
 
+def is_assert(node: fx.Node) -> bool:
+    """Metadata checks export inserts (`_assert_tensor_metadata`, `_assert_scalar`): not real uses."""
+    return node.op == "call_function" and "_assert" in str(getattr(node.target, "__name__", node.target))
+
+
+def real_users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if not is_assert(u)]
+
+
 def is_dropout_module(node: fx.Node, root: torch.nn.Module | None) -> bool:
     if node.op != "call_module" or root is None:
         return False

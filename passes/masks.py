@@ -148,6 +148,12 @@ def analyze(mask, *, root: torch.nn.Module | None = None) -> MaskInfo:
     if dt is not None and not dt.is_floating_point:
         return MaskInfo(node=mask, kind="unknown", usable=False, reason=f"attention mask of dtype {dt}", dtype=dt)
     proof = proven_additive(mask)
+    if dt is None and proof is None:
+        # Traced without shapes (symbolic_trace): the dtype is checked on every call instead
+        # (passes.runtime raises on a float mask it cannot prove).
+        causal, padding = _structure(mask)
+        return MaskInfo(node=mask, kind=_label(causal, padding), convert="bool", dtype=None,
+                        reason="mask dtype unknown at trace time: must be boolean at run time")
     if proof is not None:
         causal, padding = _structure(mask)
         return MaskInfo(node=mask, kind=_label(causal, padding), convert="float_to_bool", dtype=dt)

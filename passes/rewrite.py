@@ -61,15 +61,23 @@ def plan_outcome(f: FoundSite, decision: Any) -> Outcome:
     return Outcome("moba", (decision.reason or "policy: MoBA") + note)
 
 
-def _mask_arg(graph: fx.Graph, f: FoundSite, fake_mode) -> Any:
-    m = f.mask
-    if m.node is None:
-        return None
+def _one_mask(graph: fx.Graph, f: FoundSite, m, fake_mode) -> Any:
     node = m.node
     if m.convert == "float_to_bool":
         node = fxutil.call(graph, torch.ops.aten.gt.Scalar, (node, HIDDEN_BELOW), like=f.out, fake_mode=fake_mode)
     elif m.convert == "invert":
         node = fxutil.call(graph, torch.ops.aten.logical_not.default, (node,), like=f.out, fake_mode=fake_mode)
+    return node
+
+
+def _mask_arg(graph: fx.Graph, f: FoundSite, fake_mode) -> Any:
+    parts = [m for m in [f.mask, *f.extra_masks] if m.node is not None]
+    if not parts:
+        return None
+    node = _one_mask(graph, f, parts[0], fake_mode)
+    for m in parts[1:]:
+        other = _one_mask(graph, f, m, fake_mode)
+        node = fxutil.call(graph, torch.ops.aten.logical_and.default, (node, other), like=f.out, fake_mode=fake_mode)
     if f.layout == "3d":
         s = fxutil.shape(node)
         if s is not None and len(s) == 3:
@@ -107,7 +115,10 @@ def _emit_runtime(gm: fx.GraphModule, f: FoundSite, decision: Any, training: boo
         k = f.kv_source if f.kv_source is not None else f.k
         v = f.v_source if f.v_source is not None else f.v
         dropout = float(f.dropout_p) if isinstance(f.dropout_p, (int, float)) else 0.0
+        extra = f.extra_masks[0] if f.extra_masks else None
         out = g.call_function(site_attention, (f.q, k, v, f.mask.node), dict(
+            mask2=extra.node if extra is not None else None,
+            convert2=extra.convert if extra is not None else "none",
             site=f.name, is_causal=bool(f.is_causal), scale=(1.0 if f.scale_on_q else f.scale),
             convert=f.mask.convert, layout=f.layout, k_transposed=f.k_transposed, dropout_p=dropout,
             training=training, block_size=int(decision.block_size), top_k=int(decision.top_k),
@@ -132,6 +143,9 @@ def _replace(gm: fx.GraphModule, f: FoundSite, new: fx.Node) -> None:
         f.out.replace_all_uses_with(new)
     # Erase the pattern's own nodes once nothing reads them (reverse graph order).
     for n in sorted(set(f.covered) | {f.out}, key=_order(g), reverse=True):
+        for u in list(n.users):
+            if fxutil.is_assert(u) and not u.users:
+                g.erase_node(u)
         if not n.users and n.op in ("call_function", "call_method", "call_module"):
             g.erase_node(n)
     _erase_dead_ancestors(g, [f.k, f.v, f.q])
@@ -150,6 +164,9 @@ def _erase_dead_ancestors(g: fx.Graph, starts: list) -> None:
     todo = [n for n in starts if isinstance(n, fx.Node)]
     while todo:
         n = todo.pop()
+        for u in list(n.users):
+            if fxutil.is_assert(u) and not u.users:
+                g.erase_node(u)
         if n.users or n.op not in ("call_function", "call_method") or fxutil.kind(n) not in _PURE_KINDS:
             continue
         if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable:
@@ -164,6 +181,10 @@ def rewrite_graph(gm: fx.GraphModule, found: list[FoundSite], decisions: list[An
     """Rewrite every site whose decision (and faithfulness) allows it; returns one Outcome per site."""
     if len(found) != len(decisions):
         raise ValueError(f"rewrite_graph: {len(found)} sites but {len(decisions)} decisions")
+    if emitter == "inline":
+        for f in found:
+            if f.scale is None and "scale unknown" not in " ".join(f.problems):
+                f.problems.append("scale unknown: the graph records no head dim")
     outcomes = [plan_outcome(f, d) for f, d in zip(found, decisions)]  # raises before any change
     fake_mode = fxutil.fake_mode_of(gm.graph) if emitter == "inline" else None
     for f, d, o in zip(found, decisions, outcomes):

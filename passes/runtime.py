@@ -22,11 +22,35 @@ class UnfaithfulSiteError(RuntimeError):
     """A rewritten attention site met inputs MoBA cannot compute faithfully."""
 
 
+def _to_bool(mask: Tensor | None, convert: str, site: str) -> Tensor | None:
+    """A site's mask as MoBA's boolean mask (True = may attend)."""
+    if mask is None:
+        return None
+    if convert == "invert":
+        return ~mask
+    if mask.dtype == torch.bool:
+        return mask
+    if convert == "float_to_bool" and mask.dtype.is_floating_point:
+        return mask > HIDDEN_BELOW
+    raise UnfaithfulSiteError(
+        f"attention site {site!r}: additive {mask.dtype} mask that may carry a bias; MoBA needs a "
+        "boolean mask or one built from 0 / -inf"
+    )
+
+
+def _and(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b
+
+
 def site_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, site: str, is_causal: bool,
     scale: float | None, convert: str, layout: str, k_transposed: bool, dropout_p: float,
     training: bool, block_size: int, top_k: int, backend: str, decode: str, sdpa_site: bool,
-    enable_gqa: bool = False,
+    enable_gqa: bool = False, mask2: Tensor | None = None, convert2: str = "none",
 ) -> Tensor:
     """MoBA for one rewritten site, with the site's own scale, mask, causality and layout."""
     if dropout_p > 0 and training:
@@ -37,6 +61,10 @@ def site_attention(
     q0, k0, v0, mask0 = q, k, v, mask
     if k_transposed:
         k = k.transpose(-2, -1)
+    if layout == "auto":
+        layout = "3d" if q.dim() == 3 else "4d"
+    if mask is not None or mask2 is not None:
+        mask = _and(_to_bool(mask, convert, site), _to_bool(mask2, convert2, site))
     if layout == "3d":
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
         if mask is not None and mask.dim() == 3:
@@ -53,16 +81,6 @@ def site_attention(
             f"attention site {site!r}: is_causal=True with Tq={tq} != Tk={tk}; SDPA aligns causality "
             "top-left, MoBA bottom-right"
         )
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            pass
-        elif convert == "float_to_bool" and mask.dtype.is_floating_point:
-            mask = mask > HIDDEN_BELOW
-        else:
-            raise UnfaithfulSiteError(
-                f"attention site {site!r}: additive {mask.dtype} mask that may carry a bias; MoBA needs a "
-                "boolean mask or one built from 0 / -inf"
-            )
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if tq == 1 and decode == "dense":
