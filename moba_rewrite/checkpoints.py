@@ -512,7 +512,6 @@ def write_hf_checkpoint(out_dir: Path, ck: Checkpoint, policy_dict: dict, meta: 
     """Fill `out_dir` with a `moba-hf` checkpoint: the input's files copied byte for byte (or
     the dense model saved with `save_pretrained`), plus the policy and metadata beside them.
 
-    Must be called with the dense (not yet rewritten) model when the input is not a directory.
     """
     if ck.kind in ("hf", "moba-hf"):
         for item in ck.path.iterdir():
@@ -523,7 +522,16 @@ def write_hf_checkpoint(out_dir: Path, ck: Checkpoint, policy_dict: dict, meta: 
             else:
                 shutil.copy2(item, out_dir / item.name)
     elif ck.is_hf and hasattr(ck.model, "save_pretrained"):
-        ck.model.save_pretrained(str(out_dir))
+        # The model may already be rewritten in memory: save it with its original attention
+        # implementation (state_dict keys are unchanged by rewriting).
+        config = ck.model.config
+        impl = getattr(config, "_attn_implementation", None)
+        if isinstance(impl, str) and impl.startswith("moba_"):
+            config._attn_implementation = impl[len("moba_"):]
+        try:
+            ck.model.save_pretrained(str(out_dir))
+        finally:
+            config._attn_implementation = impl
     else:
         raise CheckpointError(ck.path, "expected a Hugging Face model for --format hf; use --format pt2, aoti "
                                        "or onnx for other models")

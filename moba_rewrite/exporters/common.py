@@ -1,29 +1,44 @@
 """What every exporter needs: an exportable forward, sample inputs, and output comparison.
 
-Hugging Face models are exported through `LogitsOnly` (input_ids -> logits, no KV cache),
+Hugging Face models are exported through `logits_view` (input_ids -> logits, no KV cache),
 so the exported program, AOTInductor package and ONNX model all take one `input_ids`
 tensor `[batch, seq]` and return one tensor.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 
-class LogitsOnly(nn.Module):
-    """`input_ids -> logits` (or last hidden state for base models), without a KV cache."""
+def _logits_forward(self, input_ids: Tensor) -> Tensor:
+    out = super(type(self), self).forward(input_ids=input_ids, use_cache=False)
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out.last_hidden_state
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        out = self.model(input_ids=input_ids, use_cache=False)
-        logits = getattr(out, "logits", None)
-        return logits if logits is not None else out.last_hidden_state
+_VIEW_CLASSES: dict[type, type] = {}
+
+
+def logits_view(model: nn.Module) -> nn.Module:
+    """The same HF model (shared parameters and submodules) with `forward(input_ids) -> logits`.
+
+    A shallow copy whose class is a subclass of the model's own, so module names in exported
+    graphs stay the model's own (`model.layers.0.self_attn`, not `model.model.layers...`) and
+    policy globs mean the same in every format. Base models return the last hidden state.
+    """
+    cls = type(model)
+    view_cls = _VIEW_CLASSES.get(cls)
+    if view_cls is None:
+        view_cls = type(f"{cls.__name__}LogitsOnly", (cls,), {"forward": _logits_forward,
+                                                               "__module__": cls.__module__})
+        _VIEW_CLASSES[cls] = view_cls
+    view = copy.copy(model)
+    view.__class__ = view_cls
+    return view
 
 
 def is_hf_model(model: Any) -> bool:
@@ -36,8 +51,8 @@ def is_hf_model(model: Any) -> bool:
 
 
 def exportable(model: nn.Module) -> nn.Module:
-    """The module to hand to torch.export / ONNX: HF models wrapped in `LogitsOnly`."""
-    return LogitsOnly(model).eval() if is_hf_model(model) else model
+    """The module to hand to torch.export / ONNX: HF models as their `logits_view`."""
+    return logits_view(model) if is_hf_model(model) else model
 
 
 def sample_inputs(model: Any, seq_len: int, *, batch: int = 1, seed: int = 0) -> tuple[Tensor, ...]:
