@@ -103,7 +103,7 @@ def test_flash_attn_backend_reports_why_it_is_unavailable():
     else:
         pytest.skip("flash-attn is installed here")
     q, k, v, cu_q, cu_k = _packed([8], [8], 2, 2, 16, torch.float16)
-    with pytest.raises(BackendUnavailable, match="flash_attn"):
+    with pytest.raises(BackendUnavailable, match="flash_attn.*flash-attn 2.x is not installed"):
         moba_attention_varlen(q, k, v, cu_q, cu_k, block_size=4, top_k=2, backend="flash_attn")
 
 
@@ -136,3 +136,69 @@ def test_validation_errors(change, message):
     cu_q, cu_k = args.pop("cu_seqlens_q"), args.pop("cu_seqlens_k")
     with pytest.raises(ValueError, match=message):
         moba_attention_varlen(q, k, v, cu_q, cu_k, **args)
+
+
+# ----------------------------------------------------------------------------- flash_attn backend logic
+# flash-attn is not installed here. Its algorithm (segments, gathers, LSE merge, backward with the
+# merged output) is checked with a pure-torch stand-in for the two flash-attn functions it calls;
+# the real kernels' API conformance is untested on this machine.
+
+
+def _standin_fwd(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False,
+                 return_attn_probs=False, **_):
+    out = torch.zeros_like(q)
+    lse = torch.zeros(q.shape[1], q.shape[0])
+    g = q.shape[1] // k.shape[1]
+    for a, b, c, d in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist()):
+        s = torch.einsum("qhd,khd->hqk", q[a:b].float(), k[c:d].float().repeat_interleave(g, 1)) * softmax_scale
+        if causal:  # bottom-right aligned, as flash-attn >= 2.1
+            s = s.masked_fill(torch.arange(d - c)[None, :] > torch.arange(b - a)[:, None] + (d - c) - (b - a),
+                              float("-inf"))
+        lse[:, a:b] = torch.logsumexp(s, -1)
+        out[a:b] = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v[c:d].float().repeat_interleave(g, 1))
+    return out, lse, None
+
+
+def _standin_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                 max_seqlen_k, dropout_p, softmax_scale, causal, window_size_left=-1, window_size_right=-1,
+                 softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None):
+    g = q.shape[1] // k.shape[1]
+    dq.zero_(), dk.zero_(), dv.zero_()
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
+        kk, vv = k[c:d].repeat_interleave(g, 1), v[c:d].repeat_interleave(g, 1)
+        s = torch.einsum("qhd,khd->hqk", q[a:b], kk) * softmax_scale
+        if causal:
+            s = s.masked_fill(torch.arange(d - c)[None, :] > torch.arange(b - a)[:, None] + (d - c) - (b - a),
+                              float("-inf"))
+        p = torch.exp(s - softmax_lse[:, a:b, None])
+        do = dout[a:b]
+        dp = torch.einsum("qhd,khd->hqk", do, vv)
+        delta = (do * out[a:b]).sum(-1).T[..., None]
+        ds = p * (dp - delta)
+        dq[a:b] = torch.einsum("hqk,khd->qhd", ds, kk) * softmax_scale
+        dk[c:d] = (torch.einsum("hqk,qhd->khd", ds, q[a:b]) * softmax_scale).unflatten(1, (-1, g)).sum(2)
+        dv[c:d] = torch.einsum("hqk,qhd->khd", p, do).unflatten(1, (-1, g)).sum(2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attn_algorithm_with_torch_standin(monkeypatch, causal):
+    pytest.importorskip("triton")
+    from moba_rewrite.kernels import flash_attn as fa
+    from moba_rewrite.kernels import triton_backend as tb
+
+    if not tb.is_available():
+        pytest.skip(tb.unavailable_reason())
+    monkeypatch.setattr(fa, "flash_attn_varlen_func", _standin_fwd, raising=False)
+    monkeypatch.setattr(fa, "_flash_attn_varlen_backward", _standin_bwd, raising=False)
+    monkeypatch.setattr(fa, "unsupported_reason", lambda *a, **k: None)
+    q, k, v, cu_q, cu_k = _packed([30, 9], [30, 41], 4, 2, 16, torch.float32, seed=4, extra_rows=2)
+    kw = dict(block_size=8, top_k=3, causal=causal, scale=0.25)
+    out = fa.forward_varlen(q, k, v, cu_q, cu_k, **kw)
+    want = _per_sequence(q, k, v, cu_q, cu_k, **kw)
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    go = torch.randn_like(q)
+    got = fa.backward_varlen(go, q, k, v, out, cu_q, cu_k, **kw)
+    _, exp = _grads(lambda a, b, c: moba_attention_varlen(a, b, c, cu_q, cu_k, backend="reference", **kw), q, k, v, go)
+    for name, a, e in zip("qkv", got, exp):
+        torch.testing.assert_close(a, e, **TOL[torch.float32], msg=lambda m: f"d{name}: {m}")
