@@ -1,0 +1,269 @@
+"""Hugging Face models (transformers classes from tiny configs, random weights, no downloads).
+
+The oracle is independent of moba_rewrite.hf: a test-only attention function registered in
+transformers' AttentionInterface that, for the layers the test picks, runs the dense
+`reference` MoBA with a mask the test builds itself from the 2-D padding mask (causal via
+the reference's own `causal=True`), and calls transformers' original function for the rest.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+import moba_rewrite as mr
+from moba_rewrite import api
+from moba_rewrite.hf import HFUnsupportedError
+from moba_rewrite.kernels import reference
+
+SEQ, BLOCK = 32, 8
+LAYERS = 2
+
+
+def _cfg(family: str):
+    common = dict(vocab_size=64, max_position_embeddings=128)
+    if family == "llama":
+        return transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                                        num_attention_heads=4, num_key_value_heads=2, **common)
+    if family == "qwen2":
+        return transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                                        num_attention_heads=4, num_key_value_heads=2, **common)
+    if family == "mistral":
+        return transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                                          num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                                          **common)
+    if family == "phi3":
+        return transformers.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                       bos_token_id=1, eos_token_id=2, **common)
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=64, n_positions=128, n_embd=32, n_layer=LAYERS, n_head=4)
+    if family == "gpt_neox":
+        return transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                                          num_attention_heads=4, **common)
+    if family == "bert":
+        return transformers.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                                       num_attention_heads=4, **common)
+    raise ValueError(family)
+
+
+DECODERS = ["llama", "qwen2", "mistral", "phi3", "gpt2", "gpt_neox"]
+FAMILIES = DECODERS + ["bert"]
+
+
+def make_model(family: str, impl: str):
+    torch.manual_seed(0)
+    cfg = _cfg(family)
+    if family == "bert":
+        model = transformers.BertModel(cfg, add_pooling_layer=False)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model.set_attn_implementation(impl)
+    return model.eval()
+
+
+def make_inputs(family: str):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 64, (2, SEQ), generator=g)
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    if family == "bert":
+        mask[1, -7:] = 0  # right padding
+    else:
+        mask[1, :5] = 0  # left padding
+    return ids, mask
+
+
+def run(model, ids, mask) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def policy(block=BLOCK, top_k=2, dense_layers=None, **defaults):
+    rules = [{"layers": list(dense_layers), "mode": "dense"}] if dense_layers else []
+    return {"version": 1, "defaults": {"block_size": block, "top_k": top_k, **defaults}, "rules": rules}
+
+
+# --------------------------------------------------------------------------------- the oracle
+
+_ORACLE: dict = {"layers": {}, "pad": None, "decode_dense": False}
+
+
+def _oracle_fn(origin: str):
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        spec = _ORACLE["layers"].get(module)
+        tq, tk = query.shape[2], key.shape[2]
+        if spec is None or (tq == 1 and _ORACLE["decode_dense"]):
+            if origin == "sdpa":
+                fn = AttentionInterface._global_mapping["sdpa"]
+            else:
+                import sys
+
+                fn = sys.modules[type(module).__module__].eager_attention_forward
+            return fn(module, query, key, value, attention_mask, *args, **kwargs)
+        block, top_k = spec
+        pad0 = _ORACLE["pad"]
+        pad = torch.cat([pad0, pad0.new_ones(pad0.shape[0], tk - pad0.shape[1])], 1) if tk > pad0.shape[1] else pad0
+        visible = pad[:, None, None, :tk].bool()
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        out = reference.forward(query, key, value, block_size=block, top_k=top_k,
+                                causal=bool(getattr(module, "is_causal", True)), scale=scale, attn_mask=visible)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+for _origin in ("sdpa", "eager"):
+    AttentionInterface.register(f"oracle_{_origin}", _oracle_fn(_origin))
+    AttentionMaskInterface.register(f"oracle_{_origin}", ALL_MASK_ATTENTION_FUNCTIONS[_origin])
+
+
+def oracle_model(family, impl, moba_layers, pad, block=BLOCK, top_k=2, decode_dense=False):
+    model = make_model(family, impl)
+    attn = [m for n, m in model.named_modules() if type(m).__name__.endswith("Attention")
+            or type(m).__name__ == "BertSelfAttention"]
+    attn = [m for m in attn if hasattr(m, "is_causal") or type(m).__name__ == "BertSelfAttention"]
+    assert len(attn) == LAYERS, [type(m).__name__ for m in attn]
+    _ORACLE["layers"] = {attn[i]: (block, top_k) for i in moba_layers}
+    _ORACLE["pad"] = pad
+    _ORACLE["decode_dense"] = decode_dense
+    model.set_attn_implementation(f"oracle_{impl}")
+    return model
+
+
+def _rows(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Outputs at non-padding positions only (padding rows are undefined in every model)."""
+    return t[mask.bool()]
+
+
+# ---------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family(family, impl):
+    ids, mask = make_inputs(family)
+    model = make_model(family, impl)
+    original = run(model, ids, mask)
+
+    report = mr.plan(model, policy())
+    assert len(report) == LAYERS
+    assert [r.layer for r in report] == list(range(LAYERS))
+    assert all(r.decision == "moba" for r in report)
+    assert report[0].num_heads == 4
+    if family in ("llama", "qwen2", "mistral", "phi3"):
+        assert report[0].num_kv_heads == 2
+    assert report[0].causal is (family != "bert")
+
+    # Dense limit: top_k * block_size >= seq_len gives the original model back.
+    mr.rewrite(model, policy(top_k=SEQ // BLOCK))
+    torch.testing.assert_close(_rows(run(model, ids, mask), mask), _rows(original, mask), atol=2e-5, rtol=1e-4)
+
+    # Sparse on layer 0, layer 1 dense: differs from the original, equals the oracle.
+    mr.rewrite(model, policy(dense_layers=[1]))
+    sparse = run(model, ids, mask)
+    assert (_rows(sparse, mask) - _rows(original, mask)).abs().max() > 1e-3
+    expected = run(oracle_model(family, impl, [0], mask), ids, mask)
+    torch.testing.assert_close(_rows(sparse, mask), _rows(expected, mask), atol=2e-5, rtol=1e-4)
+    assert model._moba_report.moba_sites == [model._moba_report[0].name]
+
+    # All dense: bit-for-bit the original.
+    mr.rewrite(model, {"version": 1, "defaults": {"mode": "dense"}})
+    assert torch.equal(run(model, ids, mask), original)
+
+
+def test_state_dict_and_report_table():
+    model = make_model("llama", "sdpa")
+    keys = list(model.state_dict())
+    mr.rewrite(model, policy(dense_layers=[-1]))
+    assert list(model.state_dict()) == keys
+    rep = model._moba_report
+    text = str(rep)
+    assert "model.layers.0.self_attn" in text and "LlamaAttention" in text
+    data = rep.to_dict()
+    assert [s["decision"] for s in data["sites"]] == ["moba", "dense"]
+    assert mr.RewriteReport.from_dict(data).to_dict() == data
+
+
+@pytest.mark.parametrize("family,impl,decode", [("llama", "sdpa", "moba"), ("gpt2", "eager", "dense"),
+                                                ("qwen2", "eager", "moba")])
+def test_generate_matches_reference_path(family, impl, decode):
+    ids, mask = make_inputs(family)
+    ids, mask = ids[:, :20], mask[:, :20]
+    model = make_model(family, impl)
+    mr.rewrite(model, policy(block=4, top_k=2, dense_layers=[1], decode=decode))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    got = model.generate(ids, attention_mask=mask, **kw)
+    oracle = oracle_model(family, impl, [0], mask, block=4, top_k=2, decode_dense=(decode == "dense"))
+    want = oracle.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(got, want)
+    plain = make_model(family, impl).generate(ids, attention_mask=mask, **kw)
+    assert got.shape == plain.shape
+
+
+def test_compile_fullgraph_of_rewritten_model():
+    ids, mask = make_inputs("llama")
+    model = make_model("llama", "sdpa")
+    mr.rewrite(model, policy(dense_layers=[1]))
+    eager = run(model, ids, mask)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(run(compiled, ids, mask), eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family,impl", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"), ("bert", "eager")])
+def test_export_matches_eager_rewrite(family, impl):
+    ids, mask = make_inputs(family)
+    model = make_model(family, impl)
+    original = run(model, ids, mask)
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if family != "bert":
+        kwargs["use_cache"] = False
+    # dense limit
+    ep = mr.export(model, (), policy(top_k=SEQ // BLOCK), kwargs=kwargs)
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function" and "moba.attention" in str(n.target)]
+    assert len(nodes) == LAYERS
+    out = ep.module()(**kwargs)
+    out = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    torch.testing.assert_close(_rows(out, mask), _rows(original, mask), atol=2e-5, rtol=1e-4)
+    # sparse, layer 1 dense
+    ep, report = api.export_with_report(model, (), policy(dense_layers=[1]), kwargs=kwargs)
+    assert [r.decision for r in report] == ["moba", "dense"]
+    out = ep.module()(**kwargs)
+    out = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    expected = run(oracle_model(family, impl, [0], mask), ids, mask)
+    torch.testing.assert_close(_rows(out, mask), _rows(expected, mask), atol=2e-5, rtol=1e-4)
+
+
+def test_hybrid_last3_dense_and_unmatched_rule():
+    cfg = _cfg("llama")
+    cfg.num_hidden_layers = 5
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    pol = {"version": 1, "defaults": {"block_size": BLOCK, "top_k": 2},
+           "rules": [{"layers": "-3:", "mode": "dense"}, {"match": "nothing.here.*", "top_k": 5}]}
+    mr.rewrite(model, pol)
+    rep = model._moba_report
+    assert [r.decision for r in rep] == ["moba", "moba", "dense", "dense", "dense"]
+    assert any("matched no attention site" in w for w in rep.warnings)
+    assert "warning:" in str(rep)
+
+
+def test_on_unsupported_error_dropout_while_training():
+    ids, mask = make_inputs("gpt2")
+    model = make_model("gpt2", "sdpa")  # attn_pdrop = 0.1
+    mr.rewrite(model, policy(on_unsupported="error"))
+    run(model, ids, mask)  # eval: fine
+    model.train()
+    with pytest.raises(HFUnsupportedError, match="dropout"):
+        model(input_ids=ids, attention_mask=mask)
+    # With on_unsupported: dense, training runs the original attention (same dropout draws).
+    mr.rewrite(model, policy())
+    torch.manual_seed(3)
+    got = model(input_ids=ids, attention_mask=mask).logits
+    plain = make_model("gpt2", "sdpa").train()
+    torch.manual_seed(3)
+    want = plain(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got, want)
