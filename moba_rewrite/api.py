@@ -160,6 +160,15 @@ def _entries(model: nn.Module, example_inputs: Any) -> tuple[list[_Entry], str, 
     return entries, "symbolic_trace", disc
 
 
+def _trace_warnings(disc: eager.Discovery | None) -> list[str]:
+    """Modules torch.fx could not trace, whose children were traced instead (reported, never silent)."""
+    if disc is None:
+        return []
+    return [f"module {name!r} could not be traced by torch.fx ({why.splitlines()[0][:200]}); its children "
+            "were searched instead: attention written directly in its forward is not rewritten by "
+            "mr.rewrite (mr.export / mr.compile see it)" for name, why in disc.failures.items()]
+
+
 def find_sites(model: nn.Module | torch.fx.GraphModule, example_inputs: Any = None) -> list[AttentionSite]:
     """Every attention site of a model (eager discovery) or of an FX GraphModule (graph pass)."""
     if isinstance(model, torch.fx.GraphModule) and not hasattr(model, "_moba_report"):
@@ -203,10 +212,16 @@ def plan(model: nn.Module, policy: Any, example_inputs: Any = None) -> RewriteRe
     it selects for MoBA cannot be rewritten faithfully (exactly as `rewrite` would).
     """
     policy = _as_policy(policy)
-    entries, graph, _ = _entries(model, example_inputs)
-    decisions, warnings = policy.decide_all([e.site for e in entries])
+    entries, graph, disc = _entries(model, example_inputs)
+    decisions, warnings = _decide(policy, entries)
     outcomes = [_outcome(e, d) for e, d in zip(entries, decisions)]
-    return _report(entries, decisions, outcomes, warnings, graph)
+    return _report(entries, decisions, outcomes, _trace_warnings(disc) + warnings, graph)
+
+
+def _decide(policy: Any, entries: list[_Entry]) -> tuple[list[Any], list[str]]:
+    if not entries:
+        return [], ["no attention site found"]
+    return policy.decide_all([e.site for e in entries])
 
 
 def rewrite(model: nn.Module, policy: Any, example_inputs: Any = None) -> nn.Module:
@@ -218,7 +233,7 @@ def rewrite(model: nn.Module, policy: Any, example_inputs: Any = None) -> nn.Mod
     """
     policy = _as_policy(policy)
     entries, graph, disc = _entries(model, example_inputs)
-    decisions, warnings = policy.decide_all([e.site for e in entries])
+    decisions, warnings = _decide(policy, entries)
     outcomes = [_outcome(e, d) for e, d in zip(entries, decisions)]  # raises before any change
     effective = [d if o.mode == "moba" else _dense(d) for d, o in zip(decisions, outcomes)]
     if graph == "hf":
@@ -227,7 +242,7 @@ def rewrite(model: nn.Module, policy: Any, example_inputs: Any = None) -> nn.Mod
         mha = [(e, d) for e, d in zip(entries, effective) if e.machinery == "mha"]
         find_mha.install(model, [(e.site.name, e.module) for e, _ in mha], [d for _, d in mha])
         _install_traced(model, [(e, d) for e, d in zip(entries, decisions) if e.machinery == "traced"], disc)
-    report = _report(entries, decisions, outcomes, warnings, graph)
+    report = _report(entries, decisions, outcomes, _trace_warnings(disc) + warnings, graph)
     model._moba_report = report
     return model
 
@@ -313,7 +328,7 @@ def rewrite_exported(ep: torch.export.ExportedProgram, policy: Any) -> tuple[tor
     gm = ep.graph_module
     found = detect.find_sites(gm)
     sites = number_sites(found)
-    decisions, warnings = policy.decide_all(sites) if sites else ([], [])
+    decisions, warnings = policy.decide_all(sites) if sites else ([], ["no attention site found"])
     outcomes = rewrite_graph(gm, found, decisions, emitter="inline")
     entries = [_Entry(site=s, machinery="export", module=None, found=f) for s, f in zip(sites, found)]  # type: ignore[arg-type]
     return ep, _report(entries, decisions, outcomes, warnings, "export")

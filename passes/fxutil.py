@@ -20,30 +20,29 @@ import torch.fx as fx
 # Owning module
 
 
-_DYNAMO_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]\.?")
-_MODULES_ITEM = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]")
+_DYNAMO_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]")
+_MODULES_ITEM = re.compile(r"_modules\[['\"]([^'\"]+)['\"]\]")
 _INDEX_ITEM = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
-_GETATTR = re.compile(r"getattr\(([^,]+),\s*['\"]([^'\"]+)['\"]\)")
+_GETATTR = re.compile(r"getattr\(([^,()]+),\s*['\"]([^'\"]+)['\"]\)")
 
 
 def clean_fqn(path: str) -> str:
     """Module path as `named_modules()` spells it, from any nn_module_stack spelling.
 
-    Dynamo writes `L['self'].model.layers[0].self_attn` (or `L['self']._modules['model']...`);
-    export and symbolic_trace already write `model.layers.0.self_attn`.
+    Dynamo writes `L['self'].model.layers[0].self_attn` (or `L['self']._modules['model']...`,
+    `getattr(L['self'].layers, '0')`); export and symbolic_trace already write
+    `model.layers.0.self_attn`.
     """
     p = path.strip()
     while True:
-        m = _GETATTR.search(p)
-        if not m:
+        new = _GETATTR.sub(r"\1.\2", p)
+        if new == p:
             break
-        p = p[: m.start()] + f"{m.group(1)}.{m.group(2)}" + p[m.end():]
+        p = new
     p = _DYNAMO_ROOT.sub("", p)
-    if p in ("L['self']", 'L["self"]') or p.startswith("L["):
-        p = _DYNAMO_ROOT.sub("", p + ".")
-    p = _MODULES_ITEM.sub(r".\1", p)
+    p = _MODULES_ITEM.sub(r"\1", p)
     p = _INDEX_ITEM.sub(r".\1", p)
-    p = p.replace("..", ".").strip(".")
+    p = re.sub(r"\.+", ".", p).strip(".")
     return p
 
 
