@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Elements per temporary: gate chunk, mask chunk (about 16 MiB in fp32).
-_CHUNK_ELEMS = 1 << 22
+# Elements per temporary: gate chunk, mask chunk (about 4 MiB in fp32).
+_CHUNK_ELEMS = 1 << 20
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
