@@ -326,12 +326,27 @@ def rewrite_exported(ep: torch.export.ExportedProgram, policy: Any) -> tuple[tor
     """Run the rewrite pass on an ExportedProgram's graph (in place); returns (ep, report)."""
     policy = _as_policy(policy)
     gm = ep.graph_module
-    found = detect.find_sites(gm)
+    gm._moba_constants = _export_constants(ep)
+    try:
+        found = detect.find_sites(gm)
+    finally:
+        del gm._moba_constants
     sites = number_sites(found)
     decisions, warnings = policy.decide_all(sites) if sites else ([], ["no attention site found"])
     outcomes = rewrite_graph(gm, found, decisions, emitter="inline")
     entries = [_Entry(site=s, machinery="export", module=None, found=f) for s, f in zip(sites, found)]  # type: ignore[arg-type]
     return ep, _report(entries, decisions, outcomes, warnings, "export")
+
+
+def _export_constants(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    """Placeholder name -> tensor for the program's buffers and constants (mask structure)."""
+    sig = ep.graph_signature
+    table: dict[str, torch.Tensor] = {}
+    for name, target in {**sig.inputs_to_buffers, **getattr(sig, "inputs_to_lifted_tensor_constants", {})}.items():
+        value = ep.state_dict.get(target) if target in ep.state_dict else ep.constants.get(target)
+        if isinstance(value, torch.Tensor):
+            table[name] = value
+    return table
 
 
 def export_with_report(model: nn.Module, args: Any, policy: Any, kwargs: dict | None = None,

@@ -47,6 +47,8 @@ class HFUnsupportedError(RuntimeError):
 
 def is_hf_model(model: nn.Module) -> bool:
     """A transformers `PreTrainedModel` whose attention goes through the AttentionInterface."""
+    if "transformers" not in sys.modules:  # no model of it can exist; importing it costs seconds
+        return False
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover

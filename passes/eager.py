@@ -124,6 +124,14 @@ def discover(model: nn.Module, example_inputs: Any = None) -> Discovery:
     out = Discovery()
     modules = dict(model.named_modules())
 
+    if example_inputs is not None:
+        if isinstance(example_inputs, dict):
+            out.calls[id(model)] = ((), dict(example_inputs))
+        elif isinstance(example_inputs, (tuple, list)):
+            out.calls[id(model)] = (tuple(example_inputs), {})
+        else:
+            out.calls[id(model)] = ((example_inputs,), {})
+
     def visit(prefix: str, module: nn.Module) -> None:
         if isinstance(module, LEAF_TYPES):
             return
@@ -135,9 +143,14 @@ def discover(model: nn.Module, example_inputs: Any = None) -> Discovery:
             for name, child in module.named_children():
                 visit(_join(prefix, name), child)
             return
-        out.calls.update(tracer.calls)
-        if module is model:
-            shape_prop(gm, example_inputs)
+        for key, value in tracer.calls.items():
+            out.calls.setdefault(key, value)
+        if module is model and example_inputs is not None:
+            root_call = out.calls[id(model)]
+            sig = inspect.signature(module.forward)
+            bound = sig.bind(*root_call[0], **root_call[1])
+            bound.apply_defaults()
+            shape_prop(gm, tuple(bound.arguments.values()))
         for f in find_in(gm):
             f.name = _join(prefix, f.name)
             owner = modules.get(f.name)

@@ -183,7 +183,7 @@ def _walk_scores(x: Any, m: _Match, root) -> fx.Node | None:
             base, cond, fill = x.args[:3]
             if not masks._is_huge_negative(fill) or len(m.masks) >= _MAX_MASKS:
                 return None
-            m.masks.append(_cond_mask(cond, invert=True))
+            m.masks.append(_cond_mask(cond, invert=True, root=root))
             m.covered.append(x)
             x = base
             continue
@@ -191,7 +191,7 @@ def _walk_scores(x: Any, m: _Match, root) -> fx.Node | None:
             cond, a, b = x.args
             if not masks._is_huge_negative(b) or len(m.masks) >= _MAX_MASKS:
                 return None
-            m.masks.append(_cond_mask(cond, invert=False))
+            m.masks.append(_cond_mask(cond, invert=False, root=root))
             m.covered.append(x)
             x = a
             continue
@@ -213,13 +213,13 @@ def _leads_to_scores(x: Any, depth: int = 0) -> bool:
     return False
 
 
-def _cond_mask(cond: Any, invert: bool) -> masks.MaskInfo:
+def _cond_mask(cond: Any, invert: bool, root=None) -> masks.MaskInfo:
     if not isinstance(cond, fx.Node):
         return masks.MaskInfo(node=None, kind="unknown", usable=False, reason="constant mask condition")
     dt = fxutil.dtype(cond)
     if dt is not None and dt != torch.bool:
         return masks.MaskInfo(node=cond, kind="unknown", usable=False, reason=f"mask condition of dtype {dt}")
-    causal, padding = masks._structure(cond)
+    causal, padding = masks._structure(cond, root=root)
     return masks.MaskInfo(node=cond, kind=masks._label(causal, padding), convert="invert" if invert else "bool",
                           dtype=torch.bool)
 
@@ -297,7 +297,7 @@ def _match(sm: fx.Node, root) -> FoundSite | None:
         baddbmm_mask, q, kt = scores.args[0], scores.args[1], scores.args[2]
         if fxutil.arg(scores, 3, "beta", 1) != 1 or fxutil.arg(scores, 4, "alpha", 1) != 1:
             return None
-        m.masks.append(masks.analyze(baddbmm_mask))
+        m.masks.append(masks.analyze(baddbmm_mask, root=root))
     else:
         parts = _einsum_parts(scores)
         if not parts or _einsum_kind(parts[0]) != "scores" or len(parts[1]) != 2:

@@ -57,8 +57,38 @@ def _zeros_like_node(n) -> bool:
     return False
 
 
-def _structure(cond: fx.Node | None, limit: int = 400) -> tuple[bool, bool]:
-    """(causal, padding): whether a boolean mask's ancestry holds a position comparison and a user input."""
+def _is_tril(t) -> bool:
+    """A constant that is lower-triangular in its last two dims, with a non-zero diagonal."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[-1] != t.shape[-2] or t.shape[-1] < 2:
+        return False
+    try:
+        nz = t != 0
+        return bool(torch.equal(nz, nz.tril()) and nz.diagonal(dim1=-2, dim2=-1).all())
+    except Exception:  # fake tensors etc.
+        return False
+
+
+def constant_of(node: fx.Node, root) -> torch.Tensor | None:
+    """The tensor behind a get_attr node, or behind an export buffer/constant placeholder."""
+    if root is None:
+        return None
+    if node.op == "get_attr":
+        try:
+            obj = root
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            return obj if isinstance(obj, torch.Tensor) else None
+        except AttributeError:
+            return None
+    if node.op == "placeholder":
+        table = getattr(root, "_moba_constants", None) or {}
+        return table.get(node.name)
+    return None
+
+
+def _structure(cond: fx.Node | None, limit: int = 400, root=None) -> tuple[bool, bool]:
+    """(causal, padding): whether a boolean mask's ancestry holds a position comparison (or a
+    lower-triangular constant) and a user input."""
     if not isinstance(cond, fx.Node):
         return False, False
     causal = padding = False
@@ -69,6 +99,10 @@ def _structure(cond: fx.Node | None, limit: int = 400) -> tuple[bool, bool]:
         if n in seen:
             continue
         seen.add(n)
+        const = constant_of(n, root) if n.op in ("get_attr", "placeholder") else None
+        if const is not None:
+            causal = causal or _is_tril(const)
+            continue
         if n.op == "placeholder":
             name = n.name.lower()
             dt = fxutil.dtype(n)
@@ -140,10 +174,10 @@ def analyze(mask, *, root: torch.nn.Module | None = None) -> MaskInfo:
                         reason=f"attention mask is a constant of type {type(mask).__name__}")
     dt = fxutil.dtype(mask)
     if dt == torch.bool:
-        causal, padding = _structure(mask)
+        causal, padding = _structure(mask, root=root)
         return MaskInfo(node=mask, kind=_label(causal, padding), convert="bool", dtype=dt)
     if dt is None and fxutil.kind(mask) == "lt_compare":
-        causal, padding = _structure(mask)
+        causal, padding = _structure(mask, root=root)
         return MaskInfo(node=mask, kind=_label(causal, padding), convert="bool", dtype=torch.bool)
     if dt is not None and not dt.is_floating_point:
         return MaskInfo(node=mask, kind="unknown", usable=False, reason=f"attention mask of dtype {dt}", dtype=dt)
@@ -151,11 +185,11 @@ def analyze(mask, *, root: torch.nn.Module | None = None) -> MaskInfo:
     if dt is None and proof is None:
         # Traced without shapes (symbolic_trace): the dtype is checked on every call instead
         # (passes.runtime raises on a float mask it cannot prove).
-        causal, padding = _structure(mask)
+        causal, padding = _structure(mask, root=root)
         return MaskInfo(node=mask, kind=_label(causal, padding), convert="bool", dtype=None,
                         reason="mask dtype unknown at trace time: must be boolean at run time")
     if proof is not None:
-        causal, padding = _structure(mask)
+        causal, padding = _structure(mask, root=root)
         return MaskInfo(node=mask, kind=_label(causal, padding), convert="float_to_bool", dtype=dt)
     where = "a graph input" if mask.op == "placeholder" else f"'{mask.name}'"
     return MaskInfo(

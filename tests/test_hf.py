@@ -189,7 +189,7 @@ def test_state_dict_and_report_table():
 
 
 @pytest.mark.parametrize("family,impl,decode", [("llama", "sdpa", "moba"), ("gpt2", "eager", "dense"),
-                                                ("qwen2", "eager", "moba")])
+                                                ("mistral", "eager", "moba")])
 def test_generate_matches_reference_path(family, impl, decode):
     ids, mask = make_inputs(family)
     ids, mask = ids[:, :20], mask[:, :20]
@@ -213,7 +213,7 @@ def test_compile_fullgraph_of_rewritten_model():
     torch.testing.assert_close(run(compiled, ids, mask), eager, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family,impl", [("llama", "sdpa"), ("llama", "eager"), ("gpt2", "sdpa"), ("bert", "eager")])
+@pytest.mark.parametrize("family,impl", [("llama", "sdpa"), ("gpt2", "eager"), ("bert", "sdpa")])
 def test_export_matches_eager_rewrite(family, impl):
     ids, mask = make_inputs(family)
     model = make_model(family, impl)
