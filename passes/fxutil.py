@@ -20,7 +20,7 @@ import torch.fx as fx
 # Owning module
 
 
-_DYNAMO_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\]")
+_DYNAMO_ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\](\[\d+\])*")  # L['self'], L['args'][0]
 _MODULES_ITEM = re.compile(r"_modules\[['\"]([^'\"]+)['\"]\]")
 _INDEX_ITEM = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
 _GETATTR = re.compile(r"getattr\(([^,()]+),\s*['\"]([^'\"]+)['\"]\)")

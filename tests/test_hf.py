@@ -267,3 +267,22 @@ def test_on_unsupported_error_dropout_while_training():
     torch.manual_seed(3)
     want = plain(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_dynamo_pass_on_hf_graph(impl):
+    """The torch.compile pass on Dynamo's graph of unmodified HF code (SDPA or eager math)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from passes.backend import MobaBackend
+
+    ids, mask = make_inputs("llama")
+    model = make_model("llama", impl)
+    backend = MobaBackend(mr.load_policy(policy(dense_layers=[1])), sites=api.find_sites(model),
+                          inner=aot_autograd(fw_compiler=lambda gm, ex: gm.forward))
+    torch._dynamo.reset()
+    got = run(torch.compile(model, backend=backend, fullgraph=True), ids, mask)
+    assert [(r.name, r.decision) for r in backend.report] == [("model.layers.0.self_attn", "moba"),
+                                                              ("model.layers.1.self_attn", "dense")]
+    expected = run(oracle_model("llama", impl, [0], mask), ids, mask)
+    torch.testing.assert_close(_rows(got, mask), _rows(expected, mask), atol=2e-5, rtol=1e-4)

@@ -240,6 +240,7 @@ def test_symbolic_trace_spelling_and_names():
     ("getattr(L['self'].layers, '2').attn", "layers.2.attn"),
     ("model.layers.0.self_attn", "model.layers.0.self_attn"),
     ("L['self']", ""),
+    ("L['args'][0].model.layers.0.self_attn", "model.layers.0.self_attn"),  # HF forward wrappers
 ])
 def test_clean_fqn(path, want):
     assert fxutil.clean_fqn(path) == want
