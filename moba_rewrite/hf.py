@@ -78,6 +78,15 @@ def _dense_function(origin: str, module: nn.Module) -> Callable:
     return fn
 
 
+def _dense_call(origin: str, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
+    """The original attention, exactly as the model would have called it."""
+    if origin == "eager" and getattr(module, "reorder_and_upcast_attn", False) \
+            and hasattr(module, "_upcast_and_reordered_attn"):
+        # GPT-2 style: with attn_implementation "eager" the module bypasses the interface.
+        return module._upcast_and_reordered_attn(query, key, value, attention_mask)
+    return _dense_function(origin, module)(module, query, key, value, attention_mask, *args, **kwargs)
+
+
 def _make_interface(origin: str) -> Callable:
     def attention(module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
         return moba_attention_forward(origin, module, query, key, value, attention_mask, *args, **kwargs)
@@ -154,7 +163,9 @@ def unsupported_reasons(query, key, value, mask, dropout: float, training: bool,
 
 def moba_attention_forward(origin: str, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
     """AttentionInterface function: MoBA or the original attention, per `module._moba_decision`."""
-    dense = _dense_function(origin, module)
+    def dense(*call_args, **call_kwargs):
+        return _dense_call(origin, *call_args, **call_kwargs)
+
     decision = getattr(module, "_moba_decision", None)
     dropout = kwargs.get("dropout", args[0] if args else 0.0)
     if _RECORDER is not None:

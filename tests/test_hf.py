@@ -286,3 +286,17 @@ def test_dynamo_pass_on_hf_graph(impl):
                                                               ("model.layers.1.self_attn", "dense")]
     expected = run(oracle_model("llama", impl, [0], mask), ids, mask)
     torch.testing.assert_close(_rows(got, mask), _rows(expected, mask), atol=2e-5, rtol=1e-4)
+
+
+def test_gpt2_reorder_and_upcast_dense_sites_exact():
+    torch.manual_seed(0)
+    cfg = _cfg("gpt2")
+    cfg.reorder_and_upcast_attn = True
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.set_attn_implementation("eager")
+    ids, mask = make_inputs("gpt2")
+    original = run(model, ids, mask)
+    mr.rewrite(model, policy(dense_layers=[1]))
+    assert not torch.equal(run(model, ids, mask), original)
+    mr.rewrite(model, {"version": 1, "defaults": {"mode": "dense"}})
+    assert torch.equal(run(model, ids, mask), original)
