@@ -272,30 +272,34 @@ class RewriteResult:
     model: Any = None  # the in-memory rewritten model (eager), for callers that continue
 
 
-def _artifact_outputs(fmt: str, path: Path, args, model_for_hf_load=None):
-    """Run the written artifact on `args` (loading it back the way a user would)."""
+def _artifact_runner(fmt: str, path: Path) -> Callable:
+    """Load the written artifact the way a user would; returns `run(args) -> output tensor`."""
     import torch
 
     from moba_rewrite import checkpoints as ck
-    from moba_rewrite.exporters.common import exportable
+    from moba_rewrite.exporters.common import exportable, first_tensor
 
     if fmt == "onnx":
         from moba_rewrite.exporters.onnx import run_onnxruntime
 
-        return run_onnxruntime(path, [a.cpu() for a in args])[0]
+        return lambda args: torch.as_tensor(run_onnxruntime(path, [a.cpu() for a in args])[0])
     if fmt == "hf":
-        loaded = ck.apply_stored_policy(ck.read_checkpoint(path))
-        loaded = loaded.to(args[0].device)
+        loaded = ck.load(path)
+        fn = exportable(loaded)
+    elif fmt == "pt2":
+        fn = ck.read_checkpoint(path).model.module()
+    elif fmt == "aoti":
+        fn = ck.read_checkpoint(path).model
+    else:  # pragma: no cover
+        raise AssertionError(fmt)
+
+    def run(args):
+        if fmt == "hf":
+            fn.to(args[0].device)
         with torch.no_grad():
-            return exportable(loaded)(*args)
-    if fmt == "pt2":
-        with torch.no_grad():
-            return ck.read_checkpoint(path).model.module()(*args)
-    if fmt == "aoti":
-        with torch.no_grad():
-            out = ck.read_checkpoint(path).model(*args)
-        return out[0] if isinstance(out, (list, tuple)) else out
-    raise AssertionError(fmt)  # pragma: no cover
+            return first_tensor(fn(*args))
+
+    return run
 
 
 def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | dict, out: str | os.PathLike, *,
@@ -354,14 +358,15 @@ def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | 
             diff = None
             if verify:
                 with bar.step("verifying"):
-                    diff = _verify(str(out), _artifact_outputs(fmt, staging, args), expected)
+                    runner = _artifact_runner(fmt, staging)
+                    diff = _verify(str(out), runner(args), expected)
                     if dynamic and fmt != "hf":
                         m2 = n + max(1, n // 3) + 1
                         if _max_positions(model) is None or m2 <= _max_positions(model):
                             args2 = _sample(model, m2, dev, seed=1)
                             with torch.no_grad():
                                 exp2 = module(*args2)
-                            diff = max(diff, _verify(str(out), _artifact_outputs(fmt, staging, args2), exp2))
+                            diff = max(diff, _verify(str(out), runner(args2), exp2))
             with bar.step("moving into place"):
                 pass
     except ck.CheckpointError as exc:
@@ -435,8 +440,15 @@ def _rewrite_program(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, f
         except Exception as exc:
             raise _rewrite_error(exc) from exc
         _check_seq_covers_blocks(n, report)
-        with torch.no_grad():
-            expected = program.module()(*args)
+        try:
+            with torch.no_grad():
+                expected = program.module()(*args)
+        except Exception as exc:
+            if seq_len is None:
+                raise
+            raise CliError("--seq-len", f"expected a length the program accepts (it was exported at "
+                                        f"{example[0][0].shape[1]} tokens, maybe with static shapes), got {seq_len}",
+                           EXIT_VALUE) from exc
     _print_report(report, quiet=quiet)
     with ck.atomic_output(out, directory=False, force=force, inputs=(checkpoint,)) as staging:
         with bar.step(f"writing {fmt}"):
@@ -456,7 +468,7 @@ def _rewrite_program(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, f
         diff = None
         if verify:
             with bar.step("verifying"):
-                diff = _verify(str(out), _artifact_outputs(fmt, staging, args), expected)
+                diff = _verify(str(out), _artifact_runner(fmt, staging)(args), expected)
         with bar.step("moving into place"):
             pass
     if report_json:

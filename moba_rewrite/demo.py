@@ -108,7 +108,8 @@ def run(out_dir: str | os.PathLike | None = None, *, seq_len: int | None = None,
     timings["inspect"] = time.perf_counter() - t0
 
     say(f"\n== rewrite with the hybrid policy ({policy_file.name}) -> hf checkpoint ==")
-    result = cli.run_rewrite(ckpt, policy_file, hf_out, fmt="hf", seq_len=EXPORT_SEQ_LEN, quiet=quiet,
+    export_len = min(EXPORT_SEQ_LEN, n)
+    result = cli.run_rewrite(ckpt, policy_file, hf_out, fmt="hf", seq_len=export_len, quiet=quiet,
                              progress=progress)
     timings["rewrite + verify (hf)"] = sum(t for _, t in result.timings)
 
@@ -141,15 +142,15 @@ def run(out_dir: str | os.PathLike | None = None, *, seq_len: int | None = None,
         f"{agree:.0%} (random weights)")
 
     say("\n== export .pt2 (dynamic sequence length) ==")
-    pt2 = cli.run_rewrite(ckpt, policy_file, pt2_out, fmt="pt2", seq_len=EXPORT_SEQ_LEN, dynamic=True,
+    pt2 = cli.run_rewrite(ckpt, policy_file, pt2_out, fmt="pt2", seq_len=export_len, dynamic=True,
                           quiet=True, progress=progress)
     timings["export + verify (pt2)"] = sum(t for _, t in pt2.timings)
-    say(f"wrote {pt2_out}, verified at {EXPORT_SEQ_LEN} and more tokens: max |diff| {pt2.max_diff:.2e}")
+    say(f"wrote {pt2_out}, verified at {export_len} and more tokens: max |diff| {pt2.max_diff:.2e}")
     onnx_res = None
     if onnx:
         say("\n== export ONNX (MoBA as com.moba_rewrite::Attention, checked with onnxruntime) ==")
-        onnx_res = cli.run_rewrite(ckpt, policy_file, onnx_out, fmt="onnx", seq_len=EXPORT_SEQ_LEN, quiet=True,
-                                   progress=progress)
+        onnx_res = cli.run_rewrite(ckpt, policy_file, onnx_out, fmt="onnx", seq_len=export_len, dynamic=True,
+                                   quiet=True, progress=progress)
         timings["export + verify (onnx)"] = sum(t for _, t in onnx_res.timings)
         say(f"wrote {onnx_out}, onnxruntime vs torch: max |diff| {onnx_res.max_diff:.2e}")
 
