@@ -264,3 +264,18 @@ def test_long_context_never_builds_quadratic_tensors():
     assert sel.sum(-1).max().item() == 3
     torch.testing.assert_close(out[:, :, -64:], want, rtol=2e-5, atol=2e-5)
     assert math.isfinite(out.abs().sum().item())
+
+
+@pytest.mark.parametrize("mask_kind", [None, "additive"], ids=["fast", "online"])
+def test_noncontiguous_inputs(mask_kind):
+    """[B, T, H, D] tensors transposed to SDPA layout, as models pass them."""
+    c = Case("bthd", hq=4, hkv=2, tq=40, tk=56, block_size=8)
+    q = torch.randn(c.b, c.tq, c.hq, c.d).transpose(1, 2)
+    k = torch.randn(c.b, c.tk, c.hkv, c.d).transpose(1, 2)
+    v = torch.randn(c.b, c.tk, c.hkv, c.d).transpose(1, 2)
+    mask = _make_mask(mask_kind, c)
+    weight = torch.randn(c.b, c.hq, c.tq, c.d)
+    got = _run("torch", q, k, v, c, mask, weight)
+    want = _run("reference", q.contiguous(), k.contiguous(), v.contiguous(), c, mask, weight)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5)

@@ -115,7 +115,8 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: 
             vis = static_vis if static_vis is not None else _block_visibility(
                 _visible(m4[:, :, i0:i1]), n, block_size)
             cand = cand & vis
-        gate.masked_fill_(~cand, float("-inf"))
+        # 0 / -inf bias on the (small, broadcast) candidate map: cheaper than masked_fill_ on the gate.
+        gate.add_(torch.zeros(cand.shape, dtype=ct, device=dev).masked_fill_(~cand, float("-inf")))
         values, index = gate.topk(n_pick, dim=-1, sorted=False)
         sel[:, :, i0:i1] = index.masked_fill_(values == float("-inf"), -1)
     return sel
