@@ -141,6 +141,9 @@ def _generic_entries(model: nn.Module, example_inputs: Any) -> tuple[list[_Entry
         keyed.append((position[id(m)], 0, _Entry(site=site, machinery="mha", module=m, note=note)))
     disc = eager.discover(model, example_inputs)
     for i, ts in enumerate(disc.sites):
+        why = eager.uninstallable(ts.owner)
+        if why and why not in ts.found.problems:
+            ts.found.problems.append(why)
         keyed.append((position[id(ts.owner)], i + 1, _Entry(
             site=ts.found.site(0), machinery="traced", module=ts.owner, found=ts.found,
             problems=list(ts.found.problems))))
@@ -241,10 +244,20 @@ def rewrite(model: nn.Module, policy: Any, example_inputs: Any = None) -> nn.Mod
     else:
         mha = [(e, d) for e, d in zip(entries, effective) if e.machinery == "mha"]
         find_mha.install(model, [(e.site.name, e.module) for e, _ in mha], [d for _, d in mha])
-        _install_traced(model, [(e, d) for e, d in zip(entries, decisions) if e.machinery == "traced"], disc)
+        for m in model.modules():  # undo a previous eager rewrite of traced modules
+            if "_moba_original_forward" in m.__dict__:
+                m.__dict__.pop("forward", None)
+                del m.__dict__["_moba_original_forward"]
+        _install_traced(model, [(e, d) for e, d, o in zip(entries, decisions, outcomes)
+                                if e.machinery == "traced" and _owner_has_moba(e, entries, outcomes)], disc)
     report = _report(entries, decisions, outcomes, _trace_warnings(disc) + warnings, graph)
     model._moba_report = report
     return model
+
+
+def _owner_has_moba(e: _Entry, entries: list[_Entry], outcomes: list[Outcome]) -> bool:
+    """Whether any site of e's owner module becomes MoBA (else the module is left untouched)."""
+    return any(o.mode == "moba" for x, o in zip(entries, outcomes) if x.module is e.module)
 
 
 def _install_traced(model: nn.Module, items: list[tuple[_Entry, Any]], disc: eager.Discovery | None) -> None:
@@ -254,8 +267,6 @@ def _install_traced(model: nn.Module, items: list[tuple[_Entry, Any]], disc: eag
         owners.setdefault(id(e.module), []).append((e, d))
     for group in owners.values():
         owner = group[0][0].module
-        if hasattr(owner, "_moba_original_forward"):
-            owner.__dict__.pop("forward", None)
         pattern = eager._concrete_pattern(owner, disc.calls.get(id(owner)) if disc else None)
         was_training = owner.training
         graphs = {}

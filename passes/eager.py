@@ -188,6 +188,18 @@ def _carry_constants(owner: nn.Module, gm: fx.GraphModule) -> None:
             setattr(owner, name, value)
 
 
+def uninstallable(owner: nn.Module) -> str | None:
+    """Why a traced forward cannot replace `owner.forward` (None when it can)."""
+    try:
+        sig = inspect.signature(owner.forward)
+    except (TypeError, ValueError):
+        return "its forward has no inspectable signature"
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.KEYWORD_ONLY) for p in sig.parameters.values()):
+        return (f"{type(owner).__name__}.forward takes *args / **kwargs / keyword-only arguments: the eager "
+                "rewrite cannot stand in for it (mr.export / mr.compile can)")
+    return None
+
+
 def install(owner: nn.Module, eval_gm: fx.GraphModule, train_gm: fx.GraphModule) -> None:
     """Make `owner.forward` run the rewritten graphs (eval or train by `owner.training`)."""
     original = owner.forward

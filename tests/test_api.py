@@ -408,3 +408,25 @@ def test_mr_compile_with_inductor():
         want = gpt_oracle([0], layers=2)(idx, pad)
     torch.testing.assert_close(got[pad], want[pad], atol=1e-4, rtol=1e-4)
     assert [r.decision for r in compiled.moba_report] == ["moba", "dense"]
+
+
+class KwargsAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(E, E)
+
+    def forward(self, x, **kwargs):
+        b, t, _ = x.shape
+        q = self.lin(x).view(b, t, H, D).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+
+def test_forward_with_kwargs_is_reported_dense():
+    m = KwargsAttention().eval()
+    x = torch.randn(B, T, E)
+    before = m(x)
+    mr.rewrite(m, policy())
+    assert m._moba_report[0].decision == "dense" and "**kwargs" in m._moba_report[0].reason
+    assert torch.equal(m(x), before)
+    with pytest.raises(UnsupportedSiteError):
+        mr.rewrite(m, policy(on_unsupported="error"))
