@@ -42,7 +42,7 @@ def _fwd_kernel(
     H_KV, G, NB, N_ITEMS, L, RP, NSPLIT, block_size, span, scale_log2,
     MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, OFF64: tl.constexpr,
 ):
     """MODE 0: per-entry LSE of one key span of block j. MODE 1: add exp(s - lse) @ V into O32."""
     w = tl.program_id(0)
@@ -74,15 +74,18 @@ def _fwd_kernel(
         hi = tl.minimum(tl.minimum(lo + span, (j + 1) * block_size), tk)
         if CAUSAL:
             hi = tl.minimum(hi, tl.max(tl.where(ok, pos, -1)) + 1)
-        k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-        v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        # Scalar 64-bit row-0 pointers plus 32-bit in-sequence offsets (64-bit only when OFF64, i.e.
+        # when a sequence spans more than 2**31 elements of K or V).
+        k_row0 = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + ks * skt
+        v_row0 = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + ks * svt
         if MODE == 0:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             for n0 in range(lo, hi, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
-                kt = tl.load(k_base + (ks + cols)[:, None] * skt + offs_d[None, :],
-                             mask=(cols < hi)[:, None] & dmask[None, :], other=0.0)
+                c_off = cols.to(tl.int64) if OFF64 else cols
+                kt = tl.load(k_row0 + (c_off[:, None] * skt + offs_d[None, :]), mask=(cols < hi)[:, None] & dmask[None, :],
+                             other=0.0)
                 s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale_log2
                 # visible = in range, causal, and shown by the attention mask (inlined: cheaper to interpret)
                 allowed = ok[:, None] & (cols < hi)[None, :]
@@ -109,8 +112,9 @@ def _fwd_kernel(
             for n0 in range(lo, hi, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
                 kv_mask = (cols < hi)[:, None] & dmask[None, :]
-                kt = tl.load(k_base + (ks + cols)[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-                vt = tl.load(v_base + (ks + cols)[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+                c_off = cols.to(tl.int64) if OFF64 else cols
+                kt = tl.load(k_row0 + (c_off[:, None] * skt + offs_d[None, :]), mask=kv_mask, other=0.0)
+                vt = tl.load(v_row0 + (c_off[:, None] * svt + offs_d[None, :]), mask=kv_mask, other=0.0)
                 s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale_log2
                 # visible = in range, causal, and shown by the attention mask (inlined: cheaper to interpret)
                 allowed = ok[:, None] & (cols < hi)[None, :]
@@ -258,39 +262,41 @@ def _decode_kernel(
     own = (tk - 1) // block_size
     pick = tl.load(PICKS + ((b * (HQ // G) + h).to(tl.int64) * RP + g) * KP + slot - 1, mask=slot > 0, other=-1)
     j = tl.where(slot == 0, own, pick)
+    valid = (tq > 0) & (j >= 0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    m_i = float("-inf")
-    l_i = 0.0
+    # No `if` around the loop: an invalid (row, slot) simply gets an empty key range.
+    lo = j * block_size + split * span
+    hi = tl.minimum(tl.minimum(lo + span, (j + 1) * block_size), tk)
+    hi = tl.where(valid, hi, lo)
+    q = tl.load(Q + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + qs * sqt + offs_d, mask=dmask & ((offs_d * 0 + valid.to(tl.int32)) > 0), other=0.0)
+    q = q.to(tl.float32)
+    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.full([], 0.0, tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    if (tq > 0) & (j >= 0):
-        q = tl.load(Q + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + qs * sqt + offs_d, mask=dmask, other=0.0)
-        q = q.to(tl.float32)
-        lo = j * block_size + split * span
-        hi = tl.minimum(tl.minimum(lo + span, (j + 1) * block_size), tk)
-        k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-        v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-        for n0 in range(lo, hi, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            kv_mask = (cols < hi)[:, None] & dmask[None, :]
-            kt = tl.load(k_base + (ks + cols)[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-            vt = tl.load(v_base + (ks + cols)[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1) * scale_log2
-            allowed = cols < hi
-            if HAS_MASK:
-                mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64) * smh + cols * smk, mask=allowed, other=0)
-                if MASK_BOOL:
-                    allowed = allowed & (mv != 0)
-                else:
-                    s = s + mv.to(tl.float32) * 1.4426950408889634
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe)
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
-            m_i = m_new
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kv_mask = (cols < hi)[:, None] & dmask[None, :]
+        kt = tl.load(k_base + (ks + cols)[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        vt = tl.load(v_base + (ks + cols)[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1) * scale_log2
+        allowed = cols < hi
+        if HAS_MASK:
+            mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64) * smh + cols * smk, mask=allowed, other=0)
+            if MASK_BOOL:
+                allowed = allowed & (mv != 0)
+            else:
+                s = s + mv.to(tl.float32) * 1.4426950408889634
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
+        m_i = m_new
     part = pid.to(tl.int64) * (KP + 1) * NSPLIT + slot * NSPLIT + split
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
     tl.store(LSE_PART + part, lse)
@@ -325,17 +331,33 @@ def _decode_combine_kernel(
 # ----------------------------------------------------------------------------- host side
 
 
-def attn_tiles(p: Problem) -> tuple[int, int]:
-    """(BLOCK_M gathered rows, BLOCK_N keys) per program."""
+def fwd_config(p: Problem) -> tuple[int, int, int, int]:
+    """(BLOCK_M gathered rows, BLOCK_N keys, num_warps, num_stages) of the forward kernels.
+
+    Chosen from sm_90 compiles (register use / spills), not yet from timings on a GPU."""
     if interpreted(p.q.device):
-        return 32, 16  # fewer, larger programs: the interpreter's cost is per operation
+        return 32, 16, 4, 1  # fewer, larger programs: the interpreter's cost is per operation
     if p.d <= 64:
-        return 64, 64
-    return (64, 64) if p.d <= 128 else (32, 32)
+        return 64, 64, 8, 2
+    return (64, 32, 8, 2) if p.d <= 128 else (32, 32, 8, 1)
+
+
+def bwd_config(p: Problem) -> tuple[int, int, int, int]:
+    """(BLOCK_M rows per step, BLOCK_N keys owned, num_warps, num_stages) of the backward kernel."""
+    if interpreted(p.q.device):
+        return 32, 16, 4, 1
+    return (32, 64, 8, 2) if p.d <= 128 else (16, 32, 8, 1)
+
+
+def attn_tiles(p: Problem) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the forward kernels."""
+    return fwd_config(p)[:2]
 
 
 def _dot_prec(p: Problem) -> str:
-    return "ieee" if (p.q.dtype == torch.float32 or interpreted(p.q.device)) else "tf32"
+    if p.q.dtype == torch.float32 or interpreted(p.q.device) or torch.version.hip:
+        return "ieee"  # true fp32 products for fp32 inputs (no TF32); HIP has no "tf32" option
+    return "tf32"  # ignored for fp16/bf16 operands (the default value)
 
 
 def _mask_args(p: Problem):
@@ -394,7 +416,7 @@ def row_lse(p: Problem, sel: Selection, nsplit: int | None = None) -> Tensor:
 
 def _launch_fwd(p: Problem, sel: Selection, mode: int, o32: Tensor, lse_part: Tensor, lse: Tensor,
                 nsplit: int, span: int) -> None:
-    block_m, block_n = attn_tiles(p)
+    block_m, block_n, warps, stages = fwd_config(p)
     idx, chunk, upper = _work_list(p, sel, block_m)
     mask, ms, has_mask, mask_bool = _mask_args(p)
     so = p.out_strides(o32)
@@ -407,6 +429,7 @@ def _launch_fwd(p: Problem, sel: Selection, mode: int, o32: Tensor, lse_part: Te
         p.block_size, span, p.scale * LOG2E,
         MODE=mode, CAUSAL=p.causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=max(16, next_pow2(p.d)), D=p.d, DOT_PREC=_dot_prec(p),
+        OFF64=(p.max_tk + 1) * max(p.sk.st, p.sv.st) >= 2**31 - 1, num_warps=warps, num_stages=stages,
     )
 
 
@@ -450,16 +473,17 @@ def attention_forward(p: Problem, sel: Selection) -> tuple[Tensor, Tensor]:
 def attention_backward(p: Problem, sel: Selection, grad_out: Tensor, out: Tensor, lse: Tensor
                        ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (q/k/v dtypes and layouts) from the row LSE of the forward."""
-    block_m, block_n = attn_tiles(p)
+    block_m, block_n, warps, stages = bwd_config(p)
     bh = p.batch * p.hkv
     block_d = max(16, next_pow2(p.d))
     grad_out = grad_out.contiguous()
     out = out.contiguous()
     sd, so = p.out_strides(grad_out), p.out_strides(out)
     delta = torch.zeros((bh, sel.row_pad), dtype=torch.float32, device=p.q.device)
-    _row_dot_kernel[(-(-sel.row_pad // block_m), bh)](
+    rows_per = 16 if not interpreted(p.q.device) else 32
+    _row_dot_kernel[(-(-sel.row_pad // rows_per), bh)](
         grad_out, out, delta, p.q_start, p.q_len, sd.sb, sd.sh, sd.st, so.sb, so.sh, so.st,
-        p.hkv, p.group, sel.row_pad, BLOCK_M=block_m, BLOCK_D=block_d, D=p.d,
+        p.hkv, p.group, sel.row_pad, BLOCK_M=rows_per, BLOCK_D=block_d, D=p.d,
     )
     dq32 = p.new_out(torch.float32)
     dk = torch.zeros_like(p.k)  # zeros: packed tokens outside every sequence get no gradient
@@ -475,6 +499,6 @@ def attention_backward(p: Problem, sel: Selection, grad_out: Tensor, out: Tensor
         p.hkv, p.group, p.n_blocks, n_sub, sel.entry_row.shape[1], sel.row_pad, p.block_size,
         p.scale, p.scale * LOG2E,
         CAUSAL=p.causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, D=p.d, DOT_PREC=_dot_prec(p),
+        BLOCK_D=block_d, D=p.d, DOT_PREC=_dot_prec(p), num_warps=warps, num_stages=stages,
     )
     return dq32.to(p.q.dtype), dk, dv

@@ -129,10 +129,15 @@ class Selection:
         return 1 + self.picks.shape[-1]
 
 
-def gate_tiles(device: torch.device, d: int) -> tuple[int, int]:
+def gate_config(device: torch.device, d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M rows, BLOCK_N blocks, num_warps, num_stages) of the gate kernel (from sm_90 compiles)."""
     if interpreted(device):
-        return 32, 16
-    return (64, 64) if d <= 128 else (32, 32)
+        return 32, 16, 4, 1
+    return (64, 64, 8, 2) if d <= 128 else (32, 32, 8, 1)
+
+
+def gate_tiles(device: torch.device, d: int) -> tuple[int, int]:
+    return gate_config(device, d)[:2]
 
 
 def block_means(p: Problem) -> Tensor:
@@ -169,7 +174,7 @@ def block_visibility(p: Problem) -> Tensor | None:
 def select_blocks(p: Problem, block_m: int | None = None) -> Selection:
     """Run the fused gate/top-k kernel: each row's `top_k - 1` best candidate blocks."""
     dev = p.q.device
-    default_m, block_n = gate_tiles(dev, p.d)
+    default_m, block_n, warps, stages = gate_config(dev, p.d)
     block_m = block_m or default_m
     n_pick = min(p.top_k - 1, p.n_blocks)
     kp = max(1, next_pow2(n_pick))
@@ -181,12 +186,14 @@ def select_blocks(p: Problem, block_m: int | None = None) -> Selection:
         vis = block_visibility(p)
         vis_arg = vis if vis is not None else picks
         vs = vis.stride() if vis is not None else (0, 0, 0, 0)
-        prec = "ieee" if interpreted(dev) else "tf32x3"
+        # tf32x3: ~fp32 accuracy on tensor cores (the gate is specified in fp32); HIP lacks it.
+        prec = "ieee" if interpreted(dev) or torch.version.hip else "tf32x3"
         _gate_topk_kernel[(n_tiles, p.batch * p.hkv)](
             p.q, means, picks, vis_arg, p.q_start, p.q_len, p.k_len, p.sq.sb, p.sq.sh, p.sq.st,
             vs[0], vs[1], vs[2], vs[3], p.hkv, p.group, p.n_blocks, rp, p.block_size,
             CAUSAL=p.causal, HAS_VIS=vis is not None, N_PICK=n_pick, KP=kp, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(p.d)), D=p.d, GATE_PREC=prec,
+            BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(p.d)), D=p.d, GATE_PREC=prec, num_warps=warps,
+            num_stages=stages,
         )
     return Selection(picks=picks, n_pick=n_pick, row_pad=rp)
 
@@ -209,7 +216,7 @@ def build_csr(p: Problem, sel: Selection) -> Selection:
     blocks = row_blocks(p, sel)  # [BH, RP, KS]
     bh, rp, ks = blocks.shape
     nb = p.n_blocks
-    key = torch.where(blocks >= 0, blocks, nb).reshape(bh, rp * ks)
+    key = torch.where(blocks >= 0, blocks, nb).reshape(bh, rp * ks)  # int32: half the sort traffic of int64
     sorted_key, perm = torch.sort(key, dim=-1, stable=True)
     bounds = torch.arange(nb + 1, device=key.device, dtype=sorted_key.dtype).expand(bh, nb + 1).contiguous()
     sel.offsets = torch.searchsorted(sorted_key.contiguous(), bounds).to(torch.int32)

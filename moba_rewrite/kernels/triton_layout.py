@@ -91,8 +91,14 @@ class Problem:
         return torch.zeros(self.q.shape, dtype=dtype, device=self.q.device)
 
 
+def unit_last(x: Tensor) -> Tensor:
+    """The kernels address the head dim with stride 1; other strides are free."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def dense_problem(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool,
                   scale: float, attn_mask: Tensor | None) -> Problem:
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     dev = q.device
@@ -115,6 +121,7 @@ def dense_problem(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: in
 def varlen_problem(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, *, block_size: int,
                    top_k: int, causal: bool, scale: float) -> Problem:
     """Packed layout: q `[total_q, Hq, D]`, k/v `[total_k, Hkv, D]`, int32 `cu_seqlens`."""
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     q_len = (cu_q[1:] - cu_q[:-1]).to(torch.int32)
     k_len = (cu_k[1:] - cu_k[:-1]).to(torch.int32)
     lens = torch.stack([q_len.max(), k_len.max()]).tolist() if q_len.numel() else [1, 1]

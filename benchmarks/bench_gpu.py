@@ -1,0 +1,472 @@
+"""GPU check for the Triton MoBA kernels (issue 5): bf16 correctness vs the dense reference on
+mid-size shapes, then time / TFLOP/s / peak memory of ours vs SDPA (flash backend) vs our
+`torch` backend for the issue's settings, forward and forward+backward, and decode at 128K.
+
+Run through `benchmarks/gpu_check.sh` (about 5 minutes on one H100). Every case is guarded:
+an error is printed and the run goes on. `--cpu-smoke` dry-runs all of the logic on CPU with
+tiny shapes under the Triton interpreter (sets TRITON_INTERPRET=1 itself).
+
+FLOP convention (as FlashAttention): forward = 4 * D * visible (query, key) pairs per head;
+forward+backward = 3.5x forward. "Useful" FLOPs count only the pairs MoBA attends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+SMOKE = "--cpu-smoke" in sys.argv
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from moba_rewrite.kernels import reference, triton_attn, triton_backend, triton_gate  # noqa: E402
+from moba_rewrite.kernels import load_backend  # noqa: E402
+from moba_rewrite.kernels.triton_layout import dense_problem  # noqa: E402
+from moba_rewrite.varlen import moba_attention_varlen  # noqa: E402
+
+DEV = torch.device("cpu" if SMOKE else "cuda")
+DTYPE = torch.float32 if SMOKE else torch.bfloat16
+K = 1024
+RESULTS: list[dict] = []
+T0 = time.time()
+
+
+def scaled(t: int) -> int:
+    """Sequence lengths: real on GPU, tiny in the CPU smoke run."""
+    return t if not SMOKE else {64 * K: 64, 128 * K: 96, 512 * K: 128}.get(t, min(t, 80))
+
+
+def sz(real: int, smoke: int) -> int:
+    return smoke if SMOKE else real
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(fn, reps: int, warmup: int = 1) -> float:
+    """Median milliseconds of `fn()`."""
+    reps = 1 if SMOKE else reps
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        if DEV.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_mem(fn) -> float:
+    """Peak GiB allocated while running `fn()` once (0 on CPU)."""
+    if DEV.type != "cuda":
+        fn()
+        return 0.0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def moba_pairs(tq: int, tk: int, bs: int, top_k: int) -> int:
+    """Visible (query, key) pairs per head for causal MoBA without a mask (exact)."""
+    pos = torch.arange(tk - tq, tk, dtype=torch.float64)
+    own = torch.div(pos, bs, rounding_mode="floor")
+    hist = torch.clamp(own, max=top_k - 1)
+    return int((hist * bs + (pos - own * bs + 1)).sum().item())
+
+
+def dense_pairs(tq: int, tk: int, causal: bool = True) -> int:
+    if not causal:
+        return tq * tk
+    pos = torch.arange(tk - tq, tk, dtype=torch.float64)
+    return int((pos + 1).sum().item())
+
+
+def sdpa_ctx(decode: bool = False):
+    """SDPA restricted to its flash kernel (decode: flash, efficient or cuDNN, whichever takes GQA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if SMOKE:
+        return sdpa_kernel(SDPBackend.MATH)
+    if decode:
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
+    return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+
+
+def case(name: str, budget_s: float):
+    """Decorator: run a guarded case if enough of the time budget is left."""
+    def wrap(fn):
+        def run(deadline: float):
+            left = deadline - time.time()
+            if left < budget_s and not SMOKE:
+                print(f"\n[{name}] SKIPPED: needs ~{budget_s:.0f}s, {left:.0f}s left", flush=True)
+                return
+            print(f"\n[{name}]", flush=True)
+            t = time.time()
+            try:
+                fn()
+            except Exception as exc:  # keep going: one failure must not hide the other numbers
+                print(f"  ERROR {type(exc).__name__}: {str(exc)[:400]}")
+                traceback.print_exc(limit=3, file=sys.stdout)
+                RESULTS.append({"case": name, "error": f"{type(exc).__name__}: {exc}"[:400]})
+            finally:
+                if DEV.type == "cuda":
+                    torch.cuda.empty_cache()
+            print(f"  ({time.time() - t:.1f}s)", flush=True)
+        run.__name__ = name
+        return run
+    return wrap
+
+
+def rand(*shape, requires_grad=False):
+    x = torch.randn(*shape, device=DEV, dtype=DTYPE)
+    return x.requires_grad_(requires_grad)
+
+
+def row(label: str, ms: float, flop: float, mem: float | None = None, base_ms: float | None = None) -> str:
+    tf = flop / (ms * 1e-3) / 1e12 if ms > 0 else float("nan")
+    speed = f"{base_ms / ms:7.2f}x" if base_ms else "        "
+    m = f"{mem:7.2f} GiB" if mem is not None else ""
+    return f"  {label:<26} {ms:10.2f} ms {tf:8.1f} TFLOP/s {speed} {m}"
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+def rel_err(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def check_correctness():
+    cfgs = [
+        # name, B, Hq, Hkv, Tq, Tk, D, bs, top_k, causal
+        ("prefill_gqa", 1, 8, 2, sz(4096, 64), sz(4096, 64), sz(128, 16), sz(256, 16), 4, True),
+        ("chunk_noncausal", 2, 4, 4, sz(1000, 40), sz(3000, 90), sz(128, 16), sz(256, 16), 3, False),
+        ("decode_gqa", 2, 16, 4, 1, sz(8000, 90), sz(128, 16), sz(512, 16), 3, True),
+        ("small_block_d64", 1, 4, 4, sz(2048, 48), sz(2048, 48), sz(64, 16), sz(64, 16), 8, True),
+    ]
+    for name, b, hq, hkv, tq, tk, d, bs, top_k, causal in cfgs:
+        @case(f"correctness {name} {tuple((b, hq, hkv, tq, tk, d, bs, top_k, causal))}", 20)
+        def one():
+            q, k, v = rand(b, hq, tq, d), rand(b, hkv, tk, d), rand(b, hkv, tk, d)
+            kw = dict(block_size=bs, top_k=top_k, causal=causal, scale=d ** -0.5, attn_mask=None)
+            sel = triton_backend.block_selection(q, k, block_size=bs, top_k=top_k, causal=causal)
+            want_sel = reference.block_selection(q, k, block_size=bs, top_k=top_k, causal=causal)
+            differ = (sel != want_sel).any(-1)
+            gate = q.float() @ reference.repeat_kv(reference.block_means(k, bs), hq).transpose(-1, -2)
+            big = torch.finfo(torch.float32).max
+            gap = (torch.where(sel, gate, -big).sort(-1).values - torch.where(want_sel, gate, -big).sort(-1).values)
+            gap = gap.abs().where(gap.abs() < big / 2, torch.zeros_like(gap)).max().item()
+            fixed = triton_backend.forward_with_selection(q, k, v, want_sel,
+                                                          block_size=bs, causal=causal, scale=d ** -0.5)
+            out = triton_backend.forward(q, k, v, **kw)
+            want = reference.forward(q, k, v, **kw)
+            go = torch.randn_like(out)
+            got_g = triton_backend.backward(go, q, k, v, out, **kw)
+            want_g = reference.backward(go, q, k, v, want, **kw)
+            ok_rows = ~differ[..., None].expand_as(out)
+            e_fixed = (fixed.float() - want.float()).abs().max().item()
+            e_out = (out.float() - want.float())[ok_rows].abs().max().item()
+            grads = [rel_err(a, e) for a, e in zip(got_g, want_g)]
+            good = e_fixed < 3e-2 and e_out < 3e-2 and gap < 1e-2 and max(grads) < 2e-2
+            print(f"  selection: {int(differ.sum())} of {differ.numel()} rows differ (max gate gap {gap:.2e});"
+                  f" fwd max|err| fixed-selection {e_fixed:.2e}, end-to-end {e_out:.2e};"
+                  f" grad rel err dq {grads[0]:.2e} dk {grads[1]:.2e} dv {grads[2]:.2e}  -> {'PASS' if good else 'FAIL'}")
+            RESULTS.append({"case": f"correctness {name}", "pass": good, "rows_differ": int(differ.sum()),
+                            "gate_gap": gap, "err_fixed": e_fixed, "err_out": e_out, "grad_rel": grads})
+        one(DEADLINE)
+
+    @case("correctness varlen (3 sequences, GQA)", 20)
+    def varlen():
+        lens = [sz(1500, 30), sz(700, 9), sz(2600, 50)]
+        hq, hkv, d, bs = 8, 2, sz(128, 16), sz(256, 16)
+        tot = sum(lens)
+        q, k, v = rand(tot, hq, d), rand(tot, hkv, d), rand(tot, hkv, d)
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+        out = moba_attention_varlen(q, k, v, cu, cu, block_size=bs, top_k=3, backend="triton")
+        want = moba_attention_varlen(q, k, v, cu, cu, block_size=bs, top_k=3, backend="reference")
+        err = rel_err(out, want)
+        print(f"  varlen fwd rel err {err:.2e} -> {'PASS' if err < 2e-2 else 'FAIL'}")
+        RESULTS.append({"case": "correctness varlen", "pass": err < 2e-2, "rel_err": err})
+    varlen(DEADLINE)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def ours_breakdown(q, k, v, bs, top_k):
+    """Milliseconds of gate (means + top-k), CSR build and the attention kernels, separately."""
+    p = dense_problem(q, k, v, block_size=bs, top_k=top_k, causal=True, scale=q.shape[-1] ** -0.5, attn_mask=None)
+    reps = 3 if not SMOKE else 1
+    t_gate = bench(lambda: triton_gate.select_blocks(p), reps)
+    sel = triton_gate.select_blocks(p)
+    t_csr = bench(lambda: triton_gate.build_csr(p, triton_gate.Selection(sel.picks, sel.n_pick, sel.row_pad)), reps)
+    sel = triton_gate.build_csr(p, sel)
+    t_attn = bench(lambda: triton_attn.attention_forward(p, sel), reps)
+    return t_gate, t_csr, t_attn
+
+
+def prefill_case(label, b, h, t, d, bs, top_k, fwd_bwd: bool, with_torch: bool, reps: int, budget: float):
+    @case(label, budget)
+    def run():
+        q, k, v = rand(b, h, t, d, requires_grad=fwd_bwd), rand(b, h, t, d, requires_grad=fwd_bwd), \
+            rand(b, h, t, d, requires_grad=fwd_bwd)
+        go = torch.randn_like(q) if fwd_bwd else None
+        scale = d ** -0.5
+        mult = 3.5 if fwd_bwd else 1.0
+        useful = 4.0 * d * moba_pairs(t, t, bs, top_k) * b * h * mult
+        dense = 4.0 * d * dense_pairs(t, t) * b * h * mult
+
+        def ours():
+            from moba_rewrite import moba_attention
+
+            o = moba_attention(q, k, v, block_size=bs, top_k=top_k, causal=True, backend="triton")
+            if fwd_bwd:
+                o.backward(go)
+
+        def sdpa():
+            with sdpa_ctx():
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            if fwd_bwd:
+                o.backward(go)
+
+        def torch_backend():
+            from moba_rewrite import moba_attention
+
+            o = moba_attention(q, k, v, block_size=bs, top_k=top_k, causal=True, backend="torch")
+            if fwd_bwd:
+                o.backward(go)
+
+        entry = {"case": label, "B": b, "H": h, "T": t, "D": d, "block": bs, "top_k": top_k, "fwd_bwd": fwd_bwd}
+        t_ours = bench(ours, reps)
+        m_ours = peak_mem(ours)
+        print(row("ours (triton)", t_ours, useful, m_ours), flush=True)
+        t_sdpa = bench(sdpa, max(1, reps - 1) if t > 256 * K else reps, warmup=0 if t > 256 * K else 1)
+        m_sdpa = peak_mem(sdpa) if t <= 256 * K else float("nan")
+        print(row("SDPA flash (dense)", t_sdpa, dense, m_sdpa), flush=True)
+        print(f"  -> ours is {t_sdpa / t_ours:.2f}x faster than SDPA", flush=True)
+        entry.update(ours_ms=t_ours, sdpa_ms=t_sdpa, speedup=t_sdpa / t_ours, ours_gib=m_ours, sdpa_gib=m_sdpa,
+                     ours_useful_tflops=useful / t_ours / 1e9, sdpa_tflops=dense / t_sdpa / 1e9)
+        if not fwd_bwd:
+            g, c, a = ours_breakdown(q, k, v, bs, top_k)
+            print(f"  ours breakdown: gate {g:.2f} ms, csr {c:.2f} ms, attention {a:.2f} ms"
+                  f" -> attention-only useful {useful / (a * 1e-3) / 1e12:.1f} TFLOP/s", flush=True)
+            entry.update(gate_ms=g, csr_ms=c, attn_ms=a, attn_useful_tflops=useful / a / 1e9)
+        if with_torch:
+            try:
+                t_torch = bench(torch_backend, 1)
+                print(row("ours (torch backend)", t_torch, useful, None, None), flush=True)
+                entry["torch_ms"] = t_torch
+            except Exception as exc:
+                print(f"  torch backend ERROR {type(exc).__name__}: {str(exc)[:200]}")
+        RESULTS.append(entry)
+    return run
+
+
+def decode_case(label, b, h, hkv, tk, d, bs, top_k, reps, budget):
+    @case(label, budget)
+    def run():
+        q, k, v = rand(b, h, 1, d), rand(b, hkv, tk, d), rand(b, hkv, tk, d)
+        scale = d ** -0.5
+
+        def ours():
+            return triton_backend.forward(q, k, v, block_size=bs, top_k=top_k, causal=True, scale=scale,
+                                          attn_mask=None)
+
+        def sdpa():
+            with sdpa_ctx(decode=True):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=hkv != h)
+
+        def torch_backend():
+            return load_backend("torch").forward(q, k, v, block_size=bs, top_k=top_k, causal=True, scale=scale,
+                                                 attn_mask=None)
+
+        t_ours, t_sdpa = bench(ours, reps), bench(sdpa, reps)
+        p = dense_problem(q, k, v, block_size=bs, top_k=top_k, causal=True, scale=scale, attn_mask=None)
+        t_means = bench(lambda: triton_gate.block_means(p), reps)
+        sel = triton_gate.select_blocks(p)
+        t_kernel = bench(lambda: triton_attn.decode_forward(p, sel), reps)
+        kv_bytes = 2 * k.numel() * k.element_size()
+        print(f"  ours (triton)      {t_ours * 1e3:9.1f} us  (block means {t_means * 1e3:.1f} us, split-KV attention"
+              f" {t_kernel * 1e3:.1f} us)\n  SDPA (dense)       {t_sdpa * 1e3:9.1f} us  ({kv_bytes / (t_sdpa * 1e-3) / 1e12:.2f} TB/s)"
+              f"\n  -> ours is {t_sdpa / t_ours:.2f}x faster; without the block-means pass (a KV-cache-side mean"
+              f" cache) the attention alone is {t_sdpa / t_kernel:.2f}x", flush=True)
+        entry = {"case": label, "ours_us": t_ours * 1e3, "sdpa_us": t_sdpa * 1e3, "means_us": t_means * 1e3,
+                 "kernel_us": t_kernel * 1e3, "speedup": t_sdpa / t_ours}
+        try:
+            t_torch = bench(torch_backend, reps)
+            print(f"  ours (torch backend) {t_torch * 1e3:7.1f} us", flush=True)
+            entry["torch_us"] = t_torch * 1e3
+        except Exception as exc:
+            print(f"  torch backend ERROR {type(exc).__name__}: {str(exc)[:200]}")
+        RESULTS.append(entry)
+    return run
+
+
+# ----------------------------------------------------------------------------- compile check (no GPU needed)
+
+_INT_PTRS = {"q_start", "q_len", "k_start", "k_len", "PICKS", "WORK_IDX", "WORK_CHUNK", "OFFSETS", "ENTRY_ROW",
+             "ENTRY_SRC"}
+_F32_PTRS = {"MEANS", "O32", "LSE_PART", "ROW_LSE", "DQ32", "DELTA", "O_PART"}
+_DATA_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV"}
+
+
+def compile_sm90() -> bool:
+    """Compile every kernel variant for sm_90 on this machine (Triton ships ptxas) and print shared
+    memory, registers and spill stack per variant. Catches compile errors without a GPU."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    target = GPUTarget("cuda", 90, 32)
+    ok = True
+
+    def one(label, fn, consts, warps, stages, dt="bf16", mask_dt="u8"):
+        nonlocal ok
+        sig = {}
+        for name in fn.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name in _INT_PTRS:
+                sig[name] = "*i32"
+            elif name in _F32_PTRS:
+                sig[name] = "*fp32"
+            elif name in ("MASK", "VIS"):
+                sig[name] = "*" + mask_dt
+            elif name in _DATA_PTRS:
+                sig[name] = "*" + dt
+            elif name in ("scale", "scale_log2"):
+                sig[name] = "fp32"
+            else:
+                sig[name] = "i32"
+        try:
+            k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
+                               options={"num_warps": warps, "num_stages": stages})
+        except Exception as exc:
+            ok = False
+            print(f"  FAIL {label}: {type(exc).__name__}: {str(exc)[:600]}")
+            return
+        usage = ""
+        try:
+            with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as fh:
+                fh.write(k.asm["cubin"])
+            res = subprocess.run([cuobjdump, "--dump-resource-usage", fh.name], capture_output=True, text=True)
+            usage = " ".join(w for w in res.stdout.split() if w.startswith(("REG:", "STACK:")))
+        except Exception:
+            pass
+        print(f"  ok   {label:<48} smem {k.metadata.shared:>6} B  {usage}")
+
+    class _P:  # the config functions only look at d and the device
+        def __init__(self, d):
+            self.d, self.q = d, torch.empty(0, device="meta")
+
+    for d in (64, 128, 256):
+        p = _P(d)
+        bm, bn, w, st = triton_attn.fwd_config(p)
+        for mode in (0, 1):
+            for causal, mask, mbool in ((True, False, True), (False, True, True), (True, True, False)):
+                one(f"D={d} fwd mode={mode} causal={causal} mask={mask}{'' if mbool else ' float'}",
+                    triton_attn._fwd_kernel,
+                    dict(MODE=mode, CAUSAL=causal, HAS_MASK=mask, MASK_BOOL=mbool, BLOCK_M=bm, BLOCK_N=bn,
+                         BLOCK_D=d, D=d, DOT_PREC="tf32", OFF64=False), w, st, mask_dt="u8" if mbool else "fp32")
+        one(f"D={d} fwd mode=1 fp32 off64", triton_attn._fwd_kernel,
+            dict(MODE=1, CAUSAL=True, HAS_MASK=False, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, D=d,
+                 DOT_PREC="ieee", OFF64=True), w, st, dt="fp32")
+        bm, bn, w, st = triton_attn.bwd_config(p)
+        for causal, mask in ((True, False), (False, True)):
+            one(f"D={d} bwd causal={causal} mask={mask}", triton_attn._bwd_kernel,
+                dict(CAUSAL=causal, HAS_MASK=mask, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, D=d,
+                     DOT_PREC="tf32"), w, st)
+        bm, bn, w, st = triton_gate.gate_config(torch.device("cuda"), d)
+        for causal in (True, False):
+            one(f"D={d} gate causal={causal} top-8", triton_gate._gate_topk_kernel,
+                dict(CAUSAL=causal, HAS_VIS=not causal, N_PICK=7, KP=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, D=d,
+                     GATE_PREC="tf32x3"), w, st)
+        one(f"D={d} block means", triton_gate._block_means_kernel, dict(D=d, BLOCK_D=d, BLOCK_N=64), 4, 2)
+        one(f"D={d} decode", triton_attn._decode_kernel, dict(HAS_MASK=True, MASK_BOOL=True, BLOCK_N=bn, BLOCK_D=d, D=d),
+            4, 2)
+        one(f"D={d} decode combine", triton_attn._decode_combine_kernel, dict(BLOCK_S=16, BLOCK_D=d, D=d), 4, 2)
+        one(f"D={d} row dot", triton_attn._row_dot_kernel, dict(BLOCK_M=16, BLOCK_D=d, D=d), 4, 2)
+    print("compile check:", "all variants compiled" if ok else "SOME VARIANTS FAILED")
+    return ok
+
+
+DEADLINE = 0.0
+
+
+def main() -> None:
+    global DEADLINE
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
+    ap.add_argument("--budget", type=float, default=290.0, help="seconds for the whole run (cases are skipped after)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--compile-sm90", action="store_true",
+                    help="only compile every kernel variant for sm_90 and report registers/spills (no GPU needed)")
+    args = ap.parse_args()
+    DEADLINE = T0 + args.budget
+    if args.compile_sm90:
+        sys.exit(0 if compile_sm90() else 1)
+    if not SMOKE and not torch.cuda.is_available():
+        sys.exit("bench_gpu.py needs a CUDA device (or --cpu-smoke)")
+    if DEV.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    torch.manual_seed(0)
+    if not args.skip_correctness:
+        check_correctness()
+    d, h = sz(128, 16), sz(16, 2)
+    bs512, bs128 = sz(512, 16), sz(128, 16)
+    cases = [
+        prefill_case(f"paper fwd: block 512 top-3, H={h}, B=1, T=128K", 1, h, scaled(128 * K), d, bs512, 3,
+                     False, True, 5, 25),
+        decode_case(f"decode: 128K cache, block 512 top-3, H={h}", 1, h, h, scaled(128 * K), d, bs512, 3, 20, 10),
+        decode_case(f"decode GQA: 128K cache, block 512 top-3, Hq={h} Hkv={max(1, h // 4)}, B=4", 4, h,
+                    max(1, h // 4), scaled(128 * K), d, bs512, 3, 20, 10),
+        prefill_case(f"FlashMoBA fwd+bwd: block 128 top-8, H={h}, B=2, T=64K", 2, h, scaled(64 * K), d, bs128, 8,
+                     True, True, 3, 25),
+        prefill_case(f"paper fwd+bwd: block 512 top-3, H={h}, B=1, T=128K", 1, h, scaled(128 * K), d, bs512, 3,
+                     True, False, 3, 30),
+        prefill_case(f"paper fwd: block 512 top-3, H={h}, B=1, T=512K", 1, h, scaled(512 * K), d, bs512, 3,
+                     False, False, 2, 45),
+        prefill_case(f"FlashMoBA fwd+bwd: block 128 top-8, H={h}, B=2, T=512K", 2, h, scaled(512 * K), d, bs128, 8,
+                     True, False, 1, 80),
+    ]
+    for run in cases:
+        run(DEADLINE)
+    print(f"\ntotal {time.time() - T0:.0f}s")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(RESULTS, fh, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x))
+        print(f"results written to {args.json}")
+    if any(r.get("pass") is False or "error" in r for r in RESULTS):
+        print("SOME CHECKS FAILED OR ERRORED (see above)")
+
+
+if __name__ == "__main__":
+    main()

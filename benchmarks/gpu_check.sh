@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Prepared GPU check for the Triton MoBA kernels (issue 5). Installs nothing; runs from the tree.
+# About 5 minutes on one H100: bf16 correctness vs the dense reference on mid-size shapes, then
+# time / TFLOP/s / peak memory of ours vs SDPA (flash) vs our torch backend, fwd and fwd+bwd,
+# and decode at 128K. Every case is guarded (an error is printed, the run goes on); cases that
+# would overrun the time budget are skipped with a note.
+#   usage: benchmarks/gpu_check.sh [--budget SECONDS] [--skip-correctness]
+# Results are also written as JSON to $OUT/bench_gpu.json when $OUT is set (else /tmp).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
+echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi unavailable"
+python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
+out_dir="${OUT:-/tmp}"
+timeout -k 10 330 python benchmarks/bench_gpu.py --budget 290 --json "$out_dir/bench_gpu.json" "$@"
+rc=$?
+[ $rc -eq 124 ] && echo "gpu_check: stopped by the 330 s timeout (partial results above)"
+exit $rc
