@@ -177,3 +177,14 @@ def test_unsupported_calls_raise_clear_errors():
     q64 = q.double()
     assert not tb.supports(q64, q64, None)
     assert tb.supports(q.float(), k.float(), torch.ones(16, 16, dtype=torch.bool))
+
+
+def test_kernels_are_registered_as_torch_ops():
+    """`moba::triton_attention` (+ backward): schema, fake implementation, autograd registration."""
+    q, k, v = _inputs(1, 2, 1, 20, 20, 16, torch.float32, seed=9)
+    args = (q, k, v, None, 8, 2, True, 0.25)
+    torch.library.opcheck(torch.ops.moba.triton_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out = torch.ops.moba.triton_attention(*args)
+    torch.testing.assert_close(out, ref.forward(q, k, v, block_size=8, top_k=2, causal=True, scale=0.25,
+                                                attn_mask=None), atol=2e-5, rtol=2e-5)

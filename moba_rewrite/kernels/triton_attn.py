@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moba_rewrite.kernels.triton_gate import Selection
-from moba_rewrite.kernels.triton_layout import Problem, interpreted, next_pow2
+from moba_rewrite.kernels.triton_layout import Problem, interpreted, launch, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -420,7 +420,7 @@ def _launch_fwd(p: Problem, sel: Selection, mode: int, o32: Tensor, lse_part: Te
     idx, chunk, upper = _work_list(p, sel, block_m)
     mask, ms, has_mask, mask_bool = _mask_args(p)
     so = p.out_strides(o32)
-    _fwd_kernel[(upper, nsplit)](
+    launch(_fwd_kernel)[(upper, nsplit)](
         p.q, p.k, p.v, o32, lse_part, lse, mask, idx, chunk, sel.offsets, sel.entry_row, sel.entry_src,
         p.q_start, p.q_len, p.k_start, p.k_len,
         p.sq.sb, p.sq.sh, p.sq.st, p.sk.sb, p.sk.sh, p.sk.st, p.sv.sb, p.sv.sh, p.sv.st, so.sb, so.sh, so.st,
@@ -445,7 +445,7 @@ def decode_forward(p: Problem, sel: Selection) -> Tensor:
     o_part = torch.empty((p.batch * p.hq, n_part, block_d), dtype=torch.float32, device=p.q.device)
     lse_part = torch.empty((p.batch * p.hq, n_part), dtype=torch.float32, device=p.q.device)
     mask, ms, has_mask, mask_bool = _mask_args(p)
-    _decode_kernel[(p.batch * p.hq, kp + 1, nsplit)](
+    launch(_decode_kernel)[(p.batch * p.hq, kp + 1, nsplit)](
         p.q, p.k, p.v, sel.picks, o_part, lse_part, mask, p.q_start, p.q_len, p.k_start, p.k_len,
         p.sq.sb, p.sq.sh, p.sq.st, p.sk.sb, p.sk.sh, p.sk.st, p.sv.sb, p.sv.sh, p.sv.st,
         ms[0], ms[1], ms[2], ms[3], p.hq, p.group, sel.row_pad, kp, p.block_size, span, nsplit, p.scale * LOG2E,
@@ -453,7 +453,7 @@ def decode_forward(p: Problem, sel: Selection) -> Tensor:
     )
     out = torch.zeros_like(p.q)
     so = p.out_strides(out)
-    _decode_combine_kernel[(p.batch * p.hq,)](
+    launch(_decode_combine_kernel)[(p.batch * p.hq,)](
         o_part, lse_part, out, p.q_start, p.q_len, so.sb, so.sh, so.st, p.hq, n_part,
         BLOCK_S=max(2, next_pow2(n_part)), BLOCK_D=block_d, D=p.d,
     )
@@ -481,7 +481,7 @@ def attention_backward(p: Problem, sel: Selection, grad_out: Tensor, out: Tensor
     sd, so = p.out_strides(grad_out), p.out_strides(out)
     delta = torch.zeros((bh, sel.row_pad), dtype=torch.float32, device=p.q.device)
     rows_per = 16 if not interpreted(p.q.device) else 32
-    _row_dot_kernel[(-(-sel.row_pad // rows_per), bh)](
+    launch(_row_dot_kernel)[(-(-sel.row_pad // rows_per), bh)](
         grad_out, out, delta, p.q_start, p.q_len, sd.sb, sd.sh, sd.st, so.sb, so.sh, so.st,
         p.hkv, p.group, sel.row_pad, BLOCK_M=rows_per, BLOCK_D=block_d, D=p.d,
     )
@@ -491,7 +491,7 @@ def attention_backward(p: Problem, sel: Selection, grad_out: Tensor, out: Tensor
     sgq, sgk, sgv = p.out_strides(dq32), p.out_strides(dk), p.out_strides(dv)
     n_sub = -(-p.block_size // block_n)
     mask, ms, has_mask, mask_bool = _mask_args(p)
-    _bwd_kernel[(p.n_blocks * n_sub, bh)](
+    launch(_bwd_kernel)[(p.n_blocks * n_sub, bh)](
         p.q, p.k, p.v, grad_out, dq32, dk, dv, lse, delta, mask, sel.offsets, sel.entry_row,
         p.q_start, p.q_len, p.k_start, p.k_len,
         p.sq.sb, p.sq.sh, p.sq.st, p.sk.sb, p.sk.sh, p.sk.st, p.sv.sb, p.sv.sh, p.sv.st, sd.sb, sd.sh, sd.st,

@@ -10,6 +10,8 @@ op's forward and backward calls.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -80,18 +82,9 @@ def _check(q: Tensor, k: Tensor, attn_mask: Tensor | None) -> None:
         raise NotImplementedError(f"MoBA triton backend does not support {reason}")
 
 
-def _plan(q, k, v, block_size, top_k, causal, scale, attn_mask) -> tuple["Problem", "triton_gate.Selection"]:
-    _check(q, k, attn_mask)
-    p = dense_problem(q, k, v, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
-                      attn_mask=attn_mask)
-    sel = triton_gate.select_blocks(p)
-    return p, triton_gate.build_csr(p, sel)
-
-
-def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
-            attn_mask: Tensor | None) -> Tensor:
-    """MoBA output `[B, Hq, Tq, D]` (see SPEC section 2)."""
-    _check(q, k, attn_mask)
+def _forward_impl(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], block_size: int, top_k: int,
+                  causal: bool, scale: float) -> Tensor:
+    """Dense-layout forward: torch ops plus (wrapped) Triton launches only, so it is traceable."""
     p = dense_problem(q, k, v, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
                       attn_mask=attn_mask)
     return _run_forward(p)
@@ -105,12 +98,58 @@ def _run_forward(p: "Problem") -> Tensor:
     return out
 
 
+def _backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, attn_mask: Optional[Tensor],
+                   block_size: int, top_k: int, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    p = dense_problem(q, k, v, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
+                      attn_mask=attn_mask)
+    sel = triton_gate.build_csr(p, triton_gate.select_blocks(p))
+    lse = triton_attn.row_lse(p, sel).contiguous()
+    dq, dk, dv = triton_attn.attention_backward(p, sel, grad_out, out, lse)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+# The kernels as torch operators. On GPU they are `torch.library.triton_op`s: torch.compile and
+# AOTInductor trace into them and embed the Triton kernels (launched through `wrap_triton`), and
+# their fake implementation is the traced implementation itself. Under the interpreter (CPU tests)
+# the kernels are not JIT functions, so the same implementations are registered as opaque custom
+# ops with explicit fake implementations instead.
+if _IMPORT_ERROR is None:
+    if interpreter_active():
+        _fwd_op = torch.library.custom_op("moba::triton_attention", mutates_args=())(_forward_impl)
+        _bwd_op = torch.library.custom_op("moba::triton_attention_backward", mutates_args=())(_backward_impl)
+        _fwd_op.register_fake(lambda q, k, v, *a: torch.empty_like(q))
+        _bwd_op.register_fake(lambda g, q, k, v, *a: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
+    else:
+        _fwd_op = torch.library.triton_op("moba::triton_attention", mutates_args=())(_forward_impl)
+        _bwd_op = torch.library.triton_op("moba::triton_attention_backward", mutates_args=())(_backward_impl)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, attn_mask, block_size, top_k, causal, scale = inputs
+        ctx.save_for_backward(q, k, v, output, attn_mask)
+        ctx.params = (block_size, top_k, causal, scale)
+
+    def _backward_rule(ctx, grad_out):
+        q, k, v, out, attn_mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.moba.triton_attention_backward(grad_out.contiguous(), q, k, v, out, attn_mask,
+                                                              *ctx.params)
+        return dq, dk, dv, None, None, None, None, None
+
+    _fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
+            attn_mask: Tensor | None) -> Tensor:
+    """MoBA output `[B, Hq, Tq, D]` (see SPEC section 2), through `moba::triton_attention`."""
+    _check(q, k, attn_mask)
+    return torch.ops.moba.triton_attention(q, k, v, attn_mask, block_size, top_k, causal, float(scale))
+
+
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
              causal: bool, scale: float, attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv); recomputes the selection and the row LSE (one score pass)."""
-    p, sel = _plan(q, k, v, block_size, top_k, causal, scale, attn_mask)
-    lse = triton_attn.row_lse(p, sel).contiguous()
-    return triton_attn.attention_backward(p, sel, grad_out, out, lse)
+    _check(q, k, attn_mask)
+    return torch.ops.moba.triton_attention_backward(grad_out.contiguous(), q, k, v, out, attn_mask, block_size,
+                                                    top_k, causal, float(scale))
 
 
 @torch.no_grad()

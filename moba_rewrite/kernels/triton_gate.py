@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moba_rewrite.kernels.triton_layout import Problem, interpreted, next_pow2
+from moba_rewrite.kernels.triton_layout import Problem, interpreted, launch, next_pow2
 
 
 @triton.jit
@@ -146,7 +146,7 @@ def block_means(p: Problem) -> Tensor:
     means = torch.empty((p.batch * p.hkv, nb, p.d), dtype=torch.float32, device=p.q.device)
     block_d = max(16, next_pow2(p.d))
     block_n = 16 if interpreted(p.q.device) else 64
-    _block_means_kernel[(nb, p.batch * p.hkv)](
+    launch(_block_means_kernel)[(nb, p.batch * p.hkv)](
         p.k, means, p.k_start, p.k_len, p.sk.sb, p.sk.sh, p.sk.st, p.hkv, nb, p.block_size,
         D=p.d, BLOCK_D=block_d, BLOCK_N=block_n,
     )
@@ -188,7 +188,7 @@ def select_blocks(p: Problem, block_m: int | None = None) -> Selection:
         vs = vis.stride() if vis is not None else (0, 0, 0, 0)
         # tf32x3: ~fp32 accuracy on tensor cores (the gate is specified in fp32); HIP lacks it.
         prec = "ieee" if interpreted(dev) or torch.version.hip else "tf32x3"
-        _gate_topk_kernel[(n_tiles, p.batch * p.hkv)](
+        launch(_gate_topk_kernel)[(n_tiles, p.batch * p.hkv)](
             p.q, means, picks, vis_arg, p.q_start, p.q_len, p.k_len, p.sq.sb, p.sq.sh, p.sq.st,
             vs[0], vs[1], vs[2], vs[3], p.hkv, p.group, p.n_blocks, rp, p.block_size,
             CAUSAL=p.causal, HAS_VIS=vis is not None, N_PICK=n_pick, KP=kp, BLOCK_M=block_m,

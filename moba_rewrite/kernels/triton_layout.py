@@ -27,6 +27,17 @@ def interpreted(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
+def launch(kernel):
+    """`kernel[grid](...)` through `torch.library.wrap_triton` on GPU, so that torch.compile and
+    AOTInductor capture (and embed) the launches of the `moba::triton_attention*` ops; the
+    interpreter's kernels are not JIT functions and launch directly."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
 @dataclass
 class Seqs:
     """Tensor strides of one `[.., H, T, D]`-like tensor: (batch, head, token)."""
