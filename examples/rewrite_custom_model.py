@@ -7,8 +7,6 @@ Checks: with `top_k * block_size >= sequence length` MoBA is exactly ordinary at
 the rewritten model reproduces the original; with a sparse policy the outputs change.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +32,7 @@ class HandWrittenBlock(nn.Module):
     def __init__(self, dim: int = 64, heads: int = 4, max_len: int = 512) -> None:
         super().__init__()
         self.heads = heads
+        self.scale = (dim // heads) ** -0.5
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
         self.register_buffer("causal", torch.ones(max_len, max_len, dtype=torch.bool).tril(), persistent=False)
@@ -46,9 +45,9 @@ class HandWrittenBlock(nn.Module):
             return z.view(b, t, h, d // h).transpose(1, 2)
 
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d // h)
+        scores = (q @ k.transpose(-1, -2)) * self.scale
         scores = scores.masked_fill(~self.causal[:t, :t], float("-inf"))  # GPT-2 style mask buffer
-        y = torch.matmul(F.softmax(scores, dim=-1), v)
+        y = scores.softmax(dim=-1) @ v
         return x + self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 

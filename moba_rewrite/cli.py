@@ -725,13 +725,36 @@ def _time_ms(fn: Callable[[], Any], device, repeats: int) -> float:
     return best * 1e3
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Forward time of MoBA (each backend that runs here) against causal SDPA, per sequence length."""
-    import torch
-    import torch.nn.functional as F
+def _bench_script() -> Path | None:
+    """The project's benchmark (benchmarks/bench_attention.py) in a source checkout, if present."""
+    import moba_rewrite
 
-    import moba_rewrite as mr
-    from moba_rewrite.kernels import BackendUnavailable, load_backend
+    path = Path(moba_rewrite.__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
+    return path if path.is_file() else None
+
+
+def _bench_argv(args: argparse.Namespace, device: str) -> list[str]:
+    """Translate `bench` flags for benchmarks/bench_attention.py."""
+    if args.seq_lens:
+        lens = args.seq_lens
+    elif args.quick:
+        lens = "2048,4096" if device == "cpu" else "8192,16384"
+    else:
+        lens = "2048,4096,8192" if device == "cpu" else "8192,16384,32768,65536,131072"
+    argv = ["--device", device, "--seq-lens", lens, "--block-size", str(args.block_size), "--top-k", str(args.top_k)]
+    if args.quick:
+        argv += ["--repeats", "1", "--warmup", "1"]
+    if args.backward:
+        argv.append("--backward")
+    if args.plot:
+        argv += ["--plot", str(args.plot)]
+    return argv
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the project's attention benchmark for this device (or, in an installed package
+    without benchmarks/, a built-in forward-time table)."""
+    import torch
 
     dev = _device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.seq_lens:
@@ -742,10 +765,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            EXIT_VALUE) from None
         if not lens or min(lens) < 1:
             raise CliError("--seq-lens", "expected positive sequence lengths", EXIT_VALUE)
-    elif args.quick:
-        lens = [256, 512] if dev.type == "cpu" else [4096, 8192]
-    else:
-        lens = [1024, 2048, 4096] if dev.type == "cpu" else [8192, 16384, 32768, 65536]
     if args.plot:
         from moba_rewrite import checkpoints as ck
 
@@ -753,6 +772,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
             ck.check_output(args.plot, force=args.force)
         except ck.CheckpointError as exc:
             raise CliError("", str(exc), exc.exit_code) from exc
+        if Path(args.plot).exists():
+            Path(args.plot).unlink()  # --force: the benchmark writes the plot itself
+    script = None if args.builtin else _bench_script()
+    if script is None:
+        return _builtin_bench(args, dev)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("moba_rewrite_bench_attention", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    say(f"running {script} on {dev}", quiet=args.quiet)
+    return int(module.main(_bench_argv(args, str(dev))) or 0)
+
+
+def _builtin_bench(args: argparse.Namespace, dev) -> int:
+    """Forward time of MoBA (each backend that runs here) against causal SDPA, per sequence length."""
+    import torch
+    import torch.nn.functional as F
+
+    import moba_rewrite as mr
+    from moba_rewrite.kernels import BackendUnavailable, load_backend
+
+    if args.seq_lens:
+        lens = [int(x) for x in args.seq_lens.split(",") if x.strip()]
+    elif args.quick:
+        lens = [256, 512] if dev.type == "cpu" else [4096, 8192]
+    else:
+        lens = [1024, 2048, 4096] if dev.type == "cpu" else [8192, 16384, 32768, 65536]
     heads, dim = (4, 64) if dev.type == "cpu" else (16, 128)
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     backends = []
@@ -769,8 +816,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bar = Progress(len(lens), enabled=not args.quiet and not args.no_progress)
     try:
         for n in lens:
-            block = max(16, min(512, n // 8))
-            top_k = 3
+            block = min(args.block_size, max(16, n // 8))
+            top_k = args.top_k
             with bar.step(f"timing {n} tokens"):
                 g = torch.Generator(device="cpu").manual_seed(0)
                 q, k, v = (torch.randn(1, heads, n, dim, generator=g).to(dev, dtype) for _ in range(3))
@@ -948,11 +995,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="time MoBA against dense attention on this device",
-                       description="Run the attention benchmark (MoBA backends vs scaled_dot_product_attention) "
-                                   "for the current device and print the table.")
+                       description="Run the attention benchmark (benchmarks/bench_attention.py: MoBA vs causal "
+                                   "scaled_dot_product_attention, time and peak memory) for the current device and "
+                                   "print the table. In an installed package without benchmarks/, a built-in "
+                                   "forward-time table.")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--seq-lens", default=None, metavar="N,N,...", help="sequence lengths to time")
-    p.add_argument("--quick", action="store_true", help="a few small sizes only")
+    p.add_argument("--block-size", type=_positive, default=512, metavar="B", help="MoBA block size (default 512)")
+    p.add_argument("--top-k", type=_positive, default=3, metavar="K", help="MoBA top-k (default 3)")
+    p.add_argument("--backward", action="store_true", help="also time forward+backward")
+    p.add_argument("--quick", action="store_true", help="two sizes, one repeat")
+    p.add_argument("--builtin", action="store_true", help="the built-in forward-only table (no subprocesses)")
     p.add_argument("--plot", metavar="PNG", help="also draw the timings")
     p.add_argument("--force", action="store_true", help="replace PNG if it exists")
     _add_common(p)
