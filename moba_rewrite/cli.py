@@ -272,7 +272,7 @@ class RewriteResult:
     model: Any = None  # the in-memory rewritten model (eager), for callers that continue
 
 
-def _artifact_runner(fmt: str, path: Path) -> Callable:
+def _artifact_runner(fmt: str, path: Path, dtype=None, display: Path | None = None) -> Callable:
     """Load the written artifact the way a user would; returns `run(args) -> output tensor`."""
     import torch
 
@@ -282,9 +282,10 @@ def _artifact_runner(fmt: str, path: Path) -> Callable:
     if fmt == "onnx":
         from moba_rewrite.exporters.onnx import run_onnxruntime
 
-        return lambda args: torch.as_tensor(run_onnxruntime(path, [a.cpu() for a in args])[0])
+        return _reporting_failures(lambda args: torch.as_tensor(run_onnxruntime(path, [a.cpu() for a in args])[0]),
+                                   fmt, display or path)
     if fmt == "hf":
-        loaded = ck.load(path)
+        loaded = ck.load(path, dtype=dtype)
         fn = exportable(loaded)
     elif fmt == "pt2":
         fn = ck.read_checkpoint(path).model.module()
@@ -299,7 +300,22 @@ def _artifact_runner(fmt: str, path: Path) -> Callable:
         with torch.no_grad():
             return first_tensor(fn(*args))
 
-    return run
+    return _reporting_failures(run, fmt, display or path)
+
+
+def _reporting_failures(run: Callable, fmt: str, path: Path) -> Callable:
+    def guarded(args):
+        try:
+            return run(args)
+        except CliError:
+            raise
+        except Exception as exc:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            hint = " (onnxruntime's CPU kernels need --dtype float32)" if fmt == "onnx" and "NOT_IMPLEMENTED" in text else ""
+            raise CliError(path, f"expected the written {fmt} artifact to load and run{hint} "
+                               f"({type(exc).__name__}: {text}); nothing was written", EXIT_VERIFY) from exc
+
+    return guarded
 
 
 def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | dict, out: str | os.PathLike, *,
@@ -358,7 +374,7 @@ def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | 
             diff = None
             if verify:
                 with bar.step("verifying"):
-                    runner = _artifact_runner(fmt, staging)
+                    runner = _artifact_runner(fmt, staging, dtype=next(model.parameters()).dtype, display=out)
                     diff = _verify(str(out), runner(args), expected)
                     if dynamic and fmt != "hf":
                         m2 = n + max(1, n // 3) + 1
@@ -468,7 +484,7 @@ def _rewrite_program(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, f
         diff = None
         if verify:
             with bar.step("verifying"):
-                diff = _verify(str(out), _artifact_runner(fmt, staging)(args), expected)
+                diff = _verify(str(out), _artifact_runner(fmt, staging, display=out)(args), expected)
         with bar.step("moving into place"):
             pass
     if report_json:

@@ -233,8 +233,8 @@ def test_rewrite_errors(work, tmp_path, capsys, case):
 def test_verification_failure_writes_nothing(work, tmp_path, capsys, monkeypatch):
     real = cli._artifact_runner
 
-    def off_by_one(fmt, path):
-        run = real(fmt, path)
+    def off_by_one(fmt, path, dtype=None, display=None):
+        run = real(fmt, path, dtype, display)
         return lambda args: run(args) + 1.0
 
     monkeypatch.setattr(cli, "_artifact_runner", off_by_one)
