@@ -48,7 +48,7 @@ def measure(layers: int, impl: str, seq: int = 256) -> dict:
     ep, report = api.rewrite_exported(ep, POLICY)
     t_pass = time.perf_counter() - t0
     assert len(report) == layers, str(report)
-    assert sum(r.decision == "moba" for r in report) == max(layers - 3, 0)
+    assert sum(r.decision == "moba" for r in report) == max(layers - 3, 0), str(report)
     return {"layers": layers, "impl": impl, "nodes": nodes, "export_s": t_export, "pass_s": t_pass,
             "us_per_node": 1e6 * t_pass / nodes}
 

@@ -235,7 +235,10 @@ def attention_modules(model: nn.Module, example_inputs: Any = None) -> tuple[lis
         if hasattr(m, "_moba_decision"):
             m._moba_decision = None
     model.set_attn_implementation(IMPL_PREFIX + origin)
-    inputs = example_inputs if example_inputs is not None else model.dummy_inputs
+    inputs = example_inputs
+    if inputs is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in model.dummy_inputs.items()}
     try:
         with recording() as calls, torch.no_grad():
             if isinstance(inputs, dict):

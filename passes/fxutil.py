@@ -169,7 +169,8 @@ _register("view", torch.reshape, torch.Tensor.view, torch.Tensor.reshape, torch.
           torch.Tensor.contiguous, torch.unsqueeze, torch.Tensor.unsqueeze, torch.Tensor.clone,
           torch.clone, *_aten("view"), *_aten("reshape"), *_aten("_unsafe_view"), *_aten("expand"),
           *_aten("contiguous"), *_aten("clone"), *_aten("unsqueeze"), *_aten("slice"),
-          *_aten("alias"), *_aten("detach"), *_aten("lift_fresh_copy"), operator.getitem)
+          *_aten("alias"), *_aten("detach"), *_aten("detach_"), *_aten("lift_fresh_copy"),
+          *_aten("lift_fresh"), torch.Tensor.detach, operator.getitem)
 _register("lt_compare", torch.le, torch.ge, torch.lt, torch.gt, operator.le, operator.ge, operator.lt,
           operator.gt, *_aten("le"), *_aten("ge"), *_aten("lt"), *_aten("gt"))
 _register("sdpa", torch.nn.functional.scaled_dot_product_attention, *_aten("scaled_dot_product_attention"))

@@ -42,8 +42,12 @@ def _is_zero(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
 
 
-def _zeros_like_node(n) -> bool:
-    """A node that is a tensor of zeros (`zeros`, `zeros_like`, `new_zeros`, `full(.., 0)`)."""
+def _zeros_like_node(n, root=None) -> bool:
+    """A node that is a tensor of zeros (`zeros`, `zeros_like`, `new_zeros`, `full(.., 0)`, a
+    constant of zeros such as a lifted `torch.tensor(0.0)`)."""
+    if isinstance(n, fx.Node) and n.op in ("get_attr", "placeholder"):
+        const = constant_of(n, root)
+        return const is not None and bool((const == 0).all())
     if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method"):
         return _is_zero(n)
     name = getattr(n.target, "__name__", str(n.target))
@@ -52,8 +56,8 @@ def _zeros_like_node(n) -> bool:
     if "full" in name:
         fill = n.args[1] if len(n.args) > 1 else n.kwargs.get("fill_value")
         return _is_zero(fill)
-    if fxutil.kind(n) in ("view", "cast"):
-        return _zeros_like_node(n.args[0])
+    if fxutil.kind(n) in ("view", "cast") and n.args:
+        return _zeros_like_node(n.args[0], root)
     return False
 
 
@@ -129,7 +133,7 @@ def _label(causal: bool, padding: bool) -> str:
     return "bool"
 
 
-def proven_additive(node, depth: int = 0) -> fx.Node | None:
+def proven_additive(node, depth: int = 0, root=None) -> fx.Node | None:
     """If `node` is a float mask proven to hold only 0 and huge negatives, return a bool ancestor or the node.
 
     Returns None when it cannot be proven.
@@ -139,26 +143,26 @@ def proven_additive(node, depth: int = 0) -> fx.Node | None:
     k = fxutil.kind(node)
     if k in ("view", "cast"):
         if node.op == "call_function" and node.target is __import__("operator").getitem:
-            return proven_additive(node.args[0], depth + 1)
-        return proven_additive(node.args[0], depth + 1) if node.args else None
+            return proven_additive(node.args[0], depth + 1, root)
+        return proven_additive(node.args[0], depth + 1, root) if node.args else None
     if k == "where" and len(node.args) == 3:
         cond, a, b = node.args
-        a_zero = _is_zero(a) or _zeros_like_node(a)
-        b_zero = _is_zero(b) or _zeros_like_node(b)
-        if a_zero and (_is_huge_negative(b) or proven_additive(b, depth + 1) is not None):
+        a_zero = _is_zero(a) or _zeros_like_node(a, root)
+        b_zero = _is_zero(b) or _zeros_like_node(b, root)
+        if a_zero and (_is_huge_negative(b) or proven_additive(b, depth + 1, root) is not None):
             return node
-        if b_zero and (_is_huge_negative(a) or proven_additive(a, depth + 1) is not None):
+        if b_zero and (_is_huge_negative(a) or proven_additive(a, depth + 1, root) is not None):
             return node
         return None
     if k == "masked_fill" and len(node.args) >= 3:
         base, _cond, fill = node.args[:3]
-        if _is_huge_negative(fill) and (_zeros_like_node(base) or proven_additive(base, depth + 1) is not None):
+        if _is_huge_negative(fill) and (_zeros_like_node(base, root) or proven_additive(base, depth + 1, root) is not None):
             return node
         return None
     if k == "add" and len(node.args) >= 2:
         a, b = node.args[:2]
-        ok_a = proven_additive(a, depth + 1) is not None
-        ok_b = proven_additive(b, depth + 1) is not None
+        ok_a = proven_additive(a, depth + 1, root) is not None
+        ok_b = proven_additive(b, depth + 1, root) is not None
         if ok_a and ok_b:
             return node
         return None
@@ -181,7 +185,7 @@ def analyze(mask, *, root: torch.nn.Module | None = None) -> MaskInfo:
         return MaskInfo(node=mask, kind=_label(causal, padding), convert="bool", dtype=torch.bool)
     if dt is not None and not dt.is_floating_point:
         return MaskInfo(node=mask, kind="unknown", usable=False, reason=f"attention mask of dtype {dt}", dtype=dt)
-    proof = proven_additive(mask)
+    proof = proven_additive(mask, root=root)
     if dt is None and proof is None:
         # Traced without shapes (symbolic_trace): the dtype is checked on every call instead
         # (passes.runtime raises on a float mask it cannot prove).

@@ -132,7 +132,7 @@ def _emit_runtime(gm: fx.GraphModule, f: FoundSite, decision: Any, training: boo
     return out
 
 
-def _replace(gm: fx.GraphModule, f: FoundSite, new: fx.Node) -> None:
+def _replace(gm: fx.GraphModule, f: FoundSite, new: fx.Node, index: dict) -> None:
     g = gm.graph
     if f.users_via_getitem:
         for u in list(f.out.users):
@@ -142,18 +142,13 @@ def _replace(gm: fx.GraphModule, f: FoundSite, new: fx.Node) -> None:
     else:
         f.out.replace_all_uses_with(new)
     # Erase the pattern's own nodes once nothing reads them (reverse graph order).
-    for n in sorted(set(f.covered) | {f.out}, key=_order(g), reverse=True):
+    for n in sorted(set(f.covered) | {f.out}, key=lambda n: index.get(n, -1), reverse=True):
         for u in list(n.users):
             if fxutil.is_assert(u) and not u.users:
                 g.erase_node(u)
         if not n.users and n.op in ("call_function", "call_method", "call_module"):
             g.erase_node(n)
     _erase_dead_ancestors(g, [f.k, f.v, f.q])
-
-
-def _order(g: fx.Graph):
-    index = {n: i for i, n in enumerate(g.nodes)}
-    return lambda n: index.get(n, -1)
 
 
 _PURE_KINDS = {"view", "cast", "transpose", "permute", "mul", "div"}
@@ -187,11 +182,12 @@ def rewrite_graph(gm: fx.GraphModule, found: list[FoundSite], decisions: list[An
                 f.problems.append("scale unknown: the graph records no head dim")
     outcomes = [plan_outcome(f, d) for f, d in zip(found, decisions)]  # raises before any change
     fake_mode = fxutil.fake_mode_of(gm.graph) if emitter == "inline" else None
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}  # once: the pass stays linear in graph size
     for f, d, o in zip(found, decisions, outcomes):
         if o.mode != "moba":
             continue
         new = _emit_inline(gm, f, d, fake_mode) if emitter == "inline" else _emit_runtime(gm, f, d, training)
-        _replace(gm, f, new)
+        _replace(gm, f, new, index)
         o.node = new
     gm.graph.lint()
     gm.recompile()

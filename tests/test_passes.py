@@ -79,7 +79,8 @@ class Attn(nn.Module):
     def _sdpa_minmask(self, q, k, v, t):  # additive mask with finfo.min, built in the graph
         i = torch.arange(t, device=q.device)
         allowed = i[None, :] <= i[:, None]
-        mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+        # torch.tensor(0.0): a lifted constant under export (the form transformers' masks take on torch 2.11)
+        mask = torch.where(allowed, torch.tensor(0.0), torch.finfo(torch.float32).min)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     def _hf_eager(self, q, k, v, t):  # transformers' eager_attention_forward with repeat_kv
