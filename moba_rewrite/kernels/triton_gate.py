@@ -50,8 +50,8 @@ def _gate_topk_kernel(
     Q, MEANS, PICKS, VIS,
     q_start, q_len, k_len, sqb, sqh, sqt,
     svb, svh, svt, svn,
-    H_KV, G, NB, RP, block_size,
-    CAUSAL: tl.constexpr, HAS_VIS: tl.constexpr, N_PICK: tl.constexpr, KP: tl.constexpr,
+    H_KV, G, NB, RP, block_size, N_PICK,
+    CAUSAL: tl.constexpr, HAS_VIS: tl.constexpr, KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
     GATE_PREC: tl.constexpr,
 ):
@@ -100,7 +100,7 @@ def _gate_topk_kernel(
         # order, each replacing the row's current worst kept score when it beats it.
         improves = (tl.max(s, axis=1) > tl.min(topv, axis=1)).to(tl.int32)
         if tl.max(improves) > 0:  # skip tiles that cannot change any row's top-k
-            for _ in tl.static_range(N_PICK):
+            for _ in range(N_PICK):  # runtime count: one compiled variant per KP, not per top_k
                 best = tl.max(s, axis=1)
                 best_col = tl.argmax(s, axis=1)
                 worst = tl.min(topv, axis=1)
@@ -190,8 +190,8 @@ def select_blocks(p: Problem, block_m: int | None = None) -> Selection:
         prec = "ieee" if interpreted(dev) or torch.version.hip else "tf32x3"
         launch(_gate_topk_kernel)[(n_tiles, p.batch * p.hkv)](
             p.q, means, picks, vis_arg, p.q_start, p.q_len, p.k_len, p.sq.sb, p.sq.sh, p.sq.st,
-            vs[0], vs[1], vs[2], vs[3], p.hkv, p.group, p.n_blocks, rp, p.block_size,
-            CAUSAL=p.causal, HAS_VIS=vis is not None, N_PICK=n_pick, KP=kp, BLOCK_M=block_m,
+            vs[0], vs[1], vs[2], vs[3], p.hkv, p.group, p.n_blocks, rp, p.block_size, n_pick,
+            CAUSAL=p.causal, HAS_VIS=vis is not None, KP=kp, BLOCK_M=block_m,
             BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(p.d)), D=p.d, GATE_PREC=prec, num_warps=warps,
             num_stages=stages,
         )
