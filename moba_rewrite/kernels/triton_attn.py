@@ -375,7 +375,9 @@ def _work_list(p: Problem, sel: Selection, block_m: int) -> tuple[Tensor, Tensor
     bh = sel.offsets.shape[0]
     n_items = bh * p.n_blocks
     entries = sel.entry_row.shape[1]
-    upper = max(1, bh * (-(-entries // block_m) + p.n_blocks))
+    upper = max(1, bh * (-(-entries // block_m) + p.n_blocks))  # a bound: no host sync on GPU
+    if interpreted(p.q.device):
+        upper = max(1, int(chunks.sum()))  # exact on CPU: the interpreter pays for every empty program
     w = torch.arange(upper, device=counts.device)
     idx = torch.searchsorted(cum, w, right=True)
     start = cum - chunks
