@@ -104,15 +104,15 @@ class MobaMultiheadAttention(nn.MultiheadAttention):
         k = F.linear(key, w_k, b_k)
         v = F.linear(value, w_v, b_v)
         t_k = k.shape[0]
-        q = q.view(t_q, bsz, h, hd).permute(1, 2, 0, 3)
-        k = k.view(t_k, bsz, h, hd).permute(1, 2, 0, 3)
-        v = v.view(t_k, bsz, h, hd).permute(1, 2, 0, 3)
+        q = q.reshape(t_q, bsz, h, hd).permute(1, 2, 0, 3)
+        k = k.reshape(t_k, bsz, h, hd).permute(1, 2, 0, 3)
+        v = v.reshape(t_k, bsz, h, hd).permute(1, 2, 0, 3)
         mask = _additive(attn_mask, q.dtype)
         if mask is not None:
-            mask = mask.view(bsz, h, t_q, t_k) if mask.dim() == 3 else mask.view(1, 1, t_q, t_k)
+            mask = mask.reshape(bsz, h, t_q, t_k) if mask.dim() == 3 else mask.reshape(1, 1, t_q, t_k)
         kpm = _additive(key_padding_mask, q.dtype)
         if kpm is not None:
-            kpm = kpm.view(bsz, 1, 1, t_k)
+            kpm = kpm.reshape(bsz, 1, 1, t_k)
             mask = kpm if mask is None else mask + kpm
         if t_q == 1 and d.decode == "dense":
             top_k = -(-t_k // d.block_size)  # MoBA's dense limit: ordinary attention

@@ -53,6 +53,8 @@ def _zeros_like_node(n, root=None) -> bool:
     name = getattr(n.target, "__name__", str(n.target))
     if "zeros" in name:
         return True
+    if name in ("tensor", "scalar_tensor", "as_tensor") and n.args:
+        return _is_zero(n.args[0])
     if "full" in name:
         fill = n.args[1] if len(n.args) > 1 else n.kwargs.get("fill_value")
         return _is_zero(fill)

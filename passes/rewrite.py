@@ -132,6 +132,44 @@ def _emit_runtime(gm: fx.GraphModule, f: FoundSite, decision: Any, training: boo
     return out
 
 
+_LAYOUT_TARGETS = {
+    "transpose", "permute", "unsqueeze", "squeeze", "select", "slice", "expand", "alias", "detach",
+    "t", "movedim", "swapaxes", "narrow", "contiguous", "clone",
+}
+
+
+def _layout_op(n: fx.Node) -> bool:
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", str(n.target))
+    base = str(name).split(".")[0]
+    return n.op in ("call_function", "call_method") and base in _LAYOUT_TARGETS
+
+
+def _relax_views(new: fx.Node, depth: int = 8) -> None:
+    """`view`s downstream of a replaced attention may rely on the old output's strides (SDPA
+    follows the query's layout; export drops `.contiguous()` no-ops). MoBA's output is
+    contiguous, so such views become `reshape`s: same values, a copy only where needed."""
+    frontier, seen = [new], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if u.op == "call_function" and u.target in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default):
+                    u.target = torch.ops.aten.reshape.default
+                elif u.op == "call_method" and u.target == "view" and not any(isinstance(a, torch.dtype) for a in u.args[1:]):
+                    u.target = "reshape"
+                elif u.op == "call_function" and u.target is torch.Tensor.view and not any(
+                        isinstance(a, torch.dtype) for a in u.args[1:]):
+                    u.target = torch.Tensor.reshape
+                elif _layout_op(u):
+                    nxt.append(u)
+        frontier = nxt
+        if not frontier:
+            break
+
+
 def _replace(gm: fx.GraphModule, f: FoundSite, new: fx.Node, index: dict) -> None:
     g = gm.graph
     if f.users_via_getitem:
@@ -141,6 +179,7 @@ def _replace(gm: fx.GraphModule, f: FoundSite, new: fx.Node, index: dict) -> Non
                 g.erase_node(u)
     else:
         f.out.replace_all_uses_with(new)
+    _relax_views(new)
     # Erase the pattern's own nodes once nothing reads them (reverse graph order).
     for n in sorted(set(f.covered) | {f.out}, key=lambda n: index.get(n, -1), reverse=True):
         for u in list(n.users):

@@ -67,6 +67,8 @@ class Attn(nn.Module):
 
     @staticmethod
     def _repeat(x, n):
+        if n == 1:  # as transformers' repeat_kv
+            return x
         b, h, t, d = x.shape
         return x[:, :, None, :, :].expand(b, h, n, t, d).reshape(b, h * n, t, d)
 
@@ -334,16 +336,48 @@ def test_bool_mask_input_and_padding_honoured():
     torch.testing.assert_close(got2[1, :, :20], got[1, :, :20], atol=1e-5, rtol=1e-5)
 
 
+class LlamaLikeAttention(nn.Module):
+    """HF-eager-like attention (separate q/k/v projections, repeat_kv GQA, finfo.min mask)."""
+
+    _repeat = staticmethod(Attn._repeat)
+
+    def __init__(self, kv_heads=2):
+        super().__init__()
+        self.kv_heads = kv_heads
+        self.q_proj, self.k_proj = nn.Linear(E, E), nn.Linear(E, kv_heads * D)
+        self.v_proj, self.o_proj = nn.Linear(E, kv_heads * D), nn.Linear(E, E)
+        self.oracle = None
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, D).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, D).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, D).transpose(1, 2)
+        if self.oracle is not None:
+            n = H // self.kv_heads
+            y = ref_moba(q, k.repeat_interleave(n, 1), v.repeat_interleave(n, 1), self.oracle, causal=True)
+        else:
+            y = Attn._hf_eager(self, q, k, v, t)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, E))
+
+
 def test_save_load_and_dynamic_shapes(tmp_path):
-    net, x = make("hf_eager")
+    torch.manual_seed(0)
+    # No GQA here: torch 2.11's export cannot prove its own stride guard for repeat_kv's
+    # reshape under a dynamic length (an export limitation, before any rewriting).
+    net = nn.Sequential(LlamaLikeAttention(kv_heads=H), LlamaLikeAttention(kv_heads=H)).eval()
+    x = torch.randn(B, T, E)
     seq = torch.export.Dim("seq", min=16, max=64)
     ep = mr.export(net, (x,), policy(), dynamic_shapes=({1: seq},))
     path = tmp_path / "m.pt2"
     torch.export.save(ep, path)
     loaded = torch.export.load(path)
+    for layer in net:
+        layer.oracle = (BLOCK, 2)
     for t in (32, 48):
         xt = torch.randn(B, t, E)
-        torch.testing.assert_close(loaded.module()(xt), expected(net, xt, [0, 1]), atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.module()(xt), net(xt), atol=1e-5, rtol=1e-5)
 
 
 def test_training_mode_dropout_sites():
@@ -365,3 +399,27 @@ def test_training_mode_dropout_sites():
     net2.train()
     with pytest.raises(RuntimeError, match="dropout"):
         net2(x)
+
+
+class StrideSensitive(nn.Module):
+    """`.view` after SDPA that only works with SDPA's own output layout (it follows q's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(E, E)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.lin(x).view(b, t, H, D).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).view(b, t, E)
+
+
+def test_views_after_the_site_survive_the_new_layout():
+    torch.manual_seed(0)
+    m, x = StrideSensitive().eval(), torch.randn(B, T, E)
+    q = m.lin(x).view(B, T, H, D).transpose(1, 2)
+    want = ref_moba(q, q, q, (BLOCK, 2), causal=True).transpose(1, 2).reshape(B, T, E)
+    torch.testing.assert_close(mr.export(m, (x,), policy()).module()(x), want, atol=1e-5, rtol=1e-5)
+    mr.rewrite(m, policy())
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
