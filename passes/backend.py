@@ -73,7 +73,11 @@ class MobaBackend:
                 self._warned = True
             outcomes = rewrite_graph(gm, found, decisions, emitter="inline")
             for s, d, o in zip(sites, decisions, outcomes):
-                self.report.rows.append(ReportRow.build(s, d, o.mode, o.reason))
+                row = ReportRow.build(s, d, o.mode, o.reason)
+                # A recompilation (new shapes) sees the same sites again: keep one row per site.
+                self.report.rows = [r for r in self.report.rows if (r.name, r.layer) != (row.name, row.layer)]
+                self.report.rows.append(row)
+            self.report.rows.sort(key=lambda r: r.layer)
         if self.inner is not None:
             return self.inner(gm, example_inputs)
         from torch._inductor.compile_fx import compile_fx

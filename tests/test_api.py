@@ -330,12 +330,10 @@ def test_gpt_block_causal_and_padding_masks():
     idx2[1, 26] = (idx2[1, 26] + 1) % 64
     with torch.no_grad():
         torch.testing.assert_close(model(idx2, pad)[keep], got[keep], atol=1e-6, rtol=1e-6)
-    # dense limit: eager, compiled (fullgraph), exported
+    # dense limit: eager and exported (fullgraph compile of traced modules: test_vit_block)
     mr.rewrite(model, policy(top_k=T // BLOCK), example_inputs=(idx, pad))
     with torch.no_grad():
         torch.testing.assert_close(model(idx, pad)[keep], original[keep], atol=1e-5, rtol=1e-5)
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        torch.testing.assert_close(compiled(idx, pad)[keep], original[keep], atol=1e-5, rtol=1e-5)
     ep = mr.export(gpt()[0], (idx, pad), policy(top_k=T // BLOCK))
     assert sum("moba.attention" in str(n.target) for n in ep.graph.nodes) == 4
     torch.testing.assert_close(ep.module()(idx, pad)[keep], original[keep], atol=1e-5, rtol=1e-5)
