@@ -172,8 +172,17 @@ def _trace_warnings(disc: eager.Discovery | None) -> list[str]:
             "mr.rewrite (mr.export / mr.compile see it)" for name, why in disc.failures.items()]
 
 
-def find_sites(model: nn.Module | torch.fx.GraphModule, example_inputs: Any = None) -> list[AttentionSite]:
-    """Every attention site of a model (eager discovery) or of an FX GraphModule (graph pass)."""
+def find_sites(model: Any, example_inputs: Any = None) -> list[AttentionSite]:
+    """Every attention site of a model (eager discovery), an ExportedProgram or an FX
+    GraphModule (graph pass). Pass an ExportedProgram itself rather than its graph_module:
+    its buffers and lifted constants then count when masks are classified."""
+    if isinstance(model, torch.export.ExportedProgram):
+        gm = model.graph_module
+        gm._moba_constants = _export_constants(model)
+        try:
+            return detect.sites_of(gm)
+        finally:
+            del gm._moba_constants
     if isinstance(model, torch.fx.GraphModule) and not hasattr(model, "_moba_report"):
         return detect.sites_of(model)
     entries, _, _ = _entries(model, example_inputs)

@@ -228,6 +228,13 @@ def test_aot_sdpa_variant_is_found_and_rewritten():
     assert sum("moba.attention" in str(n.target) for n in gm.graph.nodes) == 2
 
 
+def test_find_sites_on_exported_program_uses_its_constants():
+    net, x = make("sdpa_minmask")  # the mask's zero is a lifted constant of the program
+    ep = torch.export.export(net, (x,))
+    assert [(s.name, s.mask_kind, s.causal) for s in api.find_sites(ep)] == [
+        ("layers.0", "causal", True), ("layers.1", "causal", True)]
+
+
 def test_symbolic_trace_spelling_and_names():
     net, _ = make("sdpa")
     gm = torch.fx.symbolic_trace(net)
