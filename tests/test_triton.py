@@ -187,3 +187,40 @@ def test_kernels_are_registered_as_torch_ops():
     out = torch.ops.moba.triton_attention(*args)
     torch.testing.assert_close(out, ref.forward(q, k, v, block_size=8, top_k=2, causal=True, scale=0.25,
                                                 attn_mask=None), atol=2e-5, rtol=2e-5)
+
+
+_TRACE_SCRIPT = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)  # compiled-kernel mode: the ops are triton_ops using wrap_triton
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from moba_rewrite.kernels import triton_backend as tb
+assert not tb.interpreter_active()
+q, k, v = torch.randn(2, 4, 100, 64), torch.randn(2, 2, 100, 64), torch.randn(2, 2, 100, 64)
+mask = torch.ones(100, 100, dtype=torch.bool).tril()
+cases = {  # name: (function, tracing mode)
+    "prefill": (lambda q, k, v, m: tb._forward_impl(q, k, v, None, 32, 3, True, 0.125), "fake"),
+    "masked": (lambda q, k, v, m: tb._forward_impl(q, k, v, m, 32, 3, False, 0.125), "fake"),
+    "decode": (lambda q, k, v, m: tb._forward_impl(q[:, :, :1], k, v, None, 32, 3, True, 0.125), "symbolic"),
+    "backward": (lambda q, k, v, m: tb._backward_impl(q, q, k, v, q, None, 32, 3, True, 0.125), "fake"),
+}
+for name, (fn, mode) in cases.items():
+    graph = make_fx(fn, tracing_mode=mode)(q, k, v, mask)
+    launches = sum("triton_kernel_wrapper" in str(n.target) for n in graph.graph.nodes)
+    assert launches >= 4, (name, launches)
+    print(name, launches)
+"""
+
+
+def test_host_code_is_traceable_for_inductor():
+    """With compiled (not interpreted) kernels, the ops' host code traces with symbolic shapes into
+    torch ops plus captured Triton launches: what torch.compile/AOTInductor need to embed them."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "backward" in res.stdout

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moba_rewrite.kernels.triton_gate import Selection
-from moba_rewrite.kernels.triton_layout import Problem, interpreted, launch, next_pow2
+from moba_rewrite.kernels.triton_layout import Problem, _tracing, interpreted, launch, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -376,7 +376,7 @@ def _work_list(p: Problem, sel: Selection, block_m: int) -> tuple[Tensor, Tensor
     n_items = bh * p.n_blocks
     entries = sel.entry_row.shape[1]
     upper = max(1, bh * (-(-entries // block_m) + p.n_blocks))  # a bound: no host sync on GPU
-    if interpreted(p.q.device):
+    if interpreted(p.q.device) and not _tracing():
         upper = max(1, int(chunks.sum()))  # exact on CPU: the interpreter pays for every empty program
     w = torch.arange(upper, device=counts.device)
     idx = torch.searchsorted(cum, w, right=True)

@@ -27,15 +27,28 @@ def interpreted(device: torch.device) -> bool:
     return device.type != "cuda"
 
 
-def launch(kernel):
-    """`kernel[grid](...)` through `torch.library.wrap_triton` on GPU, so that torch.compile and
-    AOTInductor capture (and embed) the launches of the `moba::triton_attention*` ops; the
-    interpreter's kernels are not JIT functions and launch directly."""
-    from triton.runtime.jit import JITFunction
+def _tracing() -> bool:
+    """Is a tracer (make_fx / AOTAutograd / fake tensors / Dynamo) looking at these launches?"""
+    keys = torch._C._TorchDispatchModeKey
+    modes = (keys.PROXY, keys.FAKE, keys.FUNCTIONAL)
+    return torch.compiler.is_compiling() or any(torch._C._get_dispatch_mode(k) is not None for k in modes)
 
-    if isinstance(kernel, JITFunction):
-        return torch.library.wrap_triton(kernel)
-    return kernel
+
+class launch:
+    """`launch(kernel)[grid](...)`: through `torch.library.wrap_triton` while a tracer is active, so
+    torch.compile and AOTInductor capture (and embed) the kernels of the `moba::triton_attention*`
+    ops; a direct launch otherwise (the wrapper's eager path costs about 1 ms per launch), and
+    always under the interpreter, whose kernels are not JIT functions."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        from triton.runtime.jit import JITFunction
+
+        if isinstance(self.kernel, JITFunction) and _tracing():
+            return torch.library.wrap_triton(self.kernel)[grid]
+        return self.kernel[grid]
 
 
 @dataclass
