@@ -105,6 +105,9 @@ def check_common(f: FoundSite) -> None:
             )
         elif same is None and f.tq is not None:
             f.problems.append("is_causal=True and Tq == Tk cannot be proven for these dynamic shapes")
+    dts = {fxutil.dtype(x) for x in (f.q, f.k, f.v)}
+    if None not in dts and len(dts) > 1:
+        f.problems.append(f"q, k and v have different dtypes ({', '.join(sorted(str(d) for d in dts))})")
     if not f.mask.usable:
         f.problems.append(f.mask.reason or "attention mask of an unknown form")
     if f.is_causal and f.mask.node is not None:
