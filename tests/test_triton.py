@@ -80,6 +80,8 @@ CASES = {
     "decode_noncausal_fp32": (1, 2, 2, 1, 60, 16, 16, 2, False, torch.float32),
     "own_block_only": (1, 2, 2, 40, 40, 16, 16, 1, True, torch.float32),
     "head_dim_24_block_12": (1, 2, 1, 37, 37, 24, 12, 3, True, torch.float32),
+    "group_of_3_block_7_noncausal": (1, 3, 1, 12, 26, 16, 7, 3, False, torch.float32),
+    "top_k_beyond_block_count": (1, 2, 2, 30, 30, 16, 8, 20, True, torch.float32),
 }
 
 
