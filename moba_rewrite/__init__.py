@@ -23,6 +23,8 @@ _LAZY = {
     "compile": "moba_rewrite.api",
     "export": "moba_rewrite.api",
     "plan": "moba_rewrite.api",
+    "export_with_report": "moba_rewrite.api",
+    "find_sites": "moba_rewrite.api",
     "load": "moba_rewrite.checkpoints",
     "RewriteReport": "moba_rewrite.report",
     "moba_attention_varlen": "moba_rewrite.varlen",
