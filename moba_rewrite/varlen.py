@@ -68,7 +68,8 @@ def validate_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
     for name, value in (("block_size", block_size), ("top_k", top_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             _fail(f"{name} must be an integer >= 1, got {value!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+    bad_scale = isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    if scale is not None and bad_scale:
         _fail(f"scale must be a finite number or None, got {scale!r}")
     if backend not in BACKENDS:
         _fail(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -94,7 +94,8 @@ def test_forward_backward_match_reference(name):
 
 def test_dense_limit_equals_causal_sdpa():
     """Also takes HF-style strided inputs: [B, T, H, D] transposed to [B, H, T, D]."""
-    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _inputs(1, 2, 2, 40, 40, 16, torch.float32, seed=3))
+    inputs = _inputs(1, 2, 2, 40, 40, 16, torch.float32, seed=3)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in inputs)
     assert not q.is_contiguous()
     out = tb.forward(q, k, v, block_size=16, top_k=3, causal=True, scale=0.25, attn_mask=None)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25)

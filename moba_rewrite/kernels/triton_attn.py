@@ -84,16 +84,16 @@ def _fwd_kernel(
             for n0 in range(lo, hi, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
                 c_off = cols.to(tl.int64) if OFF64 else cols
-                kt = tl.load(k_row0 + (c_off[:, None] * skt + offs_d[None, :]), mask=(cols < hi)[:, None] & dmask[None, :],
-                             other=0.0)
+                kt = tl.load(k_row0 + (c_off[:, None] * skt + offs_d[None, :]),
+                             mask=(cols < hi)[:, None] & dmask[None, :], other=0.0)
                 s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale_log2
                 # visible = in range, causal, and shown by the attention mask (inlined: cheaper to interpret)
                 allowed = ok[:, None] & (cols < hi)[None, :]
                 if CAUSAL:
                     allowed = allowed & (cols[None, :] <= pos[:, None])
                 if HAS_MASK:
-                    mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64)[:, None] * smh + t.to(tl.int64)[:, None] * smt
-                                 + cols[None, :] * smk, mask=allowed, other=0)
+                    mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64)[:, None] * smh
+                                 + t.to(tl.int64)[:, None] * smt + cols[None, :] * smk, mask=allowed, other=0)
                     if MASK_BOOL:
                         allowed = allowed & (mv != 0)
                     else:
@@ -121,8 +121,8 @@ def _fwd_kernel(
                 if CAUSAL:
                     allowed = allowed & (cols[None, :] <= pos[:, None])
                 if HAS_MASK:
-                    mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64)[:, None] * smh + t.to(tl.int64)[:, None] * smt
-                                 + cols[None, :] * smk, mask=allowed, other=0)
+                    mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64)[:, None] * smh
+                                 + t.to(tl.int64)[:, None] * smt + cols[None, :] * smk, mask=allowed, other=0)
                     if MASK_BOOL:
                         allowed = allowed & (mv != 0)
                     else:
@@ -216,8 +216,8 @@ def _bwd_kernel(
             if CAUSAL:
                 allowed = allowed & (cols[None, :] <= pos[:, None])
             if HAS_MASK:
-                mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64)[:, None] * smh + t.to(tl.int64)[:, None] * smt
-                             + cols[None, :] * smk, mask=allowed, other=0)
+                mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64)[:, None] * smh
+                             + t.to(tl.int64)[:, None] * smt + cols[None, :] * smk, mask=allowed, other=0)
                 if MASK_BOOL:
                     allowed = allowed & (mv != 0)
                 else:
@@ -269,7 +269,8 @@ def _decode_kernel(
     lo = j * block_size + split * span
     hi = tl.minimum(tl.minimum(lo + span, (j + 1) * block_size), tk)
     hi = tl.where(valid, hi, lo)
-    q = tl.load(Q + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + qs * sqt + offs_d, mask=dmask & ((offs_d * 0 + valid.to(tl.int32)) > 0), other=0.0)
+    q_ok = dmask & ((offs_d * 0 + valid.to(tl.int32)) > 0)  # vector form: the interpreter rejects scalar & block
+    q = tl.load(Q + b.to(tl.int64) * sqb + hq.to(tl.int64) * sqh + qs * sqt + offs_d, mask=q_ok, other=0.0)
     q = q.to(tl.float32)
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
@@ -323,7 +324,7 @@ def _decode_combine_kernel(
     total = tl.sum(w, axis=0)
     out = tl.sum(w[:, None] * parts, axis=0) / tl.maximum(total, 1e-30)
     qs = tl.load(q_start + b).to(tl.int64)
-    ok = (offs_d < D) & ((offs_d * 0 + tl.load(q_len + b)) > 0)  # vector form: the interpreter rejects scalar & block masks
+    ok = (offs_d < D) & ((offs_d * 0 + tl.load(q_len + b)) > 0)  # vector form (see _decode_kernel)
     tl.store(O + b.to(tl.int64) * sob + hq.to(tl.int64) * soh + qs * sot + offs_d, out.to(O.dtype.element_ty),
              mask=ok)
 

@@ -245,7 +245,8 @@ def selection_from_map(p: Problem, selected: Tensor) -> Selection:
     default_m, _ = gate_tiles(selected.device, p.d)
     rp = -(-p.rows // default_m) * default_m
     ids = torch.where(hist, torch.arange(nb, device=selected.device), nb + 1)
-    ids = ids.sort(-1).values[..., :kp] if nb >= kp else torch.nn.functional.pad(ids.sort(-1).values, (0, kp - nb), value=nb + 1)
+    ids = ids.sort(-1).values
+    ids = ids[..., :kp] if nb >= kp else torch.nn.functional.pad(ids, (0, kp - nb), value=nb + 1)
     ids = torch.where(ids > nb, -1, ids).to(torch.int32)  # [B, Hq, Tq, KP]
     rows = ids.view(b, p.hkv, p.group, tq, kp).permute(0, 1, 3, 2, 4).reshape(b * p.hkv, tq * p.group, kp)
     picks = torch.full((b * p.hkv, rp, kp), -1, dtype=torch.int32, device=selected.device)
