@@ -1043,6 +1043,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `moba-rewrite` command; returns the exit status."""
+    import warnings
+
+    # torch's own deprecation chatter while loading programs; not the user's concern
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

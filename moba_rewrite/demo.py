@@ -21,12 +21,12 @@ DEMO_CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_h
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                    rope_theta=10000.0, tie_word_embeddings=False)
 DEMO_SEQ_LEN = 1024
-EXPORT_SEQ_LEN = 512
+EXPORT_SEQ_LEN = 256
 
 DEMO_POLICY = {
     "version": 1,
     "description": "Layer-wise hybrid (MoBA paper): MoBA everywhere, the last layer kept dense.",
-    "defaults": {"mode": "moba", "block_size": 128, "top_k": 3, "backend": "auto", "decode": "moba"},
+    "defaults": {"mode": "moba", "block_size": 64, "top_k": 3, "backend": "auto", "decode": "moba"},
     "rules": [{"name": "dense-tail", "layers": "-1:", "mode": "dense"}],
 }
 

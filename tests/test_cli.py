@@ -109,22 +109,24 @@ def test_rewrite_pt2_dynamic_gpt2(work, tmp_path, capsys):
         assert torch.allclose(ep.module()(x), logits(reference, x), atol=1e-5)
 
 
-def test_rewrite_onnx_llama_runs_in_onnxruntime(work, tmp_path, capsys):
+def test_rewrite_onnx_gpt2_runs_in_onnxruntime(work, tmp_path, capsys):
     from moba_rewrite.exporters.onnx import DOMAIN, run_onnxruntime
 
     import onnx
 
-    out = tmp_path / "llama.onnx"
-    code, stdout, err = run(["rewrite", work / "llama", "--policy", work / "policy.yaml", "--out", out,
+    out = tmp_path / "gpt2.onnx"
+    code, stdout, err = run(["rewrite", work / "gpt2", "--policy", work / "policy.yaml", "--out", out,
                              "--format", "onnx", "--dynamic", "--seq-len", 40], capsys)
     assert code == 0, err
+    assert "verified" in stdout
     proto = onnx.load(str(out))
-    assert sum(n.domain == DOMAIN for n in proto.graph.node) == 1
-    reference = rewritten(make_llama)
+    assert sum(n.domain == DOMAIN for n in proto.graph.node) == 1  # layer 0 MoBA, layer 1 dense
+    reference = rewritten(make_gpt2)
     for n in (40, 66):
         x = ids(n, seed=n)
         got = torch.as_tensor(run_onnxruntime(out, [x])[0])
         assert torch.allclose(got, logits(reference, x), atol=1e-4)
+    assert not torch.allclose(got, logits(make_gpt2(), x), atol=1e-3)  # MoBA is active
 
 
 def test_rewrite_pt2_input_at_graph_level(work, tmp_path, capsys):

@@ -1,22 +1,21 @@
-"""`moba-rewrite demo` runs end to end (in process, a 512-token prompt: 4 blocks, so MoBA routes) and its artifacts hold up:
-the rewritten checkpoint, the .pt2 program and the ONNX model all reproduce the MoBA model."""
+"""`moba-rewrite demo` runs end to end (in process, a 256-token prompt: 4 blocks of 64, so MoBA
+routes) and its artifacts hold up: the rewritten checkpoint and the .pt2 program reproduce the
+MoBA model at another length."""
 
 from __future__ import annotations
 
-import onnx
 import torch
 
 import moba_rewrite as mr
-from moba_rewrite import cli, demo
-from moba_rewrite.exporters.onnx import DOMAIN, run_onnxruntime
+from moba_rewrite import checkpoints, cli, demo
 
 
 def test_demo_end_to_end(tmp_path, capsys):
-    code = cli.main(["demo", "--out", str(tmp_path / "demo"), "--seq-len", "512", "--no-progress"])
+    # --no-onnx: the ONNX path is the `rewrite --format onnx` tested in test_cli.py (test time budget)
+    code = cli.main(["demo", "--out", str(tmp_path / "demo"), "--seq-len", "256", "--no-progress", "--no-onnx"])
     out = capsys.readouterr().out
     assert code == 0
-    for heading in ("== inspect ==", "== rewrite", "torch.compile", "== export .pt2", "== export ONNX",
-                    "== timings ==", "== files =="):
+    for heading in ("== inspect ==", "== rewrite", "torch.compile", "== export .pt2", "== timings ==", "== files =="):
         assert heading in out
     work = tmp_path / "demo"
     model = mr.load(work / "llama-tiny-moba")
@@ -26,14 +25,14 @@ def test_demo_end_to_end(tmp_path, capsys):
         expected = model(input_ids=x, use_cache=False).logits
     ep = mr.load(work / "llama-tiny-moba.pt2")
     assert torch.allclose(ep.module()(x), expected, atol=1e-4)
-    proto = onnx.load(str(work / "llama-tiny-moba.onnx"))
-    assert sum(n.domain == DOMAIN for n in proto.graph.node) == 3
-    got = torch.as_tensor(run_onnxruntime(work / "llama-tiny-moba.onnx", [x])[0])
-    assert torch.allclose(got, expected, atol=1e-4)
+    dense = checkpoints.read_checkpoint(work / "llama-tiny").model
+    with torch.no_grad():
+        assert not torch.allclose(dense(input_ids=x, use_cache=False).logits, expected, atol=1e-3)  # MoBA routes
+    assert "compiled vs eager MoBA: max |diff|" in out
 
 
 def test_demo_refuses_short_prompt_and_busy_folder(tmp_path, capsys):
-    code = cli.main(["demo", "--seq-len", "100"])
+    code = cli.main(["demo", "--seq-len", "40"])
     assert code == cli.EXIT_VALUE
     assert capsys.readouterr().err.startswith("moba-rewrite: error: --seq-len: expected at least one MoBA block")
     busy = tmp_path / "busy"

@@ -23,7 +23,9 @@ constant folding runs with `inline=False` instead.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -211,10 +213,17 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: st
     shapes = dynamic_shapes if dynamic_shapes is not None else (
         seq_dynamic_shapes(args, max_seq=max_seq) if dynamic else None)
     names = [f"input_{i}" for i in range(len(args))]
-    with torch.no_grad():
-        program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=translation_table(),
-                                    dynamic_shapes=shapes, opset_version=OPSET_VERSION, input_names=names,
-                                    verbose=False, report=False)
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)  # "torchvision is not installed" four times per export
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=translation_table(),
+                                        dynamic_shapes=shapes, opset_version=OPSET_VERSION, input_names=names,
+                                        verbose=False, report=False)
+    finally:
+        registry_log.setLevel(level)
     proto = program.model_proto
     attach_function(proto)
     if proto.ByteSize() > _PROTO_LIMIT:
