@@ -66,7 +66,8 @@ def _fa_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causa
                 cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, dropout_p=0.0, softmax_scale=scale,
                 causal=causal, window_size=(-1, -1), window_size_left=-1, window_size_right=-1, softcap=0.0,
                 alibi_slopes=None, deterministic=False, rng_state=None)
-    params = inspect.signature(_flash_attn_varlen_backward).parameters
+    # flash-attn >= 2.7 wraps it in torch.library.custom_op: read the wrapped function's signature.
+    params = inspect.signature(getattr(_flash_attn_varlen_backward, "_init_fn", _flash_attn_varlen_backward)).parameters
     _flash_attn_varlen_backward(**{name: value for name, value in args.items() if name in params})
     return dq, dk, dv
 
