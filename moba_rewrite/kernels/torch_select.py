@@ -107,18 +107,23 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: 
     for i0 in range(0, tq, chunk):
         i1 = min(tq, i0 + chunk)
         c = i1 - i0
+        # Causal: only blocks before the chunk's last own block can be candidates; skip the rest.
+        w = min(n, (offset + i1 - 1) // block_size) if causal else n
+        if w == 0:
+            continue
         qc = q[:, :, i0:i1].to(ct).reshape(b, hkv, g, c, d)
-        gate = torch.matmul(qc, means_t).reshape(b, hq, c, n)
+        gate = torch.matmul(qc, means_t[..., :w]).reshape(b, hq, c, w)
         own = torch.arange(offset + i0, offset + i1, device=dev) // block_size
-        cand = blocks[None, :] < own[:, None] if causal else blocks[None, :] != own[:, None]
+        cand = blocks[None, :w] < own[:, None] if causal else blocks[None, :] != own[:, None]
         if m4 is not None:
             vis = static_vis if static_vis is not None else _block_visibility(
                 _visible(m4[:, :, i0:i1]), n, block_size)
-            cand = cand & vis
+            cand = cand & (vis[..., :w] if vis.shape[-1] > 1 else vis)
         # 0 / -inf bias on the (small, broadcast) candidate map: cheaper than masked_fill_ on the gate.
         gate.add_(torch.zeros(cand.shape, dtype=ct, device=dev).masked_fill_(~cand, float("-inf")))
-        values, index = gate.topk(n_pick, dim=-1, sorted=False)
-        sel[:, :, i0:i1] = index.masked_fill_(values == float("-inf"), -1)
+        kp = min(n_pick, w)
+        values, index = gate.topk(kp, dim=-1, sorted=False)
+        sel[:, :, i0:i1, :kp] = index.masked_fill_(values == float("-inf"), -1)
     return sel
 
 
