@@ -15,8 +15,8 @@ from torch import Tensor
 from moba_rewrite.kernels import load_backend, resolve_backend
 
 
-def _kernel(backend: str, device: torch.device):
-    return load_backend(resolve_backend(backend, device))
+def _kernel(backend: str, q: Tensor, k: Tensor, attn_mask: Optional[Tensor]):
+    return load_backend(resolve_backend(backend, q.device, q, k, attn_mask))
 
 
 @torch.library.custom_op("moba::attention", mutates_args=())
@@ -25,7 +25,7 @@ def attention(
     causal: bool, scale: float, backend: str,
 ) -> Tensor:
     """MoBA attention (SPEC section 2) on validated arguments; see `moba_rewrite.moba_attention`."""
-    out = _kernel(backend, q.device).forward(
+    out = _kernel(backend, q, k, attn_mask).forward(
         q, k, v, block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask
     )
     return out.contiguous()
@@ -42,7 +42,7 @@ def attention_backward(
     block_size: int, top_k: int, causal: bool, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `moba::attention` with respect to q, k and v."""
-    dq, dk, dv = _kernel(backend, q.device).backward(
+    dq, dk, dv = _kernel(backend, q, k, attn_mask).backward(
         grad_out, q, k, v, out, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
         attn_mask=attn_mask,
     )

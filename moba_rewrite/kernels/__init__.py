@@ -31,12 +31,19 @@ def _importable(name: str) -> bool:
     return True
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """Turn `auto` into the best backend that can run on `device`; other names pass through."""
+def resolve_backend(name: str, device: torch.device, q=None, k=None, attn_mask=None) -> str:
+    """Turn `auto` into the best backend that can run this call on `device`.
+
+    On CUDA that is `triton` when it is importable and supports the call (dtype, head dim;
+    given `q`/`k`), else `torch`; on other devices `torch`. Named backends pass through
+    unchanged and raise their own clear error if they cannot run the call.
+    """
     if name != "auto":
         return name
     if device.type == "cuda" and _importable("triton"):
-        return "triton"
+        triton = load_backend("triton")
+        if q is None or triton.supports(q, k, attn_mask):
+            return "triton"
     return "torch"
 
 
