@@ -13,7 +13,9 @@ How things are measured
   for time and one for memory, so that one measurement's allocator state cannot leak into
   the next and the memory probe's allocator setting (below) does not slow the timed calls.
 * Time: median of --repeats calls after --warmup calls (`time.perf_counter`; on CUDA,
-  `torch.cuda.Event` timing after a synchronize).
+  `torch.cuda.Event` timing after a synchronize). On CPU the process CPU time of the same
+  calls (`time.process_time`, all threads) is recorded too: on a shared machine its ratio
+  ("CPU-time speedup") is far less sensitive to other processes than wall-clock time.
 * Peak memory on CPU: PyTorch has no CPU allocator statistics, so the worker reads the
   kernel's resident-set high-water mark of its own process (`VmHWM` in /proc/self/status).
   After the warmup calls (imports, thread pools, one-time buffers) it resets that mark to
@@ -119,7 +121,7 @@ def _worker(spec: dict) -> dict:
         return out
 
     cuda = dev.type == "cuda"
-    times = []
+    times, cpu_times = [], []
     hwm_reset = True
     for i in range(spec["warmup"] + spec["repeats"]):
         if i == spec["warmup"]:  # measure memory from here on
@@ -138,9 +140,10 @@ def _worker(spec: dict) -> dict:
             torch.cuda.synchronize()
             elapsed = start.elapsed_time(end) / 1e3
         else:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = step()
             elapsed = time.perf_counter() - t0
+            cpu_times.append(time.process_time() - c0)
         del out
         if i >= spec["warmup"]:
             times.append(elapsed)
@@ -151,7 +154,9 @@ def _worker(spec: dict) -> dict:
     else:
         extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     times.sort()
-    return {"time_s": times[len(times) // 2], "times_s": times, "extra_bytes": max(extra, 0),
+    cpu_times = sorted(cpu_times[spec["warmup"]:])
+    return {"time_s": times[len(times) // 2], "times_s": times,
+            "cpu_s": cpu_times[len(cpu_times) // 2] if cpu_times else None, "extra_bytes": max(extra, 0),
             "input_bytes": input_bytes, "total_bytes": max(extra, 0) + input_bytes, "hwm_reset": hwm_reset}
 
 
@@ -223,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# B={args.batch} Hq={args.heads} Hkv={base['kv_heads']} D={args.head_dim} block={args.block_size} "
           f"top_k={args.top_k} dtype={args.dtype} device={args.device} causal prefill; "
           f"time = median of {args.repeats} after {args.warmup} warmup"
+          + (f"; {args.threads} thread(s) per worker" if args.threads else "")
           + ("; OMP_WAIT_POLICY=PASSIVE" if args.omp_passive else ""))
     records = []
     for mode in modes:
@@ -240,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             elif sdpa_last is not None:
                 t0, s0 = sdpa_last
                 r = t / t0
-                rec["sdpa"] = {"time_s": s0["time_s"] * r * r, "extra_bytes": s0["extra_bytes"] * r,
+                rec["sdpa"] = {"time_s": s0["time_s"] * r * r,
+                               "cpu_s": s0["cpu_s"] * r * r if s0.get("cpu_s") else None, "extra_bytes": s0["extra_bytes"] * r,
                                "input_bytes": s0["input_bytes"] * r, "total_bytes": s0["total_bytes"] * r,
                                "extrapolated": True, "from_seq_len": t0}
             records.append(rec)
@@ -255,17 +262,18 @@ def main(argv: list[str] | None = None) -> int:
 def _print_row(rec: dict, header: bool) -> None:
     if header:
         print(f"\n## {rec['mode']}")
-        print("| T | MoBA ms | SDPA ms | speedup | FLOP bound | MoBA peak MiB (extra/total) | "
+        print("| T | MoBA ms | SDPA ms | speedup | CPU-time speedup | FLOP bound | MoBA peak MiB (extra/total) | "
               "SDPA peak MiB (extra/total) | peak ratio (total) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     m, s = rec["moba"], rec.get("sdpa")
     if s is None:
-        print(f"| {rec['seq_len']} | {m['time_s'] * 1e3:.0f} | - | - | {rec['flop_ratio']:.1f}x | "
+        print(f"| {rec['seq_len']} | {m['time_s'] * 1e3:.0f} | - | - | - | {rec['flop_ratio']:.1f}x | "
               f"{_mib(m['extra_bytes'])}/{_mib(m['total_bytes'])} | - | - |", flush=True)
         return
     tag = " (extrapolated)" if s["extrapolated"] else ""
+    cpu = f"{s['cpu_s'] / m['cpu_s']:.1f}x" if s.get("cpu_s") and m.get("cpu_s") else "-"
     print(f"| {rec['seq_len']} | {m['time_s'] * 1e3:.0f} | {s['time_s'] * 1e3:.0f}{tag} | "
-          f"{s['time_s'] / m['time_s']:.1f}x | {rec['flop_ratio']:.1f}x | "
+          f"{s['time_s'] / m['time_s']:.1f}x | {cpu} | {rec['flop_ratio']:.1f}x | "
           f"{_mib(m['extra_bytes'])}/{_mib(m['total_bytes'])} | "
           f"{_mib(s['extra_bytes'])}/{_mib(s['total_bytes'])}{tag} | "
           f"{m['total_bytes'] / s['total_bytes']:.2f} |", flush=True)
