@@ -233,13 +233,15 @@ def test_rewrite_errors(work, tmp_path, capsys, case):
 
 
 def test_verification_failure_writes_nothing(work, tmp_path, capsys, monkeypatch):
-    real = cli._artifact_runner
+    from moba_rewrite.cli import artifacts
+
+    real = artifacts.artifact_runner
 
     def off_by_one(fmt, path, dtype=None, display=None):
         run = real(fmt, path, dtype, display)
         return lambda args: run(args) + 1.0
 
-    monkeypatch.setattr(cli, "_artifact_runner", off_by_one)
+    monkeypatch.setattr(artifacts, "artifact_runner", off_by_one)
     out = tmp_path / "x.pt2"
     code, _, err = run(["rewrite", work / "gpt2", "--policy", work / "policy.yaml", "--out", out, "--format", "pt2",
                         "--seq-len", 24, "-q"], capsys)
@@ -308,11 +310,13 @@ def test_bench_builtin_table(capsys):
 
 def test_bench_runs_the_project_benchmark(tmp_path, capsys, monkeypatch):
     """In a checkout, `bench` hands its flags to benchmarks/bench_attention.py (stubbed: it is slow)."""
-    script = cli._bench_script()
+    from moba_rewrite.cli import misc_cmd
+
+    script = misc_cmd.bench_script()
     assert script is not None and script.name == "bench_attention.py"
     fake = tmp_path / "bench_attention.py"
     fake.write_text("import json\ndef main(argv):\n    print('ARGV', json.dumps(argv))\n    return 0\n")
-    monkeypatch.setattr(cli, "_bench_script", lambda: fake)
+    monkeypatch.setattr(misc_cmd, "bench_script", lambda: fake)
     code, out, _ = run(["bench", "--quick", "--device", "cpu", "--plot", tmp_path / "b.png"], capsys)
     assert code == 0
     argv = json.loads(out.split("ARGV", 1)[1])
