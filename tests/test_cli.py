@@ -242,21 +242,24 @@ def test_verification_failure_writes_nothing(work, tmp_path, capsys, monkeypatch
         return lambda args: run(args) + 1.0
 
     monkeypatch.setattr(artifacts, "artifact_runner", off_by_one)
-    out = tmp_path / "x.pt2"
-    code, _, err = run(["rewrite", work / "gpt2", "--policy", work / "policy.yaml", "--out", out, "--format", "pt2",
-                        "--seq-len", 24, "-q"], capsys)
+    out = tmp_path / "x-moba"  # hf: a staged directory (cheaper than an export; the check is the same)
+    code, _, err = run(["rewrite", work / "gpt2", "--policy", work / "policy.yaml", "--out", out, "--seq-len", 24,
+                        "-q"], capsys)
     assert code == cli.EXIT_VERIFY
     assert err.startswith(f"moba-rewrite: error: {out}: expected the written artifact to reproduce")
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_force_replaces_output(work, tmp_path, capsys):
-    out = tmp_path / "o.pt2"
-    out.write_text("old")
-    code, _, err = run(["rewrite", work / "gpt2", "--policy", work / "policy.yaml", "--out", out, "--format", "pt2",
-                        "--seq-len", 24, "--force", "-q"], capsys)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    code, _, err = run(["rewrite", work / "gpt2", "--policy", work / "policy.yaml", "--out", out, "--seq-len", 24,
+                        "--force", "-q"], capsys)
     assert code == 0, err
-    assert isinstance(mr.load(out), torch.export.ExportedProgram)
+    assert not (out / "stale.txt").exists() and (out / "moba_policy.json").is_file()
+    assert [r.decision for r in mr.load(out)._moba_report.rows] == ["moba", "dense"]
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
 
 
 # --------------------------------------------------------------------------- policy, routes, bench
