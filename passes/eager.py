@@ -156,6 +156,8 @@ def discover(model: nn.Module, example_inputs: Any = None) -> Discovery:
             owner = modules.get(f.name)
             if owner is None:
                 continue
+            if not f.module_class:  # the traced module's own forward has no nn_module_stack entry: name its class
+                f.module_class = type(owner).__name__
             out.sites.append(TracedSite(found=f, owner=owner, owner_name=f.name))
 
     visit("", model)
