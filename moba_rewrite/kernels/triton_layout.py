@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# triton 3.6's interpreter + numpy >= 2.4: scalar loop bounds (see the module's docstring)
+from moba_rewrite.kernels import triton_interp_compat  # noqa: F401
+
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
