@@ -78,13 +78,36 @@ def _dense_function(origin: str, module: nn.Module) -> Callable:
     return fn
 
 
+class _KVRepeated:
+    """An attention module as its original attention function sees it once its kv heads are repeated."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
 def _dense_call(origin: str, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
     """The original attention, exactly as the model would have called it."""
     if origin == "eager" and getattr(module, "reorder_and_upcast_attn", False) \
             and hasattr(module, "_upcast_and_reordered_attn"):
         # GPT-2 style: with attn_implementation "eager" the module bypasses the interface.
         return module._upcast_and_reordered_attn(query, key, value, attention_mask)
-    return _dense_function(origin, module)(module, query, key, value, attention_mask, *args, **kwargs)
+    function = _dense_function(origin, module)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if isinstance(groups, int) and groups > 1 and torch.compiler.is_compiling():
+        # While tracing (torch.export, ONNX, torch.compile) repeat the kv heads here, by index:
+        # transformers' repeat_kv (expand + reshape, in both the sdpa and the eager function)
+        # makes torch 2.11's fake tensors give the reshaped key a symbolic min(d*s, 2d*s) stride
+        # whose guard export cannot prove over a dynamic sequence, so any GQA model failed
+        # dynamic export there. Same values; the original function then sees one group.
+        index = torch.arange(key.shape[1] * groups, device=key.device) // groups
+        key, value = key.index_select(1, index), value.index_select(1, index)
+        module = _KVRepeated(module)
+    return function(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 def _make_interface(origin: str) -> Callable:
