@@ -272,11 +272,16 @@ def test_policy_commands(work, tmp_path, capsys):
     assert code == 0, err
     assert "model.layers.1.self_attn" in starter.read_text()
     mr.load_policy(starter)
-    code, _, err = run(["policy", "init", work / "llama", "--out", starter], capsys)
+    code, _, err = run(["policy", "init", work / "llama", "-o", starter], capsys)
     assert code == cli.EXIT_OUTPUT_EXISTS
     code, out, err = run(["policy", "check", work / "policy.yaml", "--model", work / "gpt2", "--json"], capsys)
     assert code == 0, err
     assert [s["decision"] for s in json.loads(out)["sites"]] == ["moba", "dense"]
+    # The spelling: the checkpoint as a second positional argument.
+    code, out_positional, err = run(["policy", "check", work / "policy.yaml", work / "gpt2", "--json"], capsys)
+    assert code == 0 and json.loads(out_positional) == json.loads(out), err
+    code, _, err = run(["policy", "check", work / "policy.yaml", work / "gpt2", "--model", work / "llama"], capsys)
+    assert code == cli.EXIT_USAGE and "expected one checkpoint" in err
     bad = tmp_path / "bad.json"
     bad.write_text('{"version": 1, "defaults": {"mode": "sparse"}}')
     code, _, err = run(["policy", "check", bad], capsys)

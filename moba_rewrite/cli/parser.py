@@ -94,12 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _leaf(psub, "init", cmd_policy_init, leaves, help="write a commented starter policy for a checkpoint",
               description="Write a starter policy (YAML) listing the checkpoint's attention sites.")
     _add_input(p)
-    p.add_argument("--out", metavar="FILE", help="write here instead of standard output")
+    p.add_argument("-o", "--out", metavar="FILE", help="write here instead of standard output")
     p.add_argument("--seq-len", type=_positive, metavar="N", help="tokens in the probe input (default 32)")
     _add_force(p, "FILE")
     p = _leaf(psub, "check", cmd_policy_check, leaves, help="validate a policy (and show its decisions for a model)",
               description="Validate a policy file; with --model, show the decision for every site.")
     p.add_argument("policy", metavar="POLICY", help="policy file (.yaml, .yml, .toml, .json)")
+    p.add_argument("model_positional", nargs="?", metavar="CKPT",
+                   help="show the decisions for this checkpoint's sites (same as --model)")
     p.add_argument("--model", metavar="CKPT", help="show the decisions for this checkpoint's sites")
     _add_input(p, positional=False)
     p.add_argument("--seq-len", type=_positive, metavar="N", help="tokens in the probe input")

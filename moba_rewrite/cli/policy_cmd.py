@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from moba_rewrite.cli import steps
-from moba_rewrite.cli.errors import EXIT_OK, checkpoint_errors, rewrite_error
+from moba_rewrite.cli.errors import EXIT_OK, EXIT_USAGE, CliError, checkpoint_errors, rewrite_error
 from moba_rewrite.cli.inspect_cmd import discover
 from moba_rewrite.cli.output import print_report, say
 
@@ -40,6 +40,10 @@ def cmd_policy_init(args: argparse.Namespace) -> int:
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
     policy = steps.load_policy(args.policy)
+    if args.model_positional and args.model and args.model_positional != args.model:
+        raise CliError("policy check", f"expected one checkpoint, got {args.model_positional} and --model {args.model}",
+                       EXIT_USAGE)
+    args.model = args.model or args.model_positional
     if not args.model:
         say(f"{args.policy}: valid policy ({len(policy.rules)} rules)", quiet=args.quiet)
         return EXIT_OK
