@@ -37,6 +37,14 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from moba_rewrite.exit_codes import (
+    EXIT_ARCHITECTURE,
+    EXIT_CHECKPOINT,
+    EXIT_OUTPUT_EXISTS,
+    EXIT_OUTPUT_UNWRITABLE,
+    EXIT_PICKLE,
+)
+
 POLICY_FILE = "moba_policy.json"
 META_FILE = "moba_rewrite.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -49,7 +57,7 @@ _HF_WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorc
 class CheckpointError(Exception):
     """A checkpoint or output path problem; `str()` is `<file>: <what was expected>`."""
 
-    exit_code = 3
+    exit_code = EXIT_CHECKPOINT
 
     def __init__(self, path: str | os.PathLike, message: str) -> None:
         self.path = str(path)
@@ -60,37 +68,37 @@ class CheckpointError(Exception):
 class CheckpointNotFound(CheckpointError):
     """The input path does not exist."""
 
-    exit_code = 3
+    exit_code = EXIT_CHECKPOINT
 
 
 class CorruptCheckpoint(CheckpointError):
     """The input exists but cannot be read as the kind of checkpoint it claims to be."""
 
-    exit_code = 3
+    exit_code = EXIT_CHECKPOINT
 
 
 class UnknownArchitecture(CheckpointError):
     """The config names a model type that transformers cannot build locally."""
 
-    exit_code = 4
+    exit_code = EXIT_ARCHITECTURE
 
 
 class PickleRefused(CheckpointError):
     """A pickled module was given without `trust_pickle=True`."""
 
-    exit_code = 9
+    exit_code = EXIT_PICKLE
 
 
 class OutputExists(CheckpointError):
     """The output path exists and `force` was not given."""
 
-    exit_code = 6
+    exit_code = EXIT_OUTPUT_EXISTS
 
 
 class OutputNotWritable(CheckpointError):
     """The output path cannot be created (permissions, read-only file system, or it is the input)."""
 
-    exit_code = 7
+    exit_code = EXIT_OUTPUT_UNWRITABLE
 
 
 # --------------------------------------------------------------------------- detection

@@ -7,21 +7,23 @@ import contextlib
 import os
 from typing import Iterator
 
-PROG = "moba-rewrite"
+# Exit statuses (docs/CLI.md), re-exported for the commands.
+from moba_rewrite.exit_codes import (  # noqa: F401
+    EXIT_OK,
+    EXIT_INTERNAL,
+    EXIT_USAGE,
+    EXIT_CHECKPOINT,
+    EXIT_ARCHITECTURE,
+    EXIT_POLICY,
+    EXIT_OUTPUT_EXISTS,
+    EXIT_OUTPUT_UNWRITABLE,
+    EXIT_VALUE,
+    EXIT_PICKLE,
+    EXIT_VERIFY,
+    EXIT_EXPORT,
+)
 
-# Exit statuses (docs/CLI.md).
-EXIT_OK = 0
-EXIT_INTERNAL = 1  # a bug or an unexpected failure (rerun with --debug)
-EXIT_USAGE = 2  # bad command line (argparse)
-EXIT_CHECKPOINT = 3  # input missing, unreadable or corrupt
-EXIT_ARCHITECTURE = 4  # model cannot be built or rewritten (unknown architecture, unsupported site)
-EXIT_POLICY = 5  # bad policy file
-EXIT_OUTPUT_EXISTS = 6  # output exists and --force was not given
-EXIT_OUTPUT_UNWRITABLE = 7  # output cannot be written
-EXIT_VALUE = 8  # an option's value does not fit the model or policy (e.g. --seq-len below one block)
-EXIT_PICKLE = 9  # pickled module refused without --trust-pickle
-EXIT_VERIFY = 10  # the written artifact does not reproduce the rewritten model
-EXIT_EXPORT = 11  # export / compile of the rewritten model failed
+PROG = "moba-rewrite"
 
 
 class CliError(Exception):
