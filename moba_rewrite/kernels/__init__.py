@@ -23,14 +23,6 @@ class BackendUnavailable(RuntimeError):
     """A backend was asked for by name but cannot run here (missing package or device)."""
 
 
-def _importable(name: str) -> bool:
-    try:
-        load_backend(name)
-    except BackendUnavailable:
-        return False
-    return True
-
-
 def resolve_backend(name: str, device: torch.device, q=None, k=None, attn_mask=None) -> str:
     """Turn `auto` into the best backend that can run this call on `device`.
 
@@ -40,8 +32,11 @@ def resolve_backend(name: str, device: torch.device, q=None, k=None, attn_mask=N
     """
     if name != "auto":
         return name
-    if device.type == "cuda" and _importable("triton"):
-        triton = load_backend("triton")
+    if device.type == "cuda":
+        try:
+            triton = load_backend("triton")
+        except BackendUnavailable:
+            return "torch"
         if q is None or triton.supports(q, k, attn_mask):
             return "triton"
     return "torch"
