@@ -405,7 +405,7 @@ def compile_sm90() -> bool:
             elif name in _DATA_PTRS:
                 sig[name] = "*" + dt
             elif name in ("scale", "scale_log2"):
-                sig[name] = "fp32"
+                sig[name] = "fp64"  # as Inductor passes Python floats to user kernels
             else:
                 sig[name] = "i32"
         try:

@@ -45,6 +45,8 @@ def _fwd_kernel(
     DOT_PREC: tl.constexpr, OFF64: tl.constexpr,
 ):
     """MODE 0: per-entry LSE of one key span of block j. MODE 1: add exp(s - lse) @ V into O32."""
+    # Inductor passes Python floats as fp64 scalars; an fp64 factor would promote the scores.
+    scale_log2 = scale_log2.to(tl.float32)
     w = tl.program_id(0)
     split = tl.program_id(1)
     idx = tl.load(WORK_IDX + w)
@@ -171,6 +173,8 @@ def _bwd_kernel(
     DOT_PREC: tl.constexpr,
 ):
     """dK, dV of one key tile of block j (owned, no atomics); dQ of its rows by fp32 atomics."""
+    scale = scale.to(tl.float32)  # fp64 when launched by Inductor (see _fwd_kernel)
+    scale_log2 = scale_log2.to(tl.float32)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     j = pid // N_SUB
@@ -248,6 +252,7 @@ def _decode_kernel(
 ):
     """Split-KV decode (one query per sequence): partial softmax of one query head over one key
     span of one of its selected blocks (slot 0 = own block, slot s = pick s-1)."""
+    scale_log2 = scale_log2.to(tl.float32)  # fp64 when launched by Inductor (see _fwd_kernel)
     pid = tl.program_id(0)
     slot = tl.program_id(1)
     split = tl.program_id(2)
