@@ -447,10 +447,10 @@ def compile_sm90() -> bool:
                 dict(CAUSAL=causal, HAS_MASK=mask, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, D=d,
                      DOT_PREC="tf32"), w, st)
         bm, bn, w, st = triton_gate.gate_config(torch.device("cuda"), d)
-        for causal in (True, False):
-            one(f"D={d} gate causal={causal} top-8", triton_gate._gate_topk_kernel,
+        for causal, prec, dt in ((True, "split3", "bf16"), (False, "split3", "bf16"), (True, "tf32x3", "fp32")):
+            one(f"D={d} gate causal={causal} top-8 {prec}", triton_gate._gate_topk_kernel,
                 dict(CAUSAL=causal, HAS_VIS=not causal, KP=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, D=d,
-                     GATE_PREC="tf32x3"), w, st)
+                     GATE_PREC=prec), w, st, dt=dt)
         one(f"D={d} block means", triton_gate._block_means_kernel, dict(D=d, BLOCK_D=d, BLOCK_N=64), 4, 2)
         one(f"D={d} decode", triton_attn._decode_kernel, dict(HAS_MASK=True, MASK_BOOL=True, BLOCK_N=bn, BLOCK_D=d, D=d),
             4, 2)

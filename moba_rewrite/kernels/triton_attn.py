@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moba_rewrite.kernels import triton_configs
 from moba_rewrite.kernels.triton_gate import Selection
 from moba_rewrite.kernels.triton_layout import Problem, _tracing, interpreted, launch, next_pow2
 
@@ -46,7 +47,7 @@ def _fwd_kernel(
 ):
     """MODE 0: per-entry LSE of one key span of block j. MODE 1: add exp(s - lse) @ V into O32."""
     # Inductor passes Python floats as fp64 scalars; an fp64 factor would promote the scores.
-    scale_log2 = scale_log2.to(tl.float32)
+    scale_log2 = tl.cast(scale_log2, tl.float32)
     w = tl.program_id(0)
     split = tl.program_id(1)
     idx = tl.load(WORK_IDX + w)
@@ -173,8 +174,8 @@ def _bwd_kernel(
     DOT_PREC: tl.constexpr,
 ):
     """dK, dV of one key tile of block j (owned, no atomics); dQ of its rows by fp32 atomics."""
-    scale = scale.to(tl.float32)  # fp64 when launched by Inductor (see _fwd_kernel)
-    scale_log2 = scale_log2.to(tl.float32)
+    scale = tl.cast(scale, tl.float32)  # fp64 when launched by Inductor (see _fwd_kernel)
+    scale_log2 = tl.cast(scale_log2, tl.float32)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     j = pid // N_SUB
@@ -252,7 +253,7 @@ def _decode_kernel(
 ):
     """Split-KV decode (one query per sequence): partial softmax of one query head over one key
     span of one of its selected blocks (slot 0 = own block, slot s = pick s-1)."""
-    scale_log2 = scale_log2.to(tl.float32)  # fp64 when launched by Inductor (see _fwd_kernel)
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # fp64 when launched by Inductor (see _fwd_kernel)
     pid = tl.program_id(0)
     slot = tl.program_id(1)
     split = tl.program_id(2)
@@ -344,15 +345,15 @@ def fwd_config(p: Problem) -> tuple[int, int, int, int]:
     if interpreted(p.q.device):
         return 32, 16, 4, 1  # fewer, larger programs: the interpreter's cost is per operation
     if p.d <= 64:
-        return 64, 64, 8, 2
-    return (64, 32, 8, 2) if p.d <= 128 else (32, 32, 8, 1)
+        return triton_configs.pick("fwd", (64, 64, 8, 2))
+    return triton_configs.pick("fwd", (64, 32, 8, 2) if p.d <= 128 else (32, 32, 8, 1))
 
 
 def bwd_config(p: Problem) -> tuple[int, int, int, int]:
     """(BLOCK_M rows per step, BLOCK_N keys owned, num_warps, num_stages) of the backward kernel."""
     if interpreted(p.q.device):
         return 32, 16, 4, 1
-    return (32, 64, 8, 2) if p.d <= 128 else (16, 32, 8, 1)
+    return triton_configs.pick("bwd", (32, 64, 8, 2) if p.d <= 128 else (16, 32, 8, 1))
 
 
 def attn_tiles(p: Problem) -> tuple[int, int]:

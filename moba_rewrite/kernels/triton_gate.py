@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from moba_rewrite.kernels import triton_configs
 from moba_rewrite.kernels.triton_layout import Problem, interpreted, launch, next_pow2
 
 
@@ -43,6 +44,24 @@ def _block_means_kernel(
         acc += tl.sum(kt.to(tl.float32), axis=0)
     count = tl.maximum(hi - lo, 1)
     tl.store(MEANS + (bh.to(tl.int64) * NB + j) * D + offs_d, acc / count.to(tl.float32), mask=offs_d < D)
+
+
+@triton.jit
+def _gate_scores(q, mk, GATE_PREC: tl.constexpr):
+    """`q @ mk^T` in fp32 accuracy. "split3": `q` is bf16/fp16 (exact), the fp32 means are cut into
+    three parts of q's dtype (24 mantissa bits together) and multiplied on the fast tensor-core path,
+    smallest part first; otherwise one dot at `GATE_PREC` ("tf32x3" or "ieee") on fp32 operands."""
+    if GATE_PREC == "split3":
+        hi = mk.to(q.dtype)
+        rest = mk - hi.to(tl.float32)
+        mid = rest.to(q.dtype)
+        lo = (rest - mid.to(tl.float32)).to(q.dtype)
+        s = tl.dot(q, tl.trans(lo), out_dtype=tl.float32)
+        s = tl.dot(q, tl.trans(mid), s, out_dtype=tl.float32)
+        s = tl.dot(q, tl.trans(hi), s, out_dtype=tl.float32)
+    else:
+        s = tl.dot(q.to(tl.float32), tl.trans(mk), input_precision=GATE_PREC)
+    return s
 
 
 @triton.jit
@@ -74,8 +93,9 @@ def _gate_topk_kernel(
     # Unused slots (>= N_PICK) hold +inf so they are never the row minimum that gets replaced.
     topv = tl.where(slots[None, :] < N_PICK, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, KP], tl.float32)
     topi = tl.full([BLOCK_M, KP], -1, tl.int32)
+    worst = tl.min(topv, axis=1)
     q_ptrs = Q + b.to(tl.int64) * sqb + hq.to(tl.int64)[:, None] * sqh + (qs + t)[:, None] * sqt + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=rvalid[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+    q = tl.load(q_ptrs, mask=rvalid[:, None] & (offs_d < D)[None, :], other=0.0)
     if CAUSAL:
         hi = tl.max(tl.where(rvalid, own, 0))  # candidates are blocks before the own block
     else:
@@ -85,7 +105,7 @@ def _gate_topk_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         mk = tl.load(mean_base + cols[:, None] * D + offs_d[None, :],
                      mask=(cols < n_blocks)[:, None] & (offs_d < D)[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(mk), input_precision=GATE_PREC)
+        s = _gate_scores(q, mk, GATE_PREC)
         cand = rvalid[:, None] & (cols < n_blocks)[None, :]
         if CAUSAL:
             cand = cand & (cols[None, :] < own[:, None])
@@ -96,19 +116,18 @@ def _gate_topk_kernel(
                           + cols[None, :] * svn, mask=cand, other=0)
             cand = cand & (vis != 0)
         s = tl.where(cand, s, float("-inf"))
-        # Merge this tile into the running top-k: pull the tile's best N_PICK in descending
-        # order, each replacing the row's current worst kept score when it beats it.
-        improves = (tl.max(s, axis=1) > tl.min(topv, axis=1)).to(tl.int32)
-        if tl.max(improves) > 0:  # skip tiles that cannot change any row's top-k
-            for _ in range(N_PICK):  # runtime count: one compiled variant per KP, not per top_k
-                best = tl.max(s, axis=1)
-                best_col = tl.argmax(s, axis=1)
-                worst = tl.min(topv, axis=1)
-                worst_slot = tl.argmin(topv, axis=1)
-                repl = (best > worst)[:, None] & (slots[None, :] == worst_slot[:, None])
-                topv = tl.where(repl, best[:, None], topv)
-                topi = tl.where(repl, (n0 + best_col)[:, None].to(tl.int32), topi)
-                s = tl.where(cols[None, :] == (n0 + best_col)[:, None], float("-inf"), s)
+        # Merge this tile into the running top-k: pull the tile's best scores in descending order,
+        # each replacing its row's current worst kept score, for as long as some row still improves
+        # (at most N_PICK rounds; late tiles usually need none or one).
+        best, best_col = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        while tl.max((best > worst).to(tl.int32)) > 0:
+            worst_slot = tl.argmin(topv, axis=1, tie_break_left=True)
+            repl = (best > worst)[:, None] & (slots[None, :] == worst_slot[:, None])
+            topv = tl.where(repl, best[:, None], topv)
+            topi = tl.where(repl, (n0 + best_col)[:, None].to(tl.int32), topi)
+            s = tl.where(tl.arange(0, BLOCK_N)[None, :] == best_col[:, None], float("-inf"), s)
+            best, best_col = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            worst = tl.min(topv, axis=1)
     out = PICKS + (bh.to(tl.int64) * RP + rows)[:, None] * KP + slots[None, :]
     tl.store(out, topi)
 
@@ -133,7 +152,17 @@ def gate_config(device: torch.device, d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M rows, BLOCK_N blocks, num_warps, num_stages) of the gate kernel (from sm_90 compiles)."""
     if interpreted(device):
         return 32, 16, 4, 1
-    return (64, 64, 8, 2) if d <= 128 else (32, 32, 8, 1)
+    return triton_configs.pick("gate", (64, 64, 8, 2) if d <= 128 else (32, 32, 8, 1))
+
+
+def gate_precision(q: Tensor) -> str:
+    """How the kernel computes the fp32 gate: "ieee" (interpreter, HIP), "split3" (bf16/fp16 on
+    tensor cores, exact q times a three-part split of the fp32 means), "tf32x3" (fp32 inputs)."""
+    if q.dtype == torch.float32:
+        return "ieee" if interpreted(q.device) or torch.version.hip else "tf32x3"
+    # bf16/fp16: split3 also under the interpreter (tests check it on CPU); an override may pick another
+    prec = triton_configs.pick("gate_prec", "split3")
+    return "ieee" if prec == "tf32x3" and (interpreted(q.device) or torch.version.hip) else prec
 
 
 def gate_tiles(device: torch.device, d: int) -> tuple[int, int]:
@@ -186,8 +215,7 @@ def select_blocks(p: Problem, block_m: int | None = None) -> Selection:
         vis = block_visibility(p)
         vis_arg = vis if vis is not None else picks
         vs = vis.stride() if vis is not None else (0, 0, 0, 0)
-        # tf32x3: ~fp32 accuracy on tensor cores (the gate is specified in fp32); HIP lacks it.
-        prec = "ieee" if interpreted(dev) or torch.version.hip else "tf32x3"
+        prec = gate_precision(p.q)
         launch(_gate_topk_kernel)[(n_tiles, p.batch * p.hkv)](
             p.q, means, picks, vis_arg, p.q_start, p.q_len, p.k_len, p.sq.sb, p.sq.sh, p.sq.st,
             vs[0], vs[1], vs[2], vs[3], p.hkv, p.group, p.n_blocks, rp, p.block_size, n_pick,

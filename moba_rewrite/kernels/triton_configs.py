@@ -1,0 +1,52 @@
+"""Launch-configuration overrides for the Triton kernels (tile sizes, warps, stages, gate precision).
+
+Each kernel family has a built-in default chosen from GPU timings (`benchmarks/RESULTS.md`).
+`MOBA_TRITON_CONFIG` replaces them for tuning on another GPU without editing code, e.g.
+
+    MOBA_TRITON_CONFIG="gate=64,64,4,2;fwd=128,64,8,3;bwd=64,64,8,2;gate_prec=split3"
+
+(`BLOCK_M,BLOCK_N,num_warps,num_stages` per family; `gate_prec` is `tf32x3`, `split3` or
+`ieee`). `benchmarks/bench_gpu.py --sweep` sets `OVERRIDES` in-process to compare candidates
+side by side. Overrides apply on GPU only: the interpreter keeps its own small tiles.
+"""
+
+from __future__ import annotations
+
+import os
+
+FAMILIES = ("gate", "fwd", "bwd")
+GATE_PRECISIONS = ("tf32x3", "split3", "ieee")
+
+OVERRIDES: dict[str, object] = {}
+
+
+def _parse(text: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in (*FAMILIES, "gate_prec"):
+            raise ValueError(f"MOBA_TRITON_CONFIG: {part!r}: expected one of "
+                             f"{', '.join(FAMILIES)}=M,N,WARPS,STAGES or gate_prec=NAME")
+        if key == "gate_prec":
+            if value.strip() not in GATE_PRECISIONS:
+                raise ValueError(f"MOBA_TRITON_CONFIG: gate_prec={value!r}: expected one of {GATE_PRECISIONS}")
+            out[key] = value.strip()
+            continue
+        try:
+            nums = tuple(int(x) for x in value.split(","))
+        except ValueError:
+            nums = ()
+        if len(nums) != 4 or any(n < 1 for n in nums):
+            raise ValueError(f"MOBA_TRITON_CONFIG: {key}={value!r}: expected four positive integers "
+                             "BLOCK_M,BLOCK_N,WARPS,STAGES")
+        out[key] = nums
+    return out
+
+
+OVERRIDES.update(_parse(os.environ.get("MOBA_TRITON_CONFIG", "")))
+
+
+def pick(family: str, default):
+    """The override for `family` if one is set, else `default`."""
+    return OVERRIDES.get(family, default)
