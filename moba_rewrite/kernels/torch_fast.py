@@ -112,7 +112,9 @@ class _Layout:
         xs = x[:, :, k0:k1].to(self.ct)
         if k1 - k0 < nc * bs:
             xs = F.pad(xs, (0, 0, 0, nc * bs - (k1 - k0)))
-        return xs.reshape(self.b, self.hkv, 1, nc, bs, x.shape[-1])
+        # Contiguous, so that every sub-tile matmul sees plain 3-D batches (a strided chunk makes
+        # `matmul` copy the keys again for each sub-tile).
+        return xs.contiguous().view(self.b, self.hkv, 1, nc, bs, x.shape[-1])
 
 
 class _OwnMasker:
