@@ -368,6 +368,93 @@ def decode_case(label, b, h, hkv, tk, d, bs, top_k, reps, budget):
     return run
 
 
+# ----------------------------------------------------------------------------- config sweep
+
+SWEEP = {
+    "gate": [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
+    "gate_prec": ["split3", "tf32x3"],
+    "fwd": [(64, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2),
+            (64, 128, 8, 2)],
+    "bwd": [(32, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 64, 4, 2)],
+}
+
+
+def sweep_configs(deadline: float) -> None:
+    """Time candidate launch configs of the gate, forward and backward kernels side by side on the
+    issue's two prefill settings, reject any whose results differ from the default's, and keep the
+    fastest (mean time ratio to the default over both settings) for the rest of the run."""
+    from moba_rewrite.kernels import triton_configs
+
+    problems = [("block 512 top-3 T=128K B=1", 1, scaled(128 * K), sz(512, 16), 3),
+                ("block 128 top-8 T=64K B=2", 2, scaled(64 * K), sz(128, 16), 8)]
+    d, h = sz(128, 16), sz(16, 2)
+    data = []
+    for label, b, t, bs, top_k in problems:
+        q, k, v = rand(b, h, t, d), rand(b, h, t, d), rand(b, h, t, d)
+        p = dense_problem(q, k, v, block_size=bs, top_k=top_k, causal=True, scale=d ** -0.5, attn_mask=None)
+        data.append((label, p, torch.randn_like(q)))
+    print("\n[config sweep] ms per call (median of 3); x = results differ from the default's",
+          flush=True)
+
+    def rows_of(p, sel):
+        return sel.picks[:, : p.rows].sort(-1).values
+
+    def family(name, candidates, run_one, same):
+        """Time `run_one(p, ...)` for every candidate; return the best candidate."""
+        base = {}
+        ratios = {}
+        for cand in candidates:
+            if time.time() > deadline - 5:
+                print(f"  {name}: stopped early (time budget)", flush=True)
+                break
+            triton_configs.OVERRIDES[name] = cand
+            cells, rs = [], []
+            try:
+                for label, p, go in data:
+                    res = run_one(p, go)
+                    if label not in base:
+                        base[label] = res
+                    ok = same(base[label], res)
+                    ms = bench(lambda: run_one(p, go), 3)
+                    base.setdefault(("ms", label), ms)
+                    cells.append(f"{ms:8.2f}{'' if ok else ' x'}")
+                    rs.append(ms / base[("ms", label)] if ok else float("inf"))
+            except Exception as exc:
+                cells.append(f"ERROR {type(exc).__name__}: {str(exc)[:120]}")
+                rs.append(float("inf"))
+            ratios[cand] = sum(rs) / max(1, len(rs)) if len(rs) == len(data) else float("inf")
+            print(f"  {name:<9} {str(cand):<18} " + " | ".join(cells), flush=True)
+        best = min(ratios, key=ratios.get) if ratios else candidates[0]
+        if not math.isfinite(ratios.get(best, float("inf"))):
+            best = candidates[0]
+        triton_configs.OVERRIDES[name] = best
+        print(f"  -> {name} = {best} (mean time ratio to default {ratios.get(best, float('nan')):.2f})", flush=True)
+        RESULTS.append({"case": f"sweep {name}", "choice": str(best),
+                        "ratios": {str(c): r for c, r in ratios.items()}})
+        return best
+
+    print(f"  columns: {' | '.join(lbl for lbl, _, _ in data)}", flush=True)
+
+    def same_sel(a, b):
+        return (a != b).any(-1).float().mean().item() < 1e-4  # near-ties only
+
+    family("gate_prec", SWEEP["gate_prec"], lambda p, go: rows_of(p, triton_gate.select_blocks(p)), same_sel)
+    family("gate", SWEEP["gate"], lambda p, go: rows_of(p, triton_gate.select_blocks(p)), same_sel)
+    sels = {id(p): triton_gate.build_csr(p, triton_gate.select_blocks(p)) for _, p, _ in data}
+    family("fwd", SWEEP["fwd"], lambda p, go: triton_attn.attention_forward(p, sels[id(p)])[0],
+           lambda a, b: rel_err(b, a) < 1e-2)
+    fwd_out = {id(p): triton_attn.attention_forward(p, sels[id(p)]) for _, p, _ in data}
+    family("bwd", SWEEP["bwd"],
+           lambda p, go: triton_attn.attention_backward(p, sels[id(p)], go, *fwd_out[id(p)]),
+           lambda a, b: max(rel_err(y, x) for x, y in zip(a, b)) < 1e-2)
+    o = triton_configs.OVERRIDES
+    text = ";".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in o.items())
+    print(f"  chosen: MOBA_TRITON_CONFIG=\"{text}\"", flush=True)
+    del data, sels, fwd_out
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------- compile check (no GPU needed)
 
 _INT_PTRS = {"q_start", "q_len", "k_start", "k_len", "PICKS", "WORK_IDX", "WORK_CHUNK", "OFFSETS", "ENTRY_ROW",
@@ -408,8 +495,13 @@ def compile_sm90() -> bool:
                 sig[name] = "fp64"  # as Inductor passes Python floats to user kernels
             else:
                 sig[name] = "i32"
+        # As the JIT specializes at launch: pointers and the strides / sizes that are multiples of 16
+        # get a divisibility hint (without it loads are not vectorized and the counts below mislead).
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if sig[name].startswith("*") or (sig[name] == "i32" and (
+                     (name.startswith("s") and name != "span") or name in ("block_size", "span", "L", "RP")))}
         try:
-            k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=target,
+            k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
                                options={"num_warps": warps, "num_stages": stages})
         except Exception as exc:
             ok = False
@@ -456,6 +548,21 @@ def compile_sm90() -> bool:
             4, 2)
         one(f"D={d} decode combine", triton_attn._decode_combine_kernel, dict(BLOCK_S=16, BLOCK_D=d, D=d), 4, 2)
         one(f"D={d} row dot", triton_attn._row_dot_kernel, dict(BLOCK_M=16, BLOCK_D=d, D=d), 4, 2)
+    p = _P(128)  # every --sweep candidate at D=128 too, so the sweep spends no GPU time on a config that fails here
+    for bm, bn, w, st in SWEEP["fwd"]:
+        for mode in (0, 1):
+            one(f"sweep fwd mode={mode} {(bm, bn, w, st)}", triton_attn._fwd_kernel,
+                dict(MODE=mode, CAUSAL=True, HAS_MASK=False, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128,
+                     D=128, DOT_PREC="tf32", OFF64=False), w, st)
+    for bm, bn, w, st in SWEEP["bwd"]:
+        one(f"sweep bwd {(bm, bn, w, st)}", triton_attn._bwd_kernel,
+            dict(CAUSAL=True, HAS_MASK=False, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128, D=128,
+                 DOT_PREC="tf32"), w, st)
+    for bm, bn, w, st in SWEEP["gate"]:
+        for prec, dt in (("split3", "bf16"), ("tf32x3", "bf16")):
+            one(f"sweep gate {prec} {(bm, bn, w, st)}", triton_gate._gate_topk_kernel,
+                dict(CAUSAL=True, HAS_VIS=False, KP=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128, D=128,
+                     GATE_PREC=prec), w, st, dt=dt)
     print("compile check:", "all variants compiled" if ok else "SOME VARIANTS FAILED")
     return ok
 
@@ -470,6 +577,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=290.0, help="seconds for the whole run (cases are skipped after)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--sweep", type=float, default=0.0, metavar="SECONDS",
+                    help="first compare launch configs for up to SECONDS and keep the fastest for the run")
     ap.add_argument("--compile-sm90", action="store_true",
                     help="only compile every kernel variant for sm_90 and report registers/spills (no GPU needed)")
     args = ap.parse_args()
@@ -481,6 +590,8 @@ def main() -> None:
     if DEV.type == "cuda":
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     torch.manual_seed(0)
+    if args.sweep:
+        sweep_configs(T0 + args.sweep)
     if not args.skip_correctness:
         check_correctness()
     d, h = sz(128, 16), sz(16, 2)
