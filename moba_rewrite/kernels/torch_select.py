@@ -17,6 +17,8 @@ from torch import Tensor
 
 # Elements per temporary: gate chunk, mask chunk (about 4 MiB in fp32).
 _CHUNK_ELEMS = 1 << 20
+# Query rows (x batch x heads) a gate chunk should reach before another op round is worth it.
+_MIN_CHUNK_ROWS = 2048
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -76,13 +78,63 @@ def _block_visibility(vis: Tensor, n_blocks: int, block_size: int) -> Tensor:
     return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
 
+def _query_chunks(tq: int, offset: int, block_size: int, max_rows: int, min_rows: int) -> list[tuple[int, int]]:
+    """Query ranges for the gate: cut at own-block boundaries, at most `max_rows` queries each.
+
+    Whole own blocks are merged while a chunk is shorter than `min_rows` (so small blocks do
+    not cost one round of ops each); a block longer than `max_rows` is split. A chunk that holds
+    a single own block needs no per-query candidate mask when causal and unmasked.
+    """
+    first = min(tq, block_size - offset % block_size)
+    cuts = [0] + list(range(first, tq, block_size)) + [tq]
+    segments = [(a, e) for a, e in zip(cuts[:-1], cuts[1:]) if e > a]
+    chunks: list[tuple[int, int]] = []
+    for a, e in segments:
+        if chunks and chunks[-1][1] - chunks[-1][0] < min_rows and e - chunks[-1][0] <= max_rows:
+            chunks[-1] = (chunks[-1][0], e)
+            continue
+        chunks.extend((i, min(e, i + max_rows)) for i in range(a, e, max_rows))
+    return chunks
+
+
+def _top_blocks(gate_t: Tensor, kp: int, work: Tensor) -> Tensor:
+    """Indices of the `kp` largest entries along dim -2 of a block-major gate `[..., w, c]`.
+
+    Returns `[..., kp, c]` int64, -1 where fewer than `kp` finite entries exist; ties go to the
+    lower block index. For small `kp` this is `kp` rounds of `amax` plus a few arithmetic
+    passes (vectorised across queries in this layout; comparisons producing bool tensors and
+    `topk` along the short block axis are several times slower on CPU). `gate_t` is
+    overwritten; `work` is a flat scratch buffer of at least `gate_t.numel()` elements.
+    """
+    neg_inf = float("-inf")
+    w = gate_t.shape[-2]
+    if kp > 3:
+        values, index = gate_t.transpose(-1, -2).topk(kp, dim=-1, sorted=False)
+        return index.masked_fill_(values == neg_inf, -1).transpose(-1, -2)
+    ar = torch.arange(w, dtype=gate_t.dtype, device=gate_t.device)[:, None]
+    key = work[: gate_t.numel()].view(gate_t.shape)
+    picks = []
+    for t in range(kp):
+        best = gate_t.amax(-2, keepdim=True)  # [..., 1, c]
+        # key = j where gate == best, j + w elsewhere (NaN where best is -inf: masked below).
+        torch.sub(gate_t, best, out=key).sign_().mul_(-float(w)).add_(ar)
+        found = best != neg_inf
+        idx = key.amin(-2, keepdim=True).nan_to_num_(0.0).to(torch.long).masked_fill_(~found, 0)
+        if t + 1 < kp:
+            gate_t.scatter_(-2, idx, neg_inf)
+        picks.append(idx.masked_fill_(~found, -1))
+    return torch.cat(picks, dim=-2) if kp > 1 else picks[0]
+
+
 @torch.no_grad()
 def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool,
                   attn_mask: Tensor | None) -> Tensor:
     """History blocks per query `[B, Hq, Tq, top_k - 1]` (int64, -1 = none), own block excluded.
 
     Gate `q . mean(K_j)` in fp32 (fp64 for fp64), candidates per SPEC section 2 step 4,
-    top `top_k - 1` of them. Queries are processed in chunks so the gate is never whole.
+    top `top_k - 1` of them. Queries are processed in chunks so the gate is never whole; the
+    gate of a chunk is laid out block-major (`[B, Hq, blocks, queries]`), and a causal,
+    unmasked chunk within one own block scores only the blocks before it (no candidate mask).
     """
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -94,36 +146,46 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: 
     if n_pick <= 0 or n == 1:
         return sel
     ct = compute_dtype(q.dtype)
-    means_t = block_means(k, block_size, ct).transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, D, n]
+    means = block_means(k, block_size, ct)[:, :, None]  # [B, Hkv, 1, n, D]
     m4 = mask4(attn_mask)
     blocks = torch.arange(n, device=dev)
     offset = tk - tq
-    chunk = max(1, _CHUNK_ELEMS // (b * hq * n))
+    max_rows = max(1, _CHUNK_ELEMS // (b * hq * n))
     if m4 is not None and m4.shape[2] > 1:
-        chunk = min(chunk, max(1, _CHUNK_ELEMS // (m4.shape[0] * m4.shape[1] * m4.shape[3])))
+        max_rows = min(max_rows, max(1, _CHUNK_ELEMS // (m4.shape[0] * m4.shape[1] * m4.shape[3])))
+    min_rows = max(1, _MIN_CHUNK_ROWS // (b * hq))
     static_vis = None
     if m4 is not None and m4.shape[2] == 1:
         static_vis = _block_visibility(_visible(m4), n, block_size)  # [mB, mH, 1, n or 1]
-    for i0 in range(0, tq, chunk):
-        i1 = min(tq, i0 + chunk)
+    chunks = _query_chunks(tq, offset, block_size, max_rows, min_rows)
+    # Scratch reused by every chunk (fresh multi-MiB temporaries per chunk cost page faults).
+    buf_elems = b * hq * n * max(i1 - i0 for i0, i1 in chunks)
+    gate_buf = torch.empty(buf_elems, dtype=ct, device=dev)
+    work = torch.empty(buf_elems, dtype=ct, device=dev)
+    for i0, i1 in chunks:
         c = i1 - i0
+        own_lo, own_hi = (offset + i0) // block_size, (offset + i1 - 1) // block_size
         # Causal: only blocks before the chunk's last own block can be candidates; skip the rest.
-        w = min(n, (offset + i1 - 1) // block_size) if causal else n
+        w = own_hi if causal else n
         if w == 0:
             continue
         qc = q[:, :, i0:i1].to(ct).reshape(b, hkv, g, c, d)
-        gate = torch.matmul(qc, means_t[..., :w]).reshape(b, hq, c, w)
-        own = torch.arange(offset + i0, offset + i1, device=dev) // block_size
-        cand = blocks[None, :w] < own[:, None] if causal else blocks[None, :] != own[:, None]
-        if m4 is not None:
-            vis = static_vis if static_vis is not None else _block_visibility(
-                _visible(m4[:, :, i0:i1]), n, block_size)
-            cand = cand & (vis[..., :w] if vis.shape[-1] > 1 else vis)
-        # 0 / -inf bias on the (small, broadcast) candidate map: cheaper than masked_fill_ on the gate.
-        gate.add_(torch.zeros(cand.shape, dtype=ct, device=dev).masked_fill_(~cand, float("-inf")))
+        gate_t = gate_buf[: b * hq * w * c].view(b, hkv, g, w, c)
+        torch.matmul(means[..., :w, :], qc.transpose(-1, -2), out=gate_t)
+        gate_t = gate_t.view(b, hq, w, c)
+        if m4 is not None or own_lo != own_hi:
+            own = torch.arange(offset + i0, offset + i1, device=dev) // block_size
+            cand = blocks[:w, None] < own[None, :] if causal else blocks[:, None] != own[None, :]
+            if m4 is not None:
+                vis = static_vis if static_vis is not None else _block_visibility(
+                    _visible(m4[:, :, i0:i1]), n, block_size)
+                cand = cand & (vis[..., :w] if vis.shape[-1] > 1 else vis).transpose(-1, -2)
+            # 0 / -inf bias on the (small, broadcast) candidate map: cheaper than masked_fill_ on the gate.
+            gate_t.add_(torch.zeros(cand.shape, dtype=ct, device=dev).masked_fill_(~cand, float("-inf")))
+        elif not causal:
+            gate_t[:, :, own_lo].fill_(float("-inf"))
         kp = min(n_pick, w)
-        values, index = gate.topk(kp, dim=-1, sorted=False)
-        sel[:, :, i0:i1, :kp] = index.masked_fill_(values == float("-inf"), -1)
+        sel[:, :, i0:i1, :kp] = _top_blocks(gate_t, kp, work).transpose(-1, -2)
     return sel
 
 
