@@ -150,6 +150,21 @@ class _OwnMasker:
             s.masked_fill_(~mt, neg_inf)
 
 
+class _Scratch:
+    """Flat buffers reused by every tile of a pass: a fresh multi-MiB temporary per tile costs
+    page faults (glibc hands large blocks back to the OS), which shows at long context."""
+
+    def __init__(self, dtype: torch.dtype, device):
+        self.dtype, self.device, self.bufs = dtype, device, {}
+
+    def get(self, name: str, shape) -> Tensor:
+        numel = math.prod(shape)
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.bufs[name] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return buf[:numel].view(shape)
+
+
 def _history_tiles(plan: RoutePlan, lay: _Layout):
     """(b, kv head, key start, key end, rows, padded rows) per tile of the history groups."""
     step = max(1, _TILE_ELEMS // lay.bs)
@@ -181,6 +196,7 @@ def _sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout,
     masker = _OwnMasker(lay, causal, attn_mask, dev)
     sum_v = row_sum.view(lay.b, lay.hkv, lay.g, lay.nq, lay.bs)
     acc_v = acc.view(lay.b, lay.hkv, lay.g, lay.nq, lay.bs, lay.dv) if acc is not None else None
+    scratch = _Scratch(ct, dev)
     for c0, c1 in lay.chunks():
         qc = lay.q_chunk(q, c0, c1, mult)
         kc = lay.kv_chunk(k, c0, c1)
@@ -188,23 +204,32 @@ def _sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout,
         for a0 in range(0, lay.bs, lay.sb):
             a1 = min(a0 + lay.sb, lay.bs)
             kend = masker.key_end(a1)
-            s = torch.matmul(qc[..., a0:a1, :], kc[..., :kend, :].transpose(-1, -2))
+            q_a = qc[..., a0:a1, :]
+            s = torch.matmul(q_a, kc[..., :kend, :].transpose(-1, -2), out=scratch.get("s", (*q_a.shape[:-1], kend)))
             masker(s, c0, c1, a0, a1)
             e = s.exp2_()
-            sum_v[:, :, :, c0:c1, a0:a1] = e.sum(-1)
+            sum_v[:, :, :, c0:c1, a0:a1] = torch.sum(e, -1, out=scratch.get("l", e.shape[:-1]))
             if acc_v is not None:
-                acc_v[:, :, :, c0:c1, a0:a1] = torch.matmul(e, vc[..., :kend, :])
+                acc_v[:, :, :, c0:c1, a0:a1] = torch.matmul(e, vc[..., :kend, :],
+                                                             out=scratch.get("o", (*e.shape[:-1], lay.dv)))
     q_flat = q.reshape(-1, lay.d)
     sum_flat = row_sum.view(-1)
     acc_flat = acc.view(-1, lay.dv) if acc is not None else None
     m4 = mask4(attn_mask)
     for b, h, ks, ke, rows, prows in _history_tiles(plan, lay):
-        kj = k[b, h, ks:ke].to(ct)
-        _, s = _history_scores(q_flat, kj, rows, b, ks, ke, lay, m4, mult)
+        r = rows.shape[0]
+        kj = k[b, h, ks:ke].to(ct) * mult  # the scale goes on the (small) key block, not the gathered queries
+        if q_flat.dtype == ct:
+            qs = torch.index_select(q_flat, 0, rows, out=scratch.get("q", (r, lay.d)))
+        else:
+            qs = q_flat.index_select(0, rows).to(ct)
+        s = torch.mm(qs, kj.transpose(0, 1), out=scratch.get("s", (r, ke - ks)))
+        if m4 is not None:
+            s.masked_fill_(~row_mask(m4, b, rows, lay.tq, lay.hq, ks, ke), float("-inf"))
         e = s.exp2_()
-        sum_flat.index_add_(0, prows, e.sum(1))
+        sum_flat.index_add_(0, prows, torch.sum(e, 1, out=scratch.get("l", (r,))))
         if acc_flat is not None:
-            acc_flat.index_add_(0, prows, e @ v[b, h, ks:ke].to(ct))
+            acc_flat.index_add_(0, prows, torch.mm(e, v[b, h, ks:ke].to(ct), out=scratch.get("o", (r, lay.dv))))
     return acc, row_sum
 
 
