@@ -249,7 +249,7 @@ def ours_breakdown(q, k, v, bs, top_k):
     reps = 3 if not SMOKE else 1
     t_gate = bench(lambda: triton_gate.select_blocks(p), reps)
     sel = triton_gate.select_blocks(p)
-    t_csr = bench(lambda: triton_gate.build_csr(p, triton_gate.Selection(sel.picks, sel.n_pick, sel.row_pad)), reps)
+    t_csr = bench(lambda: triton_gate.build_csr(p, triton_gate.Selection(sel.picks, sel.n_pick, sel.row_pad, sel.ref)), reps)
     sel = triton_gate.build_csr(p, sel)
     t_attn = bench(lambda: triton_attn.attention_forward(p, sel), reps)
     return t_gate, t_csr, t_attn
@@ -373,6 +373,7 @@ def decode_case(label, b, h, hkv, tk, d, bs, top_k, reps, budget):
 SWEEP = {
     "gate": [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
     "gate_prec": ["split3", "tf32x3"],
+    "fwd_mode": ["single", "two_pass"],
     "fwd": [(64, 32, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2),
             (64, 128, 8, 2)],
     "bwd": [(32, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 64, 4, 2)],
@@ -441,8 +442,13 @@ def sweep_configs(deadline: float) -> None:
     family("gate_prec", SWEEP["gate_prec"], lambda p, go: rows_of(p, triton_gate.select_blocks(p)), same_sel)
     family("gate", SWEEP["gate"], lambda p, go: rows_of(p, triton_gate.select_blocks(p)), same_sel)
     sels = {id(p): triton_gate.build_csr(p, triton_gate.select_blocks(p)) for _, p, _ in data}
+    family("fwd_mode", SWEEP["fwd_mode"], lambda p, go: triton_attn.attention_forward(p, sels[id(p)])[0],
+           lambda a, b: rel_err(b, a) < 1e-2)
     family("fwd", SWEEP["fwd"], lambda p, go: triton_attn.attention_forward(p, sels[id(p)])[0],
            lambda a, b: rel_err(b, a) < 1e-2)
+    repaired = [int(triton_attn.single_pass_forward(p, sels[id(p)])[2].sum()) for _, p, _ in data]
+    print(f"  single pass: rows repaired (reference unsafe) {repaired} of {[p.rows * p.batch * p.hkv for _, p, _ in data]}",
+          flush=True)
     fwd_out = {id(p): triton_attn.attention_forward(p, sels[id(p)]) for _, p, _ in data}
     family("bwd", SWEEP["bwd"],
            lambda p, go: triton_attn.attention_backward(p, sels[id(p)], go, *fwd_out[id(p)]),
@@ -459,7 +465,9 @@ def sweep_configs(deadline: float) -> None:
 
 _INT_PTRS = {"q_start", "q_len", "k_start", "k_len", "PICKS", "WORK_IDX", "WORK_CHUNK", "OFFSETS", "ENTRY_ROW",
              "ENTRY_SRC"}
-_F32_PTRS = {"MEANS", "O32", "LSE_PART", "ROW_LSE", "DQ32", "DELTA", "O_PART"}
+_F32_PTRS = {"MEANS", "O32", "LSE_PART", "ROW_LSE", "DQ32", "DELTA", "O_PART", "REF", "ROW_SUM", "ROW_MAX",
+             "ROW_REF"}
+_I8_PTRS = {"ROW_FILTER", "BAD"}
 _DATA_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV"}
 
 
@@ -487,11 +495,13 @@ def compile_sm90() -> bool:
                 sig[name] = "*i32"
             elif name in _F32_PTRS:
                 sig[name] = "*fp32"
+            elif name in _I8_PTRS:
+                sig[name] = "*i8"
             elif name in ("MASK", "VIS"):
                 sig[name] = "*" + mask_dt
             elif name in _DATA_PTRS:
                 sig[name] = "*" + dt
-            elif name in ("scale", "scale_log2"):
+            elif name in ("scale", "scale_log2", "SAFE_HI", "SAFE_LO"):
                 sig[name] = "fp64"  # as Inductor passes Python floats to user kernels
             else:
                 sig[name] = "i32"
@@ -519,20 +529,29 @@ def compile_sm90() -> bool:
 
     class _P:  # the config functions only look at d and the device
         def __init__(self, d):
-            self.d, self.q = d, torch.empty(0, device="meta")
+            # a stand-in q on "cuda" (not allocated) so the configs are the GPU ones, not the interpreter's
+            self.d, self.q = d, type("FakeQ", (), {"device": torch.device("cuda"), "dtype": torch.bfloat16})()
 
     for d in (64, 128, 256):
         p = _P(d)
         bm, bn, w, st = triton_attn.fwd_config(p)
-        for mode in (0, 1):
+        for mode in (0, 1, 2):
             for causal, mask, mbool in ((True, False, True), (False, True, True), (True, True, False)):
                 one(f"D={d} fwd mode={mode} causal={causal} mask={mask}{'' if mbool else ' float'}",
                     triton_attn._fwd_kernel,
-                    dict(MODE=mode, CAUSAL=causal, HAS_MASK=mask, MASK_BOOL=mbool, BLOCK_M=bm, BLOCK_N=bn,
-                         BLOCK_D=d, D=d, DOT_PREC="tf32", OFF64=False), w, st, mask_dt="u8" if mbool else "fp32")
+                    dict(MODE=mode, FILTER=False, CAUSAL=causal, HAS_MASK=mask, MASK_BOOL=mbool, BLOCK_M=bm,
+                         BLOCK_N=bn, BLOCK_D=d, D=d, DOT_PREC="tf32", OFF64=False), w, st,
+                    mask_dt="u8" if mbool else "fp32")
+        for mode in (0, 1):
+            one(f"D={d} fwd mode={mode} repair filter", triton_attn._fwd_kernel,
+                dict(MODE=mode, FILTER=True, CAUSAL=True, HAS_MASK=False, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn,
+                     BLOCK_D=d, D=d, DOT_PREC="tf32", OFF64=False), w, st)
+        for repair in (False, True):
+            one(f"D={d} fwd finish repair={repair}", triton_attn._fwd_finish_kernel,
+                dict(REPAIR=repair, BLOCK_M=16, BLOCK_D=d, D=d), 4, 2)
         one(f"D={d} fwd mode=1 fp32 off64", triton_attn._fwd_kernel,
-            dict(MODE=1, CAUSAL=True, HAS_MASK=False, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, D=d,
-                 DOT_PREC="ieee", OFF64=True), w, st, dt="fp32")
+            dict(MODE=1, FILTER=False, CAUSAL=True, HAS_MASK=False, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn,
+                 BLOCK_D=d, D=d, DOT_PREC="ieee", OFF64=True), w, st, dt="fp32")
         bm, bn, w, st = triton_attn.bwd_config(p)
         for causal, mask in ((True, False), (False, True)):
             one(f"D={d} bwd causal={causal} mask={mask}", triton_attn._bwd_kernel,
@@ -550,9 +569,9 @@ def compile_sm90() -> bool:
         one(f"D={d} row dot", triton_attn._row_dot_kernel, dict(BLOCK_M=16, BLOCK_D=d, D=d), 4, 2)
     p = _P(128)  # every --sweep candidate at D=128 too, so the sweep spends no GPU time on a config that fails here
     for bm, bn, w, st in SWEEP["fwd"]:
-        for mode in (0, 1):
+        for mode in (0, 1, 2):
             one(f"sweep fwd mode={mode} {(bm, bn, w, st)}", triton_attn._fwd_kernel,
-                dict(MODE=mode, CAUSAL=True, HAS_MASK=False, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128,
+                dict(MODE=mode, FILTER=False, CAUSAL=True, HAS_MASK=False, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128,
                      D=128, DOT_PREC="tf32", OFF64=False), w, st)
     for bm, bn, w, st in SWEEP["bwd"]:
         one(f"sweep bwd {(bm, bn, w, st)}", triton_attn._bwd_kernel,
@@ -613,6 +632,20 @@ def main() -> None:
     ]
     for run in cases:
         run(DEADLINE)
+    print("\nsummary (ours vs SDPA, this run):")
+    for r in RESULTS:
+        if "speedup" in r:
+            t = f"{r['ours_ms']:9.2f} ms vs {r['sdpa_ms']:9.2f} ms" if "ours_ms" in r else \
+                f"{r['ours_us']:9.1f} us vs {r['sdpa_us']:9.1f} us"
+            print(f"  {r['case'][:62]:<62} {t}  {r['speedup']:6.2f}x")
+        elif "pass" in r:
+            print(f"  {r['case'][:62]:<62} {'PASS' if r['pass'] else 'FAIL'}")
+        elif "error" in r:
+            print(f"  {r['case'][:62]:<62} ERROR")
+    from moba_rewrite.kernels import triton_configs
+
+    if triton_configs.OVERRIDES:
+        print(f"  configs: {triton_configs.OVERRIDES}")
     print(f"\ntotal {time.time() - T0:.0f}s")
     if args.json:
         with open(args.json, "w") as fh:

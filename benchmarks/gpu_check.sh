@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Prepared GPU check for the Triton MoBA kernels (issue 5). Installs nothing; runs from the tree.
-# About 5 minutes on one H100: bf16 correctness vs the dense reference on mid-size shapes, then
+# About 6 minutes on one H100/H200: a launch-config sweep (the fastest configs are kept for the
+# run; paste the printed MOBA_TRITON_CONFIG into triton_configs' defaults when they win), bf16
+# correctness vs the dense reference on mid-size shapes, then
 # time / TFLOP/s / peak memory of ours vs SDPA (flash) vs our torch backend, fwd and fwd+bwd,
 # and decode at 128K. Every case is guarded (an error is printed, the run goes on); cases that
 # would overrun the time budget are skipped with a note.
@@ -15,7 +17,7 @@ echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi unavailable"
 python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
 out_dir="${OUT:-/tmp}"
-timeout -k 10 330 python benchmarks/bench_gpu.py --budget 290 --json "$out_dir/bench_gpu.json" "$@"
+timeout -k 10 470 python benchmarks/bench_gpu.py --sweep 150 --budget 420 --json "$out_dir/bench_gpu.json" "$@"
 rc=$?
-[ $rc -eq 124 ] && echo "gpu_check: stopped by the 330 s timeout (partial results above)"
+[ $rc -eq 124 ] && echo "gpu_check: stopped by the 470 s timeout (partial results above)"
 exit $rc

@@ -35,17 +35,41 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _masked_scores(q, kt, cols, hi, ok, pos, t, hq, b, MASK, smb, smh, smt, smk, scale_log2,
+                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scores `q . k * scale` in log2 units with every invisible (row, key) at -inf: out of the key
+    range, after the query (causal), or hidden by the attention mask (bool) / shifted by it (float)."""
+    s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale_log2
+    allowed = ok[:, None] & (cols < hi)[None, :]
+    if CAUSAL:
+        allowed = allowed & (cols[None, :] <= pos[:, None])
+    if HAS_MASK:
+        mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64)[:, None] * smh
+                     + t.to(tl.int64)[:, None] * smt + cols[None, :] * smk, mask=allowed, other=0)
+        if MASK_BOOL:
+            allowed = allowed & (mv != 0)
+        else:
+            s = s + mv.to(tl.float32) * 1.4426950408889634
+    return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O32, LSE_PART, ROW_LSE, MASK,
-    WORK_IDX, WORK_CHUNK, OFFSETS, ENTRY_ROW, ENTRY_SRC,
+    WORK_IDX, WORK_CHUNK, OFFSETS, ENTRY_ROW, ENTRY_SRC, ROW_SUM, ROW_MAX, ROW_FILTER,
     q_start, q_len, k_start, k_len,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb, smh, smt, smk,
     H_KV, G, NB, N_ITEMS, L, RP, NSPLIT, block_size, span, scale_log2,
-    MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
-    DOT_PREC: tl.constexpr, OFF64: tl.constexpr,
+    MODE: tl.constexpr, FILTER: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_BOOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, DOT_PREC: tl.constexpr, OFF64: tl.constexpr,
 ):
-    """MODE 0: per-entry LSE of one key span of block j. MODE 1: add exp(s - lse) @ V into O32."""
+    """One (KV block, chunk of attending rows) work item, one key span.
+    MODE 0: per-entry log2-sum-exp2 into LSE_PART. MODE 1: add `exp2(s - row_lse) @ V` into O32.
+    MODE 2 (single pass): with the row's fixed reference `r` in ROW_LSE, add `exp2(s - r) @ V`
+    into O32 and `sum exp2(s - r)` into ROW_SUM, and the true score maximum into ROW_MAX (fp32
+    atomics; all three are additive / order-free, so no second pass). FILTER: only rows flagged
+    in ROW_FILTER take part (the repair of rows whose reference was unsafe)."""
     # Inductor passes Python floats as fp64 scalars; an fp64 factor would promote the scores.
     scale_log2 = tl.cast(scale_log2, tl.float32)
     w = tl.program_id(0)
@@ -62,6 +86,8 @@ def _fwd_kernel(
         e = e_lo + chunk * BLOCK_M + tl.arange(0, BLOCK_M)
         ok = e < e_hi
         rows = tl.load(ENTRY_ROW + bh.to(tl.int64) * L + e, mask=ok, other=0)
+        if FILTER:
+            ok = ok & (tl.load(ROW_FILTER + bh.to(tl.int64) * RP + rows, mask=ok, other=0) != 0)
         t = rows // G
         hq = h * G + rows % G
         tq = tl.load(q_len + b)
@@ -77,65 +103,97 @@ def _fwd_kernel(
         hi = tl.minimum(tl.minimum(lo + span, (j + 1) * block_size), tk)
         if CAUSAL:
             hi = tl.minimum(hi, tl.max(tl.where(ok, pos, -1)) + 1)
+        if FILTER:
+            hi = tl.where(tl.max(ok.to(tl.int32)) > 0, hi, lo)  # nothing to repair here: no key loop
         # Scalar 64-bit row-0 pointers plus 32-bit in-sequence offsets (64-bit only when OFF64, i.e.
         # when a sequence spans more than 2**31 elements of K or V).
         k_row0 = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + ks * skt
         v_row0 = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + ks * svt
         if MODE == 0:
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            for n0 in range(lo, hi, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                c_off = cols.to(tl.int64) if OFF64 else cols
-                kt = tl.load(k_row0 + (c_off[:, None] * skt + offs_d[None, :]),
-                             mask=(cols < hi)[:, None] & dmask[None, :], other=0.0)
-                s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale_log2
-                # visible = in range, causal, and shown by the attention mask (inlined: cheaper to interpret)
-                allowed = ok[:, None] & (cols < hi)[None, :]
-                if CAUSAL:
-                    allowed = allowed & (cols[None, :] <= pos[:, None])
-                if HAS_MASK:
-                    mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64)[:, None] * smh
-                                 + t.to(tl.int64)[:, None] * smt + cols[None, :] * smk, mask=allowed, other=0)
-                    if MASK_BOOL:
-                        allowed = allowed & (mv != 0)
-                    else:
-                        s = s + mv.to(tl.float32) * 1.4426950408889634
-                s = tl.where(allowed, s, float("-inf"))
+            ref = tl.zeros([BLOCK_M], tl.float32)
+        else:  # MODE 1: the row's final LSE; MODE 2: its reference
+            ref = tl.load(ROW_LSE + bh.to(tl.int64) * RP + rows, mask=ok, other=float("inf"))
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            kv_mask = (cols < hi)[:, None] & dmask[None, :]
+            c_off = cols.to(tl.int64) if OFF64 else cols
+            kt = tl.load(k_row0 + (c_off[:, None] * skt + offs_d[None, :]), mask=kv_mask, other=0.0)
+            s = _masked_scores(q, kt, cols, hi, ok, pos, t, hq, b, MASK, smb, smh, smt, smk, scale_log2,
+                               CAUSAL, HAS_MASK, MASK_BOOL, DOT_PREC)
+            if MODE == 0:  # online log-sum-exp
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
                 m_i = m_new
+            else:
+                vt = tl.load(v_row0 + (c_off[:, None] * svt + offs_d[None, :]), mask=kv_mask, other=0.0)
+                p = tl.exp2(s - ref[:, None])
+                if MODE == 2:
+                    m_i = tl.maximum(m_i, tl.max(s, axis=1))
+                    l_i += tl.sum(p, axis=1)
+                acc += tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+        if MODE == 0:
             lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
             src = tl.load(ENTRY_SRC + bh.to(tl.int64) * L + e, mask=ok, other=0)
             tl.store(LSE_PART + (bh.to(tl.int64) * L + src) * NSPLIT + split, lse, mask=ok)
         else:
-            row_lse = tl.load(ROW_LSE + bh.to(tl.int64) * RP + rows, mask=ok, other=float("inf"))
-            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for n0 in range(lo, hi, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                kv_mask = (cols < hi)[:, None] & dmask[None, :]
-                c_off = cols.to(tl.int64) if OFF64 else cols
-                kt = tl.load(k_row0 + (c_off[:, None] * skt + offs_d[None, :]), mask=kv_mask, other=0.0)
-                vt = tl.load(v_row0 + (c_off[:, None] * svt + offs_d[None, :]), mask=kv_mask, other=0.0)
-                s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale_log2
-                # visible = in range, causal, and shown by the attention mask (inlined: cheaper to interpret)
-                allowed = ok[:, None] & (cols < hi)[None, :]
-                if CAUSAL:
-                    allowed = allowed & (cols[None, :] <= pos[:, None])
-                if HAS_MASK:
-                    mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64)[:, None] * smh
-                                 + t.to(tl.int64)[:, None] * smt + cols[None, :] * smk, mask=allowed, other=0)
-                    if MASK_BOOL:
-                        allowed = allowed & (mv != 0)
-                    else:
-                        s = s + mv.to(tl.float32) * 1.4426950408889634
-                s = tl.where(allowed, s, float("-inf"))
-                p = tl.exp2(s - row_lse[:, None])
-                acc += tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
             o_ptrs = (O32 + b.to(tl.int64) * sob + hq.to(tl.int64)[:, None] * soh + (qs + t)[:, None] * sot
                       + offs_d[None, :])
             tl.atomic_add(o_ptrs, acc, mask=ok[:, None] & dmask[None, :], sem="relaxed")
+            if MODE == 2:
+                tl.atomic_add(ROW_SUM + bh.to(tl.int64) * RP + rows, l_i, mask=ok, sem="relaxed")
+                tl.atomic_max(ROW_MAX + bh.to(tl.int64) * RP + rows, m_i, mask=ok, sem="relaxed")
+
+
+@triton.jit
+def _fwd_finish_kernel(
+    O32, O, ROW_SUM, ROW_MAX, ROW_REF, ROW_LSE, BAD, q_start, q_len, sob, soh, sot, so2b, so2h, so2t,
+    H_KV, G, RP, SAFE_HI, SAFE_LO,
+    REPAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+):
+    """Single-pass epilogue per row: O = O32 / ROW_SUM and lse = ref + log2(ROW_SUM) when the
+    reference was safe (true maximum within [ref - SAFE_LO, ref + SAFE_HI], so nothing overflowed or
+    vanished); else flag the row in BAD and clear its O32 row for the exact two-pass repair.
+    REPAIR: copy the repaired rows (O32 already normalised by the two-pass output) into O.
+    ROW_REF is in log2 units (gate score * scale * log2(e))."""
+    SAFE_HI = tl.cast(SAFE_HI, tl.float32)  # fp64 when launched by Inductor (see _fwd_kernel)
+    SAFE_LO = tl.cast(SAFE_LO, tl.float32)
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H_KV
+    h = bh % H_KV
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = rows // G
+    hq = h * G + rows % G
+    valid = t < tl.load(q_len + b)
+    qs = tl.load(q_start + b).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    m2 = valid[:, None] & (offs_d < D)[None, :]
+    o32_ptrs = O32 + b.to(tl.int64) * sob + hq.to(tl.int64)[:, None] * soh + (qs + t)[:, None] * sot + offs_d[None, :]
+    o_ptrs = O + b.to(tl.int64) * so2b + hq.to(tl.int64)[:, None] * so2h + (qs + t)[:, None] * so2t + offs_d[None, :]
+    if REPAIR:
+        bad = tl.load(BAD + bh.to(tl.int64) * RP + rows, mask=valid, other=0) != 0
+        if tl.max(bad.to(tl.int32)) > 0:
+            acc = tl.load(o32_ptrs, mask=m2 & bad[:, None], other=0.0)
+            tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m2 & bad[:, None])
+    else:
+        l_sum = tl.load(ROW_SUM + bh.to(tl.int64) * RP + rows, mask=valid, other=0.0)
+        m_max = tl.load(ROW_MAX + bh.to(tl.int64) * RP + rows, mask=valid, other=float("-inf"))
+        ref = tl.load(ROW_REF + bh.to(tl.int64) * RP + rows, mask=valid, other=0.0)
+        sees = m_max > float("-inf")
+        safe = (m_max - ref <= SAFE_HI) & (m_max - ref >= -SAFE_LO) & (l_sum > 0)
+        bad = valid & sees & ~safe
+        good = valid & sees & safe
+        acc = tl.load(o32_ptrs, mask=m2, other=0.0)
+        out = tl.where(good[:, None], acc / tl.where(good, l_sum, 1.0)[:, None], 0.0)
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m2)
+        tl.store(o32_ptrs, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=m2 & bad[:, None])
+        lse = tl.where(good, ref + tl.log2(tl.where(good, l_sum, 1.0)), float("inf"))
+        tl.store(ROW_LSE + bh.to(tl.int64) * RP + rows, lse, mask=rows < RP)
+        tl.store(BAD + bh.to(tl.int64) * RP + rows, bad.to(tl.int8), mask=rows < RP)
 
 
 @triton.jit
@@ -408,36 +466,46 @@ def _span(p: Problem, nsplit: int) -> int:
     return span if interpreted(p.q.device) else -(-span // block_n) * block_n
 
 
-def row_lse(p: Problem, sel: Selection, nsplit: int | None = None) -> Tensor:
-    """Pass 1: every row's log2-sum-exp2 over its selected blocks; +inf for rows seeing nothing."""
-    nsplit = nsplit or key_splits(p)
-    span = _span(p, nsplit)
-    bh = p.batch * p.hkv
-    L = sel.entry_row.shape[1]
-    lse_part = torch.full((bh, L, nsplit), float("-inf"), dtype=torch.float32, device=p.q.device)
-    _launch_fwd(p, sel, 0, lse_part, lse_part, lse_part, nsplit, span)
-    parts = lse_part.view(bh, sel.row_pad, sel.slots * nsplit)
+def _reduce_lse_parts(lse_part: Tensor, sel: Selection) -> Tensor:
+    """Per-row log2-sum-exp2 of the per-(entry, split) parts; +inf for rows seeing nothing."""
+    parts = lse_part.view(lse_part.shape[0], sel.row_pad, -1)
     m = parts.amax(-1)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     total = torch.exp2(parts - m_safe[..., None]).sum(-1)
     return torch.where(total > 0, m_safe + torch.log2(total), torch.full_like(m, float("inf")))
 
 
+def row_lse(p: Problem, sel: Selection, nsplit: int | None = None, row_filter: Tensor | None = None) -> Tensor:
+    """Pass 1: every row's log2-sum-exp2 over its selected blocks; +inf for rows seeing nothing
+    (and, with `row_filter`, for every row not flagged in it)."""
+    nsplit = nsplit or key_splits(p)
+    span = _span(p, nsplit)
+    bh = p.batch * p.hkv
+    L = sel.entry_row.shape[1]
+    lse_part = torch.full((bh, L, nsplit), float("-inf"), dtype=torch.float32, device=p.q.device)
+    _launch_fwd(p, sel, 0, lse_part, lse_part, lse_part, nsplit, span, row_filter=row_filter)
+    return _reduce_lse_parts(lse_part, sel)
+
+
 def _launch_fwd(p: Problem, sel: Selection, mode: int, o32: Tensor, lse_part: Tensor, lse: Tensor,
-                nsplit: int, span: int) -> None:
+                nsplit: int, span: int, row_sum: Tensor | None = None, row_max: Tensor | None = None,
+                row_filter: Tensor | None = None) -> None:
     block_m, block_n, warps, stages = fwd_config(p)
     idx, chunk, upper = _work_list(p, sel, block_m)
     mask, ms, has_mask, mask_bool = _mask_args(p)
     so = p.out_strides(o32)
+    dummy = lse_part
     launch(_fwd_kernel)[(upper, nsplit)](
         p.q, p.k, p.v, o32, lse_part, lse, mask, idx, chunk, sel.offsets, sel.entry_row, sel.entry_src,
+        row_sum if row_sum is not None else dummy, row_max if row_max is not None else dummy,
+        row_filter if row_filter is not None else idx,
         p.q_start, p.q_len, p.k_start, p.k_len,
         p.sq.sb, p.sq.sh, p.sq.st, p.sk.sb, p.sk.sh, p.sk.st, p.sv.sb, p.sv.sh, p.sv.st, so.sb, so.sh, so.st,
         ms[0], ms[1], ms[2], ms[3],
         p.hkv, p.group, p.n_blocks, p.batch * p.hkv * p.n_blocks, sel.entry_row.shape[1], sel.row_pad, nsplit,
         p.block_size, span, p.scale * LOG2E,
-        MODE=mode, CAUSAL=p.causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, next_pow2(p.d)), D=p.d, DOT_PREC=_dot_prec(p),
+        MODE=mode, FILTER=row_filter is not None, CAUSAL=p.causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(p.d)), D=p.d, DOT_PREC=_dot_prec(p),
         OFF64=(p.max_tk + 1) * max(p.sk.st, p.sv.st) >= 2**31 - 1, num_warps=warps, num_stages=stages,
     )
 
@@ -469,14 +537,70 @@ def decode_forward(p: Problem, sel: Selection) -> Tensor:
     return out
 
 
+# Largest distance (log2 units) the true row maximum may sit above / below the single pass's
+# reference before a row is recomputed exactly: fp16 keeps exp2(s - ref) inside its range (p is
+# cast to the value dtype for the PV product); bf16/fp32 share fp32's exponent range.
+_SAFE_WINDOW = {torch.float16: (15.0, 8.0)}
+_DEFAULT_WINDOW = (64.0, 100.0)
+
+
+def forward_mode(p: Problem, sel: Selection) -> str:
+    """"single" (one pass against the gate's reference, unsafe rows repaired) or "two_pass"
+    (LSE pass, then the normalised output pass)."""
+    if sel.ref is None:
+        return "two_pass"
+    return str(triton_configs.pick("fwd_mode", "single"))
+
+
 def attention_forward(p: Problem, sel: Selection) -> tuple[Tensor, Tensor]:
     """Output (q's dtype and layout) and per-row LSE (base 2, `[B*Hkv, RP]`) for a selection with CSR."""
     nsplit = key_splits(p)
     span = _span(p, nsplit)
-    lse = row_lse(p, sel, nsplit).contiguous()
+    if forward_mode(p, sel) == "two_pass":
+        lse = row_lse(p, sel, nsplit).contiguous()
+        o32 = p.new_out(torch.float32)
+        _launch_fwd(p, sel, 1, o32, lse, lse, nsplit, span)
+        return o32.to(p.q.dtype), lse
+    out, lse, _ = single_pass_forward(p, sel)
+    return out, lse
+
+
+def single_pass_forward(p: Problem, sel: Selection) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax against a fixed per-row reference (the best gate score of the row's blocks, a
+    close estimate of its maximum score), so every block's contribution is final when computed:
+    one QK^T pass instead of two. Rows whose true maximum lands outside the safe window around the
+    reference are flagged and recomputed exactly by the two-pass kernels (their launches do no key
+    work when no row is flagged, so no host sync is needed). Returns (out, lse, repaired rows)."""
+    nsplit = key_splits(p)
+    span = _span(p, nsplit)
+    dev = p.q.device
+    bh, rp = p.batch * p.hkv, sel.row_pad
+    ref = (sel.ref * (p.scale * LOG2E)).contiguous()
     o32 = p.new_out(torch.float32)
-    _launch_fwd(p, sel, 1, o32, lse, lse, nsplit, span)
-    return o32.to(p.q.dtype), lse
+    row_sum = torch.zeros((bh, rp), dtype=torch.float32, device=dev)
+    row_max = torch.full((bh, rp), float("-inf"), dtype=torch.float32, device=dev)
+    _launch_fwd(p, sel, 2, o32, row_sum, ref, nsplit, span, row_sum=row_sum, row_max=row_max)
+    out = p.new_out(p.q.dtype)
+    lse = torch.empty((bh, rp), dtype=torch.float32, device=dev)
+    bad = torch.empty((bh, rp), dtype=torch.int8, device=dev)
+    safe_hi, safe_lo = _SAFE_WINDOW.get(p.q.dtype, _DEFAULT_WINDOW)
+    _launch_finish(p, o32, out, row_sum, row_max, ref, lse, bad, safe_hi, safe_lo, repair=False)
+    # Exact two-pass repair of the flagged rows (normally none).
+    lse_fix = row_lse(p, sel, nsplit, row_filter=bad)
+    _launch_fwd(p, sel, 1, o32, lse_fix, lse_fix, nsplit, span, row_filter=bad)
+    _launch_finish(p, o32, out, row_sum, row_max, ref, lse, bad, safe_hi, safe_lo, repair=True)
+    return out, torch.where(bad != 0, lse_fix, lse), bad != 0
+
+
+def _launch_finish(p: Problem, o32: Tensor, out: Tensor, row_sum: Tensor, row_max: Tensor, ref: Tensor,
+                   lse: Tensor, bad: Tensor, safe_hi: float, safe_lo: float, repair: bool) -> None:
+    rows_per = 16 if not interpreted(p.q.device) else 32
+    so, so2 = p.out_strides(o32), p.out_strides(out)
+    launch(_fwd_finish_kernel)[(-(-bad.shape[1] // rows_per), bad.shape[0])](
+        o32, out, row_sum, row_max, ref, lse, bad, p.q_start, p.q_len, so.sb, so.sh, so.st, so2.sb, so2.sh, so2.st,
+        p.hkv, p.group, bad.shape[1], safe_hi, safe_lo,
+        REPAIR=repair, BLOCK_M=rows_per, BLOCK_D=max(16, next_pow2(p.d)), D=p.d,
+    )
 
 
 def attention_backward(p: Problem, sel: Selection, grad_out: Tensor, out: Tensor, lse: Tensor

@@ -3,10 +3,10 @@
 Each kernel family has a built-in default chosen from GPU timings (`benchmarks/RESULTS.md`).
 `MOBA_TRITON_CONFIG` replaces them for tuning on another GPU without editing code, e.g.
 
-    MOBA_TRITON_CONFIG="gate=64,64,4,2;fwd=128,64,8,3;bwd=64,64,8,2;gate_prec=split3"
+    MOBA_TRITON_CONFIG="gate=64,64,4,2;fwd=128,64,8,3;bwd=64,64,8,2;gate_prec=split3;fwd_mode=single"
 
 (`BLOCK_M,BLOCK_N,num_warps,num_stages` per family; `gate_prec` is `tf32x3`, `split3` or
-`ieee`). `benchmarks/bench_gpu.py --sweep` sets `OVERRIDES` in-process to compare candidates
+`ieee` for bf16/fp16 inputs; `fwd_mode` is `single` or `two_pass`). `benchmarks/bench_gpu.py --sweep` sets `OVERRIDES` in-process to compare candidates
 side by side. Overrides apply on GPU only: the interpreter keeps its own small tiles.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 FAMILIES = ("gate", "fwd", "bwd")
-GATE_PRECISIONS = ("tf32x3", "split3", "ieee")
+CHOICES = {"gate_prec": ("tf32x3", "split3", "ieee"), "fwd_mode": ("single", "two_pass")}
 
 OVERRIDES: dict[str, object] = {}
 
@@ -25,12 +25,12 @@ def _parse(text: str) -> dict[str, object]:
     for part in filter(None, (p.strip() for p in text.split(";"))):
         key, sep, value = part.partition("=")
         key = key.strip()
-        if not sep or key not in (*FAMILIES, "gate_prec"):
+        if not sep or key not in (*FAMILIES, *CHOICES):
             raise ValueError(f"MOBA_TRITON_CONFIG: {part!r}: expected one of "
-                             f"{', '.join(FAMILIES)}=M,N,WARPS,STAGES or gate_prec=NAME")
-        if key == "gate_prec":
-            if value.strip() not in GATE_PRECISIONS:
-                raise ValueError(f"MOBA_TRITON_CONFIG: gate_prec={value!r}: expected one of {GATE_PRECISIONS}")
+                             f"{', '.join(FAMILIES)}=M,N,WARPS,STAGES or {', '.join(CHOICES)}=NAME")
+        if key in CHOICES:
+            if value.strip() not in CHOICES[key]:
+                raise ValueError(f"MOBA_TRITON_CONFIG: {key}={value!r}: expected one of {CHOICES[key]}")
             out[key] = value.strip()
             continue
         try:

@@ -66,7 +66,7 @@ def _gate_scores(q, mk, GATE_PREC: tl.constexpr):
 
 @triton.jit
 def _gate_topk_kernel(
-    Q, MEANS, PICKS, VIS,
+    Q, MEANS, PICKS, REF, VIS,
     q_start, q_len, k_len, sqb, sqh, sqt,
     svb, svh, svt, svn,
     H_KV, G, NB, RP, block_size, N_PICK,
@@ -74,7 +74,9 @@ def _gate_topk_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
     GATE_PREC: tl.constexpr,
 ):
-    """For a tile of rows: the N_PICK best candidate blocks by gate score, never storing the gate."""
+    """For a tile of rows: the N_PICK best candidate blocks by gate score, never storing the gate.
+    Also REF[row] = the best gate score among the row's attended blocks (own block included): the
+    single-pass forward's softmax reference (see triton_attn)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H_KV
@@ -100,7 +102,12 @@ def _gate_topk_kernel(
         hi = tl.max(tl.where(rvalid, own, 0))  # candidates are blocks before the own block
     else:
         hi = n_blocks
+    if N_PICK == 0:
+        hi = 0
     mean_base = MEANS + bh.to(tl.int64) * NB * D
+    m_own = tl.load(mean_base + own[:, None] * D + offs_d[None, :], mask=rvalid[:, None] & (offs_d < D)[None, :],
+                    other=0.0)
+    own_score = tl.sum(q.to(tl.float32) * m_own, axis=1)
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         mk = tl.load(mean_base + cols[:, None] * D + offs_d[None, :],
@@ -130,6 +137,8 @@ def _gate_topk_kernel(
             worst = tl.min(topv, axis=1)
     out = PICKS + (bh.to(tl.int64) * RP + rows)[:, None] * KP + slots[None, :]
     tl.store(out, topi)
+    kept = tl.max(tl.where(topi >= 0, topv, float("-inf")), axis=1)
+    tl.store(REF + bh.to(tl.int64) * RP + rows, tl.where(rvalid, tl.maximum(own_score, kept), 0.0))
 
 
 @dataclass
@@ -139,6 +148,7 @@ class Selection:
     picks: Tensor  # int32 [B*Hkv, RP, KP]: chosen history blocks, -1 = none
     n_pick: int
     row_pad: int  # RP
+    ref: Tensor | None = None  # fp32 [B*Hkv, RP]: best gate score of the attended blocks (0 on padding)
     offsets: Tensor | None = None  # int32 [B*Hkv, NB + 1] into entry_row
     entry_row: Tensor | None = None  # int32 [B*Hkv, RP * KS]: rows sorted by block
     entry_src: Tensor | None = None  # int32 [B*Hkv, RP * KS]: the entry's slot in row-major [RP, KS]
@@ -210,20 +220,19 @@ def select_blocks(p: Problem, block_m: int | None = None) -> Selection:
     n_tiles = -(-p.rows // block_m)
     rp = n_tiles * block_m
     picks = torch.full((p.batch * p.hkv, rp, kp), -1, dtype=torch.int32, device=dev)
-    if n_pick > 0:
-        means = block_means(p)
-        vis = block_visibility(p)
-        vis_arg = vis if vis is not None else picks
-        vs = vis.stride() if vis is not None else (0, 0, 0, 0)
-        prec = gate_precision(p.q)
-        launch(_gate_topk_kernel)[(n_tiles, p.batch * p.hkv)](
-            p.q, means, picks, vis_arg, p.q_start, p.q_len, p.k_len, p.sq.sb, p.sq.sh, p.sq.st,
-            vs[0], vs[1], vs[2], vs[3], p.hkv, p.group, p.n_blocks, rp, p.block_size, n_pick,
-            CAUSAL=p.causal, HAS_VIS=vis is not None, KP=kp, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(p.d)), D=p.d, GATE_PREC=prec, num_warps=warps,
-            num_stages=stages,
-        )
-    return Selection(picks=picks, n_pick=n_pick, row_pad=rp)
+    ref = torch.empty((p.batch * p.hkv, rp), dtype=torch.float32, device=dev)
+    means = block_means(p)
+    vis = block_visibility(p) if n_pick > 0 else None
+    vis_arg = vis if vis is not None else picks
+    vs = vis.stride() if vis is not None else (0, 0, 0, 0)
+    launch(_gate_topk_kernel)[(n_tiles, p.batch * p.hkv)](
+        p.q, means, picks, ref, vis_arg, p.q_start, p.q_len, p.k_len, p.sq.sb, p.sq.sh, p.sq.st,
+        vs[0], vs[1], vs[2], vs[3], p.hkv, p.group, p.n_blocks, rp, p.block_size, n_pick,
+        CAUSAL=p.causal, HAS_VIS=vis is not None, KP=kp, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(p.d)), D=p.d, GATE_PREC=gate_precision(p.q),
+        num_warps=warps, num_stages=stages,
+    )
+    return Selection(picks=picks, n_pick=n_pick, row_pad=rp, ref=ref)
 
 
 def row_blocks(p: Problem, sel: Selection) -> Tensor:
@@ -279,4 +288,11 @@ def selection_from_map(p: Problem, selected: Tensor) -> Selection:
     rows = ids.view(b, p.hkv, p.group, tq, kp).permute(0, 1, 3, 2, 4).reshape(b * p.hkv, tq * p.group, kp)
     picks = torch.full((b * p.hkv, rp, kp), -1, dtype=torch.int32, device=selected.device)
     picks[:, : tq * p.group] = rows
-    return Selection(picks=picks, n_pick=n_pick, row_pad=rp)
+    # The softmax reference the gate kernel would give: best gate score over the attended blocks.
+    attended = hist | (torch.arange(nb, device=selected.device)[None, :] == own[:, None])
+    means = block_means(p).view(b, p.hkv, 1, nb, p.d)
+    gate = p.q.float().view(b, p.hkv, p.group, tq, p.d) @ means.transpose(-1, -2)  # [B, Hkv, G, Tq, NB]
+    best = torch.where(attended.view(b, p.hkv, p.group, tq, nb), gate, float("-inf")).amax(-1)
+    ref = torch.zeros((b * p.hkv, rp), dtype=torch.float32, device=selected.device)
+    ref[:, : tq * p.group] = best.permute(0, 1, 3, 2).reshape(b * p.hkv, tq * p.group)
+    return Selection(picks=picks, n_pick=n_pick, row_pad=rp, ref=ref)

@@ -1,0 +1,97 @@
+"""The Triton forward's single pass (softmax against the gate's per-row reference) and its exact
+repair of rows whose reference is unsafe, under the Triton interpreter on CPU (tiny shapes)."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from moba_rewrite.kernels import reference as ref  # noqa: E402
+from moba_rewrite.kernels import triton_backend as tb  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not tb.is_available(), reason=tb.unavailable_reason() or "triton unavailable")
+
+if tb.is_available():
+    from moba_rewrite.kernels import triton_attn, triton_configs, triton_gate  # noqa: E402
+    from moba_rewrite.kernels.triton_layout import dense_problem  # noqa: E402
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
+
+
+def _problem(dtype, *, causal=True, seed=0, q_scale=1.0, attn_mask=None):
+    g = torch.Generator().manual_seed(seed)
+    b, hq, hkv, t, d, bs, top_k = 1, 4, 2, 40, 16, 8, 3
+    q = (torch.randn(b, hq, t, d, generator=g) * q_scale).to(dtype)
+    k = torch.randn(b, hkv, t, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, t, d, generator=g).to(dtype)
+    kw = dict(block_size=bs, top_k=top_k, causal=causal, scale=d ** -0.5, attn_mask=attn_mask)
+    p = dense_problem(q, k, v, **kw)
+    sel = triton_gate.build_csr(p, triton_gate.select_blocks(p))
+    want = ref.forward(q, k, v, **kw)
+    return p, sel, want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_single_pass_needs_no_repair_on_ordinary_inputs(dtype, causal):
+    p, sel, want = _problem(dtype, causal=causal)
+    out, lse, repaired = triton_attn.single_pass_forward(p, sel)
+    assert not repaired.any(), "the gate's reference should be safe for unit-scale inputs"
+    torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
+    # Its LSE is the two-pass kernels' LSE (the backward relies on it).
+    torch.testing.assert_close(lse, triton_attn.row_lse(p, sel), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter reports the planted overflow
+@pytest.mark.parametrize("shift", [1e4, -1e4])
+def test_rows_with_an_unsafe_reference_are_repaired_exactly(shift):
+    """A reference far above (every exp2 underflows) or far below (overflow) the true maximum on
+    half of the rows: those rows are flagged and recomputed; the other half stays single-pass."""
+    p, sel, want = _problem(torch.float32, seed=1)
+    half = torch.zeros_like(sel.ref, dtype=torch.bool)
+    half[:, ::2] = True
+    sel.ref = torch.where(half, sel.ref + shift, sel.ref)
+    out, lse, repaired = triton_attn.single_pass_forward(p, sel)
+    rows_real = torch.arange(sel.row_pad) < p.rows
+    assert torch.equal(repaired, half & rows_real[None, :])
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    torch.testing.assert_close(lse, triton_attn.row_lse(p, sel), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_large_scores_beyond_the_fp16_window_are_still_exact():
+    """fp16 queries scaled so that scores spread far past the fp16 safe window: the flagged rows
+    are repaired, and the result matches the reference as the two-pass forward does."""
+    p, sel, want = _problem(torch.float16, seed=2, q_scale=12.0)
+    out, _, repaired = triton_attn.single_pass_forward(p, sel)
+    assert repaired.any(), "this input is meant to exercise the repair path"
+    torch.testing.assert_close(out.float(), want.float(), atol=3e-3, rtol=3e-3)
+
+
+def test_masked_rows_that_see_nothing_give_zeros():
+    t = 40
+    mask = torch.ones(1, 1, t, t, dtype=torch.bool).tril()
+    mask[..., 5:9, :] = False  # these query rows see no key at all
+    p, sel, want = _problem(torch.float32, seed=3, attn_mask=mask)
+    out, lse, _ = triton_attn.single_pass_forward(p, sel)
+    assert torch.isfinite(out).all()
+    assert out[..., 5:9, :].abs().max() == 0
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+
+
+def test_two_pass_mode_can_be_chosen_and_agrees():
+    p, sel, want = _problem(torch.float32, seed=4)
+    triton_configs.OVERRIDES["fwd_mode"] = "two_pass"
+    try:
+        assert triton_attn.forward_mode(p, sel) == "two_pass"
+        two, _ = triton_attn.attention_forward(p, sel)
+    finally:
+        triton_configs.OVERRIDES.pop("fwd_mode")
+    assert triton_attn.forward_mode(p, sel) == "single"
+    one, _ = triton_attn.attention_forward(p, sel)
+    torch.testing.assert_close(two, want, **TOL[torch.float32])
+    torch.testing.assert_close(one, two, **TOL[torch.float32])
