@@ -14,14 +14,23 @@ dense matmul. Two implementations share that routing:
 Neither materialises `Tq x Tk` scores or the whole `[B, Hq, Tq, n_blocks]` gate: memory is
 the output's size plus `O(B * Hq * Tq * top_k)` routing integers plus bounded tiles, in the
 forward and the backward alike. Autograd comes from the `moba::attention` op.
+
+On a multi-core CPU a large call is split by (batch, kv head) groups across one Python thread
+per core, each running its part with one intra-op thread (`_split`): the parts are
+independent, and single-threaded tiles beat two-thread ops that meet at a barrier dozens of
+times per tile (and stall whenever another process holds a core).
 """
 
 from __future__ import annotations
 
+import threading
+
+import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from moba_rewrite.kernels import torch_fast, torch_online
-from moba_rewrite.kernels.torch_select import block_selection
+from moba_rewrite.kernels.torch_select import block_selection, mask4
 
 __all__ = ["forward", "backward", "block_selection", "implementation"]
 
@@ -34,17 +43,112 @@ def implementation(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, scale: f
     return torch_online
 
 
+# Query rows (B * Hq * Tq) from which a CPU call is split across threads.
+_SPLIT_MIN_ROWS = 1 << 14
+_OPENMP = None
+
+
+def _openmp() -> bool:
+    """True when ATen's intra-op threads are OpenMP (per-thread thread counts: safe to split)."""
+    global _OPENMP
+    if _OPENMP is None:
+        _OPENMP = "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+    return _OPENMP
+
+
+def _split_plan(q: Tensor, k: Tensor) -> tuple[int, list[tuple[int, int]]]:
+    """(dim, [(start, end), ...] in kv units along it) for a threaded split, or (0, []) for none."""
+    n = torch.get_num_threads()
+    if q.device.type != "cpu" or n < 2 or q.shape[0] * q.shape[1] * q.shape[2] < _SPLIT_MIN_ROWS or not _openmp():
+        return 0, []
+    # Dispatch modes and autocast are thread-local: worker threads would not see them.
+    if _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu"):
+        return 0, []
+    b, hkv = k.shape[0], k.shape[1]
+    dim, size = (1, hkv) if hkv >= min(b, n) else (0, b)
+    parts = min(n, size)
+    if parts < 2:
+        return 0, []
+    cuts = [size * i // parts for i in range(parts + 1)]
+    return dim, list(zip(cuts[:-1], cuts[1:]))
+
+
+def _slicer(dim: int, g: int):
+    """Slicing functions for one part: q-layout tensors, kv-layout tensors, the attention mask."""
+    def q_part(x: Tensor, a: int, e: int) -> Tensor:
+        return x[:, a * g: e * g] if dim == 1 else x[a:e]
+
+    def kv_part(x: Tensor, a: int, e: int) -> Tensor:
+        return x[:, a:e] if dim == 1 else x[a:e]
+
+    def mask_part(m: Tensor | None, a: int, e: int) -> Tensor | None:
+        m4 = mask4(m)
+        if m4 is None or m4.shape[dim] == 1:
+            return m4
+        return q_part(m4, a, e)
+    return q_part, kv_part, mask_part
+
+
+def _run_parts(ranges: list[tuple[int, int]], work) -> None:
+    """Run `work(a, e)` for every range, one thread each (the caller's thread takes the first),
+    every one with a single intra-op thread; the caller's thread count is restored after."""
+    n_threads = torch.get_num_threads()
+    errors: list[BaseException] = []
+
+    def run(a: int, e: int) -> None:
+        try:
+            torch.set_num_threads(1)
+            with torch.no_grad():
+                work(a, e)
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=r, daemon=True) for r in ranges[1:]]
+    try:
+        for t in threads:
+            t.start()
+        run(*ranges[0])
+        for t in threads:
+            t.join()
+    finally:
+        torch.set_num_threads(n_threads)
+    if errors:
+        raise errors[0]
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
             attn_mask: Tensor | None) -> Tensor:
     """MoBA output `[B, Hq, Tq, D]` in `q`'s dtype (SPEC section 2)."""
     impl = implementation(q, k, v, block_size=block_size, scale=scale, attn_mask=attn_mask)
-    return impl.forward(q, k, v, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
-                        attn_mask=attn_mask)
+    kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
+    dim, ranges = _split_plan(q, k)
+    if not ranges:
+        return impl.forward(q, k, v, attn_mask=attn_mask, **kw)
+    q_part, kv_part, mask_part = _slicer(dim, q.shape[1] // k.shape[1])
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    def work(a: int, e: int) -> None:
+        q_part(out, a, e).copy_(impl.forward(q_part(q, a, e), kv_part(k, a, e), kv_part(v, a, e),
+                                             attn_mask=mask_part(attn_mask, a, e), **kw))
+    _run_parts(ranges, work)
+    return out
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
              causal: bool, scale: float, attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """`(dq, dk, dv)` of `forward` (dk, dv summed over each GQA group)."""
     impl = implementation(q, k, v, block_size=block_size, scale=scale, attn_mask=attn_mask)
-    return impl.backward(grad_out, q, k, v, out, block_size=block_size, top_k=top_k, causal=causal,
-                         scale=scale, attn_mask=attn_mask)
+    kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
+    dim, ranges = _split_plan(q, k)
+    if not ranges:
+        return impl.backward(grad_out, q, k, v, out, attn_mask=attn_mask, **kw)
+    q_part, kv_part, mask_part = _slicer(dim, q.shape[1] // k.shape[1])
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def work(a: int, e: int) -> None:
+        grads = impl.backward(q_part(grad_out, a, e), q_part(q, a, e), kv_part(k, a, e), kv_part(v, a, e),
+                              q_part(out, a, e), attn_mask=mask_part(attn_mask, a, e), **kw)
+        for dst, src, part in ((dq, grads[0], q_part), (dk, grads[1], kv_part), (dv, grads[2], kv_part)):
+            part(dst, a, e).copy_(src)
+    _run_parts(ranges, work)
+    return dq, dk, dv
