@@ -397,21 +397,21 @@ def _decode_combine_kernel(
 
 
 def fwd_config(p: Problem) -> tuple[int, int, int, int]:
-    """(BLOCK_M gathered rows, BLOCK_N keys, num_warps, num_stages) of the forward kernels.
-
-    Chosen from sm_90 compiles (register use / spills), not yet from timings on a GPU."""
+    """(BLOCK_M gathered rows, BLOCK_N keys, num_warps, num_stages) of the forward kernels."""
     if interpreted(p.q.device):
         return 32, 16, 4, 1  # fewer, larger programs: the interpreter's cost is per operation
     if p.d <= 64:
         return triton_configs.pick("fwd", (64, 64, 8, 2))
-    return triton_configs.pick("fwd", (64, 32, 8, 2) if p.d <= 128 else (32, 32, 8, 1))
+    # D=128: fastest of 7 candidates on an H200 (bench_gpu.py --sweep, benchmarks/RESULTS.md)
+    return triton_configs.pick("fwd", (64, 64, 4, 2) if p.d <= 128 else (32, 32, 8, 1))
 
 
 def bwd_config(p: Problem) -> tuple[int, int, int, int]:
     """(BLOCK_M rows per step, BLOCK_N keys owned, num_warps, num_stages) of the backward kernel."""
     if interpreted(p.q.device):
         return 32, 16, 4, 1
-    return triton_configs.pick("bwd", (32, 64, 8, 2) if p.d <= 128 else (16, 32, 8, 1))
+    # D=128: fastest of 6 candidates on an H200 (bench_gpu.py --sweep, benchmarks/RESULTS.md)
+    return triton_configs.pick("bwd", (32, 128, 8, 2) if p.d <= 128 else (16, 32, 8, 1))
 
 
 def attn_tiles(p: Problem) -> tuple[int, int]:
@@ -585,7 +585,11 @@ def single_pass_forward(p: Problem, sel: Selection) -> tuple[Tensor, Tensor, Ten
     bad = torch.empty((bh, rp), dtype=torch.int8, device=dev)
     safe_hi, safe_lo = _SAFE_WINDOW.get(p.q.dtype, _DEFAULT_WINDOW)
     _launch_finish(p, o32, out, row_sum, row_max, ref, lse, bad, safe_hi, safe_lo, repair=False)
-    # Exact two-pass repair of the flagged rows (normally none).
+    # Exact two-pass repair of the flagged rows (normally none). Eager calls skip it when no row is
+    # flagged (one host sync; the always-on launches cost ~2.5-5.7 ms at 64K-128K on an H200);
+    # traced calls (torch.compile, export) cannot branch on data and always launch it.
+    if not _tracing() and not bool(bad.any()):
+        return out, lse, bad != 0
     lse_fix = row_lse(p, sel, nsplit, row_filter=bad)
     _launch_fwd(p, sel, 1, o32, lse_fix, lse_fix, nsplit, span, row_filter=bad)
     _launch_finish(p, o32, out, row_sum, row_max, ref, lse, bad, safe_hi, safe_lo, repair=True)

@@ -159,10 +159,11 @@ class Selection:
 
 
 def gate_config(device: torch.device, d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M rows, BLOCK_N blocks, num_warps, num_stages) of the gate kernel (from sm_90 compiles)."""
+    """(BLOCK_M rows, BLOCK_N blocks, num_warps, num_stages) of the gate kernel."""
     if interpreted(device):
         return 32, 16, 4, 1
-    return triton_configs.pick("gate", (64, 64, 8, 2) if d <= 128 else (32, 32, 8, 1))
+    # D<=128: fastest of 6 candidates on an H200 (bench_gpu.py --sweep, benchmarks/RESULTS.md)
+    return triton_configs.pick("gate", (64, 32, 4, 2) if d <= 128 else (32, 32, 8, 1))
 
 
 def gate_precision(q: Tensor) -> str:
