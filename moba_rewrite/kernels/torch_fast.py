@@ -93,28 +93,44 @@ class _Layout:
         step = max(1, _TILE_ELEMS // per_block)
         return [(c, min(self.nq, c + step)) for c in range(0, self.nq, step)]
 
-    def q_chunk(self, x: Tensor, c0: int, c1: int, mult: float | None) -> Tensor:
-        """Query-layout tensor `[B, Hq, Tq, E]` for blocks `[c0, c1)`: `[B, Hkv, G, nc, bs, E]` in ct."""
+    def q_chunk(self, x: Tensor, c0: int, c1: int, mult: float | None, out: Tensor | None = None) -> Tensor:
+        """Query-layout tensor `[B, Hq, Tq, E]` for blocks `[c0, c1)`: `[B, Hkv, G, nc, bs, E]` in ct.
+
+        Written into `out` (`[B, Hq, nc * bs, E]`, any content) when given; rows outside the
+        queries are zero."""
         nc, bs = c1 - c0, self.bs
         lo, hi = max(0, c0 * bs - self.front), min(self.tq, c1 * bs - self.front)
         dst = lo + self.front - c0 * bs
-        buf = x.new_zeros((self.b, self.hq, nc * bs, x.shape[-1]), dtype=self.ct)
+        shape = (self.b, self.hq, nc * bs, x.shape[-1])
+        if out is None:
+            buf = x.new_zeros(shape, dtype=self.ct)
+        else:
+            buf = out
+            buf[:, :, :dst].zero_()
+            buf[:, :, dst + hi - lo:].zero_()
         part = buf[:, :, dst: dst + hi - lo]
-        part.copy_(x[:, :, lo:hi])
-        if mult is not None:
-            part.mul_(mult)
+        if mult is None:
+            part.copy_(x[:, :, lo:hi])
+        else:
+            torch.mul(x[:, :, lo:hi], mult, out=part)
         return buf.view(self.b, self.hkv, self.g, nc, bs, x.shape[-1])
 
-    def kv_chunk(self, x: Tensor, c0: int, c1: int) -> Tensor:
-        """Key blocks `[j0 + c0, j0 + c1)` of `[B, Hkv, Tk, E]` as `[B, Hkv, 1, nc, bs, E]` in ct."""
+    def kv_chunk(self, x: Tensor, c0: int, c1: int, mult: float | None = None, out: Tensor | None = None) -> Tensor:
+        """Key blocks `[j0 + c0, j0 + c1)` of `[B, Hkv, Tk, E]` as `[B, Hkv, 1, nc, bs, E]` in ct, times `mult`.
+
+        Always a fresh contiguous tensor (or `out`, `[B, Hkv, nc * bs, E]`), never a view of `x`:
+        every sub-tile matmul then sees plain 3-D batches (a strided chunk makes `matmul` copy
+        the keys again for each sub-tile)."""
         nc, bs = c1 - c0, self.bs
         k0, k1 = (self.j0 + c0) * bs, min((self.j0 + c1) * bs, self.tk)
-        xs = x[:, :, k0:k1].to(self.ct)
-        if k1 - k0 < nc * bs:
-            xs = F.pad(xs, (0, 0, 0, nc * bs - (k1 - k0)))
-        # Contiguous, so that every sub-tile matmul sees plain 3-D batches (a strided chunk makes
-        # `matmul` copy the keys again for each sub-tile).
-        return xs.contiguous().view(self.b, self.hkv, 1, nc, bs, x.shape[-1])
+        buf = out if out is not None else torch.empty((self.b, self.hkv, nc * bs, x.shape[-1]), dtype=self.ct,
+                                                      device=x.device)
+        buf[:, :, k1 - k0:].zero_()
+        if mult is None:
+            buf[:, :, : k1 - k0].copy_(x[:, :, k0:k1])
+        else:
+            torch.mul(x[:, :, k0:k1], mult, out=buf[:, :, : k1 - k0])
+        return buf.view(self.b, self.hkv, 1, nc, bs, x.shape[-1])
 
 
 class _OwnMasker:
@@ -198,9 +214,11 @@ def _sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout,
     acc_v = acc.view(lay.b, lay.hkv, lay.g, lay.nq, lay.bs, lay.dv) if acc is not None else None
     scratch = _Scratch(ct, dev)
     for c0, c1 in lay.chunks():
-        qc = lay.q_chunk(q, c0, c1, mult)
-        kc = lay.kv_chunk(k, c0, c1)
-        vc = lay.kv_chunk(v, c0, c1) if acc is not None else None
+        rows_c, keys_c = (c1 - c0) * lay.bs, (c1 - c0) * lay.bs
+        # The scale goes on the keys (the query chunk is then a plain copy).
+        qc = lay.q_chunk(q, c0, c1, None, out=scratch.get("qc", (lay.b, lay.hq, rows_c, lay.d)))
+        kc = lay.kv_chunk(k, c0, c1, mult, out=scratch.get("kc", (lay.b, lay.hkv, keys_c, lay.d)))
+        vc = lay.kv_chunk(v, c0, c1, out=scratch.get("vc", (lay.b, lay.hkv, keys_c, lay.dv))) if acc is not None else None
         for a0 in range(0, lay.bs, lay.sb):
             a1 = min(a0 + lay.sb, lay.bs)
             kend = masker.key_end(a1)
@@ -208,7 +226,7 @@ def _sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout,
             s = torch.matmul(q_a, kc[..., :kend, :].transpose(-1, -2), out=scratch.get("s", (*q_a.shape[:-1], kend)))
             masker(s, c0, c1, a0, a1)
             e = s.exp2_()
-            sum_v[:, :, :, c0:c1, a0:a1] = torch.sum(e, -1, out=scratch.get("l", e.shape[:-1]))
+            torch.sum(e, -1, out=sum_v[:, :, :, c0:c1, a0:a1])
             if acc_v is not None:
                 acc_v[:, :, :, c0:c1, a0:a1] = torch.matmul(e, vc[..., :kend, :],
                                                              out=scratch.get("o", (*e.shape[:-1], lay.dv)))
