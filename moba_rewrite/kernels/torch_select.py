@@ -117,7 +117,8 @@ def _top_blocks(gate_t: Tensor, kp: int, work: Tensor) -> Tensor:
     for t in range(kp):
         best = gate_t.amax(-2, keepdim=True)  # [..., 1, c]
         # key = j where gate == best, j + w elsewhere (NaN where best is -inf: masked below).
-        torch.sub(gate_t, best, out=key).sign_().mul_(-float(w)).add_(ar)
+        torch.sub(best, gate_t, out=key).sign_()
+        torch.add(ar, key, alpha=float(w), out=key)
         found = best != neg_inf
         idx = key.amin(-2, keepdim=True).nan_to_num_(0.0).to(torch.long).masked_fill_(~found, 0)
         if t + 1 < kp:
