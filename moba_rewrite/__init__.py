@@ -28,6 +28,7 @@ _LAZY = {
     "load": "moba_rewrite.checkpoints",
     "RewriteReport": "moba_rewrite.report",
     "moba_attention_varlen": "moba_rewrite.varlen",
+    "key_block_means": "moba_rewrite.block_means",
 }
 
 __all__ = ["moba_attention", "__version__", *_LAZY]

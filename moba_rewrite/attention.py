@@ -38,8 +38,19 @@ def _check_mask(attn_mask: Tensor, target: tuple[int, int, int, int]) -> None:
         )
 
 
+def _check_means(means, k: Tensor, block_size: int) -> None:
+    b, hkv, tk, d = k.shape
+    want = [b, hkv, -(-tk // block_size), d]
+    if not isinstance(means, Tensor) or not means.dtype.is_floating_point or list(means.shape) != want:
+        got = f"{list(means.shape)} {means.dtype}" if isinstance(means, Tensor) else type(means).__name__
+        raise ValueError(f"moba_attention: key_block_means must be a floating tensor [B, Hkv, ceil(Tk / block_size), D]"
+                         f" = {want} (from moba_rewrite.key_block_means(k, block_size)), got {got}")
+    if means.device != k.device:
+        raise ValueError(f"moba_attention: key_block_means is on {means.device}, k on {k.device}")
+
+
 def validate(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, scale, attn_mask,
-             enable_gqa: bool, backend: str) -> None:
+             enable_gqa: bool, backend: str, key_block_means=None) -> None:
     """Raise `ValueError` naming the first argument that breaks the contract of SPEC section 2."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
@@ -83,6 +94,8 @@ def validate(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, sc
             raise ValueError(f"moba_attention: attn_mask is on {attn_mask.device}, q on {q.device}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"moba_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if key_block_means is not None:
+        _check_means(key_block_means, k, block_size)
 
 
 def moba_attention(
@@ -97,6 +110,7 @@ def moba_attention(
     attn_mask: Tensor | None = None,
     enable_gqa: bool = False,
     backend: str = "auto",
+    key_block_means: Tensor | None = None,
 ) -> Tensor:
     """Mixture of Block Attention in SDPA layout: q `[B, Hq, Tq, D]`, k/v `[B, Hkv, Tk, D]`.
 
@@ -104,8 +118,13 @@ def moba_attention(
     best against it (`top_k` counts the own block). Queries are the newest `Tq` of `Tk`
     tokens. `attn_mask` is bool (True = may attend) or additive float, broadcastable to
     `[B, Hq, Tq, Tk]`. With `top_k * block_size >= Tk` this equals ordinary attention.
+    `key_block_means`: the block means of k kept as a cache (`moba_rewrite.key_block_means`), so
+    decoding need not reread all of K for the gate; it must be current for k.
     """
     validate(q, k, v, block_size=block_size, top_k=top_k, scale=scale, attn_mask=attn_mask,
-             enable_gqa=enable_gqa, backend=backend)
+             enable_gqa=enable_gqa, backend=backend, key_block_means=key_block_means)
     resolved_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    if key_block_means is not None:
+        return torch.ops.moba.attention_cached(q, k, v, key_block_means, attn_mask, block_size, top_k, bool(causal),
+                                               resolved_scale, backend)
     return torch.ops.moba.attention(q, k, v, attn_mask, block_size, top_k, bool(causal), resolved_scale, backend)

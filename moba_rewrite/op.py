@@ -7,6 +7,7 @@ program keeps running well on whatever device it is loaded on.
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -70,3 +71,37 @@ def _backward(ctx, grad_out):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("moba::attention_cached", mutates_args=())
+def attention_cached(
+    q: Tensor, k: Tensor, v: Tensor, key_block_means: Tensor, attn_mask: Optional[Tensor], block_size: int,
+    top_k: int, causal: bool, scale: float, backend: str,
+) -> Tensor:
+    """`moba::attention` with the block means of k given (a cache kept beside the KV cache).
+    Backends whose gate takes means (`reference`, `triton`) use them; the others compute the
+    same means from k (identical results when the cache is current)."""
+    kernel = _kernel(backend, q, k, attn_mask)
+    kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
+    if "key_block_means" in inspect.signature(kernel.forward).parameters:
+        kw["key_block_means"] = key_block_means
+    return kernel.forward(q, k, v, **kw).contiguous()
+
+
+@attention_cached.register_fake
+def _attention_cached_fake(q, k, v, key_block_means, attn_mask, block_size, top_k, causal, scale, backend):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _setup_context_cached(ctx, inputs, output):
+    q, k, v, _, attn_mask, block_size, top_k, causal, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, output, attn_mask)
+    ctx.params = (block_size, top_k, causal, scale, backend)
+
+
+def _backward_cached(ctx, grad_out):
+    dq, dk, dv, *_ = _backward(ctx, grad_out)  # the selection is recomputed from k: same blocks
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+attention_cached.register_autograd(_backward_cached, setup_context=_setup_context_cached)

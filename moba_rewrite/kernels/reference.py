@@ -47,15 +47,18 @@ def block_means(k: Tensor, block_size: int) -> Tensor:
 
 @torch.no_grad()
 def block_selection(
-    q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool, attn_mask: Tensor | None = None
+    q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool, attn_mask: Tensor | None = None,
+    means: Tensor | None = None,
 ) -> Tensor:
-    """Boolean `[B, Hq, Tq, n_blocks]`: the key blocks each query attends, own block included."""
+    """Boolean `[B, Hq, Tq, n_blocks]`: the key blocks each query attends, own block included.
+    `means`: a cache of `block_means(k, block_size)` (`[B, Hkv, n_blocks, D]`) used for the gate."""
     b, hq, tq, _ = q.shape
     tk = k.shape[2]
     n_blocks = -(-tk // block_size)
     dev = q.device
     # Gate: s[i, j] = q_i . mean(K_j), per query head, in fp32.
-    gate = q.to(compute_dtype(q.dtype)) @ repeat_kv(block_means(k, block_size), hq).transpose(-1, -2)
+    means = block_means(k, block_size) if means is None else means.to(compute_dtype(q.dtype))
+    gate = q.to(compute_dtype(q.dtype)) @ repeat_kv(means, hq).transpose(-1, -2)
     own = query_positions(tq, tk, dev) // block_size  # [Tq]
     blocks = torch.arange(n_blocks, device=dev)
     # Candidates: earlier complete blocks (causal) or every other block (non-causal) ...
@@ -80,13 +83,14 @@ def block_selection(
 
 def attention_probs(
     q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
-    attn_mask: Tensor | None,
+    attn_mask: Tensor | None, means: Tensor | None = None,
 ) -> Tensor:
     """Dense `[B, Hq, Tq, Tk]` attention weights of MoBA, in compute precision (zero rows allowed)."""
     b, hq, tq, _ = q.shape
     tk = k.shape[2]
     dev = q.device
-    selected = block_selection(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask)
+    selected = block_selection(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask,
+                               means=means)
     key_block = torch.arange(tk, device=dev) // block_size
     allowed = selected[..., key_block]  # [B, Hq, Tq, Tk]
     if causal:
@@ -109,11 +113,11 @@ def attention_probs(
 
 def forward(
     q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
-    attn_mask: Tensor | None,
+    attn_mask: Tensor | None, key_block_means: Tensor | None = None,
 ) -> Tensor:
     """MoBA output `[B, Hq, Tq, D]` by dense masked softmax attention over the selected blocks."""
     probs = attention_probs(q, k, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
-                            attn_mask=attn_mask)
+                            attn_mask=attn_mask, means=key_block_means)
     return (probs @ repeat_kv(v, q.shape[1]).to(probs.dtype)).to(q.dtype)
 
 

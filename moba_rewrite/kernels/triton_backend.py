@@ -83,15 +83,15 @@ def _check(q: Tensor, k: Tensor, attn_mask: Tensor | None) -> None:
 
 
 def _forward_impl(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], block_size: int, top_k: int,
-                  causal: bool, scale: float) -> Tensor:
+                  causal: bool, scale: float, key_block_means: Optional[Tensor] = None) -> Tensor:
     """Dense-layout forward: torch ops plus (wrapped) Triton launches only, so it is traceable."""
     p = dense_problem(q, k, v, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
                       attn_mask=attn_mask)
-    return _run_forward(p)
+    return _run_forward(p, key_block_means)
 
 
-def _run_forward(p: "Problem") -> Tensor:
-    sel = triton_gate.select_blocks(p)
+def _run_forward(p: "Problem", means: Optional[Tensor] = None) -> Tensor:
+    sel = triton_gate.select_blocks(p, means=means)
     if p.max_tq == 1:  # decode: split-KV straight from the picks, no CSR
         return triton_attn.decode_forward(p, sel)
     out, _ = triton_attn.attention_forward(p, triton_gate.build_csr(p, sel))
@@ -117,14 +117,14 @@ if _IMPORT_ERROR is None:
     if interpreter_active():
         _fwd_op = torch.library.custom_op("moba::triton_attention", mutates_args=())(_forward_impl)
         _bwd_op = torch.library.custom_op("moba::triton_attention_backward", mutates_args=())(_backward_impl)
-        _fwd_op.register_fake(lambda q, k, v, *a: torch.empty_like(q))
+        _fwd_op.register_fake(lambda q, k, v, *a, **kw: torch.empty_like(q))
         _bwd_op.register_fake(lambda g, q, k, v, *a: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
     else:
         _fwd_op = torch.library.triton_op("moba::triton_attention", mutates_args=())(_forward_impl)
         _bwd_op = torch.library.triton_op("moba::triton_attention_backward", mutates_args=())(_backward_impl)
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, attn_mask, block_size, top_k, causal, scale = inputs
+        q, k, v, attn_mask, block_size, top_k, causal, scale = inputs[:8]
         ctx.save_for_backward(q, k, v, output, attn_mask)
         ctx.params = (block_size, top_k, causal, scale)
 
@@ -132,16 +132,18 @@ if _IMPORT_ERROR is None:
         q, k, v, out, attn_mask = ctx.saved_tensors
         dq, dk, dv = torch.ops.moba.triton_attention_backward(grad_out.contiguous(), q, k, v, out, attn_mask,
                                                               *ctx.params)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None  # no gradient for the means cache
 
     _fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
-            attn_mask: Tensor | None) -> Tensor:
-    """MoBA output `[B, Hq, Tq, D]` (see SPEC section 2), through `moba::triton_attention`."""
+            attn_mask: Tensor | None, key_block_means: Tensor | None = None) -> Tensor:
+    """MoBA output `[B, Hq, Tq, D]` (see SPEC section 2), through `moba::triton_attention`.
+    `key_block_means`: a cache of the fp32 block means of k, so the gate need not read all of K."""
     _check(q, k, attn_mask)
-    return torch.ops.moba.triton_attention(q, k, v, attn_mask, block_size, top_k, causal, float(scale))
+    return torch.ops.moba.triton_attention(q, k, v, attn_mask, block_size, top_k, causal, float(scale),
+                                           key_block_means)
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,

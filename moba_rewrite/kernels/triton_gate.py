@@ -211,8 +211,9 @@ def block_visibility(p: Problem) -> Tensor | None:
     return vis.expand(p.batch, p.hq, p.max_tq, nb).view(torch.uint8)
 
 
-def select_blocks(p: Problem, block_m: int | None = None) -> Selection:
-    """Run the fused gate/top-k kernel: each row's `top_k - 1` best candidate blocks."""
+def select_blocks(p: Problem, block_m: int | None = None, means: Tensor | None = None) -> Selection:
+    """Run the fused gate/top-k kernel: each row's `top_k - 1` best candidate blocks. `means`: a cache
+    of the block means (`[B, Hkv, NB, D]`, dense layout) instead of computing them from K."""
     dev = p.q.device
     default_m, block_n, warps, stages = gate_config(dev, p.d)
     block_m = block_m or default_m
@@ -222,7 +223,10 @@ def select_blocks(p: Problem, block_m: int | None = None) -> Selection:
     rp = n_tiles * block_m
     picks = torch.full((p.batch * p.hkv, rp, kp), -1, dtype=torch.int32, device=dev)
     ref = torch.empty((p.batch * p.hkv, rp), dtype=torch.float32, device=dev)
-    means = block_means(p)
+    if means is None:
+        means = block_means(p)
+    else:
+        means = means.to(torch.float32).reshape(p.batch * p.hkv, p.n_blocks, p.d).contiguous()
     vis = block_visibility(p) if n_pick > 0 else None
     vis_arg = vis if vis is not None else picks
     vs = vis.stride() if vis is not None else (0, 0, 0, 0)
