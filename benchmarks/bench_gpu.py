@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -509,7 +510,7 @@ _I8_PTRS = {"ROW_FILTER", "BAD"}
 _DATA_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV"}
 
 
-def compile_sm90() -> bool:
+def compile_sm90(only: str | None = None) -> bool:
     """Compile every kernel variant for sm_90 on this machine (Triton ships ptxas) and print shared
     memory, registers and spill stack per variant. Catches compile errors without a GPU."""
     import subprocess
@@ -525,6 +526,8 @@ def compile_sm90() -> bool:
 
     def one(label, fn, consts, warps, stages, dt="bf16", mask_dt="u8"):
         nonlocal ok
+        if only and not re.search(only, label):
+            return
         sig = {}
         for name in fn.arg_names:
             if name in consts:
@@ -634,6 +637,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=290.0, help="seconds for the whole run (cases are skipped after)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--only", default=None, metavar="REGEX",
+                    help="with --compile-sm90: only the variants whose label matches")
     ap.add_argument("--sweep", type=float, default=0.0, metavar="SECONDS",
                     help="first compare launch configs for up to SECONDS and keep the fastest for the run")
     ap.add_argument("--compile-sm90", action="store_true",
@@ -641,7 +646,7 @@ def main() -> None:
     args = ap.parse_args()
     DEADLINE = T0 + args.budget
     if args.compile_sm90:
-        sys.exit(0 if compile_sm90() else 1)
+        sys.exit(0 if compile_sm90(args.only) else 1)
     if not SMOKE and not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA device (or --cpu-smoke)")
     if DEV.type == "cuda":
