@@ -23,7 +23,10 @@ times per tile (and stall whenever another process holds a core).
 
 from __future__ import annotations
 
+import os
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -89,31 +92,40 @@ def _slicer(dim: int, g: int):
     return q_part, kv_part, mask_part
 
 
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, executor)
+_POOL_LOCK = threading.Lock()
+
+
+def _single_threaded() -> None:
+    torch.set_num_threads(1)  # this thread's OpenMP/MKL thread count (and the default for new threads)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """Persistent worker threads with one intra-op thread each (MKL and OpenMP set up once per
+    thread, not per call); rebuilt after a fork or when the thread count changes."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] != workers:
+            n_threads = torch.get_num_threads()
+            executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moba-torch",
+                                          initializer=_single_threaded)
+            # Start every worker now, then restore the process default the initializers lowered.
+            for f in [executor.submit(time.sleep, 0.01) for _ in range(workers)]:
+                f.result()
+            torch.set_num_threads(n_threads)
+            _POOL = (os.getpid(), workers, executor)
+        return _POOL[2]
+
+
 def _run_parts(ranges: list[tuple[int, int]], work) -> None:
-    """Run `work(a, e)` for every range, one thread each (the caller's thread takes the first),
-    every one with a single intra-op thread; the caller's thread count is restored after."""
-    n_threads = torch.get_num_threads()
-    errors: list[BaseException] = []
-
+    """Run `work(a, e)` for every range on the worker pool (one single-threaded worker per core)."""
     def run(a: int, e: int) -> None:
-        try:
-            torch.set_num_threads(1)
-            with torch.no_grad():
-                work(a, e)
-        except BaseException as exc:  # re-raised in the caller's thread
-            errors.append(exc)
+        with torch.no_grad():
+            work(a, e)
 
-    threads = [threading.Thread(target=run, args=r, daemon=True) for r in ranges[1:]]
-    try:
-        for t in threads:
-            t.start()
-        run(*ranges[0])
-        for t in threads:
-            t.join()
-    finally:
-        torch.set_num_threads(n_threads)
-    if errors:
-        raise errors[0]
+    futures = [_pool(torch.get_num_threads()).submit(run, a, e) for a, e in ranges]
+    for f in futures:
+        f.result()
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moba_rewrite.kernels.torch_select import RoutePlan, compute_dtype, mask4, route, row_mask
+from moba_rewrite.kernels.torch_select import RoutePlan, Scratch, compute_dtype, mask4, route, row_mask
 
 __all__ = ["applicable", "forward", "backward"]
 
@@ -166,21 +166,6 @@ class _OwnMasker:
             s.masked_fill_(~mt, neg_inf)
 
 
-class _Scratch:
-    """Flat buffers reused by every tile of a pass: a fresh multi-MiB temporary per tile costs
-    page faults (glibc hands large blocks back to the OS), which shows at long context."""
-
-    def __init__(self, dtype: torch.dtype, device):
-        self.dtype, self.device, self.bufs = dtype, device, {}
-
-    def get(self, name: str, shape) -> Tensor:
-        numel = math.prod(shape)
-        buf = self.bufs.get(name)
-        if buf is None or buf.numel() < numel:
-            buf = self.bufs[name] = torch.empty(numel, dtype=self.dtype, device=self.device)
-        return buf[:numel].view(shape)
-
-
 def _history_tiles(plan: RoutePlan, lay: _Layout):
     """(b, kv head, key start, key end, rows, padded rows) per tile of the history groups."""
     step = max(1, _TILE_ELEMS // lay.bs)
@@ -212,7 +197,7 @@ def _sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout,
     masker = _OwnMasker(lay, causal, attn_mask, dev)
     sum_v = row_sum.view(lay.b, lay.hkv, lay.g, lay.nq, lay.bs)
     acc_v = acc.view(lay.b, lay.hkv, lay.g, lay.nq, lay.bs, lay.dv) if acc is not None else None
-    scratch = _Scratch(ct, dev)
+    scratch = Scratch.for_thread(ct, dev)
     for c0, c1 in lay.chunks():
         rows_c, keys_c = (c1 - c0) * lay.bs, (c1 - c0) * lay.bs
         # The scale goes on the keys (the query chunk is then a plain copy).
