@@ -140,8 +140,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, cau
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
 
     def work(a: int, e: int) -> None:
-        q_part(out, a, e).copy_(impl.forward(q_part(q, a, e), kv_part(k, a, e), kv_part(v, a, e),
-                                             attn_mask=mask_part(attn_mask, a, e), **kw))
+        args = (q_part(q, a, e), kv_part(k, a, e), kv_part(v, a, e))
+        dst = q_part(out, a, e)
+        if impl is torch_fast:  # accumulates straight into the output where it can
+            impl.forward(*args, attn_mask=mask_part(attn_mask, a, e), out=dst, **kw)
+        else:
+            dst.copy_(impl.forward(*args, attn_mask=mask_part(attn_mask, a, e), **kw))
     _run_parts(ranges, work)
     return out
 

@@ -189,11 +189,15 @@ def _history_scores(q_flat: Tensor, kj: Tensor, rows: Tensor, b: int, ks: int, k
 
 
 def _sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout, *, causal: bool, scale: float,
-          attn_mask: Tensor | None) -> tuple[Tensor | None, Tensor]:
-    """Padded accumulators: (sum of exp2(s) @ V or None, sum of exp2(s)), `[B, Hq, P(, Dv)]`."""
+          attn_mask: Tensor | None, acc: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+    """Padded accumulators: (sum of exp2(s) @ V or None, sum of exp2(s)), `[B, Hq, P(, Dv)]`.
+
+    The own-block pass assigns every padded row before the history pass adds to it, so the
+    accumulators start uninitialised; `acc` may be given (contiguous `[B, Hq, P, Dv]` in ct)."""
     dev, ct, mult = q.device, lay.ct, scale * LOG2E
-    row_sum = torch.zeros((lay.b, lay.hq, lay.p), dtype=ct, device=dev)
-    acc = torch.zeros((lay.b, lay.hq, lay.p, lay.dv), dtype=ct, device=dev) if v is not None else None
+    row_sum = torch.empty((lay.b, lay.hq, lay.p), dtype=ct, device=dev)
+    if v is not None and acc is None:
+        acc = torch.empty((lay.b, lay.hq, lay.p, lay.dv), dtype=ct, device=dev)
     masker = _OwnMasker(lay, causal, attn_mask, dev)
     sum_v = row_sum.view(lay.b, lay.hkv, lay.g, lay.nq, lay.bs)
     acc_v = acc.view(lay.b, lay.hkv, lay.g, lay.nq, lay.bs, lay.dv) if acc is not None else None
@@ -238,15 +242,25 @@ def _sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout,
 
 @torch.no_grad()
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
-            attn_mask: Tensor | None) -> Tensor:
-    """MoBA output `[B, Hq, Tq, Dv]` in `q`'s dtype; callers check `applicable` first."""
+            attn_mask: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """MoBA output `[B, Hq, Tq, Dv]` in `q`'s dtype; callers check `applicable` first.
+
+    With `out` (shaped like the output, `q`'s dtype) the result is written there and `out` is
+    returned; it is accumulated in place when the layout allows (prefill of whole blocks)."""
     lay = _Layout(q, k, v, block_size)
     plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, include_own=False)
-    acc, row_sum = _sums(q, k, v, plan, lay, causal=causal, scale=scale, attn_mask=attn_mask)
+    in_place = (out is not None and lay.front == 0 and lay.p == lay.tq and out.dtype == lay.ct
+                and out.is_contiguous())
+    acc, row_sum = _sums(q, k, v, plan, lay, causal=causal, scale=scale, attn_mask=attn_mask,
+                         acc=out if in_place else None)
     del plan
     inv = torch.where(row_sum > 0, row_sum.reciprocal_(), 0.0)
     acc.mul_(inv[..., None])
-    return lay.unpad(acc).to(q.dtype)
+    if out is None:
+        return lay.unpad(acc).to(q.dtype)
+    if not in_place:
+        out.copy_(lay.unpad(acc))
+    return out
 
 
 @torch.no_grad()
