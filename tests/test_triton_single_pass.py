@@ -95,3 +95,25 @@ def test_two_pass_mode_can_be_chosen_and_agrees():
     one, _ = triton_attn.attention_forward(p, sel)
     torch.testing.assert_close(two, want, **TOL[torch.float32])
     torch.testing.assert_close(one, two, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("tq", [40, 1])  # single-pass prefill and split-KV decode
+def test_outputs_left_uninitialised_are_fully_written(monkeypatch, tq):
+    """The dense output buffers are not zeroed (the kernels store every row): poison them with NaN
+    and check every element was overwritten with the right value."""
+    from moba_rewrite.kernels.triton_layout import Problem
+
+    original = Problem.new_out
+
+    def poisoned(self, dtype, *, written=False):
+        out = original(self, dtype, written=written)
+        return out.fill_(float("nan")) if written and not self.varlen else out
+
+    monkeypatch.setattr(Problem, "new_out", poisoned)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 4, tq, 16, generator=g), torch.randn(2, 2, 40, 16, generator=g), \
+        torch.randn(2, 2, 40, 16, generator=g)
+    kw = dict(block_size=8, top_k=3, causal=True, scale=0.25, attn_mask=None)
+    out = tb.forward(q, k, v, **kw)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref.forward(q, k, v, **kw), **TOL[torch.float32])

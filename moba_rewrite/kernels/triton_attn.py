@@ -528,7 +528,7 @@ def decode_forward(p: Problem, sel: Selection) -> Tensor:
         ms[0], ms[1], ms[2], ms[3], p.hq, p.group, sel.row_pad, kp, p.block_size, span, nsplit, p.scale * LOG2E,
         HAS_MASK=has_mask, MASK_BOOL=mask_bool, BLOCK_N=block_n, BLOCK_D=block_d, D=p.d,
     )
-    out = torch.zeros_like(p.q)
+    out = p.new_out(p.q.dtype, written=True)  # the combine kernel stores every (sequence, head)
     so = p.out_strides(out)
     launch(_decode_combine_kernel)[(p.batch * p.hq,)](
         o_part, lse_part, out, p.q_start, p.q_len, so.sb, so.sh, so.st, p.hq, n_part,
@@ -580,7 +580,7 @@ def single_pass_forward(p: Problem, sel: Selection) -> tuple[Tensor, Tensor, Ten
     row_sum = torch.zeros((bh, rp), dtype=torch.float32, device=dev)
     row_max = torch.full((bh, rp), float("-inf"), dtype=torch.float32, device=dev)
     _launch_fwd(p, sel, 2, o32, row_sum, ref, nsplit, span, row_sum=row_sum, row_max=row_max)
-    out = p.new_out(p.q.dtype)
+    out = p.new_out(p.q.dtype, written=True)  # the epilogue stores every row of every sequence
     lse = torch.empty((bh, rp), dtype=torch.float32, device=dev)
     bad = torch.empty((bh, rp), dtype=torch.int8, device=dev)
     safe_hi, safe_lo = _SAFE_WINDOW.get(p.q.dtype, _DEFAULT_WINDOW)

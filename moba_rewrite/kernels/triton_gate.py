@@ -221,7 +221,7 @@ def select_blocks(p: Problem, block_m: int | None = None, means: Tensor | None =
     kp = max(1, next_pow2(n_pick))
     n_tiles = -(-p.rows // block_m)
     rp = n_tiles * block_m
-    picks = torch.full((p.batch * p.hkv, rp, kp), -1, dtype=torch.int32, device=dev)
+    picks = torch.empty((p.batch * p.hkv, rp, kp), dtype=torch.int32, device=dev)  # the kernel writes all
     ref = torch.empty((p.batch * p.hkv, rp), dtype=torch.float32, device=dev)
     if means is None:
         means = block_means(p)

@@ -113,14 +113,39 @@ class Problem:
     def out_strides(self, o: Tensor) -> Seqs:
         return strides_thd(o) if self.varlen else strides_bhtd(o)
 
-    def new_out(self, dtype: torch.dtype) -> Tensor:
-        """A zeroed output-shaped buffer (fp32 accumulators are summed into it)."""
+    def new_out(self, dtype: torch.dtype, *, written: bool = False) -> Tensor:
+        """An output-shaped buffer: zeroed (fp32 accumulators are summed into it), or left
+        uninitialised when `written` says a kernel stores every row and the layout is dense
+        (packed layouts may hold tokens outside every sequence, which must read as zeros)."""
+        if written and not self.varlen:
+            return torch.empty(self.q.shape, dtype=dtype, device=self.q.device)
         return torch.zeros(self.q.shape, dtype=dtype, device=self.q.device)
 
 
 def unit_last(x: Tensor) -> Tensor:
     """The kernels address the head dim with stride 1; other strides are free."""
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+_SEQ_TENSORS: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+
+def _dense_seqs(b: int, tq: int, tk: int, dev: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(q_start, q_len, k_start, k_len) of a dense batch. Eager calls reuse them per shape (each is
+    a fill launch, a cost that decode steps notice); traced or graph-captured calls build fresh ones."""
+    def build():
+        zeros = torch.zeros(b, dtype=torch.int32, device=dev)
+        return (zeros, torch.full((b,), tq, dtype=torch.int32, device=dev), zeros,
+                torch.full((b,), tk, dtype=torch.int32, device=dev))
+
+    if _tracing() or (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return build()
+    key = (b, tq, tk, dev)
+    if key not in _SEQ_TENSORS:
+        if len(_SEQ_TENSORS) >= 256:  # a bounded cache: growing prompts make new shapes every step
+            _SEQ_TENSORS.clear()
+        _SEQ_TENSORS[key] = build()
+    return _SEQ_TENSORS[key]
 
 
 def dense_problem(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool,
@@ -134,12 +159,10 @@ def dense_problem(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: in
         mask = attn_mask.expand(b, hq, tq, tk)
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)
+    q_start, q_len, k_start, k_len = _dense_seqs(b, tq, tk, dev)
     return Problem(
         q=q, k=k, v=v, sq=strides_bhtd(q), sk=strides_bhtd(k), sv=strides_bhtd(v),
-        q_start=torch.zeros(b, dtype=torch.int32, device=dev),
-        q_len=torch.full((b,), tq, dtype=torch.int32, device=dev),
-        k_start=torch.zeros(b, dtype=torch.int32, device=dev),
-        k_len=torch.full((b,), tk, dtype=torch.int32, device=dev),
+        q_start=q_start, q_len=q_len, k_start=k_start, k_len=k_len,
         batch=b, hq=hq, hkv=hkv, d=d, max_tq=tq, max_tk=tk, block_size=block_size, top_k=top_k,
         causal=causal, scale=scale, varlen=False, attn_mask=mask,
     )
