@@ -273,19 +273,8 @@ def _bwd_kernel(
                          + offs_d[None, :], mask=rm, other=0.0)
             lse = tl.load(ROW_LSE + bh.to(tl.int64) * RP + rows, mask=ok, other=float("inf"))
             delta = tl.load(DELTA + bh.to(tl.int64) * RP + rows, mask=ok, other=0.0)
-            s = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * scale_log2
-            # visible = in range, causal, and shown by the attention mask (inlined: cheaper to interpret)
-            allowed = ok[:, None] & (cols < hi)[None, :]
-            if CAUSAL:
-                allowed = allowed & (cols[None, :] <= pos[:, None])
-            if HAS_MASK:
-                mv = tl.load(MASK + b.to(tl.int64) * smb + hq.to(tl.int64)[:, None] * smh
-                             + t.to(tl.int64)[:, None] * smt + cols[None, :] * smk, mask=allowed, other=0)
-                if MASK_BOOL:
-                    allowed = allowed & (mv != 0)
-                else:
-                    s = s + mv.to(tl.float32) * 1.4426950408889634
-            s = tl.where(allowed, s, float("-inf"))
+            s = _masked_scores(q, kt, cols, hi, ok, pos, t, hq, b, MASK, smb, smh, smt, smk, scale_log2,
+                               CAUSAL, HAS_MASK, MASK_BOOL, DOT_PREC)
             p = tl.exp2(s - lse[:, None])
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
             dp = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
