@@ -313,7 +313,16 @@ def prefill_case(label, b, h, t, d, bs, top_k, fwd_bwd: bool, with_torch: bool, 
                   f" backward share: ours {t_ours - f_ours:.2f} ms, SDPA {t_sdpa - f_sdpa:.2f} ms"
                   f" ({(t_sdpa - f_sdpa) / max(t_ours - f_ours, 1e-9):.2f}x)", flush=True)
             entry.update(fwd_ours_ms=f_ours, fwd_sdpa_ms=f_sdpa)
-        if not fwd_bwd:
+        if not fwd_bwd:  # bounded fp32 accumulator (fwd_piece_mib): memory against speed
+            from moba_rewrite.kernels import triton_configs
+
+            triton_configs.OVERRIDES["fwd_piece_mib"] = 64
+            try:
+                t_piece, m_piece = bench(ours, reps), peak_mem(ours)
+            finally:
+                del triton_configs.OVERRIDES["fwd_piece_mib"]
+            print(row("ours, fwd_piece_mib=64", t_piece, useful, m_piece), flush=True)
+            entry.update(piece64_ms=t_piece, piece64_gib=m_piece)
             g, c, a = ours_breakdown(q, k, v, bs, top_k)
             print(f"  ours breakdown: gate {g:.2f} ms, csr {c:.2f} ms, attention {a:.2f} ms"
                   f" -> attention-only useful {useful / (a * 1e-3) / 1e12:.1f} TFLOP/s", flush=True)

@@ -6,8 +6,10 @@ from moba_rewrite.kernels import triton_configs
 
 
 def test_overrides_parse_into_tuples_and_names():
-    got = triton_configs._parse(" gate=64,64,4,2 ; fwd=128,32,8,3;fwd_mode=two_pass;gate_prec=tf32x3;")
-    assert got == {"gate": (64, 64, 4, 2), "fwd": (128, 32, 8, 3), "fwd_mode": "two_pass", "gate_prec": "tf32x3"}
+    got = triton_configs._parse(" gate=64,64,4,2 ; fwd=128,32,8,3;fwd_mode=two_pass;gate_prec=tf32x3;"
+                                "fwd_piece_mib=256")
+    assert got == {"gate": (64, 64, 4, 2), "fwd": (128, 32, 8, 3), "fwd_mode": "two_pass", "gate_prec": "tf32x3",
+                   "fwd_piece_mib": 256}
     assert triton_configs._parse("") == {}
 
 
@@ -18,6 +20,8 @@ def test_overrides_parse_into_tuples_and_names():
     ("zzz=1", "expected one of gate, fwd, bwd"),
     ("fwd_mode=fast", "single"),
     ("gate_prec", "expected one of"),
+    ("fwd_piece_mib=-1", "whole number"),
+    ("fwd_piece_mib=1.5", "whole number"),
 ])
 def test_bad_overrides_name_the_part_and_what_was_expected(text, expected):
     with pytest.raises(ValueError, match="MOBA_TRITON_CONFIG") as info:

@@ -117,3 +117,41 @@ def test_outputs_left_uninitialised_are_fully_written(monkeypatch, tq):
     out = tb.forward(q, k, v, **kw)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref.forward(q, k, v, **kw), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_forward_in_pieces_equals_one_call(monkeypatch, with_mask):
+    """`fwd_piece_mib` bounds the fp32 accumulator by running (batch, KV head) pieces: same result."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(2, 4, 24, 16, generator=g), torch.randn(2, 2, 24, 16, generator=g), \
+        torch.randn(2, 2, 24, 16, generator=g)
+    mask = torch.rand(2, 1, 24, 24, generator=g) > 0.2 if with_mask else None
+    from moba_rewrite import key_block_means
+
+    means = key_block_means(k, 8)
+    kw = dict(block_size=8, top_k=2, causal=True, scale=0.25, attn_mask=mask)
+    whole = tb.forward(q, k, v, **kw)
+    assert tb._forward_pieces(q, k) == []
+    monkeypatch.setitem(triton_configs.OVERRIDES, "fwd_piece_mib", 0)
+    assert tb._forward_pieces(q, k) == []
+    # this tiny call fits any MiB budget, so force one piece per (batch item, KV head) directly
+    monkeypatch.setattr(tb, "_forward_pieces", lambda q, k: [(b, h, h + 1) for b in range(2) for h in range(2)])
+    pieced = tb.forward(q, k, v, **kw)
+    torch.testing.assert_close(pieced, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pieced, ref.forward(q, k, v, **kw), **TOL[torch.float32])
+    pieced_means = tb.forward(q, k, v, key_block_means=means, **kw)
+    torch.testing.assert_close(pieced_means, whole, rtol=0, atol=1e-6)
+
+
+def test_piece_plan_respects_the_budget(monkeypatch):
+    q = torch.empty(2, 8, 4096, 128, device="meta")
+    k = torch.empty(2, 2, 4096, 128, device="meta")
+    monkeypatch.setitem(triton_configs.OVERRIDES, "fwd_piece_mib", 8)  # one KV head (4 q heads): 8 MiB
+    assert tb._forward_pieces(q, k) == [(0, 0, 1), (0, 1, 2), (1, 0, 1), (1, 1, 2)]
+    monkeypatch.setitem(triton_configs.OVERRIDES, "fwd_piece_mib", 16)
+    assert tb._forward_pieces(q, k) == [(0, 0, 2), (1, 0, 2)]
+    monkeypatch.setitem(triton_configs.OVERRIDES, "fwd_piece_mib", 1)  # below one head: still one head
+    assert len(tb._forward_pieces(q, k)) == 4
+    monkeypatch.setitem(triton_configs.OVERRIDES, "fwd_piece_mib", 64)  # everything fits
+    assert tb._forward_pieces(q, k) == []
+    assert tb._forward_pieces(q[:, :, :1], k) == []  # decode never pieces

@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     _IMPORT_ERROR = f"triton is not installed ({exc})"
 
 if _IMPORT_ERROR is None:
-    from moba_rewrite.kernels import triton_attn, triton_gate
+    from moba_rewrite.kernels import triton_attn, triton_configs, triton_gate
     from moba_rewrite.kernels.triton_layout import Problem, dense_problem, varlen_problem
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -85,9 +85,33 @@ def _check(q: Tensor, k: Tensor, attn_mask: Tensor | None) -> None:
 def _forward_impl(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], block_size: int, top_k: int,
                   causal: bool, scale: float, key_block_means: Optional[Tensor] = None) -> Tensor:
     """Dense-layout forward: torch ops plus (wrapped) Triton launches only, so it is traceable."""
+    pieces = _forward_pieces(q, k)
+    if pieces:  # bounded fp32 accumulator: heads and batch items are independent problems
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        g = q.shape[1] // k.shape[1]
+        mask = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if attn_mask is not None else None
+        for b, h0, h1 in pieces:
+            qs, ks = (slice(b, b + 1), slice(h0 * g, h1 * g)), (slice(b, b + 1), slice(h0, h1))
+            p = dense_problem(q[qs], k[ks], v[ks], block_size=block_size, top_k=top_k, causal=causal, scale=scale,
+                              attn_mask=mask[qs] if mask is not None else None)
+            out[qs] = _run_forward(p, key_block_means[ks] if key_block_means is not None else None)
+        return out
     p = dense_problem(q, k, v, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
                       attn_mask=attn_mask)
     return _run_forward(p, key_block_means)
+
+
+def _forward_pieces(q: Tensor, k: Tensor) -> list[tuple[int, int, int]]:
+    """(batch item, first KV head, end KV head) pieces whose fp32 accumulator fits `fwd_piece_mib`
+    (at least one KV head each); none (one whole call) when unset, for decode, or when it all fits."""
+    budget = int(triton_configs.pick("fwd_piece_mib", 0)) * 2**20
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    if not budget or tq == 1 or b * hq * tq * d * 4 <= budget:
+        return []
+    per_head = (hq // hkv) * tq * d * 4
+    step = max(1, budget // per_head)
+    return [(i, h, min(h + step, hkv)) for i in range(b) for h in range(0, hkv, step)]
 
 
 def _run_forward(p: "Problem", means: Optional[Tensor] = None) -> Tensor:

@@ -6,7 +6,9 @@ Each kernel family has a built-in default chosen from GPU timings (`benchmarks/R
     MOBA_TRITON_CONFIG="gate=64,64,4,2;fwd=128,64,8,3;bwd=64,64,8,2;gate_prec=split3;fwd_mode=single"
 
 (`BLOCK_M,BLOCK_N,num_warps,num_stages` per family; `gate_prec` is `tf32x3`, `split3` or
-`ieee` for bf16/fp16 inputs; `fwd_mode` is `single` or `two_pass`). `benchmarks/bench_gpu.py --sweep` sets `OVERRIDES` in-process to compare candidates
+`ieee` for bf16/fp16 inputs; `fwd_mode` is `single` or `two_pass`). `fwd_piece_mib=N` bounds
+the forward's fp32 output accumulator (2x a bf16 output) to about N MiB by running the
+prefill forward in pieces of (batch, KV head); 0 or unset: one piece. `benchmarks/bench_gpu.py --sweep` sets `OVERRIDES` in-process to compare candidates
 side by side. Overrides apply on GPU only: the interpreter keeps its own small tiles.
 """
 
@@ -16,6 +18,7 @@ import os
 
 FAMILIES = ("gate", "fwd", "bwd")
 CHOICES = {"gate_prec": ("tf32x3", "split3", "ieee"), "fwd_mode": ("single", "two_pass")}
+SIZES = ("fwd_piece_mib",)
 
 OVERRIDES: dict[str, object] = {}
 
@@ -25,9 +28,15 @@ def _parse(text: str) -> dict[str, object]:
     for part in filter(None, (p.strip() for p in text.split(";"))):
         key, sep, value = part.partition("=")
         key = key.strip()
-        if not sep or key not in (*FAMILIES, *CHOICES):
+        if not sep or key not in (*FAMILIES, *CHOICES, *SIZES):
             raise ValueError(f"MOBA_TRITON_CONFIG: {part!r}: expected one of "
-                             f"{', '.join(FAMILIES)}=M,N,WARPS,STAGES or {', '.join(CHOICES)}=NAME")
+                             f"{', '.join(FAMILIES)}=M,N,WARPS,STAGES, {', '.join(CHOICES)}=NAME or "
+                             f"{', '.join(SIZES)}=N")
+        if key in SIZES:
+            if not value.strip().isdigit():
+                raise ValueError(f"MOBA_TRITON_CONFIG: {key}={value!r}: expected a whole number >= 0")
+            out[key] = int(value)
+            continue
         if key in CHOICES:
             if value.strip() not in CHOICES[key]:
                 raise ValueError(f"MOBA_TRITON_CONFIG: {key}={value!r}: expected one of {CHOICES[key]}")
