@@ -16,6 +16,10 @@ How things are measured
   `torch.cuda.Event` timing after a synchronize). On CPU the process CPU time of the same
   calls (`time.process_time`, all threads) is recorded too: on a shared machine its ratio
   ("CPU-time speedup") is far less sensitive to other processes than wall-clock time.
+* Load: on Linux each timed call also records how many cores *other* processes kept busy
+  meanwhile (machine-wide busy time from /proc/stat minus this process's CPU time, over the
+  wall time); the median is printed as "other load". 0.0 means a quiet machine; on a 2-core
+  machine 1.0 means another process held a whole core, and wall-clock times are not comparable.
 * Peak memory on CPU: PyTorch has no CPU allocator statistics, so the worker reads the
   kernel's resident-set high-water mark of its own process (`VmHWM` in /proc/self/status).
   After the warmup calls (imports, thread pools, one-time buffers) it resets that mark to
@@ -73,6 +77,16 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _machine_busy_s() -> float | None:
+    """CPU seconds all processes have used so far (from /proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def _reset_rss_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -121,7 +135,7 @@ def _worker(spec: dict) -> dict:
         return out
 
     cuda = dev.type == "cuda"
-    times, cpu_times = [], []
+    times, cpu_times, others = [], [], []
     hwm_reset = True
     for i in range(spec["warmup"] + spec["repeats"]):
         if i == spec["warmup"]:  # measure memory from here on
@@ -140,10 +154,13 @@ def _worker(spec: dict) -> dict:
             torch.cuda.synchronize()
             elapsed = start.elapsed_time(end) / 1e3
         else:
-            t0, c0 = time.perf_counter(), time.process_time()
+            b0, t0, c0 = _machine_busy_s(), time.perf_counter(), time.process_time()
             out = step()
             elapsed = time.perf_counter() - t0
             cpu_times.append(time.process_time() - c0)
+            if b0 is not None and i >= spec["warmup"]:
+                # Cores that other processes kept busy during this call (0 on a quiet machine).
+                others.append(max(0.0, _machine_busy_s() - b0 - cpu_times[-1]) / elapsed)
         del out
         if i >= spec["warmup"]:
             times.append(elapsed)
@@ -156,7 +173,8 @@ def _worker(spec: dict) -> dict:
     times.sort()
     cpu_times = sorted(cpu_times[spec["warmup"]:])
     return {"time_s": times[len(times) // 2], "times_s": times,
-            "cpu_s": cpu_times[len(cpu_times) // 2] if cpu_times else None, "extra_bytes": max(extra, 0),
+            "cpu_s": cpu_times[len(cpu_times) // 2] if cpu_times else None,
+            "other_cores": sorted(others)[len(others) // 2] if others else None, "extra_bytes": max(extra, 0),
             "input_bytes": input_bytes, "total_bytes": max(extra, 0) + input_bytes, "hwm_reset": hwm_reset}
 
 
@@ -263,12 +281,12 @@ def _print_row(rec: dict, header: bool) -> None:
     if header:
         print(f"\n## {rec['mode']}")
         print("| T | MoBA ms | SDPA ms | speedup | CPU-time speedup | FLOP bound | MoBA peak MiB (extra/total) | "
-              "SDPA peak MiB (extra/total) | peak ratio (total) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "SDPA peak MiB (extra/total) | peak ratio (total) | other load (MoBA/SDPA) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     m, s = rec["moba"], rec.get("sdpa")
     if s is None:
         print(f"| {rec['seq_len']} | {m['time_s'] * 1e3:.0f} | - | - | - | {rec['flop_ratio']:.1f}x | "
-              f"{_mib(m['extra_bytes'])}/{_mib(m['total_bytes'])} | - | - |", flush=True)
+              f"{_mib(m['extra_bytes'])}/{_mib(m['total_bytes'])} | - | - | {_load(m)}/- |", flush=True)
         return
     tag = " (extrapolated)" if s["extrapolated"] else ""
     cpu = f"{s['cpu_s'] / m['cpu_s']:.1f}x" if s.get("cpu_s") and m.get("cpu_s") else "-"
@@ -276,7 +294,13 @@ def _print_row(rec: dict, header: bool) -> None:
           f"{s['time_s'] / m['time_s']:.1f}x | {cpu} | {rec['flop_ratio']:.1f}x | "
           f"{_mib(m['extra_bytes'])}/{_mib(m['total_bytes'])} | "
           f"{_mib(s['extra_bytes'])}/{_mib(s['total_bytes'])}{tag} | "
-          f"{m['total_bytes'] / s['total_bytes']:.2f} |", flush=True)
+          f"{m['total_bytes'] / s['total_bytes']:.2f} | {_load(m)}/{_load(s)} |", flush=True)
+
+
+def _load(rec: dict) -> str:
+    """Median cores other processes used during the timed calls ("-" when unknown or extrapolated)."""
+    x = rec.get("other_cores")
+    return "-" if x is None or rec.get("extrapolated") else f"{x:.1f}"
 
 
 def _plot(records: list[dict], path: Path, cfg: dict) -> None:
