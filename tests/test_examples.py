@@ -24,7 +24,7 @@ EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
 
 def test_examples_are_found():
     assert {"rewrite_hf_generate.py", "rewrite_custom_model.py", "finetune_moba.py",
-            "load_and_compile.py"} <= set(EXAMPLES)
+            "load_and_compile.py", "decode_with_means_cache.py"} <= set(EXAMPLES)
 
 
 @pytest.fixture
