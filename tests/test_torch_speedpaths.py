@@ -164,3 +164,24 @@ def test_ties_pick_lowest_candidates(top_k):
         assert len(valid) == len(set(valid)) == n_cand and all(p < own[i] for p in valid), (i, picks)
         if top_k - 1 <= 3:
             assert valid == list(range(n_cand)), (i, picks)
+
+
+def test_split_parts_pick_their_own_implementation(split_always):
+    """Scores too large for the no-max path in one kv group only: that part runs the online
+    softmax, the other the fast path, and both are exact."""
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 4, 40, 16), torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    q[:, 2:] *= 40.0  # query heads 2, 3 (kv head 1)
+    kw = dict(block_size=8, top_k=3, scale=0.25, attn_mask=None)
+    assert torch_blocks.implementation(q[:, :2], k[:, :1], v[:, :1], block_size=8, scale=0.25,
+                                       attn_mask=None) is torch_fast
+    assert torch_blocks.implementation(q[:, 2:], k[:, 1:], v[:, 1:], block_size=8, scale=0.25,
+                                       attn_mask=None) is torch_online
+    out = torch_blocks.forward(q, k, v, causal=True, **kw)
+    torch.testing.assert_close(out, reference.forward(q, k, v, causal=True, **kw), rtol=2e-5, atol=2e-5)
+    go = torch.randn_like(out)
+    got = torch_blocks.backward(go, q, k, v, out, causal=True, **kw)
+    want = reference.backward(go, q, k, v, out, causal=True, **kw)
+    assert split_always == [2, 2]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

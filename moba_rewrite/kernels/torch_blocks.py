@@ -131,21 +131,23 @@ def _run_parts(ranges: list[tuple[int, int]], work) -> None:
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
             attn_mask: Tensor | None) -> Tensor:
     """MoBA output `[B, Hq, Tq, D]` in `q`'s dtype (SPEC section 2)."""
-    impl = implementation(q, k, v, block_size=block_size, scale=scale, attn_mask=attn_mask)
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
     dim, ranges = _split_plan(q, k)
     if not ranges:
+        impl = implementation(q, k, v, block_size=block_size, scale=scale, attn_mask=attn_mask)
         return impl.forward(q, k, v, attn_mask=attn_mask, **kw)
     q_part, kv_part, mask_part = _slicer(dim, q.shape[1] // k.shape[1])
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
 
     def work(a: int, e: int) -> None:
-        args = (q_part(q, a, e), kv_part(k, a, e), kv_part(v, a, e))
+        # Each part picks its implementation (exact either way), in its single-threaded worker.
+        qa, ka, va, ma = q_part(q, a, e), kv_part(k, a, e), kv_part(v, a, e), mask_part(attn_mask, a, e)
+        impl = implementation(qa, ka, va, block_size=block_size, scale=scale, attn_mask=ma)
         dst = q_part(out, a, e)
         if impl is torch_fast:  # accumulates straight into the output where it can
-            impl.forward(*args, attn_mask=mask_part(attn_mask, a, e), out=dst, **kw)
+            impl.forward(qa, ka, va, attn_mask=ma, out=dst, **kw)
         else:
-            dst.copy_(impl.forward(*args, attn_mask=mask_part(attn_mask, a, e), **kw))
+            dst.copy_(impl.forward(qa, ka, va, attn_mask=ma, **kw))
     _run_parts(ranges, work)
     return out
 
@@ -153,17 +155,18 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, cau
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
              causal: bool, scale: float, attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """`(dq, dk, dv)` of `forward` (dk, dv summed over each GQA group)."""
-    impl = implementation(q, k, v, block_size=block_size, scale=scale, attn_mask=attn_mask)
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
     dim, ranges = _split_plan(q, k)
     if not ranges:
+        impl = implementation(q, k, v, block_size=block_size, scale=scale, attn_mask=attn_mask)
         return impl.backward(grad_out, q, k, v, out, attn_mask=attn_mask, **kw)
     q_part, kv_part, mask_part = _slicer(dim, q.shape[1] // k.shape[1])
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def work(a: int, e: int) -> None:
-        grads = impl.backward(q_part(grad_out, a, e), q_part(q, a, e), kv_part(k, a, e), kv_part(v, a, e),
-                              q_part(out, a, e), attn_mask=mask_part(attn_mask, a, e), **kw)
+        qa, ka, va, ma = q_part(q, a, e), kv_part(k, a, e), kv_part(v, a, e), mask_part(attn_mask, a, e)
+        impl = implementation(qa, ka, va, block_size=block_size, scale=scale, attn_mask=ma)
+        grads = impl.backward(q_part(grad_out, a, e), qa, ka, va, q_part(out, a, e), attn_mask=ma, **kw)
         for dst, src, part in ((dq, grads[0], q_part), (dk, grads[1], kv_part), (dv, grads[2], kv_part)):
             part(dst, a, e).copy_(src)
     _run_parts(ranges, work)
