@@ -576,8 +576,10 @@ def single_pass_forward(p: Problem, sel: Selection) -> tuple[Tensor, Tensor, Ten
     _launch_finish(p, o32, out, row_sum, row_max, ref, lse, bad, safe_hi, safe_lo, repair=False)
     # Exact two-pass repair of the flagged rows (normally none). Eager calls skip it when no row is
     # flagged (one host sync; the always-on launches cost ~2.5-5.7 ms at 64K-128K on an H200);
-    # traced calls (torch.compile, export) cannot branch on data and always launch it.
-    if not _tracing() and not bool(bad.any()):
+    # traced calls (torch.compile, export) and CUDA-graph captures cannot branch on data and
+    # always launch it.
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not _tracing() and not capturing and not bool(bad.any()):
         return out, lse, bad != 0
     lse_fix = row_lse(p, sel, nsplit, row_filter=bad)
     _launch_fwd(p, sel, 1, o32, lse_fix, lse_fix, nsplit, span, row_filter=bad)
