@@ -46,10 +46,10 @@ def implementation(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, scale: f
     return torch_online
 
 
-# Query rows (B * Hq * Tq) from which a CPU call is split across threads. On a quiet 2-core
-# machine the split matches two-thread ops from 32K tokens x 4 heads on, and is about 10%
-# slower at 8K x 4 heads (measured 13:13 UTC: 190 vs 166 ms), so shorter calls stay whole; on a
-# loaded machine the split is the one that does not stall (8K: 0.3 s against 2.5 to 10 s).
+# Query rows (B * Hq * Tq) from which a CPU call is split across threads (16K tokens x 4 heads).
+# On a quiet 2-core machine the split was within noise of two-thread ops at 32K and 128K tokens
+# x 4 heads and about 10% slower at 8K (190 vs 166 ms), so shorter calls stay whole; on a loaded
+# machine the split is the one that does not stall (8K: 0.3 s against 2.5 to 10 s).
 _SPLIT_MIN_ROWS = 1 << 16
 _OPENMP = None
 
