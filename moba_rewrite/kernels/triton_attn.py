@@ -7,13 +7,17 @@ done for a block that no row selected. The selection is arbitrary per query, so 
 gathered rows fill dense tensor-core tiles even when neighbouring queries choose
 different blocks.
 
-Forward runs in two passes over the work items:
+Forward, by default in one pass over the work items (`single_pass_forward`): softmax against
+a fixed per-row reference (the gate's best score of the row's blocks), so `exp2(s - ref) @ V`,
+the row sum and the true row maximum of every block are final when computed and are summed
+with fp32 atomics; an epilogue divides and flags rows whose maximum left the safe window, and
+those rows are recomputed exactly by the two-pass kernels:
   1. LSE pass: per (row, block, key split) log-sum-exp of the visible scores;
      reduced per row on the host side (`row_lse`).
   2. Output pass: with every row's final LSE known, `exp(s - lse) @ V` is the row's exact
      share of the output, summed across its blocks with fp32 atomics.
-A key split > 1 cuts each block into spans processed in parallel (split-KV; used for
-decode, where a handful of rows meets a long block).
+(`fwd_mode=two_pass` runs every row that way.) A key split > 1 cuts each block into spans
+processed in parallel (split-KV; used for decode, where a handful of rows meets a long block).
 
 Backward: one program per key tile of a block owns that tile's dK/dV (no atomics) and
 walks the block's attending rows once; dQ is summed with fp32 atomics.
