@@ -139,6 +139,30 @@ class _Match:
         self.dropout_p: Any = 0.0
 
 
+_SCALAR_OPS = {"add", "sub", "mul", "truediv", "floordiv", "pow", "neg", "getitem"}
+
+
+def _shape_scalar(x: Any, depth: int = 0) -> bool:
+    """A Python number computed only from tensor shapes and constants (`math.sqrt(k.size(-1))`,
+    `1.0 / math.sqrt(C // n_head)`), as symbolic tracing records it: no tensor data involved."""
+    if depth > 20:
+        return False
+    if not isinstance(x, fx.Node):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    if x.op == "call_method" and x.target in ("size", "dim"):
+        return True  # the tensor it reads is the root: only its shape is used
+    if x.op != "call_function":
+        return False
+    target = x.target
+    if target is getattr and len(x.args) == 2 and x.args[1] in ("shape", "ndim"):
+        return True
+    module = getattr(target, "__module__", None)
+    name = getattr(target, "__name__", "")
+    if module == "math" or (module in ("_operator", "operator") and name in _SCALAR_OPS):
+        return all(_shape_scalar(a, depth + 1) for a in x.args) and not x.kwargs
+    return False
+
+
 def _walk_scores(x: Any, m: _Match, root) -> fx.Node | None:
     """From the softmax input back to the scores matmul, collecting scale and masks."""
     for _ in range(12):
@@ -162,6 +186,18 @@ def _walk_scores(x: Any, m: _Match, root) -> fx.Node | None:
                 continue
             if ca is not None and isinstance(b, fx.Node) and k == "mul":
                 m.scale *= ca
+                m.covered.append(x)
+                x = b
+                continue
+            # A factor computed from shapes at run time (symbolic tracing): kept as graph nodes.
+            if isinstance(a, fx.Node) and isinstance(b, fx.Node) and fxutil.dtype(b) is None and _shape_scalar(b):
+                m.scale_nodes.append((k, b))
+                m.covered.append(x)
+                x = a
+                continue
+            if k == "mul" and isinstance(a, fx.Node) and isinstance(b, fx.Node) and fxutil.dtype(a) is None \
+                    and _shape_scalar(a):
+                m.scale_nodes.append(("mul", a))
                 m.covered.append(x)
                 x = b
                 continue
@@ -330,6 +366,7 @@ def _match(sm: fx.Node, root) -> FoundSite | None:
                   scale=m.scale, scale_on_q=False, dropout_p=m.dropout_p, k_transposed=k_transposed,
                   covered=[sm, scores, *m.covered])
     f.extra_masks = m.masks[1:]
+    f.scale_factors = list(m.scale_nodes)
     f.problems.extend(m.problems)
     for extra in f.extra_masks:
         if not extra.usable:

@@ -55,6 +55,9 @@ class FoundSite:
     extra_masks: list[MaskInfo] = field(default_factory=list)  # further masks, AND-ed with `mask`
     users_via_getitem: bool = False
     covered: list[fx.Node] = field(default_factory=list)
+    # Scale factors computed from shapes at run time ("mul" / "div", node): the eager path
+    # multiplies them into `scale` in the graph; the op path cannot take them.
+    scale_factors: list[tuple[str, fx.Node]] = field(default_factory=list)
 
     @property
     def causal_flag(self) -> bool | None:
@@ -77,7 +80,7 @@ class FoundSite:
             head_dim=self.head_dim,
             causal=self.causal_flag,
             mask_kind=("causal" if self.is_causal and self.mask.kind == "none" else self.mask.kind),  # type: ignore[arg-type]
-            scale=self.scale,
+            scale=None if self.scale_factors else self.scale,  # None: computed from shapes at run time
             dropout_p=float(self.dropout_p) if isinstance(self.dropout_p, (int, float)) else -1.0,
             seq_len=seq,
             node_name=self.out.name,

@@ -116,10 +116,13 @@ def _emit_runtime(gm: fx.GraphModule, f: FoundSite, decision: Any, training: boo
         v = f.v_source if f.v_source is not None else f.v
         dropout = float(f.dropout_p) if isinstance(f.dropout_p, (int, float)) else 0.0
         extra = f.extra_masks[0] if f.extra_masks else None
+        scale: Any = 1.0 if f.scale_on_q else f.scale
+        for op, factor in f.scale_factors:  # shape-derived factors, evaluated on every call
+            scale = g.call_function(operator.mul if op == "mul" else operator.truediv, (scale, factor))
         out = g.call_function(site_attention, (f.q, k, v, f.mask.node), dict(
             mask2=extra.node if extra is not None else None,
             convert2=extra.convert if extra is not None else "none",
-            site=f.name, is_causal=bool(f.is_causal), scale=(1.0 if f.scale_on_q else f.scale),
+            site=f.name, is_causal=bool(f.is_causal), scale=scale,
             convert=f.mask.convert, layout=f.layout, k_transposed=f.k_transposed, dropout_p=dropout,
             training=training, block_size=int(decision.block_size), top_k=int(decision.top_k),
             backend=str(decision.backend), decode=str(getattr(decision, "decode", "moba")),
@@ -219,6 +222,8 @@ def rewrite_graph(gm: fx.GraphModule, found: list[FoundSite], decisions: list[An
         for f in found:
             if f.scale is None and "scale unknown" not in " ".join(f.problems):
                 f.problems.append("scale unknown: the graph records no head dim")
+            if f.scale_factors and "scale computed" not in " ".join(f.problems):
+                f.problems.append("scale computed from dynamic shapes at run time (the moba op takes a constant)")
     outcomes = [plan_outcome(f, d) for f, d in zip(found, decisions)]  # raises before any change
     fake_mode = fxutil.fake_mode_of(gm.graph) if emitter == "inline" else None
     index = {n: i for i, n in enumerate(gm.graph.nodes)}  # once: the pass stays linear in graph size

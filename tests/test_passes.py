@@ -430,3 +430,62 @@ def test_views_after_the_site_survive_the_new_layout():
     mr.rewrite(m, policy())
     with torch.no_grad():
         torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-5)
+
+
+class _ShapeScaledAttention(nn.Module):
+    """nanoGPT's manual path: the scale comes from a tensor shape (`1 / sqrt(k.size(-1))`, or
+    `sqrt(C // n_head)`), which symbolic tracing records as graph nodes, not a constant."""
+
+    def __init__(self, spelling: str, n_embd: int = 32, n_head: int = 4) -> None:
+        super().__init__()
+        self.spelling, self.n_head, self.n_embd = spelling, n_head, n_embd
+        self.c_attn, self.c_proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
+        self.register_buffer("bias", torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64))
+        self.oracle = None
+
+    def forward(self, x):
+        b, t, c = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        k = k.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        v = v.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        if self.oracle is not None:
+            y = ref_moba(q, k, v, self.oracle, causal=True)
+        else:
+            if self.spelling == "mul":
+                att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            else:
+                att = (q @ k.transpose(-2, -1)) / math.sqrt(c // self.n_head)
+            att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+            y = F.softmax(att, dim=-1) @ v
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+@pytest.mark.parametrize("spelling", ["mul", "div"])
+def test_scale_computed_from_shapes_is_rewritten_eagerly(spelling):
+    torch.manual_seed(0)
+    net, x = _ShapeScaledAttention(spelling).eval(), torch.randn(2, 64, 32)
+    with torch.no_grad():
+        original = net(x)
+        net.oracle = (16, 2)
+        want = net(x)
+        net.oracle = None
+    assert (want - original).abs().max() > 1e-3
+    mr.rewrite(net, {"defaults": {"block_size": 16, "top_k": 2}}, example_inputs=(x,))
+    assert [(r.kind, r.decision, r.mask_kind) for r in net._moba_report] == [("manual", "moba", "causal")]
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-5)
+        # another length: the scale and mask follow the input, as in the original code
+        x2 = torch.randn(1, 48, 32)
+        net.oracle = (16, 2)
+        want2 = net(x2)
+        net.oracle = None
+        torch.testing.assert_close(net(x2), want2, atol=1e-5, rtol=1e-5)
+    # the dense limit is the original model
+    dense = _ShapeScaledAttention(spelling).eval()
+    dense.load_state_dict({k: v for k, v in net.state_dict().items()})
+    with torch.no_grad():
+        plain = dense(x)
+    mr.rewrite(dense, {"defaults": {"block_size": 16, "top_k": 4}}, example_inputs=(x,))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), plain, atol=1e-5, rtol=1e-5)
