@@ -52,6 +52,34 @@ class AttentionTracer(fx.Tracer):
         self.calls.setdefault(id(m), (args, kwargs))
         return super().call_module(m, forward, args, kwargs)
 
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """As `fx.Tracer.trace`, with tensor factories that take traced sizes: `torch.ones(t, t)`
+        (a causal mask built from `x.size(1)`) has no tensor argument for `__torch_function__`
+        to intercept, so symbolic tracing would fail on it."""
+        originals = {name: getattr(torch, name) for name in _FACTORIES}
+        try:
+            for name, fn in originals.items():
+                setattr(torch, name, _traced_factory(fn))
+            return super().trace(root, concrete_args=concrete_args)
+        finally:
+            for name, fn in originals.items():
+                setattr(torch, name, fn)
+
+
+_FACTORIES = ("ones", "zeros", "full", "empty", "arange", "eye")
+
+
+def _traced_factory(fn: Callable) -> Callable:
+    """`fn` recorded as a graph node when a size argument is a traced value, else called as is."""
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        flat = [*args, *(a for v in args if isinstance(v, (tuple, list)) for a in v), *kwargs.values()]
+        proxy = next((a for a in flat if isinstance(a, fx.Proxy)), None)
+        if proxy is None:
+            return fn(*args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+    factory.__wrapped__ = fn
+    return factory
+
 
 def _concrete_pattern(module: nn.Module, call: tuple[tuple, dict] | None) -> dict[str, Any] | None:
     """Arguments of `module.forward` that were Python constants (None included) in `call`."""

@@ -434,7 +434,8 @@ def test_views_after_the_site_survive_the_new_layout():
 
 class _ShapeScaledAttention(nn.Module):
     """nanoGPT's manual path: the scale comes from a tensor shape (`1 / sqrt(k.size(-1))`, or
-    `sqrt(C // n_head)`), which symbolic tracing records as graph nodes, not a constant."""
+    `sqrt(C // n_head)`), which symbolic tracing records as graph nodes, not a constant; the
+    "ones_mask" spelling also builds its causal mask with `torch.ones(t, t)` from the traced length."""
 
     def __init__(self, spelling: str, n_embd: int = 32, n_head: int = 4) -> None:
         super().__init__()
@@ -456,12 +457,15 @@ class _ShapeScaledAttention(nn.Module):
                 att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             else:
                 att = (q @ k.transpose(-2, -1)) / math.sqrt(c // self.n_head)
-            att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+            if self.spelling == "ones_mask":  # a causal mask built from the traced length
+                att = att.masked_fill(torch.ones(t, t, device=x.device).tril() == 0, float("-inf"))
+            else:
+                att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
             y = F.softmax(att, dim=-1) @ v
         return self.c_proj(y.transpose(1, 2).reshape(b, t, c))
 
 
-@pytest.mark.parametrize("spelling", ["mul", "div"])
+@pytest.mark.parametrize("spelling", ["mul", "div", "ones_mask"])
 def test_scale_computed_from_shapes_is_rewritten_eagerly(spelling):
     torch.manual_seed(0)
     net, x = _ShapeScaledAttention(spelling).eval(), torch.randn(2, 64, 32)
