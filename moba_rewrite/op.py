@@ -7,6 +7,7 @@ program keeps running well on whatever device it is loaded on.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Optional
 
@@ -73,6 +74,12 @@ def _backward(ctx, grad_out):
 attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_block_means(forward) -> bool:
+    """Does this backend's `forward` accept `key_block_means`? (Read once per backend, not per call.)"""
+    return "key_block_means" in inspect.signature(forward).parameters
+
+
 @torch.library.custom_op("moba::attention_cached", mutates_args=())
 def attention_cached(
     q: Tensor, k: Tensor, v: Tensor, key_block_means: Tensor, attn_mask: Optional[Tensor], block_size: int,
@@ -83,7 +90,7 @@ def attention_cached(
     same means from k (identical results when the cache is current)."""
     kernel = _kernel(backend, q, k, attn_mask)
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
-    if "key_block_means" in inspect.signature(kernel.forward).parameters:
+    if _takes_block_means(kernel.forward):
         kw["key_block_means"] = key_block_means
     return kernel.forward(q, k, v, **kw).contiguous()
 

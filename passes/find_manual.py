@@ -189,19 +189,17 @@ def _walk_scores(x: Any, m: _Match, root) -> fx.Node | None:
                 m.covered.append(x)
                 x = b
                 continue
-            # A factor computed from shapes at run time (symbolic tracing): kept as graph nodes.
-            if isinstance(a, fx.Node) and isinstance(b, fx.Node) and fxutil.dtype(b) is None and _shape_scalar(b):
-                m.scale_nodes.append((k, b))
-                m.covered.append(x)
-                x = a
-                continue
-            if k == "mul" and isinstance(a, fx.Node) and isinstance(b, fx.Node) and fxutil.dtype(a) is None \
-                    and _shape_scalar(a):
-                m.scale_nodes.append(("mul", a))
-                m.covered.append(x)
-                x = b
-                continue
-            return None
+            # A factor computed from shapes at run time (symbolic tracing): kept as a graph node.
+            # Scores are the numerator of a div; either side of a mul.
+            for scores, factor in ((a, b), (b, a)) if k == "mul" else ((a, b),):
+                if isinstance(scores, fx.Node) and fxutil.dtype(factor) is None and _shape_scalar(factor):
+                    m.scale_nodes.append((k, factor))
+                    m.covered.append(x)
+                    x = scores
+                    break
+            else:
+                return None
+            continue
         if k == "add" and len(x.args) >= 2:
             a, b = x.args[:2]
             alpha = x.kwargs.get("alpha", 1)

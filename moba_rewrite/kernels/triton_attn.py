@@ -33,7 +33,7 @@ from torch import Tensor
 
 from moba_rewrite.kernels import triton_configs
 from moba_rewrite.kernels.triton_gate import Selection
-from moba_rewrite.kernels.triton_layout import Problem, _tracing, interpreted, launch, next_pow2
+from moba_rewrite.kernels.triton_layout import Problem, _tracing, capturing, interpreted, launch, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -153,6 +153,27 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _row_tile(q_start, q_len, H_KV, G, BLOCK_M: tl.constexpr):
+    """The row tile of a (row tile, batch * KV head) grid: `(bh, b, rows, t, hq, valid, qs)` with
+    row `R = t * G + g` of query head `hq = h * G + g`, valid while `t` is inside the sequence."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H_KV
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = rows // G
+    hq = (bh % H_KV) * G + rows % G
+    valid = t < tl.load(q_len + b)
+    qs = tl.load(q_start + b).to(tl.int64)
+    return bh, b, rows, t, hq, valid, qs
+
+
+@triton.jit
+def _row_ptrs(base, b, hq, t, qs, sb, sh, st, offs_d):
+    """`[rows, D]` pointers into a `(batch, head, token)`-strided tensor."""
+    return base + b.to(tl.int64) * sb + hq.to(tl.int64)[:, None] * sh + (qs + t)[:, None] * st + offs_d[None, :]
+
+
+@triton.jit
 def _fwd_finish_kernel(
     O32, O, ROW_SUM, ROW_MAX, ROW_REF, ROW_LSE, BAD, q_start, q_len, sob, soh, sot, so2b, so2h, so2t,
     H_KV, G, RP, SAFE_HI, SAFE_LO,
@@ -165,19 +186,11 @@ def _fwd_finish_kernel(
     ROW_REF is in log2 units (gate score * scale * log2(e))."""
     SAFE_HI = tl.cast(SAFE_HI, tl.float32)  # fp64 when launched by Inductor (see _fwd_kernel)
     SAFE_LO = tl.cast(SAFE_LO, tl.float32)
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H_KV
-    h = bh % H_KV
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    t = rows // G
-    hq = h * G + rows % G
-    valid = t < tl.load(q_len + b)
-    qs = tl.load(q_start + b).to(tl.int64)
+    bh, b, rows, t, hq, valid, qs = _row_tile(q_start, q_len, H_KV, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m2 = valid[:, None] & (offs_d < D)[None, :]
-    o32_ptrs = O32 + b.to(tl.int64) * sob + hq.to(tl.int64)[:, None] * soh + (qs + t)[:, None] * sot + offs_d[None, :]
-    o_ptrs = O + b.to(tl.int64) * so2b + hq.to(tl.int64)[:, None] * so2h + (qs + t)[:, None] * so2t + offs_d[None, :]
+    o32_ptrs = _row_ptrs(O32, b, hq, t, qs, sob, soh, sot, offs_d)
+    o_ptrs = _row_ptrs(O, b, hq, t, qs, so2b, so2h, so2t, offs_d)
     if REPAIR:
         bad = tl.load(BAD + bh.to(tl.int64) * RP + rows, mask=valid, other=0) != 0
         if tl.max(bad.to(tl.int32)) > 0:
@@ -206,21 +219,11 @@ def _row_dot_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
 ):
     """DELTA[bh, R] = rowsum(dO * O) in fp32 for the backward's softmax term."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H_KV
-    h = bh % H_KV
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    t = rows // G
-    hq = h * G + rows % G
-    ok = t < tl.load(q_len + b)
-    qs = tl.load(q_start + b).to(tl.int64)
+    bh, b, rows, t, hq, ok, qs = _row_tile(q_start, q_len, H_KV, G, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m = ok[:, None] & (offs_d < D)[None, :]
-    do = tl.load(DO + b.to(tl.int64) * sdb + hq.to(tl.int64)[:, None] * sdh + (qs + t)[:, None] * sdt
-                 + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-    o = tl.load(O + b.to(tl.int64) * sob + hq.to(tl.int64)[:, None] * soh + (qs + t)[:, None] * sot
-                + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    do = tl.load(_row_ptrs(DO, b, hq, t, qs, sdb, sdh, sdt, offs_d), mask=m, other=0.0).to(tl.float32)
+    o = tl.load(_row_ptrs(O, b, hq, t, qs, sob, soh, sot, offs_d), mask=m, other=0.0).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * RP + rows, tl.sum(do * o, axis=1), mask=rows < RP)
 
 
@@ -468,7 +471,8 @@ def _reduce_lse_parts(lse_part: Tensor, sel: Selection) -> Tensor:
     return torch.where(total > 0, m_safe + torch.log2(total), torch.full_like(m, float("inf")))
 
 
-def row_lse(p: Problem, sel: Selection, nsplit: int | None = None, row_filter: Tensor | None = None) -> Tensor:
+def row_lse(p: Problem, sel: Selection, nsplit: int | None = None, row_filter: Tensor | None = None,
+            work: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
     """Pass 1: every row's log2-sum-exp2 over its selected blocks; +inf for rows seeing nothing
     (and, with `row_filter`, for every row not flagged in it)."""
     nsplit = nsplit or key_splits(p)
@@ -476,15 +480,17 @@ def row_lse(p: Problem, sel: Selection, nsplit: int | None = None, row_filter: T
     bh = p.batch * p.hkv
     L = sel.entry_row.shape[1]
     lse_part = torch.full((bh, L, nsplit), float("-inf"), dtype=torch.float32, device=p.q.device)
-    _launch_fwd(p, sel, 0, lse_part, lse_part, lse_part, nsplit, span, row_filter=row_filter)
+    _launch_fwd(p, sel, 0, lse_part, lse_part, lse_part, nsplit, span, row_filter=row_filter, work=work)
     return _reduce_lse_parts(lse_part, sel)
 
 
 def _launch_fwd(p: Problem, sel: Selection, mode: int, o32: Tensor, lse_part: Tensor, lse: Tensor,
                 nsplit: int, span: int, row_sum: Tensor | None = None, row_max: Tensor | None = None,
-                row_filter: Tensor | None = None) -> None:
+                row_filter: Tensor | None = None, work: tuple[Tensor, Tensor, int] | None = None) -> None:
+    """One launch of `_fwd_kernel`; `work`: the `_work_list` of this selection, when the caller
+    launches several passes over the same items (built once)."""
     block_m, block_n, warps, stages = fwd_config(p)
-    idx, chunk, upper = _work_list(p, sel, block_m)
+    idx, chunk, upper = work if work is not None else _work_list(p, sel, block_m)
     mask, ms, has_mask, mask_bool = _mask_args(p)
     so = p.out_strides(o32)
     dummy = lse_part
@@ -550,9 +556,10 @@ def attention_forward(p: Problem, sel: Selection) -> tuple[Tensor, Tensor]:
     nsplit = key_splits(p)
     span = _span(p, nsplit)
     if forward_mode(p, sel) == "two_pass":
-        lse = row_lse(p, sel, nsplit).contiguous()
+        work = _work_list(p, sel, fwd_config(p)[0])
+        lse = row_lse(p, sel, nsplit, work=work).contiguous()
         o32 = p.new_out(torch.float32)
-        _launch_fwd(p, sel, 1, o32, lse, lse, nsplit, span)
+        _launch_fwd(p, sel, 1, o32, lse, lse, nsplit, span, work=work)
         return o32.to(p.q.dtype), lse
     out, lse, _ = single_pass_forward(p, sel)
     return out, lse
@@ -572,7 +579,8 @@ def single_pass_forward(p: Problem, sel: Selection) -> tuple[Tensor, Tensor, Ten
     o32 = p.new_out(torch.float32)
     row_sum = torch.zeros((bh, rp), dtype=torch.float32, device=dev)
     row_max = torch.full((bh, rp), float("-inf"), dtype=torch.float32, device=dev)
-    _launch_fwd(p, sel, 2, o32, row_sum, ref, nsplit, span, row_sum=row_sum, row_max=row_max)
+    work = _work_list(p, sel, fwd_config(p)[0])
+    _launch_fwd(p, sel, 2, o32, row_sum, ref, nsplit, span, row_sum=row_sum, row_max=row_max, work=work)
     out = p.new_out(p.q.dtype, written=True)  # the epilogue stores every row of every sequence
     lse = torch.empty((bh, rp), dtype=torch.float32, device=dev)
     bad = torch.empty((bh, rp), dtype=torch.int8, device=dev)
@@ -582,11 +590,10 @@ def single_pass_forward(p: Problem, sel: Selection) -> tuple[Tensor, Tensor, Ten
     # flagged (one host sync; the always-on launches cost ~2.5-5.7 ms at 64K-128K on an H200);
     # traced calls (torch.compile, export) and CUDA-graph captures cannot branch on data and
     # always launch it.
-    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if not _tracing() and not capturing and not bool(bad.any()):
+    if not _tracing() and not capturing(dev) and not bool(bad.any()):
         return out, lse, bad != 0
-    lse_fix = row_lse(p, sel, nsplit, row_filter=bad)
-    _launch_fwd(p, sel, 1, o32, lse_fix, lse_fix, nsplit, span, row_filter=bad)
+    lse_fix = row_lse(p, sel, nsplit, row_filter=bad, work=work)
+    _launch_fwd(p, sel, 1, o32, lse_fix, lse_fix, nsplit, span, row_filter=bad, work=work)
     _launch_finish(p, o32, out, row_sum, row_max, ref, lse, bad, safe_hi, safe_lo, repair=True)
     return out, torch.where(bad != 0, lse_fix, lse), bad != 0
 

@@ -37,6 +37,11 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or any(torch._C._get_dispatch_mode(k) is not None for k in modes)
 
 
+def capturing(device: torch.device) -> bool:
+    """Is a CUDA graph being captured on the current stream (no host syncs, no cached allocations)?"""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class launch:
     """`launch(kernel)[grid](...)`: through `torch.library.wrap_triton` while a tracer is active, so
     torch.compile and AOTInductor capture (and embed) the kernels of the `moba::triton_attention*`
@@ -138,7 +143,7 @@ def _dense_seqs(b: int, tq: int, tk: int, dev: torch.device) -> tuple[Tensor, Te
         return (zeros, torch.full((b,), tq, dtype=torch.int32, device=dev), zeros,
                 torch.full((b,), tk, dtype=torch.int32, device=dev))
 
-    if _tracing() or (dev.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if _tracing() or capturing(dev):
         return build()
     key = (b, tq, tk, dev)
     if key not in _SEQ_TENSORS:
