@@ -37,6 +37,12 @@ How things are measured
   `reset_peak_memory_stats`, also after the warmup.
 * SDPA above --sdpa-max-len is not run: its time is extrapolated quadratically and its memory
   linearly from the largest length that was measured, and printed as "extrapolated".
+* A/B of two checkouts: `--compare-root DIR --rounds N` times MoBA only (no memory run, no
+  SDPA), alternating fresh worker processes of DIR's copy of this script (imports from DIR) and
+  of this checkout, N rounds in turns (old, new / new, old, ...), and prints every process's
+  call times, CPU time and other load, then the median per side. Alternation and per-process
+  figures make a small change visible on a noisy shared machine; e.g. for the committed tree:
+  `rm -rf /tmp/old && mkdir /tmp/old && git archive HEAD | tar -x -C /tmp/old`.
 """
 
 from __future__ import annotations
@@ -178,12 +184,13 @@ def _worker(spec: dict) -> dict:
             "input_bytes": input_bytes, "total_bytes": max(extra, 0) + input_bytes, "hwm_reset": hwm_reset}
 
 
-def _run_worker(spec: dict, timeout: float, env: dict) -> dict:
-    root = Path(__file__).resolve().parents[1]
+def _run_worker(spec: dict, timeout: float, env: dict, root: Path | None = None) -> dict:
+    """Run `_worker(spec)` in a fresh process of `root`'s copy of this script (default: this checkout)."""
+    root = root or Path(__file__).resolve().parents[1]
     env = dict(env, PYTHONPATH=str(root) + os.pathsep + env.get("PYTHONPATH", ""))
     if spec.get("omp_passive"):
         env["OMP_WAIT_POLICY"] = "PASSIVE"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    cmd = [sys.executable, str(root / "benchmarks" / "bench_attention.py"), "--worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {spec['impl']} T={spec['seq_len']} {spec['mode']} failed:\n{proc.stderr[-3000:]}")
@@ -232,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker")
     ap.add_argument("--plot", type=Path, help="write time and speedup curves to this PNG")
     ap.add_argument("--json", type=Path, help="write all measurements to this JSON file")
+    ap.add_argument("--compare-root", type=Path,
+                    help="A/B: alternate MoBA-only timing processes of this checkout and of DIR (see above)")
+    ap.add_argument("--rounds", type=int, default=3, help="A/B rounds per length (with --compare-root)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -248,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
           f"time = median of {args.repeats} after {args.warmup} warmup"
           + (f"; {args.threads} thread(s) per worker" if args.threads else "")
           + ("; OMP_WAIT_POLICY=PASSIVE" if args.omp_passive else ""))
+    if args.compare_root:
+        return _compare(args, base, lens, modes)
     records = []
     for mode in modes:
         sdpa_last = None
@@ -274,6 +286,31 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"config": base, "records": records}, indent=2))
     if args.plot:
         _plot(records, args.plot, base)
+    return 0
+
+
+def _compare(args, base: dict, lens: list[int], modes: list[str]) -> int:
+    """A/B of MoBA time: fresh processes of --compare-root ("old") and this checkout ("new") in turns."""
+    roots = {"old": args.compare_root.resolve(), "new": Path(__file__).resolve().parents[1]}
+    if not (roots["old"] / "benchmarks" / "bench_attention.py").is_file():
+        raise SystemExit(f"--compare-root {roots['old']}: expected a checkout with benchmarks/bench_attention.py")
+    for mode in modes:
+        for t in lens:
+            if mode == "fwd+bwd" and t > args.backward_max_len:
+                continue
+            spec = dict(base, impl="moba", seq_len=t, mode=mode)
+            medians: dict[str, list[float]] = {"old": [], "new": []}
+            for r in range(args.rounds):
+                for side in ("old", "new") if r % 2 == 0 else ("new", "old"):
+                    res = _run_worker(spec, args.timeout, dict(os.environ), roots[side])
+                    medians[side].append(res["time_s"])
+                    calls = " ".join(f"{x * 1e3:.0f}" for x in res["times_s"])
+                    print(f"{mode} T={t} round {r} {side}: calls ms {calls}; median {res['time_s'] * 1e3:.0f}; "
+                          f"cpu {res['cpu_s'] * 1e3:.0f} ms; other load {_load(res)}", flush=True)
+            for side, xs in medians.items():
+                xs = sorted(xs)
+                print(f"{mode} T={t} {side}: per-process medians ms {[round(x * 1e3) for x in xs]}; "
+                      f"median {xs[len(xs) // 2] * 1e3:.0f}", flush=True)
     return 0
 
 
