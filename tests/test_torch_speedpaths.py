@@ -115,13 +115,16 @@ SELECTIONS = [
     (1, 3, 1, 40, 40, 5, 5, True, None),  # top-k above 3: the topk branch
     (2, 2, 2, 30, 75, 16, 3, True, "padding"),
     (1, 2, 2, 33, 33, 4, 3, False, "random"),
+    (1, 4, 2, 45, 70, 8, 3, False, None),  # non-causal chunked prefill, GQA: own block excluded per segment
+    (2, 2, 1, 50, 50, 6, 2, True, None),  # top-2: a single amax round
 ]
 
 
 @pytest.mark.parametrize("min_rows", [1, 2048])
 @pytest.mark.parametrize("shape", SELECTIONS, ids=lambda s: "x".join(map(str, s[:7])) + f"-{s[7]}-{s[8]}")
 def test_selection_one_block_chunks(monkeypatch, shape, min_rows):
-    """min_rows=1: every gate chunk is one own block (no candidate mask when causal and unmasked)."""
+    """min_rows=1: every gate chunk is one own block; min_rows=2048: chunks span several own blocks
+    (unmasked: non-candidates set to -inf own block by own block, `_exclude_non_candidates`)."""
     monkeypatch.setattr(torch_select, "_MIN_CHUNK_ROWS", min_rows)
     b, hq, hkv, tq, tk, bs, top_k, causal, mask_kind = shape
     torch.manual_seed(1)
@@ -185,3 +188,34 @@ def test_split_parts_pick_their_own_implementation(split_always):
     assert split_always == [2, 2]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("include_own", [False, True])
+def test_route_lists_exactly_the_selected_pairs(include_own):
+    """The plan's (row, block) pairs are the selection's valid picks (unselected -1 slots, many
+    here under a sparse mask, are dropped), plus the own blocks when asked, grouped by
+    (batch, kv head, block) with the own rows of each group last."""
+    torch.manual_seed(3)
+    b, hq, hkv, tq, tk, bs = 2, 4, 2, 20, 37, 5
+    q, k = torch.randn(b, hq, tq, 8), torch.randn(b, hkv, tk, 8)
+    mask = torch.rand(b, 1, tq, tk) < 0.15
+    kw = dict(block_size=bs, top_k=4, causal=True, attn_mask=mask)
+    sel = torch_select.select_blocks(q, k, **kw)
+    assert (sel < 0).any() and (sel >= 0).any()
+    plan = torch_select.route(q, k, include_own=include_own, **kw)
+    n, g, offset = plan.n_blocks, hq // hkv, tk - tq
+    want = set()
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(tq):
+                row = (bi * hq + h) * tq + i
+                want |= {(row, bi, h // g, j, False) for j in sel[bi, h, i].tolist() if j >= 0}
+                if include_own:
+                    want.add((row, bi, h // g, (offset + i) // bs, True))
+    got = []
+    for bi, hi, j, start, own_start, end in plan.groups:
+        assert start <= own_start <= end
+        got += [(r, bi, hi, j, p >= own_start) for p, r in zip(range(start, end), plan.rows[start:end].tolist())]
+    assert len(got) == len(want) == plan.rows.numel() and set(got) == want
+    keys = [(bi * hkv + hi) * n + j for bi, hi, j, *_ in plan.groups]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)

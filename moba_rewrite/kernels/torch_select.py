@@ -170,6 +170,24 @@ def _top_blocks(gate_t: Tensor, kp: int, work: Tensor) -> Tensor:
     return torch.cat(picks, dim=-2) if kp > 1 else picks[0]
 
 
+def _exclude_non_candidates(gate_t: Tensor, i0: int, i1: int, offset: int, block_size: int, own_lo: int,
+                            own_hi: int, causal: bool) -> None:
+    """Set the unmasked chunk's non-candidates to -inf in its gate `[B, Hq, w, c]`, own block by own block.
+
+    Queries of own block `o` lose blocks `[o, w)` (causal) or block `o` (non-causal): a few
+    strided fills of the gate, instead of a `[w, c]` candidate map and a pass over the gate."""
+    neg_inf = float("-inf")
+    w = gate_t.shape[-2]
+    for o in range(own_lo, own_hi + 1):
+        a = max(0, o * block_size - offset - i0)
+        e = min(i1 - i0, (o + 1) * block_size - offset - i0)
+        if causal:
+            if o < w:
+                gate_t[:, :, o:, a:e].fill_(neg_inf)
+        else:
+            gate_t[:, :, o, a:e].fill_(neg_inf)
+
+
 @torch.no_grad()
 def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool,
                   attn_mask: Tensor | None) -> Tensor:
@@ -218,17 +236,16 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: 
         gate_t = gate_buf[: b * hq * w * c].view(b, hkv, g, w, c)
         torch.matmul(means[..., :w, :], qc.transpose(-1, -2), out=gate_t)
         gate_t = gate_t.view(b, hq, w, c)
-        if m4 is not None or own_lo != own_hi:
+        if m4 is not None:
             own = torch.arange(offset + i0, offset + i1, device=dev) // block_size
             cand = blocks[:w, None] < own[None, :] if causal else blocks[:, None] != own[None, :]
-            if m4 is not None:
-                vis = static_vis if static_vis is not None else _block_visibility(
-                    _visible(m4[:, :, i0:i1]), n, block_size)
-                cand = cand & (vis[..., :w] if vis.shape[-1] > 1 else vis).transpose(-1, -2)
+            vis = static_vis if static_vis is not None else _block_visibility(
+                _visible(m4[:, :, i0:i1]), n, block_size)
+            cand = cand & (vis[..., :w] if vis.shape[-1] > 1 else vis).transpose(-1, -2)
             # 0 / -inf bias on the (small, broadcast) candidate map: cheaper than masked_fill_ on the gate.
             gate_t.add_(torch.zeros(cand.shape, dtype=ct, device=dev).masked_fill_(~cand, float("-inf")))
-        elif not causal:
-            gate_t[:, :, own_lo].fill_(float("-inf"))
+        else:
+            _exclude_non_candidates(gate_t, i0, i1, offset, block_size, own_lo, own_hi, causal)
         kp = min(n_pick, w)
         sel[:, :, i0:i1, :kp] = _top_blocks(gate_t, kp, work).transpose(-1, -2)
     return sel
@@ -274,21 +291,25 @@ def route(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool,
         own = (torch.arange(offset, tk, device=dev) // block_size)
         keys.append(((base[:, :, None] + own[None, None, :]) * 2 + 1).reshape(-1))  # odd: own rows last
         rows.append(rows_all)
+    n_keys = 2 * b * hkv * n
     if sel.shape[-1] > 0:
-        valid = sel >= 0
-        hist_key = (base[:, :, None, None] + sel) * 2
-        keys.insert(0, hist_key[valid])
-        rows.insert(0, rows_all.view(b, hq, tq, 1).expand_as(sel)[valid])
-        del valid, hist_key
+        # Unselected slots (-1) get the key n_keys: they sort last and are cut off below (no
+        # boolean indexing, whose nonzero passes cost more than sorting the few extra entries).
+        hist_key = (base[:, :, None, None] + sel).mul_(2).masked_fill_(sel < 0, n_keys)
+        keys.insert(0, hist_key.view(-1))
+        rows.insert(0, rows_all.view(b, hq, tq, 1).expand_as(sel).reshape(-1))
+        del hist_key
     del sel
     if not keys:
         return RoutePlan(rows=rows_all[:0], groups=[], n_blocks=n, block_size=block_size, offset=offset)
     key = torch.cat(keys) if len(keys) > 1 else keys[0]
     row = torch.cat(rows) if len(rows) > 1 else rows[0]
     key, order = torch.sort(key, stable=True)
-    row = row[order]
-    del order
-    counts = torch.bincount(key, minlength=2 * b * hkv * n).view(-1, 2).tolist()
+    counts = torch.bincount(key, minlength=n_keys + 1)
+    n_valid = key.numel() - int(counts[n_keys])
+    row = row[order[:n_valid]]
+    del order, key
+    counts = counts[:n_keys].view(-1, 2).tolist()
     groups = []
     pos = 0
     for gid, (n_hist, n_own) in enumerate(counts):
