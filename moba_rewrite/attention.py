@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from moba_rewrite import op as _op  # noqa: F401  (registers torch.ops.moba)
+from moba_rewrite import op as _op  # registers torch.ops.moba
 from moba_rewrite.kernels import BACKENDS
 
 
@@ -124,7 +124,4 @@ def moba_attention(
     validate(q, k, v, block_size=block_size, top_k=top_k, scale=scale, attn_mask=attn_mask,
              enable_gqa=enable_gqa, backend=backend, key_block_means=key_block_means)
     resolved_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    if key_block_means is not None:
-        return torch.ops.moba.attention_cached(q, k, v, key_block_means, attn_mask, block_size, top_k, bool(causal),
-                                               resolved_scale, backend)
-    return torch.ops.moba.attention(q, k, v, attn_mask, block_size, top_k, bool(causal), resolved_scale, backend)
+    return _op.run(q, k, v, key_block_means, attn_mask, block_size, top_k, bool(causal), resolved_scale, backend)

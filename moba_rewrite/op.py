@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from moba_rewrite.kernels import load_backend, resolve_backend
+from moba_rewrite.kernels.eager import plain_eager
 
 
 def _kernel(backend: str, q: Tensor, k: Tensor, attn_mask: Optional[Tensor]):
@@ -27,10 +28,7 @@ def attention(
     causal: bool, scale: float, backend: str,
 ) -> Tensor:
     """MoBA attention (SPEC section 2) on validated arguments; see `moba_rewrite.moba_attention`."""
-    out = _kernel(backend, q, k, attn_mask).forward(
-        q, k, v, block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask
-    )
-    return out.contiguous()
+    return _forward(q, k, v, None, attn_mask, block_size, top_k, causal, scale, backend)
 
 
 @attention.register_fake
@@ -74,6 +72,28 @@ def _backward(ctx, grad_out):
 attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _forward(q: Tensor, k: Tensor, v: Tensor, key_block_means: Optional[Tensor], attn_mask: Optional[Tensor],
+             block_size: int, top_k: int, causal: bool, scale: float, backend: str) -> Tensor:
+    """The implementation behind both forward ops: the backend's forward, output contiguous."""
+    kernel = _kernel(backend, q, k, attn_mask)
+    kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
+    if key_block_means is not None and _takes_block_means(kernel.forward):
+        kw["key_block_means"] = key_block_means
+    return kernel.forward(q, k, v, **kw).contiguous()
+
+
+def run(q: Tensor, k: Tensor, v: Tensor, key_block_means: Optional[Tensor], attn_mask: Optional[Tensor],
+        block_size: int, top_k: int, causal: bool, scale: float, backend: str) -> Tensor:
+    """Call `moba::attention` (or `moba::attention_cached` when block means are given); in plain
+    eager mode with no gradient to record, their implementation directly (see `kernels.eager`)."""
+    if plain_eager(q, k, v, key_block_means, attn_mask):
+        return _forward(q, k, v, key_block_means, attn_mask, block_size, top_k, causal, scale, backend)
+    if key_block_means is not None:
+        return torch.ops.moba.attention_cached(q, k, v, key_block_means, attn_mask, block_size, top_k, causal,
+                                               scale, backend)
+    return torch.ops.moba.attention(q, k, v, attn_mask, block_size, top_k, causal, scale, backend)
+
+
 @functools.lru_cache(maxsize=None)
 def _takes_block_means(forward) -> bool:
     """Does this backend's `forward` accept `key_block_means`? (Read once per backend, not per call.)"""
@@ -88,11 +108,7 @@ def attention_cached(
     """`moba::attention` with the block means of k given (a cache kept beside the KV cache).
     Backends whose gate takes means (`reference`, `triton`) use them; the others compute the
     same means from k (identical results when the cache is current)."""
-    kernel = _kernel(backend, q, k, attn_mask)
-    kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
-    if _takes_block_means(kernel.forward):
-        kw["key_block_means"] = key_block_means
-    return kernel.forward(q, k, v, **kw).contiguous()
+    return _forward(q, k, v, key_block_means, attn_mask, block_size, top_k, causal, scale, backend)
 
 
 @attention_cached.register_fake

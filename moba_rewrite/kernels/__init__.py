@@ -19,6 +19,9 @@ _MODULES = {
 }
 
 
+_LOADED: dict[str, ModuleType] = {}  # imported once: this runs on every call
+
+
 class BackendUnavailable(RuntimeError):
     """A backend was asked for by name but cannot run here (missing package or device)."""
 
@@ -44,12 +47,15 @@ def resolve_backend(name: str, device: torch.device, q=None, k=None, attn_mask=N
 
 def load_backend(name: str) -> ModuleType:
     """The kernel module for a concrete backend name."""
-    if name not in _MODULES:
-        raise ValueError(f"unknown MoBA backend {name!r}; expected one of {', '.join(BACKENDS)}")
-    try:
-        module = importlib.import_module(_MODULES[name])
-    except ImportError as exc:
-        raise BackendUnavailable(f"MoBA backend {name!r} is not available here: {exc}") from exc
+    module = _LOADED.get(name)
+    if module is None:
+        if name not in _MODULES:
+            raise ValueError(f"unknown MoBA backend {name!r}; expected one of {', '.join(BACKENDS)}")
+        try:
+            module = importlib.import_module(_MODULES[name])
+        except ImportError as exc:
+            raise BackendUnavailable(f"MoBA backend {name!r} is not available here: {exc}") from exc
+        _LOADED[name] = module
     available = getattr(module, "is_available", None)
     if available is not None and not available():
         reason = getattr(module, "unavailable_reason", lambda: "its requirements are not met")()
