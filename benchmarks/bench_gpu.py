@@ -32,6 +32,7 @@ from moba_rewrite.kernels import reference, triton_attn, triton_backend, triton_
 from moba_rewrite.kernels import load_backend  # noqa: E402
 from moba_rewrite.kernels.triton_layout import dense_problem  # noqa: E402
 from moba_rewrite.varlen import moba_attention_varlen  # noqa: E402
+from moba_rewrite import moba_attention  # noqa: E402
 
 DEV = torch.device("cpu" if SMOKE else "cuda")
 DTYPE = torch.float32 if SMOKE else torch.bfloat16
@@ -75,6 +76,34 @@ def bench(fn, reps: int, warmup: int = 1) -> float:
             times.append((time.perf_counter() - t) * 1e3)
     times.sort()
     return times[len(times) // 2]
+
+
+def host_us(fn, calls: int = 200) -> float:
+    """Microseconds of host (Python + launch) time per call: calls issued back to back, no sync."""
+    fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(1 if SMOKE else calls):
+        fn()
+    host = (time.perf_counter() - t) / (1 if SMOKE else calls) * 1e6
+    sync()
+    return host
+
+
+def kernel_table(fn, calls: int = 50) -> list[tuple[str, float]]:
+    """(kernel name, GPU microseconds per call) of the device kernels `fn` launches (CUDA only)."""
+    if DEV.type != "cuda" or SMOKE:
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    rows = [(e.key, e.self_device_time_total / calls) for e in prof.key_averages() if e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])[:8]
 
 
 def peak_mem(fn) -> float:
@@ -313,16 +342,18 @@ def prefill_case(label, b, h, t, d, bs, top_k, fwd_bwd: bool, with_torch: bool, 
                   f" backward share: ours {t_ours - f_ours:.2f} ms, SDPA {t_sdpa - f_sdpa:.2f} ms"
                   f" ({(t_sdpa - f_sdpa) / max(t_ours - f_ours, 1e-9):.2f}x)", flush=True)
             entry.update(fwd_ours_ms=f_ours, fwd_sdpa_ms=f_sdpa)
-        if not fwd_bwd:  # bounded fp32 accumulator (fwd_piece_mib): memory against speed
+        if not fwd_bwd:  # the fp32 accumulator's bound (fwd_piece_mib, default above): memory against speed
             from moba_rewrite.kernels import triton_configs
 
-            triton_configs.OVERRIDES["fwd_piece_mib"] = 64
-            try:
-                t_piece, m_piece = bench(ours, reps), peak_mem(ours)
-            finally:
-                del triton_configs.OVERRIDES["fwd_piece_mib"]
-            print(row("ours, fwd_piece_mib=64", t_piece, useful, m_piece), flush=True)
-            entry.update(piece64_ms=t_piece, piece64_gib=m_piece)
+            for mib in (0, 64):
+                triton_configs.OVERRIDES["fwd_piece_mib"] = mib
+                try:
+                    t_piece, m_piece = bench(ours, reps), peak_mem(ours)
+                finally:
+                    del triton_configs.OVERRIDES["fwd_piece_mib"]
+                label_mib = "one piece" if mib == 0 else f"{mib} MiB pieces"
+                print(row(f"ours, fwd_piece_mib={mib} ({label_mib})", t_piece, useful, m_piece), flush=True)
+                entry.update({f"piece{mib}_ms": t_piece, f"piece{mib}_gib": m_piece})
             g, c, a = ours_breakdown(q, k, v, bs, top_k)
             print(f"  ours breakdown: gate {g:.2f} ms, csr {c:.2f} ms, attention {a:.2f} ms"
                   f" -> attention-only useful {useful / (a * 1e-3) / 1e12:.1f} TFLOP/s", flush=True)
@@ -389,15 +420,60 @@ def decode_case(label, b, h, hkv, tk, d, bs, top_k, reps, budget):
 
         means = key_block_means(k, bs)
 
-        def ours_cached():
-            return triton_backend.forward(q, k, v, block_size=bs, top_k=top_k, causal=True, scale=scale,
-                                          attn_mask=None, key_block_means=means)
+        def ours_cached():  # the public API, as a decode loop calls it (validation included)
+            return moba_attention(q, k, v, block_size=bs, top_k=top_k, scale=scale, enable_gqa=hkv != h,
+                                  backend="triton", key_block_means=means)
 
         err = rel_err(ours_cached(), ours())
         t_cached = bench(ours_cached, reps)
+        host = host_us(ours_cached)
         print(f"  ours, cached block means {t_cached * 1e3:7.1f} us -> {t_sdpa / t_cached:.2f}x"
-              f" (vs uncached rel err {err:.1e})", flush=True)
-        entry.update(cached_us=t_cached * 1e3, speedup_cached=t_sdpa / t_cached)
+              f" (vs uncached rel err {err:.1e}); host time per call {host:.1f} us", flush=True)
+        entry.update(cached_us=t_cached * 1e3, speedup_cached=t_sdpa / t_cached, host_us=host)
+        def via_op():  # the same call through the torch.library dispatcher (what compiled graphs call)
+            return torch.ops.moba.attention_cached(q, k, v, means, None, bs, top_k, True, scale, "triton")
+
+        t_op = bench(via_op, reps)
+        print(f"  same call through the moba::attention_cached op: {t_op * 1e3:7.1f} us, host {host_us(via_op):.1f} us;"
+              f" SDPA host {host_us(sdpa):.1f} us", flush=True)
+        entry.update(op_us=t_op * 1e3)
+        for name, us in kernel_table(ours_cached):
+            print(f"    kernel {name[:60]:<60} {us:7.1f} us", flush=True)
+        if DEV.type == "cuda" and not SMOKE:  # the decode gate's tile (gate_decode), GPU time side by side
+            from moba_rewrite.kernels import triton_configs
+
+            def picks(partial=True):  # the chosen blocks of every real row, in slot-independent order
+                sel = triton_gate.select_blocks(p, means=means, partial=partial)
+                if not partial:
+                    return sel.picks[:, :p.rows].sort(-1).values[..., -sel.n_pick:]
+                ix, sc = sel.part_picks[:, :p.rows].flatten(2), sel.part_scores[:, :p.rows].flatten(2)
+                return ix.gather(-1, sc.topk(sel.n_pick, -1).indices).sort(-1).values
+
+            base = picks(partial=False)  # the sequential gate's choice
+            for cfg in ((16, 64, 4, 2), (16, 32, 4, 2), (16, 128, 8, 2), (16, 128, 4, 2), (64, 32, 4, 2)):
+                triton_configs.OVERRIDES["gate_decode"] = cfg
+                try:
+                    g_us = bench(graphed(lambda: triton_gate.select_blocks(p, means=means, partial=True)), reps) * 1e3
+                    print(f"    gate_decode={','.join(map(str, cfg))}: {g_us:6.1f} us (graph),"
+                          f" same picks: {torch.equal(picks(), base)}", flush=True)
+                except Exception as exc:
+                    print(f"    gate_decode={cfg} ERROR {type(exc).__name__}: {str(exc)[:150]}")
+                finally:
+                    triton_configs.OVERRIDES.pop("gate_decode", None)
+            sel_c = triton_gate.select_blocks(p, means=means, partial=True)
+            want = triton_attn.decode_forward(p, sel_c)
+            for cfg in ((128, 64, 4, 3), (64, 64, 4, 3), (256, 64, 4, 3), (128, 128, 4, 3), (64, 32, 2, 3),
+                        (128, 64, 8, 3), (512, 64, 4, 3), (128, 64, 4, 2)):
+                triton_configs.OVERRIDES["decode"] = cfg
+                try:
+                    d_us = bench(graphed(lambda: triton_attn.decode_forward(p, sel_c)), reps) * 1e3
+                    err = rel_err(triton_attn.decode_forward(p, sel_c), want)
+                    print(f"    decode={','.join(map(str, cfg))}: {d_us:6.1f} us (graph, with combine),"
+                          f" rel err vs default {err:.1e}", flush=True)
+                except Exception as exc:
+                    print(f"    decode={cfg} ERROR {type(exc).__name__}: {str(exc)[:150]}")
+                finally:
+                    triton_configs.OVERRIDES.pop("decode", None)
         try:  # as decode servers run it: captured once, replayed (no Python or launch overhead)
             g_ours, g_sdpa = bench(graphed(ours_cached), reps), bench(graphed(sdpa), reps)
             print(f"  CUDA graphs: ours (cached means) {g_ours * 1e3:7.1f} us, SDPA {g_sdpa * 1e3:7.1f} us"
@@ -405,6 +481,23 @@ def decode_case(label, b, h, hkv, tk, d, bs, top_k, reps, budget):
             entry.update(graph_ours_us=g_ours * 1e3, graph_sdpa_us=g_sdpa * 1e3, speedup_graph=g_sdpa / g_ours)
         except Exception as exc:
             print(f"  CUDA graphs ERROR {type(exc).__name__}: {str(exc)[:200]}")
+        if DEV.type == "cuda" and not SMOKE:  # what a user gets from torch.compile's CUDA-graph mode
+            try:
+                t0 = time.time()
+                step = torch.compile(ours_cached, mode="reduce-overhead", fullgraph=True)
+                sdpa_step = torch.compile(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale,
+                                                                                 enable_gqa=hkv != h),
+                                          mode="reduce-overhead", fullgraph=True)
+                for _ in range(3):
+                    step(), sdpa_step()
+                err = rel_err(step().clone(), ours_cached())
+                c_ours, c_sdpa = bench(step, reps), bench(sdpa_step, reps)
+                print(f"  torch.compile(mode='reduce-overhead'): ours {c_ours * 1e3:7.1f} us, SDPA {c_sdpa * 1e3:7.1f} us"
+                      f" -> {c_sdpa / c_ours:.2f}x (rel err vs eager {err:.1e}; compiled in {time.time() - t0:.0f}s)",
+                      flush=True)
+                entry.update(compiled_ours_us=c_ours * 1e3, compiled_sdpa_us=c_sdpa * 1e3)
+            except Exception as exc:
+                print(f"  torch.compile reduce-overhead ERROR {type(exc).__name__}: {str(exc)[:300]}")
         try:
             t_torch = bench(torch_backend, reps)
             print(f"  ours (torch backend) {t_torch * 1e3:7.1f} us", flush=True)
@@ -511,9 +604,9 @@ def sweep_configs(deadline: float) -> None:
 
 # ----------------------------------------------------------------------------- compile check (no GPU needed)
 
-_INT_PTRS = {"q_start", "q_len", "k_start", "k_len", "PICKS", "WORK_IDX", "WORK_CHUNK", "OFFSETS", "ENTRY_ROW",
+_INT_PTRS = {"ITEM_START", "q_start", "q_len", "k_start", "k_len", "PICKS", "WORK_IDX", "WORK_CHUNK", "OFFSETS", "ENTRY_ROW",
              "ENTRY_SRC"}
-_F32_PTRS = {"MEANS", "O32", "LSE_PART", "ROW_LSE", "DQ32", "DELTA", "O_PART", "REF", "ROW_SUM", "ROW_MAX",
+_F32_PTRS = {"SCORES", "MEANS", "O32", "LSE_PART", "ROW_LSE", "DQ32", "DELTA", "O_PART", "REF", "ROW_SUM", "ROW_MAX",
              "ROW_REF"}
 _I8_PTRS = {"ROW_FILTER", "BAD"}
 _DATA_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV"}
@@ -559,7 +652,7 @@ def compile_sm90(only: str | None = None) -> bool:
         # get a divisibility hint (without it loads are not vectorized and the counts below mislead).
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                  if sig[name].startswith("*") or (sig[name] == "i32" and (
-                     (name.startswith("s") and name != "span") or name in ("block_size", "span", "L", "RP")))}
+                     (name.startswith("s") and name != "span") or name in ("block_size", "span", "L", "RP", "obase")))}
         try:
             k = triton.compile(ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=target,
                                options={"num_warps": warps, "num_stages": stages})
@@ -611,10 +704,11 @@ def compile_sm90(only: str | None = None) -> bool:
         for causal, prec, dt in ((True, "split3", "bf16"), (False, "split3", "bf16"), (True, "tf32x3", "fp32")):
             one(f"D={d} gate causal={causal} top-8 {prec}", triton_gate._gate_topk_kernel,
                 dict(CAUSAL=causal, HAS_VIS=not causal, KP=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, D=d,
-                     GATE_PREC=prec), w, st, dt=dt)
+                     GATE_PREC=prec, PARTIAL=False), w, st, dt=dt)
         one(f"D={d} block means", triton_gate._block_means_kernel, dict(D=d, BLOCK_D=d, BLOCK_N=64), 4, 2)
-        one(f"D={d} decode", triton_attn._decode_kernel, dict(HAS_MASK=True, MASK_BOOL=True, BLOCK_N=bn, BLOCK_D=d, D=d),
-            4, 2)
+        for merge in (False, True):
+            one(f"D={d} decode merge={merge}", triton_attn._decode_kernel,
+                dict(HAS_MASK=True, MASK_BOOL=True, MERGE=merge, BLOCK_N=64, BLOCK_C=16, BLOCK_D=d, D=d), 4, 3)
         one(f"D={d} decode combine", triton_attn._decode_combine_kernel, dict(BLOCK_S=16, BLOCK_D=d, D=d), 4, 2)
         one(f"D={d} row dot", triton_attn._row_dot_kernel, dict(BLOCK_M=16, BLOCK_D=d, D=d), 4, 2)
     p = _P(128)  # every --sweep candidate at D=128 too, so the sweep spends no GPU time on a config that fails here
@@ -631,7 +725,12 @@ def compile_sm90(only: str | None = None) -> bool:
         for prec, dt in (("split3", "bf16"), ("tf32x3", "bf16")):
             one(f"sweep gate {prec} {(bm, bn, w, st)}", triton_gate._gate_topk_kernel,
                 dict(CAUSAL=True, HAS_VIS=False, KP=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128, D=128,
-                     GATE_PREC=prec), w, st, dt=dt)
+                     GATE_PREC=prec, PARTIAL=False), w, st, dt=dt)
+    for bm, bn, w, st in ((16, 64, 4, 2), (16, 32, 4, 2), (16, 128, 8, 2), (16, 128, 4, 2)):  # decode gate tiles
+        for prec, dt in (("split3", "bf16"), ("tf32x3", "fp32")):
+            one(f"decode gate {prec} {(bm, bn, w, st)}", triton_gate._gate_topk_kernel,
+                dict(CAUSAL=True, HAS_VIS=False, KP=2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128, D=128,
+                     GATE_PREC=prec, PARTIAL=True), w, st, dt=dt)
     print("compile check:", "all variants compiled" if ok else "SOME VARIANTS FAILED")
     return ok
 
@@ -693,6 +792,9 @@ def main() -> None:
             if "speedup_cached" in r:
                 print(f"  {'  ... with cached block means':<62} {r['cached_us']:9.1f} us vs {r['sdpa_us']:9.1f} us"
                       f"  {r['speedup_cached']:6.2f}x")
+            if "compiled_ours_us" in r:
+                print(f"  {'  ... torch.compile reduce-overhead, both':<62} {r['compiled_ours_us']:9.1f} us vs"
+                      f" {r['compiled_sdpa_us']:9.1f} us  {r['compiled_sdpa_us'] / r['compiled_ours_us']:6.2f}x")
             if "speedup_graph" in r:
                 print(f"  {'  ... cached means, both under CUDA graphs':<62} {r['graph_ours_us']:9.1f} us vs"
                       f" {r['graph_sdpa_us']:9.1f} us  {r['speedup_graph']:6.2f}x")

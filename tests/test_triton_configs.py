@@ -17,7 +17,7 @@ def test_overrides_parse_into_tuples_and_names():
     ("fwd=1,2,3", "four positive integers"),
     ("bwd=64,64,0,2", "four positive integers"),
     ("gate=a,b,c,d", "four positive integers"),
-    ("zzz=1", "expected one of gate, fwd, bwd"),
+    ("zzz=1", "expected one of gate, gate_decode, fwd, bwd"),
     ("fwd_mode=fast", "single"),
     ("gate_prec", "expected one of"),
     ("fwd_piece_mib=-1", "whole number"),

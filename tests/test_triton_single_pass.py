@@ -119,9 +119,16 @@ def test_outputs_left_uninitialised_are_fully_written(monkeypatch, tq):
     torch.testing.assert_close(out, ref.forward(q, k, v, **kw), **TOL[torch.float32])
 
 
+def _one_bh_per_window(monkeypatch):
+    """Force a window per (batch, KV head): these tiny calls fit any MiB budget."""
+    real = triton_attn.windows
+    monkeypatch.setattr(triton_attn, "windows", lambda p, budget: real(p, p.group * p.max_tq * p.d * 4))
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_forward_in_pieces_equals_one_call(monkeypatch, with_mask):
-    """`fwd_piece_mib` bounds the fp32 accumulator by running (batch, KV head) pieces: same result."""
+def test_windowed_accumulator_equals_one_window(monkeypatch, with_mask):
+    """The fp32 accumulator allocated per window of (batch, KV head) rows: the same result as one
+    accumulator for everything, with masks and with cached block means."""
     g = torch.Generator().manual_seed(6)
     q, k, v = torch.randn(2, 4, 24, 16, generator=g), torch.randn(2, 2, 24, 16, generator=g), \
         torch.randn(2, 2, 24, 16, generator=g)
@@ -131,27 +138,47 @@ def test_forward_in_pieces_equals_one_call(monkeypatch, with_mask):
     means = key_block_means(k, 8)
     kw = dict(block_size=8, top_k=2, causal=True, scale=0.25, attn_mask=mask)
     whole = tb.forward(q, k, v, **kw)
-    assert tb._forward_pieces(q, k) == []
-    monkeypatch.setitem(triton_configs.OVERRIDES, "fwd_piece_mib", 0)
-    assert tb._forward_pieces(q, k) == []
-    # this tiny call fits any MiB budget, so force one piece per (batch item, KV head) directly
-    monkeypatch.setattr(tb, "_forward_pieces", lambda q, k: [(b, h, h + 1) for b in range(2) for h in range(2)])
-    pieced = tb.forward(q, k, v, **kw)
-    torch.testing.assert_close(pieced, whole, rtol=0, atol=1e-6)
-    torch.testing.assert_close(pieced, ref.forward(q, k, v, **kw), **TOL[torch.float32])
-    pieced_means = tb.forward(q, k, v, key_block_means=means, **kw)
-    torch.testing.assert_close(pieced_means, whole, rtol=0, atol=1e-6)
+    seen = []
+    real = triton_attn._window_acc
+    monkeypatch.setattr(triton_attn, "_window_acc", lambda p, w: seen.append((w.bh0, w.bh1)) or real(p, w))
+    _one_bh_per_window(monkeypatch)
+    windowed = tb.forward(q, k, v, **kw)
+    assert seen == [(0, 1), (1, 2), (2, 3), (3, 4)], "one window per (batch, KV head)"
+    torch.testing.assert_close(windowed, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(windowed, ref.forward(q, k, v, **kw), **TOL[torch.float32])
+    torch.testing.assert_close(tb.forward(q, k, v, key_block_means=means, **kw), whole, rtol=0, atol=1e-6)
 
 
-def test_piece_plan_respects_the_budget(monkeypatch):
-    q = torch.empty(2, 8, 4096, 128, device="meta")
-    k = torch.empty(2, 2, 4096, 128, device="meta")
-    monkeypatch.setitem(triton_configs.OVERRIDES, "fwd_piece_mib", 8)  # one KV head (4 q heads): 8 MiB
-    assert tb._forward_pieces(q, k) == [(0, 0, 1), (0, 1, 2), (1, 0, 1), (1, 1, 2)]
-    monkeypatch.setitem(triton_configs.OVERRIDES, "fwd_piece_mib", 16)
-    assert tb._forward_pieces(q, k) == [(0, 0, 2), (1, 0, 2)]
-    monkeypatch.setitem(triton_configs.OVERRIDES, "fwd_piece_mib", 1)  # below one head: still one head
-    assert len(tb._forward_pieces(q, k)) == 4
-    monkeypatch.setitem(triton_configs.OVERRIDES, "fwd_piece_mib", 64)  # everything fits
-    assert tb._forward_pieces(q, k) == []
-    assert tb._forward_pieces(q[:, :, :1], k) == []  # decode never pieces
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_windowed_repair_fixes_flagged_rows_in_their_window(monkeypatch):
+    """Rows flagged in one window (fp16 scores past the safe window on KV head 1's query heads)
+    are repaired exactly there; the other window's rows are not flagged."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, 40, 16, generator=g)
+    q[:, 2:] *= 12.0
+    q = q.half()
+    k, v = torch.randn(1, 2, 40, 16, generator=g).half(), torch.randn(1, 2, 40, 16, generator=g).half()
+    kw = dict(block_size=8, top_k=3, causal=True, scale=0.25, attn_mask=None)
+    _one_bh_per_window(monkeypatch)
+    p = dense_problem(q, k, v, **kw)
+    sel = triton_gate.build_csr(p, triton_gate.select_blocks(p))
+    out, _, repaired = triton_attn.single_pass_forward(p, sel)
+    assert not repaired[0].any() and repaired[1].any()
+    torch.testing.assert_close(out.float(), ref.forward(q, k, v, **kw).float(), atol=3e-3, rtol=3e-3)
+
+
+def test_window_plan_respects_the_budget():
+    from types import SimpleNamespace
+
+    def plan(b, hq, hkv, t, d, mib):
+        p = SimpleNamespace(batch=b, hq=hq, hkv=hkv, group=hq // hkv, max_tq=t, d=d, varlen=False)
+        return [(w.bh0, w.bh1) for w in triton_attn.windows(p, mib * 2**20)]
+
+    assert plan(2, 8, 2, 4096, 128, 8) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # 8 MiB per bh
+    assert plan(2, 8, 2, 4096, 128, 16) == [(0, 2), (2, 4)]
+    assert plan(2, 8, 2, 4096, 128, 1) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # below one bh: still one
+    assert plan(2, 8, 2, 4096, 128, 64) == [(0, 4)]  # everything fits
+    assert plan(2, 8, 2, 4096, 128, 0) == [(0, 4)]  # 0: no bound
+    # the default: 128K tokens x 16 heads x D=128 in 4 windows of 4 heads (256 MiB of fp32 each)
+    assert plan(1, 16, 16, 131072, 128, triton_configs.FWD_PIECE_MIB) == [(a, a + 4) for a in range(0, 16, 4)]
+    assert plan(1, 16, 16, 8192, 128, triton_configs.FWD_PIECE_MIB) == [(0, 16)]

@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[1]
 # One variant per kernel family (the full list: `python benchmarks/bench_gpu.py --compile-sm90`).
-ONLY = (r"^D=64 (fwd mode=2 causal=True mask=False|fwd mode=0 repair|bwd causal=True|decode$|"
+ONLY = (r"^D=64 (fwd mode=2 causal=True mask=False|fwd mode=0 repair|bwd causal=True|decode merge=True|"
         r"fwd finish repair=False|gate causal=True top-8 split3)")
 
 

@@ -26,6 +26,8 @@ All softmax statistics are kept in base 2 (`exp2`, `log2`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -33,7 +35,7 @@ from torch import Tensor
 
 from moba_rewrite.kernels import triton_configs
 from moba_rewrite.kernels.triton_gate import Selection
-from moba_rewrite.kernels.triton_layout import Problem, _tracing, capturing, interpreted, launch, next_pow2
+from moba_rewrite.kernels.triton_layout import Problem, Seqs, _tracing, capturing, interpreted, launch, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -60,10 +62,10 @@ def _masked_scores(q, kt, cols, hi, ok, pos, t, hq, b, MASK, smb, smh, smt, smk,
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O32, LSE_PART, ROW_LSE, MASK,
-    WORK_IDX, WORK_CHUNK, OFFSETS, ENTRY_ROW, ENTRY_SRC, ROW_SUM, ROW_MAX, ROW_FILTER,
+    WORK_IDX, WORK_CHUNK, ITEM_START, OFFSETS, ENTRY_ROW, ENTRY_SRC, ROW_SUM, ROW_MAX, ROW_FILTER,
     q_start, q_len, k_start, k_len,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, smb, smh, smt, smk,
-    H_KV, G, NB, N_ITEMS, L, RP, NSPLIT, block_size, span, scale_log2,
+    H_KV, G, NB, N_ITEMS, N_WORK, BH0, BH1, obase, L, RP, NSPLIT, block_size, span, scale_log2,
     MODE: tl.constexpr, FILTER: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     D: tl.constexpr, DOT_PREC: tl.constexpr, OFF64: tl.constexpr,
@@ -73,14 +75,17 @@ def _fwd_kernel(
     MODE 2 (single pass): with the row's fixed reference `r` in ROW_LSE, add `exp2(s - r) @ V`
     into O32 and `sum exp2(s - r)` into ROW_SUM, and the true score maximum into ROW_MAX (fp32
     atomics; all three are additive / order-free, so no second pass). FILTER: only rows flagged
-    in ROW_FILTER take part (the repair of rows whose reference was unsafe)."""
+    in ROW_FILTER take part (the repair of rows whose reference was unsafe).
+    Only the items of (batch * KV head) rows [BH0, BH1) run (a window: program 0 is the window's
+    first item, ITEM_START[BH0]); O32 holds just that window, at element offset `obase` of a
+    full output-shaped fp32 tensor with strides (sob, soh, sot)."""
     # Inductor passes Python floats as fp64 scalars; an fp64 factor would promote the scores.
     scale_log2 = tl.cast(scale_log2, tl.float32)
-    w = tl.program_id(0)
+    w = tl.program_id(0) + tl.load(ITEM_START + BH0)
     split = tl.program_id(1)
-    idx = tl.load(WORK_IDX + w)
-    if idx < N_ITEMS:
-        bh = idx // NB
+    idx = tl.load(WORK_IDX + w, mask=w < N_WORK, other=N_ITEMS)
+    bh = idx // NB
+    if (idx < N_ITEMS) & (bh < BH1):
         j = idx % NB
         b = bh // H_KV
         h = bh % H_KV
@@ -144,8 +149,8 @@ def _fwd_kernel(
             src = tl.load(ENTRY_SRC + bh.to(tl.int64) * L + e, mask=ok, other=0)
             tl.store(LSE_PART + (bh.to(tl.int64) * L + src) * NSPLIT + split, lse, mask=ok)
         else:
-            o_ptrs = (O32 + b.to(tl.int64) * sob + hq.to(tl.int64)[:, None] * soh + (qs + t)[:, None] * sot
-                      + offs_d[None, :])
+            o_ptrs = (O32 + (b.to(tl.int64) * sob - obase) + hq.to(tl.int64)[:, None] * soh
+                      + (qs + t)[:, None] * sot + offs_d[None, :])
             tl.atomic_add(o_ptrs, acc, mask=ok[:, None] & dmask[None, :], sem="relaxed")
             if MODE == 2:
                 tl.atomic_add(ROW_SUM + bh.to(tl.int64) * RP + rows, l_i, mask=ok, sem="relaxed")
@@ -153,11 +158,11 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _row_tile(q_start, q_len, H_KV, G, BLOCK_M: tl.constexpr):
-    """The row tile of a (row tile, batch * KV head) grid: `(bh, b, rows, t, hq, valid, qs)` with
-    row `R = t * G + g` of query head `hq = h * G + g`, valid while `t` is inside the sequence."""
+def _row_tile(q_start, q_len, H_KV, G, BH0, BLOCK_M: tl.constexpr):
+    """The row tile of a (row tile, batch * KV head from BH0) grid: `(bh, b, rows, t, hq, valid, qs)`
+    with row `R = t * G + g` of query head `hq = h * G + g`, valid while `t` is inside the sequence."""
     tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1) + BH0
     b = bh // H_KV
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     t = rows // G
@@ -176,20 +181,21 @@ def _row_ptrs(base, b, hq, t, qs, sb, sh, st, offs_d):
 @triton.jit
 def _fwd_finish_kernel(
     O32, O, ROW_SUM, ROW_MAX, ROW_REF, ROW_LSE, BAD, q_start, q_len, sob, soh, sot, so2b, so2h, so2t,
-    H_KV, G, RP, SAFE_HI, SAFE_LO,
+    H_KV, G, RP, BH0, obase, SAFE_HI, SAFE_LO,
     REPAIR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
 ):
     """Single-pass epilogue per row: O = O32 / ROW_SUM and lse = ref + log2(ROW_SUM) when the
     reference was safe (true maximum within [ref - SAFE_LO, ref + SAFE_HI], so nothing overflowed or
     vanished); else flag the row in BAD and clear its O32 row for the exact two-pass repair.
     REPAIR: copy the repaired rows (O32 already normalised by the two-pass output) into O.
-    ROW_REF is in log2 units (gate score * scale * log2(e))."""
+    ROW_REF is in log2 units (gate score * scale * log2(e)). The grid covers rows BH0.. of the
+    (batch * KV head) axis; O32 is a window at element offset `obase` (see `_fwd_kernel`)."""
     SAFE_HI = tl.cast(SAFE_HI, tl.float32)  # fp64 when launched by Inductor (see _fwd_kernel)
     SAFE_LO = tl.cast(SAFE_LO, tl.float32)
-    bh, b, rows, t, hq, valid, qs = _row_tile(q_start, q_len, H_KV, G, BLOCK_M)
+    bh, b, rows, t, hq, valid, qs = _row_tile(q_start, q_len, H_KV, G, BH0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m2 = valid[:, None] & (offs_d < D)[None, :]
-    o32_ptrs = _row_ptrs(O32, b, hq, t, qs, sob, soh, sot, offs_d)
+    o32_ptrs = _row_ptrs(O32 + (-obase), b, hq, t, qs, sob, soh, sot, offs_d)
     o_ptrs = _row_ptrs(O, b, hq, t, qs, so2b, so2h, so2t, offs_d)
     if REPAIR:
         bad = tl.load(BAD + bh.to(tl.int64) * RP + rows, mask=valid, other=0) != 0
@@ -219,7 +225,7 @@ def _row_dot_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
 ):
     """DELTA[bh, R] = rowsum(dO * O) in fp32 for the backward's softmax term."""
-    bh, b, rows, t, hq, ok, qs = _row_tile(q_start, q_len, H_KV, G, BLOCK_M)
+    bh, b, rows, t, hq, ok, qs = _row_tile(q_start, q_len, H_KV, G, 0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m = ok[:, None] & (offs_d < D)[None, :]
     do = tl.load(_row_ptrs(DO, b, hq, t, qs, sdb, sdh, sdt, offs_d), mask=m, other=0.0).to(tl.float32)
@@ -298,15 +304,17 @@ def _bwd_kernel(
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, PICKS, O_PART, LSE_PART, MASK,
+    Q, K, V, PICKS, SCORES, O_PART, LSE_PART, MASK,
     q_start, q_len, k_start, k_len,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, smb, smh, smt, smk,
-    HQ, G, RP, KP, block_size, span, NSPLIT, scale_log2,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+    HQ, G, RP, KP, NC, block_size, span, NSPLIT, scale_log2,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MERGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
 ):
     """Split-KV decode (one query per sequence): partial softmax of one query head over one key
-    span of one of its selected blocks (slot 0 = own block, slot s = pick s-1)."""
+    span of one of its selected blocks (slot 0 = own block, slot s = pick s-1). MERGE: the picks
+    are the NC candidates (PICKS, with SCORES) of a partial gate; slot s takes the s-th best, by
+    score and then the lower block index, as the sequential gate would."""
     scale_log2 = tl.cast(scale_log2, tl.float32)  # fp64 when launched by Inductor (see _fwd_kernel)
     pid = tl.program_id(0)
     slot = tl.program_id(1)
@@ -320,7 +328,21 @@ def _decode_kernel(
     qs = tl.load(q_start + b).to(tl.int64)
     ks = tl.load(k_start + b).to(tl.int64)
     own = (tk - 1) // block_size
-    pick = tl.load(PICKS + ((b * (HQ // G) + h).to(tl.int64) * RP + g) * KP + slot - 1, mask=slot > 0, other=-1)
+    if MERGE:
+        base = ((b * (HQ // G) + h).to(tl.int64) * RP + g) * NC
+        offs_c = tl.arange(0, BLOCK_C)
+        ci = tl.load(PICKS + base + offs_c, mask=offs_c < NC, other=-1)
+        cv = tl.load(SCORES + base + offs_c, mask=offs_c < NC, other=float("-inf"))
+        cv = tl.where(ci >= 0, cv, float("-inf"))
+        pick = tl.full([], -1, tl.int32)
+        for _ in range(slot):  # take the best `slot` times: the last one taken is this slot's pick
+            best = tl.max(cv, axis=0)
+            chosen = tl.min(tl.where((cv == best) & (ci >= 0), ci, 2147483647), axis=0)
+            pick = tl.where(best > float("-inf"), chosen, -1)
+            cv = tl.where(ci == chosen, float("-inf"), cv)
+    else:
+        pick = tl.load(PICKS + ((b * (HQ // G) + h).to(tl.int64) * RP + g) * KP + slot - 1, mask=slot > 0,
+                       other=-1)
     j = tl.where(slot == 0, own, pick)
     valid = (tq > 0) & (j >= 0)
     offs_d = tl.arange(0, BLOCK_D)
@@ -428,12 +450,49 @@ def _mask_args(p: Problem):
     return m, m.stride(), True, m.dtype == torch.uint8
 
 
-def _work_list(p: Problem, sel: Selection, block_m: int) -> tuple[Tensor, Tensor, int]:
-    """Flattened (block, row chunk) work items from the CSR, without a host sync."""
+Work = tuple[Tensor, Tensor, int, Tensor]
+
+
+@dataclass
+class Window:
+    """Rows [bh0, bh1) of the (batch * KV head) axis whose fp32 accumulator is allocated alone:
+    element `obase` onwards of a full output-shaped fp32 tensor with (batch, head, token)
+    `strides`, so the kernels address it as if the whole tensor existed."""
+
+    bh0: int
+    bh1: int
+    obase: int
+    strides: Seqs | None = None
+
+
+def windows(p: Problem, budget_bytes: int) -> list[Window]:
+    """Windows whose fp32 accumulators fit `budget_bytes` (at least one bh each); one window
+    over everything when the budget is 0, the layout packed (varlen) or it all fits."""
+    bh = p.batch * p.hkv
+    per_bh = p.group * p.max_tq * p.d * 4
+    if not budget_bytes or p.varlen or bh * per_bh <= budget_bytes:
+        return [Window(0, bh, 0)]
+    step = max(1, budget_bytes // per_bh)
+    full = Seqs(p.hq * p.max_tq * p.d, p.max_tq * p.d, p.d)  # a contiguous [B, Hq, Tq, D]
+    return [Window(a, min(a + step, bh), a * p.group * p.max_tq * p.d, full) for a in range(0, bh, step)]
+
+
+def _window_acc(p: Problem, w: Window) -> Tensor:
+    """The zeroed fp32 accumulator of window `w` (the whole output-shaped tensor for one window)."""
+    if w.strides is None:
+        return p.new_out(torch.float32)
+    return torch.zeros((w.bh1 - w.bh0) * p.group * p.max_tq * p.d, dtype=torch.float32, device=p.q.device)
+
+
+def _work_list(p: Problem, sel: Selection, block_m: int) -> Work:
+    """Flattened (block, row chunk) work items from the CSR, without a host sync: (item index
+    `bh * NB + j`, chunk, launch bound, first item of every `bh` (int32 `[BH + 1]`))."""
     counts = (sel.offsets[:, 1:] - sel.offsets[:, :-1]).reshape(-1).to(torch.int64)
     chunks = (counts + block_m - 1) // block_m
     cum = torch.cumsum(chunks, 0)
     bh = sel.offsets.shape[0]
+    per_bh_end = cum.view(bh, -1)[:, -1]
+    item_start = torch.cat([per_bh_end.new_zeros(1), per_bh_end]).to(torch.int32)
     n_items = bh * p.n_blocks
     entries = sel.entry_row.shape[1]
     upper = max(1, bh * (-(-entries // block_m) + p.n_blocks))  # a bound: no host sync on GPU
@@ -443,7 +502,7 @@ def _work_list(p: Problem, sel: Selection, block_m: int) -> tuple[Tensor, Tensor
     idx = torch.searchsorted(cum, w, right=True)
     start = cum - chunks
     chunk = w - start[idx.clamp(max=n_items - 1)]
-    return idx.to(torch.int32), chunk.to(torch.int32), upper
+    return idx.to(torch.int32), chunk.to(torch.int32), upper, item_start
 
 
 def key_splits(p: Problem) -> int:
@@ -472,7 +531,7 @@ def _reduce_lse_parts(lse_part: Tensor, sel: Selection) -> Tensor:
 
 
 def row_lse(p: Problem, sel: Selection, nsplit: int | None = None, row_filter: Tensor | None = None,
-            work: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
+            work: Work | None = None) -> Tensor:
     """Pass 1: every row's log2-sum-exp2 over its selected blocks; +inf for rows seeing nothing
     (and, with `row_filter`, for every row not flagged in it)."""
     nsplit = nsplit or key_splits(p)
@@ -486,46 +545,68 @@ def row_lse(p: Problem, sel: Selection, nsplit: int | None = None, row_filter: T
 
 def _launch_fwd(p: Problem, sel: Selection, mode: int, o32: Tensor, lse_part: Tensor, lse: Tensor,
                 nsplit: int, span: int, row_sum: Tensor | None = None, row_max: Tensor | None = None,
-                row_filter: Tensor | None = None, work: tuple[Tensor, Tensor, int] | None = None) -> None:
+                row_filter: Tensor | None = None, work: Work | None = None,
+                window: Window | None = None) -> None:
     """One launch of `_fwd_kernel`; `work`: the `_work_list` of this selection, when the caller
-    launches several passes over the same items (built once)."""
+    launches several passes over the same items (built once); `window`: only those rows, `o32`
+    being the window's accumulator."""
     block_m, block_n, warps, stages = fwd_config(p)
-    idx, chunk, upper = work if work is not None else _work_list(p, sel, block_m)
+    idx, chunk, upper, item_start = work if work is not None else _work_list(p, sel, block_m)
     mask, ms, has_mask, mask_bool = _mask_args(p)
-    so = p.out_strides(o32)
+    bh = p.batch * p.hkv
+    if window is None or window.strides is None:
+        window, so = window or Window(0, bh, 0), p.out_strides(o32)
+    else:
+        so = window.strides
+        # per-bh item bound (as `_work_list`'s): blocks plus the chunks of all of a bh's entries
+        upper = (window.bh1 - window.bh0) * (-(-sel.entry_row.shape[1] // block_m) + p.n_blocks)
     dummy = lse_part
     launch(_fwd_kernel)[(upper, nsplit)](
-        p.q, p.k, p.v, o32, lse_part, lse, mask, idx, chunk, sel.offsets, sel.entry_row, sel.entry_src,
+        p.q, p.k, p.v, o32, lse_part, lse, mask, idx, chunk, item_start, sel.offsets, sel.entry_row, sel.entry_src,
         row_sum if row_sum is not None else dummy, row_max if row_max is not None else dummy,
         row_filter if row_filter is not None else idx,
         p.q_start, p.q_len, p.k_start, p.k_len,
         p.sq.sb, p.sq.sh, p.sq.st, p.sk.sb, p.sk.sh, p.sk.st, p.sv.sb, p.sv.sh, p.sv.st, so.sb, so.sh, so.st,
         ms[0], ms[1], ms[2], ms[3],
-        p.hkv, p.group, p.n_blocks, p.batch * p.hkv * p.n_blocks, sel.entry_row.shape[1], sel.row_pad, nsplit,
-        p.block_size, span, p.scale * LOG2E,
+        p.hkv, p.group, p.n_blocks, bh * p.n_blocks, idx.shape[0], window.bh0, window.bh1, window.obase,
+        sel.entry_row.shape[1], sel.row_pad, nsplit, p.block_size, span, p.scale * LOG2E,
         MODE=mode, FILTER=row_filter is not None, CAUSAL=p.causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(p.d)), D=p.d, DOT_PREC=_dot_prec(p),
         OFF64=(p.max_tk + 1) * max(p.sk.st, p.sv.st) >= 2**31 - 1, num_warps=warps, num_stages=stages,
     )
 
 
+def decode_config(p: Problem) -> tuple[int, int, int, int]:
+    """(keys of a block per program, BLOCK_N keys, num_warps, num_stages) of the decode kernel."""
+    if interpreted(p.q.device):
+        return max(1, -(-p.block_size // 2)), 16, 4, 1  # two spans per block: the split path is tested
+    return triton_configs.pick("decode", (128, 64, 4, 3))
+
+
 def decode_forward(p: Problem, sel: Selection) -> Tensor:
     """Split-KV decode (every sequence has one query): per (query head, selected block, key span)
     partials, merged by LSE. Needs only the picks, not the CSR."""
-    _, block_n = attn_tiles(p)
+    span, block_n, warps, stages = decode_config(p)
     block_d = max(16, next_pow2(p.d))
-    nsplit = 2 if interpreted(p.q.device) else max(1, -(-p.block_size // 128))
-    span = _span(p, nsplit)
-    kp = sel.picks.shape[-1]
+    nsplit = -(-p.block_size // span)
+    span = -(-p.block_size // nsplit)  # an even share of the block per program ...
+    if not interpreted(p.q.device):
+        span = -(-span // block_n) * block_n  # ... in whole BLOCK_N tiles on GPU
+    merge = sel.part_picks is not None
+    kp = sel.n_pick if merge else sel.picks.shape[-1]  # pick slots (a merge ranks exactly n_pick)
+    n_cand = sel.part_picks[0, 0].numel() if merge else kp
     n_part = (kp + 1) * nsplit
     o_part = torch.empty((p.batch * p.hq, n_part, block_d), dtype=torch.float32, device=p.q.device)
     lse_part = torch.empty((p.batch * p.hq, n_part), dtype=torch.float32, device=p.q.device)
     mask, ms, has_mask, mask_bool = _mask_args(p)
     launch(_decode_kernel)[(p.batch * p.hq, kp + 1, nsplit)](
-        p.q, p.k, p.v, sel.picks, o_part, lse_part, mask, p.q_start, p.q_len, p.k_start, p.k_len,
+        p.q, p.k, p.v, sel.part_picks if merge else sel.picks, sel.part_scores if merge else o_part, o_part,
+        lse_part, mask, p.q_start, p.q_len, p.k_start, p.k_len,
         p.sq.sb, p.sq.sh, p.sq.st, p.sk.sb, p.sk.sh, p.sk.st, p.sv.sb, p.sv.sh, p.sv.st,
-        ms[0], ms[1], ms[2], ms[3], p.hq, p.group, sel.row_pad, kp, p.block_size, span, nsplit, p.scale * LOG2E,
-        HAS_MASK=has_mask, MASK_BOOL=mask_bool, BLOCK_N=block_n, BLOCK_D=block_d, D=p.d,
+        ms[0], ms[1], ms[2], ms[3], p.hq, p.group, sel.row_pad, kp, n_cand, p.block_size, span, nsplit,
+        p.scale * LOG2E, HAS_MASK=has_mask, MASK_BOOL=mask_bool, MERGE=merge, BLOCK_N=block_n,
+        BLOCK_C=max(2, next_pow2(n_cand)), BLOCK_D=block_d, D=p.d,
+        num_warps=warps, num_stages=stages,
     )
     out = p.new_out(p.q.dtype, written=True)  # the combine kernel stores every (sequence, head)
     so = p.out_strides(out)
@@ -570,41 +651,52 @@ def single_pass_forward(p: Problem, sel: Selection) -> tuple[Tensor, Tensor, Ten
     close estimate of its maximum score), so every block's contribution is final when computed:
     one QK^T pass instead of two. Rows whose true maximum lands outside the safe window around the
     reference are flagged and recomputed exactly by the two-pass kernels (their launches do no key
-    work when no row is flagged, so no host sync is needed). Returns (out, lse, repaired rows)."""
+    work when no row is flagged, so no host sync is needed). Returns (out, lse, repaired rows).
+
+    The fp32 accumulator exists for one window of (batch, KV head) rows at a time, of at most
+    `fwd_piece_mib` MiB (`triton_configs`): the forward's peak stays near SDPA's instead of adding
+    2x the output. Gate, routing and row statistics are computed once for all windows."""
     nsplit = key_splits(p)
     span = _span(p, nsplit)
     dev = p.q.device
     bh, rp = p.batch * p.hkv, sel.row_pad
     ref = (sel.ref * (p.scale * LOG2E)).contiguous()
-    o32 = p.new_out(torch.float32)
     row_sum = torch.zeros((bh, rp), dtype=torch.float32, device=dev)
     row_max = torch.full((bh, rp), float("-inf"), dtype=torch.float32, device=dev)
     work = _work_list(p, sel, fwd_config(p)[0])
-    _launch_fwd(p, sel, 2, o32, row_sum, ref, nsplit, span, row_sum=row_sum, row_max=row_max, work=work)
     out = p.new_out(p.q.dtype, written=True)  # the epilogue stores every row of every sequence
     lse = torch.empty((bh, rp), dtype=torch.float32, device=dev)
     bad = torch.empty((bh, rp), dtype=torch.int8, device=dev)
     safe_hi, safe_lo = _SAFE_WINDOW.get(p.q.dtype, _DEFAULT_WINDOW)
-    _launch_finish(p, o32, out, row_sum, row_max, ref, lse, bad, safe_hi, safe_lo, repair=False)
+    wins = windows(p, int(triton_configs.pick("fwd_piece_mib", triton_configs.FWD_PIECE_MIB)) * 2**20)
+    for w in wins:
+        o32 = _window_acc(p, w)
+        _launch_fwd(p, sel, 2, o32, row_sum, ref, nsplit, span, row_sum=row_sum, row_max=row_max, work=work,
+                    window=w)
+        _launch_finish(p, o32, out, row_sum, row_max, ref, lse, bad, safe_hi, safe_lo, False, w)
+        del o32
     # Exact two-pass repair of the flagged rows (normally none). Eager calls skip it when no row is
-    # flagged (one host sync; the always-on launches cost ~2.5-5.7 ms at 64K-128K on an H200);
-    # traced calls (torch.compile, export) and CUDA-graph captures cannot branch on data and
-    # always launch it.
+    # flagged (one host sync for all windows; the always-on launches cost ~2.5-5.7 ms at 64K-128K
+    # on an H200); traced calls (torch.compile, export) and CUDA-graph captures cannot branch on
+    # data and always launch it.
     if not _tracing() and not capturing(dev) and not bool(bad.any()):
         return out, lse, bad != 0
     lse_fix = row_lse(p, sel, nsplit, row_filter=bad, work=work)
-    _launch_fwd(p, sel, 1, o32, lse_fix, lse_fix, nsplit, span, row_filter=bad, work=work)
-    _launch_finish(p, o32, out, row_sum, row_max, ref, lse, bad, safe_hi, safe_lo, repair=True)
+    for w in wins:
+        o32 = _window_acc(p, w)
+        _launch_fwd(p, sel, 1, o32, lse_fix, lse_fix, nsplit, span, row_filter=bad, work=work, window=w)
+        _launch_finish(p, o32, out, row_sum, row_max, ref, lse, bad, safe_hi, safe_lo, True, w)
+        del o32
     return out, torch.where(bad != 0, lse_fix, lse), bad != 0
 
 
 def _launch_finish(p: Problem, o32: Tensor, out: Tensor, row_sum: Tensor, row_max: Tensor, ref: Tensor,
-                   lse: Tensor, bad: Tensor, safe_hi: float, safe_lo: float, repair: bool) -> None:
+                   lse: Tensor, bad: Tensor, safe_hi: float, safe_lo: float, repair: bool, w: Window) -> None:
     rows_per = 16 if not interpreted(p.q.device) else 32
-    so, so2 = p.out_strides(o32), p.out_strides(out)
-    launch(_fwd_finish_kernel)[(-(-bad.shape[1] // rows_per), bad.shape[0])](
+    so, so2 = w.strides or p.out_strides(o32), p.out_strides(out)
+    launch(_fwd_finish_kernel)[(-(-bad.shape[1] // rows_per), w.bh1 - w.bh0)](
         o32, out, row_sum, row_max, ref, lse, bad, p.q_start, p.q_len, so.sb, so.sh, so.st, so2.sb, so2.sh, so2.st,
-        p.hkv, p.group, bad.shape[1], safe_hi, safe_lo,
+        p.hkv, p.group, bad.shape[1], w.bh0, w.obase, safe_hi, safe_lo,
         REPAIR=repair, BLOCK_M=rows_per, BLOCK_D=max(16, next_pow2(p.d)), D=p.d,
     )
 

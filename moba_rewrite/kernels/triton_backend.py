@@ -22,6 +22,8 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     _IMPORT_ERROR = f"triton is not installed ({exc})"
 
+from moba_rewrite.kernels.eager import plain_eager
+
 if _IMPORT_ERROR is None:
     from moba_rewrite.kernels import triton_attn, triton_configs, triton_gate
     from moba_rewrite.kernels.triton_layout import Problem, dense_problem, varlen_problem
@@ -85,39 +87,14 @@ def _check(q: Tensor, k: Tensor, attn_mask: Tensor | None) -> None:
 def _forward_impl(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], block_size: int, top_k: int,
                   causal: bool, scale: float, key_block_means: Optional[Tensor] = None) -> Tensor:
     """Dense-layout forward: torch ops plus (wrapped) Triton launches only, so it is traceable."""
-    pieces = _forward_pieces(q, k)
-    if pieces:  # bounded fp32 accumulator: heads and batch items are independent problems
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        g = q.shape[1] // k.shape[1]
-        mask = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if attn_mask is not None else None
-        for b, h0, h1 in pieces:
-            qs, ks = (slice(b, b + 1), slice(h0 * g, h1 * g)), (slice(b, b + 1), slice(h0, h1))
-            p = dense_problem(q[qs], k[ks], v[ks], block_size=block_size, top_k=top_k, causal=causal, scale=scale,
-                              attn_mask=mask[qs] if mask is not None else None)
-            out[qs] = _run_forward(p, key_block_means[ks] if key_block_means is not None else None)
-        return out
-    p = dense_problem(q, k, v, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
-                      attn_mask=attn_mask)
+    p = dense_problem(q, k, v, block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
     return _run_forward(p, key_block_means)
 
 
-def _forward_pieces(q: Tensor, k: Tensor) -> list[tuple[int, int, int]]:
-    """(batch item, first KV head, end KV head) pieces whose fp32 accumulator fits `fwd_piece_mib`
-    (at least one KV head each); none (one whole call) when unset, for decode, or when it all fits."""
-    budget = int(triton_configs.pick("fwd_piece_mib", 0)) * 2**20
-    b, hq, tq, d = q.shape
-    hkv = k.shape[1]
-    if not budget or tq == 1 or b * hq * tq * d * 4 <= budget:
-        return []
-    per_head = (hq // hkv) * tq * d * 4
-    step = max(1, budget // per_head)
-    return [(i, h, min(h + step, hkv)) for i in range(b) for h in range(0, hkv, step)]
-
-
 def _run_forward(p: "Problem", means: Optional[Tensor] = None) -> Tensor:
+    if p.max_tq == 1:  # decode: a gate over block ranges in parallel, merged by split-KV attention; no CSR
+        return triton_attn.decode_forward(p, triton_gate.select_blocks(p, means=means, partial=True))
     sel = triton_gate.select_blocks(p, means=means)
-    if p.max_tq == 1:  # decode: split-KV straight from the picks, no CSR
-        return triton_attn.decode_forward(p, sel)
     out, _ = triton_attn.attention_forward(p, triton_gate.build_csr(p, sel))
     return out
 
@@ -166,6 +143,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, cau
     """MoBA output `[B, Hq, Tq, D]` (see SPEC section 2), through `moba::triton_attention`.
     `key_block_means`: a cache of the fp32 block means of k, so the gate need not read all of K."""
     _check(q, k, attn_mask)
+    if plain_eager(q, k, v, attn_mask, key_block_means):  # the op's dispatch costs more than a decode step
+        return _forward_impl(q, k, v, attn_mask, block_size, top_k, causal, float(scale), key_block_means)
     return torch.ops.moba.triton_attention(q, k, v, attn_mask, block_size, top_k, causal, float(scale),
                                            key_block_means)
 

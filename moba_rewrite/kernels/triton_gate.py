@@ -69,16 +69,20 @@ def _gate_topk_kernel(
     Q, MEANS, PICKS, REF, VIS,
     q_start, q_len, k_len, sqb, sqh, sqt,
     svb, svh, svt, svn,
-    H_KV, G, NB, RP, block_size, N_PICK,
+    H_KV, G, NB, RP, block_size, N_PICK, NSPLIT, BPS,
     CAUSAL: tl.constexpr, HAS_VIS: tl.constexpr, KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
-    GATE_PREC: tl.constexpr,
+    GATE_PREC: tl.constexpr, PARTIAL: tl.constexpr,
 ):
     """For a tile of rows: the N_PICK best candidate blocks by gate score, never storing the gate.
     Also REF[row] = the best gate score among the row's attended blocks (own block included): the
-    single-pass forward's softmax reference (see triton_attn)."""
+    single-pass forward's softmax reference (see triton_attn).
+    PARTIAL (decode, few rows): program `split` of NSPLIT scans only blocks [split * BPS, +BPS) and
+    stores its best N_PICK (PICKS) with their scores (in REF), `[BH, RP, NSPLIT, KP]`, for the
+    decode kernel to merge: the blocks are walked in parallel instead of by one program."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
+    split = tl.program_id(2)
     b = bh // H_KV
     h = bh % H_KV
     tq = tl.load(q_len + b)
@@ -108,7 +112,8 @@ def _gate_topk_kernel(
     m_own = tl.load(mean_base + own[:, None] * D + offs_d[None, :], mask=rvalid[:, None] & (offs_d < D)[None, :],
                     other=0.0)
     own_score = tl.sum(q.to(tl.float32) * m_own, axis=1)
-    for n0 in range(0, hi, BLOCK_N):
+    n_lo = split * BPS
+    for n0 in range(n_lo, tl.minimum(hi, n_lo + BPS), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         mk = tl.load(mean_base + cols[:, None] * D + offs_d[None, :],
                      mask=(cols < n_blocks)[:, None] & (offs_d < D)[None, :], other=0.0)
@@ -135,10 +140,15 @@ def _gate_topk_kernel(
             s = tl.where(tl.arange(0, BLOCK_N)[None, :] == best_col[:, None], float("-inf"), s)
             best, best_col = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
             worst = tl.min(topv, axis=1)
-    out = PICKS + (bh.to(tl.int64) * RP + rows)[:, None] * KP + slots[None, :]
-    tl.store(out, topi)
-    kept = tl.max(tl.where(topi >= 0, topv, float("-inf")), axis=1)
-    tl.store(REF + bh.to(tl.int64) * RP + rows, tl.where(rvalid, tl.maximum(own_score, kept), 0.0))
+    if PARTIAL:
+        at = ((bh.to(tl.int64) * RP + rows)[:, None] * NSPLIT + split) * KP + slots[None, :]
+        tl.store(PICKS + at, topi)
+        tl.store(REF + at, tl.where(topi >= 0, topv, float("-inf")))
+    else:
+        out = PICKS + (bh.to(tl.int64) * RP + rows)[:, None] * KP + slots[None, :]
+        tl.store(out, topi)
+        kept = tl.max(tl.where(topi >= 0, topv, float("-inf")), axis=1)
+        tl.store(REF + bh.to(tl.int64) * RP + rows, tl.where(rvalid, tl.maximum(own_score, kept), 0.0))
 
 
 @dataclass
@@ -152,16 +162,24 @@ class Selection:
     offsets: Tensor | None = None  # int32 [B*Hkv, NB + 1] into entry_row
     entry_row: Tensor | None = None  # int32 [B*Hkv, RP * KS]: rows sorted by block
     entry_src: Tensor | None = None  # int32 [B*Hkv, RP * KS]: the entry's slot in row-major [RP, KS]
+    part_picks: Tensor | None = None  # int32 [B*Hkv, RP, splits, KP]: per block range (partial gate)
+    part_scores: Tensor | None = None  # fp32, same shape: their gate scores (-inf = none)
 
     @property
     def slots(self) -> int:  # KS: own block + KP pick slots
         return 1 + self.picks.shape[-1]
 
 
-def gate_config(device: torch.device, d: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M rows, BLOCK_N blocks, num_warps, num_stages) of the gate kernel."""
+_MAX_GATE_SPLITS = 64  # block ranges of a partial (decode) gate
+
+
+def gate_config(device: torch.device, d: int, rows: int | None = None) -> tuple[int, int, int, int]:
+    """(BLOCK_M rows, BLOCK_N blocks, num_warps, num_stages) of the gate kernel; `rows` per KV head
+    <= 16 (decode) gets a 16-row tile that walks the blocks in fewer, wider steps."""
     if interpreted(device):
         return 32, 16, 4, 1
+    if rows is not None and rows <= 16 and d <= 128:
+        return triton_configs.pick("gate_decode", (16, 64, 4, 2))
     # D<=128: fastest of 6 candidates on an H200 (bench_gpu.py --sweep, benchmarks/RESULTS.md)
     return triton_configs.pick("gate", (64, 32, 4, 2) if d <= 128 else (32, 32, 8, 1))
 
@@ -211,18 +229,29 @@ def block_visibility(p: Problem) -> Tensor | None:
     return vis.expand(p.batch, p.hq, p.max_tq, nb).view(torch.uint8)
 
 
-def select_blocks(p: Problem, block_m: int | None = None, means: Tensor | None = None) -> Selection:
+def select_blocks(p: Problem, block_m: int | None = None, means: Tensor | None = None,
+                  partial: bool = False) -> Selection:
     """Run the fused gate/top-k kernel: each row's `top_k - 1` best candidate blocks. `means`: a cache
-    of the block means (`[B, Hkv, NB, D]`, dense layout) instead of computing them from K."""
+    of the block means (`[B, Hkv, NB, D]`, dense layout) instead of computing them from K.
+    `partial`: the best `top_k - 1` of each of several block ranges, scanned in parallel, with their
+    scores (`Selection.part_picks` / `part_scores`; `picks` is then not filled): for decode, whose
+    few rows would leave the GPU idle while one program walks all blocks."""
     dev = p.q.device
-    default_m, block_n, warps, stages = gate_config(dev, p.d)
+    default_m, block_n, warps, stages = gate_config(dev, p.d, p.rows)
     block_m = block_m or default_m
     n_pick = min(p.top_k - 1, p.n_blocks)
     kp = max(1, next_pow2(n_pick))
     n_tiles = -(-p.rows // block_m)
     rp = n_tiles * block_m
-    picks = torch.empty((p.batch * p.hkv, rp, kp), dtype=torch.int32, device=dev)  # the kernel writes all
-    ref = torch.empty((p.batch * p.hkv, rp), dtype=torch.float32, device=dev)
+    bps = -(-p.n_blocks // block_n) * block_n
+    nsplit = 1
+    if partial:
+        nsplit = min(-(-p.n_blocks // block_n), _MAX_GATE_SPLITS)
+        bps = -(-(-(-p.n_blocks // nsplit)) // block_n) * block_n
+        nsplit = -(-p.n_blocks // bps)
+    shape = (p.batch * p.hkv, rp, nsplit, kp) if partial else (p.batch * p.hkv, rp, kp)
+    picks = torch.empty(shape, dtype=torch.int32, device=dev)  # the kernel writes all
+    ref = torch.empty(shape if partial else shape[:2], dtype=torch.float32, device=dev)
     if means is None:
         means = block_means(p)
     else:
@@ -230,13 +259,15 @@ def select_blocks(p: Problem, block_m: int | None = None, means: Tensor | None =
     vis = block_visibility(p) if n_pick > 0 else None
     vis_arg = vis if vis is not None else picks
     vs = vis.stride() if vis is not None else (0, 0, 0, 0)
-    launch(_gate_topk_kernel)[(n_tiles, p.batch * p.hkv)](
+    launch(_gate_topk_kernel)[(n_tiles, p.batch * p.hkv, nsplit)](
         p.q, means, picks, ref, vis_arg, p.q_start, p.q_len, p.k_len, p.sq.sb, p.sq.sh, p.sq.st,
-        vs[0], vs[1], vs[2], vs[3], p.hkv, p.group, p.n_blocks, rp, p.block_size, n_pick,
+        vs[0], vs[1], vs[2], vs[3], p.hkv, p.group, p.n_blocks, rp, p.block_size, n_pick, nsplit, bps,
         CAUSAL=p.causal, HAS_VIS=vis is not None, KP=kp, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(p.d)), D=p.d, GATE_PREC=gate_precision(p.q),
-        num_warps=warps, num_stages=stages,
+        PARTIAL=partial, num_warps=warps, num_stages=stages,
     )
+    if partial:
+        return Selection(picks=picks.new_empty(0), n_pick=n_pick, row_pad=rp, part_picks=picks, part_scores=ref)
     return Selection(picks=picks, n_pick=n_pick, row_pad=rp, ref=ref)
 
 
