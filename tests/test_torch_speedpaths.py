@@ -219,3 +219,22 @@ def test_route_lists_exactly_the_selected_pairs(include_own):
     assert len(got) == len(want) == plan.rows.numel() and set(got) == want
     keys = [(bi * hkv + hi) * n + j for bi, hi, j, *_ in plan.groups]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
+
+
+def test_pool_workers_keep_one_intra_op_thread(monkeypatch):
+    """Workers stay single-threaded after the caller restores its own thread count: ATen's lazy
+    per-thread init, at a worker's first parallel op, would otherwise copy the caller's count
+    (two OpenMP threads per worker, four busy threads on two cores)."""
+    if not torch_blocks._openmp():
+        pytest.skip("thread counts are per-thread only with OpenMP")
+    monkeypatch.setattr(torch_blocks, "_POOL", None)  # a fresh pool: its workers have run no op yet
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pool = torch_blocks._pool(2)
+        assert torch.get_num_threads() == 2
+        seen = {pool.submit(lambda: (torch.ones(64).exp_(), torch.get_num_threads())[1]).result() for _ in range(8)}
+        assert seen == {1}
+    finally:
+        pool.shutdown()
+        torch.set_num_threads(threads)

@@ -100,7 +100,17 @@ _POOL_LOCK = threading.Lock()
 
 
 def _single_threaded() -> None:
-    torch.set_num_threads(1)  # this thread's OpenMP/MKL thread count (and the default for new threads)
+    """Pool thread initializer: one intra-op thread for this thread, for good.
+
+    `torch.set_num_threads(1)` sets this thread's OpenMP/MKL counts and the process default; ATen
+    re-reads that default in each thread at its first parallel op (a lazy per-thread init), which
+    in a pool thread would come after `_pool` restored the caller's count: elementwise ops and
+    reductions in the workers then ran on two OpenMP threads each, four busy threads on two
+    cores (128K: per worker 2.5 s CPU but 3.3 s wall). `get_num_threads()` runs that lazy init
+    now, while the default is 1."""
+    torch.set_num_threads(1)
+    if torch.get_num_threads() != 1:
+        raise RuntimeError(f"expected one intra-op thread in a moba worker, got {torch.get_num_threads()}")
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
