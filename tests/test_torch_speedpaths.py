@@ -21,6 +21,7 @@ from moba_rewrite.kernels import reference, torch_blocks, torch_fast, torch_onli
 def split_always(monkeypatch):
     """Split every call across two threads and count the splits."""
     monkeypatch.setattr(torch_blocks, "_SPLIT_MIN_ROWS", 0)
+    monkeypatch.setattr(torch_blocks, "_SPLIT_MIN_ROWS_BACKWARD", 0)
     calls = []
     run_parts = torch_blocks._run_parts
 
@@ -237,4 +238,21 @@ def test_pool_workers_keep_one_intra_op_thread(monkeypatch):
         assert seen == {1}
     finally:
         pool.shutdown()
+        torch.set_num_threads(threads)
+
+
+def test_split_thresholds_forward_and_backward():
+    """The forward splits from 2K tokens x 4 heads, the backward from 16K x 4 (as measured)."""
+    if not torch_blocks._openmp():
+        pytest.skip("no split without OpenMP")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k = torch.empty(1, 4, 2048, 8), torch.empty(1, 2, 2048, 8)
+        assert torch_blocks._split_plan(q, k) == (1, [(0, 1), (1, 2)])
+        assert torch_blocks._split_plan(q, k, torch_blocks._SPLIT_MIN_ROWS_BACKWARD) == (0, [])
+        assert torch_blocks._split_plan(q[:, :, :2047], k[:, :, :2047]) == (0, [])
+        big_q, big_k = torch.empty(1, 4, 16384, 1), torch.empty(1, 4, 16384, 1)
+        assert torch_blocks._split_plan(big_q, big_k, torch_blocks._SPLIT_MIN_ROWS_BACKWARD)[1]
+    finally:
         torch.set_num_threads(threads)

@@ -46,11 +46,14 @@ def implementation(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, scale: f
     return torch_online
 
 
-# Query rows (B * Hq * Tq) from which a CPU call is split across threads (16K tokens x 4 heads).
-# On a quiet 2-core machine the split was within noise of two-thread ops at 32K and 128K tokens
-# x 4 heads and about 10% slower at 8K (190 vs 166 ms), so shorter calls stay whole; on a loaded
-# machine the split is the one that does not stall (8K: 0.3 s against 2.5 to 10 s).
-_SPLIT_MIN_ROWS = 1 << 16
+# Query rows (B * Hq * Tq) from which a CPU call is split across threads. Forward: 2K tokens x 4
+# heads. Once the workers really ran one intra-op thread each (see `_single_threaded`), the
+# split forward was faster than two-thread ops at 8K x 4 heads (per-process medians 145-156 ms
+# against 157-190 ms, quiet machine) and equal at 2K and 4K; under load the split is the one
+# that does not stall (8K: 0.3 s against 2.5 to 10 s). Backward: 16K tokens x 4 heads; at 8K the
+# split forward+backward measured no faster (590-689 ms against 598-653 ms).
+_SPLIT_MIN_ROWS = 1 << 13
+_SPLIT_MIN_ROWS_BACKWARD = 1 << 16
 _OPENMP = None
 
 
@@ -62,10 +65,11 @@ def _openmp() -> bool:
     return _OPENMP
 
 
-def _split_plan(q: Tensor, k: Tensor) -> tuple[int, list[tuple[int, int]]]:
+def _split_plan(q: Tensor, k: Tensor, min_rows: int | None = None) -> tuple[int, list[tuple[int, int]]]:
     """(dim, [(start, end), ...] in kv units along it) for a threaded split, or (0, []) for none."""
     n = torch.get_num_threads()
-    if q.device.type != "cpu" or n < 2 or q.shape[0] * q.shape[1] * q.shape[2] < _SPLIT_MIN_ROWS or not _openmp():
+    min_rows = _SPLIT_MIN_ROWS if min_rows is None else min_rows
+    if q.device.type != "cpu" or n < 2 or q.shape[0] * q.shape[1] * q.shape[2] < min_rows or not _openmp():
         return 0, []
     # Dispatch modes and autocast are thread-local: worker threads would not see them.
     if _get_current_dispatch_mode() is not None or torch.is_autocast_enabled("cpu"):
@@ -169,7 +173,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, 
              causal: bool, scale: float, attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """`(dq, dk, dv)` of `forward` (dk, dv summed over each GQA group)."""
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
-    dim, ranges = _split_plan(q, k)
+    dim, ranges = _split_plan(q, k, _SPLIT_MIN_ROWS_BACKWARD)
     if not ranges:
         impl = implementation(q, k, v, block_size=block_size, scale=scale, attn_mask=attn_mask)
         return impl.backward(grad_out, q, k, v, out, attn_mask=attn_mask, **kw)
