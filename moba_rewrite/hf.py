@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-import moba_rewrite.op  # noqa: F401  (registers torch.ops.moba)
+from moba_rewrite import op as moba_op  # registers torch.ops.moba
 
 IMPL_PREFIX = "moba_"
 SUPPORTED_ORIGINS = ("sdpa", "eager")
@@ -228,8 +228,9 @@ def moba_attention_forward(origin: str, module: nn.Module, query, key, value, at
         # The boolean mask already holds causality (and padding, windows); causal=False with it
         # is exactly causal MoBA (docs/ARCHITECTURE.md).
         causal = False
-    out = torch.ops.moba.attention(query, key, value, mask, int(decision.block_size), int(decision.top_k),
-                                   causal, scale, str(decision.backend))
+    # `moba::attention` when traced (export, compile) or with gradients; its kernels directly in plain eager
+    out = moba_op.run(query, key, value, None, mask, int(decision.block_size), int(decision.top_k), causal, scale,
+                      str(decision.backend))
     return out.transpose(1, 2).contiguous(), None
 
 
