@@ -70,32 +70,3 @@ def test_decode_through_the_backend_uses_the_split_gate(monkeypatch):
     out = tb.forward(q, k, v, **kw)
     assert calls == [True]
     torch.testing.assert_close(out, ref.forward(q, k, v, **kw), atol=2e-5, rtol=2e-5)
-
-
-def test_scratch_is_reused_per_tag_size_and_stream_only_in_eager_calls(monkeypatch):
-    from moba_rewrite.kernels import triton_layout as tl_
-
-    monkeypatch.setattr(tl_, "_SCRATCH", {})
-    dev = torch.device("cpu")
-    assert tl_.scratch(dev, "a", (4, 2))[0].data_ptr() != tl_.scratch(dev, "a", (4, 2))[0].data_ptr()  # CPU: fresh
-    monkeypatch.setattr(tl_, "_reusable_stream", lambda device: 7)  # as an eager CUDA call on stream 7
-    a, b = tl_.scratch(dev, "a", (4, 2))
-    assert a.shape == (4,) and b.shape == (2,) and a.data_ptr() + 16 == b.data_ptr()
-    assert tl_.scratch(dev, "a", (4, 2))[0].data_ptr() == a.data_ptr()  # the next call reuses it
-    assert tl_.scratch(dev, "b", (4, 2))[0].data_ptr() != a.data_ptr()  # another user in the same call
-    assert tl_.scratch(dev, "a", (4, 3))[0].data_ptr() != a.data_ptr()  # other sizes
-    monkeypatch.setattr(tl_, "_reusable_stream", lambda device: 8)
-    assert tl_.scratch(dev, "a", (4, 2))[0].data_ptr() != a.data_ptr()  # another stream
-
-
-def test_decode_with_reused_scratch_matches_fresh_buffers(monkeypatch):
-    """The backend's decode path cuts its work buffers from reused scratch memory: two different
-    calls in a row (the second overwriting the first's scratch) both stay right."""
-    from moba_rewrite.kernels import triton_layout as tl_
-
-    monkeypatch.setattr(tl_, "_SCRATCH", {})
-    monkeypatch.setattr(tl_, "_reusable_stream", lambda device: 0)
-    for seed in (3, 4):
-        q, k, v, kw = _decode_problem(seed)
-        torch.testing.assert_close(tb.forward(q, k, v, **kw), ref.forward(q, k, v, **kw), atol=2e-5, rtol=2e-5)
-    assert {key[0] for key in tl_._SCRATCH} == {"gate", "decode"}

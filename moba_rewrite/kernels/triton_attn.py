@@ -35,8 +35,7 @@ from torch import Tensor
 
 from moba_rewrite.kernels import triton_configs
 from moba_rewrite.kernels.triton_gate import Selection
-from moba_rewrite.kernels.triton_layout import (Problem, Seqs, _tracing, capturing, interpreted, launch, next_pow2,
-                                                scratch)
+from moba_rewrite.kernels.triton_layout import Problem, Seqs, _tracing, capturing, interpreted, launch, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -584,10 +583,9 @@ def decode_config(p: Problem) -> tuple[int, int, int, int]:
     return triton_configs.pick("decode", (128, 64, 4, 3))
 
 
-def decode_forward(p: Problem, sel: Selection, reuse: bool = False) -> Tensor:
+def decode_forward(p: Problem, sel: Selection) -> Tensor:
     """Split-KV decode (every sequence has one query): per (query head, selected block, key span)
-    partials, merged by LSE. Needs only the picks, not the CSR. `reuse`: partials in
-    `triton_layout.scratch` memory."""
+    partials, merged by LSE. Needs only the picks, not the CSR."""
     span, block_n, warps, stages = decode_config(p)
     block_d = max(16, next_pow2(p.d))
     nsplit = -(-p.block_size // span)
@@ -598,13 +596,8 @@ def decode_forward(p: Problem, sel: Selection, reuse: bool = False) -> Tensor:
     kp = sel.n_pick if merge else sel.picks.shape[-1]  # pick slots (a merge ranks exactly n_pick)
     n_cand = sel.part_picks[0, 0].numel() if merge else kp
     n_part = (kp + 1) * nsplit
-    n_rows = p.batch * p.hq
-    if reuse:
-        o_part, lse_part = scratch(p.q.device, "decode", (n_rows * n_part * block_d, n_rows * n_part))
-        o_part, lse_part = o_part.view(n_rows, n_part, block_d), lse_part.view(n_rows, n_part)
-    else:
-        o_part = torch.empty((n_rows, n_part, block_d), dtype=torch.float32, device=p.q.device)
-        lse_part = torch.empty((n_rows, n_part), dtype=torch.float32, device=p.q.device)
+    o_part = torch.empty((p.batch * p.hq, n_part, block_d), dtype=torch.float32, device=p.q.device)
+    lse_part = torch.empty((p.batch * p.hq, n_part), dtype=torch.float32, device=p.q.device)
     mask, ms, has_mask, mask_bool = _mask_args(p)
     launch(_decode_kernel)[(p.batch * p.hq, kp + 1, nsplit)](
         p.q, p.k, p.v, sel.part_picks if merge else sel.picks, sel.part_scores if merge else o_part, o_part,

@@ -93,8 +93,7 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], 
 
 def _run_forward(p: "Problem", means: Optional[Tensor] = None) -> Tensor:
     if p.max_tq == 1:  # decode: a gate over block ranges in parallel, merged by split-KV attention; no CSR
-        sel = triton_gate.select_blocks(p, means=means, partial=True, reuse=True)
-        return triton_attn.decode_forward(p, sel, reuse=True)
+        return triton_attn.decode_forward(p, triton_gate.select_blocks(p, means=means, partial=True))
     sel = triton_gate.select_blocks(p, means=means)
     out, _ = triton_attn.attention_forward(p, triton_gate.build_csr(p, sel))
     return out

@@ -9,7 +9,6 @@ block, the sorted list of rows that attend it (the CSR used by forward and backw
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from moba_rewrite.kernels import triton_configs
-from moba_rewrite.kernels.triton_layout import Problem, interpreted, launch, next_pow2, scratch
+from moba_rewrite.kernels.triton_layout import Problem, interpreted, launch, next_pow2
 
 
 @triton.jit
@@ -231,13 +230,12 @@ def block_visibility(p: Problem) -> Tensor | None:
 
 
 def select_blocks(p: Problem, block_m: int | None = None, means: Tensor | None = None,
-                  partial: bool = False, reuse: bool = False) -> Selection:
+                  partial: bool = False) -> Selection:
     """Run the fused gate/top-k kernel: each row's `top_k - 1` best candidate blocks. `means`: a cache
     of the block means (`[B, Hkv, NB, D]`, dense layout) instead of computing them from K.
     `partial`: the best `top_k - 1` of each of several block ranges, scanned in parallel, with their
     scores (`Selection.part_picks` / `part_scores`; `picks` is then not filled): for decode, whose
-    few rows would leave the GPU idle while one program walks all blocks. `reuse`: the outputs
-    live in `triton_layout.scratch` memory (valid until the next such call on the stream)."""
+    few rows would leave the GPU idle while one program walks all blocks."""
     dev = p.q.device
     default_m, block_n, warps, stages = gate_config(dev, p.d, p.rows)
     block_m = block_m or default_m
@@ -252,13 +250,8 @@ def select_blocks(p: Problem, block_m: int | None = None, means: Tensor | None =
         bps = -(-(-(-p.n_blocks // nsplit)) // block_n) * block_n
         nsplit = -(-p.n_blocks // bps)
     shape = (p.batch * p.hkv, rp, nsplit, kp) if partial else (p.batch * p.hkv, rp, kp)
-    if reuse:
-        n = math.prod(shape)
-        picks_buf, ref_buf = scratch(dev, "gate", (n, n if partial else n // kp))
-        picks, ref = picks_buf.view(torch.int32).view(shape), ref_buf.view(shape if partial else shape[:2])
-    else:
-        picks = torch.empty(shape, dtype=torch.int32, device=dev)  # the kernel writes all
-        ref = torch.empty(shape if partial else shape[:2], dtype=torch.float32, device=dev)
+    picks = torch.empty(shape, dtype=torch.int32, device=dev)  # the kernel writes all
+    ref = torch.empty(shape if partial else shape[:2], dtype=torch.float32, device=dev)
     if means is None:
         means = block_means(p)
     else:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from triton.runtime.jit import JITFunction
 
 # triton 3.6's interpreter + numpy >= 2.4: scalar loop bounds (see the module's docstring)
 from moba_rewrite.kernels import triton_interp_compat  # noqa: F401
@@ -53,6 +52,8 @@ class launch:
         self.kernel = kernel
 
     def __getitem__(self, grid):
+        from triton.runtime.jit import JITFunction
+
         if isinstance(self.kernel, JITFunction) and _tracing():
             return torch.library.wrap_triton(self.kernel)[grid]
         return self.kernel[grid]
@@ -129,35 +130,6 @@ class Problem:
 def unit_last(x: Tensor) -> Tensor:
     """The kernels address the head dim with stride 1; other strides are free."""
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-_SCRATCH: dict[tuple, tuple[Tensor, ...]] = {}
-
-
-def _reusable_stream(device: torch.device) -> int | None:
-    """The current CUDA stream of an eager call (work memory may be reused on it), else None."""
-    if device.type != "cuda" or _tracing() or capturing(device):
-        return None
-    return torch.cuda.current_stream(device).cuda_stream
-
-
-def scratch(device: torch.device, tag: str, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
-    """fp32 work buffers of `sizes` elements for one call, cut from one allocation. Eager CUDA
-    calls reuse the allocation of the previous call with the same `tag` and sizes on the same
-    stream (stream order keeps them apart; an allocation costs ~10 us of host time, a decode
-    step's kernels ~14 us); traced, graph-captured and CPU calls get fresh memory. Callers must
-    not let the buffers outlive the call."""
-    total = sum(sizes)
-    stream = _reusable_stream(device)
-    if stream is None:
-        return torch.empty(total, dtype=torch.float32, device=device).split(sizes)
-    key = (tag, sizes, device, stream)
-    views = _SCRATCH.get(key)
-    if views is None:
-        if len(_SCRATCH) >= 64:  # bounded: a growing KV cache changes the sizes every block
-            _SCRATCH.clear()
-        views = _SCRATCH[key] = torch.empty(total, dtype=torch.float32, device=device).split(sizes)
-    return views
 
 
 _SEQ_TENSORS: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
