@@ -70,3 +70,18 @@ def test_decode_through_the_backend_uses_the_split_gate(monkeypatch):
     out = tb.forward(q, k, v, **kw)
     assert calls == [True]
     torch.testing.assert_close(out, ref.forward(q, k, v, **kw), atol=2e-5, rtol=2e-5)
+
+
+def test_sequence_tensors_are_kept_only_off_side_streams(monkeypatch):
+    """Per-shape sequence tensors are cached between eager calls, except when allocated on a side
+    CUDA stream (where CUDA-graph warm-ups allocate from the graph's private pool)."""
+    from moba_rewrite.kernels import triton_layout as tl_
+
+    monkeypatch.setattr(tl_, "_SEQ_TENSORS", {})
+    dev = torch.device("cpu")
+    first = tl_._dense_seqs(2, 1, 40, dev)
+    assert tl_._dense_seqs(2, 1, 40, dev)[1] is first[1] and first[3].tolist() == [40, 40]
+    monkeypatch.setattr(tl_, "_may_keep", lambda d: False)  # as on a side stream
+    side = tl_._dense_seqs(2, 1, 41, dev)
+    assert tl_._dense_seqs(2, 1, 41, dev)[1] is not side[1] and (2, 1, 41, dev) not in tl_._SEQ_TENSORS
+    assert tl_._dense_seqs(2, 1, 40, dev)[1] is first[1]  # what was kept before is still used

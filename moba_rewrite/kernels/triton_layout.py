@@ -146,11 +146,22 @@ def _dense_seqs(b: int, tq: int, tk: int, dev: torch.device) -> tuple[Tensor, Te
     if _tracing() or capturing(dev):
         return build()
     key = (b, tq, tk, dev)
-    if key not in _SEQ_TENSORS:
-        if len(_SEQ_TENSORS) >= 256:  # a bounded cache: growing prompts make new shapes every step
-            _SEQ_TENSORS.clear()
-        _SEQ_TENSORS[key] = build()
-    return _SEQ_TENSORS[key]
+    seqs = _SEQ_TENSORS.get(key)
+    if seqs is None:
+        seqs = build()
+        if _may_keep(dev):
+            if len(_SEQ_TENSORS) >= 256:  # a bounded cache: growing prompts make new shapes every step
+                _SEQ_TENSORS.clear()
+            _SEQ_TENSORS[key] = seqs
+    return seqs
+
+
+def _may_keep(dev: torch.device) -> bool:
+    """May memory allocated now be kept alive between calls? Not on a side CUDA stream: CUDA-graph
+    warm-ups run there (torch.compile's cudagraph trees, `torch.cuda.graph` recipes) with
+    allocations routed to the graph's private pool, where a tensor we keep would be rejected
+    ("tensors in the cudagraph pool not tracked as outputs") or overwritten."""
+    return dev.type != "cuda" or torch.cuda.current_stream(dev) == torch.cuda.default_stream(dev)
 
 
 def dense_problem(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool,
