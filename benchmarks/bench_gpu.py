@@ -385,6 +385,43 @@ def graphed(fn):
     return graph.replay
 
 
+def _tile_sweep(family: str, configs, step, check, reps: int) -> None:
+    """GPU time of `step` under CUDA graphs with each launch config of `family`, side by side,
+    plus `check()`'s line (agreement with the default config)."""
+    from moba_rewrite.kernels import triton_configs
+
+    for cfg in configs:
+        triton_configs.OVERRIDES[family] = cfg
+        try:
+            us = bench(graphed(step), reps) * 1e3
+            print(f"    {family}={','.join(map(str, cfg))}: {us:6.1f} us (graph), {check()}", flush=True)
+        except Exception as exc:
+            print(f"    {family}={cfg} ERROR {type(exc).__name__}: {str(exc)[:150]}")
+        finally:
+            triton_configs.OVERRIDES.pop(family, None)
+
+
+def decode_tile_sweep(p, means, reps) -> None:
+    """The decode gate's and split-KV kernel's tiles side by side (the first of each is the default)."""
+    def picks(partial=True):  # the chosen blocks of every real row, in slot-independent order
+        sel = triton_gate.select_blocks(p, means=means, partial=partial)
+        if not partial:
+            return sel.picks[:, :p.rows].sort(-1).values[..., -sel.n_pick:]
+        ix, sc = sel.part_picks[:, :p.rows].flatten(2), sel.part_scores[:, :p.rows].flatten(2)
+        return ix.gather(-1, sc.topk(sel.n_pick, -1).indices).sort(-1).values
+
+    base = picks(partial=False)  # the sequential gate's choice
+    _tile_sweep("gate_decode", ((16, 64, 4, 2), (16, 32, 4, 2), (16, 128, 8, 2), (16, 128, 4, 2), (64, 32, 4, 2)),
+                lambda: triton_gate.select_blocks(p, means=means, partial=True),
+                lambda: f"same picks: {torch.equal(picks(), base)}", reps)
+    sel = triton_gate.select_blocks(p, means=means, partial=True)
+    want = triton_attn.decode_forward(p, sel)
+    _tile_sweep("decode", ((128, 64, 4, 3), (64, 64, 4, 3), (256, 64, 4, 3), (128, 128, 4, 3), (64, 32, 2, 3),
+                           (128, 64, 8, 3), (512, 64, 4, 3), (128, 64, 4, 2)),
+                lambda: triton_attn.decode_forward(p, sel),
+                lambda: f"with combine, rel err vs default {rel_err(triton_attn.decode_forward(p, sel), want):.1e}", reps)
+
+
 def decode_case(label, b, h, hkv, tk, d, bs, top_k, reps, budget):
     @case(label, budget)
     def run():
@@ -439,41 +476,8 @@ def decode_case(label, b, h, hkv, tk, d, bs, top_k, reps, budget):
         entry.update(op_us=t_op * 1e3)
         for name, us in kernel_table(ours_cached):
             print(f"    kernel {name[:60]:<60} {us:7.1f} us", flush=True)
-        if DEV.type == "cuda" and not SMOKE:  # the decode gate's tile (gate_decode), GPU time side by side
-            from moba_rewrite.kernels import triton_configs
-
-            def picks(partial=True):  # the chosen blocks of every real row, in slot-independent order
-                sel = triton_gate.select_blocks(p, means=means, partial=partial)
-                if not partial:
-                    return sel.picks[:, :p.rows].sort(-1).values[..., -sel.n_pick:]
-                ix, sc = sel.part_picks[:, :p.rows].flatten(2), sel.part_scores[:, :p.rows].flatten(2)
-                return ix.gather(-1, sc.topk(sel.n_pick, -1).indices).sort(-1).values
-
-            base = picks(partial=False)  # the sequential gate's choice
-            for cfg in ((16, 64, 4, 2), (16, 32, 4, 2), (16, 128, 8, 2), (16, 128, 4, 2), (64, 32, 4, 2)):
-                triton_configs.OVERRIDES["gate_decode"] = cfg
-                try:
-                    g_us = bench(graphed(lambda: triton_gate.select_blocks(p, means=means, partial=True)), reps) * 1e3
-                    print(f"    gate_decode={','.join(map(str, cfg))}: {g_us:6.1f} us (graph),"
-                          f" same picks: {torch.equal(picks(), base)}", flush=True)
-                except Exception as exc:
-                    print(f"    gate_decode={cfg} ERROR {type(exc).__name__}: {str(exc)[:150]}")
-                finally:
-                    triton_configs.OVERRIDES.pop("gate_decode", None)
-            sel_c = triton_gate.select_blocks(p, means=means, partial=True)
-            want = triton_attn.decode_forward(p, sel_c)
-            for cfg in ((128, 64, 4, 3), (64, 64, 4, 3), (256, 64, 4, 3), (128, 128, 4, 3), (64, 32, 2, 3),
-                        (128, 64, 8, 3), (512, 64, 4, 3), (128, 64, 4, 2)):
-                triton_configs.OVERRIDES["decode"] = cfg
-                try:
-                    d_us = bench(graphed(lambda: triton_attn.decode_forward(p, sel_c)), reps) * 1e3
-                    err = rel_err(triton_attn.decode_forward(p, sel_c), want)
-                    print(f"    decode={','.join(map(str, cfg))}: {d_us:6.1f} us (graph, with combine),"
-                          f" rel err vs default {err:.1e}", flush=True)
-                except Exception as exc:
-                    print(f"    decode={cfg} ERROR {type(exc).__name__}: {str(exc)[:150]}")
-                finally:
-                    triton_configs.OVERRIDES.pop("decode", None)
+        if DEV.type == "cuda" and not SMOKE:
+            decode_tile_sweep(p, means, reps)
         try:  # as decode servers run it: captured once, replayed (no Python or launch overhead)
             g_ours, g_sdpa = bench(graphed(ours_cached), reps), bench(graphed(sdpa), reps)
             print(f"  CUDA graphs: ours (cached means) {g_ours * 1e3:7.1f} us, SDPA {g_sdpa * 1e3:7.1f} us"
