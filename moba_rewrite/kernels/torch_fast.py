@@ -188,6 +188,51 @@ def _history_scores(q_flat: Tensor, kj: Tensor, rows: Tensor, b: int, ks: int, k
     return qs, s
 
 
+def _history_sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout, sum_flat: Tensor,
+                  acc_flat: Tensor | None, m4: Tensor | None, mult: float, scratch: Scratch) -> None:
+    """Adds each history tile's row sums of exp2(s) (and exp2(s) @ V when `v` is given) into the
+    flat padded accumulators.
+
+    Few Python-level tensor calls per tile (13): key and value blocks are prepared once per
+    group and the work buffers are sliced from 2-D scratch views. In the threaded split every
+    call is a GIL hand-off between the workers, and calls, not flops, made smaller tiles slower."""
+    ct, bs, d = lay.ct, lay.bs, lay.d
+    step = max(1, _TILE_ELEMS // bs)
+    q_flat = q.reshape(-1, d)
+    gather_out = q_flat.dtype == ct
+    prow_all = lay.padded_rows(plan.rows)
+    rows_all = plan.rows
+    q_buf = scratch.get("q", (step, d))
+    l_buf = scratch.get("l", (step,))
+    o_buf = scratch.get("o", (step, lay.dv)) if v is not None else None
+    kj_buf = scratch.get("kj", (bs, d))
+    s_flat = scratch.get("s", (step * bs,))
+    neg_inf = float("-inf")
+    for b, h, j, start, _, end in plan.groups:
+        ks, ke = j * bs, min((j + 1) * bs, lay.tk)
+        kw = ke - ks
+        # The scale goes on the (small) key block, not on the gathered queries.
+        if k.dtype == ct:
+            kjt = torch.mul(k[b, h, ks:ke], mult, out=kj_buf[:kw]).t()
+        else:
+            kjt = k[b, h, ks:ke].to(ct).mul_(mult).t()
+        vj = None if v is None else (v[b, h, ks:ke] if v.dtype == ct else v[b, h, ks:ke].to(ct))
+        s_grp = s_flat[: step * kw].view(step, kw)
+        for s0 in range(start, end, step):
+            s1 = min(end, s0 + step)
+            r = s1 - s0
+            rows, prows = rows_all[s0:s1], prow_all[s0:s1]
+            qs = (torch.index_select(q_flat, 0, rows, out=q_buf[:r]) if gather_out
+                  else q_flat.index_select(0, rows).to(ct))
+            e = torch.mm(qs, kjt, out=s_grp[:r])
+            if m4 is not None:
+                e.masked_fill_(~row_mask(m4, b, rows, lay.tq, lay.hq, ks, ke), neg_inf)
+            e.exp2_()
+            sum_flat.index_add_(0, prows, torch.sum(e, 1, out=l_buf[:r]))
+            if vj is not None:
+                acc_flat.index_add_(0, prows, torch.mm(e, vj, out=o_buf[:r]))
+
+
 def _sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout, *, causal: bool, scale: float,
           attn_mask: Tensor | None, acc: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
     """Padded accumulators: (sum of exp2(s) @ V or None, sum of exp2(s)), `[B, Hq, P(, Dv)]`.
@@ -219,24 +264,8 @@ def _sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout,
             if acc_v is not None:
                 acc_v[:, :, :, c0:c1, a0:a1] = torch.matmul(e, vc[..., :kend, :],
                                                              out=scratch.get("o", (*e.shape[:-1], lay.dv)))
-    q_flat = q.reshape(-1, lay.d)
-    sum_flat = row_sum.view(-1)
-    acc_flat = acc.view(-1, lay.dv) if acc is not None else None
-    m4 = mask4(attn_mask)
-    for b, h, ks, ke, rows, prows in _history_tiles(plan, lay):
-        r = rows.shape[0]
-        kj = k[b, h, ks:ke].to(ct) * mult  # the scale goes on the (small) key block, not the gathered queries
-        if q_flat.dtype == ct:
-            qs = torch.index_select(q_flat, 0, rows, out=scratch.get("q", (r, lay.d)))
-        else:
-            qs = q_flat.index_select(0, rows).to(ct)
-        s = torch.mm(qs, kj.transpose(0, 1), out=scratch.get("s", (r, ke - ks)))
-        if m4 is not None:
-            s.masked_fill_(~row_mask(m4, b, rows, lay.tq, lay.hq, ks, ke), float("-inf"))
-        e = s.exp2_()
-        sum_flat.index_add_(0, prows, torch.sum(e, 1, out=scratch.get("l", (r,))))
-        if acc_flat is not None:
-            acc_flat.index_add_(0, prows, torch.mm(e, v[b, h, ks:ke].to(ct), out=scratch.get("o", (r, lay.dv))))
+    _history_sums(q, k, v if acc is not None else None, plan, lay, row_sum.view(-1),
+                  acc.view(-1, lay.dv) if acc is not None else None, mask4(attn_mask), mult, scratch)
     return acc, row_sum
 
 
