@@ -64,3 +64,18 @@ def test_dispatch_modes_and_autograd_still_see_the_op():
     assert out.grad_fn is not None
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_meta_tensors_and_forward_ad_still_go_through_the_op():
+    """Meta tensors get the op's fake implementation (shape only), as before the eager shortcut;
+    inside a forward-AD level the op is used too, so every backend behaves alike there."""
+    q, k, v = (torch.empty(1, 2, 40, 8, device="meta") for _ in range(3))
+    assert not plain_eager(q, k, v)
+    out = mr.moba_attention(q, k, v, block_size=8, top_k=2)
+    assert out.shape == (1, 2, 40, 8) and out.is_meta
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = _inputs()
+    assert plain_eager(q, k, v)
+    with fwAD.dual_level():
+        assert not plain_eager(q, k, v)

@@ -84,4 +84,30 @@ def test_sequence_tensors_are_kept_only_off_side_streams(monkeypatch):
     monkeypatch.setattr(tl_, "_may_keep", lambda d: False)  # as on a side stream
     side = tl_._dense_seqs(2, 1, 41, dev)
     assert tl_._dense_seqs(2, 1, 41, dev)[1] is not side[1] and (2, 1, 41, dev) not in tl_._SEQ_TENSORS
-    assert tl_._dense_seqs(2, 1, 40, dev)[1] is first[1]  # what was kept before is still used
+    assert tl_._dense_seqs(2, 1, 40, dev)[1] is not first[1]  # nor are kept ones used there
+    assert tl_._dense_seqs(2, 1, 40, dev)[3].tolist() == [40, 40]
+
+
+def test_exact_ties_keep_the_lower_block_in_every_gate_and_the_reference():
+    """Blocks 2 and 5 hold the same keys (their gate scores tie exactly) and block 40 scores best:
+    with two picks one of the tied blocks must be evicted. The sequential gate, the decode gate's
+    merge, the reference and the torch backend all keep the lower index (2)."""
+    from moba_rewrite.kernels import torch_blocks
+
+    g = torch.Generator().manual_seed(0)
+    bs, d = 8, 16
+    k = torch.randn(1, 1, 48 * bs, d, generator=g) * 0.1
+    v = torch.randn(1, 1, 48 * bs, d, generator=g)
+    k[:, :, 5 * bs:6 * bs] = k[:, :, 2 * bs:3 * bs]
+    k[:, :, 40 * bs:41 * bs] = k[:, :, 2 * bs:3 * bs] * 2
+    q = (k[:, :, 2 * bs:3 * bs].mean(2, keepdim=True) * 40).contiguous()
+    kw = dict(block_size=bs, top_k=3, causal=True, scale=d ** -0.5, attn_mask=None)
+    p = dense_problem(q, k, v, **kw)
+    assert sorted(triton_gate.select_blocks(p).picks[0, 0].tolist()) == [2, 40]
+    want_sel = ref.block_selection(q, k, block_size=bs, top_k=3, causal=True, attn_mask=None)
+    assert want_sel[0, 0, 0].nonzero().flatten().tolist() == [2, 40, 47]
+    want = ref.forward(q, k, v, **kw)
+    torch.testing.assert_close(triton_attn.decode_forward(p, triton_gate.select_blocks(p, partial=True)), want,
+                               atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(triton_attn.decode_forward(p, triton_gate.select_blocks(p)), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(torch_blocks.forward(q, k, v, **kw), want, atol=2e-5, rtol=2e-5)

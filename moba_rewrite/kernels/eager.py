@@ -23,8 +23,10 @@ def plain_eager(*tensors: Tensor | None) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:  # a plain loop: this runs on every decode step
-        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
-            return False
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad) or t.is_meta):
+            return False  # meta tensors: the op's fake implementation answers them
+    if torch.autograd.forward_ad._current_level >= 0:  # dual tensors: one behaviour for all backends
+        return False
     return not (
         torch._C._len_torch_dispatch_stack() > 0
         or torch._C._is_torch_function_mode_enabled()

@@ -75,7 +75,9 @@ def block_selection(
     n_pick = min(top_k - 1, n_blocks)
     if n_pick > 0:
         scores = gate.masked_fill(~candidate, float("-inf"))
-        values, index = scores.topk(n_pick, dim=-1)
+        # exact ties go to the lower block index (a stable sort; topk's order among equals is unspecified)
+        values, index = scores.sort(dim=-1, descending=True, stable=True)
+        values, index = values[..., :n_pick], index[..., :n_pick]
         selected.scatter_(-1, index, values > float("-inf"))
     selected.scatter_(-1, own.expand(b, hq, tq)[..., None], True)
     return selected

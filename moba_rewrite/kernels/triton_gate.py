@@ -133,7 +133,9 @@ def _gate_topk_kernel(
         # (at most N_PICK rounds; late tiles usually need none or one).
         best, best_col = tl.max(s, axis=1, return_indices=True, return_indices_tie_break_left=True)
         while tl.max((best > worst).to(tl.int32)) > 0:
-            worst_slot = tl.argmin(topv, axis=1, tie_break_left=True)
+            # among equal worst scores evict the highest block index: ties keep the lower index,
+            # the order of every backend and of the decode gate's merge
+            worst_slot = tl.argmax(tl.where(topv == worst[:, None], topi, -2), axis=1, tie_break_left=True)
             repl = (best > worst)[:, None] & (slots[None, :] == worst_slot[:, None])
             topv = tl.where(repl, best[:, None], topv)
             topi = tl.where(repl, (n0 + best_col)[:, None].to(tl.int32), topi)
@@ -167,6 +169,8 @@ class Selection:
 
     @property
     def slots(self) -> int:  # KS: own block + KP pick slots
+        if self.part_picks is not None:
+            raise ValueError("a partial (decode) selection has no per-row picks: only decode_forward merges them")
         return 1 + self.picks.shape[-1]
 
 

@@ -136,31 +136,31 @@ _SEQ_TENSORS: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
 
 def _dense_seqs(b: int, tq: int, tk: int, dev: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(q_start, q_len, k_start, k_len) of a dense batch. Eager calls reuse them per shape (each is
-    a fill launch, a cost that decode steps notice); traced or graph-captured calls build fresh ones."""
+    """(q_start, q_len, k_start, k_len) of a dense batch. Eager calls on the default stream reuse
+    them per shape (each is a fill launch, a cost that decode steps notice); traced, graph-captured
+    and side-stream calls build fresh ones."""
     def build():
         zeros = torch.zeros(b, dtype=torch.int32, device=dev)
         return (zeros, torch.full((b,), tq, dtype=torch.int32, device=dev), zeros,
                 torch.full((b,), tk, dtype=torch.int32, device=dev))
 
-    if _tracing() or capturing(dev):
+    if _tracing() or capturing(dev) or not _may_keep(dev):
         return build()
     key = (b, tq, tk, dev)
     seqs = _SEQ_TENSORS.get(key)
     if seqs is None:
-        seqs = build()
-        if _may_keep(dev):
-            if len(_SEQ_TENSORS) >= 256:  # a bounded cache: growing prompts make new shapes every step
-                _SEQ_TENSORS.clear()
-            _SEQ_TENSORS[key] = seqs
+        if len(_SEQ_TENSORS) >= 256:  # a bounded cache: growing prompts make new shapes every step
+            _SEQ_TENSORS.clear()
+        seqs = _SEQ_TENSORS[key] = build()
     return seqs
 
 
 def _may_keep(dev: torch.device) -> bool:
-    """May memory allocated now be kept alive between calls? Not on a side CUDA stream: CUDA-graph
+    """May tensors kept between calls be used and made now? Not on a side CUDA stream: CUDA-graph
     warm-ups run there (torch.compile's cudagraph trees, `torch.cuda.graph` recipes) with
     allocations routed to the graph's private pool, where a tensor we keep would be rejected
-    ("tensors in the cudagraph pool not tracked as outputs") or overwritten."""
+    ("tensors in the cudagraph pool not tracked as outputs") or overwritten; and a kept tensor
+    read on another stream could be freed (cache cleared) while that stream still reads it."""
     return dev.type != "cuda" or torch.cuda.current_stream(dev) == torch.cuda.default_stream(dev)
 
 
