@@ -111,3 +111,14 @@ def test_exact_ties_keep_the_lower_block_in_every_gate_and_the_reference():
                                atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(triton_attn.decode_forward(p, triton_gate.select_blocks(p)), want, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(torch_blocks.forward(q, k, v, **kw), want, atol=2e-5, rtol=2e-5)
+
+
+def test_many_picks_cap_the_ranges_so_each_decode_program_merges_a_bounded_list(monkeypatch):
+    """top_k = 40 over 80 blocks: 39 picks take 64 slots, so a cap of 128 candidates allows only 2
+    block ranges (5 without the cap); the merge still ranks the right blocks."""
+    monkeypatch.setattr(triton_gate, "_MAX_MERGE_CANDIDATES", 128)  # 2 ranges of 64 slots here
+    q, k, v, kw = _decode_problem(5, b=1, hq=2, hkv=1, tk=640, top_k=40)
+    p = dense_problem(q, k, v, **kw)
+    part = triton_gate.select_blocks(p, partial=True)
+    assert part.part_picks.shape[2] == 2 and part.part_picks.shape[3] == 64
+    torch.testing.assert_close(triton_attn.decode_forward(p, part), ref.forward(q, k, v, **kw), atol=2e-5, rtol=2e-5)

@@ -174,7 +174,8 @@ class Selection:
         return 1 + self.picks.shape[-1]
 
 
-_MAX_GATE_SPLITS = 64  # block ranges of a partial (decode) gate
+_MAX_GATE_SPLITS = 64  # block ranges of a partial (decode) gate ...
+_MAX_MERGE_CANDIDATES = 256  # ... and candidates (ranges x pick slots) each decode program merges
 
 
 def gate_config(device: torch.device, d: int, rows: int | None = None) -> tuple[int, int, int, int]:
@@ -250,7 +251,7 @@ def select_blocks(p: Problem, block_m: int | None = None, means: Tensor | None =
     bps = -(-p.n_blocks // block_n) * block_n
     nsplit = 1
     if partial:
-        nsplit = min(-(-p.n_blocks // block_n), _MAX_GATE_SPLITS)
+        nsplit = min(-(-p.n_blocks // block_n), _MAX_GATE_SPLITS, max(1, _MAX_MERGE_CANDIDATES // kp))
         bps = -(-(-(-p.n_blocks // nsplit)) // block_n) * block_n
         nsplit = -(-p.n_blocks // bps)
     shape = (p.batch * p.hkv, rp, nsplit, kp) if partial else (p.batch * p.hkv, rp, kp)
