@@ -59,7 +59,7 @@ def _masked_scores(q, kt, cols, hi, ok, pos, t, hq, b, MASK, smb, smh, smt, smk,
     return tl.where(allowed, s, float("-inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BH0", "BH1"])  # window bounds: one compiled variant for every window
 def _fwd_kernel(
     Q, K, V, O32, LSE_PART, ROW_LSE, MASK,
     WORK_IDX, WORK_CHUNK, ITEM_START, OFFSETS, ENTRY_ROW, ENTRY_SRC, ROW_SUM, ROW_MAX, ROW_FILTER,
@@ -178,7 +178,7 @@ def _row_ptrs(base, b, hq, t, qs, sb, sh, st, offs_d):
     return base + b.to(tl.int64) * sb + hq.to(tl.int64)[:, None] * sh + (qs + t)[:, None] * st + offs_d[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BH0"])
 def _fwd_finish_kernel(
     O32, O, ROW_SUM, ROW_MAX, ROW_REF, ROW_LSE, BAD, q_start, q_len, sob, soh, sot, so2b, so2h, so2t,
     H_KV, G, RP, BH0, obase, SAFE_HI, SAFE_LO,
