@@ -20,7 +20,9 @@ from torch import Tensor
 # Elements per temporary: gate chunk, mask chunk (about 4 MiB in fp32).
 _CHUNK_ELEMS = 1 << 20
 # Query rows (x batch x heads) a gate chunk should reach before another op round is worth it.
-_MIN_CHUNK_ROWS = 2048
+# 8192 (was 2048): a split worker at 8K x 2 heads gates in 2 chunks of 8 blocks instead of 8
+# of 2 (~30 tensor calls each, the extra candidates of the bigger chunks are cheap fills).
+_MIN_CHUNK_ROWS = 8192
 
 
 # Largest buffer (elements) a thread keeps between calls; bigger ones are allocated per call.
