@@ -256,3 +256,16 @@ def test_split_thresholds_forward_and_backward():
         assert torch_blocks._split_plan(big_q, big_k, torch_blocks._SPLIT_MIN_ROWS_BACKWARD)[1]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_history_scores_ignore_stale_scratch():
+    """Scores, row sums and tile outputs live in per-thread scratch buffers reused across calls:
+    NaN left there by earlier work must not reach the output."""
+    torch.manual_seed(5)  # 45 tokens: the last key block is partial (padded rows in the chunk buffers)
+    q, k, v = torch.randn(1, 2, 45, 16), torch.randn(1, 2, 45, 16), torch.randn(1, 2, 45, 16)
+    kw = dict(block_size=8, top_k=3, causal=True, scale=0.25, attn_mask=None)
+    scratch = torch_select.Scratch.for_thread(torch.float32, "cpu")
+    for name in ("s", "q", "l", "o", "qc", "kc", "vc"):
+        scratch.get(name, (1 << 16,)).fill_(float("nan"))
+    got = torch_fast.forward(q, k, v, **kw)
+    torch.testing.assert_close(got, reference.forward(q, k, v, **kw), rtol=2e-5, atol=2e-5)
