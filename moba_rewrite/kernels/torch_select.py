@@ -145,8 +145,9 @@ def _query_chunks(tq: int, offset: int, block_size: int, max_rows: int, min_rows
 def _top_blocks(gate_t: Tensor, kp: int, work: Tensor) -> Tensor:
     """Indices of the `kp` largest entries along dim -2 of a block-major gate `[..., w, c]`.
 
-    Returns `[..., kp, c]` int64, -1 where fewer than `kp` finite entries exist; ties go to the
-    lower block index. For small `kp` this is `kp` rounds of `amax` plus a few arithmetic
+    Returns `[..., kp, c]` int64, -1 where fewer than `kp` finite entries exist; for `kp <= 3`
+    exact ties go to the lower block index (the rule of the reference and the Triton gates);
+    beyond that `topk` decides (a stable sort was 20x slower). For small `kp` this is `kp` rounds of `amax` plus a few arithmetic
     passes (vectorised across queries in this layout; comparisons producing bool tensors and
     `topk` along the short block axis are several times slower on CPU). `gate_t` is
     overwritten; `work` is a flat scratch buffer of at least `gate_t.numel()` elements.
