@@ -147,8 +147,8 @@ def _top_blocks(gate_t: Tensor, kp: int, work: Tensor) -> Tensor:
 
     Returns `[..., kp, c]` int64, -1 where fewer than `kp` finite entries exist; for `kp <= 3`
     exact ties go to the lower block index (the rule of the reference and the Triton gates);
-    beyond that `topk` decides (a stable sort was 20x slower). For small `kp` this is `kp` rounds of `amax` plus a few arithmetic
-    passes (vectorised across queries in this layout; comparisons producing bool tensors and
+    beyond that `topk` decides (a stable sort was 20x slower). For small `kp` this is `kp`
+    rounds of `amax` plus a few arithmetic passes (vectorised across queries in this layout; comparisons producing bool tensors and
     `topk` along the short block axis are several times slower on CPU). `gate_t` is
     overwritten; `work` is a flat scratch buffer of at least `gate_t.numel()` elements.
     """

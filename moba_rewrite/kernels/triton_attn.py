@@ -465,23 +465,32 @@ class Window:
     strides: Seqs | None = None
 
 
+def _bh_out_elems(p: Problem) -> int:
+    """Elements of a dense output `[B, Hq, Tq, D]` per (batch, KV head) row: its G query heads."""
+    return p.group * p.max_tq * p.d
+
+
 def windows(p: Problem, budget_bytes: int) -> list[Window]:
     """Windows whose fp32 accumulators fit `budget_bytes` (at least one bh each); one window
     over everything when the budget is 0, the layout packed (varlen) or it all fits."""
-    bh = p.batch * p.hkv
-    per_bh = p.group * p.max_tq * p.d * 4
-    if not budget_bytes or p.varlen or bh * per_bh <= budget_bytes:
+    bh, per_bh = p.batch * p.hkv, _bh_out_elems(p)
+    if not budget_bytes or p.varlen or bh * per_bh * 4 <= budget_bytes:
         return [Window(0, bh, 0)]
-    step = max(1, budget_bytes // per_bh)
+    step = max(1, budget_bytes // (per_bh * 4))
     full = Seqs(p.hq * p.max_tq * p.d, p.max_tq * p.d, p.d)  # a contiguous [B, Hq, Tq, D]
-    return [Window(a, min(a + step, bh), a * p.group * p.max_tq * p.d, full) for a in range(0, bh, step)]
+    return [Window(a, min(a + step, bh), a * per_bh, full) for a in range(0, bh, step)]
 
 
 def _window_acc(p: Problem, w: Window) -> Tensor:
     """The zeroed fp32 accumulator of window `w` (the whole output-shaped tensor for one window)."""
     if w.strides is None:
         return p.new_out(torch.float32)
-    return torch.zeros((w.bh1 - w.bh0) * p.group * p.max_tq * p.d, dtype=torch.float32, device=p.q.device)
+    return torch.zeros((w.bh1 - w.bh0) * _bh_out_elems(p), dtype=torch.float32, device=p.q.device)
+
+
+def _items_per_bh(p: Problem, sel: Selection, block_m: int) -> int:
+    """A bound on one bh's work items: the row chunks of all its CSR entries plus one per block."""
+    return -(-sel.entry_row.shape[1] // block_m) + p.n_blocks
 
 
 def _work_list(p: Problem, sel: Selection, block_m: int) -> Work:
@@ -494,8 +503,7 @@ def _work_list(p: Problem, sel: Selection, block_m: int) -> Work:
     per_bh_end = cum.view(bh, -1)[:, -1]
     item_start = torch.cat([per_bh_end.new_zeros(1), per_bh_end]).to(torch.int32)
     n_items = bh * p.n_blocks
-    entries = sel.entry_row.shape[1]
-    upper = max(1, bh * (-(-entries // block_m) + p.n_blocks))  # a bound: no host sync on GPU
+    upper = max(1, bh * _items_per_bh(p, sel, block_m))  # a bound: no host sync on GPU
     if interpreted(p.q.device) and not _tracing():
         upper = max(1, int(chunks.sum()))  # exact on CPU: the interpreter pays for every empty program
     w = torch.arange(upper, device=counts.device)
@@ -515,8 +523,10 @@ def key_splits(p: Problem) -> int:
     return max(1, -(-p.block_size // 128))
 
 
-def _span(p: Problem, nsplit: int) -> int:
-    _, block_n = attn_tiles(p)
+def _span(p: Problem, nsplit: int, block_n: int | None = None) -> int:
+    """Keys of a block per program when it is cut into `nsplit` spans: an even share, in whole
+    `block_n` tiles on GPU (default: the forward kernels' BLOCK_N)."""
+    block_n = block_n or attn_tiles(p)[1]
     span = -(-p.block_size // nsplit)
     return span if interpreted(p.q.device) else -(-span // block_n) * block_n
 
@@ -558,8 +568,7 @@ def _launch_fwd(p: Problem, sel: Selection, mode: int, o32: Tensor, lse_part: Te
         window, so = window or Window(0, bh, 0), p.out_strides(o32)
     else:
         so = window.strides
-        # per-bh item bound (as `_work_list`'s): blocks plus the chunks of all of a bh's entries
-        upper = (window.bh1 - window.bh0) * (-(-sel.entry_row.shape[1] // block_m) + p.n_blocks)
+        upper = (window.bh1 - window.bh0) * _items_per_bh(p, sel, block_m)
     dummy = lse_part
     launch(_fwd_kernel)[(upper, nsplit)](
         p.q, p.k, p.v, o32, lse_part, lse, mask, idx, chunk, item_start, sel.offsets, sel.entry_row, sel.entry_src,
@@ -589,9 +598,7 @@ def decode_forward(p: Problem, sel: Selection) -> Tensor:
     span, block_n, warps, stages = decode_config(p)
     block_d = max(16, next_pow2(p.d))
     nsplit = -(-p.block_size // span)
-    span = -(-p.block_size // nsplit)  # an even share of the block per program ...
-    if not interpreted(p.q.device):
-        span = -(-span // block_n) * block_n  # ... in whole BLOCK_N tiles on GPU
+    span = _span(p, nsplit, block_n)
     merge = sel.part_picks is not None
     kp = sel.n_pick if merge else sel.picks.shape[-1]  # pick slots (a merge ranks exactly n_pick)
     n_cand = sel.part_picks[0, 0].numel() if merge else kp

@@ -7,8 +7,9 @@ Each kernel family has a built-in default chosen from GPU timings (`benchmarks/R
 
 (`BLOCK_M,BLOCK_N,num_warps,num_stages` per family; `gate_decode` is the gate of calls with at
 most 16 rows per KV head (decode: one query times the GQA group); `decode` is the split-KV
-decode kernel's `SPAN,BLOCK_N,num_warps,num_stages`, SPAN keys of a block per program; `gate_prec` is `tf32x3`, `split3` or
-`ieee` for bf16/fp16 inputs; `fwd_mode` is `single` or `two_pass`). `fwd_piece_mib=N` bounds
+decode kernel's `SPAN,BLOCK_N,num_warps,num_stages`, SPAN keys of a block per program;
+`gate_prec` is `tf32x3`, `split3` or `ieee` for bf16/fp16 inputs; `fwd_mode` is `single` or
+`two_pass`). `fwd_piece_mib=N` bounds
 the forward's fp32 output accumulator (2x a bf16 output) to about N MiB: the attention kernels
 run over windows of (batch, KV head) rows, each with its own accumulator, after one gate and
 routing for all; 0: one window (default `FWD_PIECE_MIB`).

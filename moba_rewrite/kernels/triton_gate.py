@@ -167,12 +167,6 @@ class Selection:
     part_picks: Tensor | None = None  # int32 [B*Hkv, RP, splits, KP]: per block range (partial gate)
     part_scores: Tensor | None = None  # fp32, same shape: their gate scores (-inf = none)
 
-    @property
-    def slots(self) -> int:  # KS: own block + KP pick slots
-        if self.part_picks is not None:
-            raise ValueError("a partial (decode) selection has no per-row picks: only decode_forward merges them")
-        return 1 + self.picks.shape[-1]
-
 
 _MAX_GATE_SPLITS = 64  # block ranges of a partial (decode) gate ...
 _MAX_MERGE_CANDIDATES = 256  # ... and candidates (ranges x pick slots) each decode program merges
