@@ -28,10 +28,11 @@ if SMOKE:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from moba_rewrite.kernels import reference, triton_attn, triton_backend, triton_gate  # noqa: E402
+from moba_rewrite.kernels import reference  # noqa: E402
+from moba_rewrite.kernels.triton import attn as triton_attn, backend as triton_backend, gate as triton_gate  # noqa: E402
 from moba_rewrite.kernels import load_backend  # noqa: E402
-from moba_rewrite.kernels.triton_layout import dense_problem  # noqa: E402
-from moba_rewrite.varlen import moba_attention_varlen  # noqa: E402
+from moba_rewrite.kernels.triton.layout import dense_problem  # noqa: E402
+from moba_rewrite.attention.varlen import moba_attention_varlen  # noqa: E402
 from moba_rewrite import moba_attention  # noqa: E402
 
 DEV = torch.device("cpu" if SMOKE else "cuda")
@@ -343,7 +344,7 @@ def prefill_case(label, b, h, t, d, bs, top_k, fwd_bwd: bool, with_torch: bool, 
                   f" ({(t_sdpa - f_sdpa) / max(t_ours - f_ours, 1e-9):.2f}x)", flush=True)
             entry.update(fwd_ours_ms=f_ours, fwd_sdpa_ms=f_sdpa)
         if not fwd_bwd:  # the fp32 accumulator's bound (fwd_piece_mib, default above): memory against speed
-            from moba_rewrite.kernels import triton_configs
+            from moba_rewrite.kernels.triton import configs as triton_configs
 
             for mib in (0, 64):
                 triton_configs.OVERRIDES["fwd_piece_mib"] = mib
@@ -388,7 +389,7 @@ def graphed(fn):
 def _tile_sweep(family: str, configs, step, check, reps: int) -> None:
     """GPU time of `step` under CUDA graphs with each launch config of `family`, side by side,
     plus `check()`'s line (agreement with the default config)."""
-    from moba_rewrite.kernels import triton_configs
+    from moba_rewrite.kernels.triton import configs as triton_configs
 
     for cfg in configs:
         triton_configs.OVERRIDES[family] = cfg
@@ -564,7 +565,7 @@ def sweep_configs(deadline: float) -> None:
     """Time candidate launch configs of the gate, forward and backward kernels side by side on the
     issue's two prefill settings, reject any whose results differ from the default's, and keep the
     fastest (mean time ratio to the default over both settings) for the rest of the run."""
-    from moba_rewrite.kernels import triton_configs
+    from moba_rewrite.kernels.triton import configs as triton_configs
 
     problems = [("block 512 top-3 T=128K B=1", 1, scaled(128 * K), sz(512, 16), 3),
                 ("block 128 top-8 T=64K B=2", 2, scaled(64 * K), sz(128, 16), 8)]
@@ -844,7 +845,7 @@ def main() -> None:
             print(f"  {r['case'][:62]:<62} {'PASS' if r['pass'] else 'FAIL'}")
         elif "error" in r:
             print(f"  {r['case'][:62]:<62} ERROR")
-    from moba_rewrite.kernels import triton_configs
+    from moba_rewrite.kernels.triton import configs as triton_configs
 
     if triton_configs.OVERRIDES:
         print(f"  configs: {triton_configs.OVERRIDES}")

@@ -27,8 +27,8 @@ _LAZY = {
     "find_sites": "moba_rewrite.api",
     "load": "moba_rewrite.checkpoints",
     "RewriteReport": "moba_rewrite.report",
-    "moba_attention_varlen": "moba_rewrite.varlen",
-    "key_block_means": "moba_rewrite.block_means",
+    "moba_attention_varlen": "moba_rewrite.attention.varlen",
+    "key_block_means": "moba_rewrite.attention.block_means",
 }
 
 __all__ = ["moba_attention", "__version__", *_LAZY]

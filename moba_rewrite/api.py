@@ -30,7 +30,7 @@ table), `.to_json()`, `.to_dict()`, `RewriteReport.from_dict()`, `report[name_or
 
 Which machinery a model gets (docs/REWRITING.md):
 - Hugging Face models on the AttentionInterface: the `moba_sdpa` / `moba_eager` attention
-  functions (`moba_rewrite.hf`); generate() and the KV cache keep working.
+  functions (`moba_rewrite.integrations.hf`); generate() and the KV cache keep working.
 - other modules: `nn.MultiheadAttention` is swapped for `MobaMultiheadAttention`; modules
   calling SDPA or hand-written attention are traced with torch.fx and get the rewritten
   graph as their forward (`passes.eager`).
@@ -47,7 +47,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from moba_rewrite import hf
+from moba_rewrite.integrations import hf
 from moba_rewrite.report import ReportRow, RewriteReport
 from passes import detect, eager, find_mha
 from passes.found import FoundSite, number_sites

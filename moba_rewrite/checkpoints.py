@@ -386,7 +386,7 @@ def read_checkpoint(path: str | os.PathLike, *, config: str | os.PathLike | None
                                                attn_implementation=attn_implementation)
         return Checkpoint("pickle" if pickled else "state-dict", p, model, cfg)
     if kind == "pt2":
-        import moba_rewrite.op  # noqa: F401  (programs may hold moba nodes)
+        import moba_rewrite.attention.op  # noqa: F401  (programs may hold moba nodes)
 
         try:
             ep = torch.export.load(str(p))
@@ -394,7 +394,7 @@ def read_checkpoint(path: str | os.PathLike, *, config: str | os.PathLike | None
             raise CorruptCheckpoint(p, f"expected a torch.export program ({_first_line(exc)})") from exc
         return Checkpoint(kind, p, ep)
     if kind == "aoti":
-        import moba_rewrite.op  # noqa: F401  (the package calls moba::attention)
+        import moba_rewrite.attention.op  # noqa: F401  (the package calls moba::attention)
 
         try:
             runner = torch._inductor.aoti_load_package(str(p))

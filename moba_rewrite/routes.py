@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import moba_rewrite.op  # noqa: F401  (registers torch.ops.moba)
+import moba_rewrite.attention.op  # noqa: F401  (registers torch.ops.moba)
 from moba_rewrite.kernels.reference import block_selection
 
 

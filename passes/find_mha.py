@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import moba_rewrite.op  # noqa: F401
+import moba_rewrite.attention.op  # noqa: F401
 from passes.runtime import HIDDEN_BELOW, UnfaithfulSiteError
 from passes.sites import AttentionSite
 

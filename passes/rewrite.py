@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-import moba_rewrite.op  # noqa: F401  (registers torch.ops.moba)
+import moba_rewrite.attention.op  # noqa: F401  (registers torch.ops.moba)
 from passes import fxutil
 from passes.found import FoundSite
 from passes.runtime import HIDDEN_BELOW, site_attention

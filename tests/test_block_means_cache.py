@@ -11,7 +11,7 @@ import torch
 
 import moba_rewrite as mr
 from moba_rewrite.kernels import reference as ref
-from moba_rewrite.kernels import triton_backend as tb
+from moba_rewrite.kernels.triton import backend as tb
 
 BACKENDS = ["reference", "torch"] + (["triton"] if tb.is_available() else [])
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 import moba_rewrite as mr
-from moba_rewrite import checkpoints, cli, demo
+from moba_rewrite import checkpoints, cli
+from moba_rewrite.cli import demo
 
 
 def test_demo_end_to_end(tmp_path, capsys):

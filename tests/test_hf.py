@@ -1,6 +1,6 @@
 """Hugging Face models (transformers classes from tiny configs, random weights, no downloads).
 
-The oracle is independent of moba_rewrite.hf: a test-only attention function registered in
+The oracle is independent of moba_rewrite.integrations.hf: a test-only attention function registered in
 transformers' AttentionInterface that, for the layers the test picks, runs the dense
 `reference` MoBA with a mask the test builds itself from the 2-D padding mask (causal via
 the reference's own `causal=True`), and calls transformers' original function for the rest.
@@ -16,7 +16,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 import moba_rewrite as mr
 from moba_rewrite import api
-from moba_rewrite.hf import HFUnsupportedError
+from moba_rewrite.integrations.hf import HFUnsupportedError
 from moba_rewrite.kernels import reference
 
 SEQ, BLOCK = 32, 8

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-from moba_rewrite import policy as pol
+from moba_rewrite.policy import core as pol
 from moba_rewrite.policy import (
     Decision, Policy, PolicyError, Settings, dump_policy, load_policy, policy_schema,
     starter_policy_yaml,
@@ -24,7 +24,7 @@ from moba_rewrite.policy import (
 from passes.sites import AttentionSite
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples" / "policies").glob("*.yaml"))
-SCHEMA_FILE = Path(pol.__file__).with_name("policy.schema.json")
+SCHEMA_FILE = Path(pol.__file__).with_name("schema.json")
 
 
 def make_sites() -> list[AttentionSite]:

@@ -11,7 +11,7 @@ import jsonschema
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moba_rewrite.policy import ENUMS, SETTINGS_FIELDS, Decision, PolicyError, load_policy, policy_schema
+from moba_rewrite.policy.core import ENUMS, SETTINGS_FIELDS, Decision, PolicyError, load_policy, policy_schema
 from passes.sites import AttentionSite
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import moba_rewrite
-from moba_rewrite.kernels import reference, torch_blocks, torch_fast, torch_online, torch_select
+from moba_rewrite.kernels import reference
+from moba_rewrite.kernels.torch import blocks as torch_blocks, fast as torch_fast, online as torch_online, select as torch_select
 
 
 @dataclass

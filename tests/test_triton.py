@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 from moba_rewrite import moba_attention  # noqa: E402
 from moba_rewrite.kernels import reference as ref  # noqa: E402
-from moba_rewrite.kernels import triton_backend as tb  # noqa: E402
+from moba_rewrite.kernels.triton import backend as tb  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not tb.is_available(), reason=tb.unavailable_reason() or "triton unavailable")
 
@@ -197,7 +197,7 @@ import os, sys
 os.environ.pop("TRITON_INTERPRET", None)  # compiled-kernel mode: the ops are triton_ops using wrap_triton
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
-from moba_rewrite.kernels import triton_backend as tb
+from moba_rewrite.kernels.triton import backend as tb
 assert not tb.interpreter_active()
 q, k, v = torch.randn(2, 4, 100, 64), torch.randn(2, 2, 100, 64), torch.randn(2, 2, 100, 64)
 mask = torch.ones(100, 100, dtype=torch.bool).tril()

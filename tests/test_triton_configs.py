@@ -2,7 +2,7 @@
 
 import pytest
 
-from moba_rewrite.kernels import triton_configs
+from moba_rewrite.kernels.triton import configs as triton_configs
 
 
 def test_overrides_parse_into_tuples_and_names():

@@ -12,13 +12,13 @@ import torch
 pytest.importorskip("triton")
 
 from moba_rewrite.kernels import reference as ref  # noqa: E402
-from moba_rewrite.kernels import triton_backend as tb  # noqa: E402
+from moba_rewrite.kernels.triton import backend as tb  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not tb.is_available(), reason=tb.unavailable_reason() or "triton unavailable")
 
 if tb.is_available():
-    from moba_rewrite.kernels import triton_attn, triton_gate  # noqa: E402
-    from moba_rewrite.kernels.triton_layout import dense_problem  # noqa: E402
+    from moba_rewrite.kernels.triton import attn as triton_attn, gate as triton_gate  # noqa: E402
+    from moba_rewrite.kernels.triton.layout import dense_problem  # noqa: E402
 
 
 def _decode_problem(seed, *, b=2, hq=4, hkv=2, tk=320, d=16, bs=8, top_k=4, causal=True, k=None, v=None):
@@ -75,7 +75,7 @@ def test_decode_through_the_backend_uses_the_split_gate(monkeypatch):
 def test_sequence_tensors_are_kept_only_off_side_streams(monkeypatch):
     """Per-shape sequence tensors are cached between eager calls, except when allocated on a side
     CUDA stream (where CUDA-graph warm-ups allocate from the graph's private pool)."""
-    from moba_rewrite.kernels import triton_layout as tl_
+    from moba_rewrite.kernels.triton import layout as tl_
 
     monkeypatch.setattr(tl_, "_SEQ_TENSORS", {})
     dev = torch.device("cpu")
@@ -92,7 +92,7 @@ def test_exact_ties_keep_the_lower_block_in_every_gate_and_the_reference():
     """Blocks 2 and 5 hold the same keys (their gate scores tie exactly) and block 40 scores best:
     with two picks one of the tied blocks must be evicted. The sequential gate, the decode gate's
     merge, the reference and the torch backend all keep the lower index (2)."""
-    from moba_rewrite.kernels import torch_blocks
+    from moba_rewrite.kernels.torch import blocks as torch_blocks
 
     g = torch.Generator().manual_seed(0)
     bs, d = 8, 16

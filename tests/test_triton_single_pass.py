@@ -11,13 +11,13 @@ import torch
 pytest.importorskip("triton")
 
 from moba_rewrite.kernels import reference as ref  # noqa: E402
-from moba_rewrite.kernels import triton_backend as tb  # noqa: E402
+from moba_rewrite.kernels.triton import backend as tb  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not tb.is_available(), reason=tb.unavailable_reason() or "triton unavailable")
 
 if tb.is_available():
-    from moba_rewrite.kernels import triton_attn, triton_configs, triton_gate  # noqa: E402
-    from moba_rewrite.kernels.triton_layout import dense_problem  # noqa: E402
+    from moba_rewrite.kernels.triton import attn as triton_attn, configs as triton_configs, gate as triton_gate  # noqa: E402
+    from moba_rewrite.kernels.triton.layout import dense_problem  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
 
@@ -101,7 +101,7 @@ def test_two_pass_mode_can_be_chosen_and_agrees():
 def test_outputs_left_uninitialised_are_fully_written(monkeypatch, tq):
     """The dense output buffers are not zeroed (the kernels store every row): poison them with NaN
     and check every element was overwritten with the right value."""
-    from moba_rewrite.kernels.triton_layout import Problem
+    from moba_rewrite.kernels.triton.layout import Problem
 
     original = Problem.new_out
 

@@ -9,7 +9,7 @@ import torch
 
 from moba_rewrite import moba_attention  # noqa: E402
 from moba_rewrite.kernels import BackendUnavailable  # noqa: E402
-from moba_rewrite.varlen import moba_attention_varlen  # noqa: E402
+from moba_rewrite.attention.varlen import moba_attention_varlen  # noqa: E402
 
 TOL = {torch.float32: dict(atol=3e-5, rtol=3e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
 
@@ -76,7 +76,7 @@ TRITON_CASES = {
 @pytest.mark.parametrize("name", list(TRITON_CASES))
 def test_triton_varlen_matches_reference(name):
     pytest.importorskip("triton")
-    from moba_rewrite.kernels import triton_backend as tb
+    from moba_rewrite.kernels.triton import backend as tb
 
     if not tb.is_available():
         pytest.skip(tb.unavailable_reason())
@@ -185,7 +185,7 @@ def _standin_bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_s
 def test_flash_attn_algorithm_with_torch_standin(monkeypatch, causal):
     pytest.importorskip("triton")
     from moba_rewrite.kernels import flash_attn as fa
-    from moba_rewrite.kernels import triton_backend as tb
+    from moba_rewrite.kernels.triton import backend as tb
 
     if not tb.is_available():
         pytest.skip(tb.unavailable_reason())

@@ -1,5 +1,5 @@
 """Glue for `demo`, `routes` and `bench`: each hands its flags to the module that does the work
-(moba_rewrite.demo, moba_rewrite.routes, benchmarks/bench_attention.py or the built-in table)."""
+(moba_rewrite.cli.demo, moba_rewrite.routes, benchmarks/bench_attention.py or the built-in table)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from moba_rewrite.cli.output import progress_for, say
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from moba_rewrite import demo
+    from moba_rewrite.cli import demo
 
     demo.run(out_dir=args.out, seq_len=args.seq_len, quiet=args.quiet, progress=not args.no_progress,
              force=args.force, onnx=not args.no_onnx)

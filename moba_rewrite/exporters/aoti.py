@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch.export import ExportedProgram
 
-import moba_rewrite.op  # noqa: F401  (the package calls moba::attention)
+import moba_rewrite.attention.op  # noqa: F401  (the package calls moba::attention)
 
 
 def save_aoti(program: ExportedProgram, path: str | os.PathLike) -> None:

@@ -36,7 +36,7 @@ import onnxscript
 import torch
 from onnxscript import opset20 as op
 
-import moba_rewrite.op  # noqa: F401  (registers torch.ops.moba)
+import moba_rewrite.attention.op  # noqa: F401  (registers torch.ops.moba)
 
 DOMAIN = "com.moba_rewrite"
 OP_NAME = "Attention"

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import ExportedProgram
 
-import moba_rewrite.op  # noqa: F401  (registers torch.ops.moba before loading programs)
+import moba_rewrite.attention.op  # noqa: F401  (registers torch.ops.moba before loading programs)
 from moba_rewrite.exporters.common import exportable, seq_dynamic_shapes
 
 

@@ -1,63 +1,17 @@
-"""Backend registry: one module per backend, each exposing `forward` and `backward`.
+"""Kernel backends behind the `moba::attention` op, each exposing `forward` and `backward`.
 
-See docs/ARCHITECTURE.md for the contract every backend module fulfils.
+- `registry`: backend names, `resolve_backend` (`auto` -> a backend for the device),
+  `load_backend`;
+- `reference`: dense masked MoBA, the definition every other backend is tested against;
+- `eager`: when a call may skip the torch.library dispatcher (plain eager inference);
+- `torch/`: the memory-efficient pure PyTorch backend (CPU default, GPU fallback);
+- `triton/`: the fused GPU kernels and their launch configs;
+- `flash_attn`: the paper's algorithm on flash-attn's varlen kernels (when installed).
+
+The contract every backend fulfils is in docs/ARCHITECTURE.md. May import: torch, triton,
+flash_attn, and modules of this package. Nothing else of moba_rewrite.
 """
 
-from __future__ import annotations
+from moba_rewrite.kernels.registry import BACKENDS, BackendUnavailable, load_backend, resolve_backend
 
-import importlib
-from types import ModuleType
-
-import torch
-
-BACKENDS: tuple[str, ...] = ("auto", "reference", "torch", "triton", "flash_attn")
-_MODULES = {
-    "reference": "moba_rewrite.kernels.reference",
-    "torch": "moba_rewrite.kernels.torch_blocks",
-    "triton": "moba_rewrite.kernels.triton_backend",
-    "flash_attn": "moba_rewrite.kernels.flash_attn",
-}
-
-
-_LOADED: dict[str, ModuleType] = {}  # imported once: this runs on every call
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend was asked for by name but cannot run here (missing package or device)."""
-
-
-def resolve_backend(name: str, device: torch.device, q=None, k=None, attn_mask=None) -> str:
-    """Turn `auto` into the best backend that can run this call on `device`.
-
-    On CUDA that is `triton` when it is importable and supports the call (dtype, head dim;
-    given `q`/`k`), else `torch`; on other devices `torch`. Named backends pass through
-    unchanged and raise their own clear error if they cannot run the call.
-    """
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        try:
-            triton = load_backend("triton")
-        except BackendUnavailable:
-            return "torch"
-        if q is None or triton.supports(q, k, attn_mask):
-            return "triton"
-    return "torch"
-
-
-def load_backend(name: str) -> ModuleType:
-    """The kernel module for a concrete backend name."""
-    module = _LOADED.get(name)
-    if module is None:
-        if name not in _MODULES:
-            raise ValueError(f"unknown MoBA backend {name!r}; expected one of {', '.join(BACKENDS)}")
-        try:
-            module = importlib.import_module(_MODULES[name])
-        except ImportError as exc:
-            raise BackendUnavailable(f"MoBA backend {name!r} is not available here: {exc}") from exc
-        _LOADED[name] = module
-    available = getattr(module, "is_available", None)
-    if available is not None and not available():
-        reason = getattr(module, "unavailable_reason", lambda: "its requirements are not met")()
-        raise BackendUnavailable(f"MoBA backend {name!r} is not available here: {reason}")
-    return module
+__all__ = ["BACKENDS", "BackendUnavailable", "load_backend", "resolve_backend"]

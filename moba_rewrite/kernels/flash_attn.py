@@ -80,8 +80,8 @@ class _Plan:
     """Index bookkeeping of the two flash-attn calls for one packed problem."""
 
     def __init__(self, q, k, cu_q, cu_k, block_size, top_k, causal):
-        from moba_rewrite.kernels import triton_gate
-        from moba_rewrite.kernels.triton_layout import varlen_problem
+        from moba_rewrite.kernels.triton import gate as triton_gate
+        from moba_rewrite.kernels.triton.layout import varlen_problem
 
         dev = q.device
         p = varlen_problem(q, k, k, cu_q, cu_k, block_size=block_size, top_k=top_k, causal=causal, scale=1.0)

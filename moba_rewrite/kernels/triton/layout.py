@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 # triton 3.6's interpreter + numpy >= 2.4: scalar loop bounds (see the module's docstring)
-from moba_rewrite.kernels import triton_interp_compat  # noqa: F401
+from moba_rewrite.kernels.triton import interp_compat as triton_interp_compat  # noqa: F401
 
 
 def next_pow2(x: int) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from moba_rewrite.policy_errors import KeyPath, PolicyError, format_path
+from moba_rewrite.policy.errors import KeyPath, PolicyError, format_path
 
 FORMATS: dict[str, str] = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moba_rewrite.kernels.torch_select import RoutePlan, Scratch, compute_dtype, mask4, route, row_mask
+from moba_rewrite.kernels.torch.select import RoutePlan, Scratch, compute_dtype, mask4, route, row_mask
 
 __all__ = ["applicable", "forward", "backward"]
 

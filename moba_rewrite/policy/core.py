@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from moba_rewrite.policy_errors import KeyPath, PolicyError, describe, did_you_mean, format_path
-from moba_rewrite.policy_formats import FORMATS, NO_LINES, Locator, dumps, parse_text
+from moba_rewrite.policy.errors import KeyPath, PolicyError, describe, did_you_mean, format_path
+from moba_rewrite.policy.formats import FORMATS, NO_LINES, Locator, dumps, parse_text
 
 if TYPE_CHECKING:
     from passes.sites import AttentionSite
@@ -45,7 +45,7 @@ OnUnsupported = Literal["dense", "error"]
 
 # The shipped schema is the single source of the format's keys, enums and bounds: the hand
 # validator below reads its tables from it, so the published schema is the one enforced.
-_SCHEMA_PATH = Path(__file__).with_name("policy.schema.json")
+_SCHEMA_PATH = Path(__file__).with_name("schema.json")
 _SCHEMA: dict[str, Any] = json.loads(_SCHEMA_PATH.read_text(encoding="utf-8"))
 _DEFS = _SCHEMA["$defs"]
 
@@ -489,7 +489,7 @@ def dump_policy(policy: Policy, path: str | os.PathLike[str]) -> None:
 
 def starter_policy_yaml(sites: list[AttentionSite], model_name: str = "") -> str:
     """The commented starter file `moba-rewrite policy init` writes (see policy_starter)."""
-    from moba_rewrite.policy_starter import starter_yaml
+    from moba_rewrite.policy.starter import starter_yaml
 
     return starter_yaml(sites, model_name)
 

@@ -33,9 +33,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moba_rewrite.kernels import triton_configs
-from moba_rewrite.kernels.triton_gate import Selection
-from moba_rewrite.kernels.triton_layout import Problem, Seqs, _tracing, capturing, interpreted, launch, next_pow2
+from moba_rewrite.kernels.triton import configs as triton_configs
+from moba_rewrite.kernels.triton.gate import Selection
+from moba_rewrite.kernels.triton.layout import Problem, Seqs, _tracing, capturing, interpreted, launch, next_pow2
 
 LOG2E = 1.4426950408889634
 

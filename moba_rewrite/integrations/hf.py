@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from moba_rewrite import op as moba_op  # registers torch.ops.moba
+from moba_rewrite.attention import op as moba_op  # registers torch.ops.moba
 
 IMPL_PREFIX = "moba_"
 SUPPORTED_ORIGINS = ("sdpa", "eager")

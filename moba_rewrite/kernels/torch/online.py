@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from moba_rewrite.kernels.torch_select import RoutePlan, compute_dtype, mask4, route, row_mask
+from moba_rewrite.kernels.torch.select import RoutePlan, compute_dtype, mask4, route, row_mask
 
 __all__ = ["forward", "backward"]
 

@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from moba_rewrite.kernels import triton_configs
-from moba_rewrite.kernels.triton_layout import Problem, interpreted, launch, next_pow2
+from moba_rewrite.kernels.triton import configs as triton_configs
+from moba_rewrite.kernels.triton.layout import Problem, interpreted, launch, next_pow2
 
 
 @triton.jit

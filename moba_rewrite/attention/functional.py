@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from moba_rewrite import op as _op  # registers torch.ops.moba
+from moba_rewrite.attention import op as _op  # registers torch.ops.moba
 from moba_rewrite.kernels import BACKENDS
 
 

@@ -25,8 +25,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from moba_rewrite.kernels.eager import plain_eager
 
 if _IMPORT_ERROR is None:
-    from moba_rewrite.kernels import triton_attn, triton_gate
-    from moba_rewrite.kernels.triton_layout import Problem, dense_problem, varlen_problem
+    from moba_rewrite.kernels.triton import attn as triton_attn, gate as triton_gate
+    from moba_rewrite.kernels.triton.layout import Problem, dense_problem, varlen_problem
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from moba_rewrite.kernels import torch_fast, torch_online
-from moba_rewrite.kernels.torch_select import block_selection, mask4
+from moba_rewrite.kernels.torch import fast as torch_fast, online as torch_online
+from moba_rewrite.kernels.torch.select import block_selection, mask4
 
 __all__ = ["forward", "backward", "block_selection", "implementation"]
 
