@@ -397,7 +397,7 @@ def compile(model: nn.Module, policy: Any, **torch_compile_kwargs: Any):  # noqa
     `layers: "-3:"` mean the same as in `rewrite`, even when the model has graph breaks.
     Pass an un-rewritten model. The report is `compiled.moba_report`.
     """
-    from passes.backend import MobaBackend
+    from moba_rewrite.dynamo_backend import MobaBackend
 
     policy = _as_policy(policy)
     try:

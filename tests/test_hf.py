@@ -275,7 +275,7 @@ def test_dynamo_pass_on_hf_graph(impl):
     additive mask; Dynamo's SDPA spelling is covered in test_passes)."""
     from torch._dynamo.backends.common import aot_autograd
 
-    from passes.backend import MobaBackend
+    from moba_rewrite.dynamo_backend import MobaBackend
 
     ids, mask = make_inputs("llama")
     model = make_model("llama", impl)

@@ -19,7 +19,7 @@ import moba_rewrite as mr
 from moba_rewrite import api
 from moba_rewrite.kernels import reference
 from passes import detect, fxutil
-from passes.backend import MobaBackend
+from moba_rewrite.dynamo_backend import MobaBackend
 from passes.rewrite import UnsupportedSiteError, rewrite_graph
 
 B, T, E, H = 2, 32, 32, 4
