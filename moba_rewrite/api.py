@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from moba_rewrite.integrations import hf
+from moba_rewrite.policy import load_policy
 from moba_rewrite.report import ReportRow, RewriteReport
 from passes import detect, eager, find_mha
 from passes.found import FoundSite, number_sites
@@ -58,12 +59,6 @@ __all__ = [
     "rewrite", "plan", "export", "export_with_report", "rewrite_exported", "compile", "find_sites",
     "report_of", "UnsupportedSiteError",
 ]
-
-
-def _as_policy(policy: Any):
-    from moba_rewrite.policy import Policy, load_policy
-
-    return policy if isinstance(policy, Policy) else load_policy(policy)
 
 
 def _dense(decision: Any) -> Any:
@@ -87,49 +82,8 @@ class _Entry:
 
 
 def _hf_entries(model: nn.Module, example_inputs: Any) -> list[_Entry]:
-    modules, calls = hf.attention_modules(model, example_inputs)
-    first: dict[int, hf.CallRecord] = {}
-    for c in calls:
-        first.setdefault(id(c.module), c)
-    origin = hf.origin_of(model)
-    out = []
-    for layer, (name, m) in enumerate(modules):
-        c = first[id(m)]
-        causal = getattr(m, "is_causal", None)
-        causal = bool(causal) if causal is not None else None
-        if causal:
-            mask_kind = "causal+padding" if c.mask != "none" and _has_padding(example_inputs) else "causal"
-        else:
-            mask_kind = "padding" if c.mask != "none" else "none"
-        problems = [f"{what} ({k})" for k, what in hf._UNSUPPORTED_KWARGS.items() if k in c.kwargs]
-        if c.v_shape[-1] != c.q_shape[-1]:
-            problems.append(f"value head dim {c.v_shape[-1]} differs from query head dim {c.q_shape[-1]}")
-        p_train = _hf_dropout(m)
-        note = f"; while training: attention dropout p={p_train} -> dense (or error)" if p_train > 0 else ""
-        site = AttentionSite(
-            name=name, module_class=type(m).__name__, layer=layer, kind="sdpa" if origin == "sdpa" else "manual",
-            num_heads=c.q_shape[1], num_kv_heads=c.k_shape[1], head_dim=c.q_shape[3], causal=causal,
-            mask_kind=mask_kind, scale=c.scaling, dropout_p=p_train, seq_len=c.q_shape[2],
-            extra={"problems": problems, "origin": origin},
-        )
-        out.append(_Entry(site=site, machinery="hf", module=m, problems=problems, note=note))
-    return out
-
-
-def _has_padding(example_inputs: Any) -> bool:
-    if isinstance(example_inputs, dict) and isinstance(example_inputs.get("attention_mask"), torch.Tensor):
-        return bool((example_inputs["attention_mask"] == 0).any())
-    return False
-
-
-def _hf_dropout(m: nn.Module) -> float:
-    for attr in ("attention_dropout", "attn_dropout", "dropout"):
-        v = getattr(m, attr, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-        if isinstance(v, nn.Dropout):
-            return float(v.p)
-    return 0.0
+    return [_Entry(site=f.site, machinery="hf", module=f.module, problems=f.problems, note=f.note)
+            for f in hf.discover(model, example_inputs)]
 
 
 def _generic_entries(model: nn.Module, example_inputs: Any) -> tuple[list[_Entry], eager.Discovery]:
@@ -223,7 +177,7 @@ def plan(model: nn.Module, policy: Any, example_inputs: Any = None) -> RewriteRe
     Raises `UnsupportedSiteError` where the policy says `on_unsupported: error` and a site
     it selects for MoBA cannot be rewritten faithfully (exactly as `rewrite` would).
     """
-    policy = _as_policy(policy)
+    policy = load_policy(policy)
     entries, graph, disc = _entries(model, example_inputs)
     decisions, warnings = _decide(policy, entries)
     outcomes = [_outcome(e, d) for e, d in zip(entries, decisions)]
@@ -243,7 +197,7 @@ def rewrite(model: nn.Module, policy: Any, example_inputs: Any = None) -> nn.Mod
     `torch.compile(model, fullgraph=True)` keep working. The report is `model._moba_report`.
     Calling it again replaces the previous rewrite.
     """
-    policy = _as_policy(policy)
+    policy = load_policy(policy)
     entries, graph, disc = _entries(model, example_inputs)
     decisions, warnings = _decide(policy, entries)
     outcomes = [_outcome(e, d) for e, d in zip(entries, decisions)]  # raises before any change
@@ -344,7 +298,7 @@ def _pristine(model: nn.Module) -> Iterator[None]:
 
 def rewrite_exported(ep: torch.export.ExportedProgram, policy: Any) -> tuple[torch.export.ExportedProgram, RewriteReport]:
     """Run the rewrite pass on an ExportedProgram's graph (in place); returns (ep, report)."""
-    policy = _as_policy(policy)
+    policy = load_policy(policy)
     gm = ep.graph_module
     gm._moba_constants = _export_constants(ep)
     try:
@@ -373,7 +327,7 @@ def export_with_report(model: nn.Module, args: Any, policy: Any, kwargs: dict | 
                        dynamic_shapes: Any = None, *, strict: bool = False
                        ) -> tuple[torch.export.ExportedProgram, RewriteReport]:
     """`torch.export` the model (non-strict by default: robust for HF code), then rewrite the graph."""
-    policy = _as_policy(policy)
+    policy = load_policy(policy)
     args = tuple(args) if isinstance(args, (tuple, list)) else (() if args is None else (args,))
     with _pristine(model):
         ep = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
@@ -399,7 +353,7 @@ def compile(model: nn.Module, policy: Any, **torch_compile_kwargs: Any):  # noqa
     """
     from moba_rewrite.dynamo_backend import MobaBackend
 
-    policy = _as_policy(policy)
+    policy = load_policy(policy)
     try:
         sites = find_sites(model)
     except Exception as exc:  # discovery is an aid for numbering only

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from moba_rewrite.policy import load_policy
 from moba_rewrite.report import ReportRow, RewriteReport
 from passes import detect
 from passes.rewrite import rewrite_graph
@@ -87,9 +88,7 @@ class MobaBackend:
 
 def moba_backend(policy: Any, **kwargs: Any) -> MobaBackend:
     """`torch.compile(model, backend=moba_backend(policy))`: the pass without `mr.compile`."""
-    from moba_rewrite.api import _as_policy
-
-    return MobaBackend(_as_policy(policy), **kwargs)
+    return MobaBackend(load_policy(policy), **kwargs)
 
 
 __all__ = ["MobaBackend", "moba_backend"]

@@ -10,6 +10,7 @@ Sized to finish in under 2 minutes on a 2-core CPU.
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
@@ -54,7 +55,11 @@ def run(out_dir: str | os.PathLike | None = None, *, seq_len: int | None = None,
         progress: bool = True, force: bool = False, onnx: bool = True) -> dict:
     """Run the demo; returns the paths, timings and checks it printed (for tests and callers)."""
     import moba_rewrite as mr
-    from moba_rewrite import checkpoints, cli
+    from moba_rewrite import checkpoints
+    from moba_rewrite.cli import errors as cli
+    from moba_rewrite.cli.inspect_cmd import cmd_inspect
+    from moba_rewrite.cli.output import Progress
+    from moba_rewrite.cli.rewrite_cmd import run_rewrite
     from moba_rewrite.policy import dump_policy
 
     n = seq_len or DEMO_SEQ_LEN
@@ -89,7 +94,7 @@ def run(out_dir: str | os.PathLike | None = None, *, seq_len: int | None = None,
     t_start = time.perf_counter()
 
     say(f"moba-rewrite demo: work folder {work}")
-    bar = cli.Progress(5, enabled=progress and not quiet)
+    bar = Progress(5, enabled=progress and not quiet)
     try:
         with bar.step("building a small Llama checkpoint"):
             t0 = time.perf_counter()
@@ -102,19 +107,17 @@ def run(out_dir: str | os.PathLike | None = None, *, seq_len: int | None = None,
     say("\n== inspect ==")
     t0 = time.perf_counter()
     if not quiet:
-        code = cli.main(["inspect", str(ckpt), "--no-progress"])
-        if code:
-            raise cli.CliError(ckpt, "expected the demo checkpoint to be inspectable", code)
+        cmd_inspect(argparse.Namespace(checkpoint=str(ckpt), seq_len=None, json=False, quiet=False, no_progress=True))
     timings["inspect"] = time.perf_counter() - t0
 
     say(f"\n== rewrite with the hybrid policy ({policy_file.name}) -> hf checkpoint ==")
     export_len = min(EXPORT_SEQ_LEN, n)
-    result = cli.run_rewrite(ckpt, policy_file, hf_out, fmt="hf", seq_len=export_len, quiet=quiet,
+    result = run_rewrite(ckpt, policy_file, hf_out, fmt="hf", seq_len=export_len, quiet=quiet,
                              progress=progress)
     timings["rewrite + verify (hf)"] = sum(t for _, t in result.timings)
 
     say("\n== load the rewritten checkpoint, run eager and torch.compile'd ==")
-    bar = cli.Progress(4, enabled=progress and not quiet)
+    bar = Progress(4, enabled=progress and not quiet)
     try:
         with bar.step("loading rewritten checkpoint"):
             model = mr.load(hf_out)
@@ -142,14 +145,14 @@ def run(out_dir: str | os.PathLike | None = None, *, seq_len: int | None = None,
         f"{agree:.0%} (random weights)")
 
     say("\n== export .pt2 (dynamic sequence length) ==")
-    pt2 = cli.run_rewrite(ckpt, policy_file, pt2_out, fmt="pt2", seq_len=export_len, dynamic=True,
+    pt2 = run_rewrite(ckpt, policy_file, pt2_out, fmt="pt2", seq_len=export_len, dynamic=True,
                           quiet=True, progress=progress)
     timings["export + verify (pt2)"] = sum(t for _, t in pt2.timings)
     say(f"wrote {pt2_out}, verified at {export_len} and more tokens: max |diff| {pt2.max_diff:.2e}")
     onnx_res = None
     if onnx:
         say("\n== export ONNX (MoBA as com.moba_rewrite::Attention, checked with onnxruntime) ==")
-        onnx_res = cli.run_rewrite(ckpt, policy_file, onnx_out, fmt="onnx", seq_len=export_len, dynamic=True,
+        onnx_res = run_rewrite(ckpt, policy_file, onnx_out, fmt="onnx", seq_len=export_len, dynamic=True,
                                    quiet=True, progress=progress)
         timings["export + verify (onnx)"] = sum(t for _, t in onnx_res.timings)
         say(f"wrote {onnx_out}, onnxruntime vs torch: max |diff| {onnx_res.max_diff:.2e}")

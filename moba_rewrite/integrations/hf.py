@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from moba_rewrite.attention import op as moba_op  # registers torch.ops.moba
+from passes.sites import AttentionSite
 
 IMPL_PREFIX = "moba_"
 SUPPORTED_ORIGINS = ("sdpa", "eager")
@@ -292,3 +293,64 @@ def apply(model: nn.Module, modules: list[tuple[str, nn.Module]], decisions: lis
         module._moba_decision = d
         module._moba_site = name
     model.set_attn_implementation(IMPL_PREFIX + origin)
+
+
+# --------------------------------------------------------------------------------------------
+# Discovery: one row per attention module, from one recorded forward
+
+
+@dataclass
+class HFSite:
+    """An attention module of a Hugging Face model, as the report and the rewrite see it."""
+
+    site: AttentionSite
+    module: nn.Module
+    problems: list[str] = field(default_factory=list)  # why it cannot be MoBA (empty when it can)
+    note: str = ""  # extra information for the report (behaviour while training)
+
+
+def discover(model: nn.Module, example_inputs: Any = None) -> list[HFSite]:
+    """Every attention module of `model` in execution order, from one recorded forward."""
+    modules, calls = attention_modules(model, example_inputs)
+    first: dict[int, CallRecord] = {}
+    for c in calls:
+        first.setdefault(id(c.module), c)
+    origin = origin_of(model)
+    out = []
+    for layer, (name, m) in enumerate(modules):
+        c = first[id(m)]
+        causal = getattr(m, "is_causal", None)
+        causal = bool(causal) if causal is not None else None
+        if causal:
+            mask_kind = "causal+padding" if c.mask != "none" and _has_padding(example_inputs) else "causal"
+        else:
+            mask_kind = "padding" if c.mask != "none" else "none"
+        problems = [f"{what} ({k})" for k, what in _UNSUPPORTED_KWARGS.items() if k in c.kwargs]
+        if c.v_shape[-1] != c.q_shape[-1]:
+            problems.append(f"value head dim {c.v_shape[-1]} differs from query head dim {c.q_shape[-1]}")
+        p_train = _dropout_of(m)
+        note = f"; while training: attention dropout p={p_train} -> dense (or error)" if p_train > 0 else ""
+        site = AttentionSite(
+            name=name, module_class=type(m).__name__, layer=layer, kind="sdpa" if origin == "sdpa" else "manual",
+            num_heads=c.q_shape[1], num_kv_heads=c.k_shape[1], head_dim=c.q_shape[3], causal=causal,
+            mask_kind=mask_kind, scale=c.scaling, dropout_p=p_train, seq_len=c.q_shape[2],
+            extra={"problems": problems, "origin": origin},
+        )
+        out.append(HFSite(site=site, module=m, problems=problems, note=note))
+    return out
+
+
+def _has_padding(example_inputs: Any) -> bool:
+    if isinstance(example_inputs, dict) and isinstance(example_inputs.get("attention_mask"), torch.Tensor):
+        return bool((example_inputs["attention_mask"] == 0).any())
+    return False
+
+
+def _dropout_of(m: nn.Module) -> float:
+    for attr in ("attention_dropout", "attn_dropout", "dropout"):
+        v = getattr(m, attr, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, nn.Dropout):
+            return float(v.p)
+    return 0.0
