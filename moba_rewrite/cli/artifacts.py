@@ -22,6 +22,8 @@ def write_artifact(fmt: str, staging: Path, model, args, loaded, policy, *, dyna
                 "seq_len": seq_len, "format": "hf"}
         ck.write_hf_checkpoint(staging, loaded, policy.to_dict(), meta)
         return
+    from moba_rewrite.exporters.common import OutputWriteFailed
+
     try:
         if fmt == "onnx":
             export_module(fmt, model, args, staging, dynamic=dynamic)
@@ -29,8 +31,8 @@ def write_artifact(fmt: str, staging: Path, model, args, loaded, policy, *, dyna
         from moba_rewrite.exporters.pt2 import export_program
 
         export_module(fmt, export_program(model, args, dynamic=dynamic), args, staging, dynamic=dynamic)
-    except CliError:
-        raise
+    except (CliError, OutputWriteFailed):
+        raise  # a full disk is the output's problem (exit 7), not the export's
     except Exception as exc:
         raise CliError("", f"expected the rewritten model to export as {fmt} ({type(exc).__name__}: "
                            f"{first_line(exc, type(exc).__name__)})", EXIT_EXPORT) from exc

@@ -50,6 +50,9 @@ def _add_input(p: argparse.ArgumentParser, positional: bool = True) -> None:
                    help="allow a pickled full-module .pt input (unpickling runs code from the file)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code shipped with the checkpoint (transformers trust_remote_code)")
+    p.add_argument("--allow-random-init", action="store_true",
+                   help="load even when weights are missing or shaped unlike the config: initialise those "
+                        "randomly and ignore unexpected ones (the result is not the trained model)")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
                    help="load the weights in this dtype (default: as transformers does)")
 
