@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import zipfile
@@ -385,7 +386,7 @@ def _load_torch_file(path: Path, config_path: Path | None, *, trust_pickle: bool
     try:
         with held_back():  # torch warns about pickle protocols before refusing
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as safe_exc:
+    except pickle.UnpicklingError as safe_exc:  # objects the safe unpickler refuses to build
         if not trust_pickle:
             raise PickleRefused(
                 path, "expected a tensors-only file; this one is a pickled Python object, and unpickling "
@@ -399,6 +400,8 @@ def _load_torch_file(path: Path, config_path: Path | None, *, trust_pickle: bool
         if not isinstance(obj, nn.Module):
             raise CorruptCheckpoint(path, f"expected a pickled nn.Module, got {type(obj).__name__}")
         return obj.eval(), getattr(obj, "config", None), None, True
+    except Exception as exc:  # not a refusal: a broken zip, a record shorter than its tensor, ...
+        raise CorruptCheckpoint(path, f"expected a torch.save file ({_first_line(exc)})") from exc
     del obj
     model, config, problem = _load_from_state_dict(path, config_path, trust_remote_code=trust_remote_code,
                                                    dtype=dtype, attn_implementation=attn_implementation,
