@@ -145,7 +145,13 @@ _YamlLoader.add_implicit_resolver(
 
 
 def _parse_yaml(text: str, source: str) -> tuple[Any, Locator]:
-    loader = _YamlLoader(text)
+    try:
+        loader = _YamlLoader(text)  # the reader refuses control characters right here
+    except yaml.reader.ReaderError as err:
+        line = text.count("\n", 0, err.position) + 1
+        raise PolicyError(source, line, "", f"malformed YAML: unacceptable character "
+                                            f"{'#x%04x' % err.character if isinstance(err.character, int) else repr(err.character)} "
+                                            f"({err.reason})") from None
     try:
         node = loader.get_single_node()
         lines: dict[KeyPath, int] = {}
