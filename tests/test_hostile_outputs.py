@@ -16,7 +16,8 @@ import pytest
 
 from hostile_tools import Outcome, assert_nothing_left, assert_refused, digest, run_in_process, run_python
 from moba_rewrite import checkpoints as ck
-from moba_rewrite.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUT_UNWRITABLE, EXIT_TERMINATED
+from moba_rewrite.exit_codes import (EXIT_CHECKPOINT, EXIT_INTERRUPTED, EXIT_MISSING_PACKAGE, EXIT_OK,
+                                     EXIT_OUTPUT_UNWRITABLE, EXIT_TERMINATED)
 from test_checkpoints import make_llama, save_hf
 
 POLICY = "defaults: {block_size: 8, top_k: 2}\n"
@@ -144,3 +145,22 @@ def test_links_and_special_files_inside_a_checkpoint_are_not_followed(base, tmp_
                                                      "moba_rewrite.json", "model.safetensors", "notes"]
     assert (out / "notes" / "README").read_text() == "kept\n"
     assert digest(d) == before
+
+
+@pytest.mark.parametrize("argv", [["routes", "{ckpt}", "--policy", "{policy}", "--out", "{out}"],
+                                  ["bench", "--builtin", "--quick", "--plot", "{out}"]])
+def test_a_missing_plotting_package_is_one_line_naming_the_install(base, tmp_path, capfd, monkeypatch, argv):
+    """Without matplotlib (the `plot` extra), drawing commands answer before any work, exit 12."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: find_spec -> None
+    out = tmp_path / "plot.png"
+    argv = [a.format(ckpt=base / "llama", policy=base / "policy.yaml", out=out) for a in argv]
+    assert_refused(run_in_process(argv, capfd), EXIT_MISSING_PACKAGE,
+                   mentions="pip install 'moba-rewrite[plot]'")
+    assert_nothing_left(out)
+
+
+def test_a_file_name_with_a_line_break_still_gives_one_line(tmp_path, capfd):
+    bad = tmp_path / "two\nlines"
+    assert_refused(run_in_process(["inspect", bad], capfd), EXIT_CHECKPOINT, mentions="two\\nlines")

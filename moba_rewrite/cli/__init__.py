@@ -70,7 +70,7 @@ def _run(args, debug: bool) -> int:
     except CliError as exc:
         if debug:
             raise
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        sys.stderr.write(f"{PROG}: error: {_one_line(str(exc))}\n")
         return exc.code
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
@@ -85,10 +85,15 @@ def _run(args, debug: bool) -> int:
         return _internal(exc, debug)
 
 
+def _one_line(text: str) -> str:
+    """A message on one line even when a file name holds a line break or a control character."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
 def _internal(exc: Exception, debug: bool) -> int:
     if debug:
         raise exc
-    sys.stderr.write(f"{PROG}: error: internal error ({type(exc).__name__}: {first_line(exc)}); rerun with "
+    sys.stderr.write(f"{PROG}: error: internal error ({type(exc).__name__}: {_one_line(first_line(exc))}); rerun with "
                      f"--debug for the traceback\n")
     return EXIT_INTERNAL
 
