@@ -34,7 +34,8 @@ def values_in(path: Path) -> tuple[int, int]:
     """(values, bytes of tensor data) a weights file holds, without reading the data.
 
     safetensors: from the header (the library checks it against the file's size); a torch
-    file: from a memory map (`weights_only=True`). Raises what the readers raise.
+    file: from a memory map (`weights_only=True`; read whole in the legacy pre-zip format).
+    Raises what the readers raise.
     """
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -47,7 +48,12 @@ def values_in(path: Path) -> tuple[int, int]:
                 values += n
                 nbytes += n * _itemsize(piece.get_dtype())
         return values, nbytes
-    obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (pre-zip) format
     tensors = [t for t in _tensors(obj)]
     return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
 
