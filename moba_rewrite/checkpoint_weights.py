@@ -115,8 +115,9 @@ def _gib(n: float) -> str:
 
 
 def size_problem(estimate: int | None, values: int, nbytes: int, config, *, allow_random_init: bool,
-                 dtype: torch.dtype | None = None) -> str | None:
-    """Why a model of `estimate` parameters cannot come from weights holding `values`, or None."""
+                 dtype: torch.dtype | None = None) -> tuple[str, bool] | None:
+    """Why a model of `estimate` parameters cannot come from weights holding `values`, or None;
+    with whether random initialisation would get past it."""
     if estimate is None:
         return None
     layers = _layer_count(config)
@@ -125,10 +126,10 @@ def size_problem(estimate: int | None, values: int, nbytes: int, config, *, allo
     memory = physical_memory()
     if memory is not None and estimate * itemsize > memory:
         return (f"expected a model that fits in memory: config.json describes about {estimate:,} parameters "
-                f"({layers} layers, {_gib(estimate * itemsize)}) and this machine has {_gib(memory)}")
+                f"({layers} layers, {_gib(estimate * itemsize)}) and this machine has {_gib(memory)}"), False
     if not allow_random_init and estimate > _SLACK_FACTOR * values + _SLACK_VALUES:
         return (f"expected weights matching config.json: it describes about {estimate:,} parameters "
-                f"({layers} layers) but the weights hold {values:,} values")
+                f"({layers} layers) but the weights hold {values:,} values"), True
     return None
 
 

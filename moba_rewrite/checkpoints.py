@@ -38,7 +38,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from moba_rewrite.checkpoint_weights import compare_state, estimated_parameters, loading_problem, size_problem, values_in
+from moba_rewrite.checkpoint_weights import (compare_state, estimated_parameters, loading_problem, size_problem,
+                                             values_in)
 from moba_rewrite.exit_codes import (
     EXIT_ARCHITECTURE,
     EXIT_CHECKPOINT,
@@ -303,7 +304,7 @@ def _model_builder(cls, trust_remote_code: bool):
     """`build(config) -> model` with fresh (random) weights, for the class `_model_class` chose."""
     if cls.__name__.startswith("Auto"):
         return lambda config: cls.from_config(config, trust_remote_code=trust_remote_code)
-    return lambda config: cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    return cls
 
 
 def _check_size(config_path: Path, config, build, values: int, nbytes: int, *, allow_random_init: bool,
@@ -313,7 +314,8 @@ def _check_size(config_path: Path, config, build, values: int, nbytes: int, *, a
         estimate = estimated_parameters(build, config)
     problem = size_problem(estimate, values, nbytes, config, allow_random_init=allow_random_init, dtype=dtype)
     if problem:
-        raise CorruptCheckpoint(config_path, problem + (_RANDOM_INIT_HINT if "weights hold" in problem else ""))
+        text, random_init_helps = problem
+        raise CorruptCheckpoint(config_path, text + (_RANDOM_INIT_HINT if random_init_helps else ""))
 
 
 _RANDOM_INIT_HINT = "; --allow-random-init (allow_random_init=True) would initialise such weights randomly"

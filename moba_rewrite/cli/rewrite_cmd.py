@@ -33,7 +33,8 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     run_rewrite(args.checkpoint, args.policy, args.out, fmt=args.format, seq_len=args.seq_len,
                 dynamic=args.dynamic, device=args.device, force=args.force, verify=not args.no_verify,
                 config=args.config, trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code,
-                allow_random_init=args.allow_random_init, dtype=args.dtype, quiet=args.quiet, progress=not args.no_progress, report_json=args.report_json)
+                allow_random_init=args.allow_random_init, dtype=args.dtype, quiet=args.quiet,
+                progress=not args.no_progress, report_json=args.report_json)
     return EXIT_OK
 
 

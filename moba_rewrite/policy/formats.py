@@ -76,7 +76,8 @@ def _too_deep(source: str, line: int | None) -> PolicyError:
 
 # Strings (where brackets do not count), comments (TOML) and brackets, for the depth scan.
 _JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
-_TOML_TOKENS = re.compile(r'"""(?:[^\\]|\\.)*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#[^\n]*|[\[\]{}]')
+_TOML_TOKENS = re.compile(r'"""(?:[^\\]|\\.)*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\''
+                          r'|#[^\n]*|[\[\]{}]')
 
 
 def _check_depth(text: str, tokens: re.Pattern[str], source: str) -> None:
@@ -149,9 +150,8 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, Locator]:
         loader = _YamlLoader(text)  # the reader refuses control characters right here
     except yaml.reader.ReaderError as err:
         line = text.count("\n", 0, err.position) + 1
-        raise PolicyError(source, line, "", f"malformed YAML: unacceptable character "
-                                            f"{'#x%04x' % err.character if isinstance(err.character, int) else repr(err.character)} "
-                                            f"({err.reason})") from None
+        char = f"#x{err.character:04x}" if isinstance(err.character, int) else repr(err.character)
+        raise PolicyError(source, line, "", f"malformed YAML: unacceptable character {char} ({err.reason})") from None
     try:
         node = loader.get_single_node()
         lines: dict[KeyPath, int] = {}
