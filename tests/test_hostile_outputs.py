@@ -164,3 +164,21 @@ def test_a_missing_plotting_package_is_one_line_naming_the_install(base, tmp_pat
 def test_a_file_name_with_a_line_break_still_gives_one_line(tmp_path, capfd):
     bad = tmp_path / "two\nlines"
     assert_refused(run_in_process(["inspect", bad], capfd), EXIT_CHECKPOINT, mentions="two\\nlines")
+
+
+def test_disk_full_raised_deep_inside_an_exporter_is_the_outputs_problem():
+    """onnx and safetensors report a full disk wrapped in their own errors: still exit 7."""
+    import errno
+
+    from moba_rewrite.exporters.common import OutputWriteFailed, as_output_failure
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("export failed") from inner
+    except RuntimeError as outer:
+        found = as_output_failure(outer)
+    assert isinstance(found, OutputWriteFailed) and found.errno == errno.ENOSPC
+    assert as_output_failure(RuntimeError("a real export bug")) is None
+    assert as_output_failure(FileNotFoundError(errno.ENOENT, "no compiler")) is None

@@ -22,7 +22,7 @@ def write_artifact(fmt: str, staging: Path, model, args, loaded, policy, *, dyna
                 "seq_len": seq_len, "format": "hf"}
         ck.write_hf_checkpoint(staging, loaded, policy.to_dict(), meta)
         return
-    from moba_rewrite.exporters.common import OutputWriteFailed
+    from moba_rewrite.exporters.common import as_output_failure
 
     try:
         if fmt == "onnx":
@@ -31,9 +31,12 @@ def write_artifact(fmt: str, staging: Path, model, args, loaded, policy, *, dyna
         from moba_rewrite.exporters.pt2 import export_program
 
         export_module(fmt, export_program(model, args, dynamic=dynamic), args, staging, dynamic=dynamic)
-    except (CliError, OutputWriteFailed):
-        raise  # a full disk is the output's problem (exit 7), not the export's
+    except CliError:
+        raise
     except Exception as exc:
+        full = as_output_failure(exc)
+        if full is not None:
+            raise full from exc  # a full disk is the output's problem (exit 7), not the export's
         raise CliError("", f"expected the rewritten model to export as {fmt} ({type(exc).__name__}: "
                            f"{first_line(exc, type(exc).__name__)})", EXIT_EXPORT) from exc
 

@@ -125,7 +125,7 @@ def _rewrite_program(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, f
 
     from moba_rewrite import checkpoints as ck
     from moba_rewrite.api import rewrite_exported
-    from moba_rewrite.exporters.common import OutputWriteFailed
+    from moba_rewrite.exporters.common import as_output_failure
 
     if fmt == "hf":
         raise CliError("--format", "expected pt2, aoti or onnx for a .pt2 input (there is no Hugging Face model "
@@ -160,9 +160,10 @@ def _rewrite_program(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, f
         with bar.step(f"writing {fmt}"):
             try:
                 artifacts.export_module(fmt, program, args, staging, dynamic=dynamic)
-            except OutputWriteFailed:
-                raise  # a full disk is the output's problem (exit 7), not the export's
             except Exception as exc:
+                full = as_output_failure(exc)
+                if full is not None:
+                    raise full from exc  # a full disk is the output's problem (exit 7), not the export's
                 raise CliError("", f"expected the rewritten program to export as {fmt} ({type(exc).__name__}: "
                                    f"{first_line(exc, type(exc).__name__)})", EXIT_EXPORT) from exc
         diff = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import io
 import os
 from typing import Any, Iterator
@@ -88,6 +89,19 @@ def seq_dynamic_shapes(args: tuple[Tensor, ...], *, max_seq: int = 1 << 17) -> t
 
 class OutputWriteFailed(OSError):
     """Writing an artifact failed in the file system (disk full, file too large, I/O error)."""
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def as_output_failure(exc: BaseException) -> OutputWriteFailed | None:
+    """An exporter's failure that is really the output's file system being full, or None."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, OutputWriteFailed):
+            return e
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return OutputWriteFailed(e.errno, e.strerror or str(e))
+    return None
 
 
 class _FailSafeFile(io.RawIOBase):
