@@ -182,3 +182,17 @@ def test_disk_full_raised_deep_inside_an_exporter_is_the_outputs_problem():
     assert isinstance(found, OutputWriteFailed) and found.errno == errno.ENOSPC
     assert as_output_failure(RuntimeError("a real export bug")) is None
     assert as_output_failure(FileNotFoundError(errno.ENOENT, "no compiler")) is None
+
+
+def test_an_unreadable_input_file_is_blamed_not_the_output(base, tmp_path, capfd):
+    """A file of the checkpoint that fails to read (here a link to /proc/self/mem, whose first
+    page is unmapped: EIO) is the input's problem, exit 3, named by its own path."""
+    import shutil
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(base / "llama", d)
+    (d / "notes.bin").symlink_to("/proc/self/mem")
+    out = tmp_path / "out"
+    assert_refused(run_in_process(["rewrite", d, "--policy", base / "policy.yaml", "--out", out, "--no-progress",
+                                   "-q"], capfd), EXIT_CHECKPOINT, mentions=f"{d / 'notes.bin'}: expected a readable file")
+    assert_nothing_left(out)

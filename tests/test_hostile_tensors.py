@@ -106,6 +106,13 @@ def test_an_empty_batch_gives_an_empty_output_and_gradients(backend):
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_an_empty_packed_batch_gives_an_empty_output(backend):
+    q = torch.randn(0, 2, 8)
+    cu = torch.tensor([0, 0], dtype=torch.int32)
+    assert moba_attention_varlen(q, q, q, cu, cu, block_size=4, top_k=2, backend=backend).shape == q.shape
+
+
 @pytest.mark.parametrize("shapes, says", [
     (((1, 0, 8, 4), (1, 0, 8, 4)), "head counts must be >= 1"),
     (((1, 2, 8, 0), (1, 2, 8, 0)), "head dim must be >= 1"),
