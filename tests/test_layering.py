@@ -20,10 +20,10 @@ PACKAGES = ("moba_rewrite", "passes")
 # its own layer or of lower ones.
 LAYERS: list[tuple[str, ...]] = [
     ("moba_rewrite.kernels",),
-    ("moba_rewrite.attention", "moba_rewrite.policy", "moba_rewrite.exit_codes"),
+    ("moba_rewrite.attention", "moba_rewrite.policy", "moba_rewrite.exit_codes", "moba_rewrite.third_party"),
     ("passes", "moba_rewrite.integrations"),
     ("moba_rewrite.report", "moba_rewrite.api", "moba_rewrite.routes", "moba_rewrite.exporters",
-     "moba_rewrite.checkpoints", "moba_rewrite.dynamo_backend"),
+     "moba_rewrite.checkpoints", "moba_rewrite.checkpoint_weights", "moba_rewrite.dynamo_backend"),
     ("moba_rewrite.cli", "moba_rewrite"),  # the command, and the package's public facade over everything
 ]
 

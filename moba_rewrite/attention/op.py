@@ -42,6 +42,8 @@ def attention_backward(
     block_size: int, top_k: int, causal: bool, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `moba::attention` with respect to q, k and v."""
+    if q.shape[0] == 0:  # an empty batch: nothing to differentiate
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     dq, dk, dv = _kernel(backend, q, k, attn_mask).backward(
         grad_out, q, k, v, out, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
         attn_mask=attn_mask,
@@ -75,6 +77,8 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 def _forward(q: Tensor, k: Tensor, v: Tensor, key_block_means: Optional[Tensor], attn_mask: Optional[Tensor],
              block_size: int, top_k: int, causal: bool, scale: float, backend: str) -> Tensor:
     """The implementation behind both forward ops: the backend's forward, output contiguous."""
+    if q.shape[0] == 0:  # an empty batch (a last partial batch): an empty output, as SDPA gives
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
     kernel = _kernel(backend, q, k, attn_mask)
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
     if key_block_means is not None and _takes_block_means(kernel.forward):

@@ -22,6 +22,8 @@ def write_artifact(fmt: str, staging: Path, model, args, loaded, policy, *, dyna
                 "seq_len": seq_len, "format": "hf"}
         ck.write_hf_checkpoint(staging, loaded, policy.to_dict(), meta)
         return
+    from moba_rewrite.exporters.common import as_output_failure
+
     try:
         if fmt == "onnx":
             export_module(fmt, model, args, staging, dynamic=dynamic)
@@ -32,6 +34,9 @@ def write_artifact(fmt: str, staging: Path, model, args, loaded, policy, *, dyna
     except CliError:
         raise
     except Exception as exc:
+        full = as_output_failure(exc)
+        if full is not None:
+            raise full from exc  # a full disk is the output's problem (exit 7), not the export's
         raise CliError("", f"expected the rewritten model to export as {fmt} ({type(exc).__name__}: "
                            f"{first_line(exc, type(exc).__name__)})", EXIT_EXPORT) from exc
 

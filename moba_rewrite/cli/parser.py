@@ -50,6 +50,9 @@ def _add_input(p: argparse.ArgumentParser, positional: bool = True) -> None:
                    help="allow a pickled full-module .pt input (unpickling runs code from the file)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code shipped with the checkpoint (transformers trust_remote_code)")
+    p.add_argument("--allow-random-init", action="store_true",
+                   help="load even when weights are missing or shaped unlike the config: initialise those "
+                        "randomly and ignore unexpected ones (the result is not the trained model)")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
                    help="load the weights in this dtype (default: as transformers does)")
 
@@ -74,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog="Exit codes: 0 ok, 1 internal error, 2 usage, 3 missing/corrupt checkpoint, 4 unknown "
                             "architecture or unsupported model, 5 bad policy, 6 output exists, 7 output not "
                             "writable, 8 bad option value, 9 pickle refused, 10 verification failed, 11 export "
-                            "failed. See docs/CLI.md.")
+                            "failed, 12 missing package, 130 interrupted, 143 terminated. See docs/CLI.md.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True

@@ -70,6 +70,8 @@ def block_selection(
         pad = n_blocks * block_size - tk
         visible = torch.nn.functional.pad(visible, (0, pad), value=False)
         candidate = candidate & visible.reshape(b, hq, tq, n_blocks, block_size).any(-1)
+    # ... and whose gate score is a number: a NaN (a NaN in the block's keys) never selects it.
+    candidate = candidate & ~gate.isnan()
     selected = torch.zeros((b, hq, tq, n_blocks), dtype=torch.bool, device=dev)
     # Selection: the own block plus the top_k - 1 best candidates (fewer if fewer exist).
     n_pick = min(top_k - 1, n_blocks)
