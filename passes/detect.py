@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from passes import find_manual, find_sdpa
+from passes import find_manual, find_mha, find_sdpa
 from passes.found import FoundSite, number_sites
 from passes.sites import AttentionSite
 
@@ -19,6 +19,7 @@ def find_sites(gm: fx.GraphModule) -> list[FoundSite]:
     found = find_sdpa.find_sdpa(gm)
     taken = {f.out for f in found}
     found += [f for f in find_manual.find_manual(gm) if f.out not in taken]
+    found += find_mha.find_mha_calls(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     found.sort(key=lambda f: order[f.out])
     for f in found:

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 
 _DYNAMO_ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\](\[\d+\])*")  # L['self'], L['args'][0]
-_MODULES_ITEM = re.compile(r"_modules\[['\"]([^'\"]+)['\"]\]")
+_MODULES_ITEM = re.compile(r"(?:\.?__dict__\[['\"]_modules['\"]\]|\._modules|_modules)\[['\"]([^'\"]+)['\"]\]")
 _INDEX_ITEM = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
 _GETATTR = re.compile(r"getattr\(([^,()]+),\s*['\"]([^'\"]+)['\"]\)")
 
