@@ -40,7 +40,7 @@ def clean_fqn(path: str) -> str:
             break
         p = new
     p = _DYNAMO_ROOT.sub("", p)
-    p = _MODULES_ITEM.sub(r"\1", p)
+    p = _MODULES_ITEM.sub(r".\1", p)
     p = _INDEX_ITEM.sub(r".\1", p)
     p = re.sub(r"\.+", ".", p).strip(".")
     return p
