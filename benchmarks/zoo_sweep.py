@@ -164,7 +164,7 @@ def input_candidates(model: nn.Module) -> list[dict[str, Any]]:
     out = []
     for choice in (names, every):
         made = {n: _input(n, cfg, gen) for n in choice}
-        if made and all(v is not None for v in made.values()) and made not in out:
+        if made and all(v is not None for v in made.values()) and all(set(made) != set(o) for o in out):
             out.append(made)
     if not out:
         raise ValueError(f"no generic input for main input {main!r}")

@@ -11,7 +11,7 @@ Signatures (stable: the CLI, checkpoints and exporters build on them)::
         -> tuple[ExportedProgram, RewriteReport]
     rewrite_exported(ep, policy) -> tuple[ExportedProgram, RewriteReport]
         The pass alone, on an existing ExportedProgram (modified in place and returned).
-    compile(model, policy, **torch_compile_kwargs) -> compiled module
+    compile(model, policy, *, example_inputs=None, **torch_compile_kwargs) -> compiled module
         torch.compile with the rewrite pass in a Dynamo backend (then Inductor's compile_fx).
         Report at `compiled.moba_report`, filled as graphs compile.
     find_sites(model, example_inputs=None) -> list[AttentionSite]
@@ -28,12 +28,14 @@ computes now), block_size, top_k, backend, decode, reason, requested (what the p
 matched_rules), `.warnings`, `.graph`, `.moba_sites`, `.dense_sites`, `str()` (aligned
 table), `.to_json()`, `.to_dict()`, `RewriteReport.from_dict()`, `report[name_or_index]`.
 
-Which machinery a model gets (docs/REWRITING.md):
-- Hugging Face models on the AttentionInterface: the `moba_sdpa` / `moba_eager` attention
+Sites are found by running the model (`moba_rewrite.discovery`: one forward recorded at the
+torch-function level, read by the graph detectors), and each gets a machinery (docs/REWRITING.md):
+- modules on transformers' AttentionInterface: the `moba_sdpa` / `moba_eager` attention
   functions (`moba_rewrite.integrations.hf`); generate() and the KV cache keep working.
-- other modules: `nn.MultiheadAttention` is swapped for `MobaMultiheadAttention`; modules
-  calling SDPA or hand-written attention are traced with torch.fx and get the rewritten
-  graph as their forward (`passes.eager`).
+- `nn.MultiheadAttention` (in any model) is swapped for `MobaMultiheadAttention`;
+- modules torch.fx traces are traced and get the rewritten graph as their forward
+  (`passes.eager`); SDPA calls in any other module are routed at run time (`passes.route_sdpa`);
+  hand-written attention torch.fx cannot trace is reported dense (export / compile rewrite it).
 - export / compile: the graph pass (`passes.detect` + `passes.rewrite`) on the aten or
   Dynamo graph.
 """
@@ -310,18 +312,20 @@ def export(model: nn.Module, args: Any, policy: Any, kwargs: dict | None = None,
 # compile
 
 
-def compile(model: nn.Module, policy: Any, **torch_compile_kwargs: Any):  # noqa: A001 (public name)
+def compile(model: nn.Module, policy: Any, *, example_inputs: Any = None,  # noqa: A001 (public name)
+            **torch_compile_kwargs: Any):
     """`torch.compile(model)` with the MoBA rewrite pass run on every Dynamo graph.
 
-    Layers are numbered over the whole model (found once by eager discovery), so rules like
-    `layers: "-3:"` mean the same as in `rewrite`, even when the model has graph breaks.
-    Pass an un-rewritten model. The report is `compiled.moba_report`.
+    Layers are numbered over the whole model (found once by eager discovery, which runs the
+    model on `example_inputs` when given), so rules like `layers: "-3:"` mean the same as in
+    `rewrite`, even when the model has graph breaks. Pass an un-rewritten model. The report
+    is `compiled.moba_report`.
     """
     from moba_rewrite.dynamo_backend import MobaBackend
 
     policy = load_policy(policy)
     try:
-        sites = find_sites(model)
+        sites = find_sites(model, example_inputs)
     except Exception as exc:  # discovery is an aid for numbering only
         sites = None
         note = f"eager discovery failed ({type(exc).__name__}: {exc}); layers numbered per graph"

@@ -184,7 +184,7 @@ def _walk_scores(x: Any, m: _Match, root) -> fx.Node | None:
             return x
         if k in ("mul", "div") and len(x.args) >= 2:
             a, b = x.args[:2]
-            ca, cb = _const(a), _const(b)
+            ca, cb = _scalar(a, root), _scalar(b, root)
             if cb is not None and isinstance(a, fx.Node):
                 m.scale *= (1.0 / cb) if k == "div" else cb
                 m.covered.append(x)
@@ -222,7 +222,7 @@ def _walk_scores(x: Any, m: _Match, root) -> fx.Node | None:
             continue
         if k == "masked_fill" and len(x.args) >= 3:
             base, cond, fill = x.args[:3]
-            if not masks._is_huge_negative(fill) or len(m.masks) >= _MAX_MASKS:
+            if not _huge_negative(fill, root) or len(m.masks) >= _MAX_MASKS:
                 return None
             m.masks.append(_cond_mask(cond, invert=True, root=root))
             m.mask_ranks.append(_rank(x))
@@ -231,7 +231,7 @@ def _walk_scores(x: Any, m: _Match, root) -> fx.Node | None:
             continue
         if k == "where" and len(x.args) == 3:
             cond, a, b = x.args
-            if not masks._is_huge_negative(b) or len(m.masks) >= _MAX_MASKS:
+            if not _huge_negative(b, root) or len(m.masks) >= _MAX_MASKS:
                 return None
             m.masks.append(_cond_mask(cond, invert=False, root=root))
             m.mask_ranks.append(_rank(x))
@@ -240,6 +240,68 @@ def _walk_scores(x: Any, m: _Match, root) -> fx.Node | None:
             continue
         return None
     return None
+
+
+_CONST_TARGETS = ("tensor", "scalar_tensor", "full", "as_tensor")
+_PURE_SCALAR_OPS = {"sqrt", "rsqrt", "reciprocal", "pow", "mul", "div", "true_divide", "add", "sub", "neg", "exp",
+                    "log", "detach", "detach_", "clone", "lift_fresh_copy", "lift_fresh", "_to_copy", "to", "float",
+                    "double", "half", "bfloat16", "type_as", "alias", "view", "reshape", "squeeze", "unsqueeze"}
+
+
+def _scalar(x: Any, root: Any = None, depth: int = 0) -> float | None:
+    """`x` as a Python number when it is one or a one-element tensor computed only from
+    constants (`torch.sqrt(torch.tensor(d))`, a lifted `torch.tensor(finfo.min)` in an export
+    graph): evaluated here, once, from those constants."""
+    c = _const(x)
+    if c is not None or not isinstance(x, fx.Node) or depth > 8:
+        return c
+    if x.op in ("get_attr", "placeholder"):
+        const = masks.constant_of(x, root)
+        try:
+            return float(const) if const is not None and const.numel() == 1 else None
+        except Exception:  # fake / meta constants have no value
+            return None
+    if x.op not in ("call_function", "call_method"):
+        return None
+    name = x.target if x.op == "call_method" else getattr(x.target, "__name__", str(x.target))
+    base = str(name).split(".")[0]
+    if base in _CONST_TARGETS and x.args and x.op == "call_function":
+        value = x.args[1] if base == "full" and len(x.args) > 1 else x.args[0]
+        return _const(value)
+    if base not in _PURE_SCALAR_OPS:
+        return None
+    args = []
+    for a in x.args:
+        if isinstance(a, fx.Node):
+            v = _scalar(a, root, depth + 1)
+            if v is None:
+                return None
+            args.append(torch.tensor(v, dtype=torch.float64))
+        else:
+            args.append(a)
+    try:
+        fn = getattr(torch.Tensor, x.target) if x.op == "call_method" else x.target
+        out = fn(*args, **{k: v for k, v in x.kwargs.items() if not isinstance(v, fx.Node)})
+        return float(out) if isinstance(out, torch.Tensor) and out.numel() == 1 else _const(out)
+    except Exception:  # an op that does not take these arguments: not a constant we can read
+        return None
+
+
+def _huge_negative(x: Any, root: Any, depth: int = 0) -> bool:
+    """-inf or a huge negative number, also as a one-element tensor constant: a lifted
+    `torch.tensor(finfo.min)` in an export graph, a `torch.tensor(...)` call in a Dynamo graph."""
+    if masks._is_huge_negative(x):
+        return True
+    if not isinstance(x, fx.Node) or depth > 6:
+        return False
+    return masks._is_huge_negative(_scalar(x, root))
+
+
+def _broadcast_only(mask: Any) -> bool:
+    """A mask of shape [..., Tq, Tk] whose leading dims are all 1: it means the same for every
+    batch row and head, whatever the scores' rank."""
+    s = fxutil.shape(mask)
+    return s is not None and all(fxutil.static_int(d) == 1 for d in s[:-2])
 
 
 def _rank(x: Any) -> int | None:
@@ -417,8 +479,11 @@ def _match(sm: fx.Node, root) -> FoundSite | None:
     if m.scale <= 0:
         f.problems.append(f"non-positive attention scale {m.scale}")
     score_rank = _rank(scores)
-    if any(r is not None and score_rank is not None and r != score_rank for r in m.mask_ranks):
-        f.problems.append(f"a mask is applied to the scores after a view from {score_rank}-D to another rank")
+    for mi, r in zip(m.masks, m.mask_ranks):
+        if r is not None and score_rank is not None and r != score_rank and not _broadcast_only(mi.node):
+            f.problems.append(f"a per-batch or per-head mask is applied to the scores after a view from "
+                              f"{score_rank}-D to {r}-D")
+            break
     qs, ks, vs = fxutil.shape(q), fxutil.shape(k), fxutil.shape(v)
     if qs is not None:
         f.layout = "3d" if len(qs) == 3 else "4d"

@@ -286,3 +286,28 @@ def test_untraceable_sdpa_module_is_rewritten_with_example_inputs():
         torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(x), want, atol=3e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ moba-rewrite inspect
+
+
+@pytest.mark.parametrize("name", ["bloom", "mpt", "gemma2_softcap", "gpt_oss_sinks_moe", "deepseek_v3_mla",
+                                  "mixtral_moe", "mistral_sliding_window"])
+def test_cli_inspect_lists_every_site_with_why_it_stays_dense(name, tmp_path, capsys):
+    import json
+
+    from moba_rewrite import cli
+
+    case = CASES[name]
+    case.model().save_pretrained(str(tmp_path / name))
+    assert cli.main(["inspect", str(tmp_path / name), "--json", "--no-progress"]) == 0
+    sites = json.loads(capsys.readouterr().out)["sites"]
+    assert [s["name"] for s in sites] == [n for n, _, _ in case.expect]
+    for s, (_, outcome, why) in zip(sites, case.expect):
+        if outcome == "dense":
+            assert why in (s["notes"] or ""), s
+        else:
+            assert s["notes"] is None or "stays dense" not in s["notes"], s
+    assert cli.main(["inspect", str(tmp_path / name), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(sites)} attention sites" in out and "notes" in out
