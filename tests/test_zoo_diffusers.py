@@ -11,6 +11,7 @@ under `torch.compile(fullgraph=True)`, through `mr.compile` and through `mr.expo
 
 from __future__ import annotations
 
+import diffusers  # the `test` extra installs it
 import pytest
 import torch
 
@@ -19,8 +20,6 @@ from moba_rewrite import api
 from moba_rewrite.dynamo_backend import MobaBackend
 from passes.rewrite import UnsupportedSiteError
 from zoo_oracle import sdpa_oracle
-
-diffusers = pytest.importorskip("diffusers")  # the `test` extra installs it
 
 BLOCK, TOP_K, DENSE_TOP_K = 4, 2, 8
 
