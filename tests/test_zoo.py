@@ -311,3 +311,52 @@ def test_cli_inspect_lists_every_site_with_why_it_stays_dense(name, tmp_path, ca
     assert cli.main(["inspect", str(tmp_path / name), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert f"{len(sites)} attention sites" in out and "notes" in out
+
+
+# ------------------------------------------------------------------ graph patterns (export, Dynamo)
+
+
+class Bmm3dAttention(nn.Module):
+    """3-D bmm attention whose scores are viewed 4-D for a `where` with a tensor constant, and a
+    scale from `torch.sqrt(torch.tensor(d))`: torch.fx cannot trace `torch.finfo(scores.dtype)`."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.qkv = heads, nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        d = c // self.heads
+        q, k, v = (z.reshape(b * self.heads, t, d) for z in
+                   self.qkv(x).view(b, t, 3, self.heads, d).permute(2, 0, 3, 1, 4).unbind(0))
+        scores = (torch.bmm(q, k.transpose(1, 2)) / torch.sqrt(torch.tensor(float(d)))).view(b, self.heads, t, t)
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        scores = torch.where(causal, scores, torch.tensor(torch.finfo(scores.dtype).min))
+        return torch.bmm(scores.softmax(-1).view(b * self.heads, t, t), v).view(b, self.heads, t, d)
+
+
+def test_graph_patterns_bmm_views_and_tensor_constants():
+    from moba_rewrite import api
+    from moba_rewrite.kernels import reference
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Bmm3dAttention()).eval()
+    x = torch.randn(2, SEQ, 32)
+    q, k, v = model[0].qkv(x).view(2, SEQ, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    want = reference.forward(q, k, v, block_size=BLOCK, top_k=TOP_K, causal=True, scale=8 ** -0.5,
+                             attn_mask=None).detach()
+    ep, report = api.export_with_report(model, (x,), policy())
+    assert [(r.name, r.decision, r.causal) for r in report] == [("0", "moba", True)], str(report)
+    torch.testing.assert_close(ep.module()(x), want, atol=3e-5, rtol=1e-4)
+    # the eager rewrite lists it, dense: it has no graph of a module torch.fx cannot trace
+    row = mr.plan(model, policy(), (x,))[0]
+    assert row.decision == "dense" and "torch.fx cannot trace" in row.reason and "mr.export" in row.reason
+
+
+def test_bloom_sites_in_export_graphs_are_dense_with_the_alibi_reason():
+    from moba_rewrite import api
+
+    model, inputs = CASES["bloom"].model(), CASES["bloom"].inputs()
+    ep, report = api.export_with_report(model, (), policy(), kwargs={**inputs, "use_cache": False})
+    assert [(r.name, r.decision) for r in report] == [(n, "dense") for n, _, _ in CASES["bloom"].expect]
+    assert all(ALIBI in r.reason for r in report), str(report)
