@@ -360,3 +360,38 @@ def test_bloom_sites_in_export_graphs_are_dense_with_the_alibi_reason():
     ep, report = api.export_with_report(model, (), policy(), kwargs={**inputs, "use_cache": False})
     assert [(r.name, r.decision) for r in report] == [(n, "dense") for n, _, _ in CASES["bloom"].expect]
     assert all(ALIBI in r.reason for r in report), str(report)
+
+
+class Outer(nn.Module):
+    """Routed owner (a `**kwargs` forward) holding another routed owner; its own SDPA call comes
+    after the inner one's, and a shared inner module is called twice (one site)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = BranchyAttention()
+        self.qkv = nn.Linear(32, 96)
+
+    def forward(self, x, **kwargs):
+        x = self.inner(self.inner(x).transpose(1, 2).reshape(x.shape))
+        y = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+        q, k, v = self.qkv(y).view(y.shape[0], y.shape[1], 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_nested_routed_owners_each_count_their_own_calls():
+    torch.manual_seed(0)
+    model = Outer().eval()
+    x = torch.randn(2, SEQ, 32)
+    pol = {**policy(), "rules": [{"match": "inner", "mode": "dense"}]}
+    report = mr.plan(model, pol, (x,))
+    assert [(r.name, r.decision) for r in report] == [("inner", "dense"), ("", "moba")], str(report)
+    with torch.no_grad():
+        original = model(x)
+        mr.rewrite(model, pol, (x,))
+        got = model(x)
+        plain = Outer().eval()
+        plain.load_state_dict(model.state_dict())
+        with sdpa_oracle(plain, {""}, block=BLOCK, top_k=TOP_K):
+            want = plain(x)
+    assert (got - original).abs().max() > 1e-4
+    torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)

@@ -33,10 +33,9 @@ def sdpa_oracle(model: nn.Module, moba_names: set[str], *, block: int, top_k: in
     def post(module, args, output):
         active.pop()
 
-    for name, m in model.named_modules():
-        if any(name == n or n.startswith(name + ".") for n in moba_names) or name in moba_names:
-            handles.append(m.register_forward_pre_hook(pre(name)))
-            handles.append(m.register_forward_hook(post, always_call=True))
+    for name, m in model.named_modules():  # the innermost running module decides
+        handles.append(m.register_forward_pre_hook(pre(name)))
+        handles.append(m.register_forward_hook(post, always_call=True))
 
     def oracle(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if not (active and active[-1]):
