@@ -64,7 +64,7 @@ SIZES: dict[str, Any] = {
 }
 LIST_SIZES: dict[str, int] = {"depths": 1, "num_heads": 2, "num_layers": 1, "num_attention_heads": 2,
                               "encoder_layers": 1, "decoder_layers": 1}
-MAX_PARAMS = 60_000_000
+MAX_PARAMS = 150_000_000
 SEQ = 16
 
 
@@ -139,10 +139,11 @@ def _input(name: str, cfg: Any, gen: torch.Generator) -> torch.Tensor | None:
         size = _get(cfg, "image_size", default=32)
         size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
         return torch.randn(1, _get(cfg, "num_channels", default=3), *size[-2:], generator=gen)
-    if name == "input_features":
-        mel = _get(cfg, "num_mel_bins", "feature_size", "input_feat_per_channel", default=80)
+    if name in ("input_features", "input_features_t"):  # [B, mel, frames] (Whisper) or [B, frames, mel]
+        mel = _get(cfg, "num_mel_bins", "feature_size", "input_feat_per_channel", "num_mel_bins", default=80)
         frames = 2 * int(_get(cfg, "max_source_positions", default=SEQ * 2) or SEQ * 2)
-        return torch.randn(1, mel, frames, generator=gen)
+        x = torch.randn(1, mel, frames, generator=gen)
+        return x.transpose(1, 2).contiguous() if name.endswith("_t") else x
     if name == "input_values":
         return torch.randn(1, 4000, generator=gen)
     return None
@@ -162,10 +163,14 @@ def input_candidates(model: nn.Module) -> list[dict[str, Any]]:
         names.append("decoder_input_ids")
     every = names + [n for n in ("input_ids", "pixel_values") if n in params and n not in names]
     out = []
-    for choice in (names, every):
-        made = {n: _input(n, cfg, gen) for n in choice}
-        if made and all(v is not None for v in made.values()) and all(set(made) != set(o) for o in out):
+    for choice in (names, every, [n + "_t" if n == "input_features" else n for n in names]):
+        made = {n.removesuffix("_t"): _input(n, cfg, gen) for n in choice}
+        if made and all(v is not None for v in made.values()) and all(
+                set(made) != set(o) or any(made[k].shape != o[k].shape for k in made) for o in out):
             out.append(made)
+    if "use_cache" in params:
+        for o in out:
+            o["use_cache"] = False
     if not out:
         raise ValueError(f"no generic input for main input {main!r}")
     return out
@@ -344,13 +349,17 @@ def sweep_one(model_type: str, class_name: str, seconds: int) -> Row:
             row.status = "forward"
             for i, inputs in enumerate(candidates):
                 try:
+                    with torch.no_grad():  # first call: lazy set-up (BigBird swaps its attention module)
+                        model(**inputs)
                     truth = truth_sites(model, inputs)
                     break
                 except Exception:
                     if i == len(candidates) - 1:
                         raise
             row.status = "discovery"
-            listed = Counter(s.name for s in mr.find_sites(model, inputs))
+            listed: Counter = Counter()
+            for s in mr.find_sites(model, inputs):  # a row may stand for several calls (DiffLlama)
+                listed[s.name] += int(s.extra.get("calls", 1))
             row.status = "ok"
     except _Timeout as exc:
         row.status, row.error = "timeout", str(exc)

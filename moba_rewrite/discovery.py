@@ -24,6 +24,7 @@ Without example inputs a plain module cannot be run: it is traced with `torch.fx
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -244,9 +245,15 @@ def entries(model: nn.Module, example_inputs: Any = None) -> Discovery:
     hf_owned: set[int] = set()
     if use_hf:
         train_calls = train.hf_calls if train is not None else None
+        per_module = Counter(name for name, _ in recorded)
         for s in hf.discover(model, example_inputs, recorded=(run.hf_modules, run.hf_calls), train_calls=train_calls):
             hf_owned.add(id(s.module))
-            out.append(Entry(site=s.site, machinery="hf", module=s.module, problems=s.problems, note=s.note,
+            site, note = s.site, s.note
+            calls = per_module.get(site.name, 1)
+            if calls > 1:  # DiffLlama: two attention calls per forward, one decision (the module's)
+                site = dataclasses.replace(site, extra={**site.extra, "calls": calls})
+                note += f"; {calls} attention calls per forward follow this row"
+            out.append(Entry(site=site, machinery="hf", module=s.module, problems=s.problems, note=note,
                              position=run.rec.first_seq.get(id(s.module), 0)))
     by_owner: dict[str, list[_Recorded]] = {}
     for (name, _), r in sorted(recorded.items(), key=lambda kv: kv[1].position):

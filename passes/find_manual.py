@@ -461,7 +461,7 @@ def _match(sm: fx.Node, root) -> FoundSite | None:
     if not isinstance(k, fx.Node):
         return None
     k = _scaled_operand(k, m)
-    name, cls = fxutil.owner(sm)
+    name, cls = fxutil.common_owner([scores, sm, out])
     mask = m.masks[0] if m.masks else masks.MaskInfo(node=None)
     f = FoundSite(kind="manual", out=out, q=q, k=k, v=v, mask=mask, name=name, module_class=cls,
                   scale=m.scale, scale_on_q=False, dropout_p=m.dropout_p, k_transposed=k_transposed,

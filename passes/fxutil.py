@@ -70,6 +70,21 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
     return [(clean_fqn(str(p)), _class_name(c)) for p, c in stack.values()]
 
 
+def common_owner(nodes: Iterable[fx.Node]) -> tuple[str, str]:
+    """(fqn, class name) of the innermost module that created all of `nodes` (a pattern whose
+    softmax runs in a child module, as I-BERT's `IntSoftmax`, belongs to the attention module)."""
+    stacks = [module_stack(n) for n in nodes if isinstance(n, fx.Node)]
+    if not stacks:
+        return "", ""
+    common = stacks[0]
+    for st in stacks[1:]:
+        i = 0
+        while i < min(len(common), len(st)) and common[i][0] == st[i][0]:
+            i += 1
+        common = common[:i]
+    return common[-1] if common else ("", "")
+
+
 # --------------------------------------------------------------------------------------------
 # Shapes and values
 
