@@ -15,6 +15,7 @@ each architecture), build the model from its default config shrunk to a tiny siz
     python benchmarks/zoo_sweep.py                       # every model type (~15 min, ~3 GiB)
     python benchmarks/zoo_sweep.py --only llama bloom    # some
     python benchmarks/zoo_sweep.py --json benchmarks/logs/zoo_sweep.json --markdown out.md
+    python benchmarks/zoo_sweep.py --code /path/to/other/checkout   # measure another version
 
 A model type that cannot be built tiny or given inputs generically is counted apart, with the
 error; misses and extras are listed per model (benchmarks/RESULTS.md explains them).
@@ -40,15 +41,11 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 from torch.utils.weak import WeakIdKeyDictionary  # noqa: E402
-
-import moba_rewrite as mr  # noqa: E402
 
 SIZES: dict[str, Any] = {
     "hidden_size": 32, "d_model": 32, "n_embd": 32, "embed_dim": 32, "dim": 32, "word_embed_proj_dim": 32,
@@ -297,6 +294,8 @@ class Row:
     truth: int = 0
     listed: int = 0
     extra: int = 0
+    unread: int = 0  # listed sites whose form the rewrite does not read (dense)
+    open_to_moba: int = 0  # listed sites with no reason to stay dense
     missed: list[str] = field(default_factory=list)
     extras: list[str] = field(default_factory=list)
     error: str = ""
@@ -357,9 +356,14 @@ def sweep_one(model_type: str, class_name: str, seconds: int) -> Row:
                     if i == len(candidates) - 1:
                         raise
             row.status = "discovery"
+            import moba_rewrite as mr
+
             listed: Counter = Counter()
             for s in mr.find_sites(model, inputs):  # a row may stand for several calls (DiffLlama)
                 listed[s.name] += int(s.extra.get("calls", 1))
+                problems = s.extra.get("problems", [])
+                row.unread += any("does not read" in p for p in problems)
+                row.open_to_moba += not problems
             row.status = "ok"
     except _Timeout as exc:
         row.status, row.error = "timeout", str(exc)
@@ -401,7 +405,9 @@ def summary(rows: list[Row]) -> str:
         f"model types in the registry: {len(rows)}; built and run: {len(ok)} "
         f"({', '.join(f'{k}: {v}' for k, v in sorted(failed.items())) or 'no failures'})",
         f"attention sites (truth): {truth}; listed by discovery: {listed} "
-        f"({100 * listed / max(truth, 1):.1f}%); extra rows: {sum(r.extra for r in ok)}",
+        f"({100 * listed / max(truth, 1):.1f}%); extra rows: {sum(r.extra for r in ok)}; listed in a form the "
+        f"rewrite does not read (dense): {sum(r.unread for r in ok)}; with no reason to stay dense: "
+        f"{sum(r.open_to_moba for r in ok)}",
         f"models with attention: {len(with_attention)}; every site listed: {len(complete)} "
         f"({100 * len(complete) / max(len(with_attention), 1):.1f}%)",
     ]
@@ -425,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=int, default=120, help="time limit per model")
     ap.add_argument("--json", help="write every row as JSON here")
     ap.add_argument("--markdown", help="write the table of misses and failures here")
+    ap.add_argument("--code", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    help="checkout whose moba_rewrite is measured (default: this one)")
     args = ap.parse_args(argv)
+    sys.path.insert(0, os.path.abspath(args.code))
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     rows = []

@@ -22,6 +22,14 @@ from passes.found import FoundSite
 _PRODUCTS = ("matmul", "einsum", "baddbmm")
 _PASS = ("view", "cast", "transpose", "permute")
 _UP_DEPTH, _DOWN_DEPTH = 24, 16
+# Layers that mix features: the scores never pass through one on their way to the softmax (a
+# path through them reaches back into earlier layers, whose products are not these scores).
+_LAYERS = ("linear", "conv", "norm", "embedding", "gelu", "silu", "relu", "softmax", "addmm", "mm", "lstm", "gru")
+
+
+def _crosses_layer(n: fx.Node) -> bool:
+    return fxutil.kind(n) == "softmax" or any(w in _label(n).lower() for w in _LAYERS) \
+        and fxutil.kind(n) not in ("matmul", "baddbmm", "einsum")
 
 
 def _is_weight(x: Any, depth: int = 0) -> bool:
@@ -62,6 +70,8 @@ def _scores_of(sm: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
                 if _activation_product(n):
                     return n, between
                 continue  # a product with a weight: not through it
+            if n.op in ("placeholder", "get_attr") or _crosses_layer(n):
+                continue
             between.append(n)
             nxt.extend(n.all_input_nodes)
         frontier = nxt
@@ -83,6 +93,8 @@ def _output_of(sm: fx.Node) -> tuple[fx.Node, Any, list[fx.Node]] | None:
                     others = [o for o in ops if o is not n]
                     if len(ops) == 2 and len(others) == 1 and not _is_weight(others[0]):
                         return u, others[0], between
+                    continue
+                if _crosses_layer(u):
                     continue
                 between.append(u)
                 nxt.append(u)
