@@ -19,8 +19,8 @@ Signatures (stable: the CLI, checkpoints and exporters build on them)::
 
 `policy` is anything `load_policy` takes: a `Policy`, a dict, or a path (YAML/TOML/JSON).
 `example_inputs`: a tuple of positional arguments, a dict of keyword arguments, or a tensor.
-Hugging Face models do not need them (their `dummy_inputs` are used); plain modules use
-them to record shapes and how each attention module is called.
+Discovery runs the model on them (transformers models fall back to their `dummy_inputs`);
+plain modules given none are traced with torch.fx instead, which finds less.
 
 `RewriteReport` (moba_rewrite.report): `.rows` (ReportRow: name, module_class, layer, kind,
 num_heads, num_kv_heads, head_dim, causal, mask_kind, decision ("moba"|"dense", what the site

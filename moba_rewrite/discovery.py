@@ -58,7 +58,6 @@ class Discovery:
     entries: list[Entry]
     graph: str  # "hf" | "recorded" | "symbolic_trace"
     warnings: list[str]
-    legacy: eager.Discovery | None = None  # symbolic_trace discovery (no example inputs)
     calls: dict[int, tuple[tuple, dict]] = dataclasses.field(default_factory=dict)  # module call patterns
 
 
@@ -244,7 +243,7 @@ def entries(model: nn.Module, example_inputs: Any = None) -> Discovery:
     out: list[Entry] = []
     hf_owned: set[int] = set()
     if use_hf:
-        train_calls = train.hf_calls if train is not None else None
+        train_calls = train.hf_calls if train is not None else []  # never guessed from attribute names
         per_module = Counter(name for name, _ in recorded)
         for s in hf.discover(model, example_inputs, recorded=(run.hf_modules, run.hf_calls), train_calls=train_calls):
             hf_owned.add(id(s.module))
@@ -353,4 +352,4 @@ def _legacy_entries(model: nn.Module) -> Discovery:
     warnings = [f"module {name!r} could not be traced by torch.fx ({why.splitlines()[0][:200]}); its children "
                 "were searched instead: pass example_inputs to find attention written directly in its forward "
                 "(mr.export / mr.compile see it)" for name, why in disc.failures.items()]
-    return Discovery(entries=out, graph="symbolic_trace", warnings=warnings, legacy=disc, calls=disc.calls)
+    return Discovery(entries=out, graph="symbolic_trace", warnings=warnings, calls=disc.calls)
