@@ -12,7 +12,7 @@ each architecture), build the model from its default config shrunk to a tiny siz
 - listed: `moba_rewrite.find_sites(model, inputs)` (the eager discovery `mr.plan` and
   `mr.rewrite` use), counted per module name.
 
-    python benchmarks/zoo_sweep.py                       # every model type (~15 min, ~3 GiB)
+    python benchmarks/zoo_sweep.py                       # every model type (~8 min on 2 cores)
     python benchmarks/zoo_sweep.py --only llama bloom    # some
     python benchmarks/zoo_sweep.py --json benchmarks/logs/zoo_sweep.json --markdown out.md
     python benchmarks/zoo_sweep.py --code /path/to/other/checkout   # measure another version
