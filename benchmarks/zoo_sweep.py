@@ -450,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(summary(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"summary": summary(rows), "rows": [asdict(r) for r in rows]}, f, indent=1)
+        with open(args.json, "w") as f:  # one row per line: small diffs between runs
+            f.write('{"summary": ' + json.dumps(summary(rows)) + ',\n "rows": [\n')
+            f.write(",\n".join("  " + json.dumps(asdict(r)) for r in rows) + "\n]}\n")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(summary(rows) + "\n\n" + markdown(rows) + "\n")
