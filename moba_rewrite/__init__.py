@@ -1,7 +1,7 @@
 """moba-rewrite: rewrite the attention of any PyTorch model into MoBA, layer by layer.
 
 Public API (SPEC section 1): `moba_attention`, `load_policy`, `rewrite`, `compile`, `export`,
-`plan`, `load`. Everything else is internal. Imports are lazy so `import moba_rewrite` stays
+`plan`, `load`, `report_of`. Everything else is internal. Imports are lazy so `import moba_rewrite` stays
 fast and registers the `moba::attention` op.
 """
 
@@ -25,6 +25,7 @@ _LAZY = {
     "plan": "moba_rewrite.api",
     "export_with_report": "moba_rewrite.api",
     "find_sites": "moba_rewrite.api",
+    "report_of": "moba_rewrite.api",
     "load": "moba_rewrite.checkpoints",
     "RewriteReport": "moba_rewrite.report",
     "moba_attention_varlen": "moba_rewrite.attention.varlen",

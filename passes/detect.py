@@ -1,15 +1,17 @@
 """One entry point for graph-level detection: every attention site of an FX graph.
 
-Combines `find_sdpa` (SDPA in every spelling) and `find_manual` (matmul -> softmax ->
-matmul subgraphs, which also covers `nn.MultiheadAttention`'s own math path when traced),
-in graph order, so a site's `layer` is its ordinal in execution order.
+Combines `find_sdpa` (SDPA in every spelling), `find_manual` (matmul -> softmax -> matmul
+subgraphs, which also covers `nn.MultiheadAttention`'s own math path when traced),
+`find_mha` (`F.multi_head_attention_forward` kept whole in recorded forwards) and
+`find_generic` (attention in forms the others do not read: listed, kept dense), in graph
+order, so a site's `layer` is its ordinal in execution order.
 """
 
 from __future__ import annotations
 
 import torch.fx as fx
 
-from passes import find_manual, find_sdpa
+from passes import find_generic, find_manual, find_mha, find_sdpa
 from passes.found import FoundSite, number_sites
 from passes.sites import AttentionSite
 
@@ -19,6 +21,9 @@ def find_sites(gm: fx.GraphModule) -> list[FoundSite]:
     found = find_sdpa.find_sdpa(gm)
     taken = {f.out for f in found}
     found += [f for f in find_manual.find_manual(gm) if f.out not in taken]
+    found += find_mha.find_mha_calls(gm)
+    read = {n for f in found for n in f.covered} | {f.out for f in found}
+    found += [f for f in find_generic.find_generic(gm, read) if f.out not in read]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     found.sort(key=lambda f: order[f.out])
     for f in found:

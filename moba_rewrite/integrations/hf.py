@@ -46,6 +46,17 @@ class HFUnsupportedError(RuntimeError):
 # Registration
 
 
+def is_pretrained(model: nn.Module) -> bool:
+    """A transformers `PreTrainedModel` (whether or not its attention uses the AttentionInterface)."""
+    if "transformers" not in sys.modules:
+        return False
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
 def is_hf_model(model: nn.Module) -> bool:
     """A transformers `PreTrainedModel` whose attention goes through the AttentionInterface."""
     if "transformers" not in sys.modules:  # no model of it can exist; importing it costs seconds
@@ -309,12 +320,19 @@ class HFSite:
     note: str = ""  # extra information for the report (behaviour while training)
 
 
-def discover(model: nn.Module, example_inputs: Any = None) -> list[HFSite]:
-    """Every attention module of `model` in execution order, from one recorded forward."""
-    modules, calls = attention_modules(model, example_inputs)
+def discover(model: nn.Module, example_inputs: Any = None, *,
+             recorded: tuple[list[tuple[str, nn.Module]], list[CallRecord]] | None = None,
+             train_calls: list[CallRecord] | None = None) -> list[HFSite]:
+    """Every attention module of `model` in execution order, from one recorded forward
+    (`recorded`: the result of `attention_modules`, when the caller ran it). Attention dropout
+    is what the module passes while training (`train_calls`, from a training-mode forward)."""
+    modules, calls = recorded if recorded is not None else attention_modules(model, example_inputs)
     first: dict[int, CallRecord] = {}
     for c in calls:
         first.setdefault(id(c.module), c)
+    p_train: dict[int, float] = {}
+    for c in train_calls or []:
+        p_train[id(c.module)] = max(p_train.get(id(c.module), 0.0), c.dropout)
     origin = origin_of(model)
     out = []
     for layer, (name, m) in enumerate(modules):
@@ -328,12 +346,16 @@ def discover(model: nn.Module, example_inputs: Any = None) -> list[HFSite]:
         problems = [f"{what} ({k})" for k, what in _UNSUPPORTED_KWARGS.items() if k in c.kwargs]
         if c.v_shape[-1] != c.q_shape[-1]:
             problems.append(f"value head dim {c.v_shape[-1]} differs from query head dim {c.q_shape[-1]}")
-        p_train = _dropout_of(m)
-        note = f"; while training: attention dropout p={p_train} -> dense (or error)" if p_train > 0 else ""
+        longest = max((x for x in calls if x.module is m), key=lambda x: x.q_shape[2] - x.k_shape[2])
+        if longest.q_shape[2] > longest.k_shape[2]:  # e.g. Whisper's encoder_attn with a long decoder
+            problems.append(f"more queries than keys (Tq={longest.q_shape[2]} > Tk={longest.k_shape[2]}, "
+                            "cross attention)")
+        p = p_train.get(id(m), 0.0) if train_calls is not None else _dropout_of(m)
+        note = f"; while training: attention dropout p={p:g} -> dense (or error)" if p > 0 else ""
         site = AttentionSite(
             name=name, module_class=type(m).__name__, layer=layer, kind="sdpa" if origin == "sdpa" else "manual",
             num_heads=c.q_shape[1], num_kv_heads=c.k_shape[1], head_dim=c.q_shape[3], causal=causal,
-            mask_kind=mask_kind, scale=c.scaling, dropout_p=p_train, seq_len=c.q_shape[2],
+            mask_kind=mask_kind, scale=c.scaling, dropout_p=p, seq_len=c.q_shape[2],
             extra={"problems": problems, "origin": origin},
         )
         out.append(HFSite(site=site, module=m, problems=problems, note=note))
