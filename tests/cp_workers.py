@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from moba_rewrite.attention import moba_attention
-from moba_rewrite.parallel import (ContextParallelError, moba_attention_cp, record_traffic, shard_sequence,
-                                   unshard_sequence)
+from moba_rewrite.parallel import (ContextParallelError, moba_attention_cp, moba_decode_cp, record_traffic,
+                                   sdpa_cp, shard_sequence, unshard_sequence)
 
 TIMEOUT_S = 30  # the group's timeout: a dead peer becomes an error, never a hang
 
@@ -112,6 +112,43 @@ def op_uneven_hits_and_top_k_extremes(ctx):
     check_op_against_whole_sequence(ctx, structured=True, top_k=2, seed=5)
     check_op_against_whole_sequence(ctx, top_k=1, seed=6)
     check_op_against_whole_sequence(ctx, top_k=64, causal=False, seed=7)
+
+
+def dense_sdpa_cp_matches_whole_sequence(ctx):
+    """`sdpa_cp` (the dense sites' all-gather attention): output and gradients equal SDPA on the
+    whole sequence, causal zigzag with GQA and padding, non-causal contiguous."""
+    for causal, layout, seq_len in ((True, "zigzag", 90), (False, "contiguous", None)):
+        t = seq_len or 128
+        q, k, v = _qkv(2, 4, 2, t, 16, 12)
+        grad = torch.randn(2, 4, t, 16, generator=torch.Generator().manual_seed(13))
+        qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+        ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, is_causal=causal, enable_gqa=True)
+        (ref * grad).sum().backward()
+        shard = lambda x: shard_sequence(x, layout=layout, block_size=8 if seq_len else None)  # noqa: E731
+        ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
+        out = sdpa_cp(ql, kl, vl, causal=causal, enable_gqa=True, layout=layout, seq_len=seq_len)
+        (out * shard(grad)).sum().backward()
+        close(f"sdpa_cp output [{causal} {layout}]", unshard_sequence(out.detach(), layout=layout, seq_len=seq_len),
+              ref.detach())
+        for name, got, want in (("dq", ql.grad, qr.grad), ("dk", kl.grad, kr.grad), ("dv", vl.grad, vr.grad)):
+            close(f"sdpa_cp {name} [{causal} {layout}]", got, shard(want))
+
+
+def decode_against_a_sharded_cache(ctx):
+    """`moba_decode_cp` equals `moba_attention` on the filled cache: one and three new tokens, the
+    newest on the last or on an earlier rank (later ranks empty), GQA, top_k 1."""
+    s_cap, bs = 32, 8
+    cap = s_cap * ctx.world
+    q_all, k, v = _qkv(2, 4, 2, cap, 16, 14)
+    for seq_len in (cap - 5, s_cap + 3, 20):
+        for tq, top_k in ((1, 3), (3, 2), (1, 1)):
+            q = q_all[:, :, seq_len - tq: seq_len]
+            want = moba_attention(q, k[:, :, :seq_len], v[:, :, :seq_len], block_size=bs, top_k=top_k,
+                                  enable_gqa=True, backend="reference")
+            mine = slice(ctx.rank * s_cap, (ctx.rank + 1) * s_cap)
+            got = moba_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=seq_len, block_size=bs, top_k=top_k,
+                                 enable_gqa=True)
+            close(f"decode [seq_len={seq_len} Tq={tq} top_k={top_k}]", got, want)
 
 
 def traffic_only_selected_blocks(ctx):
@@ -322,10 +359,12 @@ def fsdp2_and_context_parallel_training_step(ctx):
 
 SUITES = {
     "two": [op_causal_contiguous, op_non_causal, op_gqa_zigzag_causal, op_gqa_zigzag_non_causal, op_padding,
-            op_uneven_hits_and_top_k_extremes, traffic_only_selected_blocks, shard_round_trip,
+            op_uneven_hits_and_top_k_extremes, dense_sdpa_cp_matches_whole_sequence, decode_against_a_sharded_cache,
+            traffic_only_selected_blocks,
+            shard_round_trip,
             bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_uneven_hits_and_top_k_extremes,
-             bad_inputs_fail_on_every_rank, fsdp2_and_context_parallel_training_step],
+             decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, fsdp2_and_context_parallel_training_step],
 }
 
 # --------------------------------------------------------------------------------------------
