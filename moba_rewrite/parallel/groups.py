@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moba_rewrite.parallel.traffic import count
+
 
 class ContextParallelError(RuntimeError):
     """A collective of the context-parallel attention failed (a rank died, timed out or diverged)."""
@@ -87,6 +89,7 @@ def check_same_on_all_ranks(who: str, pg: dist.ProcessGroup, fields: dict[str, i
     mine = torch.tensor([int(fields[n]) for n in names], dtype=torch.int64, device=device)
     with collective(who, "the check that all ranks agree on shapes and parameters", pg):
         everyone = all_gather_stacked(mine, pg)
+    count("rank agreement check", mine.numel() * mine.element_size() * (everyone.shape[0] - 1))
     for i, name in enumerate(names):
         values = everyone[:, i].tolist()
         if len(set(values)) > 1:
