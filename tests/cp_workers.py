@@ -114,6 +114,19 @@ def op_uneven_hits_and_top_k_extremes(ctx):
     check_op_against_whole_sequence(ctx, top_k=64, causal=False, seed=7)
 
 
+def op_half_and_double_precision(ctx):
+    """bf16 / fp16 travel and attend in their own dtype (within one rounding of the reference);
+    fp64 matches to 1e-12."""
+    q, k, v = _qkv(1, 4, 4, 128, 16, 15)
+    for dtype, atol in ((torch.bfloat16, 1.6e-2), (torch.float16, 2e-3), (torch.float64, 1e-12)):
+        ql, kl, vl = (shard_sequence(x.to(dtype)).requires_grad_() for x in (q, k, v))
+        out = moba_attention_cp(ql, kl, vl, block_size=8, top_k=3)
+        out.sum().backward()
+        assert out.dtype == dtype and kl.grad.dtype == dtype
+        want = moba_attention(q.to(dtype), k.to(dtype), v.to(dtype), block_size=8, top_k=3, backend="reference")
+        close(f"output {dtype}", unshard_sequence(out.detach()), want, atol=atol)
+
+
 def dense_sdpa_cp_matches_whole_sequence(ctx):
     """`sdpa_cp` (the dense sites' all-gather attention): output and gradients equal SDPA on the
     whole sequence, causal zigzag with GQA and padding, non-causal contiguous."""
@@ -359,7 +372,8 @@ def fsdp2_and_context_parallel_training_step(ctx):
 
 SUITES = {
     "two": [op_causal_contiguous, op_non_causal, op_gqa_zigzag_causal, op_gqa_zigzag_non_causal, op_padding,
-            op_uneven_hits_and_top_k_extremes, dense_sdpa_cp_matches_whole_sequence, decode_against_a_sharded_cache,
+            op_uneven_hits_and_top_k_extremes, op_half_and_double_precision, dense_sdpa_cp_matches_whole_sequence,
+            decode_against_a_sharded_cache,
             traffic_only_selected_blocks,
             shard_round_trip,
             bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],

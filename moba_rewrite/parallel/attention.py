@@ -107,48 +107,55 @@ class _Compact:
     those slots, plus what the backward needs to send gradients home."""
 
     def __init__(self, q, k, v, cfg: _Config):
-        lay, bs, rank = cfg.lay, cfg.block_size, cfg.rank
-        world, dev = lay.world, q.device
-        b, hq, t, d = q.shape
-        hkv = k.shape[1]
-        blocks_of = torch.tensor([lay.blocks(r, bs) for r in range(world)], device=dev)  # [W, nb]
-        nb, n = blocks_of.shape[1], blocks_of.numel()
-        positions = lay.positions(rank, dev)
+        lay, bs = cfg.lay, cfg.block_size
+        dev = q.device
+        self.blocks_of = torch.tensor([lay.blocks(r, bs) for r in range(lay.world)], device=dev)  # [W, nb]
+        positions = lay.positions(cfg.rank, dev)
         self.query_real = positions < cfg.seq_len
-        means = _gather_means(_local_means(k, positions, cfg), blocks_of, cfg)
-        padded = not bool(self.query_real.all())
+        self.padded = not bool(self.query_real.all())
+        sel, fetched, tiles = self._route(q, k, v, positions, cfg)
+        self._assemble(k, v, sel, fetched, tiles, cfg)
+
+    def _route(self, q, k, v, positions: Tensor, cfg: _Config) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Gate against every block, exchange requests, fetch the tiles: (global selection, the
+        global blocks fetched for any (batch, kv head), the received tiles or None)."""
+        bs, n, dev = cfg.block_size, self.blocks_of.numel(), q.device
+        means = _gather_means(_local_means(k, positions, cfg), self.blocks_of, cfg)
         sel = select_history(q, means, positions // bs, top_k=cfg.top_k, causal=cfg.causal,
-                             n_real=-(-cfg.seq_len // bs), query_real=self.query_real if padded else None)
-        mine = torch.zeros(n, dtype=torch.bool, device=dev)
-        mine[blocks_of[rank]] = True
+                             n_real=-(-cfg.seq_len // bs), query_real=self.query_real if self.padded else None)
         self.exchange: BlockExchange | None = None
-        fetched = torch.empty(0, dtype=torch.long, device=dev)
-        if sel.shape[-1] > 0:  # top_k == 1 on every rank (checked): nothing to fetch anywhere
-            need = _needed_remote(sel, hkv, mine, n)
-            self.exchange = plan_exchange(need, blocks_of, rank, cfg.pg, _WHO)
-            tiles = fetch_blocks(k, v, self.exchange, bs, cfg.pg, _WHO)
-            fetched = need.any(1).any(0).nonzero().squeeze(1)
-        f = fetched.numel()
+        if sel.shape[-1] == 0:  # top_k == 1 (the same on every rank, checked): no rank exchanges anything
+            return sel, torch.empty(0, dtype=torch.long, device=dev), None
+        mine = torch.zeros(n, dtype=torch.bool, device=dev)
+        mine[self.blocks_of[cfg.rank]] = True
+        need = _needed_remote(sel, k.shape[1], mine, n)
+        self.exchange = plan_exchange(need, self.blocks_of, cfg.rank, cfg.pg, _WHO)
+        tiles = fetch_blocks(k, v, self.exchange, bs, cfg.pg, _WHO)
+        return sel, need.any(1).any(0).nonzero().squeeze(1), tiles
+
+    def _assemble(self, k, v, sel: Tensor, fetched: Tensor, tiles: Tensor | None, cfg: _Config) -> None:
+        """Compact k/v, the selection in compact slots, and the mask of padding keys (if any)."""
+        bs, n, dev = cfg.block_size, self.blocks_of.numel(), k.device
+        b, hkv, _, d = k.shape
+        own = self.blocks_of[cfg.rank]
+        f, nb = fetched.numel(), own.numel()
         self.n_fetched = f
-        slot_of = torch.full((n + 1,), -1, dtype=torch.long, device=dev)
-        slot_of[fetched] = torch.arange(f, device=dev)
-        slot_of[blocks_of[rank]] = torch.arange(f, f + nb, device=dev)
-        self.slot_of = slot_of
+        self.slot_of = torch.full((n + 1,), -1, dtype=torch.long, device=dev)  # global block -> slot (n: none)
+        self.slot_of[fetched] = torch.arange(f, device=dev)
+        self.slot_of[own] = torch.arange(f, f + nb, device=dev)
         self.k = k.new_zeros((b, hkv, (f + nb) * bs, d))
         self.v = v.new_zeros((b, hkv, (f + nb) * bs, d))
         self.k[:, :, f * bs:] = k
         self.v[:, :, f * bs:] = v
-        if self.exchange is not None and tiles.shape[0]:
+        if tiles is not None and tiles.shape[0]:
             rb, rh, rj = self.exchange.recv_index
-            slots = slot_of[rj]
+            slots = self.slot_of[rj]
             self.k.view(b, hkv, f + nb, bs, d)[rb, rh, slots] = tiles[:, 0]
             self.v.view(b, hkv, f + nb, bs, d)[rb, rh, slots] = tiles[:, 1]
-        self.selection = slot_of[torch.where(sel < 0, n, sel)]
-        slot_blocks = torch.cat([fetched, blocks_of[rank]])
-        key_pos = (slot_blocks[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
+        self.selection = self.slot_of[torch.where(sel < 0, n, sel)]
+        key_pos = (torch.cat([fetched, own])[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
         real_keys = key_pos < cfg.seq_len
         self.key_mask = None if bool(real_keys.all()) else real_keys.view(1, 1, 1, -1)
-        self.padded = padded
 
     def zero_padding_rows(self, x: Tensor) -> Tensor:
         """Rows of padding queries set to zero (they are no part of the sequence)."""
