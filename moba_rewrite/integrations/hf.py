@@ -164,6 +164,9 @@ class CallRecord:
 
 
 _RECORDER: list[CallRecord] | None = None
+# Set by `integrations.hf_cp.context_parallel` while a sequence is sharded across ranks: it then
+# computes every site (MoBA and dense) over the whole sequence.
+CONTEXT_PARALLEL: Callable | None = None
 
 
 @contextmanager
@@ -210,6 +213,8 @@ def moba_attention_forward(origin: str, module: nn.Module, query, key, value, at
             dropout=float(dropout or 0.0), scaling=kwargs.get("scaling"), is_causal=kwargs.get("is_causal"),
             kwargs=tuple(k for k, v in kwargs.items() if v is not None),
         ))
+    if CONTEXT_PARALLEL is not None:
+        return CONTEXT_PARALLEL(origin, module, query, key, value, attention_mask, *args, **kwargs)
     if decision is None or decision.mode != "moba":
         return dense(module, query, key, value, attention_mask, *args, **kwargs)
     tq, tk = query.shape[2], key.shape[2]

@@ -280,11 +280,14 @@ class RoutePlan:
 
 @torch.no_grad()
 def route(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool,
-          attn_mask: Tensor | None, include_own: bool = True) -> RoutePlan:
+          attn_mask: Tensor | None, include_own: bool = True, selection: Tensor | None = None) -> RoutePlan:
     """Select blocks and sort the (query row, block) pairs into per-block groups.
 
     With `include_own=False` only the history pairs are listed (the caller handles every
-    query's own block itself).
+    query's own block itself). `selection`: the history blocks already chosen, in
+    `select_blocks`' format (`[B, Hq, Tq, picks]` int64 block indices of k, -1 = none, own
+    block excluded); the gate is then skipped (context parallelism gates against the whole
+    sequence's blocks and attends a compacted k).
     """
     b, hq, tq, _ = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -292,7 +295,8 @@ def route(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool,
     n = -(-tk // block_size)
     dev = q.device
     offset = tk - tq
-    sel = select_blocks(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask)
+    sel = selection if selection is not None else select_blocks(
+        q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask)
     # Group id base per (b, hq): (b * Hkv + hq // G) * n.
     base = ((torch.arange(b, device=dev)[:, None] * hkv + torch.arange(hq, device=dev)[None, :] // g) * n)
     rows_all = torch.arange(b * hq * tq, device=dev)
