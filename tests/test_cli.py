@@ -109,18 +109,22 @@ def test_rewrite_pt2_dynamic_gpt2(work, tmp_path, capsys):
         assert torch.allclose(ep.module()(x), logits(reference, x), atol=1e-5)
 
 
-def test_rewrite_onnx_gpt2_runs_in_onnxruntime(work, tmp_path, capsys):
+@pytest.mark.parametrize("body", ["sparse", "dense"])
+def test_rewrite_onnx_gpt2_runs_in_onnxruntime(work, tmp_path, capsys, body):
     from moba_rewrite.exporters.onnx import DOMAIN, run_onnxruntime
 
     import onnx
 
     out = tmp_path / "gpt2.onnx"
+    flags = [] if body == "sparse" else ["--onnx-body", "dense"]  # sparse is the default
     code, stdout, err = run(["rewrite", work / "gpt2", "--policy", work / "policy.yaml", "--out", out,
-                             "--format", "onnx", "--dynamic", "--seq-len", 40], capsys)
+                             "--format", "onnx", "--dynamic", "--seq-len", 40, *flags], capsys)
     assert code == 0, err
     assert "verified" in stdout
     proto = onnx.load(str(out))
     assert sum(n.domain == DOMAIN for n in proto.graph.node) == 1  # layer 0 MoBA, layer 1 dense
+    (function,) = [f for f in proto.functions if f.domain == DOMAIN]
+    assert any(n.op_type == "ScatterND" for n in function.node) == (body == "sparse")
     reference = rewritten(make_gpt2)
     for n in (40, 66):
         x = ids(n, seed=n)

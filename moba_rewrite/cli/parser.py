@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens in the sample input used to export and verify (default: (top_k+1) blocks, "
                         "within the model's limit); must be at least one MoBA block")
     p.add_argument("--dynamic", action="store_true", help="dynamic sequence length in pt2 / aoti / onnx")
+    p.add_argument("--onnx-body", choices=("sparse", "dense"), default="sparse",
+                   help="onnx: the MoBA function body: sparse (default; memory O(T * top_k * block_size)) "
+                        "or dense (the plain O(T^2) statement of the algorithm)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     _add_force(p, "OUT")
     p.add_argument("--no-verify", action="store_true", help="skip loading the artifact back and comparing")

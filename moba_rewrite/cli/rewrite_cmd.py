@@ -34,7 +34,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
                 dynamic=args.dynamic, device=args.device, force=args.force, verify=not args.no_verify,
                 config=args.config, trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code,
                 allow_random_init=args.allow_random_init, dtype=args.dtype, quiet=args.quiet,
-                progress=not args.no_progress, report_json=args.report_json)
+                progress=not args.no_progress, report_json=args.report_json, onnx_body=args.onnx_body)
     return EXIT_OK
 
 
@@ -42,7 +42,8 @@ def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | 
                 fmt: str = "hf", seq_len: int | None = None, dynamic: bool = False, device: str = "cpu",
                 force: bool = False, verify: bool = True, config: str | None = None, trust_pickle: bool = False,
                 trust_remote_code: bool = False, allow_random_init: bool = False, dtype: str | None = None,
-                quiet: bool = False, progress: bool = True, report_json: str | None = None) -> RewriteResult:
+                quiet: bool = False, progress: bool = True, report_json: str | None = None,
+                onnx_body: str = "sparse") -> RewriteResult:
     """The `rewrite` command as a function (also used by `demo`)."""
     from moba_rewrite import checkpoints as ck
 
@@ -57,7 +58,7 @@ def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | 
     ns = argparse.Namespace(checkpoint=checkpoint, config=config, trust_pickle=trust_pickle,
                             trust_remote_code=trust_remote_code, allow_random_init=allow_random_init, dtype=dtype)
     job = dict(fmt=fmt, seq_len=seq_len, dynamic=dynamic, dev=dev, force=force, verify=verify, quiet=quiet,
-               bar=bar, checkpoint=checkpoint)
+               bar=bar, checkpoint=checkpoint, onnx_body=onnx_body)
     try:
         with checkpoint_errors():
             with bar.step("loading checkpoint"):
@@ -77,7 +78,7 @@ def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | 
 
 
 def _rewrite_eager(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, force, verify, quiet, bar,
-                   checkpoint):
+                   checkpoint, onnx_body):
     """A model checkpoint: rewritten in place, written, verified; (report, seq_len, max diff, model)."""
     import torch
 
@@ -100,7 +101,7 @@ def _rewrite_eager(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, for
     with ck.atomic_output(out, directory=(fmt == "hf"), force=force, inputs=(checkpoint,)) as staging:
         with bar.step(f"writing {fmt}"):
             artifacts.write_artifact(fmt, staging, model, args, loaded, policy, dynamic=dynamic, seq_len=n,
-                                     checkpoint=checkpoint)
+                                     checkpoint=checkpoint, onnx_body=onnx_body)
         diff = None
         if verify:
             with bar.step("verifying"):
@@ -119,7 +120,7 @@ def _rewrite_eager(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, for
 
 
 def _rewrite_program(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, force, verify, quiet, bar,
-                     checkpoint):
+                     checkpoint, onnx_body):
     """A `.pt2` input: rewritten at graph level (no Python model code needed)."""
     import torch
 
@@ -159,7 +160,7 @@ def _rewrite_program(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, f
     with ck.atomic_output(out, directory=False, force=force, inputs=(checkpoint,)) as staging:
         with bar.step(f"writing {fmt}"):
             try:
-                artifacts.export_module(fmt, program, args, staging, dynamic=dynamic)
+                artifacts.export_module(fmt, program, args, staging, dynamic=dynamic, onnx_body=onnx_body)
             except Exception as exc:
                 full = as_output_failure(exc)
                 if full is not None:

@@ -1,11 +1,16 @@
 """ONNX export: MoBA becomes one custom-domain node that carries its own definition.
 
 Each `moba::attention` call in the graph becomes a node `com.moba_rewrite::Attention`. The
-model also holds an ONNX *function* of that name, written with standard ONNX ops (opset 20)
-that computes MoBA the dense way, step by step as SPEC section 2 says: block means, gate,
-candidate mask, TopK, selected-block mask, masked softmax, matmul. Any ONNX runtime can run
-the model as it is (onnxruntime inlines the function); a runtime with a native MoBA kernel
-registers it for (`com.moba_rewrite`, `Attention`) and the function body is ignored.
+model also holds an ONNX *function* of that name, written with standard ONNX ops (opset 20).
+Any ONNX runtime can run the model as it is (onnxruntime inlines the function); a runtime
+with a native MoBA kernel registers it for (`com.moba_rewrite`, `Attention`) and the function
+body is ignored. Two bodies compute the same thing (SPEC section 2):
+
+- `sparse` (default, `onnx_sparse.SparseAttentionBody`): gathers only the selected key blocks;
+  memory O(T * top_k * block_size) per head;
+- `dense` (`AttentionBody` below, `body="dense"` / `--onnx-body dense`): step by step on
+  `[Tq, Tk]` tensors (block means, gate, candidate mask, TopK, selected-block mask, masked
+  softmax, matmul): O(T^2) memory, the plainest statement of the algorithm.
 
 Node contract (what a native kernel must implement):
 
@@ -176,19 +181,26 @@ def translation_table() -> dict:
     return {torch.ops.moba.attention.default: _moba_translation}
 
 
-def function_proto() -> onnx.FunctionProto:
+BODIES = ("sparse", "dense")
+
+
+def function_proto(body: str = "sparse") -> onnx.FunctionProto:
     """The ONNX function that defines `com.moba_rewrite::Attention` with standard ops."""
-    proto = AttentionBody.to_function_proto()
+    from moba_rewrite.exporters.onnx_sparse import SparseAttentionBody
+
+    if body not in BODIES:
+        raise ValueError(f"ONNX function body must be one of {', '.join(BODIES)}, got {body!r}")
+    proto = (SparseAttentionBody if body == "sparse" else AttentionBody).to_function_proto()
     proto.name = OP_NAME
     proto.domain = DOMAIN
     return proto
 
 
-def attach_function(model: onnx.ModelProto) -> int:
+def attach_function(model: onnx.ModelProto, body: str = "sparse") -> int:
     """Add the MoBA function body and opset import to `model`; return the number of MoBA nodes."""
     n_nodes = sum(1 for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_NAME)
     if not any(f.domain == DOMAIN and f.name == OP_NAME for f in model.functions):
-        model.functions.append(function_proto())
+        model.functions.append(function_proto(body))
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     return n_nodes
@@ -200,12 +212,13 @@ _PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB, with room for the
 
 
 def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: str | os.PathLike, *,
-                dynamic: bool = False, max_seq: int = 1 << 17, dynamic_shapes: Any = None) -> onnx.ModelProto:
+                dynamic: bool = False, max_seq: int = 1 << 17, dynamic_shapes: Any = None,
+                body: str = "sparse") -> onnx.ModelProto:
     """Export the (already rewritten) model to an ONNX file at `path` and return the proto.
 
-    Inputs are named `input_0..`; with `dynamic=True` dim 1 (the
-    sequence) of every input is symbolic
-    (or pass torch.export `dynamic_shapes` yourself). The model is checked with `onnx.checker`.
+    Inputs are named `input_0..`; with `dynamic=True` dim 1 (the sequence) of every input is
+    symbolic (or pass torch.export `dynamic_shapes` yourself). `body`: the MoBA function body,
+    `sparse` (default) or `dense` (module docstring). The model is checked with `onnx.checker`.
     """
     from moba_rewrite.exporters.common import exportable, seq_dynamic_shapes
 
@@ -225,7 +238,7 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: st
     finally:
         registry_log.setLevel(level)
     proto = program.model_proto
-    attach_function(proto)
+    attach_function(proto, body)
     if proto.ByteSize() > _PROTO_LIMIT:
         raise ValueError(f"{os.fspath(path)}: expected a model under 2 GiB for single-file ONNX "
                          f"(this one is {proto.ByteSize() / 1024**3:.1f} GiB)")
