@@ -190,3 +190,16 @@ def test_sparse_body_never_holds_a_tq_by_tk_tensor():
     shapes = intermediate_shapes("sparse")
     assert max(sum(d == t for d in s) for s in shapes) <= 1
     assert max(math.prod(s) for s in shapes) < 2 * t * t / 8  # [pairs, block] tensors, not [H, T, T]
+
+
+@pytest.mark.parametrize("body", mo.BODIES)
+def test_a_nan_key_block_is_never_selected(body):
+    """SPEC 2.4: a block whose gate score is NaN is never a candidate, as in the reference."""
+    q, k, v, _, bias = _case_inputs((1, 2, 2, 24, 24, 8, 4, 2, True, None), seed=3)
+    k[:, :, 5] = float("nan")  # block 1
+    expected = mr.moba_attention(q, k, v, block_size=4, top_k=2, causal=True, backend="reference")
+    model = _single_node_model(body, block_size=4, top_k=2, causal=True, scale=q.shape[-1] ** -0.5)
+    got = torch.from_numpy(_session(model).run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(),
+                                                      "bias": bias.numpy()})[0])
+    assert torch.isnan(expected[:, :, 5:8]).all() and torch.isfinite(expected[:, :, 8:]).all()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, equal_nan=True)

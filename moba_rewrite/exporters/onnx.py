@@ -102,7 +102,7 @@ def AttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale
     visible = op.Not(op.IsInf(biasf, detect_positive=0))
     visible = op.Expand(visible, op.Concat(op.Shape(q, start=2, end=3), op.Shape(k, start=2, end=3), axis=0))
     block_visible = op.Greater(op.MatMul(op.Cast(visible, to=1), op.Transpose(member, perm=[1, 0])), fzero)
-    candidate = op.And(candidate, block_visible)
+    candidate = op.And(op.And(candidate, block_visible), op.Not(op.IsNaN(gate)))  # a NaN score never selects
 
     # Selection: own block plus the top_k - 1 best candidates (fewer if fewer exist).
     n_pick = op.Min(op.Sub(op.Constant(value_int=top_k), one), n_blocks)
