@@ -87,7 +87,12 @@ def AttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale
     blocks = op.Range(zero, n_blocks, one)  # [nb]
     member = op.Cast(op.Equal(op.Unsqueeze(key_block, [0]), op.Unsqueeze(blocks, [1])), to=1)  # [nb, Tk]
     counts = op.ReduceSum(member, [1], keepdims=1)  # [nb, 1]
-    means = op.Div(op.MatMul(member, kx), counts)  # [B, Hq, nb, D]
+    # member @ K would spread a NaN key (0 * NaN) to every block: sum the finite keys, then put
+    # NaN back on the blocks that hold one (their gate score is NaN: never selected)
+    k_nan = op.IsNaN(kx)
+    means = op.Div(op.MatMul(member, op.Where(k_nan, fzero, kx)), counts)  # [B, Hq, nb, D]
+    block_nan = op.Greater(op.MatMul(member, op.Cast(k_nan, to=1)), fzero)
+    means = op.Where(block_nan, op.Constant(value_float=float("nan")), means)
     q_pos = op.Range(op.Sub(tk, tq), tk, one)  # [Tq]
     own = op.Unsqueeze(op.Div(q_pos, bs), [1])  # [Tq, 1]
     blocks_row = op.Unsqueeze(blocks, [0])  # [1, nb]
