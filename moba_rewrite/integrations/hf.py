@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from moba_rewrite.attention import op as moba_op  # registers torch.ops.moba
+from moba_rewrite.integrations import hf_cache
 from passes.sites import AttentionSite
 
 IMPL_PREFIX = "moba_"
@@ -190,6 +191,7 @@ def moba_attention_forward(origin: str, module: nn.Module, query, key, value, at
     def dense(*call_args, **call_kwargs):
         return _dense_call(origin, *call_args, **call_kwargs)
 
+    cache = kwargs.pop(hf_cache.CACHE_KWARG, None)  # handed over by hf_cache's pre-hook
     decision = getattr(module, "_moba_decision", None)
     dropout = kwargs.get("dropout", args[0] if args else 0.0)
     if _RECORDER is not None:
@@ -218,7 +220,7 @@ def moba_attention_forward(origin: str, module: nn.Module, query, key, value, at
     causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
     mask = attention_mask
     if mask is None:
-        if causal and tq > 1 and tk > tq:
+        if causal and tq > 1 and tk > tq and cache is None:
             # Prefill into an empty static cache: keys past Tq are empty slots (as HF's sdpa path).
             key, value = key[:, :, :tq], value[:, :, :tq]
     else:
@@ -229,6 +231,13 @@ def moba_attention_forward(origin: str, module: nn.Module, query, key, value, at
         # The boolean mask already holds causality (and padding, windows); causal=False with it
         # is exactly causal MoBA (docs/ARCHITECTURE.md).
         causal = False
+    if cache is not None:  # queries at their real positions in the cache, block means kept beside it
+        out = hf_cache.attention(module, query, key, value, mask, causal=causal, scale=scale, decision=decision,
+                                 cache=cache)
+        if out is hf_cache.DENSE:
+            return dense(module, query, key, value, attention_mask, *args, **kwargs)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
     # `moba::attention` when traced (export, compile) or with gradients; its kernels directly in plain eager
     out = moba_op.run(query, key, value, None, mask, int(decision.block_size), int(decision.top_k), causal, scale,
                       str(decision.backend))
@@ -292,6 +301,10 @@ def apply(model: nn.Module, modules: list[tuple[str, nn.Module]], decisions: lis
         _dense_function(origin, module)  # fail early if dense sites could not stay exact
         module._moba_decision = d
         module._moba_site = name
+        if d.mode == "moba":
+            hf_cache.install(module)
+        else:
+            hf_cache.uninstall(module)
     model.set_attn_implementation(IMPL_PREFIX + origin)
 
 
