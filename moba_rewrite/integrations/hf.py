@@ -343,6 +343,7 @@ def discover(model: nn.Module, example_inputs: Any = None) -> list[HFSite]:
             problems.append(f"value head dim {c.v_shape[-1]} differs from query head dim {c.q_shape[-1]}")
         p_train = _dropout_of(m)
         note = f"; while training: attention dropout p={p_train} -> dense (or error)" if p_train > 0 else ""
+        note += hf_cache.sliding_note(m)
         site = AttentionSite(
             name=name, module_class=type(m).__name__, layer=layer, kind="sdpa" if origin == "sdpa" else "manual",
             num_heads=c.q_shape[1], num_kv_heads=c.k_shape[1], head_dim=c.q_shape[3], causal=causal,

@@ -129,6 +129,26 @@ def _before_update(module: nn.Module, cache: Any, new_tokens: int | None) -> Non
 # Cache layers
 
 
+def sliding_note(module: nn.Module) -> str:
+    """The report's words for a site whose cache layer is a sliding window (else "")."""
+    kind = None
+    config, idx = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    if config is not None and isinstance(idx, int):
+        try:
+            from transformers.cache_utils import get_layer_types_and_kwargs
+
+            kinds = get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0]
+            kind = kinds[idx] if idx < len(kinds) else None
+        except Exception:  # configs that do not describe their layers: fall back to the module
+            kind = None
+    if kind is None and getattr(module, "sliding_window", None) is None:
+        return ""
+    if kind is not None and kind not in ("sliding_attention", "chunked_attention", "hybrid_sliding"):
+        return ""
+    return ("; sliding-window cache: calls after the prefill (decode, chunked prefill) run full attention, "
+            "the window drops the keys MoBA's blocks need")
+
+
 _KINDS: tuple[type, type] | None = None
 
 
