@@ -38,7 +38,8 @@ def check_cache_position(cache_position: Tensor, tq: int, length: int) -> None:
     of `length`. Reads the positions (a host sync): skipped while a CUDA graph is captured."""
     if cache_position.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    first, last = (int(x) for x in cache_position[[0, -1]].tolist())
+    values = cache_position.tolist() if tq <= 2 else cache_position[[0, -1]].tolist()
+    first, last = int(values[0]), int(values[-1])
     if first < 0 or last >= length:
         raise CachePositionError(
             f"cache_position {first}..{last} is out of range for a cache of {length} slots (k_cache.shape[2]); "

@@ -8,7 +8,8 @@ the one matching what it was loaded with. Each attention module carries its own 
 (`module._moba_decision`): MoBA sites compute `moba::attention`, dense sites call the
 original function with the original arguments, so they stay bit-for-bit what they were.
 Because the KV cache update happens in the module before the attention call, `generate()`
-keeps working; a decode step (Tq == 1) follows the decision's `decode` setting.
+keeps working; a decode step (Tq == 1) follows the decision's `decode` setting. MoBA calls with a
+KV cache go through `hf_cache` (real query positions, block means kept beside the cache).
 
 Masks: sdpa-origin models hand a boolean mask (or None for plain causal); eager-origin
 models an additive mask built from 0 and `finfo.min` (finite!), converted with

@@ -29,6 +29,7 @@ tokens from position 0 are handled like dynamic ones; anything else gets the cal
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any
 
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from moba_rewrite.attention import kv_cache as kv_op
 from moba_rewrite.attention import op as moba_op
 from moba_rewrite.attention.block_means import key_block_means, refresh_key_block_means_, update_key_block_means_
+from moba_rewrite.kernels.threads import single_threaded
 
 CACHE_KWARG = "moba_kv_cache"
 _CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -201,15 +203,25 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask
             key, value = key[:, :, :tq], value[:, :, :tq]
             mask = mask[..., :tq] if mask is not None and mask.shape[-1] > 1 else mask
         return moba_op.run(query, key, value, None, mask, bs, top_k, causal, scale, backend)
-    if isinstance(layer, static) and tk == layer.max_cache_len:
-        positions = layer.cumulative_length - tq + torch.arange(tq, device=key.device)
-        means = _static_means(layer, key, positions, bs, keep=decision.decode == "moba")
-    elif isinstance(layer, dynamic) and not isinstance(layer, static):
-        positions = torch.arange(tk - tq, tk, device=key.device)
-        means = _dynamic_means(layer, key, tq, bs)
-    else:
+    kind = "static" if isinstance(layer, static) and tk == layer.max_cache_len else (
+        "dynamic" if isinstance(layer, dynamic) and not isinstance(layer, static) else None)
+    if kind is None:
         return None
-    return kv_op.run(query, key, value, means, positions, _fit_mask(mask, tk), bs, top_k, causal, scale, backend)
+    # a decode step is a few small ops: on one thread they cannot stall at OpenMP barriers (kernels.threads)
+    with single_threaded(key.device) if tq == 1 else contextlib.nullcontext():
+        if kind == "static":
+            held = None
+            if key.device.type == "cpu" and not torch.compiler.is_compiling():  # the length is free to read here
+                held = int(layer.cumulative_length)
+                positions = torch.arange(held - tq, held, device=key.device)
+            else:  # a device tensor: no host sync, and one compiled graph serves every step
+                positions = layer.cumulative_length - tq + torch.arange(tq, device=key.device)
+            means = _static_means(layer, key, positions, bs, keep=decision.decode == "moba", held=held)
+        else:
+            positions = torch.arange(tk - tq, tk, device=key.device)
+            means = _dynamic_means(layer, key, tq, bs)
+        return kv_op.run(query, key, value, means, positions, _fit_mask(mask, tk), bs, top_k, causal, scale,
+                         backend)
 
 
 def _fit_mask(mask: Tensor | None, length: int) -> Tensor | None:
@@ -222,10 +234,11 @@ def _fit_mask(mask: Tensor | None, length: int) -> Tensor | None:
     return torch.nn.functional.pad(mask, (0, length - mask.shape[-1]), value=hidden)
 
 
-def _static_means(layer: Any, key: Tensor, positions: Tensor, bs: int, keep: bool) -> Tensor:
-    """The layer's means after this call's write at `positions` (a device tensor): the touched blocks
-    are recomputed; a new or stale buffer is filled from every filled slot first, and so is one that
-    was not `keep`t current (decode steps ran dense, so they did not update it)."""
+def _static_means(layer: Any, key: Tensor, positions: Tensor, bs: int, keep: bool, held: int | None) -> Tensor:
+    """The layer's means after this call's write at `positions`: the touched blocks are recomputed (by
+    slicing when the filled length `held` is known on the host, else by a sync-free gather); a new or
+    stale buffer is filled from every filled slot first, and so is one that was not `keep`t current
+    (decode steps ran dense, so they did not update it)."""
     n_blocks = -(-key.shape[2] // bs)
     state = layer.__dict__.get("moba_block_means")
     fresh = state is None or not state.fits(key, bs, n_blocks) or not keep
@@ -234,9 +247,8 @@ def _static_means(layer: Any, key: Tensor, positions: Tensor, bs: int, keep: boo
         if not torch.compiler.is_compiling():
             torch._dynamo.mark_static_address(means)  # CUDA graphs of later decode steps read it in place
         state = layer.moba_block_means = BlockMeans(means, bs, key)
-    if key.device.type == "cpu" and not torch.compiler.is_compiling():  # positions readable for free: slice
-        end = int(positions[-1]) + 1
-        return refresh_key_block_means_(state.means, key, 0 if fresh else end - positions.shape[0], end, bs)
+    if held is not None:
+        return refresh_key_block_means_(state.means, key, 0 if fresh else held - positions.shape[0], held, bs)
     return update_key_block_means_(state.means, key, positions, bs, from_start=fresh)
 
 

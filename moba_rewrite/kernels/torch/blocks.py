@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from moba_rewrite.kernels.torch import decode as torch_decode, fast as torch_fast, online as torch_online
+from moba_rewrite.kernels.threads import single_threaded
 from moba_rewrite.kernels.torch.select import block_selection, mask4
 
 __all__ = ["forward", "backward", "forward_kv_cache", "block_selection", "implementation"]
@@ -197,8 +198,9 @@ def forward_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_mean
     selected blocks, with no host sync. More (prefill into a cache): the filled length is read once
     and `forward` runs on the filled prefix (it computes the means it needs from k)."""
     if torch_decode.applicable(q, block_size, top_k, k_cache.shape[2]):
-        return torch_decode.forward(q, k_cache, v_cache, key_block_means, cache_position, block_size=block_size,
-                                    top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
+        with single_threaded(q.device):  # small ops: no OpenMP barriers to stall on (kernels.threads)
+            return torch_decode.forward(q, k_cache, v_cache, key_block_means, cache_position, block_size=block_size,
+                                        top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
     filled = int(cache_position[-1]) + 1
     if attn_mask is not None and attn_mask.shape[-1] > 1:
         attn_mask = attn_mask[..., :filled]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moba_rewrite.kernels.torch.select import _block_visibility, _visible, compute_dtype, mask4
+from moba_rewrite.kernels.torch.select import Scratch, _block_visibility, _visible, compute_dtype, mask4
 
 # Key elements (B * Hq * Tq * selected keys * D) gathered per call, up to which this path runs;
 # larger calls (chunked prefill) take the sliced path, which does not copy the selected keys.
@@ -46,33 +46,45 @@ def _selection(q_rows: Tensor, means: Tensor, row_pos: Tensor, filled: Tensor, v
     """Blocks each row attends, own block first: `[B, Hkv, rows, S]` int64, -1 = none."""
     b, hkv, rows, _ = q_rows.shape
     nb = means.shape[2]
-    gate = torch.matmul(q_rows, means.transpose(-1, -2))  # [B, Hkv, rows, NB]
     own = row_pos // block_size
-    blocks = torch.arange(nb, device=q_rows.device)
-    if causal:
-        cand = blocks < own[:, None]
-    else:
-        cand = (blocks != own[:, None]) & (blocks * block_size < filled)
-    cand = cand & (gate == gate)  # a NaN score is never a candidate
-    if vis is not None:
-        cand = cand & vis
     sel = own.expand(b, hkv, rows)[..., None]
     n_pick = min(top_k - 1, nb)
     if n_pick <= 0:
         return sel
-    values, order = gate.masked_fill_(~cand, float("-inf")).sort(dim=-1, descending=True, stable=True)
+    gate = torch.matmul(q_rows, means.transpose(-1, -2))  # [B, Hkv, rows, NB]
+    blocks = torch.arange(nb, device=q_rows.device)
+    if causal:
+        excluded = blocks >= own[:, None]
+    else:
+        excluded = (blocks == own[:, None]) | (blocks * block_size >= filled)
+    if vis is not None:
+        excluded = excluded | ~vis
+    # NaN scores are never candidates (sorted as the largest otherwise); +inf stays +inf
+    gate = gate.nan_to_num_(nan=float("-inf"), posinf=float("inf")).masked_fill_(excluded, float("-inf"))
+    values, order = gate.sort(dim=-1, descending=True, stable=True)  # ties: the lower block index first
     picks = order[..., :n_pick].masked_fill_(values[..., :n_pick] == float("-inf"), -1)
     return torch.cat([sel, picks], dim=-1)
 
 
-def _gather(cache: Tensor, index: Tensor) -> Tensor:
-    """`cache[b, h, index[b, h, r, w]]` -> `[B, Hkv, rows, W, D]`, one row copy per key."""
+def _flat_index(index: Tensor, cache: Tensor) -> Tensor | None:
+    """Row numbers of `cache.view(-1, D)` for `index[b, h, r, w]`, or None if the cache cannot be viewed so."""
     b, hkv, length, d = cache.shape
-    if cache.stride(2) == d and cache.stride(1) == length * d and cache.stride(0) == hkv * length * d:
-        base = torch.arange(0, b * hkv * length, length, device=cache.device).view(b, hkv, 1, 1)
-        return cache.view(-1, d).index_select(0, (index + base).view(-1)).view(*index.shape, d)
-    flat = index.reshape(b, hkv, -1, 1).expand(-1, -1, -1, d)
-    return cache.gather(2, flat).view(*index.shape, d)
+    if cache.stride(2) != d or cache.stride(1) != length * d or (b > 1 and cache.stride(0) != hkv * length * d):
+        return None
+    base = torch.arange(0, b * hkv * length, length, device=cache.device).view(b, hkv, 1, 1)
+    return (index + base).view(-1)
+
+
+def _gather(cache: Tensor, index: Tensor, flat: Tensor | None, scratch: Scratch, name: str) -> Tensor:
+    """`cache[b, h, index[b, h, r, w]]` -> `[B, Hkv, rows, W, D]`, one row copy per key (`flat`: the
+    row numbers from `_flat_index`, or None to gather along the token dim). The copy lands in this
+    thread's scratch buffer: a fresh megabyte per call costs page faults (see `select.Scratch`)."""
+    d = cache.shape[-1]
+    if flat is not None:
+        buf = scratch.get(name, (flat.shape[0], d))
+        return torch.index_select(cache.view(-1, d), 0, flat, out=buf).view(*index.shape, d)
+    b, hkv = cache.shape[:2]
+    return cache.gather(2, index.reshape(b, hkv, -1, 1).expand(-1, -1, -1, d)).view(*index.shape, d)
 
 
 @torch.no_grad()
@@ -82,33 +94,41 @@ def forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor
     the cache (SPEC section 2 item 9), gated on `key_block_means`, reading only the selected blocks."""
     b, hq, tq, d = q.shape
     hkv, length = k_cache.shape[1], k_cache.shape[2]
-    rows = hq // hkv * tq
+    g = hq // hkv
+    rows = g * tq
     nb = -(-length // block_size)
     ct = compute_dtype(q.dtype)
     dev = q.device
-    pos = cache_position.to(torch.long)
-    row_pos = pos.repeat(hq // hkv)  # [rows]: row (g, t) sits at pos[t]
+    pos = cache_position.long()
+    row_pos = pos.repeat(g) if g > 1 else pos  # [rows]: row (g, t) sits at pos[t]
     filled = pos[-1:] + 1
     q_rows = _rows(q, b, hkv, rows).to(ct)
     m4 = mask4(attn_mask)
     vis = None
     if m4 is not None:  # block visibility on the un-broadcast mask, then spread over the rows
-        vis = _block_visibility(_visible(m4), nb, block_size).expand(b, hq, tq, nb)
-        vis = _rows(vis, b, hkv, rows)
+        vis = _rows(_block_visibility(_visible(m4), nb, block_size).expand(b, hq, tq, nb), b, hkv, rows)
     sel = _selection(q_rows, key_block_means[:, :, :nb].to(ct), row_pos, filled, vis, block_size=block_size,
                      top_k=top_k, causal=causal)
     key_pos = (sel[..., None] * block_size + torch.arange(block_size, device=dev)).flatten(-2)  # [B, Hkv, rows, W]
-    ok = (key_pos >= 0) & (key_pos <= row_pos[:, None] if causal else key_pos < filled)  # -1 picks are negative
-    index = torch.where(ok, key_pos, filled - 1)  # hidden keys read a filled slot: unfilled ones may hold NaN
-    keys, values = _gather(k_cache, index), _gather(v_cache, index)
-    scores = torch.matmul(keys.to(ct), q_rows[..., None]).squeeze(-1).mul_(scale)  # [B, Hkv, rows, W]
+    # hidden: -1 picks (negative), keys after the query (causal) or past the filled prefix
+    hidden = (key_pos < 0) | (key_pos > row_pos[:, None] if causal else key_pos >= filled)
+    index = key_pos.masked_fill_(hidden, 0)  # hidden keys read slot 0: unfilled slots may hold NaN
+    flat = _flat_index(index, k_cache)
+    scratch = Scratch.for_thread(k_cache.dtype, dev)
+    keys = _gather(k_cache, index, flat, scratch, "decode_keys")
+    v_flat = flat if v_cache.stride() == k_cache.stride() else _flat_index(index, v_cache)
+    values = _gather(v_cache, index, v_flat, scratch, "decode_values")
+    # [1, D] x [D, W] per row: the matrix-vector product the other way round ([W, D] x [D, 1]) is 8x
+    # slower on CPU (bmm's n = 1 path)
+    scores = torch.matmul((q_rows * scale)[..., None, :], keys.to(ct).transpose(-1, -2)).squeeze(-2)
     if m4 is not None:
         m = _rows(m4.expand(b, hq, tq, length), b, hkv, rows).gather(-1, index)
         if m.dtype == torch.bool:
-            ok &= m
+            hidden |= ~m
         else:
             scores += m.to(ct)
-    probs = torch.softmax(scores.masked_fill_(~ok, float("-inf")), dim=-1)
-    probs = probs.masked_fill_(~ok.any(-1, keepdim=True), 0.0)  # a row that sees nothing gives zeros
+    probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)
+    if m4 is not None:  # without a mask every row sees its own position; with one a row may see nothing
+        probs = probs.masked_fill_(hidden.all(-1, keepdim=True), 0.0)
     out = torch.matmul(probs[..., None, :], values.to(ct)).squeeze(-2)  # [B, Hkv, rows, D]
     return out.view(b, hq, tq, d).to(q.dtype)
