@@ -207,3 +207,16 @@ def test_static_cache_smaller_than_the_prompt_is_named():
 def test_report_says_sliding_sites_decode_densely():
     rows = mr.plan(_model("qwen2_sliding"), {"version": 1, "defaults": {"block_size": BLOCK}})
     assert "sliding-window cache" not in rows[0].reason and "sliding-window cache" in rows[1].reason
+
+
+def test_training_with_the_cache_on_is_differentiable():
+    """`use_cache` defaults to on while training: the call records gradients, so it takes the
+    differentiable op; the gradients equal those of a forward without a cache."""
+    ids, mask = _prompts()
+    grads = []
+    for use_cache in (True, False):
+        model = _rewritten("llama").train()
+        model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=use_cache).loss.backward()
+        grads.append(model.model.layers[0].self_attn.k_proj.weight.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])

@@ -207,6 +207,8 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask
         "dynamic" if isinstance(layer, dynamic) and not isinstance(layer, static) else None)
     if kind is None:
         return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return _differentiable(layer, kind, query, key, value, mask, causal, scale, bs, top_k, backend)
     # a decode step is a few small ops: on one thread they cannot stall at OpenMP barriers (kernels.threads)
     with single_threaded(key.device) if tq == 1 else contextlib.nullcontext():
         if kind == "static":
@@ -222,6 +224,20 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask
             means = _dynamic_means(layer, key, tq, bs)
         return kv_op.run(query, key, value, means, positions, _fit_mask(mask, tk), bs, top_k, causal, scale,
                          backend)
+
+
+def _differentiable(layer: Any, kind: str, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                    causal: bool, scale: float, bs: int, top_k: int, backend: str) -> Tensor:
+    """A call that records gradients (training with `use_cache` on): `moba::attention`, which has a
+    backward, on the filled prefix (the KV-cache op is inference only). The means are not kept."""
+    state = layer.__dict__.get("moba_block_means")
+    if state is not None:
+        state.stale = True
+    filled = int(layer.cumulative_length) if kind == "static" else key.shape[2]
+    if filled < key.shape[2]:
+        key, value = key[:, :, :filled], value[:, :, :filled]
+        mask = mask[..., :filled] if mask is not None and mask.shape[-1] > 1 else mask
+    return moba_op.run(query, key, value, None, mask, bs, top_k, causal, scale, backend)
 
 
 def _fit_mask(mask: Tensor | None, length: int) -> Tensor | None:
