@@ -42,9 +42,10 @@ def _mask(kind, b, tq, length):
         m = torch.ones(b, 1, 1, length, dtype=torch.bool)
         m[1, ..., :5] = False
         return m
-    if kind == "float":
-        m = torch.zeros(1, 1, tq, length)
+    if kind == "float":  # a finite bias, some hidden keys, and a query of the first sequence that sees nothing
+        m = torch.randn(b, 1, tq, length)
         m[..., 9:12] = float("-inf")
+        m[0, :, -1] = float("-inf")
         return m
     return None
 
@@ -62,9 +63,12 @@ def _expected(q, k, v, filled, mask, causal, top_k):
 def test_equals_moba_on_the_filled_prefix(backend, mask_kind, causal, tq, filled):
     q, k, v, means, pos = _cache(filled, 45, tq=tq)
     mask = _mask(mask_kind, 2, tq, 45)
+    inputs = [t.clone() for t in (q, k, v, means, pos)]
     got = mr.moba_attention_kv_cache(q, k, v, means, pos, block_size=BS, top_k=3, causal=causal, attn_mask=mask,
                                      enable_gqa=True, backend=backend)
     torch.testing.assert_close(got, _expected(q, k, v, filled, mask, causal, 3), atol=2e-5, rtol=2e-5)
+    for before, after in zip(inputs, (q, k, v, means, pos)):  # the op changes none of its inputs
+        torch.testing.assert_close(after, before, equal_nan=True, rtol=0, atol=0)
 
 
 def test_torch_backend_sliced_path_for_long_chunks(monkeypatch):

@@ -126,6 +126,7 @@ def forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor
         if m.dtype == torch.bool:
             hidden |= ~m
         else:
+            hidden |= m == float("-inf")
             scores += m.to(ct)
     probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)
     if m4 is not None:  # without a mask every row sees its own position; with one a row may see nothing
