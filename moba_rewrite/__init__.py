@@ -30,6 +30,8 @@ _LAZY = {
     "RewriteReport": "moba_rewrite.report",
     "moba_attention_varlen": "moba_rewrite.attention.varlen",
     "key_block_means": "moba_rewrite.attention.block_means",
+    "update_key_block_means_": "moba_rewrite.attention.block_means",
+    "moba_attention_kv_cache": "moba_rewrite.attention.kv_cache",
 }
 
 __all__ = ["moba_attention", "__version__", *_LAZY]

@@ -8,7 +8,8 @@ the one matching what it was loaded with. Each attention module carries its own 
 (`module._moba_decision`): MoBA sites compute `moba::attention`, dense sites call the
 original function with the original arguments, so they stay bit-for-bit what they were.
 Because the KV cache update happens in the module before the attention call, `generate()`
-keeps working; a decode step (Tq == 1) follows the decision's `decode` setting.
+keeps working; a decode step (Tq == 1) follows the decision's `decode` setting. MoBA calls with a
+KV cache go through `hf_cache` (real query positions, block means kept beside the cache).
 
 Masks: sdpa-origin models hand a boolean mask (or None for plain causal); eager-origin
 models an additive mask built from 0 and `finfo.min` (finite!), converted with
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from moba_rewrite.attention import op as moba_op  # registers torch.ops.moba
+from moba_rewrite.integrations import hf_cache
 from passes.sites import AttentionSite
 
 IMPL_PREFIX = "moba_"
@@ -204,6 +206,7 @@ def moba_attention_forward(origin: str, module: nn.Module, query, key, value, at
     def dense(*call_args, **call_kwargs):
         return _dense_call(origin, *call_args, **call_kwargs)
 
+    cache = kwargs.pop(hf_cache.CACHE_KWARG, None)  # handed over by hf_cache's pre-hook
     decision = getattr(module, "_moba_decision", None)
     dropout = kwargs.get("dropout", args[0] if args else 0.0)
     if _RECORDER is not None:
@@ -234,7 +237,7 @@ def moba_attention_forward(origin: str, module: nn.Module, query, key, value, at
     causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
     mask = attention_mask
     if mask is None:
-        if causal and tq > 1 and tk > tq:
+        if causal and tq > 1 and tk > tq and cache is None:
             # Prefill into an empty static cache: keys past Tq are empty slots (as HF's sdpa path).
             key, value = key[:, :, :tq], value[:, :, :tq]
     else:
@@ -245,6 +248,13 @@ def moba_attention_forward(origin: str, module: nn.Module, query, key, value, at
         # The boolean mask already holds causality (and padding, windows); causal=False with it
         # is exactly causal MoBA (docs/ARCHITECTURE.md).
         causal = False
+    if cache is not None:  # queries at their real positions in the cache, block means kept beside it
+        out = hf_cache.attention(module, query, key, value, mask, causal=causal, scale=scale, decision=decision,
+                                 cache=cache)
+        if out is hf_cache.DENSE:
+            return dense(module, query, key, value, attention_mask, *args, **kwargs)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
     # `moba::attention` when traced (export, compile) or with gradients; its kernels directly in plain eager
     out = moba_op.run(query, key, value, None, mask, int(decision.block_size), int(decision.top_k), causal, scale,
                       str(decision.backend))
@@ -308,6 +318,10 @@ def apply(model: nn.Module, modules: list[tuple[str, nn.Module]], decisions: lis
         _dense_function(origin, module)  # fail early if dense sites could not stay exact
         module._moba_decision = d
         module._moba_site = name
+        if d.mode == "moba":
+            hf_cache.install(module)
+        else:
+            hf_cache.uninstall(module)
     model.set_attn_implementation(IMPL_PREFIX + origin)
 
 
@@ -357,6 +371,7 @@ def discover(model: nn.Module, example_inputs: Any = None, *,
                             "cross attention)")
         p = p_train.get(id(m), 0.0) if train_calls is not None else _dropout_of(m)
         note = f"; while training: attention dropout p={p:g} -> dense (or error)" if p > 0 else ""
+        note += hf_cache.sliding_note(m)
         site = AttentionSite(
             name=name, module_class=type(m).__name__, layer=layer, kind="sdpa" if origin == "sdpa" else "manual",
             num_heads=c.q_shape[1], num_kv_heads=c.k_shape[1], head_dim=c.q_shape[3], causal=causal,

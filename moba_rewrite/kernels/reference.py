@@ -125,6 +125,25 @@ def forward(
     return (probs @ repeat_kv(v, q.shape[1]).to(probs.dtype)).to(q.dtype)
 
 
+def forward_kv_cache(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor, cache_position: Tensor, *,
+    block_size: int, top_k: int, causal: bool, scale: float, attn_mask: Tensor | None,
+) -> Tensor:
+    """MoBA against a preallocated KV cache (SPEC section 2 item 9), by definition.
+
+    The queries sit at `cache_position` (the newest tokens, consecutive), so the cache is filled
+    up to `cache_position[-1] + 1` and every slot after that is unfilled: the result is `forward`
+    on the filled prefix, with the gate on the first `ceil(filled / block_size)` cached means.
+    """
+    filled = int(cache_position[-1]) + 1
+    n_blocks = -(-filled // block_size)
+    if attn_mask is not None and attn_mask.shape[-1] > 1:
+        attn_mask = attn_mask[..., :filled]
+    return forward(q, k_cache[:, :, :filled], v_cache[:, :, :filled], block_size=block_size, top_k=top_k,
+                   causal=causal, scale=scale, attn_mask=attn_mask,
+                   key_block_means=key_block_means[:, :, :n_blocks])
+
+
 def _sum_groups(x: Tensor, num_kv_heads: int) -> Tensor:
     """Fold `[B, Hq, T, D]` gradients back onto `[B, Hkv, T, D]` (sum over each GQA group)."""
     b, hq, t, d = x.shape

@@ -32,10 +32,11 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from moba_rewrite.kernels.torch import fast as torch_fast, online as torch_online
+from moba_rewrite.kernels.torch import decode as torch_decode, fast as torch_fast, online as torch_online
+from moba_rewrite.kernels.threads import single_threaded
 from moba_rewrite.kernels.torch.select import block_selection, mask4
 
-__all__ = ["forward", "backward", "block_selection", "implementation"]
+__all__ = ["forward", "backward", "forward_kv_cache", "block_selection", "implementation"]
 
 
 def implementation(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, scale: float,
@@ -195,3 +196,20 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, 
             part(dst, a, e).copy_(src)
     _run_parts(ranges, work)
     return dq, dk, dv
+
+
+def forward_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor, cache_position: Tensor, *,
+                     block_size: int, top_k: int, causal: bool, scale: float, attn_mask: Tensor | None) -> Tensor:
+    """MoBA of the queries at `cache_position` against the filled prefix of a KV cache (SPEC section 2
+    item 9). Few queries (decode): `torch_decode`, which gates on the cached means and reads only the
+    selected blocks, with no host sync. More (prefill into a cache): the filled length is read once
+    and `forward` runs on the filled prefix (it computes the means it needs from k)."""
+    if torch_decode.applicable(q, block_size, top_k, k_cache.shape[2]):
+        with single_threaded(q.device):  # small ops: no OpenMP barriers to stall on (kernels.threads)
+            return torch_decode.forward(q, k_cache, v_cache, key_block_means, cache_position, block_size=block_size,
+                                        top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
+    filled = int(cache_position[-1]) + 1
+    if attn_mask is not None and attn_mask.shape[-1] > 1:
+        attn_mask = attn_mask[..., :filled]
+    return forward(q, k_cache[:, :, :filled], v_cache[:, :, :filled], block_size=block_size, top_k=top_k,
+                   causal=causal, scale=scale, attn_mask=attn_mask)
