@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from moba_rewrite.kernels.mask_forms import simplify
 from moba_rewrite.kernels.torch import fast as torch_fast, online as torch_online
 from moba_rewrite.kernels.torch.select import block_selection, mask4
 
@@ -148,6 +149,7 @@ def _run_parts(ranges: list[tuple[int, int]], work) -> None:
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
             attn_mask: Tensor | None) -> Tensor:
     """MoBA output `[B, Hq, Tq, D]` in `q`'s dtype (SPEC section 2)."""
+    attn_mask, causal = simplify(q, k, attn_mask, causal)  # a mask read as causal + key mask when it is one
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
     dim, ranges = _split_plan(q, k)
     if not ranges:
@@ -172,6 +174,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, cau
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
              causal: bool, scale: float, attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """`(dq, dk, dv)` of `forward` (dk, dv summed over each GQA group)."""
+    attn_mask, causal = simplify(q, k, attn_mask, causal)
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
     dim, ranges = _split_plan(q, k, _SPLIT_MIN_ROWS_BACKWARD)
     if not ranges:
