@@ -98,10 +98,11 @@ def _emit_inline(gm: fx.GraphModule, f: FoundSite, decision: Any, fake_mode) -> 
                        for t in (q, k, v))
         mask = _mask_arg(g, f, fake_mode)
         scale = 1.0 if f.scale_on_q else float(f.scale)
+        dense_below = getattr(decision, "dense_below", None)
         out = fxutil.call(
             g, torch.ops.moba.attention.default,
             (q, k, v, mask, int(decision.block_size), int(decision.top_k), bool(f.is_causal), scale,
-             str(decision.backend)),
+             str(decision.backend), *((int(dense_below),) if dense_below else ())),
             like=f.out, fake_mode=fake_mode,
         )
         if f.layout == "3d":
@@ -128,6 +129,7 @@ def _emit_runtime(gm: fx.GraphModule, f: FoundSite, decision: Any, training: boo
             backend=str(decision.backend), decode=str(getattr(decision, "decode", "moba")),
             sdpa_site=(f.kind == "sdpa" and not f.k_transposed and f.layout == "4d"),
             enable_gqa=f.enable_gqa or f.kv_source is not None,
+            dense_below=int(getattr(decision, "dense_below", None) or 0),
         ))
         for key in ("nn_module_stack", "stack_trace"):
             if key in f.out.meta:

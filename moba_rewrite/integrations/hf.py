@@ -231,7 +231,7 @@ def moba_attention_forward(origin: str, module: nn.Module, query, key, value, at
         causal = False
     # `moba::attention` when traced (export, compile) or with gradients; its kernels directly in plain eager
     out = moba_op.run(query, key, value, None, mask, int(decision.block_size), int(decision.top_k), causal, scale,
-                      str(decision.backend))
+                      str(decision.backend), int(getattr(decision, "dense_below", None) or 0))
     return out.transpose(1, 2).contiguous(), None
 
 
