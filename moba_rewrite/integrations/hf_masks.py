@@ -72,17 +72,36 @@ def _statically_equal(a: Any, b: Any) -> bool:
         return False
 
 
+def _parts(fn: Callable, depth: int = 0) -> list[str]:
+    """Qualified names of a mask function and of the functions its closure combines (and_masks,
+    or_masks, ...). Plain Python introspection: eager mode only (the report's discovery)."""
+    names = [getattr(fn, "__qualname__", "") or getattr(fn, "__name__", "")]
+    if depth > 3 or torch.compiler.is_compiling():
+        return names
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            content = cell.cell_contents
+        except ValueError:
+            continue
+        for item in content if isinstance(content, (tuple, list)) else (content,):
+            if callable(item) and hasattr(item, "__code__"):
+                names += _parts(item, depth + 1)
+    return names
+
+
 def _function_name(fn: Callable) -> str:
-    name = getattr(fn, "__qualname__", "") or getattr(fn, "__name__", "")
+    name = " ".join(_parts(fn))
     if "sliding" in name:
         return "a sliding window"
     if "chunk" in name:
         return "chunked attention"
     if "bidirectional" in name:
         return "bidirectional attention"
-    if "and_mask" in name or "or_mask" in name or "packed" in name or "remap" in name:
-        return ("a combined mask function (packed sequences: transformers cannot rule out position_ids "
-                "restarts while tracing without a 2-D attention_mask and a cache; or extra and/or masks)")
+    if "packed" in name or "remap" in name:
+        return ("packed sequences (position_ids restarts; while tracing without a 2-D attention_mask and a cache, "
+                "transformers cannot rule them out)")
+    if "and_mask" in name or "or_mask" in name:
+        return "a combined mask function (extra and/or masks)"
     return f"the mask function {name or type(fn).__name__}"
 
 
