@@ -338,6 +338,7 @@ def apply(model: nn.Module, modules: list[tuple[str, nn.Module]], decisions: lis
         module._moba_decision = d
         module._moba_site = name
     model.set_attn_implementation(IMPL_PREFIX + origin)
+    hf_masks.install_unpacked_hook(model)
 
 
 # --------------------------------------------------------------------------------------------

@@ -244,3 +244,48 @@ def float_mask_kind(mask: Tensor) -> str:
 def visibility(mask: Tensor) -> Tensor:
     """A 0 / huge-negative float mask as MoBA's boolean mask (True = may attend)."""
     return mask > torch.finfo(mask.dtype).min / 2
+
+
+# --------------------------------------------------------------------------------------------
+# Cache-less calls without a mask: say that the sequences are not packed
+
+_HOOK = "_moba_unpacked_hook"
+_CACHE_KWARGS = ("past_key_values", "cache", "cache_position", "position_ids", "attention_mask")
+
+
+def _takes(module: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _unpacked_hook(module: Any, args: tuple, kwargs: dict):
+    """`forward` pre-hook: a call with no attention_mask, no position_ids, no cache and
+    `use_cache=False` gets an all-ones attention_mask.
+
+    Without it transformers cannot rule out packed sequences while tracing (it derives them
+    from position_ids restarts) and materialises the full `[T, T]` packed mask. Here the model
+    computes its own positions (consecutive: nothing is packed) and there is no cache, so an
+    all-ones mask says exactly what is true; the moba mask function then compacts it (and drops
+    it in eager mode, as transformers does)."""
+    impl = getattr(module.config, "_attn_implementation", "") or ""
+    if not impl.startswith("moba_") or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+        return None
+    if kwargs.get("use_cache", getattr(module.config, "use_cache", True)):
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    ref = ids if isinstance(ids, Tensor) else embeds
+    if not isinstance(ref, Tensor) or len(args) > 1 or not _takes(module, "attention_mask"):
+        return None
+    shape = ref.shape[:2]
+    return args, {**kwargs, "attention_mask": torch.ones(shape, dtype=torch.long, device=ref.device)}
+
+
+def install_unpacked_hook(model: Any) -> None:
+    """Install `_unpacked_hook` on the model (once)."""
+    if getattr(model, _HOOK, None) is None and _takes(model, "position_ids"):
+        setattr(model, _HOOK, model.register_forward_pre_hook(_unpacked_hook, with_kwargs=True))
