@@ -146,15 +146,15 @@ def _run(out_dir, *, seq_len, quiet, progress, force, onnx) -> dict:
             ids = torch.randint(0, DEMO_CONFIG["vocab_size"], (1, n), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             with bar.step("eager forward (dense and MoBA)"):
-                dense_ms, dense_logits = _ms(lambda: dense(input_ids=ids, use_cache=False).logits)
-                eager_ms, eager_logits = _ms(lambda: model(input_ids=ids, use_cache=False).logits)
+                dense_ms, dense_logits = _ms(lambda: dense(input_ids=ids).logits)
+                eager_ms, eager_logits = _ms(lambda: model(input_ids=ids).logits)
             with bar.step("torch.compile (first call compiles)"):
                 compiled = torch.compile(model)
                 t0 = time.perf_counter()
-                compiled(input_ids=ids, use_cache=False)
+                compiled(input_ids=ids)
                 compile_s = time.perf_counter() - t0
             with bar.step("compiled forward"):
-                compiled_ms, compiled_logits = _ms(lambda: compiled(input_ids=ids, use_cache=False).logits)
+                compiled_ms, compiled_logits = _ms(lambda: compiled(input_ids=ids).logits)
     finally:
         bar.close()
     compiled_diff = float((compiled_logits - eager_logits).abs().max())
