@@ -298,8 +298,10 @@ class _Eval:
             v = self._node(x)
         except Exception:  # symbolic arithmetic we cannot follow: not proven
             v = None
+        shape = fxutil.shape(x)
+        if v is not None and shape is not None:
+            v = _freeze_unit_dims(v, shape)
         if v is None:
-            shape = fxutil.shape(x)
             v = Data(x, len(shape)) if shape is not None else None
         self.memo[x] = v
         return v
@@ -635,6 +637,36 @@ class _Eval:
             if not isinstance(p, Lin) or list(p.coef) != want or not _same(p.const, x.const - x.coef[dim]):
                 return None
         return Const(x.coef[dim], x.ndim)
+
+
+def _freeze_unit_dims(v, shape):
+    """A value's index there is always 0 along its size-1 dims, so coefficients on them carry
+    nothing; dropping them keeps later broadcasting (which repeats index 0) exact. A key lookup
+    along a size-1 dim is not modelled (None)."""
+    units = {d for d, s in enumerate(shape) if fxutil.static_int(s) == 1}
+    if not units or _ndim(v) != len(shape):
+        return v
+    if isinstance(v, Lin):
+        return Lin(tuple(0 if d in units else c for d, c in enumerate(v.coef)), v.const)
+    if isinstance(v, (Ind, Add)):
+        p = _freeze_unit_dims(v.pred, shape)
+        return None if p is None else type(v)(p)
+    if isinstance(v, Pred):
+        atoms = []
+        for a in v.atoms:
+            if isinstance(a, Le):
+                atoms.append(Le(tuple(0 if d in units else c for d, c in enumerate(a.coef)), a.const))
+            elif a.kdim in units:
+                return None
+            elif a.bdim in units:  # batch of one: the lookup reads row 0, fine if that is all there is
+                rows = fxutil.shape(a.node)
+                if rows is None or fxutil.static_int(rows[0]) != 1:
+                    return None
+                atoms.append(replace(a, bdim=None))
+            else:
+                atoms.append(a)
+        return Pred(frozenset(atoms), v.ndim)
+    return v
 
 
 def _zero_unit_dims(v, shape):

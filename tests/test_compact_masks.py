@@ -229,3 +229,46 @@ def test_mr_compile_proves_the_packed_sequence_mask_of_a_cacheless_forward():
     assert [r.decision for r in backend.report] == ["moba", "moba"]
     assert all(square_values(gm, T) == [] for gm in graphs)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["sdpa_minmask", "hf_eager", "nanogpt", "gpt2_where"])
+def test_graph_pass_compacts_handwritten_causal_masks(form):
+    """Causal masks written by hand (arange comparisons, finfo.min, a tril buffer sliced to T)
+    become causal=True with no mask, and the rewritten graph still equals the oracle."""
+    from test_passes import expected, make, policy
+
+    net, x = make(form)
+    ep, report = mr.export_with_report(net, (x,), policy())
+    assert [r.mask_kind for r in report] == ["causal", "causal"], str(report)
+    nodes = [n for n in ep.graph.nodes if n.target is torch.ops.moba.attention.default]
+    assert [(n.args[3], n.args[6]) for n in nodes] == [(None, True), (None, True)]
+    assert not [n for n in ep.graph.nodes if n.op == "call_function"
+                and getattr(n.meta.get("val"), "dtype", None) == torch.bool]  # the masks are gone
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), expected(net, x, [0, 1]), atol=2e-5, rtol=1e-4)
+
+
+def test_graph_pass_keeps_masks_it_cannot_prove():
+    """A sliding window (two position comparisons) is not causal AND a key mask: kept full."""
+    import torch.nn.functional as F
+
+    class Window(torch.nn.Module):
+        def forward(self, q, k, v):
+            i = torch.arange(q.shape[2])
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 12)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    ep, report = mr.export_with_report(Window(), (q, k, v), POLICY)
+    (node,) = [n for n in ep.graph.nodes if n.target is torch.ops.moba.attention.default]
+    assert node.args[3] is not None and node.args[6] is False
+    i = torch.arange(40)
+    mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 12)
+    want = reference_moba(q, k, v, mask)
+    torch.testing.assert_close(ep.module()(q, k, v), want, atol=2e-5, rtol=1e-4)
+
+
+def reference_moba(q, k, v, mask):
+    from moba_rewrite.kernels import reference
+
+    return reference.forward(q, k, v, block_size=8, top_k=2, causal=False, scale=8 ** -0.5, attn_mask=mask)
