@@ -43,7 +43,9 @@ torch-function level, read by the graph detectors), and each gets a machinery (d
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import inspect
 from typing import Any, Iterator
 
 import torch
@@ -291,20 +293,54 @@ def _export_constants(ep: torch.export.ExportedProgram) -> dict[str, torch.Tenso
     return table
 
 
+_NO_CACHE_CLASSES: dict[type, type] = {}
+
+
+def _without_cache(model: nn.Module) -> nn.Module:
+    """The same HF model (shared parameters, same module names and forward signature) whose
+    forward defaults to `use_cache=False`: a prefill program returns no cache object (one
+    torch.export cannot output) unless the caller passes `use_cache=True` itself."""
+    cls = type(model)
+    view_cls = _NO_CACHE_CLASSES.get(cls)
+    if view_cls is None:
+        original = cls.forward
+
+        def forward(self, *args, **kwargs):
+            kwargs.setdefault("use_cache", False)
+            return original(self, *args, **kwargs)
+
+        forward.__signature__ = inspect.signature(original)  # dynamic_shapes keyed by argument names still work
+        view_cls = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+        _NO_CACHE_CLASSES[cls] = view_cls
+    view = copy.copy(model)
+    view.__class__ = view_cls
+    return view
+
+
 def export_with_report(model: nn.Module, args: Any, policy: Any, kwargs: dict | None = None,
                        dynamic_shapes: Any = None, *, strict: bool = False
                        ) -> tuple[torch.export.ExportedProgram, RewriteReport]:
-    """`torch.export` the model (non-strict by default: robust for HF code), then rewrite the graph."""
+    """`torch.export` the model (non-strict by default: robust for HF code), then rewrite the graph.
+
+    Hugging Face models export their prefill: `use_cache` defaults to False, so the program
+    returns the model's output (`logits` for a causal LM, in the model's `ModelOutput`
+    structure) without a cache object; pass `use_cache=True` in `kwargs` to ask for one.
+    """
     policy = load_policy(policy)
     args = tuple(args) if isinstance(args, (tuple, list)) else (() if args is None else (args,))
     with _pristine(model):
-        ep = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+        module = _without_cache(model) if hf.is_hf_model(model) else model
+        ep = torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     return rewrite_exported(ep, policy)
 
 
 def export(model: nn.Module, args: Any, policy: Any, kwargs: dict | None = None, dynamic_shapes: Any = None,
            *, strict: bool = False) -> torch.export.ExportedProgram:
-    """An ExportedProgram whose MoBA sites are `moba.attention` nodes (report: `export_with_report`)."""
+    """An ExportedProgram whose MoBA sites are `moba.attention` nodes (report: `export_with_report`).
+
+    `ep.module()(*args, **kwargs)` returns what the model returns; for a Hugging Face causal LM
+    called as `mr.export(model, (input_ids,), policy)` that is its output with `logits` and no
+    KV cache (`use_cache` defaults to False; pass it in `kwargs` to change that)."""
     return export_with_report(model, args, policy, kwargs, dynamic_shapes, strict=strict)[0]
 
 

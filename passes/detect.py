@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from passes import find_generic, find_manual, find_mha, find_sdpa
+from passes import find_generic, find_manual, find_mha, find_sdpa, fxutil, mask_proof
 from passes.found import FoundSite, number_sites
 from passes.sites import AttentionSite
 
@@ -30,7 +30,28 @@ def find_sites(gm: fx.GraphModule) -> list[FoundSite]:
         if f.kind == "sdpa" or f.kind == "manual":
             if f.module_class == "MultiheadAttention":
                 f.kind = "mha"
+        _compact(f, gm)
     return found
+
+
+def _compact(f: FoundSite, gm: fx.GraphModule) -> None:
+    """Prove the site's masks are the causal cut AND a key mask (then `f.compact` says which);
+    a float mask proven that way is 0 / -inf, so its "may carry a bias" problem goes away."""
+    infos = [m for m in [f.mask, *f.extra_masks] if m.node is not None]
+    if not infos or f.is_causal:
+        return
+    proof = mask_proof.prove([(m.node, m.convert == "invert") for m in infos], f.tq, f.tk, root=gm)
+    if proof is None:
+        return
+    f.compact = proof
+    reasons = {m.reason or "attention mask of an unknown form" for m in infos if not m.usable}
+    f.problems = [p for p in f.problems if p not in reasons]
+    for m in infos:
+        m.usable = True
+        if m.convert == "none" and fxutil.dtype(m.node) is not None and fxutil.dtype(m.node).is_floating_point:
+            m.convert = "float_to_bool"  # proven 0 / huge negative (for emitters that keep the mask)
+    f.mask.kind = ("causal+padding" if proof.key is not None else "causal") if proof.causal else (
+        "padding" if proof.key is not None else "none")
 
 
 def sites_of(gm: fx.GraphModule) -> list[AttentionSite]:

@@ -166,7 +166,9 @@ class MobaMultiheadAttention(nn.MultiheadAttention):
             top_k = -(-t_k // d.block_size)  # MoBA's dense limit: ordinary attention
         else:
             top_k = d.top_k
-        out = torch.ops.moba.attention(q, k, v, mask, int(d.block_size), int(top_k), False, hd ** -0.5, str(d.backend))
+        extra = (int(d.dense_below),) if getattr(d, "dense_below", None) else ()
+        out = torch.ops.moba.attention(q, k, v, mask, int(d.block_size), int(top_k), False, hd ** -0.5, str(d.backend),
+                                       *extra)
         out = out.permute(2, 0, 1, 3).reshape(t_q, bsz, embed)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if unbatched:

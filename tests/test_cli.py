@@ -290,6 +290,16 @@ def test_policy_commands(work, tmp_path, capsys):
     bad.write_text('{"version": 1, "defaults": {"mode": "sparse"}}')
     code, _, err = run(["policy", "check", bad], capsys)
     assert code == cli.EXIT_POLICY and err.startswith(f"moba-rewrite: error: {bad}") and "defaults.mode" in err
+    # dense_below: a change of semantics, shown by `policy check`; a bad value is a located error.
+    short = tmp_path / "short.yaml"
+    short.write_text("version: 1\ndefaults:\n  block_size: 8\n  dense_below: 4096\n")
+    code, out, err = run(["policy", "check", short, work / "gpt2"], capsys)
+    assert code == 0, err
+    assert "dense_below" in out and "full attention when Tk < 4096 (dense_below: a change of semantics)" in out
+    short.write_text("version: 1\ndefaults:\n  block_size: 8\n  dense_below: -5\n")
+    code, _, err = run(["policy", "check", short], capsys)
+    assert code == cli.EXIT_POLICY
+    assert err.strip() == f"moba-rewrite: error: {short}:4 defaults.dense_below: expected an integer >= 1, got -5"
 
 
 def test_routes_picture_and_maps(work, tmp_path, capsys):

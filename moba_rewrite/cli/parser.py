@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "eagerly and compiled, export pt2 and onnx, and print the report, timings and "
                           "file locations.")
     p.add_argument("--out", metavar="DIR", help="work folder (default: a new temporary folder, kept)")
-    p.add_argument("--seq-len", type=_positive, default=None, metavar="N", help="prompt length (default 1024)")
+    p.add_argument("--seq-len", type=_positive, default=None, metavar="N", help="prompt length (default 8192, where MoBA beats dense on a 2-core CPU)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     p.add_argument("--force", action="store_true", help="reuse DIR if it exists")
 

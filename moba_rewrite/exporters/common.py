@@ -1,6 +1,7 @@
 """What every exporter needs: an exportable forward, sample inputs, and output comparison.
 
-Hugging Face models are exported through `logits_view` (input_ids -> logits, no KV cache),
+Hugging Face models are exported through `logits_view` (input_ids -> logits, no KV cache,
+an all-ones attention mask so nothing O(T^2) is traced),
 so the exported program, AOTInductor package and ONNX model all take one `input_ids`
 tensor `[batch, seq]` and return one tensor.
 """
@@ -19,7 +20,11 @@ from torch import Tensor, nn
 
 
 def _logits_forward(self, input_ids: Tensor) -> Tensor:
-    out = super(type(self), self).forward(input_ids=input_ids, use_cache=False)
+    # An all-ones attention_mask says what is true (one unpadded sequence per row) and what
+    # transformers cannot see while tracing without one: that position_ids do not restart
+    # (packed sequences). Without it, the traced mask would be the full [T, T] packed mask.
+    out = super(type(self), self).forward(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                          use_cache=False)
     logits = getattr(out, "logits", None)
     return logits if logits is not None else out.last_hidden_state
 

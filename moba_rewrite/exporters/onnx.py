@@ -18,7 +18,8 @@ Node contract (what a native kernel must implement):
   float mask broadcastable to `[B, Hq, Tq, Tk]` (`-inf` = hidden, 0 = visible; a boolean mask
   is turned into 0 / -inf, an absent mask is the scalar 0);
 - attributes: `block_size` (int), `top_k` (int, counts the own block), `causal` (int 0/1),
-  `scale` (float);
+  `scale` (float), `dense_below` (int, default 0: full attention, i.e. every block selected,
+  when `Tk < dense_below`; the policy key of that name);
 - output: `[B, Hq, Tq, D]` in q's dtype. Gate and softmax are computed in fp32.
 
 Dense attention sites are left to torch's own exporter (standard attention ops). The export
@@ -53,7 +54,8 @@ _BOOL = 9  # onnx.TensorProto.BOOL
 
 
 @onnxscript.script(moba_opset, default_opset=op)
-def AttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale: float):  # noqa: N802
+def AttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale: float,  # noqa: N802
+                  dense_below: int):
     """MoBA (SPEC section 2) on q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D], additive mask `bias`."""
     qf = op.Cast(q, to=1)
     kf = op.Cast(k, to=1)
@@ -109,8 +111,10 @@ def AttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale
     block_visible = op.Greater(op.MatMul(op.Cast(visible, to=1), op.Transpose(member, perm=[1, 0])), fzero)
     candidate = op.And(op.And(candidate, block_visible), op.Not(op.IsNaN(gate)))  # a NaN score never selects
 
-    # Selection: own block plus the top_k - 1 best candidates (fewer if fewer exist).
+    # Selection: own block plus the top_k - 1 best candidates (fewer if fewer exist); every
+    # block below `dense_below` keys (full attention).
     n_pick = op.Min(op.Sub(op.Constant(value_int=top_k), one), n_blocks)
+    n_pick = op.Where(op.Less(tk, op.Constant(value_int=dense_below)), n_blocks, n_pick)
     k_topk = op.Reshape(op.Max(n_pick, one), op.Constant(value_ints=[1]))
     scores_gate = op.Where(candidate, gate, ninf)
     values, index = op.TopK(scores_gate, k_topk, axis=-1)
@@ -159,7 +163,9 @@ def _register_schema() -> None:
         attributes=[attr("block_size", at.INT, "keys per block"),
                     attr("top_k", at.INT, "blocks attended per query, own block included"),
                     attr("causal", at.INT, "1: causal MoBA"),
-                    attr("scale", at.FLOAT, "softmax scale")],
+                    attr("scale", at.FLOAT, "softmax scale"),
+                    attr("dense_below", onnx.helper.make_attribute("dense_below", 0),
+                         "full attention when Tk < dense_below (0: never)")],
     )
     defs.register_schema(schema)
 
@@ -168,7 +174,7 @@ _register_schema()
 
 
 def _moba_translation(q, k, v, attn_mask=None, block_size: int = 512, top_k: int = 3,
-                      causal: bool = True, scale: float = 1.0, backend: str = "auto"):
+                      causal: bool = True, scale: float = 1.0, backend: str = "auto", dense_below: int = 0):
     """Translate one `moba::attention` call into a `com.moba_rewrite::Attention` node."""
     zero = op.CastLike(op.Constant(value_float=0.0), q)
     if attn_mask is None:
@@ -178,7 +184,7 @@ def _moba_translation(q, k, v, attn_mask=None, block_size: int = 512, top_k: int
     else:
         bias = op.CastLike(attn_mask, q)
     return moba_opset.Attention(q, k, v, bias, block_size=int(block_size), top_k=int(top_k),
-                                causal=int(bool(causal)), scale=float(scale))
+                                causal=int(bool(causal)), scale=float(scale), dense_below=int(dense_below))
 
 
 def translation_table() -> dict:

@@ -31,7 +31,8 @@ CHUNK = 64  # pairs per scored chunk: [CHUNK, D] @ [D, block_size] per chunk
 
 
 @onnxscript.script(moba_opset, default_opset=op)
-def SparseAttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale: float):  # noqa: N802
+def SparseAttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale: float,  # noqa: N802
+                        dense_below: int):
     """MoBA (SPEC section 2) on q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D], additive mask `bias` (see module doc)."""
     qf = op.Cast(q, to=1)
     kf = op.Cast(k, to=1)
@@ -98,6 +99,7 @@ def SparseAttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int,
                       op.And(op.Not(is_causal), op.Not(op.Equal(blocks_row, own))))  # [Tq, nb]
     candidate = op.And(op.And(candidate, block_seen), op.Not(op.IsNaN(gate)))  # [B,Hq,Tq,nb]
     n_pick = op.Min(op.Sub(op.Constant(value_int=top_k), one), nb)
+    n_pick = op.Where(op.Less(tk, op.Constant(value_int=dense_below)), nb, n_pick)  # full attention below it
     kk = op.Reshape(op.Max(n_pick, one), one1)
     picked_score, picked = op.TopK(op.Where(candidate, gate, ninf), kk, axis=-1)  # [B,Hq,Tq,kk]
     picked_ok = op.And(op.Greater(picked_score, ninf), op.Greater(n_pick, zero))

@@ -186,10 +186,11 @@ def _sliding_before(layer: Any, tq: int) -> int:
 
 
 def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, *, causal: bool,
-              scale: float, decision: Any, cache: Any) -> Tensor | str | None:
+              scale: float, decision: Any, cache: Any, dense_below: int = 0) -> Tensor | str | None:
     """MoBA of this call against the module's cache layer: the output `[B, Hq, Tq, D]`, `DENSE` when
-    the original attention must run (sliding window already slid), or None when the cache layer is
-    not one handled here (the caller keeps its default)."""
+    the original attention must run (sliding window already slid, or fewer filled keys than the
+    policy's `dense_below`), or None when the cache layer is not one handled here (the caller keeps
+    its default)."""
     layer = cache_layer(module, cache)
     if layer is None:
         return None
@@ -202,11 +203,16 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask
         if tk > tq:  # first call into a sliding static buffer: the filled prefix is the prompt
             key, value = key[:, :, :tq], value[:, :, :tq]
             mask = mask[..., :tq] if mask is not None and mask.shape[-1] > 1 else mask
-        return moba_op.run(query, key, value, None, mask, bs, top_k, causal, scale, backend)
+        return moba_op.run(query, key, value, None, mask, bs, top_k, causal, scale, backend, dense_below)
     kind = "static" if isinstance(layer, static) and tk == layer.max_cache_len else (
         "dynamic" if isinstance(layer, dynamic) and not isinstance(layer, static) else None)
     if kind is None:
         return None
+    if dense_below and _filled(layer, kind, key) < dense_below:
+        state = layer.__dict__.get("moba_block_means")
+        if state is not None:  # this call's keys go uncounted: rebuilt when MoBA next runs
+            state.stale = True
+        return DENSE
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return _differentiable(layer, kind, query, key, value, mask, causal, scale, bs, top_k, backend)
     # a decode step is a few small ops: on one thread they cannot stall at OpenMP barriers (kernels.threads)
@@ -224,6 +230,17 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask
             means = _dynamic_means(layer, key, tq, bs)
         return kv_op.run(query, key, value, means, positions, _fit_mask(mask, tk), bs, top_k, causal, scale,
                          backend)
+
+
+def _filled(layer: Any, kind: str, key: Tensor) -> int:
+    """Keys filled in the cache after this call's write (a host read for static caches)."""
+    if kind == "dynamic":
+        return key.shape[2]
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(
+            "a policy's dense_below cannot be applied to a StaticCache under torch.compile (the filled "
+            "length is a device value there); drop dense_below from the policy for compiled static decoding")
+    return int(layer.cumulative_length)
 
 
 def _differentiable(layer: Any, kind: str, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,

@@ -88,9 +88,13 @@ class Settings:
     backend: Backend = "auto"
     decode: DecodeMode = "moba"
     on_unsupported: OnUnsupported = "dense"
+    dense_below: int | None = None  # full attention for calls with fewer keys (a change of semantics)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["dense_below"] is None:  # not set: absent from files and dicts
+            del out["dense_below"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -109,10 +113,13 @@ class Decision:
     on_unsupported: OnUnsupported
     matched_rules: tuple[int, ...] = ()
     reason: str = "defaults (no rule matched)"
+    dense_below: int | None = None  # full attention for calls with fewer keys (policy `dense_below`)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["matched_rules"] = list(self.matched_rules)
+        if out["dense_below"] is None:  # not set: absent, as in the policy file
+            del out["dense_below"]
         return out
 
 
@@ -132,6 +139,7 @@ class Rule:
     backend: Backend | None = None
     decode: DecodeMode | None = None
     on_unsupported: OnUnsupported | None = None
+    dense_below: int | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The fields this rule sets, in the schema's order."""
@@ -196,7 +204,7 @@ class Policy:
         if not 0 <= site.layer < num_layers:
             raise ValueError(f"site {site.name!r} has layer {site.layer}; expected 0 <= layer < "
                              f"num_layers ({num_layers})")
-        values = self.defaults.to_dict()
+        values = {**self.defaults.to_dict(), "dense_below": self.defaults.dense_below}
         matched: list[int] = []
         reasons: list[str] = []
         for rule in self.rules:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from moba_rewrite.kernels.mask_forms import simplify
 from moba_rewrite.kernels.torch import decode as torch_decode, fast as torch_fast, online as torch_online
 from moba_rewrite.kernels.threads import single_threaded
 from moba_rewrite.kernels.torch.select import block_selection, mask4
@@ -152,6 +153,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, cau
 
     `selection` (`[B, Hq, Tq, picks]` int64 block indices of k, -1 = none, own block excluded):
     attend these history blocks instead of gating (`select.route`; used by context parallelism)."""
+    attn_mask, causal = simplify(q, k, attn_mask, causal)  # a mask read as causal + key mask when it is one
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
     dim, ranges = _split_plan(q, k)
     if not ranges:
@@ -178,6 +180,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, 
              causal: bool, scale: float, attn_mask: Tensor | None, selection: Tensor | None = None
              ) -> tuple[Tensor, Tensor, Tensor]:
     """`(dq, dk, dv)` of `forward` (dk, dv summed over each GQA group); `selection` as in `forward`."""
+    attn_mask, causal = simplify(q, k, attn_mask, causal)
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
     dim, ranges = _split_plan(q, k, _SPLIT_MIN_ROWS_BACKWARD)
     if not ranges:
