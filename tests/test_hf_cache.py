@@ -220,3 +220,35 @@ def test_training_with_the_cache_on_is_differentiable():
         grads.append(model.model.layers[0].self_attn.k_proj.weight.grad)
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_dense_below_every_cache_length_generates_as_the_original(cache):
+    """`dense_below` above every length the cache reaches: each call, prefill and decode, computes
+    full attention, so generation is the original model's."""
+    model = _model("llama")
+    mr.rewrite(model, {"version": 1, "defaults": {"block_size": BLOCK, "top_k": TOP_K, "decode": "moba",
+                                                  "dense_below": PROMPT + NEW + 8}})
+    ids, mask = _prompts()
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=mask, **GEN, **kw)
+        want = _model("llama").generate(ids, attention_mask=mask, **GEN, **kw)
+    _check(got, want)
+
+
+def test_a_float_mask_with_a_static_cache_under_tracing_is_refused():
+    """A user's 4-D float mask cannot be read for a bias inside a graph whose queries sit in a
+    static cache: a clear error, never MoBA on a mask it could not check."""
+    model = _rewritten("llama")
+    ids, _ = _prompts()
+    cache = StaticCache(config=model.config, max_cache_len=PROMPT + 2)
+    cut = torch.ones(PROMPT, PROMPT + 2, dtype=torch.bool).tril()
+    float_mask = torch.where(cut, 0.0, torch.finfo(torch.float32).min)[None, None].expand(2, 1, -1, -1)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), pytest.raises(Exception, match="StaticCache"):
+            torch.compile(model, fullgraph=True, backend="eager")(
+                input_ids=ids, attention_mask=float_mask, cache=cache, use_cache=True)
+    finally:
+        torch._dynamo.reset()

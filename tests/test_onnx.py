@@ -100,12 +100,14 @@ def test_onnx_function_differs_from_dense_attention(exported):
 # --------------------------------------------------------------------------- the bodies alone
 
 
-def _single_node_model(body: str, *, block_size: int, top_k: int, causal: bool, scale: float) -> onnx.ModelProto:
+def _single_node_model(body: str, *, block_size: int, top_k: int, causal: bool, scale: float,
+                       **attributes) -> onnx.ModelProto:
     """One `com.moba_rewrite::Attention` node on graph inputs q, k, v, bias (float32, any shape)."""
     h = onnx.helper
+    attributes.setdefault("dense_below", 0)  # the exporter always writes it
     inputs = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("q", "k", "v", "bias")]
     node = h.make_node(mo.OP_NAME, ["q", "k", "v", "bias"], ["out"], domain=mo.DOMAIN, block_size=block_size,
-                       top_k=top_k, causal=int(causal), scale=scale)
+                       top_k=top_k, causal=int(causal), scale=scale, **attributes)
     graph = h.make_graph([node], "moba", inputs, [h.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)])
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", mo.OPSET_VERSION), h.make_opsetid(mo.DOMAIN, 1)],
                          functions=[mo.function_proto(body)])
@@ -203,3 +205,19 @@ def test_a_nan_key_block_is_never_selected(body):
                                                       "bias": bias.numpy()})[0])
     assert torch.isnan(expected[:, :, 5:8]).all() and torch.isfinite(expected[:, :, 8:]).all()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("body", mo.BODIES)
+def test_dense_below_computes_full_attention_below_it(body):
+    """The policy's `dense_below`: with fewer keys the node is full attention (every block), with
+    as many or more it is MoBA, as the op computes it."""
+    q, k, v, _, bias = _case_inputs((1, 2, 2, 24, 24, 8, 4, 2, True, None), seed=4)
+    feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "bias": bias.numpy()}
+    full = mr.moba_attention(q, k, v, block_size=4, top_k=6, causal=True, backend="reference")
+    moba = mr.moba_attention(q, k, v, block_size=4, top_k=2, causal=True, backend="reference")
+    assert max_abs_diff(full, moba) > 1e-2
+    for dense_below, want in ((25, full), (24, moba)):
+        model = _single_node_model(body, block_size=4, top_k=2, causal=True, scale=q.shape[-1] ** -0.5,
+                                   dense_below=dense_below)
+        got = torch.from_numpy(_session(model).run(None, feeds)[0])
+        assert max_abs_diff(got, want) < 1e-5

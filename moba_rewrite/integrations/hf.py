@@ -271,15 +271,18 @@ def moba_attention_forward(origin: str, module: nn.Module, query, key, value, at
             # Prefill into an empty static cache: keys past Tq are empty slots (as HF's sdpa path).
             key, value = key[:, :, :tq], value[:, :, :tq]
     else:
-        if mask.dtype != torch.bool and cache is None and hf_masks.float_mask_kind(mask) == "unknown":
+        if mask.dtype != torch.bool and hf_masks.float_mask_kind(mask) == "unknown":
             # Traced: whether the values are 0 / -inf only is known per call; the op reads them.
+            if cache is not None and not hf_cache.queries_are_newest(module, cache, key):
+                raise HFUnsupportedError(
+                    f"attention site {getattr(module, '_moba_site', type(module).__name__)!r}: a 4-D float "
+                    "attention_mask cannot be checked for a bias under tracing with a StaticCache; pass a "
+                    "2-D padding mask or a boolean 4-D mask")
             out = torch.ops.moba.attention_checked_mask(
                 query, key, value, mask[..., :tk] if mask.dim() == 4 else mask, int(decision.block_size),
                 int(decision.top_k), scale, str(decision.backend), dense_below,
                 str(getattr(module, "_moba_site", type(module).__name__)) if decision.on_unsupported == "error" else "")
             return out.transpose(1, 2).contiguous(), None
-        # With a cache and a traced float mask the values are not re-read: discovery (eager) keeps a
-        # site whose masks carry a bias (ALiBi) dense, so a MoBA site's float masks are 0 / -inf.
         if mask.dtype != torch.bool:
             mask = hf_masks.visibility(mask)
         if mask.dim() == 4 and mask.shape[-1] > tk:

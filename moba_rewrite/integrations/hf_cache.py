@@ -185,6 +185,23 @@ def _sliding_before(layer: Any, tq: int) -> int:
 # The attention call
 
 
+def queries_are_newest(module: nn.Module, cache: Any, key: Tensor) -> bool:
+    """Whether this call's queries are the newest keys of `key`, so an op that places them there
+    (`moba::attention`, `moba::attention_checked_mask`) is exact: False for a static layer, whose
+    key tensor is the whole preallocated buffer. The layer's kept block means are marked stale
+    (the call bypasses them; they are rebuilt when the cache path next runs)."""
+    layer = cache_layer(module, cache)
+    if layer is None:
+        return True
+    state = layer.__dict__.get("moba_block_means")
+    if state is not None:
+        state.stale = True
+    static, _ = _kinds()
+    return not (isinstance(layer, static) and not getattr(layer, "is_sliding", False)
+                and key.shape[2] == layer.max_cache_len)
+
+
+
 def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, *, causal: bool,
               scale: float, decision: Any, cache: Any, dense_below: int = 0) -> Tensor | str | None:
     """MoBA of this call against the module's cache layer: the output `[B, Hq, Tq, D]`, `DENSE` when
