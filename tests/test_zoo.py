@@ -8,9 +8,6 @@ MoBA, or dense with the reason written down here. For each model:
 - a sparse policy equals the oracle (`zoo_oracle`: reference MoBA at exactly the sites the
   report calls MoBA, the others untouched) and differs from the original where MoBA runs;
 - a model with no MoBA site is bit-for-bit the original.
-
-Falcon with `alibi=True` (ALiBi carried in the float attention mask) is not here yet: its
-fix belongs to the float-mask work on the Hugging Face path.
 """
 
 from __future__ import annotations
@@ -62,6 +59,8 @@ def _sdpa(model: nn.Module) -> nn.Module:
     return model
 
 
+FALCON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=False,
+              multi_query=False, max_position_embeddings=256)
 LM = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 MOBA = "defaults (no rule matched)"
 ALIBI = "additive bias on the scores (the input of baddbmm, e.g. ALiBi)"
@@ -77,6 +76,12 @@ CASES: dict[str, Case] = {
     # Decoder LMs. BLOOM writes attention by hand: baddbmm(alibi, q, k^T) -> softmax -> bmm.
     "bloom": Case(_lm(T.BloomForCausalLM, T.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)),
                   lambda: {"input_ids": ids()}, _layers("transformer.h.{}.self_attention", "dense", ALIBI)),
+    # Falcon with `alibi=True` carries ALiBi inside the float attention mask; without it the mask
+    # is kept full (Falcon builds on the materialised mask) and the sites are MoBA.
+    "falcon_alibi": Case(_lm(T.FalconForCausalLM, T.FalconConfig(**FALCON, alibi=True)),
+                         lambda: {"input_ids": ids()}, _layers("transformer.h.{}.self_attention", "dense", "ALiBi")),
+    "falcon": Case(_lm(T.FalconForCausalLM, T.FalconConfig(**FALCON, alibi=False)),
+                   lambda: {"input_ids": ids()}, _layers("transformer.h.{}.self_attention", "moba", "mask kept full")),
     # MPT adds its ALiBi `position_bias` to q @ k^T * scale by hand.
     "mpt": Case(_lm(T.MptForCausalLM, T.MptConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=2, expansion_ratio=2)),
                 lambda: {"input_ids": ids()}, _layers("transformer.blocks.{}.attn", "dense", BIAS)),
@@ -291,7 +296,7 @@ def test_untraceable_sdpa_module_is_rewritten_with_example_inputs():
 # ------------------------------------------------------------------ moba-rewrite inspect
 
 
-@pytest.mark.parametrize("name", ["bloom", "mpt", "gemma2_softcap", "gpt_oss_sinks_moe", "deepseek_v3_mla",
+@pytest.mark.parametrize("name", ["bloom", "falcon_alibi", "mpt", "gemma2_softcap", "gpt_oss_sinks_moe", "deepseek_v3_mla",
                                   "mixtral_moe", "mistral_sliding_window"])
 def test_cli_inspect_lists_every_site_with_why_it_stays_dense(name, tmp_path, capsys):
     import json

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moba_rewrite.integrations import hf
+from moba_rewrite.integrations import hf, hf_masks
 from moba_rewrite.parallel import moba_attention_cp, shard_sequence
 from moba_rewrite.parallel.dense import gather_keys_values, visible_keys
 from moba_rewrite.parallel.groups import check_call_agreement, resolve_group
@@ -123,6 +123,12 @@ def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool) -> None:
     be carried across shards, and ignoring them would change the result."""
     if mask is None:
         return
+    if hf_masks.compact_of(mask) is not None:  # causal AND a key mask: fine when it hides no key
+        keys = hf_masks.key_mask(mask)
+        if keys is None or bool(keys.all()):
+            return
+        raise ValueError(f"{_WHO}: attention site {name!r} got a mask that is not plain causal attention "
+                         f"(padding); context parallelism supports unpadded sequences only")
     visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     want = torch.ones(t, t, dtype=torch.bool, device=mask.device)
     if causal:
