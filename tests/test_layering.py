@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("moba_rewrite.attention", "moba_rewrite.policy", "moba_rewrite.exit_codes"),
     ("passes", "moba_rewrite.integrations"),
     ("moba_rewrite.report", "moba_rewrite.api", "moba_rewrite.routes", "moba_rewrite.exporters",
-     "moba_rewrite.checkpoints", "moba_rewrite.dynamo_backend"),
+     "moba_rewrite.checkpoints", "moba_rewrite.dynamo_backend", "moba_rewrite.evaluation"),
     ("moba_rewrite.cli", "moba_rewrite"),  # the command, and the package's public facade over everything
 ]
 
