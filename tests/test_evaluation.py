@@ -23,7 +23,7 @@ from moba_rewrite.evaluation.errors import (BudgetError, DataFileError, DataTooS
                                             NoTokenizer)
 from moba_rewrite.evaluation.kl import kl_per_position
 from moba_rewrite.kernels import reference
-from test_checkpoints import VOCAB, make_llama
+from test_checkpoints import VOCAB, make_gpt2, make_llama, save_hf
 
 POLICY = {"version": 1, "defaults": {"mode": "moba", "block_size": 8, "top_k": 2},
           "rules": [{"layers": "-1:", "mode": "dense"}]}
@@ -36,10 +36,11 @@ def hf_logits(model, ids):
 
 # --------------------------------------------------------------------------- kl / ppl
 
-def test_kl_agreement_and_ppl_equal_an_independent_computation():
+@pytest.mark.parametrize("make", [make_llama, make_gpt2])
+def test_kl_agreement_and_ppl_equal_an_independent_computation(make):
     data = torch.randint(0, VOCAB, (3 * 48 + 5,), generator=torch.Generator().manual_seed(3))
-    result = mr.evaluate(make_llama(), POLICY, seq_len=48, data=data, tasks=["kl", "ppl"], samples=3)
-    original, rewritten = make_llama(), mr.rewrite(make_llama(), POLICY)  # independent: same seed, own rewrite
+    result = mr.evaluate(make(), POLICY, seq_len=48, data=data, tasks=["kl", "ppl"], samples=3)
+    original, rewritten = make(), mr.rewrite(make(), POLICY)  # independent: same seed, own rewrite
     kls, agree, nll_o, nll_r = [], [], [], []
     for window in data[: 3 * 48].view(3, 48):
         ids = window[None]
@@ -117,6 +118,28 @@ def test_site_measure_matches_the_dense_reference(case, monkeypatch):
         assert got.kept_mass == pytest.approx(float(kept), rel=1e-5)
         assert got.density == pytest.approx(density, rel=1e-6)
         assert 0 < got.out_rel_err and got.kept_mass < 1
+
+
+@pytest.mark.parametrize("make", [make_llama, make_gpt2])
+def test_capture_policy_computes_the_original_attention(make):
+    """The capture forward is the dense forward: same logits as the original model."""
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(5))
+    capture = mr.rewrite(make(), site_measure.capture_policy(2, base=41))
+    assert [r.decision for r in capture._moba_report.rows] == ["moba", "moba"]
+    assert torch.allclose(hf_logits(capture, ids), hf_logits(make(), ids), atol=1e-5)
+
+
+def test_evaluate_a_checkpoint_path_with_its_stored_policy(tmp_path):
+    from moba_rewrite import checkpoints as ck
+
+    save_hf(make_llama(), tmp_path / "dense")
+    (tmp_path / "moba").mkdir()
+    ck.write_hf_checkpoint(tmp_path / "moba", ck.read_checkpoint(tmp_path / "dense"), POLICY, {})
+    result = mr.evaluate(tmp_path / "moba", seq_len=40, tasks=["kl"], samples=1)
+    assert result["model"] == "moba" and mr.load_policy(result["policy"]) == mr.load_policy(POLICY)
+    assert result["policy_kl"]["mean"] > 0
+    with pytest.raises(EvaluationError, match="expected a policy"):
+        mr.evaluate(tmp_path / "dense", seq_len=40, tasks=["kl"], samples=1)
 
 
 def test_sites_task_on_a_hf_model_matches_the_reference_on_its_own_qkv():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -68,46 +69,43 @@ def check_length(model: nn.Module, length: int, where: str) -> None:
         raise EvaluationError(where, f"expected at most the model's {limit} positions, got {length}")
 
 
-def evaluate(model: nn.Module, policy: Any, *, seq_len: int, data: Any = None, prompt: str | None = None,
-             tasks: Sequence[str] = TASKS, samples: int = 4, tokenizer: Any = None,
+def evaluate(model: nn.Module | str | os.PathLike, policy: Any = None, *, seq_len: int, data: Any = None,
+             prompt: str | None = None, tasks: Sequence[str] = TASKS, samples: int = 4, tokenizer: Any = None,
              passkey_lengths: Sequence[int] | None = None, passkey_depths: Sequence[float] = pk.DEFAULT_DEPTHS,
              passkey_key_len: int = 4, seed: int = 0, progress: bool = False, name: str = "") -> EvalResult:
     """Compare `model` (the original, left untouched) with its rewrite by `policy` on the same inputs.
 
+    `model` may be a checkpoint path (read like `mr.load`, dense; its tokenizer and, for a
+    directory written by `rewrite --format hf`, its stored policy are used when not given).
     `data`: paths (`.ids` token ids or text read with `tokenizer`) or a tensor of ids; without
     it (and without `prompt`) random ids, said so in the notes. Samples are the first `samples`
     consecutive non-overlapping windows of `seq_len` tokens. Passkey runs at `passkey_lengths`
     (default `[seq_len]`) and `passkey_depths`, `samples` prompts each.
     """
     tasks = check_tasks(tasks)
+    if isinstance(model, (str, os.PathLike)):
+        model, policy, tokenizer, name = _open(model, policy, tokenizer, name)
+    if policy is None:
+        raise EvaluationError("--policy", "expected a policy (a file, a dict or a Policy)")
     policy = load_policy(policy)
     check_length(model, seq_len, "--seq-len")
     for n in passkey_lengths or []:
         check_length(model, n, "--passkey-lengths")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    vocab = vocab_size(model)
     started = time.perf_counter()
-    rewritten = rewritten_copy(model, policy, seq_len)
-    report = rewritten._moba_report
-    notes: list[str] = []
-    doc: dict[str, Any] = {
-        "tool": "moba-rewrite eval", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": name or type(model).__name__, "model_class": type(model).__name__, "seq_len": seq_len,
-        "samples": samples, "seed": seed, "device": str(device),
-        "dtype": str(next((p.dtype for p in model.parameters()), torch.float32)).replace("torch.", ""),
-        "tasks": tasks, "policy": policy.to_dict(), "report": report.to_dict(),
-    }
-    notes += _routing_notes(report, seq_len, passkey_lengths if "passkey" in tasks else None)
     windows = None
     if {"kl", "ppl", "sites"} & set(tasks):
         windows = load_windows(seq_len=seq_len, samples=samples, data=data, prompt=prompt, tokenizer=tokenizer,
-                               vocab_size=vocab, random_inputs=random_windows(model, device))
+                               vocab_size=vocab_size(model), random_inputs=random_windows(model, device))
+    rewritten = rewritten_copy(model, policy, seq_len)
+    doc = _header(model, name, policy, rewritten._moba_report, tasks, seq_len, samples, seed, device)
+    notes = _routing_notes(rewritten._moba_report, seq_len, passkey_lengths if "passkey" in tasks else None)
+    if windows is not None:
         notes += windows.notes
         doc["data"] = {"source": windows.source, "files": windows.files, "tokens": windows.tokens,
                        "windows": windows.count, "description": windows.describe()}
     lengths = list(passkey_lengths or [seq_len])
-    work = (2 * windows.count if windows is not None and {"kl", "ppl"} & set(tasks) else 0) \
-        + (windows.count if "sites" in tasks else 0) \
+    work = (2 * windows.count if {"kl", "ppl"} & set(tasks) else 0) + (windows.count if "sites" in tasks else 0) \
         + (2 * len(lengths) * len(passkey_depths) * samples if "passkey" in tasks else 0)
     bar = progress_bar(work, "evaluating", progress)
     seconds: dict[str, float] = {}
@@ -119,17 +117,16 @@ def evaluate(model: nn.Module, policy: Any, *, seq_len: int, data: Any = None, p
                 doc.update({k: summary[k] for k in ("policy_kl", "top1_agreement", "kl_by_position")})
             if "ppl" in tasks:
                 doc["ppl"] = summary["ppl"]
-            seconds["kl+ppl" if {"kl", "ppl"} <= set(tasks) else ("kl" if "kl" in tasks else "ppl")] = \
-                time.perf_counter() - t0
+            seconds["+".join(t for t in ("kl", "ppl") if t in tasks)] = time.perf_counter() - t0
         if "sites" in tasks:
             t0 = time.perf_counter()
-            doc["sites"], site_notes = _sites(model, report, windows, device, seq_len, bar)
+            doc["sites"], site_notes = _sites(model, rewritten._moba_report, windows, device, seq_len, bar)
             notes += site_notes
             seconds["sites"] = time.perf_counter() - t0
         if "passkey" in tasks:
             t0 = time.perf_counter()
             doc["passkey"], pk_notes = _passkey(model, rewritten, lengths, list(passkey_depths), samples, tokenizer,
-                                                vocab, passkey_key_len, seed, device, bar)
+                                                vocab_size(model), passkey_key_len, seed, device, bar)
             notes += pk_notes
             seconds["passkey"] = time.perf_counter() - t0
     finally:
@@ -138,6 +135,31 @@ def evaluate(model: nn.Module, policy: Any, *, seq_len: int, data: Any = None, p
     doc["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     doc["notes"] = notes
     return EvalResult(doc, notes)
+
+
+def _open(path, policy, tokenizer, name):
+    """A checkpoint path: (dense model, policy or the stored one, tokenizer or its own, name)."""
+    from pathlib import Path
+
+    from moba_rewrite.checkpoints import read_checkpoint
+    from moba_rewrite.evaluation.data import find_tokenizer
+
+    ck = read_checkpoint(path)
+    if not isinstance(ck.model, nn.Module):
+        raise EvaluationError(path, "expected a model checkpoint (Hugging Face directory, safetensors or pickled "
+                                    "module); evaluation compares the eager model with its rewrite")
+    return (ck.model, policy if policy is not None else ck.policy,
+            tokenizer if tokenizer is not None else find_tokenizer(path), name or Path(path).name)
+
+
+def _header(model, name, policy, report, tasks, seq_len, samples, seed, device) -> dict[str, Any]:
+    return {
+        "tool": "moba-rewrite eval", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": name or type(model).__name__, "model_class": type(model).__name__, "seq_len": seq_len,
+        "samples": samples, "seed": seed, "device": str(device),
+        "dtype": str(next((p.dtype for p in model.parameters()), torch.float32)).replace("torch.", ""),
+        "tasks": tasks, "policy": policy.to_dict(), "report": report.to_dict(),
+    }
 
 
 def _routing_notes(report, seq_len: int, passkey_lengths) -> list[str]:

@@ -85,18 +85,21 @@ def _rows(mask: Tensor | None, s: int, e: int, kend: int) -> Tensor | None:
     return rows[..., :kend] if rows.shape[3] > 1 else rows
 
 
-def _sees_no_future(mask: Tensor | None, causal: bool, tq: int, tk: int) -> bool:
+def _sees_no_future(mask: Tensor | None, causal: bool, tq: int, tk: int, rows: int = 1024) -> bool:
     """True when no query sees a key after its own position (so keys can be cut after a chunk)."""
     if causal:
         return True
     if mask is None:
         return False
     visible = mask if mask.dtype == torch.bool else mask != float("-inf")
-    qpos = torch.arange(tk - tq, tk, device=mask.device)
-    future = torch.arange(tk, device=mask.device)[None, :] > qpos[:, None]  # [Tq, Tk]
-    rows = visible.shape[2]
-    future = future if rows == tq else future.any(0, keepdim=True)
-    return not bool((visible & future).any())
+    keys = torch.arange(tk, device=mask.device)
+    if visible.shape[2] == 1:  # one row for every query: the first query must see no later key
+        return not bool((visible[..., 0, :] & (keys > tk - tq)).any())
+    for s in range(0, tq, rows):  # row chunks bound the [rows, Tk] comparison
+        qpos = torch.arange(tk - tq + s, tk - tq + min(tq, s + rows), device=mask.device)
+        if bool((visible[:, :, s:s + rows] & (keys[None, :] > qpos[:, None])).any()):
+            return False
+    return True
 
 
 def measure_call(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool, scale: float,
