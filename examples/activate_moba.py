@@ -131,8 +131,11 @@ def train_dense(model, trainer: Trainer, args, device, bar) -> tuple[int, float]
 
 
 def measure(model, args, name: str) -> dict:
-    """`mr.evaluate` passkey (+ kl) of `model`'s weights: dense and rewritten, same held-out prompts."""
-    result = mr.evaluate(model, policy(args), seq_len=args.seq_len, tasks=["kl", "passkey"],
+    """`mr.evaluate` of `model`'s weights, dense against rewritten: passkey accuracy per depth on
+    held-out prompts, and KL / per-site MoBA error on held-out task sequences (the same every time)."""
+    task_data, _ = passkey.ids_batch(VOCAB, args.seq_len, args.eval_samples, key_len=KEY_LEN,
+                                     generator=torch.Generator().manual_seed(args.seed + 2))
+    result = mr.evaluate(model, policy(args), seq_len=args.seq_len, data=task_data, tasks=["kl", "sites", "passkey"],
                          samples=args.eval_samples, passkey_key_len=KEY_LEN, seed=args.seed, name=name)
     return result.data
 
@@ -193,8 +196,8 @@ def main(argv=None) -> None:
     before = measure(model, args, "trained dense")
     dense_acc = before["passkey"]["mean"]["original"]
     drop_acc = before["passkey"]["mean"]["rewritten"]
-    print(f"rewrite: {before['policy_kl']['mean']:.4f} mean KL, top-1 agreement {before['top1_agreement']:.1%} "
-          f"(random ids, {args.seq_len} tokens)")
+    print(f"rewrite: mean KL(dense || MoBA) {before['policy_kl']['mean']:.4f}, top-1 agreement "
+          f"{before['top1_agreement']:.1%} on {args.eval_samples} held-out task sequences")
 
     mr.rewrite(model, policy(args))
     print(model._moba_report)
@@ -214,6 +217,11 @@ def main(argv=None) -> None:
     print(f"  MoBA rewrite, before activation (drop):   {drop_acc:6.1%}")
     print(f"  MoBA after {args.moba_steps} MoBA steps (recovery):{moba_acc:7.1%}")
     print(f"  (the activated weights run dense: {after['passkey']['mean']['original']:.1%})")
+    for row_b, row_a in zip(before["sites"], after["sites"]):
+        if row_b["decision"] == "moba":
+            print(f"  {row_b['name']}: attention mass MoBA keeps {row_b['kept_mass']:.1%} before activation, "
+                  f"{row_a['kept_mass']:.1%} after (output error {row_b['out_rel_err']:.3f} -> "
+                  f"{row_a['out_rel_err']:.3f})")
     if args.plot:
         plot(args.plot, before, after, trainer.log, args)
         print(f"plot: {args.plot}")
