@@ -343,3 +343,11 @@ def test_windows_and_data_errors(tmp_path):
         mr.evaluate(make_llama(), POLICY, seq_len=32, tasks=["bleu"])
     with pytest.raises(EvaluationError, match="at most the model's 256 positions"):
         mr.evaluate(make_llama(), POLICY, seq_len=300, tasks=["kl"])
+
+
+def test_dense_layers_is_exact_when_sites_tie():
+    """Layers 0 and 2 of the toy are the same local head (equal errors): K=2 keeps exactly two dense."""
+    result = mr.calibrate(RetrievalToy(), seq_len=128, dense_layers=2, grid={"block_size": [16], "top_k": [2]},
+                          samples=1)
+    assert [s.choice is None for s in result.sites] == [True, True, False]
+    assert result.check["moba_sites"] == 1

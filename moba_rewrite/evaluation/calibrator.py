@@ -156,17 +156,18 @@ def calibrate(model: nn.Module, *, seq_len: int, dense_layers: int | None = None
         raise BudgetError("", "expected at least one attention site MoBA can compute; every site stays dense")
     checker = _Checker(model, windows, seq_len, progress)
     try:
+        forced: set[int] = set()
         if dense_layers is not None:
-            tolerance = _tolerance_for_dense(movable, dense_layers)
-            check = checker.run(_policy(sites, tolerance, backend))
+            tolerance, forced = _tolerance_for_dense(movable, dense_layers)
+            check = checker.run(_policy(sites, tolerance, backend, forced))
             trials = [{"tolerance": tolerance, **_brief(check)}]
         else:
             tolerance, check, trials = _tolerance_for_kl(sites, movable, max_kl, checker, backend)
     finally:
         checker.close()
     for s in sites:
-        s.choice = s.pick(tolerance) if s.capturable else None
-    policy = _policy(sites, tolerance, backend)
+        s.choice = s.pick(tolerance) if s.capturable and s.layer not in forced else None
+    policy = _policy(sites, tolerance, backend, forced)
     return CalibrationResult(policy, sites, points, check, meta, tolerance, trials, notes)
 
 
@@ -185,12 +186,13 @@ def _measure(model, windows: Windows, points: list[Config], seq_len: int, backen
     return out
 
 
-def _tolerance_for_dense(movable: list[SiteChoice], k: int) -> float:
+def _tolerance_for_dense(movable: list[SiteChoice], k: int) -> tuple[float, set[int]]:
+    """(tolerance, the layers kept dense): the K most sensitive sites (ties: the earlier layer)."""
     if k >= len(movable):
         raise BudgetError("--dense-layers", f"expected fewer than the {len(movable)} site(s) MoBA can compute, "
                                             f"got {k}: that leaves no MoBA site")
     ranked = sorted(movable, key=lambda s: (-s.sensitivity, s.layer))
-    return ranked[k].sensitivity
+    return ranked[k].sensitivity, {s.layer for s in ranked[:k]}
 
 
 def _tolerance_for_kl(sites, movable, max_kl: float, checker, backend: str):
@@ -224,9 +226,10 @@ def _brief(check: dict) -> dict:
             "top1_agreement": check["top1_agreement"], "moba_sites": check["moba_sites"]}
 
 
-def _policy(sites: list[SiteChoice], tolerance: float, backend: str) -> dict:
-    """The policy dict for a tolerance: defaults = the commonest MoBA choice, rules for the rest."""
-    picks = {s.layer: (s.pick(tolerance) if s.capturable else None) for s in sites}
+def _policy(sites: list[SiteChoice], tolerance: float, backend: str, dense: set[int] = frozenset()) -> dict:
+    """The policy dict for a tolerance (and sites kept `dense` whatever their errors): defaults =
+    the commonest MoBA choice, rules for the rest."""
+    picks = {s.layer: (s.pick(tolerance) if s.capturable and s.layer not in dense else None) for s in sites}
     chosen = [c for c in picks.values() if c is not None]
     common = max(sorted(set(chosen)), key=chosen.count) if chosen else (512, 3)
     rules: list[dict] = []
