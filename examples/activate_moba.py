@@ -11,7 +11,10 @@ until it solves it. Then:
 
 1. `mr.evaluate` on held-out prompts: the dense model's accuracy, and the accuracy of its MoBA
    rewrite (hybrid policy: the last --dense-tail layers stay dense) -- the drop;
-2. continued training of the rewritten model with MoBA for a fixed budget (--moba-steps);
+2. continued training of the rewritten model with MoBA for a fixed budget (--moba-steps), with a
+   length curriculum of its own from 4 blocks up to --seq-len (trained at --seq-len at once, the
+   gate rarely selects the needle's block, so attention gets no signal to learn from: 150 steps
+   left the accuracy where it was in our runs, see benchmarks/RESULTS.md);
 3. `mr.evaluate` again: the activated model's accuracy under MoBA -- the recovery.
 
 It prints the three accuracies and saves a plot (--plot). Same held-out prompts (same seed)
@@ -46,13 +49,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=3, help="MoBA top-k, own block included (default 3)")
     p.add_argument("--dense-tail", type=int, default=1, help="last layers kept dense (default 1)")
     p.add_argument("--dense-steps", type=int, default=600, help="most dense training steps (default 600)")
-    p.add_argument("--moba-steps", type=int, default=150, help="MoBA training steps (default 150)")
+    p.add_argument("--moba-steps", type=int, default=200, help="MoBA training steps, the fixed budget (default 200)")
     p.add_argument("--batch", type=int, default=16, help="training batch (default 16)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     p.add_argument("--eval-samples", type=int, default=16, help="held-out prompts per depth (default 16)")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (default: on CUDA only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default="activate_moba.png", help="where to save the plot (default activate_moba.png)")
+    p.add_argument("--save-dense", metavar="DIR",
+                   help="also save the dense-trained checkpoint (Hugging Face directory) and held-out task sequences "
+                        "(DIR/passkey.ids), for `moba-rewrite eval` / `calibrate`")
     p.add_argument("--quick", action="store_true", help="tiny budget for tests: 128 tokens, a few steps")
     args = p.parse_args(argv)
     if args.quick:
@@ -113,31 +119,57 @@ def quick_accuracy(model, length: int, device, count: int = 32) -> float:
                for i in range(count)) / count
 
 
-def train_dense(model, trainer: Trainer, args, device, bar) -> tuple[int, float]:
-    """Length curriculum 32, 64, ... --seq-len; next length once held-out accuracy >= 0.9."""
-    lengths = [n for n in (32, 64, 128, 256, 512, 1024, 2048, 4096) if n < args.seq_len] + [args.seq_len]
-    stage, acc = 0, 0.0
-    for step in range(args.dense_steps):
-        loss = trainer.step(lengths[stage], "dense")
+def curriculum(model, trainer: Trainer, lengths: list[int], steps: int, phase: str, device, bar,
+               stop_when_solved: bool) -> tuple[int, float, list[tuple[int, int]]]:
+    """Train through `lengths`, moving to the next once held-out accuracy (of the model as it runs:
+    dense, or MoBA once rewritten) reaches 0.9; checks every 20 steps. Returns (steps run, last
+    accuracy, [(step, length) where each stage began])."""
+    stage, acc, starts = 0, 0.0, [(0, lengths[0])]
+    for step in range(steps):
+        loss = trainer.step(lengths[stage], phase)
         bar.set_postfix_str(f"len {lengths[stage]} loss {loss:.3f} acc {acc:.2f}")
         bar.update(1)
-        if (step + 1) % 20 == 0 or step + 1 == args.dense_steps:
+        if (step + 1) % 20 == 0 or step + 1 == steps:
             acc = quick_accuracy(model, lengths[stage], device)
             if acc >= 0.9 and stage < len(lengths) - 1:
                 stage += 1
-            elif acc >= SOLVED and stage == len(lengths) - 1:
-                return step + 1, acc
-    return args.dense_steps, acc
+                starts.append((step + 1, lengths[stage]))
+            elif stop_when_solved and acc >= SOLVED and stage == len(lengths) - 1:
+                return step + 1, acc, starts
+    return steps, acc, starts
+
+
+def lengths_from(first: int, last: int) -> list[int]:
+    """first, 2 first, 4 first, ... below `last`, then `last`."""
+    out = []
+    while first < last:
+        out.append(first)
+        first *= 2
+    return out + [last]
 
 
 def measure(model, args, name: str) -> dict:
     """`mr.evaluate` of `model`'s weights, dense against rewritten: passkey accuracy per depth on
     held-out prompts, and KL / per-site MoBA error on held-out task sequences (the same every time)."""
-    task_data, _ = passkey.ids_batch(VOCAB, args.seq_len, args.eval_samples, key_len=KEY_LEN,
-                                     generator=torch.Generator().manual_seed(args.seed + 2))
-    result = mr.evaluate(model, policy(args), seq_len=args.seq_len, data=task_data, tasks=["kl", "sites", "passkey"],
+    result = mr.evaluate(model, policy(args), seq_len=args.seq_len, data=held_out(args), tasks=["kl", "sites", "passkey"],
                          samples=args.eval_samples, passkey_key_len=KEY_LEN, seed=args.seed, name=name)
     return result.data
+
+
+def held_out(args) -> torch.Tensor:
+    """Held-out task sequences `[eval_samples, seq_len]` (the same every call): eval's kl / sites data."""
+    ids, _ = passkey.ids_batch(VOCAB, args.seq_len, args.eval_samples, key_len=KEY_LEN,
+                               generator=torch.Generator().manual_seed(args.seed + 2))
+    return ids
+
+
+def save_dense(model, args) -> None:
+    from pathlib import Path
+
+    out = Path(args.save_dense)
+    model.save_pretrained(str(out))
+    (out / "passkey.ids").write_text("\n".join(" ".join(map(str, row)) for row in held_out(args).tolist()) + "\n")
+    print(f"saved the dense-trained checkpoint and {args.eval_samples} held-out task sequences in {out}")
 
 
 def dense_copy(model, args, device) -> LlamaForCausalLM:
@@ -187,12 +219,15 @@ def main(argv=None) -> None:
     trainer = Trainer(model, args, device)
     show = sys.stderr.isatty() or os.environ.get("MOBA_REWRITE_PROGRESS") == "1"
     with tqdm(total=args.dense_steps, desc="dense training", disable=not show, file=sys.stderr) as bar:
-        steps, acc = train_dense(model, trainer, args, device, bar)
+        steps, acc, stages = curriculum(model, trainer, lengths_from(32, args.seq_len), args.dense_steps, "dense",
+                                        device, bar, stop_when_solved=True)
     solved = acc >= SOLVED
-    print(f"dense training: {steps} steps, held-out accuracy {acc:.0%} at {args.seq_len} tokens "
-          f"({'solved' if solved else 'NOT solved: the numbers below say little'}), "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(f"dense training: {steps} steps (lengths {', '.join(f'{n} from step {s}' for s, n in stages)}), "
+          f"held-out accuracy {acc:.0%} at {args.seq_len} tokens "
+          f"({'solved' if solved else 'NOT solved: the numbers below say little'}), {time.perf_counter() - t0:.0f} s")
 
+    if args.save_dense:
+        save_dense(model, args)
     before = measure(model, args, "trained dense")
     dense_acc = before["passkey"]["mean"]["original"]
     drop_acc = before["passkey"]["mean"]["rewritten"]
@@ -202,20 +237,22 @@ def main(argv=None) -> None:
     mr.rewrite(model, policy(args))
     print(model._moba_report)
     t1 = time.perf_counter()
+    # Activation, as the paper extends context step by step: from 4 blocks (where the needle's block
+    # is often among the selected ones, so attention learns to tell it apart) up to --seq-len.
     with tqdm(total=args.moba_steps, desc="MoBA training", disable=not show, file=sys.stderr) as bar:
-        for _ in range(args.moba_steps):
-            loss = trainer.step(args.seq_len, "moba")
-            bar.set_postfix_str(f"loss {loss:.3f}")
-            bar.update(1)
-    print(f"MoBA training: {args.moba_steps} steps at {args.seq_len} tokens, {time.perf_counter() - t1:.0f} s")
+        _, _, stages = curriculum(model, trainer, lengths_from(min(4 * args.block_size, args.seq_len), args.seq_len),
+                                  args.moba_steps, "moba", device, bar, stop_when_solved=False)
+    print(f"MoBA training: {args.moba_steps} steps (lengths {', '.join(f'{n} from step {s}' for s, n in stages)}), "
+          f"{time.perf_counter() - t1:.0f} s")
 
     after = measure(dense_copy(model, args, device), args, "activated")
     moba_acc = after["passkey"]["mean"]["rewritten"]
     print(f"\npasskey accuracy at {args.seq_len} tokens ({len(before['passkey']['depths'])} depths x "
           f"{args.eval_samples} held-out prompts, whole 4-token key by greedy decoding):")
-    print(f"  dense model (trained dense):              {dense_acc:6.1%}")
-    print(f"  MoBA rewrite, before activation (drop):   {drop_acc:6.1%}")
-    print(f"  MoBA after {args.moba_steps} MoBA steps (recovery):{moba_acc:7.1%}")
+    rows = [("dense model (trained dense)", dense_acc), ("MoBA rewrite, before activation (drop)", drop_acc),
+            (f"MoBA after {args.moba_steps} MoBA steps (recovery)", moba_acc)]
+    for label, value in rows:
+        print(f"  {label + ':':<44}{value:7.1%}")
     print(f"  (the activated weights run dense: {after['passkey']['mean']['original']:.1%})")
     for row_b, row_a in zip(before["sites"], after["sites"]):
         if row_b["decision"] == "moba":
