@@ -1,14 +1,16 @@
-"""Decode token by token with MoBA, keeping the gate's block means beside the KV cache.
+"""Decode token by token with MoBA against a preallocated KV cache, block means kept beside it.
 
     python examples/decode_with_means_cache.py
 
-MoBA's gate scores each query against the mean key of every block. Recomputing those means
-reads all of K at every step (at a 128K cache that costs more than the attention itself on a
-GPU); `mr.key_block_means(k, block_size, previous=means)` updates them in O(block_size) per
-step instead, and `moba_attention(..., key_block_means=means)` uses them.
+This is the loop a decode server or an exported generation program runs: the KV cache is
+allocated once (`L` slots, static addresses), each step writes the new token's key and value at
+its position, `mr.update_key_block_means_` recomputes the mean key of the one block that changed,
+and `mr.moba_attention_kv_cache` attends with the queries at their real positions
+(`cache_position`), gating on the cached means and reading only the selected blocks. No step reads
+all of K, concatenates, or reads a position back to the host (the same code runs in a CUDA graph).
 
-Checks: every decode step matches the same step without the cache, and the last step matches
-the dense MoBA reference over the whole sequence.
+Checks: every step equals MoBA on the same tokens without the cache (`moba_attention` on the
+filled prefix, dense reference backend).
 """
 
 import torch
@@ -17,24 +19,31 @@ import moba_rewrite as mr
 
 torch.manual_seed(0)
 batch, heads, kv_heads, dim, block, top_k = 1, 8, 2, 32, 16, 3
-prompt, steps = 50, 30
+prompt, steps, slots = 50, 30, 96
 
-# A KV cache (here: random keys/values for the prompt) and the means of its blocks.
-k_cache = torch.randn(batch, kv_heads, prompt, dim)
-v_cache = torch.randn(batch, kv_heads, prompt, dim)
-means = mr.key_block_means(k_cache, block)
+# The preallocated cache (unfilled slots are whatever the buffer holds) and its block means.
+k_cache = torch.zeros(batch, kv_heads, slots, dim)
+v_cache = torch.zeros(batch, kv_heads, slots, dim)
+means = torch.zeros(batch, kv_heads, -(-slots // block), dim)
+
+# Prefill: the prompt's keys and values (a model would project them), written at positions 0..49.
+position = torch.arange(prompt)
+k_cache.index_copy_(2, position, torch.randn(batch, kv_heads, prompt, dim))
+v_cache.index_copy_(2, position, torch.randn(batch, kv_heads, prompt, dim))
+mr.update_key_block_means_(means, k_cache, position, block)
 
 for step in range(steps):
-    q = torch.randn(batch, heads, 1, dim)  # the new token's query (a model would project it)
-    k_new, v_new = torch.randn(batch, kv_heads, 1, dim), torch.randn(batch, kv_heads, 1, dim)
-    k_cache, v_cache = torch.cat([k_cache, k_new], 2), torch.cat([v_cache, v_new], 2)
-    means = mr.key_block_means(k_cache, block, previous=means)  # only the last block changes
-    out = mr.moba_attention(q, k_cache, v_cache, block_size=block, top_k=top_k, enable_gqa=True,
-                            key_block_means=means)
-    plain = mr.moba_attention(q, k_cache, v_cache, block_size=block, top_k=top_k, enable_gqa=True)
-    torch.testing.assert_close(out, plain)
+    position = torch.tensor([prompt + step])  # cache_position of the new token
+    q = torch.randn(batch, heads, 1, dim)
+    k_cache.index_copy_(2, position, torch.randn(batch, kv_heads, 1, dim))
+    v_cache.index_copy_(2, position, torch.randn(batch, kv_heads, 1, dim))
+    mr.update_key_block_means_(means, k_cache, position, block)  # only the block holding the new token
+    out = mr.moba_attention_kv_cache(q, k_cache, v_cache, means, position, block_size=block, top_k=top_k,
+                                     enable_gqa=True)
+    filled = prompt + step + 1
+    want = mr.moba_attention(q, k_cache[:, :, :filled], v_cache[:, :, :filled], block_size=block, top_k=top_k,
+                             enable_gqa=True, backend="reference")
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
-want = mr.moba_attention(q, k_cache, v_cache, block_size=block, top_k=top_k, enable_gqa=True, backend="reference")
-torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-print(f"ok: {steps} decode steps with a {k_cache.shape[2]}-token cache; the cached means give the same "
-      f"output as recomputing them, and the dense reference agrees")
+print(f"ok: {steps} decode steps against a {slots}-slot cache (filled to {filled}); each equals MoBA on the "
+      f"filled prefix without the cache")

@@ -1,7 +1,7 @@
 """moba-rewrite: rewrite the attention of any PyTorch model into MoBA, layer by layer.
 
 Public API (SPEC section 1): `moba_attention`, `load_policy`, `rewrite`, `compile`, `export`,
-`plan`, `load`; `evaluate` and `calibrate`. Everything else is internal. Imports are lazy so
+`plan`, `load`, `report_of`; `evaluate` and `calibrate`. Everything else is internal. Imports are lazy so
 `import moba_rewrite` stays fast and registers the `moba::attention` op.
 """
 
@@ -25,12 +25,15 @@ _LAZY = {
     "plan": "moba_rewrite.api",
     "export_with_report": "moba_rewrite.api",
     "find_sites": "moba_rewrite.api",
+    "report_of": "moba_rewrite.api",
     "load": "moba_rewrite.checkpoints",
     "RewriteReport": "moba_rewrite.report",
     "moba_attention_varlen": "moba_rewrite.attention.varlen",
     "key_block_means": "moba_rewrite.attention.block_means",
     "evaluate": "moba_rewrite.evaluation",
     "calibrate": "moba_rewrite.evaluation",
+    "update_key_block_means_": "moba_rewrite.attention.block_means",
+    "moba_attention_kv_cache": "moba_rewrite.attention.kv_cache",
 }
 
 __all__ = ["moba_attention", "__version__", *_LAZY]

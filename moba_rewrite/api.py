@@ -11,7 +11,7 @@ Signatures (stable: the CLI, checkpoints and exporters build on them)::
         -> tuple[ExportedProgram, RewriteReport]
     rewrite_exported(ep, policy) -> tuple[ExportedProgram, RewriteReport]
         The pass alone, on an existing ExportedProgram (modified in place and returned).
-    compile(model, policy, **torch_compile_kwargs) -> compiled module
+    compile(model, policy, *, example_inputs=None, **torch_compile_kwargs) -> compiled module
         torch.compile with the rewrite pass in a Dynamo backend (then Inductor's compile_fx).
         Report at `compiled.moba_report`, filled as graphs compile.
     find_sites(model, example_inputs=None) -> list[AttentionSite]
@@ -19,8 +19,8 @@ Signatures (stable: the CLI, checkpoints and exporters build on them)::
 
 `policy` is anything `load_policy` takes: a `Policy`, a dict, or a path (YAML/TOML/JSON).
 `example_inputs`: a tuple of positional arguments, a dict of keyword arguments, or a tensor.
-Hugging Face models do not need them (their `dummy_inputs` are used); plain modules use
-them to record shapes and how each attention module is called.
+Discovery runs the model on them (transformers models fall back to their `dummy_inputs`);
+plain modules given none are traced with torch.fx instead, which finds less.
 
 `RewriteReport` (moba_rewrite.report): `.rows` (ReportRow: name, module_class, layer, kind,
 num_heads, num_kv_heads, head_dim, causal, mask_kind, decision ("moba"|"dense", what the site
@@ -28,12 +28,14 @@ computes now), block_size, top_k, backend, decode, reason, requested (what the p
 matched_rules), `.warnings`, `.graph`, `.moba_sites`, `.dense_sites`, `str()` (aligned
 table), `.to_json()`, `.to_dict()`, `RewriteReport.from_dict()`, `report[name_or_index]`.
 
-Which machinery a model gets (docs/REWRITING.md):
-- Hugging Face models on the AttentionInterface: the `moba_sdpa` / `moba_eager` attention
+Sites are found by running the model (`moba_rewrite.discovery`: one forward recorded at the
+torch-function level, read by the graph detectors), and each gets a machinery (docs/REWRITING.md):
+- modules on transformers' AttentionInterface: the `moba_sdpa` / `moba_eager` attention
   functions (`moba_rewrite.integrations.hf`); generate() and the KV cache keep working.
-- other modules: `nn.MultiheadAttention` is swapped for `MobaMultiheadAttention`; modules
-  calling SDPA or hand-written attention are traced with torch.fx and get the rewritten
-  graph as their forward (`passes.eager`).
+- `nn.MultiheadAttention` (in any model) is swapped for `MobaMultiheadAttention`;
+- modules torch.fx traces are traced and get the rewritten graph as their forward
+  (`passes.eager`); SDPA calls in any other module are routed at run time (`passes.route_sdpa`);
+  hand-written attention torch.fx cannot trace is reported dense (export / compile rewrite it).
 - export / compile: the graph pass (`passes.detect` + `passes.rewrite`) on the aten or
   Dynamo graph.
 """
@@ -41,16 +43,19 @@ Which machinery a model gets (docs/REWRITING.md):
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import inspect
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from moba_rewrite import discovery
 from moba_rewrite.integrations import hf
 from moba_rewrite.policy import load_policy
 from moba_rewrite.report import ReportRow, RewriteReport
-from passes import detect, eager, find_mha
+from passes import detect, eager, find_mha, route_sdpa
 from passes.found import FoundSite, number_sites
 from passes.rewrite import Outcome, UnsupportedSiteError, plan_outcome, rewrite_graph
 from passes.sites import AttentionSite
@@ -66,64 +71,14 @@ def _dense(decision: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Site discovery for eager models
+# Site discovery for eager models (moba_rewrite.discovery)
+
+_Entry = discovery.Entry
 
 
-@dataclasses.dataclass
-class _Entry:
-    """One eager site: where it lives and how it would be rewritten."""
-
-    site: AttentionSite
-    machinery: str  # "hf" | "mha" | "traced"
-    module: nn.Module
-    found: FoundSite | None = None
-    problems: list[str] = dataclasses.field(default_factory=list)
-    note: str = ""  # extra information for the report (e.g. behaviour while training)
-
-
-def _hf_entries(model: nn.Module, example_inputs: Any) -> list[_Entry]:
-    return [_Entry(site=f.site, machinery="hf", module=f.module, problems=f.problems, note=f.note)
-            for f in hf.discover(model, example_inputs)]
-
-
-def _generic_entries(model: nn.Module, example_inputs: Any) -> tuple[list[_Entry], eager.Discovery]:
-    position = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
-    keyed: list[tuple[int, int, _Entry]] = []
-    for name, m in find_mha.find_mha_modules(model):
-        site = find_mha.mha_site(name, m, layer=0)
-        note = f"; while training: attention dropout p={m.dropout} -> dense (or error)" if m.dropout > 0 else ""
-        keyed.append((position[id(m)], 0, _Entry(site=site, machinery="mha", module=m, note=note)))
-    disc = eager.discover(model, example_inputs)
-    for i, ts in enumerate(disc.sites):
-        why = eager.uninstallable(ts.owner)
-        if why and why not in ts.found.problems:
-            ts.found.problems.append(why)
-        keyed.append((position[id(ts.owner)], i + 1, _Entry(
-            site=ts.found.site(0), machinery="traced", module=ts.owner, found=ts.found,
-            problems=list(ts.found.problems))))
-    keyed.sort(key=lambda t: (t[0], t[1]))
-    entries = [e for _, _, e in keyed]
-    for layer, e in enumerate(entries):
-        e.site = dataclasses.replace(e.site, layer=layer)
-    return entries, disc
-
-
-def _entries(model: nn.Module, example_inputs: Any) -> tuple[list[_Entry], str, eager.Discovery | None]:
-    if hf.is_hf_model(model):
-        with _pristine(model):
-            return _hf_entries(model, example_inputs), "hf", None
+def _entries(model: nn.Module, example_inputs: Any) -> discovery.Discovery:
     with _pristine(model):
-        entries, disc = _generic_entries(model, example_inputs)
-    return entries, "symbolic_trace", disc
-
-
-def _trace_warnings(disc: eager.Discovery | None) -> list[str]:
-    """Modules torch.fx could not trace, whose children were traced instead (reported, never silent)."""
-    if disc is None:
-        return []
-    return [f"module {name!r} could not be traced by torch.fx ({why.splitlines()[0][:200]}); its children "
-            "were searched instead: attention written directly in its forward is not rewritten by "
-            "mr.rewrite (mr.export / mr.compile see it)" for name, why in disc.failures.items()]
+        return discovery.entries(model, example_inputs)
 
 
 def find_sites(model: Any, example_inputs: Any = None) -> list[AttentionSite]:
@@ -139,8 +94,7 @@ def find_sites(model: Any, example_inputs: Any = None) -> list[AttentionSite]:
             del gm._moba_constants
     if isinstance(model, torch.fx.GraphModule) and not hasattr(model, "_moba_report"):
         return detect.sites_of(model)
-    entries, _, _ = _entries(model, example_inputs)
-    return [e.site for e in entries]
+    return [e.site for e in _entries(model, example_inputs).entries]
 
 
 def _outcome(e: _Entry, decision: Any) -> Outcome:
@@ -178,10 +132,10 @@ def plan(model: nn.Module, policy: Any, example_inputs: Any = None) -> RewriteRe
     it selects for MoBA cannot be rewritten faithfully (exactly as `rewrite` would).
     """
     policy = load_policy(policy)
-    entries, graph, disc = _entries(model, example_inputs)
-    decisions, warnings = _decide(policy, entries)
-    outcomes = [_outcome(e, d) for e, d in zip(entries, decisions)]
-    return _report(entries, decisions, outcomes, _trace_warnings(disc) + warnings, graph)
+    disc = _entries(model, example_inputs)
+    decisions, warnings = _decide(policy, disc.entries)
+    outcomes = [_outcome(e, d) for e, d in zip(disc.entries, decisions)]
+    return _report(disc.entries, decisions, outcomes, disc.warnings + warnings, disc.graph)
 
 
 def _decide(policy: Any, entries: list[_Entry]) -> tuple[list[Any], list[str]]:
@@ -198,24 +152,40 @@ def rewrite(model: nn.Module, policy: Any, example_inputs: Any = None) -> nn.Mod
     Calling it again replaces the previous rewrite.
     """
     policy = load_policy(policy)
-    entries, graph, disc = _entries(model, example_inputs)
+    disc = _entries(model, example_inputs)
+    entries = disc.entries
     decisions, warnings = _decide(policy, entries)
     outcomes = [_outcome(e, d) for e, d in zip(entries, decisions)]  # raises before any change
     effective = [d if o.mode == "moba" else _dense(d) for d, o in zip(decisions, outcomes)]
-    if graph == "hf":
-        hf.apply(model, [(e.site.name, e.module) for e in entries], effective)
-    else:
-        mha = [(e, d) for e, d in zip(entries, effective) if e.machinery == "mha"]
-        find_mha.install(model, [(e.site.name, e.module) for e, _ in mha], [d for _, d in mha])
-        for m in model.modules():  # undo a previous eager rewrite of traced modules
-            if "_moba_original_forward" in m.__dict__:
-                m.__dict__.pop("forward", None)
-                del m.__dict__["_moba_original_forward"]
-        _install_traced(model, [(e, d) for e, d, o in zip(entries, decisions, outcomes)
-                                if e.machinery == "traced" and _owner_has_moba(e, entries, outcomes)], disc)
-    report = _report(entries, decisions, outcomes, _trace_warnings(disc) + warnings, graph)
+    if disc.graph == "hf":
+        hf_items = [(e, d) for e, d in zip(entries, effective) if e.machinery == "hf"]
+        hf.apply(model, [(e.site.name, e.module) for e, _ in hf_items], [d for _, d in hf_items])
+    mha = [(e, d) for e, d in zip(entries, effective) if e.machinery == "mha"]
+    find_mha.install(model, [(e.site.name, e.module) for e, _ in mha], [d for _, d in mha])
+    for m in model.modules():  # undo a previous eager rewrite of traced or routed modules
+        if "_moba_original_forward" in m.__dict__:
+            m.__dict__.pop("forward", None)
+            del m.__dict__["_moba_original_forward"]
+    _install_traced(model, [(e, d) for e, d, o in zip(entries, decisions, outcomes)
+                            if e.machinery == "traced" and _owner_has_moba(e, entries, outcomes)], disc)
+    _install_routed(entries, effective, outcomes)
+    report = _report(entries, decisions, outcomes, disc.warnings + warnings, disc.graph)
     model._moba_report = report
     return model
+
+
+def _install_routed(entries: list[_Entry], effective: list[Any], outcomes: list[Outcome]) -> None:
+    """A router on every owner of routed SDPA sites (even all-dense ones: they claim their calls)."""
+    owners: dict[int, list[tuple[_Entry, Any, Outcome]]] = {}
+    for e, d, o in zip(entries, effective, outcomes):
+        if e.machinery == "routed":
+            owners.setdefault(id(e.module), []).append((e, d, o))
+    for group in owners.values():
+        sites = [route_sdpa.RoutedSite(
+            name=e.site.name, decision=d if o.mode == "moba" else None, num_heads=e.site.num_heads,
+            head_dim=e.site.head_dim, mask_convert=e.recorded.mask.convert if e.recorded is not None else "none")
+            for e, d, o in group]
+        route_sdpa.install(group[0][0].module, sites)
 
 
 def _owner_has_moba(e: _Entry, entries: list[_Entry], outcomes: list[Outcome]) -> bool:
@@ -223,14 +193,14 @@ def _owner_has_moba(e: _Entry, entries: list[_Entry], outcomes: list[Outcome]) -
     return any(o.mode == "moba" for x, o in zip(entries, outcomes) if x.module is e.module)
 
 
-def _install_traced(model: nn.Module, items: list[tuple[_Entry, Any]], disc: eager.Discovery | None) -> None:
+def _install_traced(model: nn.Module, items: list[tuple[_Entry, Any]], disc: discovery.Discovery) -> None:
     """Trace each owner in eval and train mode, rewrite its own sites, install the result."""
     owners: dict[int, list[tuple[_Entry, Any]]] = {}
     for e, d in items:
         owners.setdefault(id(e.module), []).append((e, d))
     for group in owners.values():
         owner = group[0][0].module
-        pattern = eager._concrete_pattern(owner, disc.calls.get(id(owner)) if disc else None)
+        pattern = eager._concrete_pattern(owner, discovery.tensor_call(disc.calls.get(id(owner))))
         was_training = owner.training
         graphs = {}
         try:
@@ -243,14 +213,14 @@ def _install_traced(model: nn.Module, items: list[tuple[_Entry, Any]], disc: eag
                         f"tracing {group[0][0].site.name!r} again found {len(found)} attention sites, "
                         f"expected {len(group)}")
                 for f, (e, _) in zip(found, group):
-                    # Discovery saw shapes (example inputs) and the model's current mode: its
-                    # findings rule; the other mode adds its own (dropout while training).
+                    # Discovery saw shapes (example inputs) in eval mode: its findings rule; the
+                    # training graph adds its own (dropout while training).
                     known = list(e.found.problems) if e.found is not None else []
-                    f.problems = known if mode == was_training else sorted(set(known) | set(f.problems))
+                    f.problems = sorted(set(known) | set(f.problems)) if mode else known
                     if e.found is not None and e.found.mask.convert != "none":
                         f.mask.convert = e.found.mask.convert
                 decs = [d for _, d in group]
-                if mode != was_training:
+                if mode:
                     decs = [_other_mode_decision(f, d) for f, d in zip(found, decs)]
                 rewrite_graph(gm, found, decs, emitter="runtime", training=mode)
                 graphs[mode] = gm
@@ -260,8 +230,8 @@ def _install_traced(model: nn.Module, items: list[tuple[_Entry, Any]], disc: eag
 
 
 def _other_mode_decision(f: FoundSite, d: Any) -> Any:
-    """In the mode the model is not in now, an `error` policy must not fire at rewrite time:
-    sites whose only problem is dropout while training get the run-time check instead."""
+    """In the training graph an `error` policy must not fire at rewrite time: sites whose only
+    problem is dropout while training get the run-time check instead."""
     if d.mode == "moba" and f.problems and d.on_unsupported == "error":
         if all("dropout" in p for p in f.problems):
             f.problems = []  # site_attention raises at call time (dropout_p > 0 and training)
@@ -323,20 +293,54 @@ def _export_constants(ep: torch.export.ExportedProgram) -> dict[str, torch.Tenso
     return table
 
 
+_NO_CACHE_CLASSES: dict[type, type] = {}
+
+
+def _without_cache(model: nn.Module) -> nn.Module:
+    """The same HF model (shared parameters, same module names and forward signature) whose
+    forward defaults to `use_cache=False`: a prefill program returns no cache object (one
+    torch.export cannot output) unless the caller passes `use_cache=True` itself."""
+    cls = type(model)
+    view_cls = _NO_CACHE_CLASSES.get(cls)
+    if view_cls is None:
+        original = cls.forward
+
+        def forward(self, *args, **kwargs):
+            kwargs.setdefault("use_cache", False)
+            return original(self, *args, **kwargs)
+
+        forward.__signature__ = inspect.signature(original)  # dynamic_shapes keyed by argument names still work
+        view_cls = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+        _NO_CACHE_CLASSES[cls] = view_cls
+    view = copy.copy(model)
+    view.__class__ = view_cls
+    return view
+
+
 def export_with_report(model: nn.Module, args: Any, policy: Any, kwargs: dict | None = None,
                        dynamic_shapes: Any = None, *, strict: bool = False
                        ) -> tuple[torch.export.ExportedProgram, RewriteReport]:
-    """`torch.export` the model (non-strict by default: robust for HF code), then rewrite the graph."""
+    """`torch.export` the model (non-strict by default: robust for HF code), then rewrite the graph.
+
+    Hugging Face models export their prefill: `use_cache` defaults to False, so the program
+    returns the model's output (`logits` for a causal LM, in the model's `ModelOutput`
+    structure) without a cache object; pass `use_cache=True` in `kwargs` to ask for one.
+    """
     policy = load_policy(policy)
     args = tuple(args) if isinstance(args, (tuple, list)) else (() if args is None else (args,))
     with _pristine(model):
-        ep = torch.export.export(model, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+        module = _without_cache(model) if hf.is_hf_model(model) else model
+        ep = torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     return rewrite_exported(ep, policy)
 
 
 def export(model: nn.Module, args: Any, policy: Any, kwargs: dict | None = None, dynamic_shapes: Any = None,
            *, strict: bool = False) -> torch.export.ExportedProgram:
-    """An ExportedProgram whose MoBA sites are `moba.attention` nodes (report: `export_with_report`)."""
+    """An ExportedProgram whose MoBA sites are `moba.attention` nodes (report: `export_with_report`).
+
+    `ep.module()(*args, **kwargs)` returns what the model returns; for a Hugging Face causal LM
+    called as `mr.export(model, (input_ids,), policy)` that is its output with `logits` and no
+    KV cache (`use_cache` defaults to False; pass it in `kwargs` to change that)."""
     return export_with_report(model, args, policy, kwargs, dynamic_shapes, strict=strict)[0]
 
 
@@ -344,18 +348,20 @@ def export(model: nn.Module, args: Any, policy: Any, kwargs: dict | None = None,
 # compile
 
 
-def compile(model: nn.Module, policy: Any, **torch_compile_kwargs: Any):  # noqa: A001 (public name)
+def compile(model: nn.Module, policy: Any, *, example_inputs: Any = None,  # noqa: A001 (public name)
+            **torch_compile_kwargs: Any):
     """`torch.compile(model)` with the MoBA rewrite pass run on every Dynamo graph.
 
-    Layers are numbered over the whole model (found once by eager discovery), so rules like
-    `layers: "-3:"` mean the same as in `rewrite`, even when the model has graph breaks.
-    Pass an un-rewritten model. The report is `compiled.moba_report`.
+    Layers are numbered over the whole model (found once by eager discovery, which runs the
+    model on `example_inputs` when given), so rules like `layers: "-3:"` mean the same as in
+    `rewrite`, even when the model has graph breaks. Pass an un-rewritten model. The report
+    is `compiled.moba_report`.
     """
     from moba_rewrite.dynamo_backend import MobaBackend
 
     policy = load_policy(policy)
     try:
-        sites = find_sites(model)
+        sites = find_sites(model, example_inputs)
     except Exception as exc:  # discovery is an aid for numbering only
         sites = None
         note = f"eager discovery failed ({type(exc).__name__}: {exc}); layers numbered per graph"

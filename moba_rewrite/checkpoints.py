@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import zipfile
@@ -37,13 +38,17 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from moba_rewrite.checkpoint_weights import (compare_state, estimated_parameters, loading_problem, size_problem,
+                                             values_in)
 from moba_rewrite.exit_codes import (
     EXIT_ARCHITECTURE,
     EXIT_CHECKPOINT,
+    EXIT_EXPORT,
     EXIT_OUTPUT_EXISTS,
     EXIT_OUTPUT_UNWRITABLE,
     EXIT_PICKLE,
 )
+from moba_rewrite.third_party import held_back
 
 POLICY_FILE = "moba_policy.json"
 META_FILE = "moba_rewrite.json"
@@ -93,6 +98,12 @@ class OutputExists(CheckpointError):
     """The output path exists and `force` was not given."""
 
     exit_code = EXIT_OUTPUT_EXISTS
+
+
+class SaveFailed(CheckpointError):
+    """The model could not be saved for a reason other than the output's file system."""
+
+    exit_code = EXIT_EXPORT
 
 
 class OutputNotWritable(CheckpointError):
@@ -211,14 +222,15 @@ def _first_line(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- weights
 
-def _check_safetensors(path: Path) -> None:
-    from safetensors import safe_open
-
+def _weight_values(path: Path) -> tuple[int, int]:
+    """(values, bytes) a weights file holds, from its header; a corrupt file is a CorruptCheckpoint."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
+        with held_back():
+            return values_in(path)
     except Exception as exc:
-        raise CorruptCheckpoint(path, f"expected a readable safetensors file ({_first_line(exc)})") from exc
+        what = "a readable safetensors file" if path.suffix == ".safetensors" else \
+            "a tensors-only torch file (weights_only=True)"
+        raise CorruptCheckpoint(path, f"expected {what} ({_first_line(exc)})") from exc
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -226,10 +238,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        _check_safetensors(path)
-        return load_file(str(path))
+        _weight_values(path)
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise CorruptCheckpoint(path, f"expected a readable safetensors file ({_first_line(exc)})") from exc
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with held_back():
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise CheckpointNotFound(path, "no such file") from exc
     except Exception as exc:
@@ -242,7 +258,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _hf_weight_files(directory: Path) -> list[Path]:
-    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    """The weight files of a model directory: regular files (or links to them) only."""
+    files = (sorted(f for f in directory.glob("*.safetensors") if f.is_file())
+             or sorted(f for f in directory.glob("pytorch_model*.bin") if f.is_file()))
     if not files:
         raise CorruptCheckpoint(directory, "expected weights beside config.json (model.safetensors or "
                                            "pytorch_model.bin)")
@@ -261,6 +279,7 @@ class Checkpoint:
     config: Any = None  # transformers config for HF models
     policy: dict | None = None  # the stored policy of a `moba-hf` directory
     meta: dict = field(default_factory=dict)
+    random_init: str | None = None  # weights initialised randomly (allow_random_init): which, in words
 
     @property
     def is_hf(self) -> bool:
@@ -281,28 +300,55 @@ def _torch_dtype(dtype: str | torch.dtype | None):
     return value
 
 
-def _load_hf_dir(directory: Path, *, trust_remote_code: bool, dtype, attn_implementation: str | None):
+def _model_builder(cls, trust_remote_code: bool):
+    """`build(config) -> model` with fresh (random) weights, for the class `_model_class` chose."""
+    if cls.__name__.startswith("Auto"):
+        return lambda config: cls.from_config(config, trust_remote_code=trust_remote_code)
+    return cls
+
+
+def _check_size(config_path: Path, config, build, values: int, nbytes: int, *, allow_random_init: bool,
+                dtype) -> None:
+    """Fail at once when the config asks for far more than the weights hold or the machine has."""
+    with held_back():
+        estimate = estimated_parameters(build, config)
+    problem = size_problem(estimate, values, nbytes, config, allow_random_init=allow_random_init, dtype=dtype)
+    if problem:
+        text, random_init_helps = problem
+        raise CorruptCheckpoint(config_path, text + (_RANDOM_INIT_HINT if random_init_helps else ""))
+
+
+_RANDOM_INIT_HINT = "; --allow-random-init (allow_random_init=True) would initialise such weights randomly"
+
+
+def _load_hf_dir(directory: Path, *, trust_remote_code: bool, dtype, attn_implementation: str | None,
+                 allow_random_init: bool = False):
     config = build_config(directory / "config.json", trust_remote_code=trust_remote_code)
-    for f in _hf_weight_files(directory):
-        if f.suffix == ".safetensors":
-            _check_safetensors(f)
+    sizes = [_weight_values(f) for f in _hf_weight_files(directory)]
     cls = _model_class(config, trust_remote_code)
-    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    _check_size(directory / "config.json", config, _model_builder(cls, trust_remote_code),
+                sum(v for v, _ in sizes), sum(b for _, b in sizes), allow_random_init=allow_random_init,
+                dtype=dtype)
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code,
+                              "output_loading_info": True, "ignore_mismatched_sizes": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    try:
-        model = cls.from_pretrained(str(directory), config=config, **kwargs)
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CorruptCheckpoint(directory, f"expected weights matching config.json ({_first_line(exc)})") from exc
-    return model.eval(), config
+    with held_back():  # transformers' LOAD REPORT: replayed if the load is accepted, else a note for --debug
+        try:
+            model, info = cls.from_pretrained(str(directory), config=config, **kwargs)
+        except Exception as exc:
+            raise CorruptCheckpoint(directory, f"expected weights matching config.json ({_first_line(exc)})") from exc
+        problem = loading_problem(info.get("missing_keys", ()), info.get("unexpected_keys", ()),
+                                  info.get("mismatched_keys", ()))
+        if problem and not allow_random_init:
+            raise CorruptCheckpoint(directory, f"expected weights matching config.json: {problem}{_RANDOM_INIT_HINT}")
+    return model.eval(), config, problem
 
 
 def _load_from_state_dict(weights: Path, config_path: Path | None, *, trust_remote_code: bool, dtype,
-                          attn_implementation: str | None):
+                          attn_implementation: str | None, allow_random_init: bool = False):
     if config_path is None:
         config_path = weights.parent / "config.json"
         if not config_path.is_file():
@@ -312,31 +358,37 @@ def _load_from_state_dict(weights: Path, config_path: Path | None, *, trust_remo
         config._attn_implementation = attn_implementation
     state = read_state_dict(weights)
     cls = _model_class(config, trust_remote_code)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code} if cls.__name__.startswith("Auto") else {}
+    build = _model_builder(cls, trust_remote_code)
+    _check_size(config_path, config, build, sum(t.numel() for t in state.values()),
+                sum(t.numel() * t.element_size() for t in state.values()), allow_random_init=allow_random_init,
+                dtype=dtype)
     try:
-        model = cls.from_config(config, **kwargs) if hasattr(cls, "from_config") else cls(config)
-        if isinstance(dtype, torch.dtype):
-            model = model.to(dtype)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or [])
-        if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-            tied = set(model._tied_weights_keys)
-        missing = [m for m in missing if m not in tied]
+        with held_back():
+            model = build(config)
+            if isinstance(dtype, torch.dtype):
+                model = model.to(dtype)
+            missing, unexpected, mismatched = compare_state(model, state)
+            problem = loading_problem(missing, unexpected, mismatched)
+            if problem and not allow_random_init:
+                raise CorruptCheckpoint(weights, f"expected weights matching {config_path}: {problem}"
+                                                 f"{_RANDOM_INIT_HINT}")
+            skip = {k for k, _, _ in mismatched} | set(unexpected)
+            model.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
+            if hasattr(model, "tie_weights"):
+                model.tie_weights()
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CorruptCheckpoint(weights, f"expected weights matching {config_path} ({_first_line(exc)})") from exc
-    if missing or unexpected:
-        what = ", ".join([f"missing {m}" for m in missing[:3]] + [f"unexpected {u}" for u in unexpected[:3]])
-        raise CorruptCheckpoint(weights, f"expected weights matching {config_path.name} ({what})")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return model.eval(), config
+    return model.eval(), config, problem
 
 
 def _load_torch_file(path: Path, config_path: Path | None, *, trust_pickle: bool, trust_remote_code: bool,
-                     dtype, attn_implementation: str | None):
+                     dtype, attn_implementation: str | None, allow_random_init: bool = False):
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as safe_exc:
+        with held_back():  # torch warns about pickle protocols before refusing
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as safe_exc:  # objects the safe unpickler refuses to build
         if not trust_pickle:
             raise PickleRefused(
                 path, "expected a tensors-only file; this one is a pickled Python object, and unpickling "
@@ -349,18 +401,28 @@ def _load_torch_file(path: Path, config_path: Path | None, *, trust_pickle: bool
             raise CorruptCheckpoint(path, f"expected a torch.save file ({_first_line(exc)})") from exc
         if not isinstance(obj, nn.Module):
             raise CorruptCheckpoint(path, f"expected a pickled nn.Module, got {type(obj).__name__}")
-        return obj.eval(), getattr(obj, "config", None), True
-    model, config = _load_from_state_dict(path, config_path, trust_remote_code=trust_remote_code, dtype=dtype,
-                                          attn_implementation=attn_implementation)
-    return model, config, False
+        return obj.eval(), getattr(obj, "config", None), None, True
+    except Exception as exc:  # not a refusal: a broken zip, a record shorter than its tensor, ...
+        raise CorruptCheckpoint(path, f"expected a torch.save file ({_first_line(exc)})") from exc
+    del obj
+    model, config, problem = _load_from_state_dict(path, config_path, trust_remote_code=trust_remote_code,
+                                                   dtype=dtype, attn_implementation=attn_implementation,
+                                                   allow_random_init=allow_random_init)
+    return model, config, problem, False
 
 
 def read_checkpoint(path: str | os.PathLike, *, config: str | os.PathLike | None = None,
                     trust_pickle: bool = False, trust_remote_code: bool = False,
-                    dtype: str | torch.dtype | None = None,
-                    attn_implementation: str | None = None) -> Checkpoint:
+                    dtype: str | torch.dtype | None = None, attn_implementation: str | None = None,
+                    allow_random_init: bool = False) -> Checkpoint:
     """Read any supported input without rewriting it (a `moba-hf` directory comes back dense,
-    with its stored policy in `.policy`)."""
+    with its stored policy in `.policy`).
+
+    Weights are loaded strictly: a weight the config needs but the checkpoint lacks, one the
+    checkpoint holds but the config does not know, or one of another shape is a
+    `CorruptCheckpoint` naming a few of them. `allow_random_init=True` initialises those
+    weights randomly instead (and ignores unexpected ones); `.random_init` then says which.
+    """
     p = Path(path)
     kind = detect_kind(p)
     config_path = Path(config) if config is not None else None
@@ -368,28 +430,32 @@ def read_checkpoint(path: str | os.PathLike, *, config: str | os.PathLike | None
         raise CheckpointNotFound(config_path, "expected a config.json file")
     tdtype = _torch_dtype(dtype)
     if kind in ("hf", "moba-hf"):
-        model, cfg = _load_hf_dir(p, trust_remote_code=trust_remote_code, dtype=tdtype,
-                                  attn_implementation=attn_implementation)
-        ck = Checkpoint(kind, p, model, cfg)
+        model, cfg, problem = _load_hf_dir(p, trust_remote_code=trust_remote_code, dtype=tdtype,
+                                           attn_implementation=attn_implementation,
+                                           allow_random_init=allow_random_init)
+        ck = Checkpoint(kind, p, model, cfg, random_init=problem)
         if kind == "moba-hf":
             ck.policy = _read_json(p / POLICY_FILE, "expected the policy written by moba-rewrite (JSON)")
             meta = p / META_FILE
             ck.meta = _read_json(meta, "expected moba-rewrite metadata (JSON)") if meta.is_file() else {}
         return ck
     if kind == "safetensors":
-        model, cfg = _load_from_state_dict(p, config_path, trust_remote_code=trust_remote_code, dtype=tdtype,
-                                           attn_implementation=attn_implementation)
-        return Checkpoint(kind, p, model, cfg)
+        model, cfg, problem = _load_from_state_dict(p, config_path, trust_remote_code=trust_remote_code,
+                                                    dtype=tdtype, attn_implementation=attn_implementation,
+                                                    allow_random_init=allow_random_init)
+        return Checkpoint(kind, p, model, cfg, random_init=problem)
     if kind == "torch-file":
-        model, cfg, pickled = _load_torch_file(p, config_path, trust_pickle=trust_pickle,
-                                               trust_remote_code=trust_remote_code, dtype=tdtype,
-                                               attn_implementation=attn_implementation)
-        return Checkpoint("pickle" if pickled else "state-dict", p, model, cfg)
+        model, cfg, problem, pickled = _load_torch_file(p, config_path, trust_pickle=trust_pickle,
+                                                        trust_remote_code=trust_remote_code, dtype=tdtype,
+                                                        attn_implementation=attn_implementation,
+                                                        allow_random_init=allow_random_init)
+        return Checkpoint("pickle" if pickled else "state-dict", p, model, cfg, random_init=problem)
     if kind == "pt2":
         import moba_rewrite.attention.op  # noqa: F401  (programs may hold moba nodes)
 
         try:
-            ep = torch.export.load(str(p))
+            with held_back():
+                ep = torch.export.load(str(p))
         except Exception as exc:
             raise CorruptCheckpoint(p, f"expected a torch.export program ({_first_line(exc)})") from exc
         return Checkpoint(kind, p, ep)
@@ -397,7 +463,8 @@ def read_checkpoint(path: str | os.PathLike, *, config: str | os.PathLike | None
         import moba_rewrite.attention.op  # noqa: F401  (the package calls moba::attention)
 
         try:
-            runner = torch._inductor.aoti_load_package(str(p))
+            with held_back():
+                runner = torch._inductor.aoti_load_package(str(p))
         except Exception as exc:
             raise CorruptCheckpoint(p, f"expected an AOTInductor package for this machine ({_first_line(exc)})") from exc
         return Checkpoint(kind, p, runner)
@@ -417,7 +484,7 @@ def _read_json(path: Path, expected: str) -> dict:
 
 
 def load(path: str | os.PathLike, *, trust_pickle: bool = False, trust_remote_code: bool = False,
-         dtype: str | torch.dtype | None = None) -> Any:
+         dtype: str | torch.dtype | None = None, allow_random_init: bool = False) -> Any:
     """Load a model written by `moba-rewrite rewrite` (or any supported input), ready to run.
 
     - a directory written with `--format hf` becomes the Hugging Face model with its attention
@@ -426,8 +493,11 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, trust_remote_co
     - an AOTInductor package becomes its callable runner;
     - a plain Hugging Face directory, safetensors file + config, or (with `trust_pickle=True`)
       pickled module is returned as it is, unrewritten.
+
+    Weights must match the config (see `read_checkpoint`; `allow_random_init` relaxes that).
     """
-    ck = read_checkpoint(path, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code, dtype=dtype)
+    ck = read_checkpoint(path, trust_pickle=trust_pickle, trust_remote_code=trust_remote_code, dtype=dtype,
+                         allow_random_init=allow_random_init)
     if ck.kind == "moba-hf":
         return apply_stored_policy(ck)
     return ck.model
@@ -518,30 +588,81 @@ def atomic_output(target: str | os.PathLike, *, directory: bool, force: bool = F
 
 def write_hf_checkpoint(out_dir: Path, ck: Checkpoint, policy_dict: dict, meta: dict) -> None:
     """Fill `out_dir` with a `moba-hf` checkpoint: the input's files copied byte for byte (or
-    the dense model saved with `save_pretrained`), plus the policy and metadata beside them.
-
+    the dense model saved with `save_pretrained`, always when weights were initialised
+    randomly, so the artifact holds the model that was rewritten), plus the policy and
+    metadata beside them. A failed read names the input file; a failed write raises OSError
+    (the caller names the output).
     """
-    if ck.kind in ("hf", "moba-hf"):
-        for item in ck.path.iterdir():
-            if item.name in (POLICY_FILE, META_FILE) or item.name.startswith("."):
-                continue
-            if item.is_dir():
-                shutil.copytree(item, out_dir / item.name)
-            else:
-                shutil.copy2(item, out_dir / item.name)
+    if ck.kind in ("hf", "moba-hf") and ck.random_init is None:
+        copy_checkpoint_files(ck.path, out_dir)
     elif ck.is_hf and hasattr(ck.model, "save_pretrained"):
-        # The model may already be rewritten in memory: save it with its original attention
-        # implementation (state_dict keys are unchanged by rewriting).
-        config = ck.model.config
-        impl = getattr(config, "_attn_implementation", None)
-        if isinstance(impl, str) and impl.startswith("moba_"):
-            config._attn_implementation = impl[len("moba_"):]
-        try:
-            ck.model.save_pretrained(str(out_dir))
-        finally:
-            config._attn_implementation = impl
+        _save_pretrained(ck.model, out_dir)
     else:
         raise CheckpointError(ck.path, "expected a Hugging Face model for --format hf; use --format pt2, aoti "
                                        "or onnx for other models")
     (out_dir / POLICY_FILE).write_text(json.dumps(policy_dict, indent=2, sort_keys=True) + "\n")
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _save_pretrained(model: nn.Module, out_dir: Path) -> None:
+    """`save_pretrained` with the model's original attention implementation (rewriting keeps the
+    state_dict keys); a write failure deep in safetensors comes back as an OSError."""
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None)
+    if isinstance(impl, str) and impl.startswith("moba_"):
+        config._attn_implementation = impl[len("moba_"):]
+    try:
+        with held_back():
+            model.save_pretrained(str(out_dir))
+    except OSError:
+        raise
+    except Exception as exc:
+        if "error" in str(exc).lower() and ("io" in str(exc).lower() or "os " in str(exc).lower()):
+            raise OSError(_first_line(exc)) from exc  # safetensors' IoError(Os { code: 28, ... })
+        raise SaveFailed(out_dir, f"expected the model to save with save_pretrained ({_first_line(exc)})") from exc
+    finally:
+        config._attn_implementation = impl
+
+
+_COPY_CHUNK = 8 << 20
+
+
+def copy_checkpoint_files(src_dir: Path, out_dir: Path) -> None:
+    """Copy the files a checkpoint directory consists of into `out_dir`, byte for byte.
+
+    Regular files (a link to one is copied as the file it names: the Hugging Face cache
+    links to blobs) in `src_dir` and its real subdirectories. Links to directories (a training
+    script's `latest -> .` would recurse forever), hidden entries, special files and dangling
+    links are not copied; `moba_policy.json` / `moba_rewrite.json` are written fresh.
+    """
+    for root, dirs, files in os.walk(src_dir, followlinks=False):
+        here = Path(root)
+        rel = here.relative_to(src_dir)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (here / d).is_symlink())
+        (out_dir / rel).mkdir(exist_ok=True)
+        for name in sorted(files):
+            if name.startswith(".") or (rel == Path(".") and name in (POLICY_FILE, META_FILE)):
+                continue
+            if (here / name).is_file():
+                _copy_file(here / name, out_dir / rel / name)
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy one file; a read failure is the input's (CorruptCheckpoint), a write failure an OSError."""
+    def unreadable(exc: OSError) -> CorruptCheckpoint:
+        return CorruptCheckpoint(src, f"expected a readable file ({exc.strerror or exc})")
+
+    try:
+        fin = open(src, "rb")
+    except OSError as exc:
+        raise unreadable(exc) from exc
+    with fin, open(dst, "xb") as fout:
+        while True:
+            try:
+                chunk = fin.read(_COPY_CHUNK)
+            except OSError as exc:
+                raise unreadable(exc) from exc
+            if not chunk:
+                break
+            fout.write(chunk)
+    shutil.copystat(src, dst)

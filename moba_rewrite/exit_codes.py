@@ -13,4 +13,7 @@ EXIT_VALUE = 8  # an option's value does not fit the model or policy (e.g. --seq
 EXIT_PICKLE = 9  # pickled module refused without --trust-pickle
 EXIT_VERIFY = 10  # the written artifact does not reproduce the rewritten model
 EXIT_EXPORT = 11  # export / compile of the rewritten model failed
+EXIT_MISSING_PACKAGE = 12  # an optional package the command needs is not installed
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): stopped, nothing written
+EXIT_TERMINATED = 143  # SIGTERM: stopped, nothing written
 

@@ -35,10 +35,14 @@ class ReportRow:
     reason: str
     requested: str = ""  # what the policy asked for ("moba" | "dense")
     matched_rules: list[str] = field(default_factory=list)
+    dense_below: int | None = None  # MoBA sites: full attention for calls with fewer keys (policy)
 
     @classmethod
     def build(cls, site: AttentionSite, decision: Any, applied: str, reason: str) -> "ReportRow":
         moba = applied == "moba"
+        dense_below = getattr(decision, "dense_below", None) if moba else None
+        if dense_below:
+            reason += f"; full attention when Tk < {dense_below} (dense_below: a change of semantics)"
         return cls(
             name=site.name, module_class=site.module_class, layer=site.layer, kind=site.kind,
             num_heads=site.num_heads, num_kv_heads=site.num_kv_heads, head_dim=site.head_dim,
@@ -49,6 +53,7 @@ class ReportRow:
             decode=str(getattr(decision, "decode", "moba")) if moba else None,
             reason=reason, requested=str(decision.mode),
             matched_rules=[str(r) for r in (getattr(decision, "matched_rules", None) or [])],
+            dense_below=int(dense_below) if dense_below else None,
         )
 
 
@@ -102,8 +107,12 @@ class RewriteReport:
                    graph=data.get("graph", ""))
 
     def __str__(self) -> str:
-        header = [title for _, title in _COLUMNS]
-        body = [["-" if getattr(r, k) is None else str(getattr(r, k)) for k, _ in _COLUMNS] for r in self.rows]
+        columns = _COLUMNS
+        if any(r.dense_below for r in self.rows):  # shown only when a policy uses it
+            at = [k for k, _ in columns].index("decode") + 1
+            columns = (*columns[:at], ("dense_below", "dense_below"), *columns[at:])
+        header = [title for _, title in columns]
+        body = [["-" if getattr(r, k) is None else str(getattr(r, k)) for k, _ in columns] for r in self.rows]
         widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
         lines.append("  ".join("-" * w for w in widths))

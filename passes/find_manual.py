@@ -21,6 +21,7 @@ used elsewhere (returned as attention weights) is reported but cannot be replace
 
 from __future__ import annotations
 
+import operator
 import re
 from typing import Any
 
@@ -137,6 +138,7 @@ class _Match:
         self.scale_nodes: list[Any] = []  # non-constant scale factors (runtime only)
         self.problems: list[str] = []
         self.dropout_p: Any = 0.0
+        self.mask_ranks: list[int | None] = []  # rank of the scores where each mask was applied
 
 
 _SCALAR_OPS = {"add", "sub", "mul", "truediv", "floordiv", "pow", "neg", "getitem"}
@@ -174,11 +176,15 @@ def _walk_scores(x: Any, m: _Match, root) -> fx.Node | None:
             m.covered.append(x)
             x = x.args[0]
             continue
+        if _score_view(x):  # 3-D <-> 4-D view of the scores (BLOOM: baddbmm, then .view(B, H, T, S))
+            m.covered.append(x)
+            x = x.args[0]
+            continue
         if k in ("matmul", "einsum", "baddbmm"):
             return x
         if k in ("mul", "div") and len(x.args) >= 2:
             a, b = x.args[:2]
-            ca, cb = _const(a), _const(b)
+            ca, cb = _scalar(a, root), _scalar(b, root)
             if cb is not None and isinstance(a, fx.Node):
                 m.scale *= (1.0 / cb) if k == "div" else cb
                 m.covered.append(x)
@@ -210,27 +216,112 @@ def _walk_scores(x: Any, m: _Match, root) -> fx.Node | None:
             if not _leads_to_scores(scores):
                 return None
             m.masks.append(masks.analyze(mask, root=root))
+            m.mask_ranks.append(_rank(x))
             m.covered.append(x)
             x = scores
             continue
         if k == "masked_fill" and len(x.args) >= 3:
             base, cond, fill = x.args[:3]
-            if not masks._is_huge_negative(fill) or len(m.masks) >= _MAX_MASKS:
+            if not _huge_negative(fill, root) or len(m.masks) >= _MAX_MASKS:
                 return None
             m.masks.append(_cond_mask(cond, invert=True, root=root))
+            m.mask_ranks.append(_rank(x))
             m.covered.append(x)
             x = base
             continue
         if k == "where" and len(x.args) == 3:
             cond, a, b = x.args
-            if not masks._is_huge_negative(b) or len(m.masks) >= _MAX_MASKS:
+            if not _huge_negative(b, root) or len(m.masks) >= _MAX_MASKS:
                 return None
             m.masks.append(_cond_mask(cond, invert=False, root=root))
+            m.mask_ranks.append(_rank(x))
             m.covered.append(x)
             x = a
             continue
         return None
     return None
+
+
+_CONST_TARGETS = ("tensor", "scalar_tensor", "full", "as_tensor")
+_PURE_SCALAR_OPS = {"sqrt", "rsqrt", "reciprocal", "pow", "mul", "div", "true_divide", "add", "sub", "neg", "exp",
+                    "log", "detach", "detach_", "clone", "lift_fresh_copy", "lift_fresh", "_to_copy", "to", "float",
+                    "double", "half", "bfloat16", "type_as", "alias", "view", "reshape", "squeeze", "unsqueeze"}
+
+
+def _scalar(x: Any, root: Any = None, depth: int = 0) -> float | None:
+    """`x` as a Python number when it is one or a one-element tensor computed only from
+    constants (`torch.sqrt(torch.tensor(d))`, a lifted `torch.tensor(finfo.min)` in an export
+    graph): evaluated here, once, from those constants."""
+    c = _const(x)
+    if c is not None or not isinstance(x, fx.Node) or depth > 8:
+        return c
+    if x.op in ("get_attr", "placeholder"):
+        const = masks.constant_of(x, root)
+        try:
+            return float(const) if const is not None and const.numel() == 1 else None
+        except Exception:  # fake / meta constants have no value
+            return None
+    if x.op not in ("call_function", "call_method"):
+        return None
+    name = x.target if x.op == "call_method" else getattr(x.target, "__name__", str(x.target))
+    base = str(name).split(".")[0]
+    if base in _CONST_TARGETS and x.args and x.op == "call_function":
+        value = x.args[1] if base == "full" and len(x.args) > 1 else x.args[0]
+        return _const(value)
+    if base not in _PURE_SCALAR_OPS:
+        return None
+    args = []
+    for a in x.args:
+        if isinstance(a, fx.Node):
+            v = _scalar(a, root, depth + 1)
+            if v is None:
+                return None
+            args.append(torch.tensor(v, dtype=torch.float64))
+        else:
+            args.append(a)
+    try:
+        fn = getattr(torch.Tensor, x.target) if x.op == "call_method" else x.target
+        out = fn(*args, **{k: v for k, v in x.kwargs.items() if not isinstance(v, fx.Node)})
+        return float(out) if isinstance(out, torch.Tensor) and out.numel() == 1 else _const(out)
+    except Exception:  # an op that does not take these arguments: not a constant we can read
+        return None
+
+
+def _huge_negative(x: Any, root: Any, depth: int = 0) -> bool:
+    """-inf or a huge negative number, also as a one-element tensor constant: a lifted
+    `torch.tensor(finfo.min)` in an export graph, a `torch.tensor(...)` call in a Dynamo graph."""
+    if masks._is_huge_negative(x):
+        return True
+    if not isinstance(x, fx.Node) or depth > 6:
+        return False
+    return masks._is_huge_negative(_scalar(x, root))
+
+
+def _broadcast_only(mask: Any) -> bool:
+    """A mask of shape [..., Tq, Tk] whose leading dims are all 1: it means the same for every
+    batch row and head, whatever the scores' rank."""
+    s = fxutil.shape(mask)
+    return s is not None and all(fxutil.static_int(d) == 1 for d in s[:-2])
+
+
+def _rank(x: Any) -> int | None:
+    s = fxutil.shape(x)
+    return len(s) if s is not None else None
+
+
+def _score_view(x: Any) -> bool:
+    """A view / reshape that keeps the last two dims (queries, keys) and regroups the others:
+    `[B*H, Tq, Tk] <-> [B, H, Tq, Tk]`. Needs recorded shapes (never a slice: `getitem` is not one)."""
+    if not isinstance(x, fx.Node) or fxutil.kind(x) != "view" or x.target is operator.getitem or not x.args:
+        return False
+    name = str(x.target) if x.op == "call_method" else getattr(x.target, "__name__", str(x.target))
+    if not any(w in name for w in ("view", "reshape", "unflatten", "flatten")):
+        return False
+    a, b = fxutil.shape(x.args[0]), fxutil.shape(x)
+    if a is None or b is None or len(a) < 2 or len(b) < 2 or len(a) not in (3, 4) or len(b) not in (3, 4):
+        return False
+    same = [fxutil.same_size(p, q) for p, q in zip(a[-2:], b[-2:])]
+    return all(same)
 
 
 def _leads_to_scores(x: Any, depth: int = 0) -> bool:
@@ -239,7 +330,7 @@ def _leads_to_scores(x: Any, depth: int = 0) -> bool:
     k = fxutil.kind(x)
     if k in ("matmul", "einsum", "baddbmm"):
         return True
-    if k in ("cast", "mul", "div", "add", "masked_fill", "where", "view"):
+    if k in ("cast", "mul", "div", "add", "masked_fill", "where", "view") or _score_view(x):
         first = x.args[1] if k == "where" and len(x.args) > 1 else (x.args[0] if x.args else None)
         if k == "add":
             return any(_leads_to_scores(a, depth + 1) for a in x.args[:2])
@@ -287,7 +378,7 @@ def _match(sm: fx.Node, root) -> FoundSite | None:
     x = sm
     out = None
     v = None
-    for _ in range(6):
+    for _ in range(8):
         users = fxutil.real_users(x)
         if len(users) != 1:
             if x is not sm or len(users) != 1:
@@ -298,7 +389,7 @@ def _match(sm: fx.Node, root) -> FoundSite | None:
                 return None
         u = users[0]
         k = fxutil.kind(u)
-        if k == "cast" or (k == "view" and u.op != "call_function" and u.target == "contiguous"):
+        if k == "cast" or (k == "view" and u.op != "call_function" and u.target == "contiguous") or _score_view(u):
             m.covered.append(u)
             x = u
             continue
@@ -328,10 +419,22 @@ def _match(sm: fx.Node, root) -> FoundSite | None:
     if sk == "matmul":
         q, kt = scores.args[0], scores.args[1]
     elif sk == "baddbmm":
-        baddbmm_mask, q, kt = scores.args[0], scores.args[1], scores.args[2]
-        if fxutil.arg(scores, 3, "beta", 1) != 1 or fxutil.arg(scores, 4, "alpha", 1) != 1:
+        # baddbmm(bias, q, k^T, beta=, alpha=) = beta * bias + alpha * q @ k^T (BLOOM: ALiBi as the bias)
+        baddbmm_mask, q, kt = scores.args[0], fxutil.arg(scores, 1, "batch1"), fxutil.arg(scores, 2, "batch2")
+        beta, alpha = fxutil.arg(scores, 3, "beta", 1), fxutil.arg(scores, 4, "alpha", 1)
+        if _const(alpha) is None or _const(beta) is None:
             return None
-        m.masks.append(masks.analyze(baddbmm_mask, root=root))
+        m.scale *= _const(alpha)
+        if _const(beta) != 0:
+            info = masks.analyze(baddbmm_mask, root=root)
+            if info.usable and info.convert == "float_to_bool" and _const(beta) < 0:
+                info = masks.MaskInfo(node=baddbmm_mask, kind="unknown", usable=False,
+                                      reason=f"baddbmm adds its input times beta={beta}")
+            if not info.usable and "dtype" not in info.reason:
+                info.reason = ("additive bias on the scores (the input of baddbmm, e.g. ALiBi) that may hold "
+                               "values other than 0 / -inf; MoBA's gate could not honour it")
+            m.masks.append(info)
+            m.mask_ranks.append(_rank(scores))
     else:
         parts = _einsum_parts(scores)
         if not parts or _einsum_kind(parts[0]) != "scores" or len(parts[1]) != 2:
@@ -358,7 +461,7 @@ def _match(sm: fx.Node, root) -> FoundSite | None:
     if not isinstance(k, fx.Node):
         return None
     k = _scaled_operand(k, m)
-    name, cls = fxutil.owner(sm)
+    name, cls = fxutil.common_owner([scores, sm, out])
     mask = m.masks[0] if m.masks else masks.MaskInfo(node=None)
     f = FoundSite(kind="manual", out=out, q=q, k=k, v=v, mask=mask, name=name, module_class=cls,
                   scale=m.scale, scale_on_q=False, dropout_p=m.dropout_p, k_transposed=k_transposed,
@@ -375,6 +478,12 @@ def _match(sm: fx.Node, root) -> FoundSite | None:
         f.mask.kind = masks._label(causal, padding) if all(mi.usable for mi in m.masks) else "unknown"
     if m.scale <= 0:
         f.problems.append(f"non-positive attention scale {m.scale}")
+    score_rank = _rank(scores)
+    for mi, r in zip(m.masks, m.mask_ranks):
+        if r is not None and score_rank is not None and r != score_rank and not _broadcast_only(mi.node):
+            f.problems.append(f"a per-batch or per-head mask is applied to the scores after a view from "
+                              f"{score_rank}-D to {r}-D")
+            break
     qs, ks, vs = fxutil.shape(q), fxutil.shape(k), fxutil.shape(v)
     if qs is not None:
         f.layout = "3d" if len(qs) == 3 else "4d"
@@ -393,6 +502,11 @@ def _match(sm: fx.Node, root) -> FoundSite | None:
         if rk is not None and rv is not None and rk[1] == rv[1]:
             f.kv_source, f.v_source = rk[0], rv[0]
             f.num_kv_heads = fxutil.static_int(fxutil.shape(rk[0])[1])
+    if f.num_heads is None:  # 3-D q: the heads show where the scores are viewed as [B, H, Tq, Tk]
+        four = [fxutil.shape(n) for n in m.covered if _score_view(n)]
+        f.num_heads = next((fxutil.static_int(s[1]) for s in four if s is not None and len(s) == 4), None)
+        if f.num_heads is not None and f.num_kv_heads is None:
+            f.num_kv_heads = f.num_heads
     if qs is None and f.layout == "4d":
         f.layout = "auto"
     check_common(f)

@@ -19,9 +19,57 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import torch.fx as fx
+
 import moba_rewrite.attention.op  # noqa: F401
+from passes import fxutil, masks
+from passes.found import FoundSite, check_common
 from passes.runtime import HIDDEN_BELOW, UnfaithfulSiteError
 from passes.sites import AttentionSite
+
+
+_MHA_ORDER = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+              "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+              "key_padding_mask", "need_weights", "attn_mask")
+
+
+def find_mha_calls(gm: fx.GraphModule) -> list[FoundSite]:
+    """`F.multi_head_attention_forward` calls kept whole in a graph (a recorded forward,
+    `passes.record`), with the facts of the call: lengths (inputs are `[T, B, E]`), heads,
+    dropout while training, masks. Export and Dynamo graphs show MHA's SDPA / bmm math instead."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not F.multi_head_attention_forward:
+            continue
+        a = {name: node.args[i] for i, name in enumerate(_MHA_ORDER) if i < len(node.args)}
+        a.update(node.kwargs)
+        q, k, v = a.get("query"), a.get("key"), a.get("value")
+        if not all(isinstance(x, fx.Node) for x in (q, k, v)):
+            continue
+        name, cls = fxutil.owner(node)
+        heads = a.get("num_heads") if isinstance(a.get("num_heads"), int) else None
+        qs, ks = fxutil.shape(q), fxutil.shape(k)
+        training = a.get("training", True)
+        p = a.get("dropout_p", 0.0)
+        mask_nodes = [m for m in (a.get("attn_mask"), a.get("key_padding_mask")) if isinstance(m, fx.Node)]
+        mask = masks.MaskInfo(node=None) if not mask_nodes else masks.MaskInfo(
+            node=mask_nodes[0], kind="padding" if a.get("attn_mask") is None else "bool", convert="mha")
+        f = FoundSite(kind="mha", out=node, q=q, k=k, v=v, mask=mask, name=name, module_class=cls or "MultiheadAttention",
+                      dropout_p=float(p) if training is not False and isinstance(p, (int, float)) else 0.0,
+                      covered=[node])  # is_causal is only a hint beside attn_mask, which holds the mask
+        if qs is not None and heads:
+            f.num_heads = f.num_kv_heads = heads
+            f.head_dim = f.v_head_dim = fxutil.static_int(qs[-1]) // heads if fxutil.static_int(qs[-1]) else None
+            f.tq = qs[0]
+        if ks is not None:
+            f.tk = ks[0]
+        if f.head_dim:
+            f.scale = f.head_dim ** -0.5
+        if a.get("bias_k") is not None or a.get("add_zero_attn") is True:
+            f.problems.append("add_bias_kv / add_zero_attn extra key")
+        check_common(f)
+        found.append(f)
+    return found
 
 
 def find_mha_modules(model: nn.Module) -> list[tuple[str, nn.MultiheadAttention]]:
@@ -118,7 +166,9 @@ class MobaMultiheadAttention(nn.MultiheadAttention):
             top_k = -(-t_k // d.block_size)  # MoBA's dense limit: ordinary attention
         else:
             top_k = d.top_k
-        out = torch.ops.moba.attention(q, k, v, mask, int(d.block_size), int(top_k), False, hd ** -0.5, str(d.backend))
+        extra = (int(d.dense_below),) if getattr(d, "dense_below", None) else ()
+        out = torch.ops.moba.attention(q, k, v, mask, int(d.block_size), int(top_k), False, hd ** -0.5, str(d.backend),
+                                       *extra)
         out = out.permute(2, 0, 1, 3).reshape(t_q, bsz, embed)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         if unbatched:

@@ -58,6 +58,9 @@ class FoundSite:
     # Scale factors computed from shapes at run time ("mul" / "div", node): the eager path
     # multiplies them into `scale` in the graph; the op path cannot take them.
     scale_factors: list[tuple[str, fx.Node]] = field(default_factory=list)
+    # The masks proven to be MoBA's causal cut AND a key mask (`passes.mask_proof.CompactMask`):
+    # the rewrite hands the op `causal` and the key mask `[B, 1, 1, Tk]` instead of the full mask.
+    compact: Any = None
 
     @property
     def causal_flag(self) -> bool | None:

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 
 _DYNAMO_ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\](\[\d+\])*")  # L['self'], L['args'][0]
-_MODULES_ITEM = re.compile(r"_modules\[['\"]([^'\"]+)['\"]\]")
+_MODULES_ITEM = re.compile(r"(?:\.?__dict__\[['\"]_modules['\"]\]|\._modules|_modules)\[['\"]([^'\"]+)['\"]\]")
 _INDEX_ITEM = re.compile(r"\[['\"]?([^\]'\"]+)['\"]?\]")
 _GETATTR = re.compile(r"getattr\(([^,()]+),\s*['\"]([^'\"]+)['\"]\)")
 
@@ -40,7 +40,7 @@ def clean_fqn(path: str) -> str:
             break
         p = new
     p = _DYNAMO_ROOT.sub("", p)
-    p = _MODULES_ITEM.sub(r"\1", p)
+    p = _MODULES_ITEM.sub(r".\1", p)
     p = _INDEX_ITEM.sub(r".\1", p)
     p = re.sub(r"\.+", ".", p).strip(".")
     return p
@@ -68,6 +68,21 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
     """All (fqn, class name) entries of a node's nn_module_stack, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
     return [(clean_fqn(str(p)), _class_name(c)) for p, c in stack.values()]
+
+
+def common_owner(nodes: Iterable[fx.Node]) -> tuple[str, str]:
+    """(fqn, class name) of the innermost module that created all of `nodes` (a pattern whose
+    softmax runs in a child module, as I-BERT's `IntSoftmax`, belongs to the attention module)."""
+    stacks = [module_stack(n) for n in nodes if isinstance(n, fx.Node)]
+    if not stacks:
+        return "", ""
+    common = stacks[0]
+    for st in stacks[1:]:
+        i = 0
+        while i < min(len(common), len(st)) and common[i][0] == st[i][0]:
+            i += 1
+        common = common[:i]
+    return common[-1] if common else ("", "")
 
 
 # --------------------------------------------------------------------------------------------

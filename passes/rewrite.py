@@ -85,6 +85,21 @@ def _mask_arg(graph: fx.Graph, f: FoundSite, fake_mode) -> Any:
     return node
 
 
+def _compact_key(graph: fx.Graph, f: FoundSite, fake_mode) -> Any:
+    """The key mask of a proven site as `[B, 1, 1, Tk]` bool (None when there is none)."""
+    key = f.compact.key
+    if key is None:
+        return None
+    node = key.node
+    width = fxutil.shape(node)[1] if fxutil.shape(node) is not None else None
+    if not (fxutil.static_int(key.offset) == 0 and width is not None and fxutil.same_size(width, f.tk)):
+        node = fxutil.call(graph, torch.ops.aten.slice.Tensor, (node, 1, key.offset, key.offset + f.tk),
+                           like=f.out, fake_mode=fake_mode)
+    for _ in range(2):
+        node = fxutil.call(graph, torch.ops.aten.unsqueeze.default, (node, 1), like=f.out, fake_mode=fake_mode)
+    return node
+
+
 def _emit_inline(gm: fx.GraphModule, f: FoundSite, decision: Any, fake_mode) -> fx.Node:
     g = gm.graph
     with g.inserting_before(f.out):
@@ -96,12 +111,17 @@ def _emit_inline(gm: fx.GraphModule, f: FoundSite, decision: Any, fake_mode) -> 
         if f.layout == "3d":
             q, k, v = (fxutil.call(g, torch.ops.aten.unsqueeze.default, (t, 1), like=f.out, fake_mode=fake_mode)
                        for t in (q, k, v))
-        mask = _mask_arg(g, f, fake_mode)
+        causal = bool(f.is_causal)
+        if f.compact is not None:  # proven: causal cut AND a key mask; the full mask is not read
+            mask, causal = _compact_key(g, f, fake_mode), f.compact.causal
+        else:
+            mask = _mask_arg(g, f, fake_mode)
         scale = 1.0 if f.scale_on_q else float(f.scale)
+        dense_below = getattr(decision, "dense_below", None)
         out = fxutil.call(
             g, torch.ops.moba.attention.default,
-            (q, k, v, mask, int(decision.block_size), int(decision.top_k), bool(f.is_causal), scale,
-             str(decision.backend)),
+            (q, k, v, mask, int(decision.block_size), int(decision.top_k), causal, scale,
+             str(decision.backend), *((int(dense_below),) if dense_below else ())),
             like=f.out, fake_mode=fake_mode,
         )
         if f.layout == "3d":
@@ -128,6 +148,7 @@ def _emit_runtime(gm: fx.GraphModule, f: FoundSite, decision: Any, training: boo
             backend=str(decision.backend), decode=str(getattr(decision, "decode", "moba")),
             sdpa_site=(f.kind == "sdpa" and not f.k_transposed and f.layout == "4d"),
             enable_gqa=f.enable_gqa or f.kv_source is not None,
+            dense_below=int(getattr(decision, "dense_below", None) or 0),
         ))
         for key in ("nn_module_stack", "stack_trace"):
             if key in f.out.meta:
@@ -193,6 +214,24 @@ def _replace(gm: fx.GraphModule, f: FoundSite, new: fx.Node, index: dict) -> Non
     _erase_dead_ancestors(g, [f.k, f.v, f.q])
 
 
+def _erase_dead(g: fx.Graph, starts: list[fx.Node]) -> None:
+    """Erase nodes nothing reads any more (with the metadata asserts on them), walking upward
+    from `starts`; nodes with side effects and graph inputs stay."""
+    todo = list(starts)
+    while todo:
+        n = todo.pop()
+        if getattr(n, "_erased", False) or n.graph is not g or n.op not in ("call_function", "call_method"):
+            continue
+        for u in list(n.users):
+            if fxutil.is_assert(u) and not u.users:
+                g.erase_node(u)
+        if n.users or (n.is_impure() and not fxutil.is_assert(n)):
+            continue
+        inputs = list(n.all_input_nodes)
+        g.erase_node(n)
+        todo.extend(inputs)
+
+
 _PURE_KINDS = {"view", "cast", "transpose", "permute", "mul", "div"}
 
 
@@ -227,12 +266,16 @@ def rewrite_graph(gm: fx.GraphModule, found: list[FoundSite], decisions: list[An
     outcomes = [plan_outcome(f, d) for f, d in zip(found, decisions)]  # raises before any change
     fake_mode = fxutil.fake_mode_of(gm.graph) if emitter == "inline" else None
     index = {n: i for i, n in enumerate(gm.graph.nodes)}  # once: the pass stays linear in graph size
+    old_masks: list[fx.Node] = []
     for f, d, o in zip(found, decisions, outcomes):
         if o.mode != "moba":
             continue
         new = _emit_inline(gm, f, d, fake_mode) if emitter == "inline" else _emit_runtime(gm, f, d, training)
         _replace(gm, f, new, index)
         o.node = new
+        if emitter == "inline" and f.compact is not None:
+            old_masks += [m.node for m in [f.mask, *f.extra_masks] if isinstance(m.node, fx.Node)]
+    _erase_dead(gm.graph, old_masks)  # full masks no site reads any more: nothing O(T^2) is left
     gm.graph.lint()
     gm.recompile()
     return outcomes

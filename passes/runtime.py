@@ -50,7 +50,7 @@ def site_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, site: str, is_causal: bool,
     scale: float | None, convert: str, layout: str, k_transposed: bool, dropout_p: float,
     training: bool, block_size: int, top_k: int, backend: str, decode: str, sdpa_site: bool,
-    enable_gqa: bool = False, mask2: Tensor | None = None, convert2: str = "none",
+    enable_gqa: bool = False, mask2: Tensor | None = None, convert2: str = "none", dense_below: int = 0,
 ) -> Tensor:
     """MoBA for one rewritten site, with the site's own scale, mask, causality and layout."""
     if dropout_p > 0 and training:
@@ -88,7 +88,8 @@ def site_attention(
             return F.scaled_dot_product_attention(q0, k0, v0, attn_mask=mask0, dropout_p=0.0,
                                                   is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
         top_k = -(-tk // block_size)  # the dense limit of MoBA is ordinary attention
-    out = torch.ops.moba.attention(q, k, v, mask, block_size, top_k, bool(is_causal), float(scale), backend)
+    extra = (dense_below,) if dense_below else ()
+    out = torch.ops.moba.attention(q, k, v, mask, block_size, top_k, bool(is_causal), float(scale), backend, *extra)
     if layout == "3d":
         out = out.squeeze(1)
     return out

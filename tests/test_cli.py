@@ -109,18 +109,22 @@ def test_rewrite_pt2_dynamic_gpt2(work, tmp_path, capsys):
         assert torch.allclose(ep.module()(x), logits(reference, x), atol=1e-5)
 
 
-def test_rewrite_onnx_gpt2_runs_in_onnxruntime(work, tmp_path, capsys):
+@pytest.mark.parametrize("body", ["sparse", "dense"])
+def test_rewrite_onnx_gpt2_runs_in_onnxruntime(work, tmp_path, capsys, body):
     from moba_rewrite.exporters.onnx import DOMAIN, run_onnxruntime
 
     import onnx
 
     out = tmp_path / "gpt2.onnx"
+    flags = [] if body == "sparse" else ["--onnx-body", "dense"]  # sparse is the default
     code, stdout, err = run(["rewrite", work / "gpt2", "--policy", work / "policy.yaml", "--out", out,
-                             "--format", "onnx", "--dynamic", "--seq-len", 40], capsys)
+                             "--format", "onnx", "--dynamic", "--seq-len", 40, *flags], capsys)
     assert code == 0, err
     assert "verified" in stdout
     proto = onnx.load(str(out))
     assert sum(n.domain == DOMAIN for n in proto.graph.node) == 1  # layer 0 MoBA, layer 1 dense
+    (function,) = [f for f in proto.functions if f.domain == DOMAIN]
+    assert any(n.op_type == "ScatterND" for n in function.node) == (body == "sparse")
     reference = rewritten(make_gpt2)
     for n in (40, 66):
         x = ids(n, seed=n)
@@ -286,6 +290,16 @@ def test_policy_commands(work, tmp_path, capsys):
     bad.write_text('{"version": 1, "defaults": {"mode": "sparse"}}')
     code, _, err = run(["policy", "check", bad], capsys)
     assert code == cli.EXIT_POLICY and err.startswith(f"moba-rewrite: error: {bad}") and "defaults.mode" in err
+    # dense_below: a change of semantics, shown by `policy check`; a bad value is a located error.
+    short = tmp_path / "short.yaml"
+    short.write_text("version: 1\ndefaults:\n  block_size: 8\n  dense_below: 4096\n")
+    code, out, err = run(["policy", "check", short, work / "gpt2"], capsys)
+    assert code == 0, err
+    assert "dense_below" in out and "full attention when Tk < 4096 (dense_below: a change of semantics)" in out
+    short.write_text("version: 1\ndefaults:\n  block_size: 8\n  dense_below: -5\n")
+    code, _, err = run(["policy", "check", short], capsys)
+    assert code == cli.EXIT_POLICY
+    assert err.strip() == f"moba-rewrite: error: {short}:4 defaults.dense_below: expected an integer >= 1, got -5"
 
 
 def test_routes_picture_and_maps(work, tmp_path, capsys):

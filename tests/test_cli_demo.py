@@ -14,7 +14,7 @@ from moba_rewrite.cli import demo
 def test_demo_end_to_end(tmp_path, capsys):
     # --no-onnx: the ONNX path is the `rewrite --format onnx` tested in test_cli.py (test time budget)
     code = cli.main(["demo", "--out", str(tmp_path / "demo"), "--seq-len", "256", "--no-progress", "--no-onnx"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0
     for heading in ("== inspect ==", "== rewrite", "torch.compile", "== export .pt2", "== timings ==", "== files =="):
         assert heading in out
@@ -30,6 +30,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     with torch.no_grad():
         assert not torch.allclose(dense(input_ids=x, use_cache=False).logits, expected, atol=1e-3)  # MoBA routes
     assert "compiled vs eager MoBA: max |diff|" in out
+    assert "prompt of 256 tokens: original (dense)" in out and " ms, MoBA " in out
+    assert "Writing model shards" not in out + err  # transformers' own progress bar stays out
 
 
 def test_demo_refuses_short_prompt_and_busy_folder(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The tree's layers point one way: cli -> api -> passes / integrations -> policy / attention -> kernels.
+"""The tree's layers point one way: cli -> api -> passes / integrations -> parallel -> policy / attention -> kernels.
 
 Every import statement of `moba_rewrite/` and `passes/` is read (including imports inside
 functions, excluding `if TYPE_CHECKING:` blocks, which create no run-time dependency), and
@@ -20,10 +20,12 @@ PACKAGES = ("moba_rewrite", "passes")
 # its own layer or of lower ones.
 LAYERS: list[tuple[str, ...]] = [
     ("moba_rewrite.kernels",),
-    ("moba_rewrite.attention", "moba_rewrite.policy", "moba_rewrite.exit_codes"),
+    ("moba_rewrite.attention", "moba_rewrite.policy", "moba_rewrite.exit_codes", "moba_rewrite.third_party"),
+    ("moba_rewrite.parallel",),  # context parallelism: the op over torch.distributed
     ("passes", "moba_rewrite.integrations"),
     ("moba_rewrite.report", "moba_rewrite.api", "moba_rewrite.routes", "moba_rewrite.exporters",
-     "moba_rewrite.checkpoints", "moba_rewrite.dynamo_backend", "moba_rewrite.evaluation"),
+     "moba_rewrite.checkpoints", "moba_rewrite.checkpoint_weights", "moba_rewrite.dynamo_backend",
+     "moba_rewrite.discovery", "moba_rewrite.evaluation"),
     ("moba_rewrite.cli", "moba_rewrite"),  # the command, and the package's public facade over everything
 ]
 

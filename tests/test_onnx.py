@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import onnx
+import onnx.inliner
 import pytest
 import torch
 from torch import nn
@@ -48,13 +49,13 @@ def _inputs(t: int, seed: int):
     return x, bool_mask, float_mask
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sparse", "dense"])
+def exported(request, tmp_path_factory):
     model = ManySites().eval()
-    path = tmp_path_factory.mktemp("onnx") / "many.onnx"
+    path = tmp_path_factory.mktemp("onnx") / f"many-{request.param}.onnx"
     seq = torch.export.Dim("seq", min=4, max=1024)
     shapes = ({1: seq}, {2: seq, 3: seq}, {2: seq, 3: seq})
-    proto = mo.export_onnx(model, _inputs(19, 0), path, dynamic_shapes=shapes)
+    proto = mo.export_onnx(model, _inputs(19, 0), path, dynamic_shapes=shapes, body=request.param)
     return model, path, proto
 
 
@@ -94,3 +95,111 @@ def test_onnx_function_differs_from_dense_attention(exported):
     q, k, v = model.proj(x).view(b, t, 3, 4, 8).permute(2, 0, 3, 1, 4)
     dense = torch.nn.functional.scaled_dot_product_attention(q, k[:, :2], v[:, :2], is_causal=True, enable_gqa=True)
     assert max_abs_diff(got, dense) > 1e-3
+
+
+# --------------------------------------------------------------------------- the bodies alone
+
+
+def _single_node_model(body: str, *, block_size: int, top_k: int, causal: bool, scale: float) -> onnx.ModelProto:
+    """One `com.moba_rewrite::Attention` node on graph inputs q, k, v, bias (float32, any shape)."""
+    h = onnx.helper
+    inputs = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("q", "k", "v", "bias")]
+    node = h.make_node(mo.OP_NAME, ["q", "k", "v", "bias"], ["out"], domain=mo.DOMAIN, block_size=block_size,
+                       top_k=top_k, causal=int(causal), scale=scale)
+    graph = h.make_graph([node], "moba", inputs, [h.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", mo.OPSET_VERSION), h.make_opsetid(mo.DOMAIN, 1)],
+                         functions=[mo.function_proto(body)])
+    model.ir_version = 10
+    return model
+
+
+def _session(model: onnx.ModelProto, level=None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if level is not None:
+        options.graph_optimization_level = level
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+CASES = [  # B, Hq, Hkv, Tq, Tk, D, block, top_k, causal, mask
+    (2, 4, 2, 19, 19, 8, 4, 3, True, None),
+    (1, 2, 2, 33, 33, 8, 5, 2, False, "bool"),
+    (2, 4, 4, 5, 19, 8, 4, 3, True, "padding"),  # chunked prefill with a key-padding mask [B, 1, 1, Tk]
+    (1, 2, 1, 7, 7, 8, 4, 1, True, None),  # top_k = 1: the own block only
+    (1, 2, 2, 1, 20, 8, 8, 2, True, "padding"),  # decode
+    (2, 4, 2, 19, 19, 8, 3, 3, False, "float"),  # a real additive bias, one row that sees nothing
+    (1, 2, 2, 40, 40, 8, 8, 64, True, None),  # the dense limit
+]
+
+
+def _case_inputs(case, seed: int = 0):
+    b, hq, hkv, tq, tk, d, *_, mask = case
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, t, d, generator=g) for h, t in ((hq, tq), (hkv, tk), (hkv, tk)))
+    attn_mask, bias = None, torch.zeros(())
+    if mask == "bool":
+        attn_mask = torch.rand(b, 1, tq, tk, generator=g) > 0.3
+        attn_mask[..., 0] = True
+    elif mask == "padding":
+        attn_mask = torch.ones(b, 1, 1, tk, dtype=torch.bool)
+        attn_mask[0, ..., :3] = False
+    elif mask == "float":
+        attn_mask = torch.randn(b, 1, tq, tk, generator=g).masked_fill(torch.rand(b, 1, tq, tk, generator=g) > 0.6,
+                                                                        -math.inf)
+        attn_mask[1, 0, 3] = -math.inf
+    if attn_mask is not None:
+        bias = attn_mask if attn_mask.dtype != torch.bool else torch.zeros(()).masked_fill(~attn_mask, -math.inf)
+    return q, k, v, attn_mask, bias
+
+
+@pytest.mark.parametrize("body", mo.BODIES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[3]}x{c[4]}-bs{c[6]}-top{c[7]}-{c[9]}")
+def test_each_body_equals_the_reference_op(body, case):
+    import onnxruntime as ort
+
+    q, k, v, attn_mask, bias = _case_inputs(case)
+    *_, bs, top_k, causal, _ = case
+    expected = mr.moba_attention(q, k, v, block_size=bs, top_k=top_k, causal=causal, attn_mask=attn_mask,
+                                 enable_gqa=True, backend="reference")
+    model = _single_node_model(body, block_size=bs, top_k=top_k, causal=causal, scale=q.shape[-1] ** -0.5)
+    feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "bias": bias.numpy()}
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        got = torch.from_numpy(_session(model, level).run(None, feeds)[0])
+        assert torch.isfinite(got).all()
+        assert max_abs_diff(got, expected) < 1e-5
+
+
+def test_sparse_body_never_holds_a_tq_by_tk_tensor():
+    """Every intermediate of the inlined sparse body, run at T=1024 (block 16, top-2), has at most
+    one dim of size T; the dense body (the control) has [B, H, T, T] tensors."""
+    t, bs = 1024, 16
+    q, k, v, _, bias = _case_inputs((1, 2, 1, t, t, 8, bs, 2, True, None))
+    feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "bias": bias.numpy()}
+
+    def intermediate_shapes(body: str) -> list[tuple[int, ...]]:
+        model = onnx.inliner.inline_local_functions(
+            _single_node_model(body, block_size=bs, top_k=2, causal=True, scale=0.3))
+        names = [o for n in model.graph.node for o in n.output if o]
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+        outs = _session(model).run(names, feeds)
+        return [tuple(o.shape) for o in outs]
+
+    assert max(sum(d == t for d in s) for s in intermediate_shapes("dense")) >= 2
+    shapes = intermediate_shapes("sparse")
+    assert max(sum(d == t for d in s) for s in shapes) <= 1
+    assert max(math.prod(s) for s in shapes) < 2 * t * t / 8  # [pairs, block] tensors, not [H, T, T]
+
+
+@pytest.mark.parametrize("body", mo.BODIES)
+def test_a_nan_key_block_is_never_selected(body):
+    """SPEC 2.4: a block whose gate score is NaN is never a candidate, as in the reference."""
+    q, k, v, _, bias = _case_inputs((1, 2, 2, 24, 24, 8, 4, 2, True, None), seed=3)
+    k[:, :, 5] = float("nan")  # block 1
+    expected = mr.moba_attention(q, k, v, block_size=4, top_k=2, causal=True, backend="reference")
+    model = _single_node_model(body, block_size=4, top_k=2, causal=True, scale=q.shape[-1] ** -0.5)
+    got = torch.from_numpy(_session(model).run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(),
+                                                      "bias": bias.numpy()})[0])
+    assert torch.isnan(expected[:, :, 5:8]).all() and torch.isfinite(expected[:, :, 8:]).all()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, equal_nan=True)

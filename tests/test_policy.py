@@ -452,10 +452,10 @@ def test_published_schema_is_the_shipped_file_and_the_validator_tables():
     assert pol.TOP_KEYS == tuple(schema["properties"])
     assert pol.RULE_KEYS == ("name", *pol.SELECTOR_KEYS, *pol.SETTINGS_FIELDS)
     assert pol.SETTINGS_FIELDS == tuple(f.name for f in dataclasses.fields(Settings))
-    assert pol.SETTINGS_FIELDS == tuple(f.name for f in dataclasses.fields(Decision))[:6]
+    assert pol.SETTINGS_FIELDS == tuple(f.name for f in dataclasses.fields(Decision) if f.name not in ("matched_rules", "reason"))
     assert pol.ENUMS == {"mode": ("moba", "dense"), "backend": ("auto", "reference", "torch", "triton", "flash_attn"),
                          "decode": ("moba", "dense"), "on_unsupported": ("dense", "error")}
-    assert pol.MINIMUMS == {"block_size": 1, "top_k": 1}
+    assert pol.MINIMUMS == {"block_size": 1, "top_k": 1, "dense_below": 1}
     from moba_rewrite.kernels import BACKENDS
     assert pol.ENUMS["backend"] == BACKENDS
     schema["properties"].clear()   # a copy: callers cannot change what is enforced

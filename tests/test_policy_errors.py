@@ -69,13 +69,13 @@ YAML_CASES = [
      "description, strict, defaults, rules"),
     ("defaults:\n  mode: moba\n  topk: 3\n",
      ":3 defaults: unknown key 'topk' (did you mean 'top_k'?); expected one of: mode, block_size, top_k, "
-     "backend, decode, on_unsupported"),
+     "backend, decode, on_unsupported, dense_below"),
     ("rules:\n  - mode: dense\n    targets: ['x']\n",
      ":3 rules[0]: unknown key 'targets' (did you mean 'match'?); expected one of: name, match, class, "
-     "layers, ignore, mode, block_size, top_k, backend, decode, on_unsupported"),
+     "layers, ignore, mode, block_size, top_k, backend, decode, on_unsupported, dense_below"),
     ("rules:\n  - mode: dense\n    classs: A\n",
      ":3 rules[0]: unknown key 'classs' (did you mean 'class'?); expected one of: name, match, class, "
-     "layers, ignore, mode, block_size, top_k, backend, decode, on_unsupported"),
+     "layers, ignore, mode, block_size, top_k, backend, decode, on_unsupported, dense_below"),
     ("rules:\n  - mode: dense\n    match: ['a', 're:(b']\n",
      ":3 rules[0].match[1]: expected a valid regular expression after 're:', got '(b' "
      "(missing ), unterminated subpattern at position 0)"),
@@ -109,7 +109,7 @@ YAML_CASES = [
      "of these, got a list"),
     ("rules:\n  - mode: dense\n  - match: 'a'\n    name: only-selects\n",
      ":3 rules[1]: a rule must set at least one of mode, block_size, top_k, backend, decode, "
-     "on_unsupported; this one only selects sites"),
+     "on_unsupported, dense_below; this one only selects sites"),
     ("rules:\n  mode: dense\n", ":1 rules: expected a list of rules, got a mapping"),
     ("rules:\n  - dense\n",
      ":2 rules[0]: expected a mapping (a rule: selectors match/class/layers/ignore and settings), got 'dense'"),
@@ -170,7 +170,7 @@ TOML_CASES = [
      "(unterminated character set at position 0)"),
     ('[[rules]]\nmode = "dense"\nlayerz = 3\n',
      ":3 rules[0]: unknown key 'layerz' (did you mean 'layers'?); expected one of: name, match, class, "
-     "layers, ignore, mode, block_size, top_k, backend, decode, on_unsupported"),
+     "layers, ignore, mode, block_size, top_k, backend, decode, on_unsupported, dense_below"),
     ('strict = 1\n', ":1 strict: expected true or false, got 1"),
     ('version = 1\n[defaults]\ntop_k = \n', ":3: malformed TOML: Invalid value (column 9)"),
     ('[defaults]\ntop_k = 1\ntop_k = 2\n', ":3: malformed TOML: Cannot overwrite a value (column 10)"),

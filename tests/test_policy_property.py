@@ -43,7 +43,8 @@ LAYER_FIELD = st.one_of(LAYER_ITEM, st.lists(LAYER_ITEM, min_size=1, max_size=3)
 SETTING_VALUES = {"mode": st.sampled_from(ENUMS["mode"]), "block_size": st.integers(1, 8192),
                   "top_k": st.integers(1, 64), "backend": st.sampled_from(ENUMS["backend"]),
                   "decode": st.sampled_from(ENUMS["decode"]),
-                  "on_unsupported": st.sampled_from(ENUMS["on_unsupported"])}
+                  "on_unsupported": st.sampled_from(ENUMS["on_unsupported"]),
+                  "dense_below": st.integers(1, 1 << 20)}
 
 
 @st.composite
@@ -102,7 +103,7 @@ def test_random_rule_sets_decide_like_the_oracle(data, sites):
     assert len(decisions) == len(sites) and all(isinstance(w, str) for w in warnings)
     n = len(sites)
     base = {"mode": "moba", "block_size": 512, "top_k": 3, "backend": "auto", "decode": "moba",
-            "on_unsupported": "dense", **data["defaults"]}
+            "on_unsupported": "dense", "dense_below": None, **data["defaults"]}
     for site, decision in zip(sites, decisions):
         assert isinstance(decision, Decision)
         expected = dict(base)
@@ -133,7 +134,7 @@ def test_random_rule_sets_decide_like_the_oracle(data, sites):
 # cannot check them; the validator does).
 KEYS = st.sampled_from(["version", "strict", "defaults", "rules", "description", "name", "match", "class",
                         "layers", "ignore", "mode", "block_size", "top_k", "backend", "decode",
-                        "on_unsupported", "rule", "topk", "targets"])
+                        "on_unsupported", "dense_below", "rule", "topk", "targets"])
 SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-2, 3), st.sampled_from(
         ["moba", "dense", "auto", "torch", "triton", "flash_attn", "reference", "error", "sparse", "-3:",

@@ -16,9 +16,16 @@ from moba_rewrite.attention import op as _op  # registers torch.ops.moba
 from moba_rewrite.kernels import BACKENDS
 
 
+# Largest block_size / top_k: the op's int arguments must fit the 64-bit ints of traced graphs
+# and the kernels' 32-bit index arithmetic (the policy schema has the same bound).
+MAX_INT_ARG = 2**31 - 1
+
+
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"moba_attention: {name} must be an integer >= 1, got {value!r}")
+    if value > MAX_INT_ARG:
+        raise ValueError(f"moba_attention: {name} must be an integer <= 2**31 - 1, got {value!r}")
 
 
 def _check_mask(attn_mask: Tensor, target: tuple[int, int, int, int]) -> None:
@@ -70,6 +77,10 @@ def validate(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, sc
             f"moba_attention: head dims must match: q {d}, k {k.shape[3]}, v {v.shape[3]}"
         )
     hkv, tk = k.shape[1], k.shape[2]
+    if hq < 1 or hkv < 1:
+        raise ValueError(f"moba_attention: head counts must be >= 1, got {hq} query and {hkv} key/value heads")
+    if d < 1:
+        raise ValueError(f"moba_attention: head dim must be >= 1, got {d}")
     if hq % hkv != 0:
         raise ValueError(f"moba_attention: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     if hq != hkv and not enable_gqa:

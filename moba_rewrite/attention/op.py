@@ -3,6 +3,12 @@
 `torch.compile`, `torch.export`, AOTInductor and the ONNX exporter all see this single node.
 The backend is resolved at run time from the tensors' device (`auto`), so an exported
 program keeps running well on whatever device it is loaded on.
+
+Short context: when `top_k * block_size >= Tk` MoBA selects every block and equals full
+attention, so the op runs the exact dense kernel (`kernels.dense`, SDPA) instead; `dense_below`
+(a policy's `dense_below: N`) asks for full attention whenever `Tk < N`. The choice is made
+here, per call, because `Tk` is only known at run time in a traced graph. The `reference`
+backend (the test oracle) always runs MoBA's definition.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moba_rewrite.kernels import load_backend, resolve_backend
+from moba_rewrite.kernels import dense, load_backend, resolve_backend
 from moba_rewrite.kernels.eager import plain_eager
 
 
@@ -25,56 +31,71 @@ def _kernel(backend: str, q: Tensor, k: Tensor, attn_mask: Optional[Tensor]):
 @torch.library.custom_op("moba::attention", mutates_args=())
 def attention(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], block_size: int, top_k: int,
-    causal: bool, scale: float, backend: str,
+    causal: bool, scale: float, backend: str, dense_below: int = 0,
 ) -> Tensor:
-    """MoBA attention (SPEC section 2) on validated arguments; see `moba_rewrite.moba_attention`."""
-    return _forward(q, k, v, None, attn_mask, block_size, top_k, causal, scale, backend)
+    """MoBA attention (SPEC section 2) on validated arguments; see `moba_rewrite.moba_attention`.
+    Full attention where MoBA equals it or `Tk < dense_below` (module docstring)."""
+    return _forward(q, k, v, None, attn_mask, block_size, top_k, causal, scale, backend, dense_below)
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, attn_mask, block_size, top_k, causal, scale, backend):
+def _attention_fake(q, k, v, attn_mask, block_size, top_k, causal, scale, backend, dense_below=0):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 @torch.library.custom_op("moba::attention_backward", mutates_args=())
 def attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, attn_mask: Optional[Tensor],
-    block_size: int, top_k: int, causal: bool, scale: float, backend: str,
+    block_size: int, top_k: int, causal: bool, scale: float, backend: str, dense_below: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `moba::attention` with respect to q, k and v."""
-    dq, dk, dv = _kernel(backend, q, k, attn_mask).backward(
-        grad_out, q, k, v, out, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
-        attn_mask=attn_mask,
-    )
+    if q.shape[0] == 0:  # an empty batch: nothing to differentiate
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if runs_dense(backend, k.shape[2], block_size, top_k, dense_below):
+        dq, dk, dv = dense.backward(grad_out, q, k, v, out, causal=causal, scale=scale, attn_mask=attn_mask)
+    else:
+        dq, dk, dv = _kernel(backend, q, k, attn_mask).backward(
+            grad_out, q, k, v, out, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
+            attn_mask=attn_mask,
+        )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(grad_out, q, k, v, out, attn_mask, block_size, top_k, causal, scale, backend):
+def _attention_backward_fake(grad_out, q, k, v, out, attn_mask, block_size, top_k, causal, scale, backend,
+                             dense_below=0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, block_size, top_k, causal, scale, backend = inputs
+    q, k, v, attn_mask, block_size, top_k, causal, scale, backend, *rest = inputs
     ctx.save_for_backward(q, k, v, output, attn_mask)
-    ctx.params = (block_size, top_k, causal, scale, backend)
+    ctx.params = (block_size, top_k, causal, scale, backend, rest[0] if rest else 0)
 
 
 def _backward(ctx, grad_out):
     q, k, v, out, attn_mask = ctx.saved_tensors
-    block_size, top_k, causal, scale, backend = ctx.params
-    dq, dk, dv = attention_backward(
-        grad_out.contiguous(), q, k, v, out, attn_mask, block_size, top_k, causal, scale, backend
-    )
-    return dq, dk, dv, None, None, None, None, None, None
+    dq, dk, dv = attention_backward(grad_out.contiguous(), q, k, v, out, attn_mask, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+def runs_dense(backend: str, tk: int, block_size: int, top_k: int, dense_below: int) -> bool:
+    """Whether a call computes full attention: MoBA equals it (every block selected), or the
+    policy asked for it below `dense_below` keys. Never for the `reference` backend (the oracle)."""
+    return backend != "reference" and (dense.covers_all_blocks(tk, block_size, top_k) or tk < dense_below)
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, key_block_means: Optional[Tensor], attn_mask: Optional[Tensor],
-             block_size: int, top_k: int, causal: bool, scale: float, backend: str) -> Tensor:
-    """The implementation behind both forward ops: the backend's forward, output contiguous."""
+             block_size: int, top_k: int, causal: bool, scale: float, backend: str, dense_below: int = 0) -> Tensor:
+    """The implementation behind both forward ops: full attention where MoBA equals it (or the
+    policy asks for it), else the backend's forward; output contiguous."""
+    if q.shape[0] == 0:  # an empty batch (a last partial batch): an empty output, as SDPA gives
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    if runs_dense(backend, k.shape[2], block_size, top_k, dense_below):
+        return dense.forward(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask).contiguous()
     kernel = _kernel(backend, q, k, attn_mask)
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
     if key_block_means is not None and _takes_block_means(kernel.forward):
@@ -83,15 +104,16 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, key_block_means: Optional[Tensor],
 
 
 def run(q: Tensor, k: Tensor, v: Tensor, key_block_means: Optional[Tensor], attn_mask: Optional[Tensor],
-        block_size: int, top_k: int, causal: bool, scale: float, backend: str) -> Tensor:
+        block_size: int, top_k: int, causal: bool, scale: float, backend: str, dense_below: int = 0) -> Tensor:
     """Call `moba::attention` (or `moba::attention_cached` when block means are given); in plain
     eager mode with no gradient to record, their implementation directly (see `kernels.eager`)."""
     if plain_eager(q, k, v, key_block_means, attn_mask):
-        return _forward(q, k, v, key_block_means, attn_mask, block_size, top_k, causal, scale, backend)
+        return _forward(q, k, v, key_block_means, attn_mask, block_size, top_k, causal, scale, backend, dense_below)
+    extra = (dense_below,) if dense_below else ()  # graphs keep the short schema when unused
     if key_block_means is not None:
         return torch.ops.moba.attention_cached(q, k, v, key_block_means, attn_mask, block_size, top_k, causal,
-                                               scale, backend)
-    return torch.ops.moba.attention(q, k, v, attn_mask, block_size, top_k, causal, scale, backend)
+                                               scale, backend, *extra)
+    return torch.ops.moba.attention(q, k, v, attn_mask, block_size, top_k, causal, scale, backend, *extra)
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,28 +125,29 @@ def _takes_block_means(forward) -> bool:
 @torch.library.custom_op("moba::attention_cached", mutates_args=())
 def attention_cached(
     q: Tensor, k: Tensor, v: Tensor, key_block_means: Tensor, attn_mask: Optional[Tensor], block_size: int,
-    top_k: int, causal: bool, scale: float, backend: str,
+    top_k: int, causal: bool, scale: float, backend: str, dense_below: int = 0,
 ) -> Tensor:
     """`moba::attention` with the block means of k given (a cache kept beside the KV cache).
     Backends whose gate takes means (`reference`, `triton`) use them; the others compute the
     same means from k (identical results when the cache is current)."""
-    return _forward(q, k, v, key_block_means, attn_mask, block_size, top_k, causal, scale, backend)
+    return _forward(q, k, v, key_block_means, attn_mask, block_size, top_k, causal, scale, backend, dense_below)
 
 
 @attention_cached.register_fake
-def _attention_cached_fake(q, k, v, key_block_means, attn_mask, block_size, top_k, causal, scale, backend):
+def _attention_cached_fake(q, k, v, key_block_means, attn_mask, block_size, top_k, causal, scale, backend,
+                           dense_below=0):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def _setup_context_cached(ctx, inputs, output):
-    q, k, v, _, attn_mask, block_size, top_k, causal, scale, backend = inputs
+    q, k, v, _, attn_mask, block_size, top_k, causal, scale, backend, *rest = inputs
     ctx.save_for_backward(q, k, v, output, attn_mask)
-    ctx.params = (block_size, top_k, causal, scale, backend)
+    ctx.params = (block_size, top_k, causal, scale, backend, rest[0] if rest else 0)
 
 
 def _backward_cached(ctx, grad_out):
     dq, dk, dv, *_ = _backward(ctx, grad_out)  # the selection is recomputed from k: same blocks
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 attention_cached.register_autograd(_backward_cached, setup_context=_setup_context_cached)

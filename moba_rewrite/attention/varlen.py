@@ -63,11 +63,15 @@ def validate_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
     d = q.shape[2]
     if k.shape[2] != d or v.shape[2] != d:
         _fail(f"head dims must match: q {d}, k {k.shape[2]}, v {v.shape[2]}")
+    if q.shape[1] < 1 or k.shape[1] < 1 or d < 1:
+        _fail(f"heads and head dim must be >= 1, got q {list(q.shape)}, k {list(k.shape)}")
     if q.shape[1] % k.shape[1] != 0:
         _fail(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     for name, value in (("block_size", block_size), ("top_k", top_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             _fail(f"{name} must be an integer >= 1, got {value!r}")
+        if value > 2**31 - 1:
+            _fail(f"{name} must be an integer <= 2**31 - 1, got {value!r}")
     bad_scale = isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
     if scale is not None and bad_scale:
         _fail(f"scale must be a finite number or None, got {scale!r}")

@@ -17,16 +17,26 @@ import sys
 from typing import Sequence
 
 from moba_rewrite.cli.artifacts import FORMATS
-from moba_rewrite.cli.errors import (EXIT_ARCHITECTURE, EXIT_CHECKPOINT, EXIT_EXPORT, EXIT_INTERNAL, EXIT_OK,
-                                     EXIT_OUTPUT_EXISTS, EXIT_OUTPUT_UNWRITABLE, EXIT_PICKLE, EXIT_POLICY,
-                                     EXIT_USAGE, EXIT_VALUE, EXIT_VERIFY, PROG, CliError, first_line)
+from moba_rewrite.cli.errors import (EXIT_ARCHITECTURE, EXIT_CHECKPOINT, EXIT_EXPORT, EXIT_INTERNAL,
+                                     EXIT_INTERRUPTED, EXIT_MISSING_PACKAGE, EXIT_OK, EXIT_OUTPUT_EXISTS,
+                                     EXIT_OUTPUT_UNWRITABLE, EXIT_PICKLE, EXIT_POLICY, EXIT_TERMINATED, EXIT_USAGE,
+                                     EXIT_VALUE, EXIT_VERIFY, PROG, CliError, first_line, missing_package)
 from moba_rewrite.cli.output import Progress, say
 from moba_rewrite.cli.parser import build_parser
 from moba_rewrite.cli.rewrite_cmd import RewriteResult, run_rewrite
 
 __all__ = ["main", "build_parser", "run_rewrite", "RewriteResult", "CliError", "Progress", "say", "FORMATS", "PROG",
            "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_CHECKPOINT", "EXIT_ARCHITECTURE", "EXIT_POLICY",
-           "EXIT_OUTPUT_EXISTS", "EXIT_OUTPUT_UNWRITABLE", "EXIT_VALUE", "EXIT_PICKLE", "EXIT_VERIFY", "EXIT_EXPORT"]
+           "EXIT_OUTPUT_EXISTS", "EXIT_OUTPUT_UNWRITABLE", "EXIT_VALUE", "EXIT_PICKLE", "EXIT_VERIFY", "EXIT_EXPORT",
+           "EXIT_MISSING_PACKAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C, so temporary outputs are removed on the way out."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,20 +50,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
+    debug = bool(getattr(args, "debug", False))
+    with _sigterm_unwinds():
+        try:
+            return _run(args, debug)
+        except Terminated:
+            sys.stderr.write(f"{PROG}: terminated\n")
+            return EXIT_TERMINATED
+
+
+def _run(args, debug: bool) -> int:
+    """The command, with every failure turned into one line on stderr and its exit status."""
+    from moba_rewrite import third_party
+
+    third_party.set_passthrough(debug)
     try:
-        return int(args.func(args) or 0)
+        with third_party.held_back():  # other libraries' output: replayed on success, dropped on error
+            return int(args.func(args) or 0)
     except CliError as exc:
-        if getattr(args, "debug", False):
+        if debug:
             raise
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        sys.stderr.write(f"{PROG}: error: {_one_line(str(exc))}\n")
         return exc.code
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
-        return 130
+        return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:
+        if debug or not exc.name or exc.name.split(".")[0] in ("moba_rewrite", "passes"):
+            return _internal(exc, debug)
+        err = missing_package(exc.name, f"{PROG} {getattr(args, 'command', '')}".strip())
+        sys.stderr.write(f"{PROG}: error: {err}\n")
+        return err.code
     except Exception as exc:  # noqa: BLE001  (one line, not a traceback, unless --debug)
-        if getattr(args, "debug", False):
-            raise
-        sys.stderr.write(f"{PROG}: error: internal error ({type(exc).__name__}: {first_line(exc)}); rerun with "
-                         f"--debug for the traceback\n")
-        return EXIT_INTERNAL
+        return _internal(exc, debug)
 
+
+def _one_line(text: str) -> str:
+    """A message on one line even when a file name holds a line break or a control character."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def _internal(exc: Exception, debug: bool) -> int:
+    if debug:
+        raise exc
+    sys.stderr.write(f"{PROG}: error: internal error ({type(exc).__name__}: {_one_line(first_line(exc))}); rerun with "
+                     f"--debug for the traceback\n")
+    return EXIT_INTERNAL
+
+
+class _sigterm_unwinds:
+    """While the command runs, SIGTERM raises `Terminated` (main thread only; restored after)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)

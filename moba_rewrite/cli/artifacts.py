@@ -12,7 +12,7 @@ FORMATS = ("hf", "pt2", "aoti", "onnx")
 
 
 def write_artifact(fmt: str, staging: Path, model, args, loaded, policy, *, dynamic: bool, seq_len: int,
-                   checkpoint) -> None:
+                   checkpoint, onnx_body: str = "sparse") -> None:
     """An eager model (rewritten in place) into `staging`; export failures exit 11."""
     import moba_rewrite
     from moba_rewrite import checkpoints as ck
@@ -22,9 +22,11 @@ def write_artifact(fmt: str, staging: Path, model, args, loaded, policy, *, dyna
                 "seq_len": seq_len, "format": "hf"}
         ck.write_hf_checkpoint(staging, loaded, policy.to_dict(), meta)
         return
+    from moba_rewrite.exporters.common import as_output_failure
+
     try:
         if fmt == "onnx":
-            export_module(fmt, model, args, staging, dynamic=dynamic)
+            export_module(fmt, model, args, staging, dynamic=dynamic, onnx_body=onnx_body)
             return
         from moba_rewrite.exporters.pt2 import export_program
 
@@ -32,12 +34,16 @@ def write_artifact(fmt: str, staging: Path, model, args, loaded, policy, *, dyna
     except CliError:
         raise
     except Exception as exc:
+        full = as_output_failure(exc)
+        if full is not None:
+            raise full from exc  # a full disk is the output's problem (exit 7), not the export's
         raise CliError("", f"expected the rewritten model to export as {fmt} ({type(exc).__name__}: "
                            f"{first_line(exc, type(exc).__name__)})", EXIT_EXPORT) from exc
 
 
-def export_module(fmt: str, module, args, staging: Path, *, dynamic: bool) -> None:
-    """Save an exported program (pt2, aoti) or export a module or program to ONNX (onnx)."""
+def export_module(fmt: str, module, args, staging: Path, *, dynamic: bool, onnx_body: str = "sparse") -> None:
+    """Save an exported program (pt2, aoti) or export a module or program to ONNX (onnx, with
+    the `sparse` or `dense` MoBA function body)."""
     import torch
 
     if fmt == "onnx":
@@ -45,7 +51,7 @@ def export_module(fmt: str, module, args, staging: Path, *, dynamic: bool) -> No
 
         if isinstance(module, torch.export.ExportedProgram):
             module = module.module()
-        export_onnx(module, args, staging, dynamic=dynamic)
+        export_onnx(module, args, staging, dynamic=dynamic, body=onnx_body)
     elif fmt == "pt2":
         from moba_rewrite.exporters.pt2 import save_pt2
 

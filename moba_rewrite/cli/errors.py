@@ -21,6 +21,9 @@ from moba_rewrite.exit_codes import (  # noqa: F401
     EXIT_PICKLE,
     EXIT_VERIFY,
     EXIT_EXPORT,
+    EXIT_MISSING_PACKAGE,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
 )
 
 PROG = "moba-rewrite"
@@ -33,6 +36,33 @@ class CliError(Exception):
         self.where = str(where)
         self.code = code
         super().__init__(f"{self.where}: {message}" if self.where else message)
+
+
+def warn(message: str) -> None:
+    """`moba-rewrite: warning: <message>` on standard error (the command goes on)."""
+    import sys
+
+    sys.stderr.write(f"{PROG}: warning: {message}\n")
+
+
+# Optional packages: import name -> what to install (pyproject.toml's extras).
+OPTIONAL_PACKAGES = {"matplotlib": "'moba-rewrite[plot]' (or: pip install matplotlib)"}
+
+
+def missing_package(name: str, what: str) -> CliError:
+    """The one-line answer when a package `what` needs is not installed (exit 12)."""
+    top = name.split(".")[0]
+    install = OPTIONAL_PACKAGES.get(top, top)
+    return CliError("", f"{what} needs the Python package {top!r}, which is not installed; install it with: "
+                        f"pip install {install}", EXIT_MISSING_PACKAGE)
+
+
+def require(name: str, what: str) -> None:
+    """Fail before any slow work when the optional package `name` is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise missing_package(name, what)
 
 
 def first_line(exc: BaseException, default: str = "") -> str:

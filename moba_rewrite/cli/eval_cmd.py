@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from moba_rewrite.cli import steps
-from moba_rewrite.cli.errors import EXIT_OK, EXIT_USAGE, EXIT_VALUE, CliError, checkpoint_errors
+from moba_rewrite.cli.errors import EXIT_OK, EXIT_USAGE, EXIT_VALUE, CliError, checkpoint_errors, require
 from moba_rewrite.cli.output import progress_for, say
 
 GRID_KEYS = ("block_size", "top_k")
@@ -119,6 +119,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CliError("--prompt", "expected either --data or --prompt, not both", EXIT_USAGE)
     for out in (args.json, args.plot):
         check_out(out, args)
+    if args.plot:
+        require("matplotlib", "eval --plot")  # before minutes of evaluation, not after
     check_data_files(args.data)
     policy = steps.load_policy(args.policy) if args.policy else None
     bar = progress_for(args, 1)

@@ -39,10 +39,19 @@ def discover(args: argparse.Namespace, *, steps_total: int = 2):
 
 
 def site_rows(sites) -> list[dict]:
-    """One table / JSON row per attention site."""
+    """One table / JSON row per attention site; `notes`: why it would stay dense (and its
+    attention dropout while training), from what discovery saw the model run."""
     return [{"layer": r.layer, "name": r.name or "(root)", "class": r.module_class, "kind": r.kind,
              "heads": r.num_heads, "kv_heads": r.num_kv_heads, "head_dim": r.head_dim, "causal": r.causal,
-             "mask": r.mask_kind} for r in sites]
+             "mask": r.mask_kind, "notes": _notes(r)} for r in sites]
+
+
+def _notes(site) -> str | None:
+    problems = site.extra.get("problems", [])
+    notes = ["stays dense: " + "; ".join(problems)] if problems else []
+    if site.dropout_p and site.dropout_p > 0:
+        notes.append(f"attention dropout p={site.dropout_p:g} while training")
+    return "; ".join(notes) or None
 
 
 def model_size(model) -> tuple[int, int]:

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from moba_rewrite.cli import steps
-from moba_rewrite.cli.errors import EXIT_OK, EXIT_VALUE, CliError, checkpoint_errors
+from moba_rewrite.cli.errors import EXIT_OK, EXIT_VALUE, CliError, checkpoint_errors, require
 from moba_rewrite.cli.output import progress_for, say
 
 
@@ -23,6 +23,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
     from moba_rewrite import checkpoints as ck
     from moba_rewrite import routes
 
+    require("matplotlib", "drawing routes")
     with checkpoint_errors():
         ck.check_output(args.out, force=args.force, inputs=(args.checkpoint,))
     policy = steps.load_policy(args.policy)
@@ -97,6 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         from moba_rewrite import checkpoints as ck
 
+        require("matplotlib", "--plot")
         with checkpoint_errors():
             ck.check_output(args.plot, force=args.force)
         if Path(args.plot).exists():

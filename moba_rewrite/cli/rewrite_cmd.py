@@ -12,7 +12,7 @@ from typing import Any
 from moba_rewrite.cli import artifacts, steps
 from moba_rewrite.cli.artifacts import FORMATS
 from moba_rewrite.cli.errors import (EXIT_ARCHITECTURE, EXIT_CHECKPOINT, EXIT_EXPORT, EXIT_OK, EXIT_USAGE,
-                                     EXIT_VALUE, CliError, checkpoint_errors, rewrite_error)
+                                     EXIT_VALUE, CliError, checkpoint_errors, first_line, rewrite_error)
 from moba_rewrite.cli.output import Progress, human, print_report, say, size
 
 
@@ -33,15 +33,17 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     run_rewrite(args.checkpoint, args.policy, args.out, fmt=args.format, seq_len=args.seq_len,
                 dynamic=args.dynamic, device=args.device, force=args.force, verify=not args.no_verify,
                 config=args.config, trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code,
-                dtype=args.dtype, quiet=args.quiet, progress=not args.no_progress, report_json=args.report_json)
+                allow_random_init=args.allow_random_init, dtype=args.dtype, quiet=args.quiet,
+                progress=not args.no_progress, report_json=args.report_json, onnx_body=args.onnx_body)
     return EXIT_OK
 
 
 def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | dict, out: str | os.PathLike, *,
                 fmt: str = "hf", seq_len: int | None = None, dynamic: bool = False, device: str = "cpu",
                 force: bool = False, verify: bool = True, config: str | None = None, trust_pickle: bool = False,
-                trust_remote_code: bool = False, dtype: str | None = None, quiet: bool = False,
-                progress: bool = True, report_json: str | None = None) -> RewriteResult:
+                trust_remote_code: bool = False, allow_random_init: bool = False, dtype: str | None = None,
+                quiet: bool = False, progress: bool = True, report_json: str | None = None,
+                onnx_body: str = "sparse") -> RewriteResult:
     """The `rewrite` command as a function (also used by `demo`)."""
     from moba_rewrite import checkpoints as ck
 
@@ -54,9 +56,9 @@ def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | 
         ck.check_output(out, force=force, inputs=(checkpoint,))
     bar = Progress(4 + (1 if verify else 0), enabled=progress and not quiet)
     ns = argparse.Namespace(checkpoint=checkpoint, config=config, trust_pickle=trust_pickle,
-                            trust_remote_code=trust_remote_code, dtype=dtype)
+                            trust_remote_code=trust_remote_code, allow_random_init=allow_random_init, dtype=dtype)
     job = dict(fmt=fmt, seq_len=seq_len, dynamic=dynamic, dev=dev, force=force, verify=verify, quiet=quiet,
-               bar=bar, checkpoint=checkpoint)
+               bar=bar, checkpoint=checkpoint, onnx_body=onnx_body)
     try:
         with checkpoint_errors():
             with bar.step("loading checkpoint"):
@@ -76,7 +78,7 @@ def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | 
 
 
 def _rewrite_eager(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, force, verify, quiet, bar,
-                   checkpoint):
+                   checkpoint, onnx_body):
     """A model checkpoint: rewritten in place, written, verified; (report, seq_len, max diff, model)."""
     import torch
 
@@ -99,7 +101,7 @@ def _rewrite_eager(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, for
     with ck.atomic_output(out, directory=(fmt == "hf"), force=force, inputs=(checkpoint,)) as staging:
         with bar.step(f"writing {fmt}"):
             artifacts.write_artifact(fmt, staging, model, args, loaded, policy, dynamic=dynamic, seq_len=n,
-                                     checkpoint=checkpoint)
+                                     checkpoint=checkpoint, onnx_body=onnx_body)
         diff = None
         if verify:
             with bar.step("verifying"):
@@ -118,12 +120,13 @@ def _rewrite_eager(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, for
 
 
 def _rewrite_program(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, force, verify, quiet, bar,
-                     checkpoint):
+                     checkpoint, onnx_body):
     """A `.pt2` input: rewritten at graph level (no Python model code needed)."""
     import torch
 
     from moba_rewrite import checkpoints as ck
     from moba_rewrite.api import rewrite_exported
+    from moba_rewrite.exporters.common import as_output_failure
 
     if fmt == "hf":
         raise CliError("--format", "expected pt2, aoti or onnx for a .pt2 input (there is no Hugging Face model "
@@ -157,9 +160,13 @@ def _rewrite_program(loaded, policy, out: Path, *, fmt, seq_len, dynamic, dev, f
     with ck.atomic_output(out, directory=False, force=force, inputs=(checkpoint,)) as staging:
         with bar.step(f"writing {fmt}"):
             try:
-                artifacts.export_module(fmt, program, args, staging, dynamic=dynamic)
+                artifacts.export_module(fmt, program, args, staging, dynamic=dynamic, onnx_body=onnx_body)
             except Exception as exc:
-                raise CliError("", f"expected the rewritten program to export as {fmt} ({exc})", EXIT_EXPORT) from exc
+                full = as_output_failure(exc)
+                if full is not None:
+                    raise full from exc  # a full disk is the output's problem (exit 7), not the export's
+                raise CliError("", f"expected the rewritten program to export as {fmt} ({type(exc).__name__}: "
+                                   f"{first_line(exc, type(exc).__name__)})", EXIT_EXPORT) from exc
         diff = None
         if verify:
             with bar.step("verifying"):

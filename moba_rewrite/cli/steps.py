@@ -7,7 +7,7 @@ import argparse
 import os
 
 from moba_rewrite.cli.errors import (EXIT_ARCHITECTURE, EXIT_POLICY, EXIT_VALUE, CliError, checkpoint_errors,
-                                     rewrite_error)
+                                     rewrite_error, warn)
 
 
 def load_policy(path: str | os.PathLike | dict):
@@ -30,10 +30,15 @@ def read(args: argparse.Namespace, path: str | None = None):
     except ImportError:  # pragma: no cover
         pass
     with checkpoint_errors():
-        return ck.read_checkpoint(path or args.checkpoint, config=getattr(args, "config", None),
-                                  trust_pickle=getattr(args, "trust_pickle", False),
-                                  trust_remote_code=getattr(args, "trust_remote_code", False),
-                                  dtype=getattr(args, "dtype", None))
+        loaded = ck.read_checkpoint(path or args.checkpoint, config=getattr(args, "config", None),
+                                    trust_pickle=getattr(args, "trust_pickle", False),
+                                    trust_remote_code=getattr(args, "trust_remote_code", False),
+                                    dtype=getattr(args, "dtype", None),
+                                    allow_random_init=getattr(args, "allow_random_init", False))
+    if loaded.random_init:
+        warn(f"{loaded.path}: weights initialised randomly, as --allow-random-init allows ({loaded.random_init}); "
+             "this is not the trained model")
+    return loaded
 
 
 def device(name: str):

@@ -14,13 +14,16 @@ import torch
 from torch.export import ExportedProgram
 
 import moba_rewrite.attention.op  # noqa: F401  (the package calls moba::attention)
+from moba_rewrite.exporters.common import failsafe_output
 
 
 def save_aoti(program: ExportedProgram, path: str | os.PathLike) -> None:
-    """Compile `program` with AOTInductor and write the package to `path` (`.pt2`)."""
+    """Compile `program` with AOTInductor and write the package to `path` (`.pt2`); a failed
+    write (disk full) raises `OutputWriteFailed` instead of aborting the process."""
     import torch._inductor
 
-    torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path))
+    with failsafe_output(path) as f:
+        torch._inductor.aoti_compile_and_package(program, package_path=f)
 
 
 def load_aoti(path: str | os.PathLike) -> Callable:

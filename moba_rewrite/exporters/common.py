@@ -1,21 +1,30 @@
 """What every exporter needs: an exportable forward, sample inputs, and output comparison.
 
-Hugging Face models are exported through `logits_view` (input_ids -> logits, no KV cache),
+Hugging Face models are exported through `logits_view` (input_ids -> logits, no KV cache,
+an all-ones attention mask so nothing O(T^2) is traced),
 so the exported program, AOTInductor package and ONNX model all take one `input_ids`
 tensor `[batch, seq]` and return one tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any
+import errno
+import io
+import os
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
 
 def _logits_forward(self, input_ids: Tensor) -> Tensor:
-    out = super(type(self), self).forward(input_ids=input_ids, use_cache=False)
+    # An all-ones attention_mask says what is true (one unpadded sequence per row) and what
+    # transformers cannot see while tracing without one: that position_ids do not restart
+    # (packed sequences). Without it, the traced mask would be the full [T, T] packed mask.
+    out = super(type(self), self).forward(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                          use_cache=False)
     logits = getattr(out, "logits", None)
     return logits if logits is not None else out.last_hidden_state
 
@@ -81,6 +90,100 @@ def seq_dynamic_shapes(args: tuple[Tensor, ...], *, max_seq: int = 1 << 17) -> t
     """`dynamic_shapes` marking dim 1 (the sequence) of every input as one dynamic `seq` dim."""
     seq = torch.export.Dim("seq", min=2, max=max_seq)
     return tuple({1: seq} if isinstance(a, Tensor) and a.dim() >= 2 else None for a in args)
+
+
+class OutputWriteFailed(OSError):
+    """Writing an artifact failed in the file system (disk full, file too large, I/O error)."""
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def as_output_failure(exc: BaseException) -> OutputWriteFailed | None:
+    """An exporter's failure that is really the output's file system being full, or None."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, OutputWriteFailed):
+            return e
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return OutputWriteFailed(e.errno, e.strerror or str(e))
+    return None
+
+
+class _FailSafeFile(io.RawIOBase):
+    """The file torch's C++ archive writer (`PyTorchStreamWriter`) writes a .pt2 into.
+
+    That writer cannot survive a failed write: it finalises the archive again in its destructor,
+    which throws a second time and aborts the whole process. So the first OSError is kept and
+    every later write is accepted and dropped; `failsafe_output` raises the kept error once
+    torch has finished.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__()
+        self._file = open(path, "wb")  # noqa: SIM115  (closed by failsafe_output)
+        self.error: OSError | None = None
+        self._pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if self.error is None:
+            try:
+                self._file.write(data)
+            except OSError as exc:
+                self.error = exc
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if self.error is None:
+            try:
+                self._pos = self._file.seek(offset, whence)
+                return self._pos
+            except OSError as exc:
+                self.error = exc
+        self._pos = offset if whence == os.SEEK_SET else self._pos + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._file.flush()
+            except OSError as exc:
+                self.error = exc
+
+    def close_file(self) -> None:
+        try:
+            self._file.close()
+        except OSError as exc:
+            self.error = self.error or exc
+
+
+@contextlib.contextmanager
+def failsafe_output(path: str | os.PathLike) -> Iterator[io.RawIOBase]:
+    """A writable, seekable file for torch's archive writers; raises `OutputWriteFailed` after the
+    block if any write failed (instead of the process aborting), even if the block raised too."""
+    sink = _FailSafeFile(path)
+    try:
+        yield sink
+    except Exception:
+        sink.close_file()
+        if sink.error is None:
+            raise
+    else:
+        sink.flush()
+        sink.close_file()
+    if sink.error is not None:
+        err = sink.error
+        raise OutputWriteFailed(err.errno, err.strerror or str(err)) from err
 
 
 def first_tensor(out: Any) -> Tensor:

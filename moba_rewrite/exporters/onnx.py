@@ -1,11 +1,16 @@
 """ONNX export: MoBA becomes one custom-domain node that carries its own definition.
 
 Each `moba::attention` call in the graph becomes a node `com.moba_rewrite::Attention`. The
-model also holds an ONNX *function* of that name, written with standard ONNX ops (opset 20)
-that computes MoBA the dense way, step by step as SPEC section 2 says: block means, gate,
-candidate mask, TopK, selected-block mask, masked softmax, matmul. Any ONNX runtime can run
-the model as it is (onnxruntime inlines the function); a runtime with a native MoBA kernel
-registers it for (`com.moba_rewrite`, `Attention`) and the function body is ignored.
+model also holds an ONNX *function* of that name, written with standard ONNX ops (opset 20).
+Any ONNX runtime can run the model as it is (onnxruntime inlines the function); a runtime
+with a native MoBA kernel registers it for (`com.moba_rewrite`, `Attention`) and the function
+body is ignored. Two bodies compute the same thing (SPEC section 2):
+
+- `sparse` (default, `onnx_sparse.SparseAttentionBody`): gathers only the selected key blocks;
+  memory O(T * top_k * block_size) per head;
+- `dense` (`AttentionBody` below, `body="dense"` / `--onnx-body dense`): step by step on
+  `[Tq, Tk]` tensors (block means, gate, candidate mask, TopK, selected-block mask, masked
+  softmax, matmul): O(T^2) memory, the plainest statement of the algorithm.
 
 Node contract (what a native kernel must implement):
 
@@ -13,7 +18,8 @@ Node contract (what a native kernel must implement):
   float mask broadcastable to `[B, Hq, Tq, Tk]` (`-inf` = hidden, 0 = visible; a boolean mask
   is turned into 0 / -inf, an absent mask is the scalar 0);
 - attributes: `block_size` (int), `top_k` (int, counts the own block), `causal` (int 0/1),
-  `scale` (float);
+  `scale` (float), `dense_below` (int, default 0: full attention, i.e. every block selected,
+  when `Tk < dense_below`; the policy key of that name);
 - output: `[B, Hq, Tq, D]` in q's dtype. Gate and softmax are computed in fp32.
 
 Dense attention sites are left to torch's own exporter (standard attention ops). The export
@@ -48,7 +54,8 @@ _BOOL = 9  # onnx.TensorProto.BOOL
 
 
 @onnxscript.script(moba_opset, default_opset=op)
-def AttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale: float):  # noqa: N802
+def AttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale: float,  # noqa: N802
+                  dense_below: int):
     """MoBA (SPEC section 2) on q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D], additive mask `bias`."""
     qf = op.Cast(q, to=1)
     kf = op.Cast(k, to=1)
@@ -82,7 +89,12 @@ def AttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale
     blocks = op.Range(zero, n_blocks, one)  # [nb]
     member = op.Cast(op.Equal(op.Unsqueeze(key_block, [0]), op.Unsqueeze(blocks, [1])), to=1)  # [nb, Tk]
     counts = op.ReduceSum(member, [1], keepdims=1)  # [nb, 1]
-    means = op.Div(op.MatMul(member, kx), counts)  # [B, Hq, nb, D]
+    # member @ K would spread a NaN key (0 * NaN) to every block: sum the finite keys, then put
+    # NaN back on the blocks that hold one (their gate score is NaN: never selected)
+    k_nan = op.IsNaN(kx)
+    means = op.Div(op.MatMul(member, op.Where(k_nan, fzero, kx)), counts)  # [B, Hq, nb, D]
+    block_nan = op.Greater(op.MatMul(member, op.Cast(k_nan, to=1)), fzero)
+    means = op.Where(block_nan, op.Constant(value_float=float("nan")), means)
     q_pos = op.Range(op.Sub(tk, tq), tk, one)  # [Tq]
     own = op.Unsqueeze(op.Div(q_pos, bs), [1])  # [Tq, 1]
     blocks_row = op.Unsqueeze(blocks, [0])  # [1, nb]
@@ -97,10 +109,12 @@ def AttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale
     visible = op.Not(op.IsInf(biasf, detect_positive=0))
     visible = op.Expand(visible, op.Concat(op.Shape(q, start=2, end=3), op.Shape(k, start=2, end=3), axis=0))
     block_visible = op.Greater(op.MatMul(op.Cast(visible, to=1), op.Transpose(member, perm=[1, 0])), fzero)
-    candidate = op.And(candidate, block_visible)
+    candidate = op.And(op.And(candidate, block_visible), op.Not(op.IsNaN(gate)))  # a NaN score never selects
 
-    # Selection: own block plus the top_k - 1 best candidates (fewer if fewer exist).
+    # Selection: own block plus the top_k - 1 best candidates (fewer if fewer exist); every
+    # block below `dense_below` keys (full attention).
     n_pick = op.Min(op.Sub(op.Constant(value_int=top_k), one), n_blocks)
+    n_pick = op.Where(op.Less(tk, op.Constant(value_int=dense_below)), n_blocks, n_pick)
     k_topk = op.Reshape(op.Max(n_pick, one), op.Constant(value_ints=[1]))
     scores_gate = op.Where(candidate, gate, ninf)
     values, index = op.TopK(scores_gate, k_topk, axis=-1)
@@ -149,7 +163,9 @@ def _register_schema() -> None:
         attributes=[attr("block_size", at.INT, "keys per block"),
                     attr("top_k", at.INT, "blocks attended per query, own block included"),
                     attr("causal", at.INT, "1: causal MoBA"),
-                    attr("scale", at.FLOAT, "softmax scale")],
+                    attr("scale", at.FLOAT, "softmax scale"),
+                    attr("dense_below", onnx.helper.make_attribute("dense_below", 0),
+                         "full attention when Tk < dense_below (0: never)")],
     )
     defs.register_schema(schema)
 
@@ -158,7 +174,7 @@ _register_schema()
 
 
 def _moba_translation(q, k, v, attn_mask=None, block_size: int = 512, top_k: int = 3,
-                      causal: bool = True, scale: float = 1.0, backend: str = "auto"):
+                      causal: bool = True, scale: float = 1.0, backend: str = "auto", dense_below: int = 0):
     """Translate one `moba::attention` call into a `com.moba_rewrite::Attention` node."""
     zero = op.CastLike(op.Constant(value_float=0.0), q)
     if attn_mask is None:
@@ -168,7 +184,7 @@ def _moba_translation(q, k, v, attn_mask=None, block_size: int = 512, top_k: int
     else:
         bias = op.CastLike(attn_mask, q)
     return moba_opset.Attention(q, k, v, bias, block_size=int(block_size), top_k=int(top_k),
-                                causal=int(bool(causal)), scale=float(scale))
+                                causal=int(bool(causal)), scale=float(scale), dense_below=int(dense_below))
 
 
 def translation_table() -> dict:
@@ -176,19 +192,26 @@ def translation_table() -> dict:
     return {torch.ops.moba.attention.default: _moba_translation}
 
 
-def function_proto() -> onnx.FunctionProto:
+BODIES = ("sparse", "dense")
+
+
+def function_proto(body: str = "sparse") -> onnx.FunctionProto:
     """The ONNX function that defines `com.moba_rewrite::Attention` with standard ops."""
-    proto = AttentionBody.to_function_proto()
+    from moba_rewrite.exporters.onnx_sparse import SparseAttentionBody
+
+    if body not in BODIES:
+        raise ValueError(f"ONNX function body must be one of {', '.join(BODIES)}, got {body!r}")
+    proto = (SparseAttentionBody if body == "sparse" else AttentionBody).to_function_proto()
     proto.name = OP_NAME
     proto.domain = DOMAIN
     return proto
 
 
-def attach_function(model: onnx.ModelProto) -> int:
+def attach_function(model: onnx.ModelProto, body: str = "sparse") -> int:
     """Add the MoBA function body and opset import to `model`; return the number of MoBA nodes."""
     n_nodes = sum(1 for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_NAME)
     if not any(f.domain == DOMAIN and f.name == OP_NAME for f in model.functions):
-        model.functions.append(function_proto())
+        model.functions.append(function_proto(body))
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     return n_nodes
@@ -200,12 +223,13 @@ _PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB, with room for the
 
 
 def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: str | os.PathLike, *,
-                dynamic: bool = False, max_seq: int = 1 << 17, dynamic_shapes: Any = None) -> onnx.ModelProto:
+                dynamic: bool = False, max_seq: int = 1 << 17, dynamic_shapes: Any = None,
+                body: str = "sparse") -> onnx.ModelProto:
     """Export the (already rewritten) model to an ONNX file at `path` and return the proto.
 
-    Inputs are named `input_0..`; with `dynamic=True` dim 1 (the
-    sequence) of every input is symbolic
-    (or pass torch.export `dynamic_shapes` yourself). The model is checked with `onnx.checker`.
+    Inputs are named `input_0..`; with `dynamic=True` dim 1 (the sequence) of every input is
+    symbolic (or pass torch.export `dynamic_shapes` yourself). `body`: the MoBA function body,
+    `sparse` (default) or `dense` (module docstring). The model is checked with `onnx.checker`.
     """
     from moba_rewrite.exporters.common import exportable, seq_dynamic_shapes
 
@@ -225,7 +249,7 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: st
     finally:
         registry_log.setLevel(level)
     proto = program.model_proto
-    attach_function(proto)
+    attach_function(proto, body)
     if proto.ByteSize() > _PROTO_LIMIT:
         raise ValueError(f"{os.fspath(path)}: expected a model under 2 GiB for single-file ONNX "
                          f"(this one is {proto.ByteSize() / 1024**3:.1f} GiB)")

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.export import ExportedProgram
 
 import moba_rewrite.attention.op  # noqa: F401  (registers torch.ops.moba before loading programs)
-from moba_rewrite.exporters.common import exportable, seq_dynamic_shapes
+from moba_rewrite.exporters.common import exportable, failsafe_output, seq_dynamic_shapes
 
 
 def export_program(model: nn.Module, args: tuple[Tensor, ...], *, dynamic: bool = False,
@@ -28,8 +28,10 @@ def export_program(model: nn.Module, args: tuple[Tensor, ...], *, dynamic: bool 
 
 
 def save_pt2(program: ExportedProgram, path: str | os.PathLike) -> None:
-    """Write `program` to `path` (a `.pt2` file)."""
-    torch.export.save(program, os.fspath(path))
+    """Write `program` to `path` (a `.pt2` file); a failed write (disk full) raises
+    `OutputWriteFailed` instead of aborting the process."""
+    with failsafe_output(path) as f:
+        torch.export.save(program, f)
 
 
 def load_pt2(path: str | os.PathLike) -> ExportedProgram:

@@ -8,11 +8,17 @@ the one matching what it was loaded with. Each attention module carries its own 
 (`module._moba_decision`): MoBA sites compute `moba::attention`, dense sites call the
 original function with the original arguments, so they stay bit-for-bit what they were.
 Because the KV cache update happens in the module before the attention call, `generate()`
-keeps working; a decode step (Tq == 1) follows the decision's `decode` setting.
+keeps working; a decode step (Tq == 1) follows the decision's `decode` setting. MoBA calls with a
+KV cache go through `hf_cache` (real query positions, block means kept beside the cache).
 
-Masks: sdpa-origin models hand a boolean mask (or None for plain causal); eager-origin
-models an additive mask built from 0 and `finfo.min` (finite!), converted with
-`mask > finfo.min / 2` so hidden keys stay hidden (docs/ARCHITECTURE.md).
+Masks (`hf_masks`): the mask functions registered for the moba implementations hand over
+nothing for plain causal input and a compact key mask `[B, 1, 1, Tk]` for padded batches,
+marked as such, so a MoBA site calls the op with `causal=True` and nothing O(T^2) exists, in
+eager mode and under tracing; dense sites get the original mask, rebuilt. Masks that cannot be
+compacted (sliding windows, packed sequences, static caches) stay full: boolean, or additive
+0 / `finfo.min` (finite!) converted with `mask > finfo.min / 2` (docs/ARCHITECTURE.md). A float
+mask that is not provably 0 / -inf (an ALiBi bias in the mask) keeps the call dense: read per
+call in eager mode, and by the op `moba::attention_checked_mask` when traced.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from moba_rewrite.attention import checked as _checked  # noqa: F401  (torch.ops.moba.attention_checked_mask)
 from moba_rewrite.attention import op as moba_op  # registers torch.ops.moba
+from moba_rewrite.integrations import hf_cache, hf_masks
 from passes.sites import AttentionSite
 
 IMPL_PREFIX = "moba_"
@@ -44,6 +52,17 @@ class HFUnsupportedError(RuntimeError):
 
 # --------------------------------------------------------------------------------------------
 # Registration
+
+
+def is_pretrained(model: nn.Module) -> bool:
+    """A transformers `PreTrainedModel` (whether or not its attention uses the AttentionInterface)."""
+    if "transformers" not in sys.modules:
+        return False
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel)
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -121,16 +140,16 @@ def _make_interface(origin: str) -> Callable:
 
 
 def register() -> None:
-    """Register `moba_sdpa` / `moba_eager` attention and mask functions (idempotent)."""
+    """Register `moba_sdpa` / `moba_eager` attention and (compact) mask functions (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     for origin in SUPPORTED_ORIGINS:
         name = IMPL_PREFIX + origin
         if name not in AttentionInterface._global_mapping:
             AttentionInterface.register(name, _make_interface(origin))
-        if name not in AttentionMaskInterface._global_mapping:
-            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[origin])
+        if getattr(AttentionMaskInterface._global_mapping.get(name), "__name__", "") != f"moba_{origin}_mask":
+            AttentionMaskInterface.register(name, hf_masks.make_mask_function(origin))
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,9 +169,13 @@ class CallRecord:
     scaling: float | None
     is_causal: bool | None
     kwargs: tuple[str, ...]
+    mask_form: str = ""  # compact | full: <why> | bias (a float mask with values other than 0 / -inf)
 
 
 _RECORDER: list[CallRecord] | None = None
+# Set by `integrations.hf_cp.context_parallel` while a sequence is sharded across ranks: it then
+# computes every site (MoBA and dense) over the whole sequence.
+CONTEXT_PARALLEL: Callable | None = None
 
 
 @contextmanager
@@ -182,7 +205,22 @@ def unsupported_reasons(query, key, value, mask, dropout: float, training: bool,
         out.append(f"query heads {query.shape[1]} not a multiple of kv heads {key.shape[1]}")
     if mask is not None and mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         out.append(f"attention mask of dtype {mask.dtype}")
+    elif mask is not None and mask.dtype != torch.bool and hf_masks.compact_of(mask) is None \
+            and hf_masks.float_mask_kind(mask) == "bias":
+        out.append(BIAS_REASON)
     return out
+
+
+BIAS_REASON = ("additive float attention mask with values other than 0 / -inf (a bias such as ALiBi); "
+               "MoBA's gate cannot honour it")
+
+
+def _mask_form(mask) -> str:
+    if mask is None or hf_masks.compact_of(mask) is not None:
+        return "compact"
+    if mask.dtype.is_floating_point and hf_masks.float_mask_kind(mask) == "bias":
+        return "bias"
+    return "full: " + (hf_masks.full_reason(mask) or "a mask built outside the mask interface")
 
 
 def moba_attention_forward(origin: str, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
@@ -190,20 +228,30 @@ def moba_attention_forward(origin: str, module: nn.Module, query, key, value, at
     def dense(*call_args, **call_kwargs):
         return _dense_call(origin, *call_args, **call_kwargs)
 
+    cache = kwargs.pop(hf_cache.CACHE_KWARG, None)  # handed over by hf_cache's pre-hook
     decision = getattr(module, "_moba_decision", None)
     dropout = kwargs.get("dropout", args[0] if args else 0.0)
+    is_causal = kwargs.get("is_causal")
+    causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
     if _RECORDER is not None:
         _RECORDER.append(CallRecord(
             module=module, q_shape=tuple(query.shape), k_shape=tuple(key.shape), v_shape=tuple(value.shape),
             mask="none" if attention_mask is None else ("bool" if attention_mask.dtype == torch.bool else "float"),
             dropout=float(dropout or 0.0), scaling=kwargs.get("scaling"), is_causal=kwargs.get("is_causal"),
-            kwargs=tuple(k for k, v in kwargs.items() if v is not None),
+            kwargs=tuple(k for k, v in kwargs.items() if v is not None), mask_form=_mask_form(attention_mask),
         ))
+    if CONTEXT_PARALLEL is not None:
+        return CONTEXT_PARALLEL(origin, module, query, key, value, attention_mask, *args, **kwargs)
+
+    def original(q=query, k=key, v=value, m=None):  # the dense site, with the mask it always had
+        m = hf_masks.dense_mask(origin, attention_mask, query, key, causal) if m is None else m
+        return dense(module, q, k, v, m, *args, **kwargs)
+
     if decision is None or decision.mode != "moba":
-        return dense(module, query, key, value, attention_mask, *args, **kwargs)
+        return original()
     tq, tk = query.shape[2], key.shape[2]
     if tq == 1 and decision.decode == "dense":
-        return dense(module, query, key, value, attention_mask, *args, **kwargs)
+        return original()
     problems = unsupported_reasons(query, key, value, attention_mask, float(dropout or 0.0), module.training, kwargs)
     if problems:
         if decision.on_unsupported == "error":
@@ -211,27 +259,44 @@ def moba_attention_forward(origin: str, module: nn.Module, query, key, value, at
                 f"attention site {getattr(module, '_moba_site', type(module).__name__)!r} cannot run MoBA: "
                 f"{'; '.join(problems)} (policy on_unsupported: error)"
             )
-        return dense(module, query, key, value, attention_mask, *args, **kwargs)
+        return original()
     scaling = kwargs.get("scaling")
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    is_causal = kwargs.get("is_causal")
-    causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
     mask = attention_mask
-    if mask is None:
-        if causal and tq > 1 and tk > tq:
+    dense_below = int(getattr(decision, "dense_below", None) or 0)
+    if hf_masks.compact_of(mask) is not None:
+        mask, causal = hf_masks.key_mask(mask), True  # the causal cut AND this key mask (or none)
+    elif mask is None:
+        if causal and tq > 1 and tk > tq and cache is None:
             # Prefill into an empty static cache: keys past Tq are empty slots (as HF's sdpa path).
             key, value = key[:, :, :tq], value[:, :, :tq]
     else:
+        if mask.dtype != torch.bool and cache is None and hf_masks.float_mask_kind(mask) == "unknown":
+            # Traced: whether the values are 0 / -inf only is known per call; the op reads them.
+            out = torch.ops.moba.attention_checked_mask(
+                query, key, value, mask[..., :tk] if mask.dim() == 4 else mask, int(decision.block_size),
+                int(decision.top_k), scale, str(decision.backend), dense_below,
+                str(getattr(module, "_moba_site", type(module).__name__)) if decision.on_unsupported == "error" else "")
+            return out.transpose(1, 2).contiguous(), None
+        # With a cache and a traced float mask the values are not re-read: discovery (eager) keeps a
+        # site whose masks carry a bias (ALiBi) dense, so a MoBA site's float masks are 0 / -inf.
         if mask.dtype != torch.bool:
-            mask = mask > torch.finfo(mask.dtype).min / 2
+            mask = hf_masks.visibility(mask)
         if mask.dim() == 4 and mask.shape[-1] > tk:
             mask = mask[..., :tk]
         # The boolean mask already holds causality (and padding, windows); causal=False with it
         # is exactly causal MoBA (docs/ARCHITECTURE.md).
         causal = False
+    if cache is not None:  # queries at their real positions in the cache, block means kept beside it
+        out = hf_cache.attention(module, query, key, value, mask, causal=causal, scale=scale, decision=decision,
+                                 cache=cache, dense_below=dense_below)
+        if out is hf_cache.DENSE:
+            return original()
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
     # `moba::attention` when traced (export, compile) or with gradients; its kernels directly in plain eager
     out = moba_op.run(query, key, value, None, mask, int(decision.block_size), int(decision.top_k), causal, scale,
-                      str(decision.backend))
+                      str(decision.backend), dense_below)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -292,7 +357,12 @@ def apply(model: nn.Module, modules: list[tuple[str, nn.Module]], decisions: lis
         _dense_function(origin, module)  # fail early if dense sites could not stay exact
         module._moba_decision = d
         module._moba_site = name
+        if d.mode == "moba":
+            hf_cache.install(module)
+        else:
+            hf_cache.uninstall(module)
     model.set_attn_implementation(IMPL_PREFIX + origin)
+    hf_masks.install_unpacked_hook(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,12 +379,19 @@ class HFSite:
     note: str = ""  # extra information for the report (behaviour while training)
 
 
-def discover(model: nn.Module, example_inputs: Any = None) -> list[HFSite]:
-    """Every attention module of `model` in execution order, from one recorded forward."""
-    modules, calls = attention_modules(model, example_inputs)
+def discover(model: nn.Module, example_inputs: Any = None, *,
+             recorded: tuple[list[tuple[str, nn.Module]], list[CallRecord]] | None = None,
+             train_calls: list[CallRecord] | None = None) -> list[HFSite]:
+    """Every attention module of `model` in execution order, from one recorded forward
+    (`recorded`: the result of `attention_modules`, when the caller ran it). Attention dropout
+    is what the module passes while training (`train_calls`, from a training-mode forward)."""
+    modules, calls = recorded if recorded is not None else attention_modules(model, example_inputs)
     first: dict[int, CallRecord] = {}
     for c in calls:
         first.setdefault(id(c.module), c)
+    p_train: dict[int, float] = {}
+    for c in train_calls or []:
+        p_train[id(c.module)] = max(p_train.get(id(c.module), 0.0), c.dropout)
     origin = origin_of(model)
     out = []
     for layer, (name, m) in enumerate(modules):
@@ -328,12 +405,21 @@ def discover(model: nn.Module, example_inputs: Any = None) -> list[HFSite]:
         problems = [f"{what} ({k})" for k, what in _UNSUPPORTED_KWARGS.items() if k in c.kwargs]
         if c.v_shape[-1] != c.q_shape[-1]:
             problems.append(f"value head dim {c.v_shape[-1]} differs from query head dim {c.q_shape[-1]}")
-        p_train = _dropout_of(m)
-        note = f"; while training: attention dropout p={p_train} -> dense (or error)" if p_train > 0 else ""
+        longest = max((x for x in calls if x.module is m), key=lambda x: x.q_shape[2] - x.k_shape[2])
+        if longest.q_shape[2] > longest.k_shape[2]:  # e.g. Whisper's encoder_attn with a long decoder
+            problems.append(f"more queries than keys (Tq={longest.q_shape[2]} > Tk={longest.k_shape[2]}, "
+                            "cross attention)")
+        if c.mask_form == "bias":
+            problems.append(BIAS_REASON)
+        p = p_train.get(id(m), 0.0) if train_calls is not None else _dropout_of(m)
+        note = f"; while training: attention dropout p={p:g} -> dense (or error)" if p > 0 else ""
+        note += hf_cache.sliding_note(m)
+        if c.mask_form.startswith("full"):
+            note += f"; mask kept full [Tq, Tk] ({c.mask_form[len('full: '):]}), not causal + key padding"
         site = AttentionSite(
             name=name, module_class=type(m).__name__, layer=layer, kind="sdpa" if origin == "sdpa" else "manual",
             num_heads=c.q_shape[1], num_kv_heads=c.k_shape[1], head_dim=c.q_shape[3], causal=causal,
-            mask_kind=mask_kind, scale=c.scaling, dropout_p=p_train, seq_len=c.q_shape[2],
+            mask_kind=mask_kind, scale=c.scaling, dropout_p=p, seq_len=c.q_shape[2],
             extra={"problems": problems, "origin": origin},
         )
         out.append(HFSite(site=site, module=m, problems=problems, note=note))

@@ -70,6 +70,8 @@ def block_selection(
         pad = n_blocks * block_size - tk
         visible = torch.nn.functional.pad(visible, (0, pad), value=False)
         candidate = candidate & visible.reshape(b, hq, tq, n_blocks, block_size).any(-1)
+    # ... and whose gate score is a number: a NaN (a NaN in the block's keys) never selects it.
+    candidate = candidate & ~gate.isnan()
     selected = torch.zeros((b, hq, tq, n_blocks), dtype=torch.bool, device=dev)
     # Selection: the own block plus the top_k - 1 best candidates (fewer if fewer exist).
     n_pick = min(top_k - 1, n_blocks)
@@ -121,6 +123,25 @@ def forward(
     probs = attention_probs(q, k, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
                             attn_mask=attn_mask, means=key_block_means)
     return (probs @ repeat_kv(v, q.shape[1]).to(probs.dtype)).to(q.dtype)
+
+
+def forward_kv_cache(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor, cache_position: Tensor, *,
+    block_size: int, top_k: int, causal: bool, scale: float, attn_mask: Tensor | None,
+) -> Tensor:
+    """MoBA against a preallocated KV cache (SPEC section 2 item 9), by definition.
+
+    The queries sit at `cache_position` (the newest tokens, consecutive), so the cache is filled
+    up to `cache_position[-1] + 1` and every slot after that is unfilled: the result is `forward`
+    on the filled prefix, with the gate on the first `ceil(filled / block_size)` cached means.
+    """
+    filled = int(cache_position[-1]) + 1
+    n_blocks = -(-filled // block_size)
+    if attn_mask is not None and attn_mask.shape[-1] > 1:
+        attn_mask = attn_mask[..., :filled]
+    return forward(q, k_cache[:, :, :filled], v_cache[:, :, :filled], block_size=block_size, top_k=top_k,
+                   causal=causal, scale=scale, attn_mask=attn_mask,
+                   key_block_means=key_block_means[:, :, :n_blocks])
 
 
 def _sum_groups(x: Tensor, num_kv_heads: int) -> Tensor:

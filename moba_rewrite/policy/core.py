@@ -22,13 +22,14 @@ import functools
 import json
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from moba_rewrite.policy.errors import KeyPath, PolicyError, describe, did_you_mean, format_path
-from moba_rewrite.policy.formats import FORMATS, NO_LINES, Locator, dumps, parse_text
+from moba_rewrite.policy.formats import FORMATS, MAX_POLICY_BYTES, NO_LINES, Locator, dumps, parse_text
 
 if TYPE_CHECKING:
     from passes.sites import AttentionSite
@@ -55,6 +56,7 @@ RULE_KEYS: tuple[str, ...] = tuple(_DEFS["rule"]["properties"])
 SELECTOR_KEYS: tuple[str, ...] = ("match", "class", "layers", "ignore")
 ENUMS: dict[str, tuple[str, ...]] = {f: tuple(_DEFS[f]["enum"]) for f in SETTINGS_FIELDS if "enum" in _DEFS[f]}
 MINIMUMS: dict[str, int] = {f: _DEFS[f]["minimum"] for f in SETTINGS_FIELDS if "minimum" in _DEFS[f]}
+MAXIMUMS: dict[str, int] = {f: _DEFS[f]["maximum"] for f in SETTINGS_FIELDS if "maximum" in _DEFS[f]}
 VERSION: int = _SCHEMA["properties"]["version"]["const"]
 _SLICE_RX = re.compile(_DEFS["layer_item"]["oneOf"][1]["pattern"])
 _ZERO_STEP_RX = re.compile(r"^\s*[+-]?[0-9]*\s*:\s*[+-]?[0-9]*\s*:\s*[+-]?0+\s*$")
@@ -86,9 +88,13 @@ class Settings:
     backend: Backend = "auto"
     decode: DecodeMode = "moba"
     on_unsupported: OnUnsupported = "dense"
+    dense_below: int | None = None  # full attention for calls with fewer keys (a change of semantics)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["dense_below"] is None:  # not set: absent from files and dicts
+            del out["dense_below"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -107,10 +113,13 @@ class Decision:
     on_unsupported: OnUnsupported
     matched_rules: tuple[int, ...] = ()
     reason: str = "defaults (no rule matched)"
+    dense_below: int | None = None  # full attention for calls with fewer keys (policy `dense_below`)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["matched_rules"] = list(self.matched_rules)
+        if out["dense_below"] is None:  # not set: absent, as in the policy file
+            del out["dense_below"]
         return out
 
 
@@ -130,6 +139,7 @@ class Rule:
     backend: Backend | None = None
     decode: DecodeMode | None = None
     on_unsupported: OnUnsupported | None = None
+    dense_below: int | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The fields this rule sets, in the schema's order."""
@@ -194,7 +204,7 @@ class Policy:
         if not 0 <= site.layer < num_layers:
             raise ValueError(f"site {site.name!r} has layer {site.layer}; expected 0 <= layer < "
                              f"num_layers ({num_layers})")
-        values = self.defaults.to_dict()
+        values = {**self.defaults.to_dict(), "dense_below": self.defaults.dense_below}
         matched: list[int] = []
         reasons: list[str] = []
         for rule in self.rules:
@@ -224,10 +234,10 @@ class Policy:
                 for key in self.rules[index].overrides():
                     last_setter[key] = index
             decisive.update(last_setter.values())
+        hit_rules = set().union(*(d.matched_rules for d in decisions))
         for rule in self.rules:
             problems += [(rule, "layers", d) for d in _layer_problems(rule, num_layers)]
-            hits = [s for s, d in zip(sites, decisions) if rule.index in d.matched_rules]
-            if not hits:
+            if rule.index not in hit_rules:
                 problems.append((rule, "", "matched no attention site" + _no_match_hint(rule, sites)))
             elif rule.index not in decisive:
                 problems.append((rule, "", "never decides anything: every field it sets is overridden "
@@ -380,9 +390,11 @@ class _Checker:
                 raise self.fail(path, f"expected one of {', '.join(map(repr, choices))}, "
                                       f"got {describe(value)}{hint}")
             return value
-        minimum = MINIMUMS[key]
+        minimum, maximum = MINIMUMS[key], MAXIMUMS.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self.fail(path, f"expected an integer >= {minimum}, got {describe(value)}")
+        if maximum is not None and value > maximum:  # the op's int arguments are 64-bit in traced graphs
+            raise self.fail(path, f"expected an integer <= {maximum} (2**31 - 1), got {describe(value)}")
         return value
 
     def rule(self, raw: Any, i: int) -> Rule:
@@ -414,6 +426,8 @@ class _Checker:
             raise self.fail(path, f"expected a {what} pattern (glob or 're:' regex) or a non-empty "
                                   f"list of them, got {describe(value)}")
         for n, pattern in enumerate(items):
+            if not pattern.startswith("re:"):
+                continue  # a glob always translates to a valid regex: compiled when first matched
             try:
                 _pattern(pattern)
             except re.error as err:
@@ -466,7 +480,7 @@ def load_policy(source: str | os.PathLike[str] | Mapping[str, Any] | Policy) -> 
         raise PolicyError(name, None, "", "expected a policy file ending in .yaml, .yml, .toml or "
                                           f".json, got {path.suffix or 'no extension'!r}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_policy_text(path, name)
     except FileNotFoundError:
         raise PolicyError(name, None, "", "policy file not found") from None
     except IsADirectoryError:
@@ -477,6 +491,20 @@ def load_policy(source: str | os.PathLike[str] | Mapping[str, Any] | Policy) -> 
         raise PolicyError(name, None, "", f"cannot read the policy file ({err.strerror})") from None
     data, locator = parse_text(text, fmt, name)
     return _Checker(name, locator).policy(data)
+
+
+def _read_policy_text(path: Path, name: str) -> str:
+    """The file's text: a regular file of at most MAX_POLICY_BYTES (a FIFO would block forever)."""
+    info = path.stat()
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(name)
+    if not stat.S_ISREG(info.st_mode):
+        raise PolicyError(name, None, "", "expected a regular policy file, got a special file (FIFO, device "
+                                          "or socket)")
+    if info.st_size > MAX_POLICY_BYTES:
+        raise PolicyError(name, None, "", f"expected a policy file of at most {MAX_POLICY_BYTES >> 20} MiB, "
+                                          f"got {info.st_size / 2**20:.1f} MiB")
+    return path.read_text(encoding="utf-8")
 
 
 def dump_policy(policy: Policy, path: str | os.PathLike[str]) -> None:

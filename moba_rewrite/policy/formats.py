@@ -6,12 +6,18 @@ is written, so validation errors can say `hybrid.yaml:7`. Lines come from the pa
 themselves where they can give them: YAML node marks, the JSON scanner's positions; TOML has
 no positions in `tomllib`, so its lines are a best-effort search of the text.
 
+Hostile files are bounded: parsing and locating are linear in the file; nesting deeper than
+`MAX_DEPTH` levels (a policy needs four) is refused with the line where it happens, before
+any recursive parser sees it; YAML aliases are never walked twice, and a document whose
+aliases would expand past `MAX_EXPANDED_VALUES` values (an alias bomb) is refused.
+
 `dumps(data, fmt)` writes data back (TOML by a small writer that covers the policy shape:
 top-level scalars, one level of tables, arrays of tables).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import json.decoder
 import json.scanner
@@ -25,6 +31,10 @@ import yaml
 from moba_rewrite.policy.errors import KeyPath, PolicyError, format_path
 
 FORMATS: dict[str, str] = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
+
+MAX_POLICY_BYTES = 16 << 20  # a policy with 100k rules fits; a bigger file is a mistake
+MAX_DEPTH = 32  # nesting levels (a policy needs 4: rules[i].match[j])
+MAX_EXPANDED_VALUES = 1_000_000  # values a YAML document may hold once its aliases are expanded
 
 
 class Locator:
@@ -49,13 +59,49 @@ class Locator:
 NO_LINES = Locator()
 
 
+class _LineIndex:
+    """Offset -> 1-based line in O(log n), from one pass over the text."""
+
+    def __init__(self, text: str) -> None:
+        self._starts = [m.end() for m in re.finditer("\n", text)]
+
+    def line_at(self, offset: int) -> int:
+        return bisect.bisect_right(self._starts, offset) + 1
+
+
+def _too_deep(source: str, line: int | None) -> PolicyError:
+    return PolicyError(source, line, "", f"expected at most {MAX_DEPTH} levels of nesting (a policy needs 4), "
+                                         "got deeper")
+
+
+# Strings (where brackets do not count), comments (TOML) and brackets, for the depth scan.
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_TOML_TOKENS = re.compile(r'"""(?:[^\\]|\\.)*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\''
+                          r'|#[^\n]*|[\[\]{}]')
+
+
+def _check_depth(text: str, tokens: re.Pattern[str], source: str) -> None:
+    """Refuse nesting beyond MAX_DEPTH (recursive parsers would hit Python's recursion limit)."""
+    depth = 0
+    for m in tokens.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _too_deep(source, text.count("\n", 0, m.start()) + 1)
+        elif c in "]}":
+            depth -= 1
+
+
 def parse_text(text: str, fmt: str, source: str) -> tuple[Any, Locator]:
     """Parse `text` as `fmt` ('yaml' | 'toml' | 'json'); malformed syntax raises PolicyError."""
     if fmt == "yaml":
         return _parse_yaml(text, source)
     if fmt == "json":
+        _check_depth(text, _JSON_TOKENS, source)
         return _parse_json(text, source)
     if fmt == "toml":
+        _check_depth(text, _TOML_TOKENS, source)
         return _parse_toml(text, source)
     raise ValueError(f"unknown policy format {fmt!r}, expected one of yaml, toml, json")
 
@@ -63,7 +109,20 @@ def parse_text(text: str, fmt: str, source: str) -> tuple[Any, Locator]:
 # --------------------------------------------------------------------------------------- YAML
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader without YAML 1.1's base-60 numbers, so `layers: 1:30` is never the int 90."""
+    """SafeLoader without YAML 1.1's base-60 numbers, so `layers: 1:30` is never the int 90,
+    and with nesting limited to MAX_DEPTH while composing (the composer recurses)."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):  # noqa: D102
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.MarkedYAMLError(problem=f"nesting deeper than {MAX_DEPTH} levels",
+                                           problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
@@ -87,17 +146,27 @@ _YamlLoader.add_implicit_resolver(
 
 
 def _parse_yaml(text: str, source: str) -> tuple[Any, Locator]:
-    loader = _YamlLoader(text)
+    try:
+        loader = _YamlLoader(text)  # the reader refuses control characters right here
+    except yaml.reader.ReaderError as err:
+        line = text.count("\n", 0, err.position) + 1
+        char = f"#x{err.character:04x}" if isinstance(err.character, int) else repr(err.character)
+        raise PolicyError(source, line, "", f"malformed YAML: unacceptable character {char} ({err.reason})") from None
     try:
         node = loader.get_single_node()
         lines: dict[KeyPath, int] = {}
         if node is not None:
             lines[()] = node.start_mark.line + 1
-            _yaml_lines(node, (), lines, source)
+            expanded = _yaml_lines(node, (), lines, source, {})
+            if expanded > MAX_EXPANDED_VALUES:
+                raise PolicyError(source, None, "", f"expected at most {MAX_EXPANDED_VALUES:,} values once YAML "
+                                                    f"aliases are expanded, got {expanded:,} (aliases of aliases)")
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark is not None else None
+        if err.problem and err.problem.startswith("nesting deeper"):
+            raise _too_deep(source, line) from None
         problem = err.problem or err.context or "syntax error"
         if err.context and problem.startswith("but "):
             problem = f"{err.context}, {problem}"
@@ -113,11 +182,27 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, Locator]:
     return data, Locator(lines)
 
 
-def _yaml_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], source: str) -> None:
+_IN_PROGRESS = -1
+
+
+def _yaml_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], source: str,
+                expanded: dict[int, int]) -> int:
+    """Record key lines under `node`, each node once (an alias's target is walked where it is
+    first written; paths through later aliases fall back to the alias's own line). Returns how
+    many values the node holds with aliases expanded (memoised in `expanded`, so linear)."""
+    known = expanded.get(id(node))
+    if known == _IN_PROGRESS:
+        raise PolicyError(source, node.start_mark.line + 1, format_path(path),
+                          "expected no alias that contains itself (a recursive YAML structure)")
+    if known is not None:
+        return known
+    expanded[id(node)] = _IN_PROGRESS
+    total = 1
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                total += _yaml_lines(value_node, path, {}, source, expanded)
                 continue
             key = key_node.value
             line = key_node.start_mark.line + 1
@@ -126,14 +211,14 @@ def _yaml_lines(node: yaml.Node, path: KeyPath, lines: dict[KeyPath, int], sourc
                                   f"duplicate key {key!r} (first written at line {seen[key]})")
             seen[key] = line
             lines[path + (key,)] = line
-            _yaml_lines(value_node, path + (key,), lines, source)
+            total += _yaml_lines(value_node, path + (key,), lines, source, expanded)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[path + (i,)] = item.start_mark.line + 1
-            _yaml_lines(item, path + (i,), lines, source)
+            total += _yaml_lines(item, path + (i,), lines, source, expanded)
+    expanded[id(node)] = total
+    return total
 
-
-# --------------------------------------------------------------------------------------- JSON
 
 def _parse_json(text: str, source: str) -> tuple[Any, Locator]:
     where: dict[int, dict[Any, int]] = {}  # id(container) -> {key or index: offset of value}
@@ -178,8 +263,7 @@ def _parse_json(text: str, source: str) -> tuple[Any, Locator]:
     except json.JSONDecodeError as err:
         raise PolicyError(source, err.lineno, "", f"malformed JSON: {err.msg} (column {err.colno})") from None
 
-    def line_at(offset: int) -> int:
-        return text.count("\n", 0, offset) + 1
+    line_at = _LineIndex(text).line_at
 
     lines: dict[KeyPath, int] = {}
 
@@ -242,26 +326,24 @@ def _toml_search(text: str) -> Callable[[KeyPath], int | None]:
                 return n + 1
         return None
 
+    # (name, is array-of-tables) -> spans of its sections in file order: one pass, O(1) lookups
+    spans: dict[tuple[str, bool], list[tuple[int, int]]] = {}
+    for k, (sname, is_array, n) in enumerate(sections):
+        stop = sections[k + 1][2] if k + 1 < len(sections) else len(lines)
+        spans.setdefault((sname, is_array), []).append((n, stop))
+
     def section_span(name: str, index: int | None) -> tuple[int, int] | None:
-        count = -1
-        for k, (sname, is_array, n) in enumerate(sections):
-            if sname != name or is_array != (index is not None):
-                continue
-            count += 1
-            if index is None or count == index:
-                stop = sections[k + 1][2] if k + 1 < len(sections) else len(lines)
-                return n, stop
-        return None
+        found = spans.get((name, index is not None), [])
+        i = 0 if index is None else index
+        return found[i] if 0 <= i < len(found) else None
 
     top_stop = sections[0][2] if sections else len(lines)
 
     def search(path: KeyPath) -> int | None:
         if len(path) == 1 and isinstance(path[0], str):
             span = section_span(path[0], None)
-            if span is None:
-                for sname, is_array, n in sections:
-                    if sname == path[0] and is_array:
-                        return n + 1
+            if span is None and spans.get((path[0], True)):
+                return spans[(path[0], True)][0][0] + 1
             return span[0] + 1 if span else key_line(path[0], 0, top_stop)
         if len(path) >= 2 and isinstance(path[0], str):
             index = path[1] if isinstance(path[1], int) else None

@@ -32,10 +32,12 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from moba_rewrite.kernels.torch import fast as torch_fast, online as torch_online
+from moba_rewrite.kernels.mask_forms import simplify
+from moba_rewrite.kernels.torch import decode as torch_decode, fast as torch_fast, online as torch_online
+from moba_rewrite.kernels.threads import single_threaded
 from moba_rewrite.kernels.torch.select import block_selection, mask4
 
-__all__ = ["forward", "backward", "block_selection", "implementation"]
+__all__ = ["forward", "backward", "forward_kv_cache", "block_selection", "implementation"]
 
 
 def implementation(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, scale: float,
@@ -146,45 +148,71 @@ def _run_parts(ranges: list[tuple[int, int]], work) -> None:
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
-            attn_mask: Tensor | None) -> Tensor:
-    """MoBA output `[B, Hq, Tq, D]` in `q`'s dtype (SPEC section 2)."""
+            attn_mask: Tensor | None, selection: Tensor | None = None) -> Tensor:
+    """MoBA output `[B, Hq, Tq, D]` in `q`'s dtype (SPEC section 2).
+
+    `selection` (`[B, Hq, Tq, picks]` int64 block indices of k, -1 = none, own block excluded):
+    attend these history blocks instead of gating (`select.route`; used by context parallelism)."""
+    attn_mask, causal = simplify(q, k, attn_mask, causal)  # a mask read as causal + key mask when it is one
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
     dim, ranges = _split_plan(q, k)
     if not ranges:
         impl = implementation(q, k, v, block_size=block_size, scale=scale, attn_mask=attn_mask)
-        return impl.forward(q, k, v, attn_mask=attn_mask, **kw)
+        return impl.forward(q, k, v, attn_mask=attn_mask, selection=selection, **kw)
     q_part, kv_part, mask_part = _slicer(dim, q.shape[1] // k.shape[1])
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
 
     def work(a: int, e: int) -> None:
         # Each part picks its implementation (exact either way), in its single-threaded worker.
         qa, ka, va, ma = q_part(q, a, e), kv_part(k, a, e), kv_part(v, a, e), mask_part(attn_mask, a, e)
+        sa = None if selection is None else q_part(selection, a, e)
         impl = implementation(qa, ka, va, block_size=block_size, scale=scale, attn_mask=ma)
         dst = q_part(out, a, e)
         if impl is torch_fast:  # accumulates straight into the output where it can
-            impl.forward(qa, ka, va, attn_mask=ma, out=dst, **kw)
+            impl.forward(qa, ka, va, attn_mask=ma, out=dst, selection=sa, **kw)
         else:
-            dst.copy_(impl.forward(qa, ka, va, attn_mask=ma, **kw))
+            dst.copy_(impl.forward(qa, ka, va, attn_mask=ma, selection=sa, **kw))
     _run_parts(ranges, work)
     return out
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
-             causal: bool, scale: float, attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """`(dq, dk, dv)` of `forward` (dk, dv summed over each GQA group)."""
+             causal: bool, scale: float, attn_mask: Tensor | None, selection: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """`(dq, dk, dv)` of `forward` (dk, dv summed over each GQA group); `selection` as in `forward`."""
+    attn_mask, causal = simplify(q, k, attn_mask, causal)
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
     dim, ranges = _split_plan(q, k, _SPLIT_MIN_ROWS_BACKWARD)
     if not ranges:
         impl = implementation(q, k, v, block_size=block_size, scale=scale, attn_mask=attn_mask)
-        return impl.backward(grad_out, q, k, v, out, attn_mask=attn_mask, **kw)
+        return impl.backward(grad_out, q, k, v, out, attn_mask=attn_mask, selection=selection, **kw)
     q_part, kv_part, mask_part = _slicer(dim, q.shape[1] // k.shape[1])
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def work(a: int, e: int) -> None:
         qa, ka, va, ma = q_part(q, a, e), kv_part(k, a, e), kv_part(v, a, e), mask_part(attn_mask, a, e)
+        sa = None if selection is None else q_part(selection, a, e)
         impl = implementation(qa, ka, va, block_size=block_size, scale=scale, attn_mask=ma)
-        grads = impl.backward(q_part(grad_out, a, e), qa, ka, va, q_part(out, a, e), attn_mask=ma, **kw)
+        grads = impl.backward(q_part(grad_out, a, e), qa, ka, va, q_part(out, a, e), attn_mask=ma, selection=sa,
+                              **kw)
         for dst, src, part in ((dq, grads[0], q_part), (dk, grads[1], kv_part), (dv, grads[2], kv_part)):
             part(dst, a, e).copy_(src)
     _run_parts(ranges, work)
     return dq, dk, dv
+
+
+def forward_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor, cache_position: Tensor, *,
+                     block_size: int, top_k: int, causal: bool, scale: float, attn_mask: Tensor | None) -> Tensor:
+    """MoBA of the queries at `cache_position` against the filled prefix of a KV cache (SPEC section 2
+    item 9). Few queries (decode): `torch_decode`, which gates on the cached means and reads only the
+    selected blocks, with no host sync. More (prefill into a cache): the filled length is read once
+    and `forward` runs on the filled prefix (it computes the means it needs from k)."""
+    if torch_decode.applicable(q, block_size, top_k, k_cache.shape[2]):
+        with single_threaded(q.device):  # small ops: no OpenMP barriers to stall on (kernels.threads)
+            return torch_decode.forward(q, k_cache, v_cache, key_block_means, cache_position, block_size=block_size,
+                                        top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
+    filled = int(cache_position[-1]) + 1
+    if attn_mask is not None and attn_mask.shape[-1] > 1:
+        attn_mask = attn_mask[..., :filled]
+    return forward(q, k_cache[:, :, :filled], v_cache[:, :, :filled], block_size=block_size, top_k=top_k,
+                   causal=causal, scale=scale, attn_mask=attn_mask)

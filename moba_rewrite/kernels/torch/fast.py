@@ -271,13 +271,15 @@ def _sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout,
 
 @torch.no_grad()
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
-            attn_mask: Tensor | None, out: Tensor | None = None) -> Tensor:
+            attn_mask: Tensor | None, out: Tensor | None = None, selection: Tensor | None = None) -> Tensor:
     """MoBA output `[B, Hq, Tq, Dv]` in `q`'s dtype; callers check `applicable` first.
 
     With `out` (shaped like the output, `q`'s dtype) the result is written there and `out` is
-    returned; it is accumulated in place when the layout allows (prefill of whole blocks)."""
+    returned; it is accumulated in place when the layout allows (prefill of whole blocks).
+    `selection`: history blocks chosen by the caller (see `select.route`)."""
     lay = _Layout(q, k, v, block_size)
-    plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, include_own=False)
+    plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, include_own=False,
+                 selection=selection)
     in_place = (out is not None and lay.front == 0 and lay.p == lay.tq and out.dtype == lay.ct
                 and out.is_contiguous())
     acc, row_sum = _sums(q, k, v, plan, lay, causal=causal, scale=scale, attn_mask=attn_mask,
@@ -294,11 +296,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, cau
 
 @torch.no_grad()
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
-             causal: bool, scale: float, attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+             causal: bool, scale: float, attn_mask: Tensor | None, selection: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor]:
     """`(dq, dk, dv)`; routing and row sums are recomputed, memory bounded like `forward`."""
     lay = _Layout(q, k, v, block_size)
     dev, ct, mult = q.device, lay.ct, scale * LOG2E
-    plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, include_own=False)
+    plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, include_own=False,
+                 selection=selection)
     _, row_sum = _sums(q, k, None, plan, lay, causal=causal, scale=scale, attn_mask=attn_mask)
     inv = torch.where(row_sum > 0, row_sum.reciprocal(), 0.0)  # [B, Hq, P]
     del row_sum

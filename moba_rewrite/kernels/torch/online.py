@@ -105,9 +105,10 @@ def _attend(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, scorer: _Sc
 
 @torch.no_grad()
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
-            attn_mask: Tensor | None) -> Tensor:
-    """MoBA output `[B, Hq, Tq, D]` in `q`'s dtype (SPEC section 2), tile by tile."""
-    plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask)
+            attn_mask: Tensor | None, selection: Tensor | None = None) -> Tensor:
+    """MoBA output `[B, Hq, Tq, D]` in `q`'s dtype (SPEC section 2), tile by tile.
+    `selection`: history blocks chosen by the caller (see `select.route`)."""
+    plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, selection=selection)
     scorer = _Scorer(q, attn_mask, causal=causal, scale=scale, offset=plan.offset)
     acc, _, row_sum = _attend(q, k, v, plan, scorer)
     inv = torch.where(row_sum > 0, row_sum.reciprocal(), 0.0)
@@ -117,9 +118,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, cau
 
 @torch.no_grad()
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
-             causal: bool, scale: float, attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+             causal: bool, scale: float, attn_mask: Tensor | None, selection: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor]:
     """`(dq, dk, dv)` of `forward`; routing and log-sum-exp are recomputed, memory as forward."""
-    plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask)
+    plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, selection=selection)
     scorer = _Scorer(q, attn_mask, causal=causal, scale=scale, offset=plan.offset)
     ct = scorer.ct
     _, row_max, row_sum = _attend(q, k, None, plan, scorer)

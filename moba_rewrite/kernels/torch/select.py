@@ -145,7 +145,8 @@ def _query_chunks(tq: int, offset: int, block_size: int, max_rows: int, min_rows
 def _top_blocks(gate_t: Tensor, kp: int, work: Tensor) -> Tensor:
     """Indices of the `kp` largest entries along dim -2 of a block-major gate `[..., w, c]`.
 
-    Returns `[..., kp, c]` int64, -1 where fewer than `kp` finite entries exist; for `kp <= 3`
+    Returns `[..., kp, c]` int64, -1 where fewer than `kp` entries above -inf exist (a NaN entry,
+    from a NaN query, is never picked); for `kp <= 3`
     exact ties go to the lower block index (the rule of the reference and the Triton gates);
     beyond that `topk` decides (a stable sort was 20x slower). For small `kp` this is `kp`
     rounds of `amax` plus a few arithmetic passes (vectorised across queries in this layout; comparisons producing bool tensors and
@@ -156,7 +157,7 @@ def _top_blocks(gate_t: Tensor, kp: int, work: Tensor) -> Tensor:
     w = gate_t.shape[-2]
     if kp > 3:
         values, index = gate_t.transpose(-1, -2).topk(kp, dim=-1, sorted=False)
-        return index.masked_fill_(values == neg_inf, -1).transpose(-1, -2)
+        return index.masked_fill_(~(values > neg_inf), -1).transpose(-1, -2)
     ar = torch.arange(w, dtype=gate_t.dtype, device=gate_t.device)[:, None]
     key = work[: gate_t.numel()].view(gate_t.shape)
     picks = []
@@ -165,7 +166,7 @@ def _top_blocks(gate_t: Tensor, kp: int, work: Tensor) -> Tensor:
         # key = j where gate == best, j + w elsewhere (NaN where best is -inf: masked below).
         torch.sub(best, gate_t, out=key).sign_()
         torch.add(ar, key, alpha=float(w), out=key)
-        found = best != neg_inf
+        found = best > neg_inf  # False for -inf and for NaN
         idx = key.amin(-2, keepdim=True).nan_to_num_(0.0).to(torch.long).masked_fill_(~found, 0)
         if t + 1 < kp:
             gate_t.scatter_(-2, idx, neg_inf)
@@ -212,6 +213,10 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: 
         return sel
     ct = compute_dtype(q.dtype)
     means = block_means(k, block_size, ct)[:, :, None]  # [B, Hkv, 1, n, D]
+    # A block whose mean holds a NaN (a NaN in its keys) is never a candidate (SPEC 2.4).
+    nan_blocks = means.isnan().any(-1)[..., None]  # [B, Hkv, 1, n, 1]
+    if not bool(nan_blocks.any()):
+        nan_blocks = None
     m4 = mask4(attn_mask)
     blocks = torch.arange(n, device=dev)
     offset = tk - tq
@@ -249,6 +254,8 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: 
             gate_t.add_(torch.zeros(cand.shape, dtype=ct, device=dev).masked_fill_(~cand, float("-inf")))
         else:
             _exclude_non_candidates(gate_t, i0, i1, offset, block_size, own_lo, own_hi, causal)
+        if nan_blocks is not None:
+            gate_t.view(b, hkv, g, w, c).masked_fill_(nan_blocks[:, :, :, :w], float("-inf"))
         kp = min(n_pick, w)
         sel[:, :, i0:i1, :kp] = _top_blocks(gate_t, kp, work).transpose(-1, -2)
     return sel
@@ -273,11 +280,14 @@ class RoutePlan:
 
 @torch.no_grad()
 def route(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool,
-          attn_mask: Tensor | None, include_own: bool = True) -> RoutePlan:
+          attn_mask: Tensor | None, include_own: bool = True, selection: Tensor | None = None) -> RoutePlan:
     """Select blocks and sort the (query row, block) pairs into per-block groups.
 
     With `include_own=False` only the history pairs are listed (the caller handles every
-    query's own block itself).
+    query's own block itself). `selection`: the history blocks already chosen, in
+    `select_blocks`' format (`[B, Hq, Tq, picks]` int64 block indices of k, -1 = none, own
+    block excluded); the gate is then skipped (context parallelism gates against the whole
+    sequence's blocks and attends a compacted k).
     """
     b, hq, tq, _ = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -285,7 +295,8 @@ def route(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal: bool,
     n = -(-tk // block_size)
     dev = q.device
     offset = tk - tq
-    sel = select_blocks(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask)
+    sel = selection if selection is not None else select_blocks(
+        q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask)
     # Group id base per (b, hq): (b * Hkv + hq // G) * n.
     base = ((torch.arange(b, device=dev)[:, None] * hkv + torch.arange(hq, device=dev)[None, :] // g) * n)
     rows_all = torch.arange(b * hq * tq, device=dev)

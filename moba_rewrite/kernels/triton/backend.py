@@ -91,6 +91,18 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], 
     return _run_forward(p, key_block_means)
 
 
+def _forward_kv_cache_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor,
+                           cache_position: Tensor, attn_mask: Optional[Tensor], block_size: int, top_k: int,
+                           causal: bool, scale: float) -> Tensor:
+    """Against a KV cache: the kernels see the whole cache (`max_tk` = its slots) and each sequence's
+    key length is the filled prefix `cache_position[-1] + 1`, a device tensor (no host sync); the
+    queries then sit at their real positions, and the gate reads the cached means."""
+    p = dense_problem(q, k_cache, v_cache, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
+                      attn_mask=attn_mask)
+    p.k_len = (cache_position[-1:] + 1).to(torch.int32).expand(p.batch).contiguous()
+    return _run_forward(p, key_block_means[:, :, :p.n_blocks])
+
+
 def _run_forward(p: "Problem", means: Optional[Tensor] = None) -> Tensor:
     if p.max_tq == 1:  # decode: a gate over block ranges in parallel, merged by split-KV attention; no CSR
         return triton_attn.decode_forward(p, triton_gate.select_blocks(p, means=means, partial=True))
@@ -119,10 +131,13 @@ if _IMPORT_ERROR is None:
         _fwd_op = torch.library.custom_op("moba::triton_attention", mutates_args=())(_forward_impl)
         _bwd_op = torch.library.custom_op("moba::triton_attention_backward", mutates_args=())(_backward_impl)
         _fwd_op.register_fake(lambda q, k, v, *a, **kw: torch.empty_like(q))
+        _kv_op = torch.library.custom_op("moba::triton_attention_kv_cache", mutates_args=())(_forward_kv_cache_impl)
+        _kv_op.register_fake(lambda q, *a, **kw: torch.empty_like(q))
         _bwd_op.register_fake(lambda g, q, k, v, *a: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
     else:
         _fwd_op = torch.library.triton_op("moba::triton_attention", mutates_args=())(_forward_impl)
         _bwd_op = torch.library.triton_op("moba::triton_attention_backward", mutates_args=())(_backward_impl)
+        torch.library.triton_op("moba::triton_attention_kv_cache", mutates_args=())(_forward_kv_cache_impl)
 
     def _setup_context(ctx, inputs, output):
         q, k, v, attn_mask, block_size, top_k, causal, scale = inputs[:8]
@@ -147,6 +162,19 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, cau
         return _forward_impl(q, k, v, attn_mask, block_size, top_k, causal, float(scale), key_block_means)
     return torch.ops.moba.triton_attention(q, k, v, attn_mask, block_size, top_k, causal, float(scale),
                                            key_block_means)
+
+
+def forward_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor, cache_position: Tensor,
+                     *, block_size: int, top_k: int, causal: bool, scale: float,
+                     attn_mask: Tensor | None) -> Tensor:
+    """MoBA of the queries at `cache_position` against the filled prefix of a KV cache (SPEC section 2
+    item 9), gated on `key_block_means`, through `moba::triton_attention_kv_cache` (no host sync)."""
+    _check(q, k_cache, attn_mask)
+    args = (q, k_cache, v_cache, key_block_means, cache_position, attn_mask, block_size, top_k, causal,
+            float(scale))
+    if plain_eager(q, k_cache, v_cache, key_block_means, cache_position, attn_mask):
+        return _forward_kv_cache_impl(*args)
+    return torch.ops.moba.triton_attention_kv_cache(*args)
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,

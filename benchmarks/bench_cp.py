@@ -1,0 +1,321 @@
+"""Context-parallel MoBA vs the all-gather of K/V and ring attention: bytes sent per rank and time.
+
+    python benchmarks/bench_cp.py --worlds 2,4 --tokens 32768 --block 512 --top-k 3 --data rope
+    flock /tmp/moba-heavy.lock python benchmarks/bench_cp.py ...   # on a shared machine
+    python benchmarks/bench_cp.py --model        # the volume model of docs/CONTEXT_PARALLEL.md
+
+For every world size W it spawns W gloo ranks on this machine (CPU), shards one causal sequence
+contiguously (T / W tokens per rank) and runs, on every rank, after one warm-up call:
+
+* `moba_cp`: `moba_rewrite.parallel.moba_attention_cp` (block means all-gathered, global gate,
+  only the selected key/value tiles sent);
+* `allgather`: one all-gather of K and V, then `moba_attention` (`torch` backend) of the local
+  queries over the keys up to the shard's end: the same MoBA output, the simple way;
+* `ring`: ring attention, dense causal: PyTorch's own implementation
+  (`torch.distributed.tensor.experimental._context_parallel._attention._templated_ring_attention`,
+  rotation by all-to-all, no load balancing, with the CPU flash-attention op), or this file's
+  ring over `batch_isend_irecv` when that private API is missing or `--ring own` is given.
+
+"bytes sent" is the payload one rank hands to collectives for other ranks: for `moba_cp` counted
+by `moba_rewrite.parallel.record_traffic` (block means, request bitmaps, key/value tiles, the
+all-ranks-agree check); for `allgather` and `ring` it is `(W - 1) x` the rank's K and V bytes
+(every rank sends its shard to every other rank, once or over W - 1 ring steps). Time: median
+over `--repeats` calls of each rank's wall time (collectives included), the slowest rank
+reported. `--data rope` draws q and k as a shared direction plus noise, rotated by RoPE at their
+positions (as every RoPE model's q/k are): the gate then prefers recent blocks, the more so the
+larger `--signal` (the direction's norm over the noise's; 1 by default, where query noise still
+spreads the picks over most earlier blocks); `--data random` draws i.i.d. normal q, k, v (routing close to uniform: the worst case for
+the bytes MoBA-CP saves). The output also gives the fraction of the reachable remote tiles that
+were fetched (tiles sent by all ranks over all (batch, kv head, block) tiles that causal queries
+could select on another rank), and checks that `moba_cp` and `allgather` give the same output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moba_rewrite.attention import moba_attention  # noqa: E402
+from moba_rewrite.parallel import moba_attention_cp, record_traffic, shard_sequence  # noqa: E402
+from moba_rewrite.parallel.groups import all_gather_stacked  # noqa: E402
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (half-split convention, as Llama) of `[B, H, T, D]` at `positions`."""
+    d = x.shape[-1]
+    freqs = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = positions.double()[:, None] * freqs[None, :]
+    cos, sin = ang.cos().float(), ang.sin().float()
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def make_inputs(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole sequence's q, k, v (identical on every rank: same seed)."""
+    g = torch.Generator().manual_seed(args.seed)
+    b, h, t, d = args.batch, args.heads, args.tokens, args.dim
+    q, k, v = (torch.randn(b, h, t, d, generator=g) for _ in range(3))
+    if args.data == "rope":
+        direction = torch.randn(1, h, 1, d, generator=g)
+        direction = direction / direction.norm(dim=-1, keepdim=True) * d ** 0.5 * args.signal
+        pos = torch.arange(t)
+        q = rope(direction + q, pos)
+        k = rope(direction + k, pos)
+    return q, k, v
+
+
+# --------------------------------------------------------------------------------------------
+# Ring attention
+
+
+def _torch_ring(q, k, v):
+    from torch.distributed.tensor.experimental._context_parallel import _attention as cp_attention
+
+    cp_attention._cp_options.enable_load_balance = False
+    cp_attention._cp_options.rotate_method = cp_attention._RotateMethod.ALL_TO_ALL
+    out, *_ = cp_attention._templated_ring_attention(
+        dist.group.WORLD, 2, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, q, k, v, is_causal=True)
+    return out
+
+
+def _own_ring(q, k, v):
+    """Ring attention over send/recv: K/V travel W - 1 steps; per step a dense block of the causal
+    attention, merged by log-sum-exp. Contiguous shards, no load balancing."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    scale = q.shape[-1] ** -0.5
+    kv = torch.stack([k, v]).contiguous()
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:-1], float("-inf"))
+    for step in range(world):
+        src = (rank - step) % world
+        if step < world - 1:
+            nxt = torch.empty_like(kv)
+            ops = [dist.P2POp(dist.isend, kv, (rank + 1) % world), dist.P2POp(dist.irecv, nxt, (rank - 1) % world)]
+            reqs = dist.batch_isend_irecv(ops)
+        if src <= rank:
+            s = (q @ kv[0].transpose(-1, -2)) * scale
+            if src == rank:
+                s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+            blk_lse = s.logsumexp(-1)
+            blk_out = torch.softmax(s, -1) @ kv[1]
+            new_lse = torch.logaddexp(lse, blk_lse)
+            out = out * (lse - new_lse).exp()[..., None] + blk_out * (blk_lse - new_lse).exp()[..., None]
+            lse = new_lse
+        if step < world - 1:
+            for r in reqs:
+                r.wait()
+            kv = nxt
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# One rank
+
+
+def _time(fn, repeats: int) -> list[float]:
+    fn()  # warm-up: thread pools, one-time buffers
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    q, k, v = (shard_sequence(x) for x in make_inputs(args))
+    bs, top_k = args.block, args.top_k
+    kv_bytes = (k.numel() + v.numel()) * k.element_size()
+    t_local = q.shape[2]
+    end = (rank + 1) * t_local
+    result: dict = {"rank": rank}
+
+    def run_moba_cp():
+        with torch.no_grad():
+            return moba_attention_cp(q, k, v, block_size=bs, top_k=top_k, causal=True)
+
+    def run_allgather():
+        with torch.no_grad():
+            everyone = all_gather_stacked(torch.stack([k, v]), dist.group.WORLD)  # [W, 2, B, H, T_local, D]
+            kv = everyone.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)[:, :, :, :end]
+            return moba_attention(q, kv[0], kv[1], block_size=bs, top_k=top_k, causal=True, backend="torch")
+
+    with record_traffic() as traffic:
+        out_cp = run_moba_cp()
+    result["moba_cp_bytes"] = traffic.bytes_sent
+    result["moba_cp_bytes_by_step"] = traffic.by_step
+    tile = 2 * bs * q.shape[-1] * q.element_size()
+    result["tiles_sent"] = traffic.by_step.get("key/value blocks", 0) / tile
+    # (batch, kv head, block) tiles this rank's causal queries could select on other ranks
+    result["reachable_remote_tiles"] = rank * (t_local // bs) * q.shape[0] * k.shape[1]
+    out_ag = run_allgather()
+    result["max_diff_moba_cp_vs_allgather"] = (out_cp - out_ag).abs().max().item()
+    result["allgather_bytes"] = (world - 1) * kv_bytes
+    result["ring_bytes"] = (world - 1) * kv_bytes
+    result["moba_cp_s"] = _time(run_moba_cp, args.repeats)
+    result["allgather_s"] = _time(run_allgather, args.repeats)
+    if args.ring != "skip":
+        ring = _own_ring
+        result["ring_impl"] = "own (batch_isend_irecv)"
+        if args.ring == "torch":
+            try:
+                _torch_ring(q[:, :, :bs], k[:, :, :bs], v[:, :, :bs])
+                ring = _torch_ring
+                result["ring_impl"] = "torch _templated_ring_attention (all-to-all rotation)"
+            except Exception as e:  # noqa: BLE001 - private API: fall back to our ring, and say so
+                result["ring_impl"] = f"own (batch_isend_irecv); torch's failed: {type(e).__name__}: {e}"[:300]
+        with torch.no_grad():
+            result["ring_s"] = _time(lambda: ring(q, k, v), args.ring_repeats)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, result)
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(everyone))
+    dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def summarize(world: int, ranks: list[dict]) -> dict:
+    slowest = lambda key: max(statistics.median(r[key]) for r in ranks)  # noqa: E731
+    row = {
+        "world": world,
+        "moba_cp_bytes_max": max(r["moba_cp_bytes"] for r in ranks),
+        "moba_cp_bytes_mean": statistics.mean(r["moba_cp_bytes"] for r in ranks),
+        "allgather_bytes": ranks[0]["allgather_bytes"],
+        "ring_bytes": ranks[0]["ring_bytes"],
+        "fetched_fraction_of_reachable_remote_tiles": sum(r["tiles_sent"] for r in ranks) / max(
+            1, sum(r["reachable_remote_tiles"] for r in ranks)),
+        "moba_cp_s": slowest("moba_cp_s"),
+        "allgather_s": slowest("allgather_s"),
+        "max_diff_moba_cp_vs_allgather": max(r["max_diff_moba_cp_vs_allgather"] for r in ranks),
+        "per_rank": ranks,
+    }
+    if "ring_s" in ranks[0]:
+        row["ring_s"] = slowest("ring_s")
+        row["ring_impl"] = ranks[0]["ring_impl"]
+    row["bytes_ratio_moba_cp_vs_ring_max"] = row["moba_cp_bytes_max"] / row["ring_bytes"]
+    row["bytes_ratio_moba_cp_vs_ring_mean"] = row["moba_cp_bytes_mean"] / row["ring_bytes"]
+    row["time_ratio_moba_cp_vs_allgather"] = row["moba_cp_s"] / row["allgather_s"]
+    return row
+
+
+def print_table(args, rows: list[dict]) -> None:
+    mib = 1 << 20
+    data = f"rope, signal {args.signal:g}" if args.data == "rope" else args.data
+    print(f"\ncausal prefill, fp32, B={args.batch} H={args.heads} D={args.dim} T={args.tokens} block={args.block} "
+          f"top-{args.top_k}, data={data}, contiguous shards, CPU gloo, {os.cpu_count()} cores")
+    print("| W | MoBA-CP MiB sent (max / mean per rank) | all-gather MiB | ring MiB | MoBA-CP / ring bytes (max / mean) "
+          "| reachable remote tiles fetched | MoBA-CP s | all-gather s | ring s | MoBA-CP / all-gather time |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ring_s = f"{r['ring_s']:.3f}" if "ring_s" in r else "-"
+        print(f"| {r['world']} | {r['moba_cp_bytes_max'] / mib:.2f} / {r['moba_cp_bytes_mean'] / mib:.2f} "
+              f"| {r['allgather_bytes'] / mib:.2f} | {r['ring_bytes'] / mib:.2f} "
+              f"| {r['bytes_ratio_moba_cp_vs_ring_max']:.3f} / {r['bytes_ratio_moba_cp_vs_ring_mean']:.3f} "
+              f"| {100 * r['fetched_fraction_of_reachable_remote_tiles']:.1f}% | {r['moba_cp_s']:.3f} | {r['allgather_s']:.3f} "
+              f"| {ring_s} | {r['time_ratio_moba_cp_vs_allgather']:.2f} |")
+    for r in rows:
+        print(f"W={r['world']}: ring = {r.get('ring_impl', 'skipped')}; max |moba_cp - allgather| = "
+              f"{r['max_diff_moba_cp_vs_allgather']:.2e}")
+
+
+# --------------------------------------------------------------------------------------------
+# Volume model (docs/CONTEXT_PARALLEL.md): bytes one rank sends per attention layer, forward
+
+# Bandwidths (per GPU, one direction), see docs/CONTEXT_PARALLEL.md for the sources:
+NVLINK_GBPS = 450.0  # H100/H200 SXM: 18 NVLink-4 links, 900 GB/s both directions
+IB_GBPS = 50.0  # one 400 Gb/s InfiniBand NDR (ConnectX-7) port per GPU
+GPUS_PER_NODE = 8
+
+
+def volume_model(tokens: int, world: int, *, kv_heads=8, head_dim=128, block=4096, fetched=1.0,
+                 elem_bytes=2) -> dict:
+    """Per-rank bytes sent in one attention layer's forward, contiguous causal shards (the busiest
+    rank, W - 1, can reach every other shard), and the time at the slowest link it crosses."""
+    shard_kv = tokens / world * 2 * kv_heads * head_dim * elem_bytes
+    ring = (world - 1) * shard_kv  # W - 1 steps of the rank's K and V (all-gather: the same)
+    means = (world - 1) * (tokens / world / block) * kv_heads * head_dim * 4  # fp32 block means
+    bitmaps = (world - 1) * (tokens / world / block) * kv_heads
+    moba_max = means + bitmaps + fetched * (world - 1) * shard_kv
+    moba_mean = means + bitmaps + fetched * (world - 1) / 2 * shard_kv
+    gbps = NVLINK_GBPS if world <= GPUS_PER_NODE else IB_GBPS
+    return {"ring": ring, "moba_max": moba_max, "moba_mean": moba_mean, "gbps": gbps}
+
+
+def print_model() -> None:
+    gib = 1 << 30
+    print("Per rank, one attention layer, forward, bf16 K/V, 8 kv heads x 128 (Llama-3-8B-like), block 4096;")
+    print(f"links: NVLink {NVLINK_GBPS:g} GB/s within a node of {GPUS_PER_NODE}, InfiniBand {IB_GBPS:g} GB/s across "
+          f"nodes; f = fraction of the reachable remote tiles a rank fetches")
+    print("| tokens | GPUs | ring / all-gather GiB | ms | MoBA-CP GiB f=1 (busiest rank) | f=0.25 | f=0.05 | ms f=1 / 0.25 / 0.05 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for tokens in (1 << 20, 10 * (1 << 20)):
+        for world in (8, 16, 32, 64):
+            m = {f: volume_model(tokens, world, fetched=f) for f in (1.0, 0.25, 0.05)}
+            ms = lambda b: b / (m[1.0]["gbps"] * 1e9) * 1e3  # noqa: E731
+            print(f"| {tokens // (1 << 20)}M | {world} | {m[1.0]['ring'] / gib:.2f} | {ms(m[1.0]['ring']):.1f} "
+                  f"| {m[1.0]['moba_max'] / gib:.2f} | {m[0.25]['moba_max'] / gib:.3f} | {m[0.05]['moba_max'] / gib:.3f} "
+                  f"| {ms(m[1.0]['moba_max']):.1f} / {ms(m[0.25]['moba_max']):.1f} / {ms(m[0.05]['moba_max']):.2f} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worlds", default="2,4", help="comma-separated numbers of ranks")
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--block", type=int, default=512)
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--data", choices=["rope", "random"], default="rope")
+    p.add_argument("--signal", type=float, default=1.0,
+                   help="--data rope: norm of the shared q/k direction over the noise's (higher = more local routing)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ring", choices=["torch", "own", "skip"], default="torch")
+    p.add_argument("--ring-repeats", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--model", action="store_true", help="print the volume model at 1M and 10M tokens and exit")
+    args = p.parse_args(argv)
+    if args.model:
+        print_model()
+        return 0
+    rows = []
+    for world in (int(w) for w in args.worlds.split(",")):
+        out = Path(f"/tmp/bench_cp_{os.getpid()}_{world}.json")
+        mp.start_processes(rank_main, args=(world, _free_port(), args, str(out)), nprocs=world, start_method="spawn")
+        rows.append(summarize(world, json.loads(out.read_text())))
+        out.unlink()
+    print_table(args, rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""A whole transformers model, dense against MoBA-rewritten, the way a user runs it.
+
+    python benchmarks/bench_model.py                                   # the issue's CPU model, 4K / 16K
+    python benchmarks/bench_model.py --seq 16384,32768 --plot model.png
+    python benchmarks/bench_model.py --quick                           # small sizes: a smoke run
+    python benchmarks/bench_model.py --device cuda --dtype bfloat16 --layers 8 --head-dim 128 --seq 131072
+
+One process builds a random-weight Llama-style `LlamaForCausalLM` (sizes as flags) twice with
+the same weights: the original (attn_implementation sdpa) and `mr.rewrite(model, policy)`
+(MoBA block / top-k as flags, every layer). It then times, for each prompt length:
+
+* prefill `input_ids -> logits` (`exporters.common.logits_view`: no KV cache, an all-ones
+  attention mask), eager, under `torch.compile` (fullgraph) and as a `torch.export` program
+  (`exporters.pt2.export_program`, dynamic length, run through `ep.module()`), with the peak
+  memory of the call (CPU: resident set growth sampled every 2 ms; CUDA: max allocated);
+* decode ms/token with `generate()` after a prompt of the largest length, with the dynamic
+  cache and `cache_implementation="static"`: (time of 1 + N new tokens - time of 1) / N.
+
+It prints a table with the dense / MoBA ratios (> 1: MoBA faster or smaller) and, with
+`--plot`, draws them. Timings are the best of `--repeat` runs after one warm-up.
+Note: `benchmarks/bench_decode.py` (a decode-timing function with the block-means cache) was
+not on main when this was written; decode is timed here through plain `generate()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+
+
+def build(args, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                      num_key_value_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
+                      max_position_embeddings=max(args.seq) + args.decode_tokens + 8)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def peak_memory(device: str, out: dict):
+    """Peak memory of the block above what was in use at its start (bytes) into `out["peak"]`."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        yield
+        out["peak"] = torch.cuda.max_memory_allocated() - base
+        return
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
+        out["peak"] = max(0, max(peak[0], _rss()) - base)
+
+
+def best_time(fn, device: str, repeat: int) -> tuple[float, int]:
+    """(best seconds of `repeat` runs after a warm-up, peak memory of one run)."""
+    with torch.no_grad():
+        fn()
+        _sync(device)
+        times = []
+        mem: dict = {}
+        for i in range(repeat):
+            with peak_memory(device, mem) if i == 0 else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+            times.append(time.perf_counter() - t0)
+    return min(times), mem.get("peak", 0)
+
+
+def prefill_runners(model, mode: str, ids: torch.Tensor):
+    from moba_rewrite.exporters.common import logits_view
+    from moba_rewrite.exporters.pt2 import export_program
+
+    view = logits_view(model)
+    if mode == "eager":
+        return lambda: view(ids)
+    if mode == "compile":
+        compiled = torch.compile(view, fullgraph=True)
+        return lambda: compiled(ids)
+    if mode == "export":
+        program = export_program(model, (ids,), dynamic=True).module()
+        return lambda: program(ids)
+    raise ValueError(mode)
+
+
+def decode_ms_per_token(model, ids: torch.Tensor, tokens: int, cache: str, device: str, repeat: int) -> float:
+    kw = dict(do_sample=False, pad_token_id=0)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+
+    def gen(n):
+        return lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+
+    one, _ = best_time(gen(1), device, repeat)  # prefill and the first token
+    many, _ = best_time(gen(1 + tokens), device, repeat)
+    return 1000.0 * max(many - one, 1e-6) / tokens
+
+
+def run(args) -> dict:
+    import moba_rewrite as mr
+
+    dense = build(args)
+    moba = mr.rewrite(copy.deepcopy(dense), {"version": 1, "defaults": {
+        "block_size": args.block, "top_k": args.top_k, "decode": "moba"}})
+    rows = []
+    for seq in args.seq:
+        ids = torch.randint(0, args.vocab, (1, seq), generator=torch.Generator().manual_seed(seq)).to(args.device)
+        for mode in args.modes:
+            row = {"what": f"prefill {mode}", "seq": seq}
+            for name, model in (("dense", dense), ("moba", moba)):
+                torch._dynamo.reset()
+                row[name], row[f"{name}_peak"] = best_time(prefill_runners(model, mode, ids), args.device, args.repeat)
+            rows.append(row)
+            print(_line(row), flush=True)
+    if args.decode_tokens > 0:
+        seq = max(args.seq)
+        ids = torch.randint(0, args.vocab, (1, seq), generator=torch.Generator().manual_seed(1)).to(args.device)
+        for cache in args.caches:
+            row = {"what": f"decode {cache} (ms/token)", "seq": seq}
+            for name, model in (("dense", dense), ("moba", moba)):
+                row[name] = decode_ms_per_token(model, ids, args.decode_tokens, cache, args.device, args.repeat)
+            rows.append(row)
+            print(_line(row), flush=True)
+    return {"config": {k: v for k, v in vars(args).items() if k not in ("plot", "json")}, "rows": rows}
+
+
+def _fmt_mem(b: int | None) -> str:
+    return "-" if not b else f"{b / 2**20:.0f} MiB"
+
+
+def _line(r: dict) -> str:
+    unit = 1.0 if "ms/token" in r["what"] else 1000.0
+    text = (f"{r['what']:<26} {r['seq']:>7}  dense {r['dense'] * unit:9.1f}  moba {r['moba'] * unit:9.1f}  "
+            f"speedup {r['dense'] / max(r['moba'], 1e-12):5.2f}x")
+    if "dense_peak" in r:
+        text += f"  peak {_fmt_mem(r['dense_peak'])} / {_fmt_mem(r['moba_peak'])}"
+    return text
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["what"].startswith("prefill")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for what in sorted({r["what"] for r in rows}):
+        pts = sorted((r["seq"], r["dense"] / max(r["moba"], 1e-12)) for r in rows if r["what"] == what)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=what)
+    for r in result["rows"]:
+        if r["what"].startswith("decode"):
+            ax.scatter([r["seq"]], [r["dense"] / max(r["moba"], 1e-12)], marker="x", label=r["what"])
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("dense time / MoBA time")
+    c = result["config"]
+    ax.set_title(f"Llama-style {c['layers']}L h{c['hidden']} {c['heads']}x{c['head_dim']}, {c['dtype']} "
+                 f"{c['device']}, block {c['block']} top-{c['top_k']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=_ints, default=[4096, 16384], help="prompt lengths (comma-separated)")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=0, help="0: as many as --heads")
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=1000)
+    ap.add_argument("--block", type=int, default=512)
+    ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--modes", type=lambda s: s.split(","), default=["eager", "compile", "export"])
+    ap.add_argument("--caches", type=lambda s: s.split(","), default=["dynamic", "static"])
+    ap.add_argument("--decode-tokens", type=int, default=16, help="new tokens per decode timing (0: skip decode)")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: check that everything runs")
+    ap.add_argument("--plot", help="write a PNG of the speedups")
+    ap.add_argument("--json", help="write the results as JSON")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.seq, args.hidden, args.layers, args.block, args.decode_tokens, args.repeat = [128, 256], 64, 2, 32, 4, 2
+        args.head_dim = 16
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; "
+          f"times in ms, speedup = dense / MoBA", flush=True)
+    result = run(args)
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""MoBA against Hugging Face KV caches: real query positions, block means kept beside the cache.
+
+A transformers attention module updates its cache layer (`cache.update(...)`) and then calls
+the attention function with the layer's keys: for a `StaticLayer` the whole preallocated
+buffer (`max_cache_len` slots, the unfilled ones zero), for a `DynamicLayer` every token so
+far. The attention function does not receive the cache, so a forward pre-hook on each MoBA
+attention module passes it along in the keyword arguments (`CACHE_KWARG`) that the module
+forwards to the attention function. With it, `attention` here:
+
+* finds the module's cache layer (`cache.layers[module.layer_idx]`) and the queries' real
+  positions: `cumulative_length - Tq + i` for a static layer (a device tensor: no host sync,
+  so a compiled decode step keeps it), `Tk - Tq + i` for a dynamic one;
+* keeps the gate's block means beside the cache, as a `BlockMeans` object on the cache layer
+  (`layer.moba_block_means`): a buffer of `ceil(max_cache_len / block_size)` blocks for a
+  static layer (allocated once, static address for CUDA graphs), a buffer grown by doubling for
+  a dynamic one; each call recomputes only the block(s) holding the tokens just written;
+* calls `moba::attention_kv_cache` (MoBA of the filled prefix, SPEC section 2 item 9).
+
+The means follow the cache: the pre-hook sees the layer's key tensor before each call, and a
+tensor other than the one the means describe (beam-search reordering, batch selection, crop,
+reset, a cache filled elsewhere) makes them recomputed from the cache at that call.
+
+Sliding-window cache layers drop old keys, so MoBA's blocks (cut from position 0) and their
+means are gone once the window slides: their first call (prefill into an empty cache) runs
+MoBA, later calls (decode, chunked prefill) run the original attention, and the report says so.
+Cache layers of other kinds (quantized, offloaded to a different layout, ...) whose keys are all
+tokens from position 0 are handled like dynamic ones; anything else gets the caller's default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moba_rewrite.attention import kv_cache as kv_op
+from moba_rewrite.attention import op as moba_op
+from moba_rewrite.attention.block_means import key_block_means, refresh_key_block_means_, update_key_block_means_
+from moba_rewrite.kernels.threads import single_threaded
+
+CACHE_KWARG = "moba_kv_cache"
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")
+DENSE = "dense"  # `attention` answer: run the original attention for this call
+
+
+class KVCacheError(ValueError):
+    """A KV cache that cannot hold what the model is about to write into it."""
+
+
+class BlockMeans:
+    """The gate's block means of one cache layer: `means` `[B, Hkv, NB, D]` (fp32; fp64 for fp64
+    keys), valid for the first `ceil(filled / block_size)` blocks of the keys tensor `keys_ref`."""
+
+    def __init__(self, means: Tensor, block_size: int, keys: Tensor) -> None:
+        self.means = means
+        self.block_size = block_size
+        self.tokens = 0  # dynamic layers: tokens the means cover
+        self.stale = False
+        self.keys_ref = weakref.ref(keys)
+
+    def fits(self, keys: Tensor, block_size: int, n_blocks: int) -> bool:
+        m = self.means
+        return (not self.stale and self.block_size == block_size and m.shape[2] >= n_blocks
+                and tuple(m.shape[:2]) == tuple(keys.shape[:2]) and m.shape[3] == keys.shape[3]
+                and m.device == keys.device and m.dtype == _means_dtype(keys))
+
+
+def _means_dtype(keys: Tensor) -> torch.dtype:
+    return torch.promote_types(keys.dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The pre-hook that hands the cache to the attention function
+
+
+def install(module: nn.Module) -> None:
+    """Pass the module's cache to the attention function from now on (idempotent). Modules whose
+    forward takes no `**kwargs` cannot forward it and are left alone."""
+    uninstall(module)
+    import inspect
+
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        module._moba_cache_hook = module.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+
+
+def uninstall(module: nn.Module) -> None:
+    handle = module.__dict__.pop("_moba_cache_hook", None)
+    if handle is not None:
+        handle.remove()
+
+
+def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    cache = next((kwargs[n] for n in _CACHE_NAMES if kwargs.get(n) is not None), None)
+    if cache is None or getattr(module, "is_cross_attention", False):
+        return None
+    if not torch.compiler.is_compiling():
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        _before_update(module, cache, hidden.shape[1] if isinstance(hidden, Tensor) and hidden.dim() == 3 else None)
+    kwargs[CACHE_KWARG] = cache
+    return args, kwargs
+
+
+def _before_update(module: nn.Module, cache: Any, new_tokens: int | None) -> None:
+    """Eager checks before the module writes into its cache layer: the layer can hold the new tokens,
+    and the means still describe the layer's keys (else they are recomputed at the next call)."""
+    layer = cache_layer(module, cache)
+    if layer is None:
+        return
+    state = layer.__dict__.get("moba_block_means")
+    if state is not None and state.keys_ref() is not getattr(layer, "keys", None):
+        state.stale = True
+    static, _ = _kinds()
+    if new_tokens is None or not isinstance(layer, static) or layer.is_sliding:
+        return
+    size = layer.max_cache_len
+    if layer.is_initialized and layer.keys.is_cuda and new_tokens == 1:
+        return  # decode on a GPU: reading the length would cost a sync per layer and step
+    held = int(layer.cumulative_length) if layer.is_initialized else 0
+    if held + new_tokens > size:
+        raise KVCacheError(
+            f"StaticCache too small: layer {module.layer_idx} holds max_cache_len={size} tokens but this call writes "
+            f"positions {held}..{held + new_tokens - 1} ({new_tokens} new); build it with max_cache_len >= "
+            f"{held + new_tokens}")
+
+
+# --------------------------------------------------------------------------------------------
+# Cache layers
+
+
+def sliding_note(module: nn.Module) -> str:
+    """The report's words for a site whose cache layer is a sliding window (else "")."""
+    kind = None
+    config, idx = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    if config is not None and isinstance(idx, int):
+        try:
+            from transformers.cache_utils import get_layer_types_and_kwargs
+
+            kinds = get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0]
+            kind = kinds[idx] if idx < len(kinds) else None
+        except Exception:  # configs that do not describe their layers: fall back to the module
+            kind = None
+    if kind is None and getattr(module, "sliding_window", None) is None:
+        return ""
+    if kind is not None and kind not in ("sliding_attention", "chunked_attention", "hybrid_sliding"):
+        return ""
+    return ("; sliding-window cache: calls after the prefill (decode, chunked prefill) run full attention, "
+            "the window drops the keys MoBA's blocks need")
+
+
+_KINDS: tuple[type, type] | None = None
+
+
+def _kinds() -> tuple[type, type]:
+    """(StaticLayer, DynamicLayer) of transformers, imported once."""
+    global _KINDS
+    if _KINDS is None:
+        from transformers.cache_utils import DynamicLayer, StaticLayer
+
+        _KINDS = (StaticLayer, DynamicLayer)
+    return _KINDS
+
+
+def cache_layer(module: nn.Module, cache: Any) -> Any | None:
+    """The cache layer the module writes into, or None when there is none to find."""
+    cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache: the decoder's own
+    layers, idx = getattr(cache, "layers", None), getattr(module, "layer_idx", None)
+    if not isinstance(idx, int) or not isinstance(layers, list) or not 0 <= idx < len(layers):
+        return None
+    return layers[idx]
+
+
+def _sliding_before(layer: Any, tq: int) -> int:
+    """Tokens a sliding-window layer held before this call (Python ints on both layer kinds)."""
+    held = getattr(layer, "cumulative_length_int", None)
+    if held is None:
+        held = layer.cumulative_length
+    return int(held) - tq
+
+
+# --------------------------------------------------------------------------------------------
+# The attention call
+
+
+def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, *, causal: bool,
+              scale: float, decision: Any, cache: Any, dense_below: int = 0) -> Tensor | str | None:
+    """MoBA of this call against the module's cache layer: the output `[B, Hq, Tq, D]`, `DENSE` when
+    the original attention must run (sliding window already slid, or fewer filled keys than the
+    policy's `dense_below`), or None when the cache layer is not one handled here (the caller keeps
+    its default)."""
+    layer = cache_layer(module, cache)
+    if layer is None:
+        return None
+    static, dynamic = _kinds()
+    bs, top_k, backend = int(decision.block_size), int(decision.top_k), str(decision.backend)
+    tq, tk = query.shape[2], key.shape[2]
+    if getattr(layer, "is_sliding", False):
+        if _sliding_before(layer, tq) != 0:
+            return DENSE
+        if tk > tq:  # first call into a sliding static buffer: the filled prefix is the prompt
+            key, value = key[:, :, :tq], value[:, :, :tq]
+            mask = mask[..., :tq] if mask is not None and mask.shape[-1] > 1 else mask
+        return moba_op.run(query, key, value, None, mask, bs, top_k, causal, scale, backend, dense_below)
+    kind = "static" if isinstance(layer, static) and tk == layer.max_cache_len else (
+        "dynamic" if isinstance(layer, dynamic) and not isinstance(layer, static) else None)
+    if kind is None:
+        return None
+    if dense_below and _filled(layer, kind, key) < dense_below:
+        state = layer.__dict__.get("moba_block_means")
+        if state is not None:  # this call's keys go uncounted: rebuilt when MoBA next runs
+            state.stale = True
+        return DENSE
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return _differentiable(layer, kind, query, key, value, mask, causal, scale, bs, top_k, backend)
+    # a decode step is a few small ops: on one thread they cannot stall at OpenMP barriers (kernels.threads)
+    with single_threaded(key.device) if tq == 1 else contextlib.nullcontext():
+        if kind == "static":
+            held = None
+            if key.device.type == "cpu" and not torch.compiler.is_compiling():  # the length is free to read here
+                held = int(layer.cumulative_length)
+                positions = torch.arange(held - tq, held, device=key.device)
+            else:  # a device tensor: no host sync, and one compiled graph serves every step
+                positions = layer.cumulative_length - tq + torch.arange(tq, device=key.device)
+            means = _static_means(layer, key, positions, bs, keep=decision.decode == "moba", held=held)
+        else:
+            positions = torch.arange(tk - tq, tk, device=key.device)
+            means = _dynamic_means(layer, key, tq, bs)
+        return kv_op.run(query, key, value, means, positions, _fit_mask(mask, tk), bs, top_k, causal, scale,
+                         backend)
+
+
+def _filled(layer: Any, kind: str, key: Tensor) -> int:
+    """Keys filled in the cache after this call's write (a host read for static caches)."""
+    if kind == "dynamic":
+        return key.shape[2]
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(
+            "a policy's dense_below cannot be applied to a StaticCache under torch.compile (the filled "
+            "length is a device value there); drop dense_below from the policy for compiled static decoding")
+    return int(layer.cumulative_length)
+
+
+def _differentiable(layer: Any, kind: str, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                    causal: bool, scale: float, bs: int, top_k: int, backend: str) -> Tensor:
+    """A call that records gradients (training with `use_cache` on): `moba::attention`, which has a
+    backward, on the filled prefix (the KV-cache op is inference only). The means are not kept."""
+    state = layer.__dict__.get("moba_block_means")
+    if state is not None:
+        state.stale = True
+    filled = int(layer.cumulative_length) if kind == "static" else key.shape[2]
+    if filled < key.shape[2]:
+        key, value = key[:, :, :filled], value[:, :, :filled]
+        mask = mask[..., :filled] if mask is not None and mask.shape[-1] > 1 else mask
+    return moba_op.run(query, key, value, None, mask, bs, top_k, causal, scale, backend)
+
+
+def _fit_mask(mask: Tensor | None, length: int) -> Tensor | None:
+    """The mask over the cache's slots: longer masks cut, shorter ones extended with hidden slots."""
+    if mask is None or mask.shape[-1] in (1, length):
+        return mask
+    if mask.shape[-1] > length:
+        return mask[..., :length]
+    hidden = False if mask.dtype == torch.bool else float("-inf")
+    return torch.nn.functional.pad(mask, (0, length - mask.shape[-1]), value=hidden)
+
+
+def _static_means(layer: Any, key: Tensor, positions: Tensor, bs: int, keep: bool, held: int | None) -> Tensor:
+    """The layer's means after this call's write at `positions`: the touched blocks are recomputed (by
+    slicing when the filled length `held` is known on the host, else by a sync-free gather); a new or
+    stale buffer is filled from every filled slot first, and so is one that was not `keep`t current
+    (decode steps ran dense, so they did not update it)."""
+    n_blocks = -(-key.shape[2] // bs)
+    state = layer.__dict__.get("moba_block_means")
+    fresh = state is None or not state.fits(key, bs, n_blocks) or not keep
+    if fresh:
+        means = key.new_zeros((*key.shape[:2], n_blocks, key.shape[3]), dtype=_means_dtype(key))
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(means)  # CUDA graphs of later decode steps read it in place
+        state = layer.moba_block_means = BlockMeans(means, bs, key)
+    if held is not None:
+        return refresh_key_block_means_(state.means, key, 0 if fresh else held - positions.shape[0], held, bs)
+    return update_key_block_means_(state.means, key, positions, bs, from_start=fresh)
+
+
+def _dynamic_means(layer: Any, key: Tensor, tq: int, bs: int) -> Tensor:
+    """The layer's means after this call appended `tq` tokens (all `Tk` known on the host). The buffer
+    grows by doubling, so no step concatenates; only the last block(s) are recomputed."""
+    tk = key.shape[2]
+    n_blocks = -(-tk // bs)
+    state = layer.__dict__.get("moba_block_means")
+    if state is None or state.tokens != tk - tq or not state.fits(key, bs, 0):
+        means = key_block_means(key, bs).to(_means_dtype(key))
+        state = layer.moba_block_means = BlockMeans(means, bs, key)
+    else:
+        if state.means.shape[2] < n_blocks:
+            grown = state.means.new_zeros((*state.means.shape[:2], 2 * n_blocks, state.means.shape[3]))
+            grown[:, :, :state.means.shape[2]] = state.means
+            state.means = grown
+        refresh_key_block_means_(state.means, key, tk - tq, tk, bs)
+    state.tokens = tk
+    state.keys_ref = weakref.ref(key)
+    return state.means

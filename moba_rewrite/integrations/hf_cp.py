@@ -1,0 +1,196 @@
+"""Context parallelism for rewritten Hugging Face models: one sequence sharded across ranks.
+
+    ids, pos, seq_len = shard_inputs(model, input_ids, group, layout="zigzag")
+    with context_parallel(model, group, layout="zigzag", seq_len=seq_len):
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits   # this rank's tokens
+    full = unshard_sequence(logits, group, "zigzag", dim=1, seq_len=seq_len)
+
+Inside `context_parallel`, every attention call of the model (it must have been rewritten: its
+attention goes through `integrations.hf`) sees this rank's tokens and attends the whole
+sequence: MoBA sites through `moba_attention_cp`, dense sites through the model's own attention
+function on all-gathered K/V with a mask at global positions (so hybrid policies work). RoPE and
+learned position embeddings see the global positions because `position_ids` carries them (checked).
+Training works the same way (FSDP2 on a 2-D mesh with the `cp` dimension as the group); compute
+the loss from the local logits and labels shifted *before* sharding (the models' own `labels=`
+shift would be wrong at shard edges). Not supported: padding masks, sliding windows, a KV cache
+from earlier steps (decode); each is one clear error.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moba_rewrite.integrations import hf
+from moba_rewrite.parallel import moba_attention_cp, shard_sequence
+from moba_rewrite.parallel.dense import gather_keys_values, visible_keys
+from moba_rewrite.parallel.groups import check_call_agreement, resolve_group
+from moba_rewrite.parallel.layout import ShardLayout, check_layout, chunks_per_rank
+
+_WHO = "context_parallel"
+
+
+def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "_moba_decision")]
+
+
+def _check_rewritten(model: nn.Module) -> None:
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    if not impl.startswith(hf.IMPL_PREFIX) or not _attention_modules(model):
+        raise ValueError(f"{_WHO}: {type(model).__name__} is not a rewritten Hugging Face model (attention "
+                         f"implementation {impl!r}); run moba_rewrite.rewrite(model, policy) first")
+
+
+def alignment(model: nn.Module) -> int:
+    """Token multiple each chunk of a shard must be: the least common multiple of the MoBA sites' block sizes."""
+    sizes = [int(m._moba_decision.block_size) for _, m in _attention_modules(model)
+             if m._moba_decision is not None and m._moba_decision.mode == "moba"]
+    return math.lcm(*sizes) if sizes else 1
+
+
+def shard_inputs(model: nn.Module, input_ids: Tensor, group=None, *, layout: str = "contiguous"
+                 ) -> tuple[Tensor, Tensor, int]:
+    """(this rank's input ids, their global position ids, the real length) for `context_parallel`.
+
+    `input_ids` `[B, T]` (the same on every rank) is padded at its end so that no MoBA block of
+    any site straddles ranks."""
+    _check_rewritten(model)
+    ids = shard_sequence(input_ids, group, layout, dim=1, block_size=alignment(model))
+    # Padding tokens continue the positions (no real token sees them: they come last, and the
+    # attention hides keys past seq_len).
+    padded = ids.shape[1] * dist.get_world_size(resolve_group(group, _WHO))
+    positions = torch.arange(padded, device=input_ids.device).expand(input_ids.shape[0], -1)
+    return ids, shard_sequence(positions, group, layout, dim=1), input_ids.shape[1]
+
+
+class _ShardedAttention:
+    """The attention function `integrations.hf` calls while a sequence is sharded."""
+
+    def __init__(self, pg: dist.ProcessGroup, layout: str, seq_len: int | None):
+        self.pg, self.layout, self.seq_len = pg, layout, seq_len
+        self.seen: set[int] = set()
+
+    def __call__(self, origin: str, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
+        self.seen.add(id(module))
+        name = getattr(module, "_moba_site", type(module).__name__)
+        tq, tk = query.shape[2], key.shape[2]
+        if tq != tk:
+            raise ValueError(f"{_WHO}: attention site {name!r} got {tq} queries against {tk} keys; only a prefill or "
+                             f"training step over the whole sharded sequence runs context-parallel (no KV cache from "
+                             f"earlier steps: pass use_cache=False)")
+        is_causal = kwargs.get("is_causal")
+        causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
+        _check_mask(name, attention_mask, tq, causal)
+        scaling = kwargs.get("scaling")
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        decision = getattr(module, "_moba_decision", None)
+        if decision is not None and decision.mode == "moba":
+            dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)
+            problems = hf.unsupported_reasons(query, key, value, None, dropout, module.training, kwargs)
+            if not problems:
+                out = moba_attention_cp(query, key, value, group=self.pg, block_size=int(decision.block_size),
+                                        top_k=int(decision.top_k), causal=causal, scale=scale,
+                                        enable_gqa=query.shape[1] != key.shape[1], layout=self.layout,
+                                        seq_len=self.seq_len)
+                return out.transpose(1, 2).contiguous(), None
+            if decision.on_unsupported == "error":
+                raise hf.HFUnsupportedError(f"attention site {name!r} cannot run MoBA: {'; '.join(problems)} "
+                                            f"(policy on_unsupported: error)")
+        return self._dense(origin, module, query, key, value, causal, scale, *args, **kwargs)
+
+    def _dense(self, origin, module, query, key, value, causal: bool, scale: float, *args, **kwargs):
+        """The model's own attention function on the whole sequence's K/V, masked at global positions."""
+        lay = ShardLayout(self.layout, dist.get_world_size(self.pg), query.shape[2])
+        seq_len = self.seq_len if self.seq_len is not None else lay.global_len
+        check_call_agreement(_WHO, self.pg, kind="dense", q=query, k=key, block_size=0, top_k=0, causal=causal,
+                             layout=self.layout, seq_len=seq_len, scale=scale)
+        k_all, v_all = gather_keys_values(key, value, self.pg, self.layout, _WHO)
+        mask = visible_keys(lay, dist.get_rank(self.pg), causal=causal, seq_len=seq_len, device=query.device)
+        mask = mask[None, None]
+        if origin == "eager":  # eager attention adds its mask to the scores
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                ~mask, torch.finfo(query.dtype).min)
+        return hf._dense_call(origin, module, query, k_all, v_all, mask, *args, **kwargs)
+
+
+def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool) -> None:
+    """The model's own (local) mask may only say "causal" (or nothing): padding and windows cannot
+    be carried across shards, and ignoring them would change the result."""
+    if mask is None:
+        return
+    visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    want = torch.ones(t, t, dtype=torch.bool, device=mask.device)
+    if causal:
+        want = want.tril()
+    if visible.shape[-2] != t or visible.shape[-1] < t or not torch.equal(visible[..., :t],
+                                                                            want.expand_as(visible[..., :t])):
+        raise ValueError(f"{_WHO}: attention site {name!r} got a mask that is not plain "
+                         f"{'causal' if causal else 'full'} attention (padding, a sliding window?); context "
+                         f"parallelism supports unpadded sequences only")
+
+
+@contextmanager
+def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous", seq_len: int | None = None
+                     ) -> Iterator[None]:
+    """Run `model` (rewritten) on this rank's shard of one sequence, attending the whole sequence.
+
+    Every rank of `group` (a ProcessGroup or 1-D DeviceMesh) must run the same forward (and
+    backward). Inputs: this rank's tokens and their global `position_ids` (`shard_inputs`);
+    `seq_len`: the real length when the sequence was padded. Each attention module of the model is
+    checked to have gone through the sharded attention, and `position_ids` to be given."""
+    _check_rewritten(model)
+    pg = resolve_group(group, _WHO)
+    check_layout(layout, _WHO)
+    hook = _ShardedAttention(pg, layout, seq_len)
+    handles = [model.register_forward_pre_hook(_prepare_call(pg, layout), with_kwargs=True)]
+    for name, m in _attention_modules(model):
+        handles.append(m.register_forward_hook(_went_through(hook, name)))
+    previous, hf.CONTEXT_PARALLEL = hf.CONTEXT_PARALLEL, hook
+    try:
+        yield
+    finally:
+        hf.CONTEXT_PARALLEL = previous
+        for h in handles:
+            h.remove()
+
+
+def _prepare_call(pg: dist.ProcessGroup, layout: str):
+    """Forward pre-hook of the model: global `position_ids` must be given (checked against the
+    layout), and an all-ones `attention_mask` is added when none is: transformers reads a jump in
+    `position_ids` without a mask as the start of a packed sequence and would cut attention there."""
+    def prepare(module, args, kwargs):
+        if len(args) > 1:
+            raise ValueError(f"{_WHO}: call the model with keyword arguments (input_ids=, position_ids=, ...)")
+        pos = kwargs.get("position_ids")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if pos is None:
+            raise ValueError(f"{_WHO}: pass position_ids= (this rank's global positions, from shard_inputs): "
+                             f"without them the model would number each shard's tokens from 0")
+        t = pos.shape[-1]
+        if ids is not None and ids.shape[-1] != t:
+            raise ValueError(f"{_WHO}: position_ids hold {t} positions for {ids.shape[-1]} tokens")
+        rows = pos.reshape(-1, t)
+        want = None
+        if t % chunks_per_rank(layout) == 0:
+            want = ShardLayout(layout, dist.get_world_size(pg), t).positions(dist.get_rank(pg), pos.device)
+        if want is None or not torch.equal(rows, want.expand(rows.shape[0], -1)):
+            raise ValueError(f"{_WHO}: position_ids are not this rank's global positions in the {layout} layout")
+        if kwargs.get("attention_mask") is None:
+            batch = ids.shape[0] if ids is not None else rows.shape[0]
+            kwargs = {**kwargs, "attention_mask": torch.ones((batch, t), dtype=torch.long, device=pos.device)}
+        return args, kwargs
+    return prepare
+
+
+def _went_through(hook: _ShardedAttention, name: str):
+    def check(module, args, output):
+        if id(module) not in hook.seen:
+            raise RuntimeError(f"{_WHO}: attention module {name!r} ran without the context-parallel attention (it "
+                               f"bypasses the attention interface), so it saw only this rank's tokens")
+        hook.seen.discard(id(module))
+    return check

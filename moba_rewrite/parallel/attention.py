@@ -1,0 +1,225 @@
+"""`moba_attention_cp`: MoBA over a sequence sharded across the ranks of a process group.
+
+Per call, on every rank (W ranks, this one holding `T_local` tokens = whole blocks):
+
+1. the mean key of each of its blocks (over real tokens) is all-gathered: `[B, Hkv, n, D]` for
+   the whole sequence, `n = W * T_local / block_size` (tiny next to K/V);
+2. its queries are gated against every block at their global positions (`gate.py`);
+3. it asks each owner for the selected blocks it does not hold, and receives only those
+   (`exchange.py`: an index exchange, then one all-to-all of key/value tiles);
+4. it attends its own blocks plus the fetched ones with the `torch` backend's kernels, the
+   selection given explicitly: k/v are compacted to `[fetched blocks | own blocks]`, so the
+   queries are the newest tokens of the compact keys and the own block (with its causal
+   diagonal) is where the kernels expect it; every other selected block is a complete history
+   block (causal) or fully visible (non-causal), whatever its position.
+
+The backward recomputes nothing collective except returning dK/dV of fetched tiles to their
+owners (one all-to-all). Every rank of the group must call the forward and the backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moba_rewrite.attention.functional import validate
+from moba_rewrite.kernels.reference import compute_dtype
+from moba_rewrite.kernels.torch import blocks as torch_blocks
+from moba_rewrite.parallel.exchange import BlockExchange, fetch_blocks, plan_exchange, return_gradients
+from moba_rewrite.parallel.gate import select_history
+from moba_rewrite.parallel.groups import all_gather_stacked, check_call_agreement, collective, resolve_group
+from moba_rewrite.parallel.layout import ShardLayout, check_layout, resolve_seq_len
+from moba_rewrite.parallel.traffic import count
+
+_WHO = "moba_attention_cp"
+
+
+@dataclass(frozen=True)
+class _Config:
+    pg: dist.ProcessGroup
+    lay: ShardLayout
+    rank: int
+    block_size: int
+    top_k: int
+    causal: bool
+    scale: float
+    seq_len: int
+
+
+def check_shards(who: str, q: Tensor, k: Tensor, v: Tensor, *, group, layout: str, block_size: int, top_k: int,
+                 scale, enable_gqa: bool) -> tuple[dist.ProcessGroup, ShardLayout]:
+    """Validate one rank's shards (`moba_attention`'s rules, plus: q and k/v hold the same tokens);
+    return the group and the layout of the sequence."""
+    pg = resolve_group(group, who)
+    check_layout(layout, who)
+    try:
+        validate(q, k, v, block_size=block_size, top_k=top_k, scale=scale, attn_mask=None, enable_gqa=enable_gqa,
+                 backend="torch")
+    except ValueError as e:
+        raise ValueError(str(e).replace("moba_attention:", f"{who}:", 1)) from None
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"{who}: q and k/v must be the same tokens (this rank's shard of one sequence), got "
+                         f"T_local {q.shape[2]} for q and {k.shape[2]} for k/v")
+    if layout == "zigzag" and q.shape[2] % 2:
+        raise ValueError(f"{who}: the zigzag layout needs an even shard length, got T_local={q.shape[2]}")
+    return pg, ShardLayout(layout, dist.get_world_size(pg), q.shape[2])
+
+
+def _local_means(k: Tensor, positions: Tensor, cfg: _Config) -> Tensor:
+    """Mean key of each local block over its real tokens, `[B, Hkv, nb, D]` in compute precision."""
+    b, h, t, d = k.shape
+    bs, ct = cfg.block_size, compute_dtype(k.dtype)
+    real = positions < cfg.seq_len
+    tiles = k.reshape(b, h, t // bs, bs, d)
+    if bool(real.all()):
+        return tiles.sum(3, dtype=ct) / bs
+    counts = real.view(t // bs, bs).sum(1).clamp_(min=1).to(ct)
+    sums = (tiles * real.view(1, 1, t // bs, bs, 1).to(k.dtype)).sum(3, dtype=ct)
+    return sums / counts[:, None]
+
+
+def _gather_means(local: Tensor, blocks_of: Tensor, cfg: _Config) -> Tensor:
+    """All ranks' block means, in the whole sequence's block order `[B, Hkv, n, D]`."""
+    world = blocks_of.shape[0]
+    with collective(_WHO, "the all-gather of block means", cfg.pg):
+        everyone = all_gather_stacked(local, cfg.pg)
+    count("block means", local.numel() * local.element_size() * (world - 1))
+    b, h, nb, d = local.shape
+    means = local.new_empty((b, h, world * nb, d))
+    means[:, :, blocks_of.reshape(-1)] = everyone.permute(1, 2, 0, 3, 4).reshape(b, h, world * nb, d)
+    return means
+
+
+def _needed_remote(sel: Tensor, hkv: int, mine: Tensor, n: int) -> Tensor:
+    """`[B, Hkv, n]` bool: blocks some query head of each kv group selected that another rank holds."""
+    b = sel.shape[0]
+    idx = torch.where(sel < 0, n, sel).reshape(b, hkv, -1)
+    need = torch.zeros((b, hkv, n + 1), dtype=torch.bool, device=sel.device)
+    need.scatter_(2, idx, True)
+    return need[:, :, :n] & ~mine
+
+
+class _Compact:
+    """This rank's attention problem: k/v as `[fetched blocks | own blocks]` and the selection in
+    those slots, plus what the backward needs to send gradients home."""
+
+    def __init__(self, q, k, v, cfg: _Config):
+        lay, bs = cfg.lay, cfg.block_size
+        dev = q.device
+        self.blocks_of = torch.tensor([lay.blocks(r, bs) for r in range(lay.world)], device=dev)  # [W, nb]
+        positions = lay.positions(cfg.rank, dev)
+        self.query_real = positions < cfg.seq_len
+        self.padded = not bool(self.query_real.all())
+        sel, fetched, tiles = self._route(q, k, v, positions, cfg)
+        self._assemble(k, v, sel, fetched, tiles, cfg)
+
+    def _route(self, q, k, v, positions: Tensor, cfg: _Config) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Gate against every block, exchange requests, fetch the tiles: (global selection, the
+        global blocks fetched for any (batch, kv head), the received tiles or None)."""
+        bs, n, dev = cfg.block_size, self.blocks_of.numel(), q.device
+        means = _gather_means(_local_means(k, positions, cfg), self.blocks_of, cfg)
+        sel = select_history(q, means, positions // bs, top_k=cfg.top_k, causal=cfg.causal,
+                             n_real=-(-cfg.seq_len // bs), query_real=self.query_real if self.padded else None)
+        self.exchange: BlockExchange | None = None
+        if sel.shape[-1] == 0:  # top_k == 1 (the same on every rank, checked): no rank exchanges anything
+            return sel, torch.empty(0, dtype=torch.long, device=dev), None
+        mine = torch.zeros(n, dtype=torch.bool, device=dev)
+        mine[self.blocks_of[cfg.rank]] = True
+        need = _needed_remote(sel, k.shape[1], mine, n)
+        self.exchange = plan_exchange(need, self.blocks_of, cfg.rank, cfg.pg, _WHO)
+        tiles = fetch_blocks(k, v, self.exchange, bs, cfg.pg, _WHO)
+        return sel, need.any(1).any(0).nonzero().squeeze(1), tiles
+
+    def _assemble(self, k, v, sel: Tensor, fetched: Tensor, tiles: Tensor | None, cfg: _Config) -> None:
+        """Compact k/v, the selection in compact slots, and the mask of padding keys (if any)."""
+        bs, n, dev = cfg.block_size, self.blocks_of.numel(), k.device
+        b, hkv, _, d = k.shape
+        own = self.blocks_of[cfg.rank]
+        f, nb = fetched.numel(), own.numel()
+        self.n_fetched = f
+        self.slot_of = torch.full((n + 1,), -1, dtype=torch.long, device=dev)  # global block -> slot (n: none)
+        self.slot_of[fetched] = torch.arange(f, device=dev)
+        self.slot_of[own] = torch.arange(f, f + nb, device=dev)
+        self.k = k.new_zeros((b, hkv, (f + nb) * bs, d))
+        self.v = v.new_zeros((b, hkv, (f + nb) * bs, d))
+        self.k[:, :, f * bs:] = k
+        self.v[:, :, f * bs:] = v
+        if tiles is not None and tiles.shape[0]:
+            rb, rh, rj = self.exchange.recv_index
+            slots = self.slot_of[rj]
+            self.k.view(b, hkv, f + nb, bs, d)[rb, rh, slots] = tiles[:, 0]
+            self.v.view(b, hkv, f + nb, bs, d)[rb, rh, slots] = tiles[:, 1]
+        self.selection = self.slot_of[torch.where(sel < 0, n, sel)]
+        key_pos = (torch.cat([fetched, own])[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
+        real_keys = key_pos < cfg.seq_len
+        self.key_mask = None if bool(real_keys.all()) else real_keys.view(1, 1, 1, -1)
+
+    def zero_padding_rows(self, x: Tensor) -> Tensor:
+        """Rows of padding queries set to zero (they are no part of the sequence)."""
+        return x * self.query_real.view(1, 1, -1, 1).to(x.dtype) if self.padded else x
+
+
+class _MobaCP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cfg: _Config) -> Tensor:
+        k, v = k.contiguous(), v.contiguous()
+        plan = _Compact(q, k, v, cfg)
+        out = torch_blocks.forward(q, plan.k, plan.v, block_size=cfg.block_size, top_k=cfg.top_k, causal=cfg.causal,
+                                   scale=cfg.scale, attn_mask=plan.key_mask, selection=plan.selection)
+        out = plan.zero_padding_rows(out)
+        ctx.cfg, ctx.plan = cfg, plan
+        ctx.save_for_backward(q, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, out = ctx.saved_tensors
+        cfg, plan = ctx.cfg, ctx.plan
+        grad_out = plan.zero_padding_rows(grad_out.contiguous())
+        dq, dk_c, dv_c = torch_blocks.backward(
+            grad_out, q, plan.k, plan.v, out, block_size=cfg.block_size, top_k=cfg.top_k, causal=cfg.causal,
+            scale=cfg.scale, attn_mask=plan.key_mask, selection=plan.selection)
+        bs, f = cfg.block_size, plan.n_fetched
+        dk, dv = dk_c[:, :, f * bs:].contiguous(), dv_c[:, :, f * bs:].contiguous()
+        if plan.exchange is not None:
+            b, hkv, _, d = dk_c.shape
+            rb, rh, rj = plan.exchange.recv_index
+            slots = plan.slot_of[rj]
+            grads = torch.stack([dk_c.view(b, hkv, -1, bs, d)[rb, rh, slots],
+                                 dv_c.view(b, hkv, -1, bs, d)[rb, rh, slots]], dim=1)
+            return_gradients(grads, plan.exchange, dk, dv, bs, cfg.pg, _WHO)
+        return dq, dk, dv, None
+
+
+@torch.compiler.disable
+def moba_attention_cp(
+    q: Tensor, k: Tensor, v: Tensor, *, group=None, block_size: int, top_k: int, causal: bool = True,
+    scale: float | None = None, enable_gqa: bool = False, layout: str = "contiguous", seq_len: int | None = None,
+    check_ranks: bool = True,
+) -> Tensor:
+    """MoBA on a sequence sharded across `group`: equals `moba_attention` on the whole sequence.
+
+    q `[B, Hq, T_local, D]`, k/v `[B, Hkv, T_local, D]`: this rank's shard (`shard_sequence`),
+    the same tokens for q and k/v (prefill / training). `group`: a ProcessGroup or 1-D
+    DeviceMesh (default: the world), at least 2 ranks. `layout`: `contiguous` or `zigzag`
+    (`layout.py`); blocks must not straddle ranks (`T_local`, or `T_local / 2` for zigzag, a
+    multiple of `block_size`). `seq_len`: the real length when the sequence was padded at its
+    end to align (padding keys are never attended, padding query rows are zero). Returns this
+    rank's shard of the output, differentiable in q, k, v; every rank must run the backward.
+    `check_ranks`: all-gather shapes and parameters first and fail on every rank if they differ
+    (one tiny collective; turn off only when the caller guarantees it).
+    """
+    pg, lay = check_shards(_WHO, q, k, v, group=group, layout=layout, block_size=block_size, top_k=top_k, scale=scale,
+                           enable_gqa=enable_gqa)
+    lay.check_blocks(block_size, _WHO)
+    seq_len = resolve_seq_len(seq_len, lay, _WHO)
+    resolved = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    if check_ranks:
+        check_call_agreement(_WHO, pg, kind="moba", q=q, k=k, block_size=block_size, top_k=top_k, causal=causal,
+                             layout=layout, seq_len=seq_len, scale=resolved)
+    cfg = _Config(pg=pg, lay=lay, rank=dist.get_rank(pg), block_size=block_size, top_k=top_k, causal=bool(causal),
+                  scale=resolved, seq_len=seq_len)
+    return _MobaCP.apply(q, k, v, cfg)

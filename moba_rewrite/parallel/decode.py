@@ -1,0 +1,140 @@
+"""`moba_decode_cp`: MoBA decoding against a KV cache sharded across the ranks of a group.
+
+The cache is cut contiguously: rank r holds cache positions `[r * S, (r + 1) * S)` (`S` the
+per-rank capacity, a multiple of `block_size`), filled up to the global length `seq_len`; the
+newest `Tq` queries (positions `seq_len - Tq .. seq_len - 1`, their keys already appended by the
+caller to the owning rank's cache) are the same on every rank. Per call:
+
+1. each rank gates the queries against its own complete blocks and keeps its best `top_k - 1`
+   candidates (score and global block index);
+2. the candidates are all-gathered and every rank merges them into the global top `top_k - 1`
+   (higher score first, the lower block index on exact ties, as the single-process gate);
+3. each rank attends the queries over the selected blocks it holds (plus the own block, causally,
+   where it holds it) and returns a partial output with its log-sum-exp;
+4. the partials are all-gathered and combined by log-sum-exp.
+
+Bytes per rank and call: `W x B x Hq x Tq x (top_k - 1) x 12` for the candidates plus
+`W x B x Hq x Tq x (D + 1) x 4` for the partials: independent of the context length. Inference
+only (no autograd). The result, on every rank, equals `moba_attention` on the filled cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moba_rewrite.attention.functional import validate
+from moba_rewrite.kernels.reference import compute_dtype, repeat_kv
+from moba_rewrite.parallel.groups import all_gather_stacked, check_same_on_all_ranks, collective, resolve_group
+from moba_rewrite.parallel.traffic import count
+
+_WHO = "moba_decode_cp"
+
+
+def _local_candidates(q: Tensor, k: Tensor, *, first_block: int, own: Tensor, filled: int, block_size: int,
+                      picks: int) -> tuple[Tensor, Tensor]:
+    """Best `picks` complete local blocks before each query's own block: (scores, global ids), -inf / -1 padded."""
+    b, hq, tq, d = q.shape
+    nb = k.shape[2] // block_size
+    ct = compute_dtype(q.dtype)
+    counts = (filled - torch.arange(nb, device=q.device) * block_size).clamp(0, block_size)  # real keys per block
+    sums = k.reshape(b, k.shape[1], nb, block_size, d).to(ct)
+    real = (torch.arange(nb * block_size, device=q.device) < filled).view(nb, block_size, 1)
+    means = (sums * real).sum(3) / counts.clamp(min=1).to(ct)[:, None]
+    gate = q.to(ct) @ repeat_kv(means, hq).transpose(-1, -2)  # [B, Hq, Tq, nb]
+    ids = first_block + torch.arange(nb, device=q.device)
+    candidate = (ids[None, :] < own[:, None]) & (counts == block_size)[None, :]
+    gate = gate.masked_fill(~candidate | gate.isnan(), float("-inf"))
+    n = min(picks, nb)
+    scores = torch.full((b, hq, tq, picks), float("-inf"), dtype=ct, device=q.device)
+    index = torch.full((b, hq, tq, picks), -1, dtype=torch.long, device=q.device)
+    for p in range(n):
+        best, idx = gate.max(-1, keepdim=True)  # first maximum: the lower block on exact ties
+        found = best > float("-inf")
+        scores[..., p:p + 1] = best
+        index[..., p:p + 1] = torch.where(found, ids[idx], -1)
+        gate.scatter_(-1, idx, float("-inf"))
+    return scores, index
+
+
+def _merge(scores: Tensor, index: Tensor, picks: int) -> Tensor:
+    """Global top `picks` of all ranks' candidates (`[W, ..., picks]`): `[..., picks]` block ids, -1 = none."""
+    s = scores.movedim(0, -2).flatten(-2)  # [..., W * picks]
+    i = index.movedim(0, -2).flatten(-2)
+    # Higher score first; on equal scores the lower block index (ids are distinct across ranks).
+    order = torch.argsort(i.masked_fill(i < 0, torch.iinfo(torch.long).max), dim=-1, stable=True)
+    s, i = s.gather(-1, order), i.gather(-1, order)
+    order = torch.argsort(s, dim=-1, descending=True, stable=True)[..., :picks]
+    s, i = s.gather(-1, order), i.gather(-1, order)
+    return torch.where(s > float("-inf"), i, -1)
+
+
+def _partial_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, first_block: int, positions: Tensor,
+                       filled: int, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
+    """This rank's share: attention over the selected blocks it holds and the own block's causal
+    prefix; (output normalised over this share, its log-sum-exp; -inf where the share is empty)."""
+    b, hq, tq, d = q.shape
+    ct = compute_dtype(q.dtype)
+    s_cap = k.shape[2]
+    key_pos = first_block * block_size + torch.arange(s_cap, device=q.device)
+    key_block = key_pos // block_size
+    own = positions // block_size
+    chosen = (key_block[None, None, None, :] == selected[..., None]).any(-2)  # [B, Hq, Tq, S]
+    chosen |= key_block[None, :] == own[:, None]
+    visible = chosen & (key_pos[None, :] <= positions[:, None]) & (torch.arange(s_cap, device=q.device) < filled)
+    scores = (q.to(ct) @ repeat_kv(k, hq).to(ct).transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - torch.where(lse > float("-inf"), lse, 0.0)[..., None])
+    return weights @ repeat_kv(v, hq).to(ct), lse
+
+
+@torch.no_grad()
+def moba_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int, group=None, block_size: int,
+                   top_k: int, scale: float | None = None, enable_gqa: bool = False, check_ranks: bool = True) -> Tensor:
+    """MoBA for the newest `Tq` tokens against a contiguously sharded KV cache (see the module doc).
+
+    q `[B, Hq, Tq, D]` (the same on every rank); k_local / v_local `[B, Hkv, S, D]`: this rank's cache
+    slots (positions `[rank * S, (rank + 1) * S)`), `S % block_size == 0`; `seq_len`: filled length of
+    the whole cache, the queries being its last `Tq` tokens. Returns `[B, Hq, Tq, D]` on every rank."""
+    pg = resolve_group(group, _WHO)
+    try:  # moba_attention's rules on one query (a rank's filled shard may be shorter than Tq)
+        validate(q[:, :, -1:], k_local, v_local, block_size=block_size, top_k=top_k, scale=scale, attn_mask=None,
+                 enable_gqa=enable_gqa, backend="torch")
+    except ValueError as e:
+        raise ValueError(str(e).replace("moba_attention:", f"{_WHO}:", 1)) from None
+    world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    s_cap, tq = k_local.shape[2], q.shape[2]
+    if s_cap % block_size:
+        raise ValueError(f"{_WHO}: blocks would straddle ranks: the per-rank cache capacity {s_cap} is not a multiple "
+                         f"of block_size={block_size}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not tq <= seq_len <= world * s_cap:
+        raise ValueError(f"{_WHO}: seq_len must be an integer in [Tq={tq}, W * S = {world * s_cap}], got {seq_len!r}")
+    resolved = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    if check_ranks:
+        check_same_on_all_ranks(_WHO, pg, {"batch size": q.shape[0], "query heads": q.shape[1],
+                                           "key/value heads": k_local.shape[1], "head dim": q.shape[3], "Tq": tq,
+                                           "cache slots per rank": s_cap, "seq_len": seq_len,
+                                           "block_size": block_size, "top_k": top_k}, q.device)
+    first_block = rank * s_cap // block_size
+    filled = min(max(seq_len - rank * s_cap, 0), s_cap)
+    positions = torch.arange(seq_len - tq, seq_len, device=q.device)
+    picks = top_k - 1
+    selected = torch.empty((*q.shape[:3], 0), dtype=torch.long, device=q.device)
+    if picks > 0:
+        scores, index = _local_candidates(q, k_local, first_block=first_block, own=positions // block_size,
+                                          filled=filled, block_size=block_size, picks=picks)
+        with collective(_WHO, "the all-gather of gate candidates", pg):
+            all_scores, all_index = all_gather_stacked(scores, pg), all_gather_stacked(index, pg)
+        count("gate candidates", (scores.numel() * scores.element_size() + index.numel() * 8) * (world - 1))
+        selected = _merge(all_scores, all_index, picks)
+    out, lse = _partial_attention(q, k_local, v_local, selected, first_block=first_block, positions=positions,
+                                  filled=filled, block_size=block_size, scale=resolved)
+    with collective(_WHO, "the all-gather of partial outputs", pg):
+        outs = all_gather_stacked(torch.cat([out, lse[..., None]], dim=-1), pg)  # [W, B, Hq, Tq, D + 1]
+    count("partial outputs", (out.numel() + lse.numel()) * out.element_size() * (world - 1))
+    lses = outs[..., -1]
+    total = torch.logsumexp(lses, dim=0)
+    weight = torch.exp(lses - torch.where(total > float("-inf"), total, 0.0)).nan_to_num_(0.0)
+    return (outs[..., :-1] * weight[..., None]).sum(0).to(q.dtype)

@@ -1,0 +1,59 @@
+"""Ordinary (dense) attention over a sharded sequence, for the dense sites of hybrid policies.
+
+Each rank all-gathers K and V (`W * T_local` tokens; the backward reduce-scatters dK/dV back to
+their owners) and attends its queries at their global positions under an explicit mask. This is
+the "all-gather" form of context parallelism (what Megatron-LM's and PyTorch's all-gather CP do);
+PyTorch's own `context_parallel` does not run on CPU in torch 2.13 (no sharding rule for
+`_scaled_dot_product_flash_attention_for_cpu`), and its ring needs DTensor-wrapped buffers, so
+the model path uses this everywhere. Cost: K/V of the whole sequence on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moba_rewrite.parallel.attention import check_shards
+from moba_rewrite.parallel.groups import check_call_agreement
+from moba_rewrite.parallel.layout import ShardLayout, gather_sequence, resolve_seq_len
+
+_WHO = "sdpa_cp"
+
+
+def gather_keys_values(k: Tensor, v: Tensor, pg: dist.ProcessGroup, layout: str, who: str = _WHO
+                       ) -> tuple[Tensor, Tensor]:
+    """K and V of the whole (padded) sequence in sequence order, from every rank's shard; differentiable."""
+    kv = gather_sequence(torch.stack([k, v]), pg, layout, dim=3, who=who)
+    return kv[0], kv[1]
+
+
+def visible_keys(lay: ShardLayout, rank: int, *, causal: bool, seq_len: int, device) -> Tensor:
+    """`[T_local, W * T_local]` bool: which keys of the whole sequence each local query may see."""
+    q_pos = lay.positions(rank, device)
+    k_pos = torch.arange(lay.global_len, device=device)
+    visible = (k_pos < seq_len)[None, :].expand(q_pos.numel(), -1)
+    return visible & (k_pos[None, :] <= q_pos[:, None]) if causal else visible
+
+
+def sdpa_cp(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = True, scale: float | None = None,
+            enable_gqa: bool = False, layout: str = "contiguous", seq_len: int | None = None,
+            check_ranks: bool = True) -> Tensor:
+    """`scaled_dot_product_attention` of this rank's queries over the whole sharded sequence.
+
+    Same shard conventions as `moba_attention_cp` (q, k, v `[B, H, T_local, D]`, `layout`,
+    `seq_len`); returns this rank's shard of the output (padding query rows zero)."""
+    pg, lay = check_shards(_WHO, q, k, v, group=group, layout=layout, block_size=1, top_k=1, scale=scale,
+                           enable_gqa=enable_gqa)
+    seq_len = resolve_seq_len(seq_len, lay, _WHO)
+    resolved = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    if check_ranks:
+        check_call_agreement(_WHO, pg, kind="dense", q=q, k=k, block_size=0, top_k=0, causal=causal, layout=layout,
+                             seq_len=seq_len, scale=resolved)
+    k_all, v_all = gather_keys_values(k, v, pg, layout)
+    rank = dist.get_rank(pg)
+    mask = visible_keys(lay, rank, causal=causal, seq_len=seq_len, device=q.device)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=resolved,
+                                                           enable_gqa=enable_gqa)
+    real = lay.positions(rank, q.device) < seq_len
+    return out if bool(real.all()) else out * real.view(1, 1, -1, 1).to(out.dtype)

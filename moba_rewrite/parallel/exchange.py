@@ -1,0 +1,85 @@
+"""Moving only the selected key/value blocks between ranks, and their gradients back.
+
+1. Index exchange: every rank tells every owner which of the owner's blocks it needs, as a
+   bitmap `[B, Hkv, blocks per rank]` per (requester, owner) pair, in one `all_to_all_single`
+   (bytes: `B * Hkv * T_local / block_size` per peer; tiny).
+2. Block exchange: every owner sends the requested `(batch, kv head, block)` key and value tiles
+   `[2, block_size, D]`, grouped by destination, in one `all_to_all_single` with uneven splits.
+   Both sides list the tiles in the same order (destination or source rank, then batch, kv head,
+   block: the row-major order of the bitmaps), so no index travels with the data.
+3. Backward: the dK/dV tiles of fetched blocks travel the same way in reverse and are added into
+   their owner's gradient (a block fetched by several ranks gets the sum).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from moba_rewrite.parallel.groups import collective
+from moba_rewrite.parallel.traffic import count
+
+
+@dataclass
+class BlockExchange:
+    """Which tiles one rank sends and receives; computed in the forward, reversed in the backward."""
+
+    send_index: tuple[Tensor, Tensor, Tensor]  # (batch, kv head, local block) of each tile sent
+    send_counts: list[int]  # tiles per destination rank
+    recv_index: tuple[Tensor, Tensor, Tensor]  # (batch, kv head, global block) of each tile received
+    recv_counts: list[int]  # tiles per source rank
+
+
+def plan_exchange(need: Tensor, blocks_of: Tensor, rank: int, pg: dist.ProcessGroup, who: str) -> BlockExchange:
+    """Tell owners what this rank needs and learn what they need from it.
+
+    need `[B, Hkv, n]` bool: global blocks this rank's queries selected and does not hold;
+    blocks_of `[W, blocks per rank]`: each rank's global blocks in its local order."""
+    world = blocks_of.shape[0]
+    requests = need[:, :, blocks_of].permute(2, 0, 1, 3).contiguous().to(torch.uint8)  # [W, B, Hkv, nb]
+    requests[rank] = 0
+    wanted = torch.empty_like(requests)
+    with collective(who, "the exchange of block requests", pg):
+        dist.all_to_all_single(wanted, requests, group=pg)
+    count("block requests", requests[0].numel() * (world - 1))
+    dst, sb, sh, sj = wanted.nonzero(as_tuple=True)
+    src, rb, rh, rj = requests.nonzero(as_tuple=True)
+    return BlockExchange(
+        send_index=(sb, sh, sj), send_counts=torch.bincount(dst, minlength=world).tolist(),
+        recv_index=(rb, rh, blocks_of[src, rj]), recv_counts=torch.bincount(src, minlength=world).tolist(),
+    )
+
+
+def _tiles(x: Tensor, block_size: int) -> Tensor:
+    """`[B, H, T, D]` -> `[B, H, T / block_size, block_size, D]` view."""
+    b, h, t, d = x.shape
+    return x.view(b, h, t // block_size, block_size, d)
+
+
+def fetch_blocks(k: Tensor, v: Tensor, ex: BlockExchange, block_size: int, pg: dist.ProcessGroup,
+                 who: str) -> Tensor:
+    """Send the requested tiles of this rank's k/v; return the received ones, `[N_recv, 2, bs, D]`."""
+    b, h, j = ex.send_index
+    send = torch.stack([_tiles(k, block_size)[b, h, j], _tiles(v, block_size)[b, h, j]], dim=1)
+    recv = send.new_empty((sum(ex.recv_counts), 2, block_size, k.shape[-1]))
+    with collective(who, "the all-to-all of key/value blocks", pg):
+        dist.all_to_all_single(recv, send, output_split_sizes=ex.recv_counts, input_split_sizes=ex.send_counts,
+                               group=pg)
+    count("key/value blocks", send.numel() * send.element_size())
+    return recv
+
+
+def return_gradients(grad_tiles: Tensor, ex: BlockExchange, dk: Tensor, dv: Tensor, block_size: int,
+                     pg: dist.ProcessGroup, who: str) -> None:
+    """Send dK/dV of fetched tiles (`[N_recv, 2, bs, D]`) to their owners; add what arrives into dk/dv."""
+    back = grad_tiles.new_empty((sum(ex.send_counts), *grad_tiles.shape[1:]))
+    with collective(who, "the all-to-all returning key/value gradients", pg):
+        dist.all_to_all_single(back, grad_tiles.contiguous(), output_split_sizes=ex.send_counts,
+                               input_split_sizes=ex.recv_counts, group=pg)
+    count("key/value gradients", grad_tiles.numel() * grad_tiles.element_size())
+    idx = ex.send_index
+    _tiles(dk, block_size).index_put_(idx, back[:, 0].to(dk.dtype), accumulate=True)
+    _tiles(dv, block_size).index_put_(idx, back[:, 1].to(dv.dtype), accumulate=True)

@@ -1,0 +1,426 @@
+"""What each gloo rank runs in the context-parallel tests (spawned by cp_spawn.run_suite).
+
+Every rank builds the same whole-sequence inputs from a fixed seed, computes the single-process
+answer itself (the dense `reference` backend of `moba_attention`, or the unsharded model), runs
+the sharded computation on its shard and compares its shard of the answer. A case passes when it
+returns; a failed comparison raises on the rank that saw it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moba_rewrite.attention import moba_attention
+from moba_rewrite.parallel import (ContextParallelError, moba_attention_cp, moba_decode_cp, record_traffic,
+                                   sdpa_cp, shard_sequence, unshard_sequence)
+
+TIMEOUT_S = 30  # the group's timeout: a dead peer becomes an error, never a hang
+
+
+@dataclass
+class Ctx:
+    rank: int
+    world: int
+
+
+def close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5, relative: bool = False) -> None:
+    """Max abs error <= atol (times the largest |want| when `relative`, for large-magnitude values)."""
+    if got.shape != want.shape:
+        raise AssertionError(f"{name}: shape {list(got.shape)} != {list(want.shape)}")
+    if relative and want.numel():
+        atol *= max(1.0, want.abs().max().item())
+    err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+    if not err <= atol:
+        raise AssertionError(f"{name}: max abs error {err:.3g} > {atol}")
+
+
+def _qkv(b, hq, hkv, t, d, seed, structured=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, t, d, generator=g)
+    k = torch.randn(b, hkv, t, d, generator=g)
+    v = torch.randn(b, hkv, t, d, generator=g)
+    if structured:  # a few blocks every query prefers: many ranks fetch the same few blocks
+        k[:, :, : t // 8] += 2.0 * q.mean((1, 2), keepdim=True)[:, :1]
+    return q, k, v
+
+
+def check_op_against_whole_sequence(ctx: Ctx, *, b=1, hq=4, hkv=4, t=128, d=16, block_size=8, top_k=3,
+                                    causal=True, layout="contiguous", seq_len=None, seed=0, structured=False,
+                                    scale=None):
+    """Output and gradients of one rank's shard equal the whole-sequence reference's shard."""
+    t_real = seq_len or t
+    q, k, v = _qkv(b, hq, hkv, t_real, d, seed, structured)
+    grad = torch.randn(b, hq, t_real, d, generator=torch.Generator().manual_seed(seed + 1))
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    ref = moba_attention(qr, kr, vr, block_size=block_size, top_k=top_k, causal=causal, enable_gqa=hq != hkv,
+                         scale=scale, backend="reference")
+    (ref * grad).sum().backward()
+    pad = block_size if seq_len else None
+    shard = lambda x: shard_sequence(x, layout=layout, block_size=pad)  # noqa: E731
+    ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
+    out = moba_attention_cp(ql, kl, vl, block_size=block_size, top_k=top_k, causal=causal, enable_gqa=hq != hkv,
+                            layout=layout, seq_len=seq_len, scale=scale)
+    (out * shard(grad)).sum().backward()
+    what = f"[causal={causal} layout={layout} gqa={hq}/{hkv} top_k={top_k} seq_len={seq_len} scale={scale}]"
+    close(f"output {what}", unshard_sequence(out.detach(), layout=layout, seq_len=seq_len), ref.detach())
+    for name, got, want in (("dq", ql.grad, qr.grad), ("dk", kl.grad, kr.grad), ("dv", vl.grad, vr.grad)):
+        # Large scales give gradients in the tens: compare those to fp32 precision of their size.
+        close(f"{name} {what}", got, shard(want), relative=scale is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# Cases
+
+
+def op_causal_contiguous(ctx):
+    check_op_against_whole_sequence(ctx)
+
+
+def op_non_causal(ctx):
+    check_op_against_whole_sequence(ctx, causal=False, seed=1)
+    # Large scores: the kernels' online-softmax path instead of the bounded fast path.
+    check_op_against_whole_sequence(ctx, causal=False, seed=11, scale=3.0)
+
+
+def op_gqa_zigzag_causal(ctx):
+    check_op_against_whole_sequence(ctx, b=2, hq=4, hkv=2, layout="zigzag", seed=2)
+
+
+def op_gqa_zigzag_non_causal(ctx):
+    check_op_against_whole_sequence(ctx, hq=6, hkv=2, layout="zigzag", causal=False, top_k=4, seed=3)
+
+
+def op_padding(ctx):
+    """A length that does not divide: shard_sequence pads, seq_len hides the padding."""
+    for causal in (True, False):
+        for layout in ("contiguous", "zigzag"):
+            check_op_against_whole_sequence(ctx, t=0, seq_len=101 if layout == "contiguous" else 93, causal=causal,
+                                            layout=layout, seed=4)
+
+
+def op_uneven_hits_and_top_k_extremes(ctx):
+    """Concentrated routing (most ranks fetch the same blocks, some none), top_k 1 (nothing
+    fetched anywhere) and top_k >= blocks (dense limit)."""
+    check_op_against_whole_sequence(ctx, structured=True, top_k=2, seed=5)
+    check_op_against_whole_sequence(ctx, top_k=1, seed=6)
+    check_op_against_whole_sequence(ctx, top_k=64, causal=False, seed=7)
+
+
+def op_half_and_double_precision(ctx):
+    """bf16 / fp16 travel and attend in their own dtype (within one rounding of the reference);
+    fp64 matches to 1e-12."""
+    q, k, v = _qkv(1, 4, 4, 128, 16, 15)
+    for dtype, atol in ((torch.bfloat16, 1.6e-2), (torch.float16, 2e-3), (torch.float64, 1e-12)):
+        ql, kl, vl = (shard_sequence(x.to(dtype)).requires_grad_() for x in (q, k, v))
+        out = moba_attention_cp(ql, kl, vl, block_size=8, top_k=3)
+        out.sum().backward()
+        assert out.dtype == dtype and kl.grad.dtype == dtype
+        want = moba_attention(q.to(dtype), k.to(dtype), v.to(dtype), block_size=8, top_k=3, backend="reference")
+        close(f"output {dtype}", unshard_sequence(out.detach()), want, atol=atol)
+
+
+def dense_sdpa_cp_matches_whole_sequence(ctx):
+    """`sdpa_cp` (the dense sites' all-gather attention): output and gradients equal SDPA on the
+    whole sequence, causal zigzag with GQA and padding, non-causal contiguous."""
+    for causal, layout, seq_len in ((True, "zigzag", 90), (False, "contiguous", None)):
+        t = seq_len or 128
+        q, k, v = _qkv(2, 4, 2, t, 16, 12)
+        grad = torch.randn(2, 4, t, 16, generator=torch.Generator().manual_seed(13))
+        qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+        ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, is_causal=causal, enable_gqa=True)
+        (ref * grad).sum().backward()
+        shard = lambda x: shard_sequence(x, layout=layout, block_size=8 if seq_len else None)  # noqa: E731
+        ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
+        out = sdpa_cp(ql, kl, vl, causal=causal, enable_gqa=True, layout=layout, seq_len=seq_len)
+        (out * shard(grad)).sum().backward()
+        close(f"sdpa_cp output [{causal} {layout}]", unshard_sequence(out.detach(), layout=layout, seq_len=seq_len),
+              ref.detach())
+        for name, got, want in (("dq", ql.grad, qr.grad), ("dk", kl.grad, kr.grad), ("dv", vl.grad, vr.grad)):
+            close(f"sdpa_cp {name} [{causal} {layout}]", got, shard(want))
+
+
+def decode_against_a_sharded_cache(ctx):
+    """`moba_decode_cp` equals `moba_attention` on the filled cache: one and three new tokens, the
+    newest on the last or on an earlier rank (later ranks empty), GQA, top_k 1."""
+    s_cap, bs = 32, 8
+    cap = s_cap * ctx.world
+    q_all, k, v = _qkv(2, 4, 2, cap, 16, 14)
+    for seq_len in (cap - 5, s_cap + 3, 20):
+        for tq, top_k in ((1, 3), (3, 2), (1, 1)):
+            q = q_all[:, :, seq_len - tq: seq_len]
+            want = moba_attention(q, k[:, :, :seq_len], v[:, :, :seq_len], block_size=bs, top_k=top_k,
+                                  enable_gqa=True, backend="reference")
+            mine = slice(ctx.rank * s_cap, (ctx.rank + 1) * s_cap)
+            got = moba_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=seq_len, block_size=bs, top_k=top_k,
+                                 enable_gqa=True)
+            close(f"decode [seq_len={seq_len} Tq={tq} top_k={top_k}]", got, want)
+
+
+def traffic_only_selected_blocks(ctx):
+    """Bytes sent: top_k=1 sends no key/value block; the blocks sent are the ones requested."""
+    q, k, v = (shard_sequence(x) for x in _qkv(1, 2, 2, 128, 16, 8))
+    with record_traffic() as t:
+        moba_attention_cp(q, k, v, block_size=8, top_k=1)
+    assert "key/value blocks" not in t.by_step, t.by_step
+    with record_traffic() as t:
+        moba_attention_cp(q, k, v, block_size=8, top_k=3)
+    tile = 2 * 8 * 16 * 4
+    assert t.by_step["key/value blocks"] % tile == 0
+    full = 2 * k.numel() * 4 * (ctx.world - 1)  # what an all-gather of K/V sends
+    assert t.by_step["key/value blocks"] <= full, (t.by_step, full)
+
+
+def bad_inputs_fail_on_every_rank(ctx):
+    """Different shapes or parameters across ranks, unaligned shards, a one-rank group, a 2-D mesh."""
+    q, k, v = (shard_sequence(x) for x in _qkv(1, 2, 2, 128, 16, 9))
+
+    def expect(exc, words, fn):
+        try:
+            fn()
+        except exc as e:
+            if not all(w in str(e) for w in words):
+                raise AssertionError(f"error {e!r} does not name {words}") from e
+            return
+        raise AssertionError(f"no {exc.__name__} naming {words}")
+
+    t_local = 16 if ctx.rank == 0 else 8
+    expect(ValueError, ["ranks disagree on T_local", "rank 0: 16", "rank 1: 8"],
+           lambda: moba_attention_cp(q[:, :, :t_local], k[:, :, :t_local], v[:, :, :t_local], block_size=8, top_k=3))
+    expect(ValueError, ["ranks disagree on top_k"],
+           lambda: moba_attention_cp(q, k, v, block_size=8, top_k=2 + ctx.rank))
+    expect(ValueError, ["straddle", "block_size=12"], lambda: moba_attention_cp(q, k, v, block_size=12, top_k=3))
+    expect(ValueError, ["zigzag", "T_local / 2"],
+           lambda: moba_attention_cp(q, k, v, block_size=64, top_k=3, layout="zigzag"))
+    expect(ValueError, ["layout must be one of"], lambda: moba_attention_cp(q, k, v, block_size=8, top_k=3,
+                                                                           layout="ring"))
+    singles = [dist.new_group([r]) for r in range(ctx.world)]  # every rank joins every new_group call
+    expect(ValueError, ["single rank"], lambda: moba_attention_cp(q, k, v, group=singles[ctx.rank], block_size=8,
+                                                                 top_k=3))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if ctx.world == 4:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+        expect(ValueError, ["1-D DeviceMesh"], lambda: moba_attention_cp(q, k, v, group=mesh, block_size=8, top_k=3))
+    expect(ValueError, ["does not split"], lambda: shard_sequence(torch.zeros(1, 1, 7, 2)))
+
+
+def shard_round_trip(ctx):
+    x = torch.arange(2 * 90, dtype=torch.float32).view(1, 2, 90, 1)
+    for layout in ("contiguous", "zigzag"):
+        part = shard_sequence(x, layout=layout, block_size=4)
+        assert part.shape[2] * ctx.world >= 90 and part.shape[2] % 4 == 0
+        close(f"round trip {layout}", unshard_sequence(part, layout=layout, seq_len=90), x, atol=0)
+
+
+def dead_rank_is_one_clear_error(ctx):
+    """The last case: rank 1 leaves; rank 0's next call fails with ContextParallelError within the
+    group's (short) timeout instead of hanging."""
+    short = dist.new_group(list(range(ctx.world)), timeout=datetime.timedelta(seconds=3))
+    dist.barrier()
+    if ctx.rank == 1:
+        _write_and_exit(ctx, "ok")
+    q, k, v = (shard_sequence(x, group=short) for x in _qkv(1, 2, 2, 128, 16, 10))
+    import time
+
+    start = time.monotonic()
+    try:
+        moba_attention_cp(q, k, v, group=short, block_size=8, top_k=3)
+    except ContextParallelError as e:
+        assert f"rank {ctx.rank} of {ctx.world}" in str(e) and "died" in str(e), str(e)
+        assert time.monotonic() - start < 20, "took longer than the timeout"
+        return
+    raise AssertionError("no ContextParallelError after a rank died")
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face models
+
+_POLICY = {"version": 1, "defaults": {"mode": "moba", "block_size": 8, "top_k": 2},
+           "rules": [{"layers": "-1:", "mode": "dense"}]}  # the paper's hybrid: last layer dense
+
+
+def _tiny_llama(origin="sdpa", seed=0):
+    import moba_rewrite as mr
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, attn_implementation=origin)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    mr.rewrite(model, _POLICY)
+    modes = [row.decision for row in model._moba_report.rows] if hasattr(model._moba_report, "rows") else None
+    return model, modes
+
+
+def hf_prefill_matches_unsharded(ctx):
+    """Logits of a sharded prefill equal the unsharded run of the same rewritten model (MoBA sites
+    sparse: 96 tokens, block 8, top-2; last layer dense), both layouts, sdpa and eager models, a
+    length that needs padding."""
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
+
+    for origin in ("sdpa", "eager"):
+        model, _ = _tiny_llama(origin)
+        model.eval()
+        ids = torch.randint(0, 96, (2, 90), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            want = model(input_ids=ids, use_cache=False).logits
+            for layout in ("contiguous", "zigzag"):
+                local_ids, pos, seq_len = shard_inputs(model, ids, layout=layout)
+                with context_parallel(model, layout=layout, seq_len=seq_len):
+                    local = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
+                got = unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len)
+                close(f"logits [{origin} {layout}]", got, want)
+        # The model is really sparse: a dense run differs.
+        dense = _tiny_llama(origin)[0]
+        dense.config.__dict__  # noqa: B018
+        import moba_rewrite as mr
+
+        mr.rewrite(dense, {"version": 1, "defaults": {"mode": "dense"}})
+        with torch.no_grad():
+            assert (dense(input_ids=ids, use_cache=False).logits - want).abs().max() > 1e-3
+
+
+def hf_bad_inputs(ctx):
+    """Forgotten position_ids, a padding mask, a model that was not rewritten: one clear error each."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
+
+    model, _ = _tiny_llama()
+    ids = torch.randint(0, 96, (1, 64), generator=torch.Generator().manual_seed(4))
+    local_ids, pos, seq_len = shard_inputs(model, ids)
+    with torch.no_grad(), context_parallel(model, seq_len=seq_len):
+        for kwargs, words in (({}, "position_ids"),
+                              ({"position_ids": pos, "attention_mask": torch.ones_like(local_ids).index_fill_(1, torch.tensor([0]), 0)},
+                               "not plain causal")):
+            try:
+                model(input_ids=local_ids, use_cache=False, **kwargs)
+            except ValueError as e:
+                assert words in str(e), str(e)
+            else:
+                raise AssertionError(f"no error naming {words!r}")
+    plain = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    try:
+        with context_parallel(plain):
+            pass
+    except ValueError as e:
+        assert "not a rewritten" in str(e), str(e)
+    else:
+        raise AssertionError("an unrewritten model was accepted")
+
+
+def fsdp2_and_context_parallel_training_step(ctx):
+    """4 ranks, 2-D mesh (dp=2, cp=2): FSDP2 (HSDP over the mesh) shards the rewritten model, each
+    dp rank takes one sequence, its cp pair splits it. The loss and the parameters after one SGD
+    step equal the single-process step on the whole batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    ids = torch.randint(0, 96, (2, 64), generator=torch.Generator().manual_seed(5))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    n_labels = int((labels != -100).sum())
+    lr = 0.5
+
+    ref, _ = _tiny_llama(seed=7)
+    ref.train()
+    logits = ref(input_ids=ids, use_cache=False).logits
+    ref_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                 reduction="sum") / n_labels
+    ref_loss.backward()
+    with torch.no_grad():
+        for prm in ref.parameters():
+            prm -= lr * prm.grad
+
+    model, _ = _tiny_llama(seed=7)
+    model.train()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    cp = mesh["cp"]
+    row = mesh.get_local_rank("dp")
+    local_ids, pos, seq_len = shard_inputs(model, ids[row:row + 1], cp, layout="zigzag")
+    local_labels = shard_sequence(labels[row:row + 1], cp, "zigzag", dim=1, block_size=8, pad_value=-100)
+    with context_parallel(model, cp, layout="zigzag", seq_len=seq_len):
+        local_logits = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(local_logits.flatten(0, 1), local_labels.flatten(),
+                                                 ignore_index=-100, reduction="sum") / n_labels
+        # The local losses sum to the global mean loss; FSDP averages gradients over the 4 ranks
+        # (setting its divide factor to 1 needs PREMUL_SUM, which gloo lacks), so scale by 4.
+        (loss * ctx.world).backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    close("loss", total, ref_loss.detach(), atol=1e-5)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt.step()
+    ref_params = dict(ref.named_parameters())
+    for name, prm in model.named_parameters():
+        close(f"parameter {name} after the step", prm.full_tensor(), ref_params[name].detach(), atol=1e-5)
+
+
+SUITES = {
+    "two": [op_causal_contiguous, op_non_causal, op_gqa_zigzag_causal, op_gqa_zigzag_non_causal, op_padding,
+            op_uneven_hits_and_top_k_extremes, op_half_and_double_precision, dense_sdpa_cp_matches_whole_sequence,
+            decode_against_a_sharded_cache,
+            traffic_only_selected_blocks,
+            shard_round_trip,
+            bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
+    "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_uneven_hits_and_top_k_extremes,
+             decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, fsdp2_and_context_parallel_training_step],
+}
+
+# --------------------------------------------------------------------------------------------
+# Rank entry point
+
+_RESULTS: dict[str, str] = {}
+_OUT: Path | None = None
+
+
+def _write(ctx: Ctx) -> None:
+    path = _OUT / f"rank{ctx.rank}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_RESULTS))
+    os.replace(tmp, path)
+
+
+def _write_and_exit(ctx: Ctx, status: str) -> None:
+    _RESULTS["dead_rank_is_one_clear_error"] = status
+    _write(ctx)
+    os._exit(0)
+
+
+def rank_main(rank: int, world: int, port: int, out_dir: str, suite: str) -> None:
+    global _OUT
+    _OUT = Path(out_dir)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    ctx = Ctx(rank, world)
+    cases = SUITES[suite]
+    for i, case in enumerate(cases):
+        torch.manual_seed(0)
+        try:
+            case(ctx)
+            _RESULTS[case.__name__] = "ok"
+        except Exception:
+            _RESULTS[case.__name__] = traceback.format_exc()[-4000:]
+            # Leave at once: peers waiting in a collective fail fast (connection closed) instead of
+            # waiting out the timeout, and no later case runs against a group in an unknown state.
+            for later in cases[i + 1:]:
+                _RESULTS[later.__name__] = f"not run: rank {rank} failed {case.__name__}"
+            _write(ctx)
+            os._exit(1)
+        _write(ctx)
+    os._exit(0)  # skip destroy_process_group: after the dead-rank case it could wait on the dead peer

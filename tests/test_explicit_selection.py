@@ -1,0 +1,73 @@
+"""The `torch` backend attending a selection given by the caller (what context parallelism uses):
+equal to dense attention masked to exactly those blocks, forward and backward, on both of its
+implementations (`fast`, `online`) and in the threaded split."""
+
+import pytest
+import torch
+
+from moba_rewrite.kernels.torch import blocks, fast
+from moba_rewrite.kernels.torch.select import select_blocks
+
+
+def _masked_reference(q, k, v, selection, block_size, causal, scale):
+    """Dense softmax attention over each query's own block plus its given blocks (fp64)."""
+    b, hq, tq, d = q.shape
+    tk = k.shape[2]
+    n = -(-tk // block_size)
+    own = (torch.arange(tk - tq, tk) // block_size).expand(b, hq, tq)
+    chosen = torch.zeros(b, hq, tq, n + 1, dtype=torch.bool)
+    chosen.scatter_(-1, torch.where(selection < 0, n, selection), True)
+    chosen.scatter_(-1, own[..., None], True)
+    allowed = chosen[..., :n][..., torch.arange(tk) // block_size]
+    if causal:
+        allowed &= torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]
+    g = hq // k.shape[1]
+    kk, vv = (x.double().repeat_interleave(g, 1) for x in (k, v))
+    return torch.nn.functional.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=allowed, scale=scale)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("big_scores", [False, True], ids=["fast", "online"])
+def test_given_selection_equals_masked_dense_attention(causal, big_scores):
+    torch.manual_seed(0)
+    bs, tq, tk = 8, 40, 64
+    q = torch.randn(2, 4, tq, 16, requires_grad=True)
+    k = torch.randn(2, 2, tk, 16, requires_grad=True)
+    v = torch.randn(2, 2, tk, 16, requires_grad=True)
+    scale = 3.0 if big_scores else 0.25
+    assert fast.applicable(q, k, v, scale=scale, attn_mask=None) != big_scores
+    own = (torch.arange(tk - tq, tk) // bs)
+    # Any blocks but the own one, in any order, with gaps (-1); history may lie after the own
+    # block when non-causal; causal selections hold earlier blocks only.
+    raw = torch.randint(0, tk // bs, (2, 4, tq, 3))
+    ok = raw < own[:, None] if causal else raw != own[:, None]
+    selection = torch.where(ok, raw, -1)
+    selection[..., 1] = torch.where(selection[..., 1] == selection[..., 0], -1, selection[..., 1])
+    selection[..., 2] = torch.where((selection[..., 2] == selection[..., 0]) | (selection[..., 2] == selection[..., 1]),
+                                    -1, selection[..., 2])
+    kw = dict(block_size=bs, top_k=4, causal=causal, scale=scale, attn_mask=None)
+    out = blocks.forward(q, k, v, selection=selection, **kw)
+    want = _masked_reference(q.detach(), k.detach(), v.detach(), selection, bs, causal, scale)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-5)
+    grad = torch.randn_like(out)
+    dq, dk, dv = blocks.backward(grad, q.detach(), k.detach(), v.detach(), out, selection=selection, **kw)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    (_masked_reference(qd, kd, vd, selection, bs, causal, scale) * grad.double()).sum().backward()
+    for got, ref in ((dq, qd.grad), (dk, kd.grad), (dv, vd.grad)):
+        torch.testing.assert_close(got.double(), ref, atol=5e-5, rtol=1e-4)
+
+
+def test_given_selection_in_the_threaded_split_equals_the_gate():
+    """Handing the gate's own selection back gives the gated result, in the multi-thread split too."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 2048, 16) for _ in range(3))
+    kw = dict(block_size=64, top_k=3, causal=True, scale=0.25, attn_mask=None)
+    sel = select_blocks(q, k, block_size=64, top_k=3, causal=True, attn_mask=None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert blocks._split_plan(q, k)[1], "the call should take the threaded split"
+        torch.testing.assert_close(blocks.forward(q, k, v, selection=sel, **kw), blocks.forward(q, k, v, **kw),
+                                   atol=0, rtol=0)
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,81 @@
+"""Context-parallel MoBA (`moba_rewrite.parallel`, `integrations.hf_cp`).
+
+The distributed cases run on 2 and 4 gloo ranks spawned once per suite (`cp_spawn`,
+`cp_workers`): each case compares a rank's shard of the sharded computation with the
+single-process answer (the `reference` backend on the whole sequence, or the unsharded model).
+The rest checks the pieces in this process.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cp_spawn
+from moba_rewrite.kernels import reference
+from moba_rewrite.parallel import moba_attention_cp, shard_sequence
+from moba_rewrite.parallel.gate import select_history
+from moba_rewrite.parallel.layout import ShardLayout
+
+
+def _check(results: dict, case: str, world: int) -> None:
+    per_rank = results.get(case, {})
+    problems = [f"rank {r}: {per_rank.get(r, 'no result (the rank died or hung past the deadline)')}"
+                for r in range(world) if per_rank.get(r) != "ok"]
+    assert not problems, f"{case} failed:\n" + "\n".join(problems)
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return cp_spawn.run_suite(2, "two")
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    return cp_spawn.run_suite(4, "four")
+
+
+@pytest.mark.parametrize("case", cp_spawn.case_names("two"))
+def test_on_two_gloo_ranks(two_ranks, case):
+    _check(two_ranks, case, 2)
+
+
+@pytest.mark.parametrize("case", cp_spawn.case_names("four"))
+def test_on_four_gloo_ranks(four_ranks, case):
+    _check(four_ranks, case, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# In-process pieces
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_global_gate_equals_the_reference_selection(causal):
+    """Gating every query against the whole sequence's block means picks the reference's blocks."""
+    q, k = torch.randn(2, 4, 96, 8), torch.randn(2, 2, 96, 8)
+    bs = 8
+    want = reference.block_selection(q, k, block_size=bs, top_k=4, causal=causal)
+    sel = select_history(q, reference.block_means(k, bs), torch.arange(96) // bs, top_k=4, causal=causal,
+                         n_real=12)
+    got = torch.zeros(2, 4, 96, 13, dtype=torch.bool)
+    got.scatter_(-1, torch.where(sel < 0, 12, sel), True)
+    got[..., torch.arange(96), torch.arange(96) // bs] = True
+    assert torch.equal(got[..., :12], want)
+
+
+def test_layouts_place_whole_chunks():
+    lay = ShardLayout("zigzag", 4, 16)
+    assert lay.positions(1).tolist() == list(range(8, 16)) + list(range(48, 56))
+    assert lay.blocks(1, 4) == [2, 3, 12, 13]
+    assert lay.chunk_order() == [(0, 0), (1, 0), (2, 0), (3, 0), (3, 1), (2, 1), (1, 1), (0, 1)]
+    with pytest.raises(ValueError, match="straddle ranks.*T_local / 2"):
+        lay.check_blocks(16, "test")
+    assert ShardLayout("contiguous", 4, 16).positions(3).tolist() == list(range(48, 64))
+
+
+def test_without_a_process_group_the_error_says_so():
+    q = torch.randn(1, 1, 8, 4)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        moba_attention_cp(q, q, q, block_size=4, top_k=2)
+    with pytest.raises(ValueError, match="not initialised"):
+        shard_sequence(q)
