@@ -1,8 +1,8 @@
 """moba-rewrite: rewrite the attention of any PyTorch model into MoBA, layer by layer.
 
 Public API (SPEC section 1): `moba_attention`, `load_policy`, `rewrite`, `compile`, `export`,
-`plan`, `load`, `report_of`. Everything else is internal. Imports are lazy so `import moba_rewrite` stays
-fast and registers the `moba::attention` op.
+`plan`, `load`, `report_of`; `evaluate` and `calibrate`. Everything else is internal. Imports are lazy so
+`import moba_rewrite` stays fast and registers the `moba::attention` op.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ _LAZY = {
     "RewriteReport": "moba_rewrite.report",
     "moba_attention_varlen": "moba_rewrite.attention.varlen",
     "key_block_means": "moba_rewrite.attention.block_means",
+    "evaluate": "moba_rewrite.evaluation",
+    "calibrate": "moba_rewrite.evaluation",
     "update_key_block_means_": "moba_rewrite.attention.block_means",
     "moba_attention_kv_cache": "moba_rewrite.attention.kv_cache",
 }

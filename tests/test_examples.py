@@ -20,11 +20,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
+# Arguments for scripts whose full run takes minutes: a tiny budget that still runs every step.
+EXAMPLE_ARGS = {"activate_moba.py": ["--quick", "--plot", "activate_moba.png"]}
 
 
 def test_examples_are_found():
     assert {"rewrite_hf_generate.py", "rewrite_custom_model.py", "finetune_moba.py",
-            "load_and_compile.py", "decode_with_means_cache.py"} <= set(EXAMPLES)
+            "load_and_compile.py", "decode_with_means_cache.py", "activate_moba.py"} <= set(EXAMPLES)
 
 
 @pytest.fixture
@@ -45,8 +47,9 @@ def fresh_process_state(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXAMPLES)
-def test_example_runs(name, fresh_process_state, capsys):
+def test_example_runs(name, fresh_process_state, capsys, tmp_path):
     sys.argv[0] = str(ROOT / "examples" / name)
+    sys.argv[1:] = [a if not a.endswith(".png") else str(tmp_path / a) for a in EXAMPLE_ARGS.get(name, [])]
     try:
         runpy.run_path(sys.argv[0], run_name="__main__")
     except SystemExit as exc:  # a script may end with sys.exit(0)

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("passes", "moba_rewrite.integrations"),
     ("moba_rewrite.report", "moba_rewrite.api", "moba_rewrite.routes", "moba_rewrite.exporters",
      "moba_rewrite.checkpoints", "moba_rewrite.checkpoint_weights", "moba_rewrite.dynamo_backend",
-     "moba_rewrite.discovery"),
+     "moba_rewrite.discovery", "moba_rewrite.evaluation"),
     ("moba_rewrite.cli", "moba_rewrite"),  # the command, and the package's public facade over everything
 ]
 

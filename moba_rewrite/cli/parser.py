@@ -8,6 +8,7 @@ import sys
 
 from moba_rewrite.cli.artifacts import FORMATS
 from moba_rewrite.cli.errors import EXIT_USAGE, PROG
+from moba_rewrite.cli.eval_cmd import add_calibrate_parser, add_eval_parser
 from moba_rewrite.cli.inspect_cmd import cmd_inspect
 from moba_rewrite.cli.misc_cmd import cmd_bench, cmd_demo, cmd_routes
 from moba_rewrite.cli.policy_cmd import cmd_policy_check, cmd_policy_init, cmd_policy_schema
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive, metavar="N", help="tokens in the sample input")
     p.add_argument("--heads", type=_positive, default=4, metavar="H", help="heads drawn per layer (default 4)")
     _add_force(p, "PNG")
+    add_eval_parser(sub, leaves, _leaf, _add_input, _add_force, _positive)
+    add_calibrate_parser(sub, leaves, _leaf, _add_input, _add_force, _positive)
     for p in leaves:
         _add_common(p)
     return parser
