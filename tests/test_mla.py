@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import moba_rewrite as mr
+from moba_rewrite import api
 from moba_rewrite.attention.block_means import update_key_block_means_
 from moba_rewrite.kernels import reference as ref
 from moba_rewrite.kernels.torch import blocks as torch_blocks, decode as torch_decode, fast as torch_fast, \
@@ -158,3 +159,101 @@ def test_query_and_key_head_dims_must_still_match():
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="q and k head dims must match: q 12, k 8"):
         mr.moba_attention(q, k[..., :8], v, enable_gqa=True)
+
+
+# ------------------------------------------------------------------ DeepSeek-V3 (transformers) generate()
+
+
+def _deepseek_v3(attn: str = "sdpa"):
+    import transformers as T
+
+    cfg = T.DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+        first_k_dense_replace=1, pad_token_id=0, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = T.DeepseekV3ForCausalLM(cfg).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def _reference_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    """Test-only HF attention function: the dense reference MoBA on the whole sequence (no cache)."""
+    assert query.shape[2] == key.shape[2] and value.shape[-1] == 12 != query.shape[-1]
+    out = ref.forward(query, key, value, block_size=4, top_k=2, causal=True, attn_mask=attention_mask,
+                      scale=kwargs.get("scaling") or query.shape[-1] ** -0.5)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_deepseek_v3_generate_equals_the_reference_token_for_token(cache):
+    """MLA decode through the KV-cache paths: each step equals recomputing the whole sequence with reference MoBA."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register("mla_reference", _reference_attention)
+    AttentionMaskInterface.register("mla_reference", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    ids = torch.randint(3, 64, (2, 14), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[1, :3] = 0  # a left-padded batch
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        want = _deepseek_v3("mla_reference").generate(ids, attention_mask=mask, use_cache=False, **gen)
+        model = _deepseek_v3()
+        mr.rewrite(model, {"version": 1, "defaults": {"block_size": 4, "top_k": 2, "decode": "moba"}})
+        assert mr.report_of(model).moba_sites == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+        kw = {"cache_implementation": "static"} if cache == "static" else {}
+        got = model.generate(ids, attention_mask=mask, **gen, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ graph passes (export, eager, compile)
+
+
+class WideValueAttention(torch.nn.Module):
+    """Hand-written MLA-like block: q/k heads of 8, v heads of 12, SDPA or matmul-softmax-matmul."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.qk = torch.nn.Linear(16, 2 * 4 * 8)
+        self.v = torch.nn.Linear(16, 4 * 12)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k = self.qk(x).view(b, t, 2, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        v = self.v(x).view(b, t, 4, 12).transpose(1, 2)
+        if self.form == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        scores = (q @ k.transpose(-1, -2)) * 8 ** -0.5
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+
+    def oracle(self, x, top_k):
+        b, t, _ = x.shape
+        q, k = self.qk(x).view(b, t, 2, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        v = self.v(x).view(b, t, 4, 12).transpose(1, 2)
+        return ref.forward(q, k, v, block_size=4, top_k=top_k, causal=True, scale=8 ** -0.5, attn_mask=None)
+
+
+@pytest.mark.parametrize("form", ["sdpa", "manual"])
+@pytest.mark.parametrize("path", ["export", "eager", "compile"])
+def test_passes_rewrite_wide_value_sites_to_moba(form, path):
+    m = WideValueAttention(form).eval()
+    x = torch.randn(2, 24, 16, generator=torch.Generator().manual_seed(4))
+    policy = {"version": 1, "defaults": {"block_size": 4, "top_k": 2}}
+    with torch.no_grad():
+        original, want = m(x), m.oracle(x, 2)
+        assert (want - original).abs().max() > 1e-3  # the sparse policy changes the output
+        if path == "export":
+            ep, report = api.export_with_report(m, (x,), policy)
+            assert any("moba.attention" in str(n.target) for n in ep.graph.nodes)
+            got = ep.module()(x)
+        else:
+            report = mr.plan(m, policy, (x,))
+            mr.rewrite(m, policy, (x,))
+            got = (torch.compile(m, fullgraph=True, backend="eager") if path == "compile" else m)(x)
+        assert [r.decision for r in report] == ["moba"], str(report)
+        torch.testing.assert_close(got, want, **TOL)

@@ -78,7 +78,7 @@ def validate(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, sc
     if hq < 1 or hkv < 1:
         raise ValueError(f"moba_attention: head counts must be >= 1, got {hq} query and {hkv} key/value heads")
     if d < 1 or v.shape[3] < 1:
-        raise ValueError(f"moba_attention: head dims must be >= 1, got q/k {d}, v {v.shape[3]}")
+        raise ValueError(f"moba_attention: head dim must be >= 1, got q/k {d}, v {v.shape[3]}")
     if hq % hkv != 0:
         raise ValueError(f"moba_attention: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     if hq != hkv and not enable_gqa:
