@@ -257,3 +257,170 @@ def test_passes_rewrite_wide_value_sites_to_moba(form, path):
             got = (torch.compile(m, fullgraph=True, backend="eager") if path == "compile" else m)(x)
         assert [r.decision for r in report] == ["moba"], str(report)
         torch.testing.assert_close(got, want, **TOL)
+
+
+# ------------------------------------------------------------------ Triton (interpreter on CPU)
+
+from moba_rewrite.kernels.triton import attn as triton_attn, backend as tb, configs as triton_configs  # noqa: E402
+
+needs_triton = pytest.mark.skipif(not tb.is_available(), reason=tb.unavailable_reason() or "triton unavailable")
+TRITON_TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
+
+TRITON_CASES = {
+    # name: (B, Hq, Hkv, Tq, Tk, D, Dv, block, top_k, causal, mask, dtype)
+    "prefill_wider_v_fp32": (1, 2, 2, 48, 48, 16, 24, 16, 2, True, None, torch.float32),
+    "prefill_gqa_narrower_v_fp16": (1, 4, 2, 50, 50, 16, 8, 16, 3, True, None, torch.float16),
+    "chunk_noncausal_bool_mask_fp32": (2, 2, 1, 30, 70, 16, 40, 16, 3, False, "bool", torch.float32),
+    "decode_gqa_fp16": (2, 4, 1, 1, 90, 16, 32, 16, 3, True, None, torch.float16),
+    "decode_float_mask_fp32": (1, 2, 2, 1, 60, 24, 16, 16, 2, False, "float", torch.float32),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_forward_and_backward_equal_reference(name):
+    b, hq, hkv, tq, tk, d, dv, bs, top_k, causal, mask_kind, dtype = TRITON_CASES[name]
+    q, k, v = _inputs(b, hq, hkv, tq, tk, d, dv, dtype, seed=2)
+    g = torch.Generator().manual_seed(3)
+    mask = {"bool": lambda: torch.rand(b, 1, tq, tk, generator=g) > 0.2,
+            "float": lambda: torch.randn(b, 1, tq, tk, generator=g)}.get(mask_kind, lambda: None)()
+    kw = dict(block_size=bs, top_k=top_k, causal=causal, scale=d ** -0.5, attn_mask=mask)
+    out, want = tb.forward(q, k, v, **kw), ref.forward(q, k, v, **kw)
+    assert out.shape == (b, hq, tq, dv) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), want.float(), **TRITON_TOL[dtype])
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    for name_, got, exp in zip("qkv", tb.backward(go, q, k, v, out, **kw), ref.backward(go, q, k, v, want, **kw)):
+        assert got.shape == exp.shape, name_
+        torch.testing.assert_close(got.float(), exp.float(), **TRITON_TOL[dtype], msg=lambda m: f"d{name_}: {m}")
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter reports the overflow it repairs
+def test_triton_two_pass_repair_and_windows_with_wide_values(monkeypatch):
+    """The forward's other routes: two-pass mode, rows repaired after an unsafe single-pass reference
+    (fp16 scores far apart), and fp32 accumulators allocated per window of (batch, KV head) rows."""
+    q, k, v = _inputs(1, 4, 2, 40, 40, 16, 24, torch.float32, seed=5)
+    kw = dict(block_size=8, top_k=3, causal=True, scale=0.25, attn_mask=None)
+    want = ref.forward(q, k, v, **kw)
+    monkeypatch.setitem(triton_configs.OVERRIDES, "fwd_mode", "two_pass")
+    torch.testing.assert_close(tb.forward(q, k, v, **kw), want, **TOL)
+    monkeypatch.delitem(triton_configs.OVERRIDES, "fwd_mode")
+    real = triton_attn.windows
+    monkeypatch.setattr(triton_attn, "windows", lambda p, budget: real(p, p.group * p.max_tq * p.dv * 4))
+    torch.testing.assert_close(tb.forward(q, k, v, **kw), want, **TOL)
+    qh = q.clone()
+    qh[:, 2:] *= 12.0
+    qh, kh, vh = qh.half(), k.half(), v.half()
+    from moba_rewrite.kernels.triton import gate as triton_gate
+    from moba_rewrite.kernels.triton.layout import dense_problem
+    p = dense_problem(qh, kh, vh, **kw)
+    out, _, repaired = triton_attn.single_pass_forward(p, triton_gate.build_csr(p, triton_gate.select_blocks(p)))
+    assert repaired.any() and out.shape == (1, 4, 40, 24)
+    torch.testing.assert_close(out.float(), ref.forward(qh, kh, vh, **kw).float(), atol=3e-3, rtol=3e-3)
+
+
+@needs_triton
+@pytest.mark.parametrize("tq,filled,dtype", [(1, 29, torch.float32), (1, 33, torch.float16), (5, 30, torch.float32)])
+def test_triton_kv_cache_equals_reference(tq, filled, dtype):
+    b, hkv, length, bs = 2, 2, 40, 8
+    q, k, v = _inputs(b, 4, hkv, tq, length, 12, 20, dtype, seed=1)
+    means = torch.zeros((b, hkv, -(-length // bs), 12))
+    update_key_block_means_(means, k, torch.arange(filled), bs, from_start=True)
+    pos = torch.arange(filled - tq, filled)
+    kw = dict(block_size=bs, top_k=3, enable_gqa=True)
+    got = mr.moba_attention_kv_cache(q, k, v, means, pos, backend="triton", **kw)
+    want = mr.moba_attention_kv_cache(q, k, v, means, pos, backend="reference", **kw)
+    assert got.shape == (b, 4, tq, 20)
+    torch.testing.assert_close(got.float(), want.float(), **TRITON_TOL[dtype])
+
+
+@needs_triton
+def test_triton_through_the_op_with_autograd_and_compile():
+    q, k, v = _inputs(1, 4, 2, 33, 33, 16, 24, torch.float32, seed=6)
+    weight = torch.randn(1, 4, 33, 24)
+    kw = dict(block_size=8, top_k=2, causal=True)
+    for a, e in zip(_grads("triton", q, k, v, weight, **kw), _grads("reference", q, k, v, weight, **kw)):
+        torch.testing.assert_close(a, e, **TOL)
+    f = torch.compile(lambda q, k, v: mr.moba_attention(q, k, v, enable_gqa=True, backend="triton", **kw),
+                      fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(q, k, v), mr.moba_attention(q, k, v, enable_gqa=True, backend="reference", **kw),
+                               **TOL)
+
+
+def test_triton_rejects_a_value_head_dim_past_its_limit():
+    q, k, _ = _inputs(1, 2, 2, 8, 8, 16, 16)
+    v = torch.randn(1, 2, 8, tb.MAX_HEAD_DIM + 8)
+    assert "value head dim" in tb.unsupported_reason(q, k, None, v)
+
+
+# ------------------------------------------------------------------ packed varlen op
+
+from moba_rewrite.attention.varlen import moba_attention_varlen  # noqa: E402
+
+
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.float32), ("torch", torch.float32),
+                                           pytest.param("triton", torch.float32, marks=needs_triton),
+                                           pytest.param("triton", torch.float16, marks=needs_triton)])
+def test_varlen_equals_moba_per_sequence(backend, dtype):
+    """Three packed sequences (one decode-like) plus rows outside every sequence, which stay zero."""
+    g = torch.Generator().manual_seed(8)
+    lens_q, lens_k = [20, 1, 9], [20, 27, 13]
+    q = torch.randn(sum(lens_q) + 2, 4, 12, generator=g).to(dtype)
+    k = torch.randn(sum(lens_k) + 2, 2, 12, generator=g).to(dtype)
+    v = torch.randn(sum(lens_k) + 2, 2, 20, generator=g).to(dtype)
+    cu_q = torch.tensor([0, 20, 21, 30], dtype=torch.int32)
+    cu_k = torch.tensor([0, 20, 47, 60], dtype=torch.int32)
+    kw = dict(block_size=4, top_k=2, causal=True)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = moba_attention_varlen(*leaves, cu_q, cu_k, backend=backend, **kw)
+    assert out.shape == (q.shape[0], 4, 20)
+    go = torch.randn(out.shape, generator=g).to(dtype)
+    out.backward(go)
+    tol = TRITON_TOL[dtype]
+    assert out[30:].abs().max() == 0
+    for s in range(3):
+        q0, q1, k0, k1 = cu_q[s].item(), cu_q[s + 1].item(), cu_k[s].item(), cu_k[s + 1].item()
+        qs, ks, vs = (t.detach()[a:b].transpose(0, 1)[None].clone().requires_grad_(True)
+                      for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        want = mr.moba_attention(qs, ks, vs, enable_gqa=True, backend="reference", **kw)
+        want.backward(go[q0:q1].transpose(0, 1)[None])
+        torch.testing.assert_close(out[q0:q1].detach().float(), want[0].transpose(0, 1).float(), **tol)
+        for leaf, ref_leaf, a, b in ((leaves[0], qs, q0, q1), (leaves[1], ks, k0, k1), (leaves[2], vs, k0, k1)):
+            torch.testing.assert_close(leaf.grad[a:b].float(), ref_leaf.grad[0].transpose(0, 1).float(), **tol)
+
+
+# ------------------------------------------------------------------ ONNX (both function bodies, onnxruntime)
+
+
+@pytest.mark.parametrize("body", ["sparse", "dense"])
+def test_onnx_export_with_wide_values_runs_in_onnxruntime(body, tmp_path):
+    """A rewritten MLA-like site exported to ONNX: one MoBA node whose function body keeps the value
+    head dim; onnxruntime gives the reference MoBA at two sequence lengths (one dynamic-shape export)."""
+    from moba_rewrite.exporters import onnx as mo
+
+    m = WideValueAttention("sdpa").eval()
+    policy = {"version": 1, "defaults": {"block_size": 4, "top_k": 2}}
+    x = torch.randn(2, 24, 16, generator=torch.Generator().manual_seed(9))
+    mr.rewrite(m, policy, (x,))
+    seq = torch.export.Dim("seq", min=4, max=256)
+    proto = mo.export_onnx(m, (x,), tmp_path / "mla.onnx", dynamic_shapes=({1: seq},), body=body)
+    assert len(mo.moba_nodes(proto)) == 1
+    for t in (24, 37):
+        xt = torch.randn(2, t, 16, generator=torch.Generator().manual_seed(t))
+        got = torch.as_tensor(mo.run_onnxruntime(tmp_path / "mla.onnx", (xt,))[0])
+        with torch.no_grad():
+            want = m.oracle(xt, 2)
+        assert got.shape == (2, 4, t, 12)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_context_parallel_says_it_needs_one_head_dim():
+    """Context parallelism exchanges K and V tiles together: a wide value head is refused, by name."""
+    from moba_rewrite.parallel.attention import moba_attention_cp
+    from moba_rewrite.parallel.decode import moba_decode_cp
+
+    q, k, v = _inputs(1, 2, 2, 16, 16, 8, 12)
+    with pytest.raises(NotImplementedError, match=r"moba_attention_cp: a value head dim \(12\) different"):
+        moba_attention_cp(q, k, v, block_size=4, top_k=2)
+    with pytest.raises(NotImplementedError, match=r"value head dim \(12\) different .* context parallelism"):
+        moba_decode_cp(q[:, :, -1:], k, v, seq_len=16, block_size=4, top_k=2)

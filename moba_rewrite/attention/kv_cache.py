@@ -58,7 +58,7 @@ def _forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tenso
     """The op's implementation: the backend's `forward_kv_cache`; backends without one (flash_attn) get
     the reference's definition applied to their `forward` (the filled prefix, read on the host)."""
     check_cache_position(cache_position, q.shape[2], k_cache.shape[2])
-    kernel = load_backend(resolve_backend(backend, q.device, q, k_cache, attn_mask))
+    kernel = load_backend(resolve_backend(backend, q.device, q, k_cache, attn_mask, v=v_cache))
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
     run = getattr(kernel, "forward_kv_cache", None)
     if run is not None:
