@@ -121,7 +121,8 @@ def moba_attention(
     backend: str = "auto",
     key_block_means: Tensor | None = None,
 ) -> Tensor:
-    """Mixture of Block Attention in SDPA layout: q `[B, Hq, Tq, D]`, k/v `[B, Hkv, Tk, D]`.
+    """Mixture of Block Attention in SDPA layout: q `[B, Hq, Tq, D]`, k `[B, Hkv, Tk, D]`, v `[B, Hkv, Tk, Dv]`,
+    output `[B, Hq, Tq, Dv]` (`Dv` may differ from `D`, as in multi-head latent attention).
 
     Each query attends its own key block plus the `top_k - 1` blocks whose mean key scores
     best against it (`top_k` counts the own block). Queries are the newest `Tq` of `Tk`

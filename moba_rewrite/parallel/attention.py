@@ -204,7 +204,8 @@ def moba_attention_cp(
 ) -> Tensor:
     """MoBA on a sequence sharded across `group`: equals `moba_attention` on the whole sequence.
 
-    q `[B, Hq, T_local, D]`, k/v `[B, Hkv, T_local, D]`: this rank's shard (`shard_sequence`),
+    q `[B, Hq, T_local, D]`, k/v `[B, Hkv, T_local, D]` (one head dim: a wider or narrower v raises
+    `NotImplementedError`): this rank's shard (`shard_sequence`),
     the same tokens for q and k/v (prefill / training). `group`: a ProcessGroup or 1-D
     DeviceMesh (default: the world), at least 2 ranks. `layout`: `contiguous` or `zigzag`
     (`layout.py`); blocks must not straddle ranks (`T_local`, or `T_local / 2` for zigzag, a
