@@ -104,15 +104,22 @@ def test_torch_backend_threaded_split(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
-@pytest.mark.parametrize("tq", [40, 1])
-def test_dense_limit_equals_sdpa(backend, tq):
+@pytest.mark.parametrize("tq,mask_kind", [(40, None), (1, None), (7, "bool"), (40, "float")])
+def test_dense_limit_equals_sdpa(backend, tq, mask_kind):
     """`top_k * block_size >= Tk`: full attention, with SDPA's own Dv != Dqk support as the yardstick."""
     q, k, v = _inputs(tq=tq, d=24, dv=16)
+    mask = _mask(mask_kind, 2, tq, 40)
     weight = torch.randn(2, 4, tq, 16)
-    got = _grads(backend, q, k, v, weight, block_size=16, top_k=3, causal=True)
+    got = _grads(backend, q, k, v, weight, block_size=16, top_k=3, causal=True, attn_mask=mask)
     qs, ks, vs = (t.clone().requires_grad_(True) for t in (q, k, v))
     causal = torch.ones(tq, 40, dtype=torch.bool).tril(40 - tq)
-    want = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal, enable_gqa=True)
+    if mask is None:
+        sdpa_mask = causal
+    elif mask.dtype == torch.bool:
+        sdpa_mask = causal & mask
+    else:
+        sdpa_mask = mask.masked_fill(~causal, float("-inf"))
+    want = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=sdpa_mask, enable_gqa=True)
     (want * weight).sum().backward()
     for a, e in zip(got, (want, qs.grad, ks.grad, vs.grad)):
         torch.testing.assert_close(a, e, **TOL)
@@ -207,6 +214,23 @@ def test_deepseek_v3_generate_equals_the_reference_token_for_token(cache):
         got = model.generate(ids, attention_mask=mask, **gen, **kw)
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-4)
+
+
+def test_deepseek_v3_export_equals_the_reference():
+    """`mr.export` of the MLA model: both sites are MoBA nodes and the program equals reference MoBA there."""
+    from zoo_oracle import sdpa_oracle
+
+    ids = torch.randint(3, 64, (1, 32), generator=torch.Generator().manual_seed(1))
+    policy = {"version": 1, "defaults": {"block_size": 4, "top_k": 2}}
+    ep = mr.export(_deepseek_v3(), (ids,), policy)
+    assert sum("moba.attention" in str(n.target) for n in ep.graph.nodes) == 2
+    oracle = _deepseek_v3()
+    with sdpa_oracle(oracle, {"model.layers.0.self_attn", "model.layers.1.self_attn"}, block=4, top_k=2), \
+            torch.no_grad():
+        want = oracle(ids).logits
+        got = ep.module()(ids).logits
+        assert (want - _deepseek_v3()(ids).logits).abs().max() > 1e-4  # sparse: not the original model
+    torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------ graph passes (export, eager, compile)
