@@ -649,7 +649,7 @@ _INT_PTRS = {"ITEM_START", "q_start", "q_len", "k_start", "k_len", "PICKS", "WOR
 _F32_PTRS = {"SCORES", "MEANS", "O32", "LSE_PART", "ROW_LSE", "DQ32", "DELTA", "O_PART", "REF", "ROW_SUM", "ROW_MAX",
              "ROW_REF"}
 _I8_PTRS = {"ROW_FILTER", "BAD"}
-_DATA_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV"}
+_DATA_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DVG"}  # DVG: the dV gradient (DV is the value head dim)
 
 
 def compile_sm90(only: str | None = None) -> bool:
@@ -710,57 +710,62 @@ def compile_sm90(only: str | None = None) -> bool:
             pass
         print(f"  ok   {label:<48} smem {k.metadata.shared:>6} B  {usage}")
 
-    class _P:  # the config functions only look at d and the device
-        def __init__(self, d):
+    class _P:  # the config functions only look at d, dv and the device
+        def __init__(self, d, dv=None):
             # a stand-in q on "cuda" (not allocated) so the configs are the GPU ones, not the interpreter's
             self.d, self.q = d, type("FakeQ", (), {"device": torch.device("cuda"), "dtype": torch.bfloat16})()
+            self.dv = dv or d
 
-    for d in (64, 128, 256):
-        p = _P(d)
+    # (q/k head dim, v head dim): the usual widths, and DeepSeek-V3 / Kimi-K2 MLA (192 / 128)
+    for d, dv in ((64, 64), (128, 128), (256, 256), (192, 128)):
+        p = _P(d, dv)
+        tag = f"D={d}" if d == dv else f"D={d} Dv={dv}"
+        bd, bdv = triton.next_power_of_2(d), triton.next_power_of_2(dv)
+        vd = dict(BLOCK_DV=bdv, DV=dv)  # the value-side constants of the fwd, bwd and decode kernels
         bm, bn, w, st = triton_attn.fwd_config(p)
         for mode in (0, 1, 2):
             for causal, mask, mbool in ((True, False, True), (False, True, True), (True, True, False)):
-                one(f"D={d} fwd mode={mode} causal={causal} mask={mask}{'' if mbool else ' float'}",
+                one(f"{tag} fwd mode={mode} causal={causal} mask={mask}{'' if mbool else ' float'}",
                     triton_attn._fwd_kernel,
                     dict(MODE=mode, FILTER=False, CAUSAL=causal, HAS_MASK=mask, MASK_BOOL=mbool, BLOCK_M=bm,
-                         BLOCK_N=bn, BLOCK_D=d, D=d, DOT_PREC="tf32", OFF64=False), w, st,
+                         BLOCK_N=bn, BLOCK_D=bd, D=d, **vd, DOT_PREC="tf32", OFF64=False), w, st,
                     mask_dt="u8" if mbool else "fp32")
         for mode in (0, 1):
-            one(f"D={d} fwd mode={mode} repair filter", triton_attn._fwd_kernel,
+            one(f"{tag} fwd mode={mode} repair filter", triton_attn._fwd_kernel,
                 dict(MODE=mode, FILTER=True, CAUSAL=True, HAS_MASK=False, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn,
-                     BLOCK_D=d, D=d, DOT_PREC="tf32", OFF64=False), w, st)
+                     BLOCK_D=bd, D=d, **vd, DOT_PREC="tf32", OFF64=False), w, st)
         for repair in (False, True):
-            one(f"D={d} fwd finish repair={repair}", triton_attn._fwd_finish_kernel,
-                dict(REPAIR=repair, BLOCK_M=16, BLOCK_D=d, D=d), 4, 2)
-        one(f"D={d} fwd mode=1 fp32 off64", triton_attn._fwd_kernel,
+            one(f"{tag} fwd finish repair={repair}", triton_attn._fwd_finish_kernel,
+                dict(REPAIR=repair, BLOCK_M=16, BLOCK_D=bdv, D=dv), 4, 2)
+        one(f"{tag} fwd mode=1 fp32 off64", triton_attn._fwd_kernel,
             dict(MODE=1, FILTER=False, CAUSAL=True, HAS_MASK=False, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn,
-                 BLOCK_D=d, D=d, DOT_PREC="ieee", OFF64=True), w, st, dt="fp32")
+                 BLOCK_D=bd, D=d, **vd, DOT_PREC="ieee", OFF64=True), w, st, dt="fp32")
         bm, bn, w, st = triton_attn.bwd_config(p)
         for causal, mask in ((True, False), (False, True)):
-            one(f"D={d} bwd causal={causal} mask={mask}", triton_attn._bwd_kernel,
-                dict(CAUSAL=causal, HAS_MASK=mask, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, D=d,
-                     DOT_PREC="tf32"), w, st)
+            one(f"{tag} bwd causal={causal} mask={mask}", triton_attn._bwd_kernel,
+                dict(CAUSAL=causal, HAS_MASK=mask, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, D=d,
+                     **vd, DOT_PREC="tf32"), w, st)
         bm, bn, w, st = triton_gate.gate_config(torch.device("cuda"), d)
         for causal, prec, dt in ((True, "split3", "bf16"), (False, "split3", "bf16"), (True, "tf32x3", "fp32")):
-            one(f"D={d} gate causal={causal} top-8 {prec}", triton_gate._gate_topk_kernel,
-                dict(CAUSAL=causal, HAS_VIS=not causal, KP=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, D=d,
+            one(f"{tag} gate causal={causal} top-8 {prec}", triton_gate._gate_topk_kernel,
+                dict(CAUSAL=causal, HAS_VIS=not causal, KP=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, D=d,
                      GATE_PREC=prec, PARTIAL=False), w, st, dt=dt)
-        one(f"D={d} block means", triton_gate._block_means_kernel, dict(D=d, BLOCK_D=d, BLOCK_N=64), 4, 2)
+        one(f"{tag} block means", triton_gate._block_means_kernel, dict(D=d, BLOCK_D=bd, BLOCK_N=64), 4, 2)
         for merge in (False, True):
-            one(f"D={d} decode merge={merge}", triton_attn._decode_kernel,
-                dict(HAS_MASK=True, MASK_BOOL=True, MERGE=merge, BLOCK_N=64, BLOCK_C=16, BLOCK_D=d, D=d), 4, 3)
-        one(f"D={d} decode combine", triton_attn._decode_combine_kernel, dict(BLOCK_S=16, BLOCK_D=d, D=d), 4, 2)
-        one(f"D={d} row dot", triton_attn._row_dot_kernel, dict(BLOCK_M=16, BLOCK_D=d, D=d), 4, 2)
+            one(f"{tag} decode merge={merge}", triton_attn._decode_kernel,
+                dict(HAS_MASK=True, MASK_BOOL=True, MERGE=merge, BLOCK_N=64, BLOCK_C=16, BLOCK_D=bd, D=d, **vd), 4, 3)
+        one(f"{tag} decode combine", triton_attn._decode_combine_kernel, dict(BLOCK_S=16, BLOCK_D=bdv, D=dv), 4, 2)
+        one(f"{tag} row dot", triton_attn._row_dot_kernel, dict(BLOCK_M=16, BLOCK_D=bdv, D=dv), 4, 2)
     p = _P(128)  # every --sweep candidate at D=128 too, so the sweep spends no GPU time on a config that fails here
     for bm, bn, w, st in SWEEP["fwd"]:
         for mode in (0, 1, 2):
             one(f"sweep fwd mode={mode} {(bm, bn, w, st)}", triton_attn._fwd_kernel,
                 dict(MODE=mode, FILTER=False, CAUSAL=True, HAS_MASK=False, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128,
-                     D=128, DOT_PREC="tf32", OFF64=False), w, st)
+                     D=128, BLOCK_DV=128, DV=128, DOT_PREC="tf32", OFF64=False), w, st)
     for bm, bn, w, st in SWEEP["bwd"]:
         one(f"sweep bwd {(bm, bn, w, st)}", triton_attn._bwd_kernel,
             dict(CAUSAL=True, HAS_MASK=False, MASK_BOOL=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128, D=128,
-                 DOT_PREC="tf32"), w, st)
+                 BLOCK_DV=128, DV=128, DOT_PREC="tf32"), w, st)
     for bm, bn, w, st in SWEEP["gate"]:
         for prec, dt in (("split3", "bf16"), ("tf32x3", "bf16")):
             one(f"sweep gate {prec} {(bm, bn, w, st)}", triton_gate._gate_topk_kernel,

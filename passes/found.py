@@ -97,8 +97,6 @@ def check_common(f: FoundSite) -> None:
         f.problems.append("attention dropout probability is computed in the graph (training)")
     elif isinstance(f.dropout_p, (int, float)) and f.dropout_p > 0:
         f.problems.append(f"attention dropout p={f.dropout_p} (training); MoBA has no attention dropout")
-    if f.head_dim is not None and f.v_head_dim is not None and f.head_dim != f.v_head_dim:
-        f.problems.append(f"value head dim {f.v_head_dim} differs from query/key head dim {f.head_dim}")
     if f.tq is not None and f.tk is not None:
         iq, ik = fxutil.static_int(f.tq), fxutil.static_int(f.tk)
         if iq is not None and ik is not None and iq > ik:

@@ -63,8 +63,8 @@ def unfaithful(site: RoutedSite, a: dict[str, Any]) -> list[str]:
         out.append(f"more queries than keys (Tq={tq} > Tk={tk}, cross attention)")
     if a.get("is_causal") and tq != tk:
         out.append("is_causal=True with Tq != Tk: SDPA aligns the causal mask top-left, MoBA bottom-right")
-    if v.shape[-1] != q.shape[-1] or k.shape[-1] != q.shape[-1]:
-        out.append(f"value head dim {v.shape[-1]} differs from query/key head dim {q.shape[-1]}")
+    if k.shape[-1] != q.shape[-1]:  # a value head dim of its own (MLA) is fine
+        out.append(f"key head dim {k.shape[-1]} differs from query head dim {q.shape[-1]}")
     if q.shape[1] % k.shape[1] != 0:
         out.append(f"query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
     if len({q.dtype, k.dtype, v.dtype}) > 1:

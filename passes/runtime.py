@@ -72,9 +72,9 @@ def site_attention(
     tq, tk = q.shape[-2], k.shape[-2]
     if tq > tk:
         raise UnfaithfulSiteError(f"attention site {site!r}: Tq={tq} > Tk={tk} (cross attention)")
-    if v.shape[-1] != q.shape[-1]:
+    if k.shape[-1] != q.shape[-1]:  # a value head dim of its own (MLA) is fine
         raise UnfaithfulSiteError(
-            f"attention site {site!r}: value head dim {v.shape[-1]} differs from query head dim {q.shape[-1]}"
+            f"attention site {site!r}: key head dim {k.shape[-1]} differs from query head dim {q.shape[-1]}"
         )
     if is_causal and tq != tk:
         raise UnfaithfulSiteError(

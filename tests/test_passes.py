@@ -272,8 +272,6 @@ class Special(nn.Module):
             return F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
         if self.kind == "cross":  # more queries than keys
             return F.scaled_dot_product_attention(q, q[:, :, : t // 2], q[:, :, : t // 2])
-        if self.kind == "vdim":
-            return F.scaled_dot_product_attention(q, q, torch.cat([q, q], -1))
         if self.kind == "causal_tq_lt_tk":
             return F.scaled_dot_product_attention(q[:, :, : t // 2], q, q, is_causal=True)
         if self.kind == "dropout":
@@ -287,7 +285,6 @@ class Special(nn.Module):
 @pytest.mark.parametrize("kind,why", [
     ("float_mask_input", "may carry a bias"),
     ("cross", "more queries than keys"),
-    ("vdim", "value head dim"),
     ("causal_tq_lt_tk", "top-left"),
     ("dropout", "dropout"),
     ("weights_returned", "also used elsewhere"),

@@ -171,7 +171,7 @@ def test_window_plan_respects_the_budget():
     from types import SimpleNamespace
 
     def plan(b, hq, hkv, t, d, mib):
-        p = SimpleNamespace(batch=b, hq=hq, hkv=hkv, group=hq // hkv, max_tq=t, d=d, varlen=False)
+        p = SimpleNamespace(batch=b, hq=hq, hkv=hkv, group=hq // hkv, max_tq=t, d=d, dv=d, varlen=False)
         return [(w.bh0, w.bh1) for w in triton_attn.windows(p, mib * 2**20)]
 
     assert plan(2, 8, 2, 4096, 128, 8) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # 8 MiB per bh

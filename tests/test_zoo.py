@@ -97,12 +97,13 @@ CASES: dict[str, Case] = {
     "mixtral_moe": Case(lambda: _sdpa(T.MixtralForCausalLM(T.MixtralConfig(
         **LM, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2))),
         lambda: {"input_ids": ids()}, _layers("model.layers.{}.self_attn", "moba", MOBA)),
-    # DeepSeek-V3 multi-head latent attention: value head dim 12, query/key head dim 8 + 8.
+    # DeepSeek-V3 multi-head latent attention: value head dim 12, query/key head dim 8 + 8 (MoBA gates
+    # on q/k and attends with the 12-wide values).
     "deepseek_v3_mla": Case(lambda: _sdpa(T.DeepseekV3ForCausalLM(T.DeepseekV3Config(
         **LM, num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
         n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
         v_head_dim=12, first_k_dense_replace=1, pad_token_id=0))),
-        lambda: {"input_ids": ids()}, _layers("model.layers.{}.self_attn", "dense", "value head dim 12")),
+        lambda: {"input_ids": ids()}, _layers("model.layers.{}.self_attn", "moba", MOBA)),
     # Encoder-decoders. Whisper's decoder (24 tokens) is longer than its encoder (16 frames).
     "whisper": Case(lambda: _sdpa(T.WhisperModel(T.WhisperConfig(
         vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,

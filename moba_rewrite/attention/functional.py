@@ -72,15 +72,13 @@ def validate(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, sc
         raise ValueError(f"moba_attention: batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"moba_attention: k {list(k.shape)} and v {list(v.shape)} must agree in [B, Hkv, Tk]")
-    if k.shape[3] != d or v.shape[3] != d:
-        raise ValueError(
-            f"moba_attention: head dims must match: q {d}, k {k.shape[3]}, v {v.shape[3]}"
-        )
+    if k.shape[3] != d:
+        raise ValueError(f"moba_attention: q and k head dims must match: q {d}, k {k.shape[3]}")
     hkv, tk = k.shape[1], k.shape[2]
     if hq < 1 or hkv < 1:
         raise ValueError(f"moba_attention: head counts must be >= 1, got {hq} query and {hkv} key/value heads")
-    if d < 1:
-        raise ValueError(f"moba_attention: head dim must be >= 1, got {d}")
+    if d < 1 or v.shape[3] < 1:
+        raise ValueError(f"moba_attention: head dim must be >= 1, got q/k {d}, v {v.shape[3]}")
     if hq % hkv != 0:
         raise ValueError(f"moba_attention: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     if hq != hkv and not enable_gqa:
@@ -123,7 +121,8 @@ def moba_attention(
     backend: str = "auto",
     key_block_means: Tensor | None = None,
 ) -> Tensor:
-    """Mixture of Block Attention in SDPA layout: q `[B, Hq, Tq, D]`, k/v `[B, Hkv, Tk, D]`.
+    """Mixture of Block Attention in SDPA layout: q `[B, Hq, Tq, D]`, k `[B, Hkv, Tk, D]`, v `[B, Hkv, Tk, Dv]`,
+    output `[B, Hq, Tq, Dv]` (`Dv` may differ from `D`, as in multi-head latent attention).
 
     Each query attends its own key block plus the `top_k - 1` blocks whose mean key scores
     best against it (`top_k` counts the own block). Queries are the newest `Tq` of `Tk`

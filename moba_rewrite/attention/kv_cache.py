@@ -8,7 +8,7 @@ same tokens without the cache. The gate reads a cache of block means kept beside
 (`update_key_block_means_` keeps it current), so a decode step need not read all of K.
 
 The op is what generation programs call (eager, `torch.compile`, `torch.export`): the caches and
-`cache_position` are tensors, the output has `q`'s shape, and the backends' decode paths
+`cache_position` are tensors, the output is `[B, Hq, Tq, Dv]` (v_cache's head dim), and the backends' decode paths
 (`torch`, `triton`) do no host sync and keep fixed shapes, so a captured CUDA graph replays it.
 Inference only: the op has no gradient.
 
@@ -58,7 +58,7 @@ def _forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tenso
     """The op's implementation: the backend's `forward_kv_cache`; backends without one (flash_attn) get
     the reference's definition applied to their `forward` (the filled prefix, read on the host)."""
     check_cache_position(cache_position, q.shape[2], k_cache.shape[2])
-    kernel = load_backend(resolve_backend(backend, q.device, q, k_cache, attn_mask))
+    kernel = load_backend(resolve_backend(backend, q.device, q, k_cache, attn_mask, v=v_cache))
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
     run = getattr(kernel, "forward_kv_cache", None)
     if run is not None:
@@ -144,7 +144,8 @@ def moba_attention_kv_cache(
 ) -> Tensor:
     """MoBA of `Tq` new queries against a KV cache whose first `cache_position[-1] + 1` slots are filled.
 
-    q `[B, Hq, Tq, D]`; k_cache/v_cache `[B, Hkv, L, D]` (slots past the filled prefix are ignored);
+    q `[B, Hq, Tq, D]`; k_cache `[B, Hkv, L, D]`, v_cache `[B, Hkv, L, Dv]` (slots past the filled prefix
+    are ignored; the output is `[B, Hq, Tq, Dv]`);
     `key_block_means` `[B, Hkv, NB, D]` with `NB >= ceil(L / block_size)`, the block means of the
     filled keys (`update_key_block_means_` after each write; the last filled block divided by its
     filled size); `cache_position` `[Tq]` the queries' positions, consecutive, the newest tokens.

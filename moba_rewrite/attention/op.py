@@ -24,8 +24,8 @@ from moba_rewrite.kernels import dense, load_backend, resolve_backend
 from moba_rewrite.kernels.eager import plain_eager
 
 
-def _kernel(backend: str, q: Tensor, k: Tensor, attn_mask: Optional[Tensor]):
-    return load_backend(resolve_backend(backend, q.device, q, k, attn_mask))
+def _kernel(backend: str, q: Tensor, k: Tensor, attn_mask: Optional[Tensor], v: Optional[Tensor] = None):
+    return load_backend(resolve_backend(backend, q.device, q, k, attn_mask, v=v))
 
 
 @torch.library.custom_op("moba::attention", mutates_args=())
@@ -54,7 +54,7 @@ def attention_backward(
     if runs_dense(backend, k.shape[2], block_size, top_k, dense_below):
         dq, dk, dv = dense.backward(grad_out, q, k, v, out, causal=causal, scale=scale, attn_mask=attn_mask)
     else:
-        dq, dk, dv = _kernel(backend, q, k, attn_mask).backward(
+        dq, dk, dv = _kernel(backend, q, k, attn_mask, v).backward(
             grad_out, q, k, v, out, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
             attn_mask=attn_mask,
         )
@@ -96,7 +96,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, key_block_means: Optional[Tensor],
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
     if runs_dense(backend, k.shape[2], block_size, top_k, dense_below):
         return dense.forward(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask).contiguous()
-    kernel = _kernel(backend, q, k, attn_mask)
+    kernel = _kernel(backend, q, k, attn_mask, v)
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
     if key_block_means is not None and _takes_block_means(kernel.forward):
         kw["key_block_means"] = key_block_means

@@ -1,6 +1,7 @@
 """`moba_attention_varlen`: MoBA on packed variable-length batches (flash-attn varlen layout).
 
-q is `[total_q, Hq, D]`, k/v are `[total_k, Hkv, D]`; sequence `s` owns query rows
+q is `[total_q, Hq, D]`, k is `[total_k, Hkv, D]`, v is `[total_k, Hkv, Dv]` (Dv may differ from
+D, as in multi-head latent attention); sequence `s` owns query rows
 `cu_seqlens_q[s]:cu_seqlens_q[s+1]` and key rows `cu_seqlens_k[s]:cu_seqlens_k[s+1]`, and is
 an independent MoBA problem (SPEC section 2): its blocks start at its first key, and its
 queries are its newest tokens. Query rows outside every sequence get zeros.
@@ -61,10 +62,10 @@ def validate_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_se
     if k.shape[:2] != v.shape[:2]:
         _fail(f"k {list(k.shape)} and v {list(v.shape)} must agree in [total_k, Hkv]")
     d = q.shape[2]
-    if k.shape[2] != d or v.shape[2] != d:
-        _fail(f"head dims must match: q {d}, k {k.shape[2]}, v {v.shape[2]}")
-    if q.shape[1] < 1 or k.shape[1] < 1 or d < 1:
-        _fail(f"heads and head dim must be >= 1, got q {list(q.shape)}, k {list(k.shape)}")
+    if k.shape[2] != d:
+        _fail(f"q and k head dims must match: q {d}, k {k.shape[2]}")
+    if q.shape[1] < 1 or k.shape[1] < 1 or d < 1 or v.shape[2] < 1:
+        _fail(f"heads and head dim must be >= 1, got q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}")
     if q.shape[1] % k.shape[1] != 0:
         _fail(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     for name, value in (("block_size", block_size), ("top_k", top_k)):
@@ -108,8 +109,13 @@ def _thd(x: Tensor) -> Tensor:  # [1, H, T, D] -> [T, H, D]
     return x.squeeze(0).transpose(0, 1)
 
 
+def _out_like(q: Tensor, v: Tensor) -> Tensor:
+    """Zeros `[total_q, Hq, Dv]`: rows outside every sequence stay zero."""
+    return q.new_zeros((*q.shape[:-1], v.shape[-1]))
+
+
 def _loop_forward(module, q, k, v, cu_q, cu_k, **kw) -> Tensor:
-    out = torch.zeros_like(q)
+    out = _out_like(q, v)
     for _, q0, q1, k0, k1 in _sequences(cu_q, cu_k):
         o = module.forward(_bhtd(q[q0:q1]), _bhtd(k[k0:k1]), _bhtd(v[k0:k1]), attn_mask=None, **kw)
         out[q0:q1] = _thd(o)
@@ -127,8 +133,8 @@ def _loop_backward(module, grad_out, q, k, v, out, cu_q, cu_k, **kw):
     return dq, dk, dv
 
 
-def _module(backend: str, device: torch.device):
-    return load_backend(resolve_backend(backend, device))
+def _module(backend: str, q: Tensor, k: Tensor, v: Tensor):
+    return load_backend(resolve_backend(backend, q.device, q, k, None, v=v))
 
 
 # ----------------------------------------------------------------------------- the op
@@ -141,7 +147,7 @@ def attention_varlen(
 ) -> Tensor:
     """Packed MoBA on validated arguments; see `moba_attention_varlen`."""
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
-    module = _module(backend, q.device)
+    module = _module(backend, q, k, v)
     if hasattr(module, "forward_varlen"):
         out = module.forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw)
     else:
@@ -151,7 +157,7 @@ def attention_varlen(
 
 @attention_varlen.register_fake
 def _attention_varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, block_size, top_k, causal, scale, backend):
-    return torch.empty_like(q)
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 @torch.library.custom_op("moba::attention_varlen_backward", mutates_args=())
@@ -161,7 +167,7 @@ def attention_varlen_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `moba::attention_varlen` with respect to q, k and v."""
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
-    module = _module(backend, q.device)
+    module = _module(backend, q, k, v)
     if hasattr(module, "backward_varlen"):
         dq, dk, dv = module.backward_varlen(grad_out, q, k, v, out, cu_seqlens_q, cu_seqlens_k, **kw)
     else:
@@ -203,11 +209,12 @@ def moba_attention_varlen(
     scale: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
-    """MoBA over a packed batch: q `[total_q, Hq, D]`, k/v `[total_k, Hkv, D]`, int32 `cu_seqlens`.
+    """MoBA over a packed batch: q `[total_q, Hq, D]`, k `[total_k, Hkv, D]`, v `[total_k, Hkv, Dv]`,
+    int32 `cu_seqlens`.
 
     Each sequence is attended on its own (its blocks start at its first key; its queries are
     its newest tokens), exactly as `moba_attention` would on that sequence alone. GQA is
-    implied by `Hq % Hkv == 0`. Returns `[total_q, Hq, D]`.
+    implied by `Hq % Hkv == 0`. Returns `[total_q, Hq, Dv]`.
     """
     validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_size=block_size, top_k=top_k, scale=scale,
                     backend=backend)

@@ -14,13 +14,14 @@ body is ignored. Two bodies compute the same thing (SPEC section 2):
 
 Node contract (what a native kernel must implement):
 
-- inputs: `q [B, Hq, Tq, D]`, `k [B, Hkv, Tk, D]`, `v [B, Hkv, Tk, D]`, `bias`, an additive
+- inputs: `q [B, Hq, Tq, D]`, `k [B, Hkv, Tk, D]`, `v [B, Hkv, Tk, Dv]` (Dv may differ from D, as in
+  multi-head latent attention), `bias`, an additive
   float mask broadcastable to `[B, Hq, Tq, Tk]` (`-inf` = hidden, 0 = visible; a boolean mask
   is turned into 0 / -inf, an absent mask is the scalar 0);
 - attributes: `block_size` (int), `top_k` (int, counts the own block), `causal` (int 0/1),
   `scale` (float), `dense_below` (int, default 0: full attention, i.e. every block selected,
   when `Tk < dense_below`; the policy key of that name);
-- output: `[B, Hq, Tq, D]` in q's dtype. Gate and softmax are computed in fp32.
+- output: `[B, Hq, Tq, Dv]` in q's dtype. Gate and softmax are computed in fp32.
 
 Dense attention sites are left to torch's own exporter (standard attention ops). The export
 runs without onnxscript's optimizer inlining functions (it would dissolve the MoBA node);
@@ -56,7 +57,7 @@ _BOOL = 9  # onnx.TensorProto.BOOL
 @onnxscript.script(moba_opset, default_opset=op)
 def AttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale: float,  # noqa: N802
                   dense_below: int):
-    """MoBA (SPEC section 2) on q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D], additive mask `bias`."""
+    """MoBA (SPEC section 2) on q [B,Hq,Tq,D], k [B,Hkv,Tk,D], v [B,Hkv,Tk,Dv], additive mask `bias`."""
     qf = op.Cast(q, to=1)
     kf = op.Cast(k, to=1)
     vf = op.Cast(v, to=1)
@@ -74,11 +75,11 @@ def AttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale
     hkv = op.Shape(k, start=1, end=2)
     group = op.Div(hq, hkv)
     b = op.Shape(k, start=0, end=1)
-    tk_d = op.Shape(k, start=2, end=4)
-    rep_shape = op.Concat(b, hq, tk_d, axis=0)
     expand_shape = op.Concat(op.Constant(value_ints=[1, 1]), group, op.Constant(value_ints=[1, 1]), axis=0)
-    kx = op.Reshape(op.Expand(op.Unsqueeze(kf, [2]), expand_shape), rep_shape)
-    vx = op.Reshape(op.Expand(op.Unsqueeze(vf, [2]), expand_shape), rep_shape)
+    k_shape = op.Concat(b, hq, op.Shape(k, start=2, end=4), axis=0)
+    v_shape = op.Concat(b, hq, op.Shape(v, start=2, end=4), axis=0)  # Dv may differ from D (MLA)
+    kx = op.Reshape(op.Expand(op.Unsqueeze(kf, [2]), expand_shape), k_shape)
+    vx = op.Reshape(op.Expand(op.Unsqueeze(vf, [2]), expand_shape), v_shape)
 
     # Blocks and positions.
     tq = op.Squeeze(op.Shape(q, start=2, end=3), [0])

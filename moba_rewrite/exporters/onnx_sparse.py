@@ -33,7 +33,8 @@ CHUNK = 64  # pairs per scored chunk: [CHUNK, D] @ [D, block_size] per chunk
 @onnxscript.script(moba_opset, default_opset=op)
 def SparseAttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale: float,  # noqa: N802
                         dense_below: int):
-    """MoBA (SPEC section 2) on q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D], additive mask `bias` (see module doc)."""
+    """MoBA (SPEC section 2) on q [B,Hq,Tq,D], k [B,Hkv,Tk,D], v [B,Hkv,Tk,Dv], additive mask `bias` (see
+    module doc); output [B,Hq,Tq,Dv]."""
     qf = op.Cast(q, to=1)
     kf = op.Cast(k, to=1)
     vf = op.Cast(v, to=1)
@@ -57,6 +58,7 @@ def SparseAttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int,
     hq1 = op.Shape(q, start=1, end=2)
     tq1 = op.Shape(q, start=2, end=3)
     d1 = op.Shape(q, start=3, end=4)
+    dv1 = op.Shape(v, start=3, end=4)  # the value head dim (differs from D in multi-head latent attention)
     hkv1 = op.Shape(k, start=1, end=2)
     tk1 = op.Shape(k, start=2, end=3)
     tq = op.Squeeze(tq1, [0])
@@ -70,7 +72,7 @@ def SparseAttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int,
     # 1. Keys and values in whole blocks; block means; the gate per query head.
     kv_pads = op.Concat(op.Constant(value_ints=[0, 0, 0, 0, 0, 0]), pad_t, zero1, axis=0)
     kb = op.Reshape(op.Pad(kf, kv_pads), op.Concat(b1, hkv1, nb1, bs1, d1, axis=0))  # [B,Hkv,nb,bs,D]
-    vb = op.Reshape(op.Pad(vf, kv_pads), op.Concat(b1, hkv1, nb1, bs1, d1, axis=0))
+    vb = op.Reshape(op.Pad(vf, kv_pads), op.Concat(b1, hkv1, nb1, bs1, dv1, axis=0))
     blocks = op.Range(zero, nb, one)  # [nb]
     counts = op.Cast(op.Min(op.Sub(tk, op.Mul(blocks, bs)), bs), to=1)  # keys per block
     means = op.Div(op.ReduceSum(kb, op.Constant(value_ints=[3]), keepdims=0), op.Unsqueeze(counts, [1]))
@@ -144,7 +146,7 @@ def SparseAttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int,
     # Scores of each chunk against its key block, cut by the mask and causality.
     q_rows = op.Gather(op.Reshape(qf, op.Concat(minus1, d1, axis=0)), row)  # [C, CHUNK, D]
     k_chunk = op.Gather(op.Reshape(kb, op.Concat(minus1, bs1, d1, axis=0)), chunk_group)  # [C, bs, D]
-    v_chunk = op.Gather(op.Reshape(vb, op.Concat(minus1, bs1, d1, axis=0)), chunk_group)
+    v_chunk = op.Gather(op.Reshape(vb, op.Concat(minus1, bs1, dv1, axis=0)), chunk_group)  # [C, bs, Dv]
     scores = op.Mul(op.MatMul(q_rows, op.Transpose(k_chunk, perm=[0, 2, 1])), op.Constant(value_float=scale))
     key_block = op.Mod(chunk_group, nb)  # [C]
     key_pos = op.Add(op.Unsqueeze(op.Mul(key_block, bs), [1]), op.Range(zero, bs, one))  # [C, bs]
@@ -166,23 +168,23 @@ def SparseAttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int,
     safe_max = op.Where(op.IsInf(row_max), fzero, row_max)
     weights = op.Exp(op.Sub(scores, safe_max))
     row_sum = op.ReduceSum(weights, minus1, keepdims=0)  # [C, CHUNK]
-    partial = op.MatMul(weights, v_chunk)  # [C, CHUNK, D]
+    partial = op.MatMul(weights, v_chunk)  # [C, CHUNK, Dv]
 
     # 4. Partials back to query order, then a log-sum-exp combine over each query's pairs.
     n_pairs_x = op.Add(n_pairs, one1)
     target = op.Reshape(chunk_pair, op.Constant(value_ints=[-1, 1]))
     pair_max = op.ScatterND(op.Expand(ninf, n_pairs_x), target, op.Reshape(op.Squeeze(row_max, [2]), minus1))
     pair_sum = op.ScatterND(op.Expand(fzero, n_pairs_x), target, op.Reshape(row_sum, minus1))
-    pair_out = op.ScatterND(op.Expand(fzero, op.Concat(n_pairs_x, d1, axis=0)), target,
-                            op.Reshape(partial, op.Concat(minus1, d1, axis=0)))
+    pair_out = op.ScatterND(op.Expand(fzero, op.Concat(n_pairs_x, dv1, axis=0)), target,
+                            op.Reshape(partial, op.Concat(minus1, dv1, axis=0)))
     rows_by_slot = op.Concat(minus1, slots1, axis=0)
     pair_max = op.Reshape(op.Slice(pair_max, zero1, n_pairs), rows_by_slot)  # [R, K]
     pair_sum = op.Reshape(op.Slice(pair_sum, zero1, n_pairs), rows_by_slot)
-    pair_out = op.Reshape(op.Slice(pair_out, zero1, n_pairs), op.Concat(minus1, slots1, d1, axis=0))
+    pair_out = op.Reshape(op.Slice(pair_out, zero1, n_pairs), op.Concat(minus1, slots1, dv1, axis=0))
     best = op.ReduceMax(pair_max, minus1, keepdims=1)
     best = op.Where(op.IsInf(best), fzero, best)
     scale_pair = op.Exp(op.Sub(pair_max, best))  # 0 for pairs that saw nothing
     total = op.ReduceSum(op.Mul(scale_pair, pair_sum), minus1, keepdims=1)  # [R, 1]
-    out = op.ReduceSum(op.Mul(op.Unsqueeze(scale_pair, [2]), pair_out), one1, keepdims=0)  # [R, D]
+    out = op.ReduceSum(op.Mul(op.Unsqueeze(scale_pair, [2]), pair_out), one1, keepdims=0)  # [R, Dv]
     out = op.Div(out, op.Where(op.Greater(total, fzero), total, fone))
-    return op.CastLike(op.Reshape(out, op.Concat(b1, hq1, tq1, d1, axis=0)), q)
+    return op.CastLike(op.Reshape(out, op.Concat(b1, hq1, tq1, dv1, axis=0)), q)

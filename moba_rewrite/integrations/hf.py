@@ -199,8 +199,8 @@ def unsupported_reasons(query, key, value, mask, dropout: float, training: bool,
         out.append(f"attention dropout p={dropout} while training")
     if query.shape[2] > key.shape[2]:
         out.append(f"more queries than keys (Tq={query.shape[2]} > Tk={key.shape[2]})")
-    if value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:
-        out.append(f"head dims differ (q {query.shape[-1]}, k {key.shape[-1]}, v {value.shape[-1]})")
+    if key.shape[-1] != query.shape[-1]:  # a value head dim of its own (MLA) is fine
+        out.append(f"query and key head dims differ (q {query.shape[-1]}, k {key.shape[-1]})")
     if query.shape[1] % key.shape[1] != 0:
         out.append(f"query heads {query.shape[1]} not a multiple of kv heads {key.shape[1]}")
     if mask is not None and mask.dtype != torch.bool and not mask.dtype.is_floating_point:
@@ -406,8 +406,6 @@ def discover(model: nn.Module, example_inputs: Any = None, *,
         else:
             mask_kind = "padding" if c.mask != "none" else "none"
         problems = [f"{what} ({k})" for k, what in _UNSUPPORTED_KWARGS.items() if k in c.kwargs]
-        if c.v_shape[-1] != c.q_shape[-1]:
-            problems.append(f"value head dim {c.v_shape[-1]} differs from query head dim {c.q_shape[-1]}")
         longest = max((x for x in calls if x.module is m), key=lambda x: x.q_shape[2] - x.k_shape[2])
         if longest.q_shape[2] > longest.k_shape[2]:  # e.g. Whisper's encoder_attn with a long decoder
             problems.append(f"more queries than keys (Tq={longest.q_shape[2]} > Tk={longest.k_shape[2]}, "

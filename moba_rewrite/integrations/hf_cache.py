@@ -204,7 +204,7 @@ def queries_are_newest(module: nn.Module, cache: Any, key: Tensor) -> bool:
 
 def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, *, causal: bool,
               scale: float, decision: Any, cache: Any, dense_below: int = 0) -> Tensor | str | None:
-    """MoBA of this call against the module's cache layer: the output `[B, Hq, Tq, D]`, `DENSE` when
+    """MoBA of this call against the module's cache layer: the output `[B, Hq, Tq, Dv]`, `DENSE` when
     the original attention must run (sliding window already slid, or fewer filled keys than the
     policy's `dense_below`), or None when the cache layer is not one handled here (the caller keeps
     its default)."""

@@ -53,8 +53,11 @@ def supports(q: Tensor, k: Tensor, attn_mask: Tensor | None = None) -> bool:
     return unsupported_reason(q, k, attn_mask) is None
 
 
-def _check(q, k, attn_mask=None) -> None:
+def _check(q, k, attn_mask=None, v=None) -> None:
     reason = unsupported_reason(q, k, attn_mask)
+    if reason is None and v is not None and v.shape[-1] != q.shape[-1]:
+        reason = (f"a value head dim ({v.shape[-1]}) different from the query/key head dim ({q.shape[-1]}) "
+                  f"(flash-attn 2's kernels need equal head dims; use backend 'triton' or 'torch')")
     if reason is not None:
         raise NotImplementedError(f"MoBA flash_attn backend does not support {reason}")
 
@@ -162,7 +165,7 @@ def _forward_parts(plan: _Plan, q, k, v, scale):
 
 
 def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, block_size, top_k, causal, scale) -> Tensor:
-    _check(q, k)
+    _check(q, k, v=v)
     plan = _Plan(q, k, cu_seqlens_q, cu_seqlens_k, block_size, top_k, causal)
     out = torch.zeros_like(q)
     o, _ = _forward_parts(plan, q, k, v, scale)
@@ -171,7 +174,7 @@ def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, block_size, top_k, ca
 
 
 def backward_varlen(grad_out, q, k, v, out, cu_seqlens_q, cu_seqlens_k, *, block_size, top_k, causal, scale):
-    _check(q, k)
+    _check(q, k, v=v)
     plan = _Plan(q, k, cu_seqlens_q, cu_seqlens_k, block_size, top_k, causal)
     _, lse = _forward_parts(plan, q, k, v, scale)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -211,14 +214,14 @@ def _from_varlen(x, like):
 
 
 def forward(q, k, v, *, block_size, top_k, causal, scale, attn_mask) -> Tensor:
-    _check(q, k, attn_mask)
+    _check(q, k, attn_mask, v)
     qv, kv, vv, cu_q, cu_k = _to_varlen(q, k, v)
     out = forward_varlen(qv, kv, vv, cu_q, cu_k, block_size=block_size, top_k=top_k, causal=causal, scale=scale)
     return _from_varlen(out, q)
 
 
 def backward(grad_out, q, k, v, out, *, block_size, top_k, causal, scale, attn_mask):
-    _check(q, k, attn_mask)
+    _check(q, k, attn_mask, v)
     qv, kv, vv, cu_q, cu_k = _to_varlen(q, k, v)
     go = grad_out.transpose(1, 2).reshape(qv.shape)
     ov = out.transpose(1, 2).reshape(qv.shape)

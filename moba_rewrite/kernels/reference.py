@@ -119,7 +119,8 @@ def forward(
     q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
     attn_mask: Tensor | None, key_block_means: Tensor | None = None,
 ) -> Tensor:
-    """MoBA output `[B, Hq, Tq, D]` by dense masked softmax attention over the selected blocks."""
+    """MoBA output `[B, Hq, Tq, Dv]` by dense masked softmax attention over the selected blocks (the
+    gate and the scores use q and k only, so v may have a head dim of its own)."""
     probs = attention_probs(q, k, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
                             attn_mask=attn_mask, means=key_block_means)
     return (probs @ repeat_kv(v, q.shape[1]).to(probs.dtype)).to(q.dtype)

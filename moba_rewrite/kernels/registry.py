@@ -26,11 +26,11 @@ class BackendUnavailable(RuntimeError):
     """A backend was asked for by name but cannot run here (missing package or device)."""
 
 
-def resolve_backend(name: str, device: torch.device, q=None, k=None, attn_mask=None) -> str:
+def resolve_backend(name: str, device: torch.device, q=None, k=None, attn_mask=None, v=None) -> str:
     """Turn `auto` into the best backend that can run this call on `device`.
 
-    On CUDA that is `triton` when it is importable and supports the call (dtype, head dim;
-    given `q`/`k`), else `torch`; on other devices `torch`. Named backends pass through
+    On CUDA that is `triton` when it is importable and supports the call (dtype, head dims;
+    given `q`/`k`/`v`), else `torch`; on other devices `torch`. Named backends pass through
     unchanged and raise their own clear error if they cannot run the call.
     """
     if name != "auto":
@@ -40,7 +40,7 @@ def resolve_backend(name: str, device: torch.device, q=None, k=None, attn_mask=N
             triton = load_backend("triton")
         except BackendUnavailable:
             return "torch"
-        if q is None or triton.supports(q, k, attn_mask):
+        if q is None or triton.supports(q, k, attn_mask, v=v):
             return "triton"
     return "torch"
 

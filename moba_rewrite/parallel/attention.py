@@ -30,7 +30,8 @@ from moba_rewrite.kernels.reference import compute_dtype
 from moba_rewrite.kernels.torch import blocks as torch_blocks
 from moba_rewrite.parallel.exchange import BlockExchange, fetch_blocks, plan_exchange, return_gradients
 from moba_rewrite.parallel.gate import select_history
-from moba_rewrite.parallel.groups import all_gather_stacked, check_call_agreement, collective, resolve_group
+from moba_rewrite.parallel.groups import (all_gather_stacked, check_call_agreement, collective, reject_wide_values,
+                                         resolve_group)
 from moba_rewrite.parallel.layout import ShardLayout, check_layout, resolve_seq_len
 from moba_rewrite.parallel.traffic import count
 
@@ -53,6 +54,7 @@ def check_shards(who: str, q: Tensor, k: Tensor, v: Tensor, *, group, layout: st
                  scale, enable_gqa: bool) -> tuple[dist.ProcessGroup, ShardLayout]:
     """Validate one rank's shards (`moba_attention`'s rules, plus: q and k/v hold the same tokens);
     return the group and the layout of the sequence."""
+    reject_wide_values(who, q, v)
     pg = resolve_group(group, who)
     check_layout(layout, who)
     try:
@@ -202,7 +204,8 @@ def moba_attention_cp(
 ) -> Tensor:
     """MoBA on a sequence sharded across `group`: equals `moba_attention` on the whole sequence.
 
-    q `[B, Hq, T_local, D]`, k/v `[B, Hkv, T_local, D]`: this rank's shard (`shard_sequence`),
+    q `[B, Hq, T_local, D]`, k/v `[B, Hkv, T_local, D]` (one head dim: a wider or narrower v raises
+    `NotImplementedError`): this rank's shard (`shard_sequence`),
     the same tokens for q and k/v (prefill / training). `group`: a ProcessGroup or 1-D
     DeviceMesh (default: the world), at least 2 ranks. `layout`: `contiguous` or `zigzag`
     (`layout.py`); blocks must not straddle ranks (`T_local`, or `T_local / 2` for zigzag, a

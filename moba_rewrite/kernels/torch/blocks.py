@@ -149,7 +149,7 @@ def _run_parts(ranges: list[tuple[int, int]], work) -> None:
 
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
             attn_mask: Tensor | None, selection: Tensor | None = None) -> Tensor:
-    """MoBA output `[B, Hq, Tq, D]` in `q`'s dtype (SPEC section 2).
+    """MoBA output `[B, Hq, Tq, Dv]` in `q`'s dtype (SPEC section 2).
 
     `selection` (`[B, Hq, Tq, picks]` int64 block indices of k, -1 = none, own block excluded):
     attend these history blocks instead of gating (`select.route`; used by context parallelism)."""

@@ -90,7 +90,7 @@ def _gather(cache: Tensor, index: Tensor, flat: Tensor | None, scratch: Scratch,
 @torch.no_grad()
 def forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor, cache_position: Tensor, *,
             block_size: int, top_k: int, causal: bool, scale: float, attn_mask: Tensor | None) -> Tensor:
-    """MoBA output `[B, Hq, Tq, D]` of the queries at `cache_position` against the filled prefix of
+    """MoBA output `[B, Hq, Tq, Dv]` of the queries at `cache_position` against the filled prefix of
     the cache (SPEC section 2 item 9), gated on `key_block_means`, reading only the selected blocks."""
     b, hq, tq, d = q.shape
     hkv, length = k_cache.shape[1], k_cache.shape[2]
@@ -131,5 +131,5 @@ def forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor
     probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)
     if m4 is not None:  # without a mask every row sees its own position; with one a row may see nothing
         probs = probs.masked_fill_(hidden.all(-1, keepdim=True), 0.0)
-    out = torch.matmul(probs[..., None, :], values.to(ct)).squeeze(-2)  # [B, Hkv, rows, D]
-    return out.view(b, hq, tq, d).to(q.dtype)
+    out = torch.matmul(probs[..., None, :], values.to(ct)).squeeze(-2)  # [B, Hkv, rows, Dv]
+    return out.view(b, hq, tq, v_cache.shape[-1]).to(q.dtype)

@@ -106,7 +106,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, scorer: _Sc
 @torch.no_grad()
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
             attn_mask: Tensor | None, selection: Tensor | None = None) -> Tensor:
-    """MoBA output `[B, Hq, Tq, D]` in `q`'s dtype (SPEC section 2), tile by tile.
+    """MoBA output `[B, Hq, Tq, Dv]` in `q`'s dtype (SPEC section 2), tile by tile.
     `selection`: history blocks chosen by the caller (see `select.route`)."""
     plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, selection=selection)
     scorer = _Scorer(q, attn_mask, causal=causal, scale=scale, offset=plan.offset)

@@ -68,7 +68,7 @@ def _fwd_kernel(
     H_KV, G, NB, N_ITEMS, N_WORK, BH0, BH1, obase, L, RP, NSPLIT, block_size, span, scale_log2,
     MODE: tl.constexpr, FILTER: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     MASK_BOOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    D: tl.constexpr, DOT_PREC: tl.constexpr, OFF64: tl.constexpr,
+    D: tl.constexpr, BLOCK_DV: tl.constexpr, DV: tl.constexpr, DOT_PREC: tl.constexpr, OFF64: tl.constexpr,
 ):
     """One (KV block, chunk of attending rows) work item, one key span.
     MODE 0: per-entry log2-sum-exp2 into LSE_PART. MODE 1: add `exp2(s - row_lse) @ V` into O32.
@@ -78,7 +78,8 @@ def _fwd_kernel(
     in ROW_FILTER take part (the repair of rows whose reference was unsafe).
     Only the items of (batch * KV head) rows [BH0, BH1) run (a window: program 0 is the window's
     first item, ITEM_START[BH0]); O32 holds just that window, at element offset `obase` of a
-    full output-shaped fp32 tensor with strides (sob, soh, sot)."""
+    full output-shaped fp32 tensor with strides (sob, soh, sot). D: the q/k head dim, DV: the
+    v/output head dim (they differ for multi-head latent attention)."""
     # Inductor passes Python floats as fp64 scalars; an fp64 factor would promote the scores.
     scale_log2 = tl.cast(scale_log2, tl.float32)
     w = tl.program_id(0) + tl.load(ITEM_START + BH0)
@@ -106,6 +107,8 @@ def _fwd_kernel(
         pos = tk - tq + t
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < D
+        offs_dv = tl.arange(0, BLOCK_DV)
+        dvmask = offs_dv < DV
         q = tl.load(Q + b.to(tl.int64) * sqb + hq.to(tl.int64)[:, None] * sqh + (qs + t)[:, None] * sqt
                     + offs_d[None, :], mask=ok[:, None] & dmask[None, :], other=0.0)
         lo = j * block_size + split * span
@@ -124,7 +127,7 @@ def _fwd_kernel(
             ref = tl.load(ROW_LSE + bh.to(tl.int64) * RP + rows, mask=ok, other=float("inf"))
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             kv_mask = (cols < hi)[:, None] & dmask[None, :]
@@ -138,7 +141,8 @@ def _fwd_kernel(
                 l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
                 m_i = m_new
             else:
-                vt = tl.load(v_row0 + (c_off[:, None] * svt + offs_d[None, :]), mask=kv_mask, other=0.0)
+                vt = tl.load(v_row0 + (c_off[:, None] * svt + offs_dv[None, :]),
+                             mask=(cols < hi)[:, None] & dvmask[None, :], other=0.0)
                 p = tl.exp2(s - ref[:, None])
                 if MODE == 2:
                     m_i = tl.maximum(m_i, tl.max(s, axis=1))
@@ -150,8 +154,8 @@ def _fwd_kernel(
             tl.store(LSE_PART + (bh.to(tl.int64) * L + src) * NSPLIT + split, lse, mask=ok)
         else:
             o_ptrs = (O32 + (b.to(tl.int64) * sob - obase) + hq.to(tl.int64)[:, None] * soh
-                      + (qs + t)[:, None] * sot + offs_d[None, :])
-            tl.atomic_add(o_ptrs, acc, mask=ok[:, None] & dmask[None, :], sem="relaxed")
+                      + (qs + t)[:, None] * sot + offs_dv[None, :])
+            tl.atomic_add(o_ptrs, acc, mask=ok[:, None] & dvmask[None, :], sem="relaxed")
             if MODE == 2:
                 tl.atomic_add(ROW_SUM + bh.to(tl.int64) * RP + rows, l_i, mask=ok, sem="relaxed")
                 tl.atomic_max(ROW_MAX + bh.to(tl.int64) * RP + rows, m_i, mask=ok, sem="relaxed")
@@ -235,16 +239,17 @@ def _row_dot_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    Q, K, V, DO, DQ32, DK, DV, ROW_LSE, DELTA, MASK, OFFSETS, ENTRY_ROW,
+    Q, K, V, DO, DQ32, DK, DVG, ROW_LSE, DELTA, MASK, OFFSETS, ENTRY_ROW,
     q_start, q_len, k_start, k_len,
     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
     sgqb, sgqh, sgqt, sgkb, sgkh, sgkt, sgvb, sgvh, sgvt, smb, smh, smt, smk,
     H_KV, G, NB, N_SUB, L, RP, block_size, scale, scale_log2,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    BLOCK_DV: tl.constexpr, DV: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """dK, dV of one key tile of block j (owned, no atomics); dQ of its rows by fp32 atomics."""
+    """dK, dV of one key tile of block j (owned, no atomics); dQ of its rows by fp32 atomics.
+    D: the q/k head dim (q, k, dq, dk); DV: the v head dim (v, dO, dv)."""
     scale = tl.cast(scale, tl.float32)  # fp64 when launched by Inductor (see _fwd_kernel)
     scale_log2 = tl.cast(scale_log2, tl.float32)
     pid = tl.program_id(0)
@@ -262,14 +267,17 @@ def _bwd_kernel(
     if lo < hi:
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < D
+        offs_dv = tl.arange(0, BLOCK_DV)
+        dvmask = offs_dv < DV
         cols = lo + tl.arange(0, BLOCK_N)
         kv_mask = (cols < hi)[:, None] & dmask[None, :]
+        v_mask = (cols < hi)[:, None] & dvmask[None, :]
         kt = tl.load(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + (ks + cols)[:, None] * skt + offs_d[None, :],
                      mask=kv_mask, other=0.0)
-        vt = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + (ks + cols)[:, None] * svt + offs_d[None, :],
-                     mask=kv_mask, other=0.0)
+        vt = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + (ks + cols)[:, None] * svt
+                     + offs_dv[None, :], mask=v_mask, other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
         e_lo = tl.load(OFFSETS + bh * (NB + 1) + j)
         e_hi = tl.load(OFFSETS + bh * (NB + 1) + j + 1)
         for e0 in range(e_lo, e_hi, BLOCK_M):
@@ -283,7 +291,7 @@ def _bwd_kernel(
             q = tl.load(Q + b.to(tl.int64) * sqb + hq.to(tl.int64)[:, None] * sqh + (qs + t)[:, None] * sqt
                         + offs_d[None, :], mask=rm, other=0.0)
             do = tl.load(DO + b.to(tl.int64) * sdb + hq.to(tl.int64)[:, None] * sdh + (qs + t)[:, None] * sdt
-                         + offs_d[None, :], mask=rm, other=0.0)
+                         + offs_dv[None, :], mask=ok[:, None] & dvmask[None, :], other=0.0)
             lse = tl.load(ROW_LSE + bh.to(tl.int64) * RP + rows, mask=ok, other=float("inf"))
             delta = tl.load(DELTA + bh.to(tl.int64) * RP + rows, mask=ok, other=0.0)
             s = _masked_scores(q, kt, cols, hi, ok, pos, t, hq, b, MASK, smb, smh, smt, smk, scale_log2,
@@ -297,9 +305,9 @@ def _bwd_kernel(
             tl.atomic_add(DQ32 + b.to(tl.int64) * sgqb + hq.to(tl.int64)[:, None] * sgqh + (qs + t)[:, None] * sgqt
                           + offs_d[None, :], dq, mask=rm, sem="relaxed")
         dk_ptrs = DK + b.to(tl.int64) * sgkb + h.to(tl.int64) * sgkh + (ks + cols)[:, None] * sgkt + offs_d[None, :]
-        dv_ptrs = DV + b.to(tl.int64) * sgvb + h.to(tl.int64) * sgvh + (ks + cols)[:, None] * sgvt + offs_d[None, :]
+        dv_ptrs = DVG + b.to(tl.int64) * sgvb + h.to(tl.int64) * sgvh + (ks + cols)[:, None] * sgvt + offs_dv[None, :]
         tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptrs, dv.to(DVG.dtype.element_ty), mask=v_mask)
 
 
 @triton.jit
@@ -310,11 +318,12 @@ def _decode_kernel(
     HQ, G, RP, KP, NC, block_size, span, NSPLIT, scale_log2,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MERGE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, DV: tl.constexpr,
 ):
     """Split-KV decode (one query per sequence): partial softmax of one query head over one key
     span of one of its selected blocks (slot 0 = own block, slot s = pick s-1). MERGE: the picks
     are the NC candidates (PICKS, with SCORES) of a partial gate; slot s takes the s-th best, by
-    score and then the lower block index, as the sequential gate would."""
+    score and then the lower block index, as the sequential gate would. D: q/k head dim; DV: v/output."""
     scale_log2 = tl.cast(scale_log2, tl.float32)  # fp64 when launched by Inductor (see _fwd_kernel)
     pid = tl.program_id(0)
     slot = tl.program_id(1)
@@ -347,6 +356,8 @@ def _decode_kernel(
     valid = (tq > 0) & (j >= 0)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dvmask = offs_dv < DV
     # No `if` around the loop: an invalid (row, slot) simply gets an empty key range.
     lo = j * block_size + split * span
     hi = tl.minimum(tl.minimum(lo + span, (j + 1) * block_size), tk)
@@ -358,12 +369,13 @@ def _decode_kernel(
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     m_i = tl.full([], float("-inf"), tl.float32)
     l_i = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (cols < hi)[:, None] & dmask[None, :]
         kt = tl.load(k_base + (ks + cols)[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        vt = tl.load(v_base + (ks + cols)[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        vt = tl.load(v_base + (ks + cols)[:, None] * svt + offs_dv[None, :], mask=(cols < hi)[:, None] & dvmask[None, :],
+                     other=0.0)
         s = tl.sum(kt.to(tl.float32) * q[None, :], axis=1) * scale_log2
         allowed = cols < hi
         if HAS_MASK:
@@ -383,7 +395,7 @@ def _decode_kernel(
     part = pid.to(tl.int64) * (KP + 1) * NSPLIT + slot * NSPLIT + split
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
     tl.store(LSE_PART + part, lse)
-    tl.store(O_PART + part * BLOCK_D + offs_d, acc / tl.maximum(l_i, 1e-30))
+    tl.store(O_PART + part * BLOCK_DV + offs_dv, acc / tl.maximum(l_i, 1e-30))
 
 
 @triton.jit
@@ -418,10 +430,11 @@ def fwd_config(p: Problem) -> tuple[int, int, int, int]:
     """(BLOCK_M gathered rows, BLOCK_N keys, num_warps, num_stages) of the forward kernels."""
     if interpreted(p.q.device):
         return 32, 16, 4, 1  # fewer, larger programs: the interpreter's cost is per operation
-    if p.d <= 64:
+    d = max(p.d, p.dv)  # tiles hold q/k rows (D) and v/output rows (Dv)
+    if d <= 64:
         return triton_configs.pick("fwd", (64, 64, 8, 2))
     # D=128: fastest of 7 candidates on an H200 (bench_gpu.py --sweep, benchmarks/RESULTS.md)
-    return triton_configs.pick("fwd", (64, 64, 4, 2) if p.d <= 128 else (32, 32, 8, 1))
+    return triton_configs.pick("fwd", (64, 64, 4, 2) if d <= 128 else (32, 32, 8, 1))
 
 
 def bwd_config(p: Problem) -> tuple[int, int, int, int]:
@@ -429,7 +442,12 @@ def bwd_config(p: Problem) -> tuple[int, int, int, int]:
     if interpreted(p.q.device):
         return 32, 16, 4, 1
     # D=128: fastest of 6 candidates on an H200 (bench_gpu.py --sweep, benchmarks/RESULTS.md)
-    return triton_configs.pick("bwd", (32, 128, 8, 2) if p.d <= 128 else (16, 32, 8, 1))
+    return triton_configs.pick("bwd", (32, 128, 8, 2) if max(p.d, p.dv) <= 128 else (16, 32, 8, 1))
+
+
+def _block_d(d: int) -> int:
+    """The power-of-two tile width (at least 16, tl.dot's minimum) that holds a head dim of `d`."""
+    return max(16, next_pow2(d))
 
 
 def attn_tiles(p: Problem) -> tuple[int, int]:
@@ -466,8 +484,8 @@ class Window:
 
 
 def _bh_out_elems(p: Problem) -> int:
-    """Elements of a dense output `[B, Hq, Tq, D]` per (batch, KV head) row: its G query heads."""
-    return p.group * p.max_tq * p.d
+    """Elements of a dense output `[B, Hq, Tq, Dv]` per (batch, KV head) row: its G query heads."""
+    return p.group * p.max_tq * p.dv
 
 
 def windows(p: Problem, budget_bytes: int) -> list[Window]:
@@ -477,7 +495,7 @@ def windows(p: Problem, budget_bytes: int) -> list[Window]:
     if not budget_bytes or p.varlen or bh * per_bh * 4 <= budget_bytes:
         return [Window(0, bh, 0)]
     step = max(1, budget_bytes // (per_bh * 4))
-    full = Seqs(p.hq * p.max_tq * p.d, p.max_tq * p.d, p.d)  # a contiguous [B, Hq, Tq, D]
+    full = Seqs(p.hq * p.max_tq * p.dv, p.max_tq * p.dv, p.dv)  # a contiguous [B, Hq, Tq, Dv]
     return [Window(a, min(a + step, bh), a * per_bh, full) for a in range(0, bh, step)]
 
 
@@ -580,7 +598,8 @@ def _launch_fwd(p: Problem, sel: Selection, mode: int, o32: Tensor, lse_part: Te
         p.hkv, p.group, p.n_blocks, bh * p.n_blocks, idx.shape[0], window.bh0, window.bh1, window.obase,
         sel.entry_row.shape[1], sel.row_pad, nsplit, p.block_size, span, p.scale * LOG2E,
         MODE=mode, FILTER=row_filter is not None, CAUSAL=p.causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(p.d)), D=p.d, DOT_PREC=_dot_prec(p),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(p.d), D=p.d, BLOCK_DV=_block_d(p.dv), DV=p.dv,
+        DOT_PREC=_dot_prec(p),
         OFF64=(p.max_tk + 1) * max(p.sk.st, p.sv.st) >= 2**31 - 1, num_warps=warps, num_stages=stages,
     )
 
@@ -596,14 +615,14 @@ def decode_forward(p: Problem, sel: Selection) -> Tensor:
     """Split-KV decode (every sequence has one query): per (query head, selected block, key span)
     partials, merged by LSE. Needs only the picks, not the CSR."""
     span, block_n, warps, stages = decode_config(p)
-    block_d = max(16, next_pow2(p.d))
+    block_d, block_dv = _block_d(p.d), _block_d(p.dv)
     nsplit = -(-p.block_size // span)
     span = _span(p, nsplit, block_n)
     merge = sel.part_picks is not None
     kp = sel.n_pick if merge else sel.picks.shape[-1]  # pick slots (a merge ranks exactly n_pick)
     n_cand = sel.part_picks[0, 0].numel() if merge else kp
     n_part = (kp + 1) * nsplit
-    o_part = torch.empty((p.batch * p.hq, n_part, block_d), dtype=torch.float32, device=p.q.device)
+    o_part = torch.empty((p.batch * p.hq, n_part, block_dv), dtype=torch.float32, device=p.q.device)
     lse_part = torch.empty((p.batch * p.hq, n_part), dtype=torch.float32, device=p.q.device)
     mask, ms, has_mask, mask_bool = _mask_args(p)
     launch(_decode_kernel)[(p.batch * p.hq, kp + 1, nsplit)](
@@ -612,14 +631,14 @@ def decode_forward(p: Problem, sel: Selection) -> Tensor:
         p.sq.sb, p.sq.sh, p.sq.st, p.sk.sb, p.sk.sh, p.sk.st, p.sv.sb, p.sv.sh, p.sv.st,
         ms[0], ms[1], ms[2], ms[3], p.hq, p.group, sel.row_pad, kp, n_cand, p.block_size, span, nsplit,
         p.scale * LOG2E, HAS_MASK=has_mask, MASK_BOOL=mask_bool, MERGE=merge, BLOCK_N=block_n,
-        BLOCK_C=max(2, next_pow2(n_cand)), BLOCK_D=block_d, D=p.d,
+        BLOCK_C=max(2, next_pow2(n_cand)), BLOCK_D=block_d, D=p.d, BLOCK_DV=block_dv, DV=p.dv,
         num_warps=warps, num_stages=stages,
     )
     out = p.new_out(p.q.dtype, written=True)  # the combine kernel stores every (sequence, head)
     so = p.out_strides(out)
     launch(_decode_combine_kernel)[(p.batch * p.hq,)](
         o_part, lse_part, out, p.q_start, p.q_len, so.sb, so.sh, so.st, p.hq, n_part,
-        BLOCK_S=max(2, next_pow2(n_part)), BLOCK_D=block_d, D=p.d,
+        BLOCK_S=max(2, next_pow2(n_part)), BLOCK_D=block_dv, D=p.dv,  # the output's (value) head dim
     )
     return out
 
@@ -704,7 +723,7 @@ def _launch_finish(p: Problem, o32: Tensor, out: Tensor, row_sum: Tensor, row_ma
     launch(_fwd_finish_kernel)[(-(-bad.shape[1] // rows_per), w.bh1 - w.bh0)](
         o32, out, row_sum, row_max, ref, lse, bad, p.q_start, p.q_len, so.sb, so.sh, so.st, so2.sb, so2.sh, so2.st,
         p.hkv, p.group, bad.shape[1], w.bh0, w.obase, safe_hi, safe_lo,
-        REPAIR=repair, BLOCK_M=rows_per, BLOCK_D=max(16, next_pow2(p.d)), D=p.d,
+        REPAIR=repair, BLOCK_M=rows_per, BLOCK_D=_block_d(p.dv), D=p.dv,  # the output's (value) head dim
     )
 
 
@@ -713,7 +732,7 @@ def attention_backward(p: Problem, sel: Selection, grad_out: Tensor, out: Tensor
     """dq, dk, dv (q/k/v dtypes and layouts) from the row LSE of the forward."""
     block_m, block_n, warps, stages = bwd_config(p)
     bh = p.batch * p.hkv
-    block_d = max(16, next_pow2(p.d))
+    block_d = _block_d(p.d)
     grad_out = grad_out.contiguous()
     out = out.contiguous()
     sd, so = p.out_strides(grad_out), p.out_strides(out)
@@ -721,9 +740,9 @@ def attention_backward(p: Problem, sel: Selection, grad_out: Tensor, out: Tensor
     rows_per = 16 if not interpreted(p.q.device) else 32
     launch(_row_dot_kernel)[(-(-sel.row_pad // rows_per), bh)](
         grad_out, out, delta, p.q_start, p.q_len, sd.sb, sd.sh, sd.st, so.sb, so.sh, so.st,
-        p.hkv, p.group, sel.row_pad, BLOCK_M=rows_per, BLOCK_D=block_d, D=p.d,
+        p.hkv, p.group, sel.row_pad, BLOCK_M=rows_per, BLOCK_D=_block_d(p.dv), D=p.dv,  # dO, O: value head dim
     )
-    dq32 = p.new_out(torch.float32)
+    dq32 = torch.zeros(p.q.shape, dtype=torch.float32, device=p.q.device)  # packed: unused tokens stay 0
     dk = torch.zeros_like(p.k)  # zeros: packed tokens outside every sequence get no gradient
     dv = torch.zeros_like(p.v)
     sgq, sgk, sgv = p.out_strides(dq32), p.out_strides(dk), p.out_strides(dv)
@@ -737,6 +756,7 @@ def attention_backward(p: Problem, sel: Selection, grad_out: Tensor, out: Tensor
         p.hkv, p.group, p.n_blocks, n_sub, sel.entry_row.shape[1], sel.row_pad, p.block_size,
         p.scale, p.scale * LOG2E,
         CAUSAL=p.causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=block_d, D=p.d, DOT_PREC=_dot_prec(p), num_warps=warps, num_stages=stages,
+        BLOCK_D=block_d, D=p.d, BLOCK_DV=_block_d(p.dv), DV=p.dv, DOT_PREC=_dot_prec(p),
+        num_warps=warps, num_stages=stages,
     )
     return dq32.to(p.q.dtype), dk, dv

@@ -54,14 +54,17 @@ def unavailable_reason() -> str:
     return ""
 
 
-def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None = None) -> str | None:
-    """Why this call cannot run on the triton backend here, or None when it can."""
+def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, v: Tensor | None = None) -> str | None:
+    """Why this call cannot run on the triton backend here, or None when it can (`v`: checks its head
+    dim too, which may differ from q's)."""
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    if v is not None and v.shape[-1] > MAX_HEAD_DIM:
+        return f"value head dim {v.shape[-1]} > {MAX_HEAD_DIM}"
     if q.device.type == "cuda":
         if interpreter_active():
             return "CUDA tensors while the Triton interpreter is on"
@@ -73,13 +76,13 @@ def unsupported_reason(q: Tensor, k: Tensor, attn_mask: Tensor | None = None) ->
     return None
 
 
-def supports(q: Tensor, k: Tensor, attn_mask: Tensor | None = None) -> bool:
+def supports(q: Tensor, k: Tensor, attn_mask: Tensor | None = None, v: Tensor | None = None) -> bool:
     """Can `forward`/`backward` run this call? Masks of every contract-allowed kind are supported."""
-    return unsupported_reason(q, k, attn_mask) is None
+    return unsupported_reason(q, k, attn_mask, v) is None
 
 
-def _check(q: Tensor, k: Tensor, attn_mask: Tensor | None) -> None:
-    reason = unsupported_reason(q, k, attn_mask)
+def _check(q: Tensor, k: Tensor, attn_mask: Tensor | None, v: Tensor | None = None) -> None:
+    reason = unsupported_reason(q, k, attn_mask, v)
     if reason is not None:
         raise NotImplementedError(f"MoBA triton backend does not support {reason}")
 
@@ -130,9 +133,9 @@ if _IMPORT_ERROR is None:
     if interpreter_active():
         _fwd_op = torch.library.custom_op("moba::triton_attention", mutates_args=())(_forward_impl)
         _bwd_op = torch.library.custom_op("moba::triton_attention_backward", mutates_args=())(_backward_impl)
-        _fwd_op.register_fake(lambda q, k, v, *a, **kw: torch.empty_like(q))
+        _fwd_op.register_fake(lambda q, k, v, *a, **kw: q.new_empty((*q.shape[:-1], v.shape[-1])))
         _kv_op = torch.library.custom_op("moba::triton_attention_kv_cache", mutates_args=())(_forward_kv_cache_impl)
-        _kv_op.register_fake(lambda q, *a, **kw: torch.empty_like(q))
+        _kv_op.register_fake(lambda q, k_cache, v_cache, *a, **kw: q.new_empty((*q.shape[:-1], v_cache.shape[-1])))
         _bwd_op.register_fake(lambda g, q, k, v, *a: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
     else:
         _fwd_op = torch.library.triton_op("moba::triton_attention", mutates_args=())(_forward_impl)
@@ -155,9 +158,9 @@ if _IMPORT_ERROR is None:
 
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
             attn_mask: Tensor | None, key_block_means: Tensor | None = None) -> Tensor:
-    """MoBA output `[B, Hq, Tq, D]` (see SPEC section 2), through `moba::triton_attention`.
+    """MoBA output `[B, Hq, Tq, Dv]` (see SPEC section 2), through `moba::triton_attention`.
     `key_block_means`: a cache of the fp32 block means of k, so the gate need not read all of K."""
-    _check(q, k, attn_mask)
+    _check(q, k, attn_mask, v)
     if plain_eager(q, k, v, attn_mask, key_block_means):  # the op's dispatch costs more than a decode step
         return _forward_impl(q, k, v, attn_mask, block_size, top_k, causal, float(scale), key_block_means)
     return torch.ops.moba.triton_attention(q, k, v, attn_mask, block_size, top_k, causal, float(scale),
@@ -169,7 +172,7 @@ def forward_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_mean
                      attn_mask: Tensor | None) -> Tensor:
     """MoBA of the queries at `cache_position` against the filled prefix of a KV cache (SPEC section 2
     item 9), gated on `key_block_means`, through `moba::triton_attention_kv_cache` (no host sync)."""
-    _check(q, k_cache, attn_mask)
+    _check(q, k_cache, attn_mask, v_cache)
     args = (q, k_cache, v_cache, key_block_means, cache_position, attn_mask, block_size, top_k, causal,
             float(scale))
     if plain_eager(q, k_cache, v_cache, key_block_means, cache_position, attn_mask):
@@ -180,7 +183,7 @@ def forward_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_mean
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
              causal: bool, scale: float, attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv); recomputes the selection and the row LSE (one score pass)."""
-    _check(q, k, attn_mask)
+    _check(q, k, attn_mask, v)
     return torch.ops.moba.triton_attention_backward(grad_out.contiguous(), q, k, v, out, attn_mask, block_size,
                                                     top_k, causal, float(scale))
 
@@ -197,7 +200,7 @@ def block_selection(q: Tensor, k: Tensor, *, block_size: int, top_k: int, causal
 def forward_with_selection(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, block_size: int, causal: bool,
                            scale: float, attn_mask: Tensor | None = None) -> Tensor:
     """Attention over a given boolean `[B, Hq, Tq, n_blocks]` selection (own block always added): for tests."""
-    _check(q, k, attn_mask)
+    _check(q, k, attn_mask, v)
     p = dense_problem(q, k, v, block_size=block_size, top_k=1, causal=causal, scale=scale, attn_mask=attn_mask)
     sel = triton_gate.build_csr(p, triton_gate.selection_from_map(p, selected))
     out, _ = triton_attn.attention_forward(p, sel)
@@ -208,7 +211,7 @@ def forward_with_selection(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *,
 
 
 def _plan_varlen(q, k, v, cu_q, cu_k, block_size, top_k, causal, scale):
-    _check(q, k, None)
+    _check(q, k, None, v)
     p = varlen_problem(q, k, v, cu_q, cu_k, block_size=block_size, top_k=top_k, causal=causal, scale=scale)
     sel = triton_gate.select_blocks(p)
     return p, triton_gate.build_csr(p, sel)
@@ -216,8 +219,9 @@ def _plan_varlen(q, k, v, cu_q, cu_k, block_size, top_k, causal, scale):
 
 def forward_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *,
                    block_size: int, top_k: int, causal: bool, scale: float) -> Tensor:
-    """Packed MoBA: q `[total_q, Hq, D]`, k/v `[total_k, Hkv, D]`; each sequence is its own problem."""
-    _check(q, k, None)
+    """Packed MoBA: q `[total_q, Hq, D]`, k `[total_k, Hkv, D]`, v `[total_k, Hkv, Dv]`; each sequence is
+    its own problem."""
+    _check(q, k, None, v)
     p = varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, block_size=block_size, top_k=top_k, causal=causal,
                        scale=scale)
     return _run_forward(p)

@@ -102,6 +102,11 @@ class Problem:
     scale: float
     varlen: bool
     attn_mask: Tensor | None = None  # expanded to [B, Hq, Tq, Tk] (dense layout only)
+    dv: int = 0  # value (and output) head dim; 0: the same as `d` (MLA has Dv != Dqk)
+
+    def __post_init__(self):
+        if not self.dv:
+            self.dv = self.d
 
     @property
     def group(self) -> int:
@@ -118,13 +123,18 @@ class Problem:
     def out_strides(self, o: Tensor) -> Seqs:
         return strides_thd(o) if self.varlen else strides_bhtd(o)
 
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """q's shape with the value head dim last: `[B, Hq, Tq, Dv]` or packed `[total_q, Hq, Dv]`."""
+        return (*self.q.shape[:-1], self.dv)
+
     def new_out(self, dtype: torch.dtype, *, written: bool = False) -> Tensor:
-        """An output-shaped buffer: zeroed (fp32 accumulators are summed into it), or left
+        """An output-shaped buffer (`out_shape`): zeroed (fp32 accumulators are summed into it), or left
         uninitialised when `written` says a kernel stores every row and the layout is dense
         (packed layouts may hold tokens outside every sequence, which must read as zeros)."""
         if written and not self.varlen:
-            return torch.empty(self.q.shape, dtype=dtype, device=self.q.device)
-        return torch.zeros(self.q.shape, dtype=dtype, device=self.q.device)
+            return torch.empty(self.out_shape, dtype=dtype, device=self.q.device)
+        return torch.zeros(self.out_shape, dtype=dtype, device=self.q.device)
 
 
 def unit_last(x: Tensor) -> Tensor:
@@ -180,13 +190,13 @@ def dense_problem(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: in
         q=q, k=k, v=v, sq=strides_bhtd(q), sk=strides_bhtd(k), sv=strides_bhtd(v),
         q_start=q_start, q_len=q_len, k_start=k_start, k_len=k_len,
         batch=b, hq=hq, hkv=hkv, d=d, max_tq=tq, max_tk=tk, block_size=block_size, top_k=top_k,
-        causal=causal, scale=scale, varlen=False, attn_mask=mask,
+        causal=causal, scale=scale, varlen=False, attn_mask=mask, dv=v.shape[-1],
     )
 
 
 def varlen_problem(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, *, block_size: int,
                    top_k: int, causal: bool, scale: float) -> Problem:
-    """Packed layout: q `[total_q, Hq, D]`, k/v `[total_k, Hkv, D]`, int32 `cu_seqlens`."""
+    """Packed layout: q `[total_q, Hq, D]`, k `[total_k, Hkv, D]`, v `[total_k, Hkv, Dv]`, int32 `cu_seqlens`."""
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
     q_len = (cu_q[1:] - cu_q[:-1]).to(torch.int32)
     k_len = (cu_k[1:] - cu_k[:-1]).to(torch.int32)
@@ -197,5 +207,5 @@ def varlen_problem(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, 
         k_start=cu_k[:-1].to(torch.int32).contiguous(), k_len=k_len.contiguous(),
         batch=q_len.numel(), hq=q.shape[1], hkv=k.shape[1], d=q.shape[2],
         max_tq=max(int(lens[0]), 1), max_tk=max(int(lens[1]), 1), block_size=block_size, top_k=top_k,
-        causal=causal, scale=scale, varlen=True,
+        causal=causal, scale=scale, varlen=True, dv=v.shape[2],
     )
