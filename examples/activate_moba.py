@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=3, help="MoBA top-k, own block included (default 3)")
     p.add_argument("--dense-tail", type=int, default=1, help="last layers kept dense (default 1)")
     p.add_argument("--dense-steps", type=int, default=600, help="most dense training steps (default 600)")
-    p.add_argument("--moba-steps", type=int, default=200, help="MoBA training steps, the fixed budget (default 200)")
+    p.add_argument("--moba-steps", type=int, default=400, help="MoBA training steps, the fixed budget (default 400)")
     p.add_argument("--batch", type=int, default=16, help="training batch (default 16)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     p.add_argument("--eval-samples", type=int, default=16, help="held-out prompts per depth (default 16)")
