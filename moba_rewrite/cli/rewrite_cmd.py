@@ -50,6 +50,7 @@ def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | 
     if fmt not in FORMATS:
         raise CliError("--format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}", EXIT_USAGE)
     out = Path(out)
+    artifacts.check_out_suffix(fmt, out)
     policy = steps.load_policy(policy_path)
     dev = steps.device(device)
     with checkpoint_errors():
