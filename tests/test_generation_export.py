@@ -205,13 +205,21 @@ def test_cli_rewrite_generate_bad_flags(artifact, tmp_path, capsys, extra, code,
 
 
 def test_saved_programs_are_one_pt2_archive(tmp_path):
-    from moba_rewrite.exporters.generation import load_generation_pt2
+    from moba_rewrite.exporters.generation import load_generation_programs
 
     model = _model("gpt2")
     programs = mr.export_for_generation(model, POLICY, max_seq_len=48, batch=1)
     save_generation_pt2(programs, tmp_path / "g.pt2")
-    loaded = load_generation_pt2(tmp_path / "g.pt2")
+    loaded = load_generation_programs(tmp_path / "g.pt2")
     assert loaded.spec == programs.spec
     prompts = [list(range(3, 40))]
     assert greedy(loaded.prefill.module(), loaded.decode.module(), loaded.spec, prompts, 9) == \
         _reference(model, prompts, 9)[0]
+
+
+def test_mr_load_returns_the_programs_and_other_commands_point_to_generate(artifact, capsys):
+    programs = mr.load(artifact / "gen.pt2")
+    assert (programs.spec.batch, programs.spec.max_seq_len) == (2, MAX_LEN)
+    assert [c["kind"] for c in programs.spec.cache] == ["keys", "values", "means"] * 2
+    code, _, err = _cli(["inspect", artifact / "gen.pt2"], capsys)
+    assert code == cli.EXIT_ARCHITECTURE and "run it with moba-rewrite generate" in err

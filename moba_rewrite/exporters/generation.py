@@ -267,7 +267,7 @@ def save_generation_pt2(programs: GenerationPrograms, path: str | os.PathLike) -
                     extra_files={META_FILE: programs.spec.to_json()})
 
 
-def load_generation_pt2(path: str | os.PathLike) -> GenerationPrograms:
+def load_generation_programs(path: str | os.PathLike) -> GenerationPrograms:
     """The programs and spec written by `save_generation_pt2`."""
     from torch.export.pt2_archive._package import load_pt2
 
@@ -282,5 +282,5 @@ def load_generation_pt2(path: str | os.PathLike) -> GenerationPrograms:
 
 def load_generation(path: str | os.PathLike) -> tuple[Any, Any, GenerationSpec]:
     """(prefill, decode, spec) of a generation artifact: callables taking and returning tensors."""
-    programs = load_generation_pt2(path)
+    programs = load_generation_programs(path)
     return programs.prefill.module(), programs.decode.module(), programs.spec
