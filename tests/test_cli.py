@@ -50,7 +50,8 @@ def work(tmp_path_factory):
 # --------------------------------------------------------------------------- help and inspect
 
 @pytest.mark.parametrize("argv", [[], ["inspect"], ["policy"], ["policy", "init"], ["policy", "check"],
-                                  ["policy", "schema"], ["rewrite"], ["demo"], ["bench"], ["routes"]])
+                                  ["policy", "schema"], ["rewrite"], ["demo"], ["bench"], ["routes"],
+                                  ["generate"]])
 def test_help_everywhere(argv, capsys):
     code, out, _ = run(argv + ["--help"], capsys)
     assert code == 0
