@@ -190,7 +190,7 @@ def test_cli_generate_refuses_what_is_not_a_generation_artifact(artifact, tmp_pa
 
 
 @pytest.mark.parametrize("extra,code,message", [
-    (["--format", "onnx", "--generate", "--max-seq-len", 64], cli.EXIT_VALUE, "--generate: expected --format pt2"),
+    (["--format", "onnx", "--generate", "--max-seq-len", 64], cli.EXIT_VALUE, "--generate: expected --format pt2 or aoti (generation programs are not written as onnx yet)"),
     (["--format", "pt2", "--generate"], cli.EXIT_USAGE, "--generate: expected --max-seq-len N"),
     (["--format", "pt2", "--max-seq-len", 64], cli.EXIT_USAGE, "--max-seq-len: only applies with --generate"),
     (["--format", "pt2", "--generate", "--max-seq-len", 129], cli.EXIT_VALUE,
@@ -223,3 +223,32 @@ def test_mr_load_returns_the_programs_and_other_commands_point_to_generate(artif
     assert [c["kind"] for c in programs.spec.cache] == ["keys", "values", "means"] * 2
     code, _, err = _cli(["inspect", artifact / "gen.pt2"], capsys)
     assert code == cli.EXIT_ARCHITECTURE and "run it with moba-rewrite generate" in err
+
+
+def test_aoti_package_generates_in_a_fresh_process_that_imports_only_moba_rewrite(artifact, tmp_path, capsys):
+    """One AOTInductor package (a 1-layer Llama: the compile is slow on a CPU), written by the
+    command (which verifies it in process), then run by `moba-rewrite generate` in a new process."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(3)
+    cfg = _config("llama")
+    cfg.num_hidden_layers = 1
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "llama1")
+    out = tmp_path / "gen.aoti.pt2"
+    code, _, err = _cli(["rewrite", tmp_path / "llama1", "--policy", artifact / "policy.json", "--format", "aoti",
+                         "--generate", "--max-seq-len", 64, "--batch", 2, "--out", out, "-q", "--no-progress"], capsys)
+    assert code == 0, err
+    prompts = [list(range(3, 40)), list(range(20, 42))]  # 37 and 22 tokens; 20 new: decode crosses 48
+    argv = ["generate", str(out), "--max-new-tokens", "20", "--json"]
+    for p in prompts:
+        argv += ["--input-ids", ",".join(map(str, p))]
+    script = ("import sys, json; from moba_rewrite.cli import main; code = main(sys.argv[1:]); "
+              "print(json.dumps({'code': code, 'transformers': 'transformers' in sys.modules}))")
+    run = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    tokens, status = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
+    assert status == {"code": 0, "transformers": False}  # the package needs neither model code nor transformers
+    want = _reference(mr.rewrite(model, POLICY), prompts, 20)[0]
+    assert tokens == {"new_tokens": want}

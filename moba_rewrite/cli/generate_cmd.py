@@ -112,7 +112,7 @@ def add_generate_parser(sub, leaves: list, leaf: Callable, positive: Callable) -
     p = leaf(sub, "generate", cmd_generate, leaves, help="greedy decoding with a generation artifact",
              description="Run the prefill and decode programs of an artifact written by `rewrite --generate` "
                          "(greedy) and print the new token ids of each prompt.")
-    p.add_argument("artifact", metavar="ARTIFACT", help="the .pt2 written by rewrite --generate")
+    p.add_argument("artifact", metavar="ARTIFACT", help="the .pt2 written by rewrite --generate (pt2 or aoti)")
     p.add_argument("--input-ids", type=token_ids, action="append", required=True, metavar="IDS",
                    help="a prompt as comma-separated token ids; repeat for a batch (left padded)")
     p.add_argument("--max-new-tokens", type=positive, required=True, metavar="N", help="tokens to generate")

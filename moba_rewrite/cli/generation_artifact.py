@@ -11,7 +11,7 @@ from moba_rewrite.cli.errors import (EXIT_ARCHITECTURE, EXIT_EXPORT, EXIT_USAGE,
                                      first_line)
 from moba_rewrite.cli.output import print_report
 
-GENERATE_FORMATS = ("pt2",)
+GENERATE_FORMATS = ("pt2", "aoti")
 
 
 def check_request(fmt: str, generate: bool, max_seq_len: int | None, batch: int) -> None:
@@ -31,12 +31,14 @@ def check_request(fmt: str, generate: bool, max_seq_len: int | None, batch: int)
         raise CliError("--max-seq-len", f"expected at least 2 slots, got {max_seq_len}", EXIT_VALUE)
 
 
-def rewrite_for_generation(loaded, policy, out: Path, *, max_seq_len: int, batch: int, seq_len, dev, force: bool,
-                           verify: bool, quiet: bool, bar, checkpoint):
-    """Rewrite, export, write and verify; returns (report, sample length, max diff, model)."""
+def rewrite_for_generation(loaded, policy, out: Path, *, fmt: str, max_seq_len: int, batch: int, seq_len, dev,
+                           force: bool, verify: bool, quiet: bool, bar, checkpoint):
+    """Rewrite, export, write (pt2, or compiled by AOTInductor) and verify; returns (report, sample
+    length, max diff, model)."""
     from moba_rewrite import checkpoints as ck
     from moba_rewrite.exporters.common import as_output_failure
-    from moba_rewrite.exporters.generation import GenerationExportError, export_for_generation, save_generation_pt2
+    from moba_rewrite.exporters.generation import (GenerationExportError, export_for_generation, save_generation_aoti,
+                                                   save_generation_pt2)
 
     if not loaded.is_hf:
         raise CliError("--generate", "expected a Hugging Face decoder-only language model", EXIT_VALUE)
@@ -56,14 +58,15 @@ def rewrite_for_generation(loaded, policy, out: Path, *, max_seq_len: int, batch
             raise CliError("", f"expected the rewritten model to export as generation programs "
                                f"({type(exc).__name__}: {first_line(exc, type(exc).__name__)})", EXIT_EXPORT) from exc
     with ck.atomic_output(out, directory=False, force=force, inputs=(checkpoint,)) as staging:
-        with bar.step("writing pt2"):
+        with bar.step(f"writing {fmt}"):
             try:
-                save_generation_pt2(programs, staging)
+                (save_generation_aoti if fmt == "aoti" else save_generation_pt2)(programs, staging)
             except Exception as exc:
                 full = as_output_failure(exc)
                 if full is not None:
-                    raise full from exc
-                raise
+                    raise full from exc  # a full disk is the output's problem (exit 7), not the export's
+                raise CliError("", f"expected the generation programs to be written as {fmt} ({type(exc).__name__}: "
+                                   f"{first_line(exc, type(exc).__name__)})", EXIT_EXPORT) from exc
         diff = None
         if verify:
             with bar.step("verifying"):

@@ -72,8 +72,8 @@ def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | 
                                            "code and cannot be rewritten", EXIT_ARCHITECTURE)
             if generate:
                 report, n, diff, model = generation_artifact.rewrite_for_generation(
-                    loaded, policy, out, max_seq_len=max_seq_len, batch=batch, seq_len=seq_len, dev=dev, force=force,
-                    verify=verify, quiet=quiet, bar=bar, checkpoint=checkpoint)
+                    loaded, policy, out, fmt=fmt, max_seq_len=max_seq_len, batch=batch, seq_len=seq_len, dev=dev,
+                    force=force, verify=verify, quiet=quiet, bar=bar, checkpoint=checkpoint)
             else:
                 rewrite = _rewrite_program if loaded.kind == "pt2" else _rewrite_eager
                 report, n, diff, model = rewrite(loaded, policy, out, **job)

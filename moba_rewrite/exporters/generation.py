@@ -76,10 +76,11 @@ class GenerationSpec:
 
 @dataclass
 class GenerationPrograms:
-    """The prefill and decode programs of a rewritten decoder, and their `GenerationSpec`."""
+    """The prefill and decode programs of a rewritten decoder, and their `GenerationSpec`:
+    `ExportedProgram`s, or AOTInductor runners when loaded from an AOTInductor package."""
 
-    prefill: ExportedProgram
-    decode: ExportedProgram
+    prefill: Any
+    decode: Any
     spec: GenerationSpec
 
 
@@ -267,12 +268,36 @@ def save_generation_pt2(programs: GenerationPrograms, path: str | os.PathLike) -
                     extra_files={META_FILE: programs.spec.to_json()})
 
 
+def save_generation_aoti(programs: GenerationPrograms, path: str | os.PathLike) -> None:
+    """Both programs compiled by AOTInductor into one package (models `prefill` and `decode`,
+    loaded with `torch._inductor.package.load_package(path, name)`), the spec beside them.
+    Needs a C++ compiler; the package calls `moba::attention_kv_cache` through the proxy executor."""
+    import torch._inductor
+    from torch.export.pt2_archive._package import package_pt2
+
+    files = {}
+    for name, program in (("prefill", programs.prefill), ("decode", programs.decode)):
+        args, kwargs = program.example_inputs
+        files[name] = torch._inductor.aot_compile(program.module(check_guards=False), args, kwargs,
+                                                  options={"aot_inductor.package": True})
+    with failsafe_output(path) as f:
+        package_pt2(f, aoti_files=files, extra_files={META_FILE: programs.spec.to_json()})
+
+
+def _is_aoti(path: str | os.PathLike) -> bool:
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        return any("/data/aotinductor/" in n for n in zf.namelist())
+
+
 def load_generation_programs(path: str | os.PathLike) -> GenerationPrograms:
-    """The programs and spec written by `save_generation_pt2`."""
+    """The programs and spec written by `save_generation_pt2` (`ExportedProgram`s) or
+    `save_generation_aoti` (AOTInductor runners, callables)."""
     from torch.export.pt2_archive._package import load_pt2
 
     contents = load_pt2(os.fspath(path))
-    programs = contents.exported_programs
+    programs = contents.aoti_runners if _is_aoti(path) else contents.exported_programs
     if set(programs) != {"prefill", "decode"} or META_FILE not in contents.extra_files:
         raise GenerationExportError(f"{path}: expected a generation program (prefill and decode programs and "
                                     f"{META_FILE}), got programs {sorted(programs)}")
@@ -281,6 +306,9 @@ def load_generation_programs(path: str | os.PathLike) -> GenerationPrograms:
 
 
 def load_generation(path: str | os.PathLike) -> tuple[Any, Any, GenerationSpec]:
-    """(prefill, decode, spec) of a generation artifact: callables taking and returning tensors."""
+    """(prefill, decode, spec) of a generation artifact (pt2 or AOTInductor): callables taking and
+    returning tensors."""
     programs = load_generation_programs(path)
-    return programs.prefill.module(), programs.decode.module(), programs.spec
+    if isinstance(programs.prefill, ExportedProgram):
+        return programs.prefill.module(), programs.decode.module(), programs.spec
+    return programs.prefill, programs.decode, programs.spec
