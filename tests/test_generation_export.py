@@ -193,6 +193,8 @@ def test_cli_generate_refuses_what_is_not_a_generation_artifact(artifact, tmp_pa
     (["--format", "onnx", "--generate", "--max-seq-len", 64], cli.EXIT_VALUE, "--generate: expected --format pt2 or aoti (generation programs are not written as onnx yet)"),
     (["--format", "pt2", "--generate"], cli.EXIT_USAGE, "--generate: expected --max-seq-len N"),
     (["--format", "pt2", "--max-seq-len", 64], cli.EXIT_USAGE, "--max-seq-len: only applies with --generate"),
+    (["--format", "pt2", "--generate", "--max-seq-len", 64, "--dynamic"], cli.EXIT_USAGE,
+     "--dynamic: does not apply with --generate"),
     (["--format", "pt2", "--generate", "--max-seq-len", 129], cli.EXIT_VALUE,
      "--max-seq-len: expected at most the model's 128 positions, got 129"),
 ])

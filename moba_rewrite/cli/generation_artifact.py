@@ -14,8 +14,11 @@ from moba_rewrite.cli.output import print_report
 GENERATE_FORMATS = ("pt2", "aoti")
 
 
-def check_request(fmt: str, generate: bool, max_seq_len: int | None, batch: int) -> None:
+def check_request(fmt: str, generate: bool, max_seq_len: int | None, batch: int, dynamic: bool = False) -> None:
     """Flag combinations, checked before any work."""
+    if generate and dynamic:
+        raise CliError("--dynamic", "does not apply with --generate (the prefill program's prompt length is always "
+                                    "dynamic, up to --max-seq-len)", EXIT_USAGE)
     if not generate:
         if max_seq_len is not None or batch != 1:
             raise CliError("--max-seq-len" if max_seq_len is not None else "--batch", "only applies with --generate",

@@ -53,7 +53,7 @@ def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | 
         raise CliError("--format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}", EXIT_USAGE)
     out = Path(out)
     artifacts.check_out_suffix(fmt, out)
-    generation_artifact.check_request(fmt, generate, max_seq_len, batch)
+    generation_artifact.check_request(fmt, generate, max_seq_len, batch, dynamic)
     policy = steps.load_policy(policy_path)
     dev = steps.device(device)
     with checkpoint_errors():
