@@ -190,7 +190,8 @@ def test_cli_generate_refuses_what_is_not_a_generation_artifact(artifact, tmp_pa
 
 
 @pytest.mark.parametrize("extra,code,message", [
-    (["--format", "onnx", "--generate", "--max-seq-len", 64], cli.EXIT_VALUE, "--generate: expected --format pt2 or aoti (generation programs are not written as onnx yet)"),
+    (["--format", "hf", "--generate", "--max-seq-len", 64], cli.EXIT_VALUE,
+     "--generate: expected --format pt2, aoti or onnx (generation programs for a decoder with a KV cache), got hf"),
     (["--format", "pt2", "--generate"], cli.EXIT_USAGE, "--generate: expected --max-seq-len N"),
     (["--format", "pt2", "--max-seq-len", 64], cli.EXIT_USAGE, "--max-seq-len: only applies with --generate"),
     (["--format", "pt2", "--generate", "--max-seq-len", 64, "--dynamic"], cli.EXIT_USAGE,
@@ -199,7 +200,7 @@ def test_cli_generate_refuses_what_is_not_a_generation_artifact(artifact, tmp_pa
      "--max-seq-len: expected at most the model's 128 positions, got 129"),
 ])
 def test_cli_rewrite_generate_bad_flags(artifact, tmp_path, capsys, extra, code, message):
-    out = tmp_path / ("g.onnx" if "onnx" in extra else "g.pt2")
+    out = tmp_path / ("g" if "hf" in extra else "g.pt2")
     got, _, err = _cli(["rewrite", artifact / "llama", "--policy", artifact / "policy.json", "--out", out, "-q",
                         "--no-progress", *extra], capsys)
     assert got == code, err
@@ -254,3 +255,35 @@ def test_aoti_package_generates_in_a_fresh_process_that_imports_only_moba_rewrit
     assert status == {"code": 0, "transformers": False}  # the package needs neither model code nor transformers
     want = _reference(mr.rewrite(model, POLICY), prompts, 20)[0]
     assert tokens == {"new_tokens": want}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_sliding"])
+def test_onnx_programs_in_onnxruntime_generate_what_generate_does(family, tmp_path):
+    from moba_rewrite.exporters.onnx_generation import load_generation_onnx, save_generation_onnx
+
+    import onnx
+
+    model = _model(family)
+    programs = mr.export_for_generation(model, POLICY, max_seq_len=MAX_LEN, batch=2)
+    save_generation_onnx(programs, tmp_path / "gen")
+    decode = onnx.load(str(tmp_path / "gen" / "decode.onnx"))
+    assert sum(n.op_type == "Attention" and n.domain == "com.moba_rewrite" for n in decode.graph.node) >= 1
+    prefill, decode_run, spec = load_generation_onnx(tmp_path / "gen")
+    prompts = _prompts()
+    assert greedy(prefill, decode_run, spec, prompts, NEW) == _reference(model, prompts)[0]
+
+
+def test_cli_rewrite_generate_onnx_folder_runs_with_generate(artifact, tmp_path, capsys):
+    out = tmp_path / "gen-onnx"
+    code, _, err = _cli(["rewrite", artifact / "llama", "--policy", artifact / "policy.json", "--format", "onnx",
+                         "--generate", "--max-seq-len", MAX_LEN, "--batch", 2, "--out", out, "-q", "--no-progress"],
+                        capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["decode.onnx", "moba_generation.json", "prefill.onnx"]
+    prompts = _prompts()
+    argv = ["generate", out, "--max-new-tokens", 12, "--json"]
+    for p in prompts:
+        argv += ["--input-ids", ",".join(map(str, p))]
+    code, stdout, err = _cli(argv, capsys)
+    assert code == 0, err
+    assert json.loads(stdout) == {"new_tokens": _reference(mr.load(artifact / "hf"), prompts, 12)[0]}

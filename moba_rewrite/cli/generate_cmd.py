@@ -21,10 +21,14 @@ def load_artifact(path: str | Path) -> tuple[Callable, Callable, "GenerationSpec
     from moba_rewrite.exporters.generation import GenerationExportError, load_generation
 
     path = Path(path)
-    if not path.is_file():
-        raise CliError(path, "expected a generation artifact (.pt2 written by rewrite --generate); no such file",
+    if not path.exists():
+        raise CliError(path, "expected a generation artifact (written by rewrite --generate); no such file",
                        EXIT_CHECKPOINT)
     try:
+        if path.is_dir():  # rewrite --format onnx --generate
+            from moba_rewrite.exporters.onnx_generation import load_generation_onnx
+
+            return load_generation_onnx(path)
         return load_generation(path)
     except GenerationExportError as exc:
         raise CliError("", str(exc), EXIT_CHECKPOINT) from exc
@@ -112,7 +116,7 @@ def add_generate_parser(sub, leaves: list, leaf: Callable, positive: Callable) -
     p = leaf(sub, "generate", cmd_generate, leaves, help="greedy decoding with a generation artifact",
              description="Run the prefill and decode programs of an artifact written by `rewrite --generate` "
                          "(greedy) and print the new token ids of each prompt.")
-    p.add_argument("artifact", metavar="ARTIFACT", help="the .pt2 written by rewrite --generate (pt2 or aoti)")
+    p.add_argument("artifact", metavar="ARTIFACT", help="written by rewrite --generate: a .pt2 (pt2 or aoti) or an ONNX folder")
     p.add_argument("--input-ids", type=token_ids, action="append", required=True, metavar="IDS",
                    help="a prompt as comma-separated token ids; repeat for a batch (left padded)")
     p.add_argument("--max-new-tokens", type=positive, required=True, metavar="N", help="tokens to generate")

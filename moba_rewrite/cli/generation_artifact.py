@@ -11,7 +11,7 @@ from moba_rewrite.cli.errors import (EXIT_ARCHITECTURE, EXIT_EXPORT, EXIT_USAGE,
                                      first_line)
 from moba_rewrite.cli.output import print_report
 
-GENERATE_FORMATS = ("pt2", "aoti")
+GENERATE_FORMATS = ("pt2", "aoti", "onnx")
 
 
 def check_request(fmt: str, generate: bool, max_seq_len: int | None, batch: int, dynamic: bool = False) -> None:
@@ -25,8 +25,8 @@ def check_request(fmt: str, generate: bool, max_seq_len: int | None, batch: int,
                            EXIT_USAGE)
         return
     if fmt not in GENERATE_FORMATS:
-        raise CliError("--generate", f"expected --format {' or '.join(GENERATE_FORMATS)} (generation programs are "
-                                     f"not written as {fmt} yet), got {fmt}", EXIT_VALUE)
+        raise CliError("--generate", f"expected --format pt2, aoti or onnx (generation programs for a decoder "
+                                     f"with a KV cache), got {fmt}", EXIT_VALUE)
     if max_seq_len is None:
         raise CliError("--generate", "expected --max-seq-len N (the KV cache's slots: prompt plus new tokens)",
                        EXIT_USAGE)
@@ -36,12 +36,15 @@ def check_request(fmt: str, generate: bool, max_seq_len: int | None, batch: int,
 
 def rewrite_for_generation(loaded, policy, out: Path, *, fmt: str, max_seq_len: int, batch: int, seq_len, dev,
                            force: bool, verify: bool, quiet: bool, bar, checkpoint):
-    """Rewrite, export, write (pt2, or compiled by AOTInductor) and verify; returns (report, sample
-    length, max diff, model)."""
+    """Rewrite, export, write (pt2, compiled by AOTInductor, or an ONNX folder) and verify; returns
+    (report, sample length, max diff, model)."""
     from moba_rewrite import checkpoints as ck
     from moba_rewrite.exporters.common import as_output_failure
     from moba_rewrite.exporters.generation import (GenerationExportError, export_for_generation, save_generation_aoti,
                                                    save_generation_pt2)
+    from moba_rewrite.exporters.onnx_generation import save_generation_onnx
+
+    writers = {"pt2": save_generation_pt2, "aoti": save_generation_aoti, "onnx": save_generation_onnx}
 
     if not loaded.is_hf:
         raise CliError("--generate", "expected a Hugging Face decoder-only language model", EXIT_VALUE)
@@ -60,10 +63,10 @@ def rewrite_for_generation(loaded, policy, out: Path, *, fmt: str, max_seq_len: 
         except Exception as exc:
             raise CliError("", f"expected the rewritten model to export as generation programs "
                                f"({type(exc).__name__}: {first_line(exc, type(exc).__name__)})", EXIT_EXPORT) from exc
-    with ck.atomic_output(out, directory=False, force=force, inputs=(checkpoint,)) as staging:
+    with ck.atomic_output(out, directory=(fmt == "onnx"), force=force, inputs=(checkpoint,)) as staging:
         with bar.step(f"writing {fmt}"):
             try:
-                (save_generation_aoti if fmt == "aoti" else save_generation_pt2)(programs, staging)
+                writers[fmt](programs, staging)
             except Exception as exc:
                 full = as_output_failure(exc)
                 if full is not None:

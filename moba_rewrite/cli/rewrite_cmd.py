@@ -52,7 +52,8 @@ def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | 
     if fmt not in FORMATS:
         raise CliError("--format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}", EXIT_USAGE)
     out = Path(out)
-    artifacts.check_out_suffix(fmt, out)
+    if not (generate and fmt == "onnx"):  # ONNX generation programs are a folder
+        artifacts.check_out_suffix(fmt, out)
     generation_artifact.check_request(fmt, generate, max_seq_len, batch, dynamic)
     policy = steps.load_policy(policy_path)
     dev = steps.device(device)

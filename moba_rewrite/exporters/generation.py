@@ -307,7 +307,7 @@ def load_generation_programs(path: str | os.PathLike) -> GenerationPrograms:
 
 def load_generation(path: str | os.PathLike) -> tuple[Any, Any, GenerationSpec]:
     """(prefill, decode, spec) of a generation artifact (pt2 or AOTInductor): callables taking and
-    returning tensors."""
+    returning tensors (ONNX folders: `exporters.onnx_generation.load_generation_onnx`)."""
     programs = load_generation_programs(path)
     if isinstance(programs.prefill, ExportedProgram):
         return programs.prefill.module(), programs.decode.module(), programs.spec
