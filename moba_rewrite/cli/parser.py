@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "within the model's limit); must be at least one MoBA block")
     p.add_argument("--dynamic", action="store_true", help="dynamic sequence length in pt2 / aoti / onnx")
     p.add_argument("--generate", action="store_true",
-                   help="pt2 / aoti: write prefill and decode programs over a static KV cache (Hugging Face "
-                        "decoders; run them with `moba-rewrite generate`)")
+                   help="pt2 / aoti / onnx (a folder): write prefill and decode programs over a static KV cache "
+                        "(Hugging Face decoders; run them with `moba-rewrite generate`)")
     p.add_argument("--max-seq-len", type=_positive, metavar="N",
                    help="with --generate: cache slots, i.e. prompt plus new tokens (required)")
     p.add_argument("--batch", type=_positive, default=1, metavar="B",
