@@ -16,8 +16,8 @@ from typing import Callable
 from moba_rewrite.cli.errors import EXIT_CHECKPOINT, EXIT_OK, EXIT_VALUE, CliError
 
 
-def load_artifact(path: str | Path) -> tuple[Callable, Callable, "GenerationSpec"]:  # noqa: F821
-    """(prefill, decode, spec) of a generation artifact; a file that is not one exits 3."""
+def load_artifact(path: str | Path) -> tuple[Callable, Callable, object]:
+    """(prefill, decode, `GenerationSpec`) of a generation artifact; anything else exits 3."""
     from moba_rewrite.exporters.generation import GenerationExportError, load_generation
 
     path = Path(path)
@@ -116,7 +116,8 @@ def add_generate_parser(sub, leaves: list, leaf: Callable, positive: Callable) -
     p = leaf(sub, "generate", cmd_generate, leaves, help="greedy decoding with a generation artifact",
              description="Run the prefill and decode programs of an artifact written by `rewrite --generate` "
                          "(greedy) and print the new token ids of each prompt.")
-    p.add_argument("artifact", metavar="ARTIFACT", help="written by rewrite --generate: a .pt2 (pt2 or aoti) or an ONNX folder")
+    p.add_argument("artifact", metavar="ARTIFACT",
+                   help="written by rewrite --generate: a .pt2 (pt2 or aoti) or an ONNX folder")
     p.add_argument("--input-ids", type=token_ids, action="append", required=True, metavar="IDS",
                    help="a prompt as comma-separated token ids; repeat for a batch (left padded)")
     p.add_argument("--max-new-tokens", type=positive, required=True, metavar="N", help="tokens to generate")
