@@ -1,7 +1,8 @@
 """moba-rewrite: rewrite the attention of any PyTorch model into MoBA, layer by layer.
 
 Public API (SPEC section 1): `moba_attention`, `load_policy`, `rewrite`, `compile`, `export`,
-`plan`, `load`, `report_of`; `evaluate` and `calibrate`. Everything else is internal. Imports are lazy so
+`plan`, `load`, `report_of`; `evaluate` and `calibrate`; `export_for_generation` (prefill and
+decode programs over a static KV cache). Everything else is internal. Imports are lazy so
 `import moba_rewrite` stays fast and registers the `moba::attention` op.
 """
 
@@ -34,6 +35,7 @@ _LAZY = {
     "calibrate": "moba_rewrite.evaluation",
     "update_key_block_means_": "moba_rewrite.attention.block_means",
     "moba_attention_kv_cache": "moba_rewrite.attention.kv_cache",
+    "export_for_generation": "moba_rewrite.exporters.generation",
 }
 
 __all__ = ["moba_attention", "__version__", *_LAZY]

@@ -123,7 +123,7 @@ def _zip_names(path: Path) -> list[str]:
 
 
 def detect_kind(path: str | os.PathLike) -> str:
-    """One of `hf`, `moba-hf`, `safetensors`, `pt2`, `aoti`, `torch-file` for an existing path."""
+    """One of `hf`, `moba-hf`, `safetensors`, `pt2`, `aoti`, `generation`, `torch-file` for an existing path."""
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFound(p, "no such file or directory; expected a Hugging Face model directory, "
@@ -137,6 +137,8 @@ def detect_kind(path: str | os.PathLike) -> str:
         return "safetensors"
     if suffix == ".pt2" or zipfile.is_zipfile(p) and suffix not in (".pt", ".pth", ".bin"):
         names = _zip_names(p)
+        if any(n.endswith("extra/moba_generation.json") for n in names):
+            return "generation"  # prefill + decode programs (rewrite --generate)
         if any("/data/aotinductor/" in n for n in names):
             return "aoti"
         if any(n.endswith("models/model.json") or "/serialized_exported_program" in n for n in names):
@@ -459,6 +461,14 @@ def read_checkpoint(path: str | os.PathLike, *, config: str | os.PathLike | None
         except Exception as exc:
             raise CorruptCheckpoint(p, f"expected a torch.export program ({_first_line(exc)})") from exc
         return Checkpoint(kind, p, ep)
+    if kind == "generation":
+        from moba_rewrite.exporters.generation import load_generation_programs
+
+        try:
+            with held_back():
+                return Checkpoint(kind, p, load_generation_programs(p))
+        except Exception as exc:
+            raise CorruptCheckpoint(p, f"expected generation programs ({_first_line(exc)})") from exc
     if kind == "aoti":
         import moba_rewrite.attention.op  # noqa: F401  (the package calls moba::attention)
 
@@ -491,6 +501,7 @@ def load(path: str | os.PathLike, *, trust_pickle: bool = False, trust_remote_co
       rewritten by the stored policy (ready for `torch.compile` and `generate()`);
     - a `.pt2` program becomes a `torch.export.ExportedProgram`;
     - an AOTInductor package becomes its callable runner;
+    - a generation artifact (`rewrite --generate`) becomes `exporters.generation.GenerationPrograms`;
     - a plain Hugging Face directory, safetensors file + config, or (with `trust_pickle=True`)
       pickled module is returned as it is, unrewritten.
 

@@ -50,7 +50,8 @@ def work(tmp_path_factory):
 # --------------------------------------------------------------------------- help and inspect
 
 @pytest.mark.parametrize("argv", [[], ["inspect"], ["policy"], ["policy", "init"], ["policy", "check"],
-                                  ["policy", "schema"], ["rewrite"], ["demo"], ["bench"], ["routes"]])
+                                  ["policy", "schema"], ["rewrite"], ["demo"], ["bench"], ["routes"],
+                                  ["generate"]])
 def test_help_everywhere(argv, capsys):
     code, out, _ = run(argv + ["--help"], capsys)
     assert code == 0
@@ -62,6 +63,19 @@ def test_usage_errors_exit_2(capsys):
     assert code == cli.EXIT_USAGE and "moba-rewrite: error:" in err
     code, _, err = run(["rewrite", "x", "--policy", "p.yaml", "--out", "o", "--format", "zip"], capsys)
     assert code == cli.EXIT_USAGE and "invalid choice: 'zip'" in err
+
+
+@pytest.mark.parametrize("fmt,name,suffix", [("aoti", "model.so", ".pt2"), ("pt2", "model", ".pt2"),
+                                             ("onnx", "model.pt2", ".onnx"), ("aoti", "model.PT2", ".pt2")])
+def test_out_suffix_the_format_cannot_use_is_refused_before_any_work(tmp_path, capsys, fmt, name, suffix):
+    out = tmp_path / name
+    # the checkpoint and policy do not exist: the name is checked before they are read
+    code, _, err = run(["rewrite", tmp_path / "missing", "--policy", tmp_path / "missing.yaml", "--out", out,
+                        "--format", fmt], capsys)
+    assert code == cli.EXIT_VALUE, err
+    assert err.strip() == f"moba-rewrite: error: {out}: expected a name ending in {suffix} for --format {fmt}, got " \
+                          f"{repr(out.suffix) if out.suffix else 'no suffix'}"
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("arch,heads,kv", [("llama", 4, 2), ("gpt2", 4, 4)])

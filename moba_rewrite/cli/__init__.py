@@ -1,14 +1,15 @@
 """The `moba-rewrite` command: checkpoints in; rewritten, compiled and exported artifacts out.
 
-Subcommands: `inspect`, `policy init|check|schema`, `rewrite`, `demo`, `bench`, `routes`
-(reference: docs/CLI.md). Errors are one line, `moba-rewrite: error: <file>: <what was
+Subcommands: `inspect`, `policy init|check|schema`, `rewrite`, `generate`, `demo`, `bench`,
+`routes`, `eval`, `calibrate` (reference: docs/CLI.md). Errors are one line, `moba-rewrite: error: <file>: <what was
 expected>`, with an exit status per kind of problem (`EXIT_*`, listed in docs/CLI.md);
 `--debug` shows the traceback instead.
 
 Layout: errors (exit codes, CliError), output (progress, tables, reports), steps (reading,
 sampling, planning shared by the commands), artifacts (writing and verifying hf / pt2 / aoti /
-onnx), parser (argparse), and one module per command family: inspect_cmd, policy_cmd,
-rewrite_cmd, misc_cmd (demo, routes, bench) with bench_builtin.
+onnx), generation_artifact (`rewrite --generate`), parser (argparse), and one module per command
+family: inspect_cmd, policy_cmd, rewrite_cmd, generate_cmd (the greedy runner), eval_cmd,
+misc_cmd (demo, routes, bench) with bench_builtin.
 """
 
 from __future__ import annotations

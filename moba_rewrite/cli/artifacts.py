@@ -6,9 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from moba_rewrite.cli.errors import EXIT_EXPORT, EXIT_VERIFY, CliError, first_line
+from moba_rewrite.cli.errors import EXIT_EXPORT, EXIT_VALUE, EXIT_VERIFY, CliError, first_line
 
 FORMATS = ("hf", "pt2", "aoti", "onnx")
+# The file name each file format needs: torch.export and AOTInductor packages are `.pt2`
+# archives (AOTInductor refuses any other name), ONNX models `.onnx`. `hf` writes a directory.
+SUFFIXES = {"pt2": ".pt2", "aoti": ".pt2", "onnx": ".onnx"}
+
+
+def check_out_suffix(fmt: str, out: Path) -> None:
+    """Refuse, before any work, an `--out` name the format cannot use (exit 8)."""
+    suffix = SUFFIXES.get(fmt)
+    if suffix is not None and (out.suffix != suffix or out.name == suffix):
+        got = repr(out.suffix) if out.suffix else "no suffix"
+        raise CliError(out, f"expected a name ending in {suffix} for --format {fmt}, got {got}", EXIT_VALUE)
 
 
 def write_artifact(fmt: str, staging: Path, model, args, loaded, policy, *, dynamic: bool, seq_len: int,

@@ -9,6 +9,7 @@ import sys
 from moba_rewrite.cli.artifacts import FORMATS
 from moba_rewrite.cli.errors import EXIT_USAGE, PROG
 from moba_rewrite.cli.eval_cmd import add_calibrate_parser, add_eval_parser
+from moba_rewrite.cli.generate_cmd import add_generate_parser
 from moba_rewrite.cli.inspect_cmd import cmd_inspect
 from moba_rewrite.cli.misc_cmd import cmd_bench, cmd_demo, cmd_routes
 from moba_rewrite.cli.policy_cmd import cmd_policy_check, cmd_policy_init, cmd_policy_schema
@@ -128,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens in the sample input used to export and verify (default: (top_k+1) blocks, "
                         "within the model's limit); must be at least one MoBA block")
     p.add_argument("--dynamic", action="store_true", help="dynamic sequence length in pt2 / aoti / onnx")
+    p.add_argument("--generate", action="store_true",
+                   help="pt2 / aoti / onnx (a folder): write prefill and decode programs over a static KV cache "
+                        "(Hugging Face decoders; run them with `moba-rewrite generate`)")
+    p.add_argument("--max-seq-len", type=_positive, metavar="N",
+                   help="with --generate: cache slots, i.e. prompt plus new tokens (required)")
+    p.add_argument("--batch", type=_positive, default=1, metavar="B",
+                   help="with --generate: prompts per call (default 1; fewer are padded)")
     p.add_argument("--onnx-body", choices=("sparse", "dense"), default="sparse",
                    help="onnx: the MoBA function body: sparse (default; memory O(T * top_k * block_size)) "
                         "or dense (the plain O(T^2) statement of the algorithm)")
@@ -172,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force(p, "PNG")
     add_eval_parser(sub, leaves, _leaf, _add_input, _add_force, _positive)
     add_calibrate_parser(sub, leaves, _leaf, _add_input, _add_force, _positive)
+    add_generate_parser(sub, leaves, _leaf, _positive)
     for p in leaves:
         _add_common(p)
     return parser

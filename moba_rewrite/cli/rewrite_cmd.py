@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moba_rewrite.cli import artifacts, steps
+from moba_rewrite.cli import artifacts, generation_artifact, steps
 from moba_rewrite.cli.artifacts import FORMATS
 from moba_rewrite.cli.errors import (EXIT_ARCHITECTURE, EXIT_CHECKPOINT, EXIT_EXPORT, EXIT_OK, EXIT_USAGE,
                                      EXIT_VALUE, CliError, checkpoint_errors, first_line, rewrite_error)
@@ -34,7 +34,8 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
                 dynamic=args.dynamic, device=args.device, force=args.force, verify=not args.no_verify,
                 config=args.config, trust_pickle=args.trust_pickle, trust_remote_code=args.trust_remote_code,
                 allow_random_init=args.allow_random_init, dtype=args.dtype, quiet=args.quiet,
-                progress=not args.no_progress, report_json=args.report_json, onnx_body=args.onnx_body)
+                progress=not args.no_progress, report_json=args.report_json, onnx_body=args.onnx_body,
+                generate=args.generate, max_seq_len=args.max_seq_len, batch=args.batch)
     return EXIT_OK
 
 
@@ -43,18 +44,22 @@ def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | 
                 force: bool = False, verify: bool = True, config: str | None = None, trust_pickle: bool = False,
                 trust_remote_code: bool = False, allow_random_init: bool = False, dtype: str | None = None,
                 quiet: bool = False, progress: bool = True, report_json: str | None = None,
-                onnx_body: str = "sparse") -> RewriteResult:
+                onnx_body: str = "sparse", generate: bool = False, max_seq_len: int | None = None,
+                batch: int = 1) -> RewriteResult:
     """The `rewrite` command as a function (also used by `demo`)."""
     from moba_rewrite import checkpoints as ck
 
     if fmt not in FORMATS:
         raise CliError("--format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}", EXIT_USAGE)
     out = Path(out)
+    if not (generate and fmt == "onnx"):  # ONNX generation programs are a folder
+        artifacts.check_out_suffix(fmt, out)
+    generation_artifact.check_request(fmt, generate, max_seq_len, batch, dynamic)
     policy = steps.load_policy(policy_path)
     dev = steps.device(device)
     with checkpoint_errors():
         ck.check_output(out, force=force, inputs=(checkpoint,))
-    bar = Progress(4 + (1 if verify else 0), enabled=progress and not quiet)
+    bar = Progress(4 + (1 if verify else 0) + (1 if generate else 0), enabled=progress and not quiet)
     ns = argparse.Namespace(checkpoint=checkpoint, config=config, trust_pickle=trust_pickle,
                             trust_remote_code=trust_remote_code, allow_random_init=allow_random_init, dtype=dtype)
     job = dict(fmt=fmt, seq_len=seq_len, dynamic=dynamic, dev=dev, force=force, verify=verify, quiet=quiet,
@@ -66,8 +71,13 @@ def run_rewrite(checkpoint: str | os.PathLike, policy_path: str | os.PathLike | 
             if loaded.kind == "aoti":
                 raise CliError(checkpoint, "expected a model or a .pt2 program; an AOTInductor package is compiled "
                                            "code and cannot be rewritten", EXIT_ARCHITECTURE)
-            rewrite = _rewrite_program if loaded.kind == "pt2" else _rewrite_eager
-            report, n, diff, model = rewrite(loaded, policy, out, **job)
+            if generate:
+                report, n, diff, model = generation_artifact.rewrite_for_generation(
+                    loaded, policy, out, fmt=fmt, max_seq_len=max_seq_len, batch=batch, seq_len=seq_len, dev=dev,
+                    force=force, verify=verify, quiet=quiet, bar=bar, checkpoint=checkpoint)
+            else:
+                rewrite = _rewrite_program if loaded.kind == "pt2" else _rewrite_eager
+                report, n, diff, model = rewrite(loaded, policy, out, **job)
     finally:
         bar.close()
     if report_json:

@@ -35,6 +35,9 @@ def read(args: argparse.Namespace, path: str | None = None):
                                     trust_remote_code=getattr(args, "trust_remote_code", False),
                                     dtype=getattr(args, "dtype", None),
                                     allow_random_init=getattr(args, "allow_random_init", False))
+    if loaded.kind == "generation":
+        raise CliError(loaded.path, "expected a model or a .pt2 program; this is a generation artifact (rewrite "
+                                    "--generate): run it with moba-rewrite generate", EXIT_ARCHITECTURE)
     if loaded.random_init:
         warn(f"{loaded.path}: weights initialised randomly, as --allow-random-init allows ({loaded.random_init}); "
              "this is not the trained model")

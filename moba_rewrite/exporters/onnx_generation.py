@@ -1,0 +1,91 @@
+"""Generation programs as ONNX: a folder with `prefill.onnx`, `decode.onnx` and the spec.
+
+Each program of `exporters.generation` is exported with torch's ONNX exporter; its
+`moba::attention_kv_cache` calls become the usual `com.moba_rewrite::Attention` node (with its
+function body, `exporters.onnx`) on the filled prefix of the cache: keys, values and mask are
+sliced to `cache_position[-1] + 1` slots, so the node's queries sit at their real positions
+(`Tk - Tq + i`) and empty slots are never seen. The function computes the block means from the
+sliced keys (the means inputs and outputs are carried along for the pt2 / AOTInductor programs'
+sake): a decode step's gate reads all filled keys there, not one block.
+
+The cache follows ONNX Runtime GenAI's convention: inputs `cache_0..` (the spec's order), the
+updated tensors as outputs in the same order after the logits.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+import onnxscript
+import torch
+from onnxscript import opset20 as op
+
+from moba_rewrite.exporters import onnx as moba_onnx
+from moba_rewrite.exporters.generation import META_FILE, GenerationPrograms, GenerationSpec
+
+PROGRAMS = ("prefill", "decode")
+
+
+def _kv_cache_translation(q, k_cache, v_cache, key_block_means, cache_position, attn_mask=None,
+                          block_size: int = 512, top_k: int = 3, causal: bool = True, scale: float = 1.0,
+                          backend: str = "auto"):
+    """`moba::attention_kv_cache` as `com.moba_rewrite::Attention` on the cache's filled prefix."""
+    filled = op.Add(op.Slice(cache_position, op.Constant(value_ints=[-1]), op.Constant(value_ints=[2**62])),
+                    op.Constant(value_ints=[1]))
+    start, keys_axis = op.Constant(value_ints=[0]), op.Constant(value_ints=[2])
+    k = op.Slice(k_cache, start, filled, keys_axis)
+    v = op.Slice(v_cache, start, filled, keys_axis)
+    bias = None
+    if attn_mask is not None:  # 0 / -inf first: a sliced value no longer says it is boolean
+        zero = op.CastLike(op.Constant(value_float=0.0), q)
+        if attn_mask.dtype == onnxscript.ir.DataType.BOOL:
+            attn_mask = op.Where(attn_mask, zero, op.CastLike(op.Constant(value_float=float("-inf")), q))
+        bias = op.CastLike(op.Slice(attn_mask, start, filled, op.Constant(value_ints=[-1])), q)
+    return moba_onnx._moba_translation(q, k, v, bias, block_size, top_k, causal, scale, backend, 0)
+
+
+def save_generation_onnx(programs: GenerationPrograms, directory: str | os.PathLike, *, body: str = "sparse") -> None:
+    """Write `prefill.onnx`, `decode.onnx` and the spec into `directory` (created)."""
+    table = {**moba_onnx.translation_table(), torch.ops.moba.attention_kv_cache.default: _kv_cache_translation}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    n_cache = len(programs.spec.cache)
+    names = ["input_ids", "attention_mask", "cache_position", *(f"cache_{i}" for i in range(n_cache))]
+    outputs = ["logits", *(f"present_{i}" for i in range(n_cache))]
+    for name in PROGRAMS:
+        program = getattr(programs, name)
+        with torch.no_grad():
+            exported = torch.onnx.export(program, dynamo=True, custom_translation_table=table,
+                                         opset_version=moba_onnx.OPSET_VERSION, input_names=names,
+                                         output_names=outputs, verbose=False, report=False)
+        proto = exported.model_proto
+        moba_onnx.attach_function(proto, body)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, os.fspath(directory / f"{name}.onnx"))
+    (directory / META_FILE).write_text(programs.spec.to_json())
+
+
+def load_generation_onnx(directory: str | os.PathLike) -> tuple[Callable, Callable, GenerationSpec]:
+    """(prefill, decode, spec): onnxruntime sessions (CPU) as callables taking and returning tensors."""
+    import onnxruntime as ort
+
+    directory = Path(directory)
+    spec = GenerationSpec.from_json((directory / META_FILE).read_text())
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+
+    def runner(name: str) -> Callable:
+        session = ort.InferenceSession(os.fspath(directory / f"{name}.onnx"), options,
+                                       providers=["CPUExecutionProvider"])
+        inputs = [i.name for i in session.get_inputs()]
+
+        def run(*args: Any) -> list[torch.Tensor]:
+            feeds = {n: a.detach().cpu().numpy() for n, a in zip(inputs, args)}
+            return [torch.from_numpy(x) for x in session.run(None, feeds)]
+
+        return run
+
+    return runner("prefill"), runner("decode"), spec
