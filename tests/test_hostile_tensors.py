@@ -173,3 +173,18 @@ def test_torch_backend_agrees_with_the_reference_on_any_shape_and_poison(problem
     got = mr.moba_attention(q, k, v, backend="torch", **kw)
     assert got.shape == want.shape
     assert_agrees_where_finite(got, want)
+
+
+@pytest.mark.parametrize("poison, block_size", [(INF, 2), (NAN, 1)])
+@pytest.mark.parametrize("tq", [1, 3])
+def test_dense_limit_with_a_poisoned_key_still_follows_moba(poison, block_size, tq):
+    """At `top_k * block_size >= Tk` the op may run full attention only where MoBA equals it: a
+    NaN / inf key makes its block's gate score NaN or -inf, so MoBA leaves the block out (SPEC
+    2.4) while full attention would let it poison or shift every row (found by hypothesis)."""
+    q, k, v = qkv(b=1, hq=1, hkv=1, tq=tq, tk=3, d=4, seed=7)
+    k[0, 0, 0, 1] = poison
+    q[..., 1] = -q[..., 1].abs() - 0.1  # the poisoned dim scores -inf against an inf key
+    kw = dict(block_size=block_size, top_k=2 if block_size == 2 else 3, causal=False)
+    want = mr.moba_attention(q, k, v, backend="reference", **kw)
+    assert torch.isfinite(want[..., -1, :]).all()
+    assert_agrees_where_finite(mr.moba_attention(q, k, v, backend="torch", **kw), want)

@@ -51,7 +51,7 @@ def attention_backward(
     """Gradients of `moba::attention` with respect to q, k and v."""
     if q.shape[0] == 0:  # an empty batch: nothing to differentiate
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if runs_dense(backend, k.shape[2], block_size, top_k, dense_below):
+    if runs_dense(backend, q, k, block_size, top_k, dense_below):
         dq, dk, dv = dense.backward(grad_out, q, k, v, out, causal=causal, scale=scale, attn_mask=attn_mask)
     else:
         dq, dk, dv = _kernel(backend, q, k, attn_mask, v).backward(
@@ -82,10 +82,24 @@ def _backward(ctx, grad_out):
 attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def runs_dense(backend: str, tk: int, block_size: int, top_k: int, dense_below: int) -> bool:
-    """Whether a call computes full attention: MoBA equals it (every block selected), or the
+def runs_dense(backend: str, q: Tensor, k: Tensor, block_size: int, top_k: int, dense_below: int) -> bool:
+    """Whether a call computes full attention: MoBA equals it (every block selected, which holds
+    for finite q and k: a NaN or infinite gate score leaves a block unselected, SPEC 2.4), or the
     policy asked for it below `dense_below` keys. Never for the `reference` backend (the oracle)."""
-    return backend != "reference" and (dense.covers_all_blocks(tk, block_size, top_k) or tk < dense_below)
+    if backend == "reference":
+        return False
+    tk = k.shape[2]
+    if tk < dense_below:
+        return True
+    return dense.covers_all_blocks(tk, block_size, top_k) and _finite(q, k)
+
+
+def _finite(q: Tensor, k: Tensor) -> bool:
+    """q and k hold no NaN / inf (one reduction over each). Not read while a CUDA graph is being
+    captured (a host read is not allowed there): the dense limit is then taken as it is."""
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    return bool(torch.isfinite(k).all()) and bool(torch.isfinite(q).all())
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, key_block_means: Optional[Tensor], attn_mask: Optional[Tensor],
@@ -94,7 +108,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, key_block_means: Optional[Tensor],
     policy asks for it), else the backend's forward; output contiguous."""
     if q.shape[0] == 0:  # an empty batch (a last partial batch): an empty output, as SDPA gives
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
-    if runs_dense(backend, k.shape[2], block_size, top_k, dense_below):
+    if runs_dense(backend, q, k, block_size, top_k, dense_below):
         return dense.forward(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask).contiguous()
     kernel = _kernel(backend, q, k, attn_mask, v)
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
