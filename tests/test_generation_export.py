@@ -133,11 +133,25 @@ def _cli(argv, capsys):
     return code, captured.out, captured.err
 
 
+def _char_tokenizer():
+    """A character-level tokenizer whose ids fit the models' 64-token vocabulary (built here: no hub)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["<unk>", "<s>", "<pad>"] + list(string.ascii_lowercase + string.digits + " .,?!'")
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", pad_token="<pad>")
+
+
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    """A Llama checkpoint, its `--format hf` rewrite, and its `--generate` pt2 (batch 2)."""
+    """A Llama checkpoint with a tokenizer, its `--format hf` rewrite, and its `--generate` pt2 (batch 2)."""
     root = tmp_path_factory.mktemp("generation")
     _model("llama").save_pretrained(root / "llama")
+    _char_tokenizer().save_pretrained(root / "llama")
     (root / "policy.json").write_text(json.dumps(POLICY))
     for extra in (["--format", "hf", "--out", root / "hf"],
                   ["--format", "pt2", "--generate", "--max-seq-len", MAX_LEN, "--batch", 2, "--out", root / "gen.pt2"]):
@@ -156,6 +170,42 @@ def test_cli_generate_equals_generate_of_the_loaded_hf_rewrite(artifact, capsys)
     assert json.loads(out) == {"new_tokens": _reference(mr.load(artifact / "hf"), prompts)[0]}
     code, out, err = _cli(argv, capsys)  # without --json: one line per prompt
     assert code == 0 and out.splitlines()[1].startswith("prompt 2: ")
+
+
+def test_cli_generate_text_prompts_with_the_tokenizer_the_artifact_carries(artifact, capsys):
+    """`--prompt` tokenizes with the checkpoint's tokenizer, carried inside the .pt2: the tokens equal
+    `generate()` of the hf rewrite on the same ids, the text is their decoding."""
+    texts = ["the quick brown fox jumps over the lazy dog.", "hello, world!"]
+    tok = _char_tokenizer()
+    prompts = [tok(t)["input_ids"] for t in texts]
+    assert len(prompts[0]) > 2 * BLOCK  # crosses blocks
+    argv = ["generate", artifact / "gen.pt2", "--max-new-tokens", 12]
+    for t in texts:
+        argv += ["--prompt", t]
+    code, out, err = _cli([*argv, "--json"], capsys)
+    assert code == 0, err
+    want = _reference(mr.load(artifact / "hf"), prompts, 12)[0]
+    assert json.loads(out) == {"new_tokens": want, "new_text": [tok.decode(w, skip_special_tokens=True) for w in want]}
+    code, out, err = _cli(argv, capsys)
+    assert code == 0 and out.splitlines()[1] == f"prompt 1 text: {tok.decode(want[0], skip_special_tokens=True)!r}"
+
+
+def test_cli_generate_text_prompt_needs_a_tokenizer(artifact, tmp_path, capsys):
+    bare = tmp_path / "bare.pt2"  # written by the API without a tokenizer
+    save_generation_pt2(mr.export_for_generation(_model("gpt2"), POLICY, max_seq_len=48, batch=1), bare)
+    code, out, err = _cli(["generate", bare, "--prompt", "hi", "--max-new-tokens", 2], capsys)
+    assert code == cli.EXIT_VALUE and out == ""
+    assert err.strip() == ("moba-rewrite: error: --prompt: expected a tokenizer: the artifact carries none (its "
+                           "checkpoint had no tokenizer files); give --tokenizer DIR, or token ids with --input-ids")
+    code, out, err = _cli(["generate", bare, "--prompt", "hi", "--max-new-tokens", 2, "--tokenizer", artifact / "llama",
+                           "--json"], capsys)
+    assert code == 0, err
+    want = _reference(mr.rewrite(_model("gpt2"), POLICY), [_char_tokenizer()("hi")["input_ids"]], 2)[0]
+    assert json.loads(out)["new_tokens"] == want
+    code, _, err = _cli(["generate", bare, "--prompt", "hi", "--max-new-tokens", 2, "--tokenizer", tmp_path], capsys)
+    assert code == cli.EXIT_VALUE and "--tokenizer: expected a folder with tokenizer files" in err
+    code, _, err = _cli(["generate", bare, "--prompt", "hi", "--input-ids", "1", "--max-new-tokens", 2], capsys)
+    assert code == cli.EXIT_USAGE and "not allowed with argument" in err
 
 
 @pytest.mark.parametrize("argv,code,message", [
@@ -279,7 +329,8 @@ def test_cli_rewrite_generate_onnx_folder_runs_with_generate(artifact, tmp_path,
                          "--generate", "--max-seq-len", MAX_LEN, "--batch", 2, "--out", out, "-q", "--no-progress"],
                         capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["decode.onnx", "moba_generation.json", "prefill.onnx"]
+    assert sorted(p.name for p in out.iterdir()) == ["decode.onnx", "moba_generation.json", "prefill.onnx",
+                                                     "tokenizer"]  # the checkpoint's tokenizer, carried
     prompts = _prompts()
     argv = ["generate", out, "--max-new-tokens", 12, "--json"]
     for p in prompts:
@@ -287,3 +338,8 @@ def test_cli_rewrite_generate_onnx_folder_runs_with_generate(artifact, tmp_path,
     code, stdout, err = _cli(argv, capsys)
     assert code == 0, err
     assert json.loads(stdout) == {"new_tokens": _reference(mr.load(artifact / "hf"), prompts, 12)[0]}
+    tok = _char_tokenizer()
+    code, stdout, err = _cli(["generate", out, "--max-new-tokens", 5, "--json", "--prompt", "abc def ghi"], capsys)
+    assert code == 0, err
+    want = _reference(mr.load(artifact / "hf"), [tok("abc def ghi")["input_ids"]], 5)[0]
+    assert json.loads(stdout)["new_tokens"] == want

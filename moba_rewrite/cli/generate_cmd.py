@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from moba_rewrite.cli.errors import EXIT_CHECKPOINT, EXIT_OK, EXIT_VALUE, CliError
+from moba_rewrite.cli.errors import EXIT_CHECKPOINT, EXIT_OK, EXIT_VALUE, CliError, first_line
 
 
 def load_artifact(path: str | Path) -> tuple[Callable, Callable, object]:
@@ -90,14 +90,51 @@ def greedy(prefill: Callable, decode: Callable, spec, prompts: list[list[int]], 
     return new
 
 
+def load_tokenizer(artifact: str | Path, directory: str | None):
+    """The tokenizer of `--tokenizer DIR`, else the one the artifact carries, else None."""
+    from moba_rewrite.exporters import tokenizer_files
+
+    if directory is not None:
+        from moba_rewrite.evaluation.data import find_tokenizer
+
+        try:
+            tokenizer = find_tokenizer(directory)
+        except Exception as exc:  # noqa: BLE001  (files transformers cannot load)
+            raise CliError("--tokenizer", f"expected a tokenizer folder ({first_line(exc)})", EXIT_VALUE) from exc
+        if tokenizer is None:
+            raise CliError("--tokenizer", f"expected a folder with tokenizer files (tokenizer.json, ...), got "
+                                          f"{directory}", EXIT_VALUE)
+        return tokenizer
+    try:
+        files = tokenizer_files.read_artifact(artifact)
+        return tokenizer_files.load(files) if files else None
+    except Exception as exc:  # noqa: BLE001  (damaged carried files)
+        raise CliError(artifact, f"expected the artifact's tokenizer files to load ({first_line(exc)})",
+                       EXIT_CHECKPOINT) from exc
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     prefill, decode, spec = load_artifact(args.artifact)
-    new = greedy(prefill, decode, spec, args.input_ids, args.max_new_tokens)
+    tokenizer = load_tokenizer(args.artifact, args.tokenizer) if (args.prompt or args.tokenizer) else None
+    if args.prompt:
+        if tokenizer is None:
+            raise CliError("--prompt", "expected a tokenizer: the artifact carries none (its checkpoint had no "
+                                       "tokenizer files); give --tokenizer DIR, or token ids with --input-ids",
+                           EXIT_VALUE)
+        prompts = [list(tokenizer(text)["input_ids"]) for text in args.prompt]
+        if not all(prompts):
+            raise CliError("--prompt", "expected text the tokenizer turns into at least one token", EXIT_VALUE)
+    else:
+        prompts = args.input_ids
+    new = greedy(prefill, decode, spec, prompts, args.max_new_tokens)
+    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new] if tokenizer is not None else None
     if args.json:
-        print(json.dumps({"new_tokens": new}))
+        print(json.dumps({"new_tokens": new, **({"new_text": texts} if texts is not None else {})}))
     else:
         for i, tokens in enumerate(new):
             print(f"prompt {i + 1}: {' '.join(map(str, tokens))}")
+            if texts is not None:
+                print(f"prompt {i + 1} text: {texts[i]!r}")
     return EXIT_OK
 
 
@@ -118,7 +155,14 @@ def add_generate_parser(sub, leaves: list, leaf: Callable, positive: Callable) -
                          "(greedy) and print the new token ids of each prompt.")
     p.add_argument("artifact", metavar="ARTIFACT",
                    help="written by rewrite --generate: a .pt2 (pt2 or aoti) or an ONNX folder")
-    p.add_argument("--input-ids", type=token_ids, action="append", required=True, metavar="IDS",
-                   help="a prompt as comma-separated token ids; repeat for a batch (left padded)")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--input-ids", type=token_ids, action="append", metavar="IDS",
+                         help="a prompt as comma-separated token ids; repeat for a batch (left padded)")
+    prompts.add_argument("--prompt", action="append", metavar="TEXT",
+                         help="a prompt as text, tokenized by the tokenizer the artifact carries (or --tokenizer); "
+                              "repeat for a batch")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="a folder with tokenizer files, instead of the artifact's own (also decodes --input-ids)")
     p.add_argument("--max-new-tokens", type=positive, required=True, metavar="N", help="tokens to generate")
-    p.add_argument("--json", action="store_true", help='print {"new_tokens": [[...], ...]} (one list per prompt)')
+    p.add_argument("--json", action="store_true", help='print {"new_tokens": [[...], ...]} (one list per prompt; '
+                                                       'with a tokenizer also "new_text")')

@@ -55,9 +55,10 @@ def rewrite_for_generation(loaded, policy, out: Path, *, fmt: str, max_seq_len: 
     with bar.step("rewriting attention"):
         report = steps.plan_and_rewrite(model, policy, args, n)
     print_report(report, quiet=quiet)
+    tokenizer = _checkpoint_tokenizer(checkpoint, quiet=quiet)
     with bar.step("exporting prefill and decode programs"):
         try:
-            programs = export_for_generation(model, None, max_seq_len=max_seq_len, batch=batch)
+            programs = export_for_generation(model, None, max_seq_len=max_seq_len, batch=batch, tokenizer=tokenizer)
         except GenerationExportError as exc:
             raise CliError("--generate", str(exc), EXIT_ARCHITECTURE) from exc
         except Exception as exc:
@@ -80,6 +81,22 @@ def rewrite_for_generation(loaded, policy, out: Path, *, fmt: str, max_seq_len: 
         with bar.step("moving into place"):
             pass
     return report, n, diff, model
+
+
+def _checkpoint_tokenizer(checkpoint, *, quiet: bool):
+    """The checkpoint's tokenizer, carried into the artifact for `generate --prompt`; None (said so)
+    when it has none or its files do not load: the programs do not need it."""
+    from moba_rewrite.evaluation.data import find_tokenizer
+
+    try:
+        tokenizer = find_tokenizer(checkpoint)
+    except Exception as exc:  # noqa: BLE001  (a broken tokenizer does not stop the export)
+        print(f"warning: {checkpoint}: tokenizer not carried into the artifact ({first_line(exc)}); "
+              f"generate takes --input-ids or --tokenizer DIR")
+        return None
+    if tokenizer is None and not quiet:
+        print(f"note: {checkpoint}: no tokenizer files; the artifact takes token ids (generate --input-ids)")
+    return tokenizer
 
 
 def verify_generation(path: Path, model, spec, prompt_len: int, *, display: Path) -> float:

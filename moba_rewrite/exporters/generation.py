@@ -82,6 +82,7 @@ class GenerationPrograms:
     prefill: Any
     decode: Any
     spec: GenerationSpec
+    tokenizer_files: dict[str, bytes] = field(default_factory=dict)  # `save_pretrained` output, for runners
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,10 +227,14 @@ def _check_model(model: nn.Module, max_seq_len: int, batch: int) -> None:
                                         "program (the filled length is a tensor there); drop it from the policy")
 
 
-def export_for_generation(model: nn.Module, policy: Any = None, *, max_seq_len: int, batch: int = 1
-                          ) -> GenerationPrograms:
+def export_for_generation(model: nn.Module, policy: Any = None, *, max_seq_len: int, batch: int = 1,
+                          tokenizer: Any = None) -> GenerationPrograms:
     """Rewrite `model` (a Hugging Face decoder-only LM) by `policy` (None: already rewritten) and export
-    its prefill and decode programs over a static cache of `max_seq_len` slots for `batch` rows."""
+    its prefill and decode programs over a static cache of `max_seq_len` slots for `batch` rows.
+    `tokenizer` (a transformers tokenizer): carried into the saved artifact, for text prompts."""
+    from moba_rewrite.exporters import tokenizer_files
+
+    carried = tokenizer_files.files_of(tokenizer) if tokenizer is not None else {}
     if policy is not None:
         from moba_rewrite.api import rewrite
 
@@ -252,20 +257,30 @@ def export_for_generation(model: nn.Module, policy: Any = None, *, max_seq_len: 
                torch.tensor([n], device=device))
         with _sliding_decode_dense(model, _layer_kinds(model)):
             decode = torch.export.export(step, (*one, *cache), strict=False)
-    return GenerationPrograms(prefill, decode, spec)
+    return GenerationPrograms(prefill, decode, spec, carried)
 
 
 # --------------------------------------------------------------------------------------------
 # Files
 
 
+def _extra_files(programs: GenerationPrograms) -> dict[str, str]:
+    """The archive's text members: the spec, and the tokenizer's files when carried."""
+    from moba_rewrite.exporters import tokenizer_files
+
+    extra = {META_FILE: programs.spec.to_json()}
+    if programs.tokenizer_files:
+        extra[tokenizer_files.ARCHIVE_MEMBER] = tokenizer_files.to_archive_text(programs.tokenizer_files)
+    return extra
+
+
 def save_generation_pt2(programs: GenerationPrograms, path: str | os.PathLike) -> None:
-    """Both programs and the spec in one `.pt2` archive (`torch.export.pt2_archive`)."""
+    """Both programs and the spec (and a carried tokenizer) in one `.pt2` archive (`torch.export.pt2_archive`)."""
     from torch.export.pt2_archive._package import package_pt2
 
     with failsafe_output(path) as f:
         package_pt2(f, exported_programs={"prefill": programs.prefill, "decode": programs.decode},
-                    extra_files={META_FILE: programs.spec.to_json()})
+                    extra_files=_extra_files(programs))
 
 
 def save_generation_aoti(programs: GenerationPrograms, path: str | os.PathLike) -> None:
@@ -281,7 +296,7 @@ def save_generation_aoti(programs: GenerationPrograms, path: str | os.PathLike) 
         files[name] = torch._inductor.aot_compile(program.module(check_guards=False), args, kwargs,
                                                   options={"aot_inductor.package": True})
     with failsafe_output(path) as f:
-        package_pt2(f, aoti_files=files, extra_files={META_FILE: programs.spec.to_json()})
+        package_pt2(f, aoti_files=files, extra_files=_extra_files(programs))
 
 
 def _is_aoti(path: str | os.PathLike) -> bool:
@@ -301,8 +316,12 @@ def load_generation_programs(path: str | os.PathLike) -> GenerationPrograms:
     if set(programs) != {"prefill", "decode"} or META_FILE not in contents.extra_files:
         raise GenerationExportError(f"{path}: expected a generation program (prefill and decode programs and "
                                     f"{META_FILE}), got programs {sorted(programs)}")
+    from moba_rewrite.exporters import tokenizer_files
+
+    carried = contents.extra_files.get(tokenizer_files.ARCHIVE_MEMBER)
     return GenerationPrograms(programs["prefill"], programs["decode"],
-                              GenerationSpec.from_json(contents.extra_files[META_FILE]))
+                              GenerationSpec.from_json(contents.extra_files[META_FILE]),
+                              tokenizer_files.from_archive_text(carried) if carried else {})
 
 
 def load_generation(path: str | os.PathLike) -> tuple[Any, Any, GenerationSpec]:

@@ -1,4 +1,5 @@
-"""Generation programs as ONNX: a folder with `prefill.onnx`, `decode.onnx` and the spec.
+"""Generation programs as ONNX: a folder with `prefill.onnx`, `decode.onnx`, the spec and, when one
+is carried, the tokenizer's files in `tokenizer/`.
 
 Each program of `exporters.generation` is exported with torch's ONNX exporter; its
 `moba::attention_kv_cache` calls become the usual `com.moba_rewrite::Attention` node (with its
@@ -24,6 +25,7 @@ import torch
 from onnxscript import opset20 as op
 
 from moba_rewrite.exporters import onnx as moba_onnx
+from moba_rewrite.exporters import tokenizer_files
 from moba_rewrite.exporters.generation import META_FILE, GenerationPrograms, GenerationSpec
 
 PROGRAMS = ("prefill", "decode")
@@ -66,6 +68,8 @@ def save_generation_onnx(programs: GenerationPrograms, directory: str | os.PathL
         onnx.checker.check_model(proto)
         onnx.save(proto, os.fspath(directory / f"{name}.onnx"))
     (directory / META_FILE).write_text(programs.spec.to_json())
+    if programs.tokenizer_files:
+        tokenizer_files.write_folder(programs.tokenizer_files, directory)
 
 
 def load_generation_onnx(directory: str | os.PathLike) -> tuple[Callable, Callable, GenerationSpec]:
