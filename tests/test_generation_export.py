@@ -317,7 +317,11 @@ def test_onnx_programs_in_onnxruntime_generate_what_generate_does(family, tmp_pa
     programs = mr.export_for_generation(model, POLICY, max_seq_len=MAX_LEN, batch=2)
     save_generation_onnx(programs, tmp_path / "gen")
     decode = onnx.load(str(tmp_path / "gen" / "decode.onnx"))
-    assert sum(n.op_type == "Attention" and n.domain == "com.moba_rewrite" for n in decode.graph.node) >= 1
+    prefill_proto = onnx.load(str(tmp_path / "gen" / "prefill.onnx"))
+    assert sum(n.op_type == "Attention" and n.domain == "com.moba_rewrite" for n in prefill_proto.graph.node) >= 1
+    # decode gates on the cached means: the cache node, not Attention on the whole filled prefix
+    assert sum(n.op_type == "AttentionKVCache" and n.domain == "com.moba_rewrite" for n in decode.graph.node) >= 1
+    assert not any(n.op_type == "Attention" and n.domain == "com.moba_rewrite" for n in decode.graph.node)
     prefill, decode_run, spec = load_generation_onnx(tmp_path / "gen")
     prompts = _prompts()
     assert greedy(prefill, decode_run, spec, prompts, NEW) == _reference(model, prompts)[0]

@@ -30,11 +30,12 @@ constant folding runs with `inline=False` instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import onnx
 import onnx.defs
@@ -223,6 +224,21 @@ def attach_function(model: onnx.ModelProto, body: str = "sparse") -> int:
 _PROTO_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GiB, with room for the graph
 
 
+@contextlib.contextmanager
+def quiet_exporter() -> Iterator[None]:
+    """torch's ONNX exporter without its noise: "torchvision is not installed" four times per export
+    and a LeafSpec deprecation warning (neither concerns the model)."""
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        registry_log.setLevel(level)
+
+
 def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: str | os.PathLike, *,
                 dynamic: bool = False, max_seq: int = 1 << 17, dynamic_shapes: Any = None,
                 body: str = "sparse") -> onnx.ModelProto:
@@ -238,17 +254,10 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: st
     shapes = dynamic_shapes if dynamic_shapes is not None else (
         seq_dynamic_shapes(args, max_seq=max_seq) if dynamic else None)
     names = [f"input_{i}" for i in range(len(args))]
-    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registry_log.level
-    registry_log.setLevel(logging.ERROR)  # "torchvision is not installed" four times per export
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=translation_table(),
-                                        dynamic_shapes=shapes, opset_version=OPSET_VERSION, input_names=names,
-                                        verbose=False, report=False)
-    finally:
-        registry_log.setLevel(level)
+    with quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=translation_table(),
+                                    dynamic_shapes=shapes, opset_version=OPSET_VERSION, input_names=names,
+                                    verbose=False, report=False)
     proto = program.model_proto
     attach_function(proto, body)
     if proto.ByteSize() > _PROTO_LIMIT:

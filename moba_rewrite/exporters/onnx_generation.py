@@ -1,13 +1,13 @@
 """Generation programs as ONNX: a folder with `prefill.onnx`, `decode.onnx`, the spec and, when one
 is carried, the tokenizer's files in `tokenizer/`.
 
-Each program of `exporters.generation` is exported with torch's ONNX exporter; its
-`moba::attention_kv_cache` calls become the usual `com.moba_rewrite::Attention` node (with its
-function body, `exporters.onnx`) on the filled prefix of the cache: keys, values and mask are
-sliced to `cache_position[-1] + 1` slots, so the node's queries sit at their real positions
-(`Tk - Tq + i`) and empty slots are never seen. The function computes the block means from the
-sliced keys (the means inputs and outputs are carried along for the pt2 / AOTInductor programs'
-sake): a decode step's gate reads all filled keys there, not one block.
+Each program of `exporters.generation` is exported with torch's ONNX exporter. Its
+`moba::attention_kv_cache` calls become, for a few queries (the decode program, static `Tq`),
+the node `com.moba_rewrite::AttentionKVCache` (`exporters.onnx_kv_cache`): gated on the cached
+block means, reading only the selected blocks of the cache. For the prefill (a symbolic prompt
+length) they become the usual `com.moba_rewrite::Attention` node (`exporters.onnx`) on the filled
+prefix of the cache: keys, values and mask sliced to `cache_position[-1] + 1` slots, so the
+node's queries sit at their real positions (`Tk - Tq + i`) and empty slots are never seen.
 
 The cache follows ONNX Runtime GenAI's convention: inputs `cache_0..` (the spec's order), the
 updated tensors as outputs in the same order after the logits.
@@ -25,10 +25,34 @@ import torch
 from onnxscript import opset20 as op
 
 from moba_rewrite.exporters import onnx as moba_onnx
+from moba_rewrite.exporters import onnx_kv_cache
 from moba_rewrite.exporters import tokenizer_files
 from moba_rewrite.exporters.generation import META_FILE, GenerationPrograms, GenerationSpec
 
 PROGRAMS = ("prefill", "decode")
+
+
+_KV_NODE_MAX_QUERIES = 16  # static query lengths up to which the cache node (gathered blocks) is used
+
+
+def _kv_cache_node_translation(q, k_cache, v_cache, key_block_means, cache_position, attn_mask=None,
+                               block_size: int = 512, top_k: int = 3, causal: bool = True, scale: float = 1.0,
+                               backend: str = "auto"):
+    """`moba::attention_kv_cache` of a few queries (a decode step) as `com.moba_rewrite::AttentionKVCache`,
+    gated on the cached means; more queries (the prefill): `_kv_cache_translation`."""
+    tq = q.shape[2] if q.shape is not None and len(q.shape) == 4 else None
+    if not (isinstance(tq, int) and tq <= _KV_NODE_MAX_QUERIES):
+        return _kv_cache_translation(q, k_cache, v_cache, key_block_means, cache_position, attn_mask, block_size,
+                                     top_k, causal, scale, backend)
+    zero = op.CastLike(op.Constant(value_float=0.0), q)
+    if attn_mask is None:
+        bias = zero
+    elif attn_mask.dtype == onnxscript.ir.DataType.BOOL:
+        bias = op.Where(attn_mask, zero, op.CastLike(op.Constant(value_float=float("-inf")), q))
+    else:
+        bias = op.CastLike(attn_mask, q)
+    return onnx_kv_cache.node(q, k_cache, v_cache, key_block_means, cache_position, bias, block_size=block_size,
+                              top_k=top_k, causal=causal, scale=scale)
 
 
 def _kv_cache_translation(q, k_cache, v_cache, key_block_means, cache_position, attn_mask=None,
@@ -49,9 +73,24 @@ def _kv_cache_translation(q, k_cache, v_cache, key_block_means, cache_position, 
     return moba_onnx._moba_translation(q, k, v, bias, block_size, top_k, causal, scale, backend, 0)
 
 
+def _index_copy_translation(x, dim: int, index, source):
+    """`aten.index_copy` (the static cache's write of the new keys) as one `ScatterElements` along
+    `dim`; the exporter's default goes through `index_put`, which transposes the whole cache to the
+    front and back every step (O(cache) per layer, most of an ONNX decode step's time)."""
+    rank = len(x.shape)
+    dim = dim % rank
+    shape = [1] * rank
+    shape[dim] = -1
+    indices = op.Expand(op.Reshape(op.Cast(index, to=onnx.TensorProto.INT64), op.Constant(value_ints=shape)),
+                        op.Shape(source))
+    return op.ScatterElements(x, indices, source, axis=dim)
+
+
 def save_generation_onnx(programs: GenerationPrograms, directory: str | os.PathLike, *, body: str = "sparse") -> None:
     """Write `prefill.onnx`, `decode.onnx` and the spec into `directory` (created)."""
-    table = {**moba_onnx.translation_table(), torch.ops.moba.attention_kv_cache.default: _kv_cache_translation}
+    kv = _kv_cache_node_translation if body == "sparse" else _kv_cache_translation  # dense: the plain statement
+    table = {**moba_onnx.translation_table(), torch.ops.moba.attention_kv_cache.default: kv,
+             torch.ops.aten.index_copy.default: _index_copy_translation}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     n_cache = len(programs.spec.cache)
@@ -59,12 +98,13 @@ def save_generation_onnx(programs: GenerationPrograms, directory: str | os.PathL
     outputs = ["logits", *(f"present_{i}" for i in range(n_cache))]
     for name in PROGRAMS:
         program = getattr(programs, name)
-        with torch.no_grad():
+        with moba_onnx.quiet_exporter(), torch.no_grad():
             exported = torch.onnx.export(program, dynamo=True, custom_translation_table=table,
                                          opset_version=moba_onnx.OPSET_VERSION, input_names=names,
                                          output_names=outputs, verbose=False, report=False)
         proto = exported.model_proto
         moba_onnx.attach_function(proto, body)
+        onnx_kv_cache.attach_function(proto)
         onnx.checker.check_model(proto)
         onnx.save(proto, os.fspath(directory / f"{name}.onnx"))
     (directory / META_FILE).write_text(programs.spec.to_json())
