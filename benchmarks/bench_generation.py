@@ -13,7 +13,10 @@ prompt + new + 1 slots, fp32) for:
   (MoBA, `decode: moba`);
 * the rewrite's generation programs (`mr.export_for_generation`, run through `ep.module()`), and,
   with --aoti, the AOTInductor package of them (slow to compile on a CPU): the prefill program
-  once, then N decode calls timed; dense generation programs (policy `mode: dense`) beside them.
+  once, then N decode calls timed; dense generation programs (policy `mode: dense`) beside them;
+* with --onnx, the ONNX decode programs in onnxruntime (CPU provider), after the pt2 prefill (same
+  cache layout): MoBA gated on the cached block means (`AttentionKVCache`), and as before this
+  node existed (`Attention` on the filled prefix, block means of all keys every step).
 
 The programs' greedy tokens are checked against the rewritten model's `generate()` first. Prints a
 table (best of --repeat runs) with dense / MoBA ratios.
@@ -102,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=512)
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--onnx", action="store_true", help="also time the ONNX decode program in onnxruntime")
     ap.add_argument("--aoti", action="store_true", help="also compile and time the AOTInductor package")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: check that everything runs")
     args = ap.parse_args(argv)
@@ -139,6 +143,33 @@ def main(argv=None) -> int:
     print(f"  check: pt2 MoBA programs' tokens {'==' if got['moba'] == want else '!='} generate()'s", flush=True)
     rows.append(("pt2 generation programs (ep.module())", ms["dense"], ms["moba"]))
     print(f"  {rows[-1][0]}: dense {rows[-1][1]:.2f}  MoBA {rows[-1][2]:.2f} ms/token", flush=True)
+
+    if args.onnx:
+        from moba_rewrite.exporters import onnx_generation
+        from moba_rewrite.exporters.onnx_generation import load_generation_onnx, save_generation_onnx
+
+        # the decode program through onnxruntime; the cache comes from the pt2 prefill (same layout)
+        onnx_ms = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for label, name, node_max in (("dense", "dense", None), ("moba", "moba", None),
+                                          ("moba_prefix", "moba", 0)):
+                saved = onnx_generation._KV_NODE_MAX_QUERIES
+                if node_max is not None:  # before: Attention on the filled prefix, means recomputed per step
+                    onnx_generation._KV_NODE_MAX_QUERIES = node_max
+                try:
+                    save_generation_onnx(programs[name], os.path.join(tmp, label))
+                finally:
+                    onnx_generation._KV_NODE_MAX_QUERIES = saved
+                _, decode, spec = load_generation_onnx(os.path.join(tmp, label))
+                onnx_ms[label], tokens = _programs_ms(programs[name].prefill.module(), decode, spec, ids, args.new,
+                                                      args.repeat)
+                if name == "moba":
+                    print(f"  check: ONNX ({label}) tokens {'==' if tokens == want else '!='} generate()'s",
+                          flush=True)
+        rows.append(("ONNX decode, onnxruntime (cached means)", onnx_ms["dense"], onnx_ms["moba"]))
+        rows.append(("ONNX decode, prefix Attention (before)", onnx_ms["dense"], onnx_ms["moba_prefix"]))
+        print(f"  {rows[-2][0]}: dense {rows[-2][1]:.2f}  MoBA {rows[-2][2]:.2f}; before {rows[-1][2]:.2f} ms/token",
+              flush=True)
 
     if args.aoti:
         aoti = {}
