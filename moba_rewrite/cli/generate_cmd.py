@@ -152,7 +152,8 @@ def token_ids(text: str) -> list[int]:
 def add_generate_parser(sub, leaves: list, leaf: Callable, positive: Callable) -> None:
     p = leaf(sub, "generate", cmd_generate, leaves, help="greedy decoding with a generation artifact",
              description="Run the prefill and decode programs of an artifact written by `rewrite --generate` "
-                         "(greedy) and print the new token ids of each prompt.")
+                         "(greedy) and print the new token ids of each prompt (and their text when a tokenizer "
+                         "is at hand).")
     p.add_argument("artifact", metavar="ARTIFACT",
                    help="written by rewrite --generate: a .pt2 (pt2 or aoti) or an ONNX folder")
     prompts = p.add_mutually_exclusive_group(required=True)
