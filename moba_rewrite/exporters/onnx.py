@@ -175,17 +175,20 @@ def _register_schema() -> None:
 _register_schema()
 
 
+def additive_bias(attn_mask, q):
+    """A node's `bias` input: the mask as 0 / -inf in q's type (boolean: True = visible), scalar 0 for none."""
+    zero = op.CastLike(op.Constant(value_float=0.0), q)
+    if attn_mask is None:
+        return zero
+    if attn_mask.dtype == onnxscript.ir.DataType.BOOL:
+        return op.Where(attn_mask, zero, op.CastLike(op.Constant(value_float=float("-inf")), q))
+    return op.CastLike(attn_mask, q)
+
+
 def _moba_translation(q, k, v, attn_mask=None, block_size: int = 512, top_k: int = 3,
                       causal: bool = True, scale: float = 1.0, backend: str = "auto", dense_below: int = 0):
     """Translate one `moba::attention` call into a `com.moba_rewrite::Attention` node."""
-    zero = op.CastLike(op.Constant(value_float=0.0), q)
-    if attn_mask is None:
-        bias = zero
-    elif attn_mask.dtype == onnxscript.ir.DataType.BOOL:
-        bias = op.Where(attn_mask, zero, op.CastLike(op.Constant(value_float=float("-inf")), q))
-    else:
-        bias = op.CastLike(attn_mask, q)
-    return moba_opset.Attention(q, k, v, bias, block_size=int(block_size), top_k=int(top_k),
+    return moba_opset.Attention(q, k, v, additive_bias(attn_mask, q), block_size=int(block_size), top_k=int(top_k),
                                 causal=int(bool(causal)), scale=float(scale), dense_below=int(dense_below))
 
 

@@ -44,13 +44,7 @@ def _kv_cache_node_translation(q, k_cache, v_cache, key_block_means, cache_posit
     if not (isinstance(tq, int) and tq <= _KV_NODE_MAX_QUERIES):
         return _kv_cache_translation(q, k_cache, v_cache, key_block_means, cache_position, attn_mask, block_size,
                                      top_k, causal, scale, backend)
-    zero = op.CastLike(op.Constant(value_float=0.0), q)
-    if attn_mask is None:
-        bias = zero
-    elif attn_mask.dtype == onnxscript.ir.DataType.BOOL:
-        bias = op.Where(attn_mask, zero, op.CastLike(op.Constant(value_float=float("-inf")), q))
-    else:
-        bias = op.CastLike(attn_mask, q)
+    bias = moba_onnx.additive_bias(attn_mask, q)
     return onnx_kv_cache.node(q, k_cache, v_cache, key_block_means, cache_position, bias, block_size=block_size,
                               top_k=top_k, causal=causal, scale=scale)
 
