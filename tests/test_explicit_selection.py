@@ -71,3 +71,48 @@ def test_given_selection_in_the_threaded_split_equals_the_gate():
                                    atol=0, rtol=0)
     finally:
         torch.set_num_threads(threads)
+
+
+def _masked_lse(q, k, selection, block_size, causal, scale):
+    """Log-sum-exp of each row's scaled scores over its own block plus its given blocks (fp64)."""
+    b, hq, tq, d = q.shape
+    tk = k.shape[2]
+    n = -(-tk // block_size)
+    own = (torch.arange(tk - tq, tk) // block_size).expand(b, hq, tq)
+    chosen = torch.zeros(b, hq, tq, n + 1, dtype=torch.bool)
+    chosen.scatter_(-1, torch.where(selection < 0, n, selection), True)
+    chosen.scatter_(-1, own[..., None], True)
+    allowed = chosen[..., :n][..., torch.arange(tk) // block_size]
+    if causal:
+        allowed &= torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]
+    s = q.double() @ k.double().repeat_interleave(hq // k.shape[1], 1).transpose(-1, -2) * scale
+    return s.masked_fill(~allowed, float("-inf")).logsumexp(-1)
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["one_thread", "threaded_split"])
+@pytest.mark.parametrize("big_scores", [False, True], ids=["fast", "online"])
+def test_log_sum_exp_for_merging_and_backward_given_it(big_scores, threads):
+    """`return_lse` gives each row's log-sum-exp (natural log, scaled scores) on both implementations
+    and in the threaded split; `backward(lse=...)` with the call's own lse and output equals the
+    plain backward (the form context parallelism uses with a merged lse)."""
+    torch.manual_seed(2)
+    bs, t = 64, 1024 if threads == 1 else 2048
+    q, k, v = (torch.randn(1, 4, t, 16) for _ in range(3))
+    scale = 3.0 if big_scores else 0.25
+    assert fast.applicable(q, k, v, scale=scale, attn_mask=None) != big_scores
+    sel = select_blocks(q, k, block_size=bs, top_k=3, causal=True, attn_mask=None)
+    kw = dict(block_size=bs, top_k=3, causal=True, scale=scale, attn_mask=None, selection=sel)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert bool(blocks._split_plan(q, k)[1]) == (threads == 2)
+        out, lse = blocks.forward(q, k, v, return_lse=True, **kw)
+        torch.testing.assert_close(out, blocks.forward(q, k, v, **kw), atol=0, rtol=0)
+        torch.testing.assert_close(lse.double(), _masked_lse(q, k, sel, bs, True, scale), atol=1e-4, rtol=1e-5)
+        grad = torch.randn_like(out)
+        plain = blocks.backward(grad, q, k, v, out, **kw)
+        given = blocks.backward(grad, q, k, v, out, lse=lse, **kw)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(given, plain):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from moba_rewrite.kernels.mask_forms import simplify
 from moba_rewrite.kernels.torch import decode as torch_decode, fast as torch_fast, online as torch_online
 from moba_rewrite.kernels.threads import single_threaded
-from moba_rewrite.kernels.torch.select import block_selection, mask4
+from moba_rewrite.kernels.torch.select import block_selection, compute_dtype, mask4
 
 __all__ = ["forward", "backward", "forward_kv_cache", "block_selection", "implementation"]
 
@@ -148,19 +148,25 @@ def _run_parts(ranges: list[tuple[int, int]], work) -> None:
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
-            attn_mask: Tensor | None, selection: Tensor | None = None) -> Tensor:
+            attn_mask: Tensor | None, selection: Tensor | None = None,
+            return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """MoBA output `[B, Hq, Tq, Dv]` in `q`'s dtype (SPEC section 2).
 
     `selection` (`[B, Hq, Tq, picks]` int64 block indices of k, -1 = none, own block excluded):
-    attend these history blocks instead of gating (`select.route`; used by context parallelism)."""
+    attend these history blocks instead of gating (`select.route`; used by context parallelism).
+    `return_lse`: also each row's log-sum-exp of its scaled scores, `[B, Hq, Tq]` in compute
+    precision (-inf where a row sees no key): `(out, lse)`, to merge with attention elsewhere."""
     attn_mask, causal = simplify(q, k, attn_mask, causal)  # a mask read as causal + key mask when it is one
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
+    if return_lse:
+        kw["return_lse"] = True
     dim, ranges = _split_plan(q, k)
     if not ranges:
         impl = implementation(q, k, v, block_size=block_size, scale=scale, attn_mask=attn_mask)
         return impl.forward(q, k, v, attn_mask=attn_mask, selection=selection, **kw)
     q_part, kv_part, mask_part = _slicer(dim, q.shape[1] // k.shape[1])
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    lse = torch.empty(q.shape[:-1], dtype=compute_dtype(q.dtype), device=q.device) if return_lse else None
 
     def work(a: int, e: int) -> None:
         # Each part picks its implementation (exact either way), in its single-threaded worker.
@@ -169,19 +175,26 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, cau
         impl = implementation(qa, ka, va, block_size=block_size, scale=scale, attn_mask=ma)
         dst = q_part(out, a, e)
         if impl is torch_fast:  # accumulates straight into the output where it can
-            impl.forward(qa, ka, va, attn_mask=ma, out=dst, selection=sa, **kw)
+            got = impl.forward(qa, ka, va, attn_mask=ma, out=dst, selection=sa, **kw)
         else:
-            dst.copy_(impl.forward(qa, ka, va, attn_mask=ma, selection=sa, **kw))
+            got = impl.forward(qa, ka, va, attn_mask=ma, selection=sa, **kw)
+            dst.copy_(got[0] if return_lse else got)
+        if return_lse:
+            q_part(lse, a, e).copy_(got[1])
     _run_parts(ranges, work)
-    return out
+    return (out, lse) if return_lse else out
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
-             causal: bool, scale: float, attn_mask: Tensor | None, selection: Tensor | None = None
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    """`(dq, dk, dv)` of `forward` (dk, dv summed over each GQA group); `selection` as in `forward`."""
+             causal: bool, scale: float, attn_mask: Tensor | None, selection: Tensor | None = None,
+             lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`(dq, dk, dv)` of `forward` (dk, dv summed over each GQA group); `selection` as in `forward`.
+    `lse` (`[B, Hq, Tq]`): the rows' log-sum-exp over all the keys they attend, of which `k` is a
+    part, with `out` the merged output (context parallelism: this part's share of the gradients)."""
     attn_mask, causal = simplify(q, k, attn_mask, causal)
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
+    if lse is not None:
+        kw["lse"] = lse
     dim, ranges = _split_plan(q, k, _SPLIT_MIN_ROWS_BACKWARD)
     if not ranges:
         impl = implementation(q, k, v, block_size=block_size, scale=scale, attn_mask=attn_mask)
@@ -193,8 +206,9 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, 
         qa, ka, va, ma = q_part(q, a, e), kv_part(k, a, e), kv_part(v, a, e), mask_part(attn_mask, a, e)
         sa = None if selection is None else q_part(selection, a, e)
         impl = implementation(qa, ka, va, block_size=block_size, scale=scale, attn_mask=ma)
+        kwa = kw if lse is None else {**kw, "lse": q_part(lse, a, e)}
         grads = impl.backward(q_part(grad_out, a, e), qa, ka, va, q_part(out, a, e), attn_mask=ma, selection=sa,
-                              **kw)
+                              **kwa)
         for dst, src, part in ((dq, grads[0], q_part), (dk, grads[1], kv_part), (dv, grads[2], kv_part)):
             part(dst, a, e).copy_(src)
     _run_parts(ranges, work)

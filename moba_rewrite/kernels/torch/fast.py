@@ -271,12 +271,14 @@ def _sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout,
 
 @torch.no_grad()
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
-            attn_mask: Tensor | None, out: Tensor | None = None, selection: Tensor | None = None) -> Tensor:
+            attn_mask: Tensor | None, out: Tensor | None = None, selection: Tensor | None = None,
+            return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """MoBA output `[B, Hq, Tq, Dv]` in `q`'s dtype; callers check `applicable` first.
 
     With `out` (shaped like the output, `q`'s dtype) the result is written there and `out` is
     returned; it is accumulated in place when the layout allows (prefill of whole blocks).
-    `selection`: history blocks chosen by the caller (see `select.route`)."""
+    `selection`: history blocks chosen by the caller (see `select.route`). `return_lse`: also
+    the rows' log-sum-exp (`online.forward`'s)."""
     lay = _Layout(q, k, v, block_size)
     plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, include_own=False,
                  selection=selection)
@@ -285,27 +287,35 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, cau
     acc, row_sum = _sums(q, k, v, plan, lay, causal=causal, scale=scale, attn_mask=attn_mask,
                          acc=out if in_place else None)
     del plan
+    # row sums are of exp2(s * scale * log2(e)) = exp(s * scale): their log is the natural lse
+    lse = lay.unpad(row_sum).log() if return_lse else None
     inv = torch.where(row_sum > 0, row_sum.reciprocal_(), 0.0)
     acc.mul_(inv[..., None])
     if out is None:
-        return lay.unpad(acc).to(q.dtype)
-    if not in_place:
+        out = lay.unpad(acc).to(q.dtype)
+    elif not in_place:
         out.copy_(lay.unpad(acc))
-    return out
+    return (out, lse) if return_lse else out
 
 
 @torch.no_grad()
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
-             causal: bool, scale: float, attn_mask: Tensor | None, selection: Tensor | None = None
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    """`(dq, dk, dv)`; routing and row sums are recomputed, memory bounded like `forward`."""
+             causal: bool, scale: float, attn_mask: Tensor | None, selection: Tensor | None = None,
+             lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`(dq, dk, dv)`; routing and row sums are recomputed, memory bounded like `forward`.
+    `lse`: the rows' log-sum-exp over a larger set of keys (see `online.backward`)."""
     lay = _Layout(q, k, v, block_size)
     dev, ct, mult = q.device, lay.ct, scale * LOG2E
     plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, include_own=False,
                  selection=selection)
-    _, row_sum = _sums(q, k, None, plan, lay, causal=causal, scale=scale, attn_mask=attn_mask)
-    inv = torch.where(row_sum > 0, row_sum.reciprocal(), 0.0)  # [B, Hq, P]
-    del row_sum
+    if lse is None:
+        _, row_sum = _sums(q, k, None, plan, lay, causal=causal, scale=scale, attn_mask=attn_mask)
+        inv = torch.where(row_sum > 0, row_sum.reciprocal(), 0.0)  # [B, Hq, P]
+        del row_sum
+    else:  # 1 / sum of exp over all the row's keys = exp(-lse); 0 on padding rows and rows seeing nothing
+        inv = torch.zeros((lay.b, lay.hq, lay.p), dtype=ct, device=dev)
+        lse = lse.to(ct)
+        lay.unpad(inv).copy_(torch.where(lse == float("-inf"), 0.0, (-lse).exp()))
     # delta' = rowsum(dO * O) / l, in the padded layout (0 on padding rows).
     delta = torch.zeros_like(inv)
     lay.unpad(delta).copy_((grad_out.to(ct) * out.to(ct)).sum(-1))

@@ -105,29 +105,43 @@ def _attend(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, scorer: _Sc
 
 @torch.no_grad()
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
-            attn_mask: Tensor | None, selection: Tensor | None = None) -> Tensor:
+            attn_mask: Tensor | None, selection: Tensor | None = None,
+            return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """MoBA output `[B, Hq, Tq, Dv]` in `q`'s dtype (SPEC section 2), tile by tile.
-    `selection`: history blocks chosen by the caller (see `select.route`)."""
+    `selection`: history blocks chosen by the caller (see `select.route`). `return_lse`: also the
+    log-sum-exp of each row's scaled scores, `[B, Hq, Tq]` in compute precision (-inf for a row
+    that sees no key), for merging with attention over other keys (context parallelism)."""
     plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, selection=selection)
     scorer = _Scorer(q, attn_mask, causal=causal, scale=scale, offset=plan.offset)
-    acc, _, row_sum = _attend(q, k, v, plan, scorer)
+    acc, row_max, row_sum = _attend(q, k, v, plan, scorer)
     inv = torch.where(row_sum > 0, row_sum.reciprocal(), 0.0)
-    out = acc.mul_(inv[:, None])
-    return out.view(*q.shape[:-1], v.shape[-1]).to(q.dtype)
+    out = acc.mul_(inv[:, None]).view(*q.shape[:-1], v.shape[-1]).to(q.dtype)
+    if not return_lse:
+        return out
+    lse = torch.where(row_sum > 0, row_max + row_sum.log(), float("-inf"))
+    return out, lse.view(q.shape[:-1])
 
 
 @torch.no_grad()
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
-             causal: bool, scale: float, attn_mask: Tensor | None, selection: Tensor | None = None
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    """`(dq, dk, dv)` of `forward`; routing and log-sum-exp are recomputed, memory as forward."""
+             causal: bool, scale: float, attn_mask: Tensor | None, selection: Tensor | None = None,
+             lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`(dq, dk, dv)` of `forward`; routing and log-sum-exp are recomputed, memory as forward.
+
+    `lse` (`[B, Hq, Tq]`, as `forward(return_lse=True)` gives): the rows' log-sum-exp over *all*
+    the keys they attend, of which `k` holds a part (context parallelism), with `out` the merged
+    output: the gradients of this part's keys and queries within that larger softmax."""
     plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, selection=selection)
     scorer = _Scorer(q, attn_mask, causal=causal, scale=scale, offset=plan.offset)
     ct = scorer.ct
-    _, row_max, row_sum = _attend(q, k, None, plan, scorer)
-    # Rows with no visible key get lse = +inf, so exp(s - lse) is 0 there (never NaN).
-    lse = torch.where(row_sum > 0, row_max + row_sum.log(), float("inf"))
-    del row_max, row_sum
+    if lse is None:
+        _, row_max, row_sum = _attend(q, k, None, plan, scorer)
+        # Rows with no visible key get lse = +inf, so exp(s - lse) is 0 there (never NaN).
+        lse = torch.where(row_sum > 0, row_max + row_sum.log(), float("inf"))
+        del row_max, row_sum
+    else:
+        lse = lse.reshape(-1).to(ct)
+        lse = torch.where(lse == float("-inf"), float("inf"), lse)
     d = q.shape[-1]
     go = grad_out.reshape(-1, v.shape[-1])
     delta = (go.to(ct) * out.reshape(-1, v.shape[-1]).to(ct)).sum(-1)
