@@ -54,7 +54,7 @@ def _qkv(b, hq, hkv, t, d, seed, structured=False):
 
 def check_op_against_whole_sequence(ctx: Ctx, *, b=1, hq=4, hkv=4, t=128, d=16, block_size=8, top_k=3,
                                     causal=True, layout="contiguous", seq_len=None, seed=0, structured=False,
-                                    scale=None):
+                                    scale=None, exchange="auto"):
     """Output and gradients of one rank's shard equal the whole-sequence reference's shard."""
     t_real = seq_len or t
     q, k, v = _qkv(b, hq, hkv, t_real, d, seed, structured)
@@ -67,7 +67,7 @@ def check_op_against_whole_sequence(ctx: Ctx, *, b=1, hq=4, hkv=4, t=128, d=16, 
     shard = lambda x: shard_sequence(x, layout=layout, block_size=pad)  # noqa: E731
     ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
     out = moba_attention_cp(ql, kl, vl, block_size=block_size, top_k=top_k, causal=causal, enable_gqa=hq != hkv,
-                            layout=layout, seq_len=seq_len, scale=scale)
+                            layout=layout, seq_len=seq_len, scale=scale, exchange=exchange)
     (out * shard(grad)).sum().backward()
     what = f"[causal={causal} layout={layout} gqa={hq}/{hkv} top_k={top_k} seq_len={seq_len} scale={scale}]"
     close(f"output {what}", unshard_sequence(out.detach(), layout=layout, seq_len=seq_len), ref.detach())
@@ -116,15 +116,47 @@ def op_uneven_hits_and_top_k_extremes(ctx):
 
 def op_half_and_double_precision(ctx):
     """bf16 / fp16 travel and attend in their own dtype (within one rounding of the reference);
-    fp64 matches to 1e-12."""
+    fp64 matches to 1e-12. Key/value tiles and shipped queries alike."""
     q, k, v = _qkv(1, 4, 4, 128, 16, 15)
-    for dtype, atol in ((torch.bfloat16, 1.6e-2), (torch.float16, 2e-3), (torch.float64, 1e-12)):
-        ql, kl, vl = (shard_sequence(x.to(dtype)).requires_grad_() for x in (q, k, v))
-        out = moba_attention_cp(ql, kl, vl, block_size=8, top_k=3)
-        out.sum().backward()
-        assert out.dtype == dtype and kl.grad.dtype == dtype
-        want = moba_attention(q.to(dtype), k.to(dtype), v.to(dtype), block_size=8, top_k=3, backend="reference")
-        close(f"output {dtype}", unshard_sequence(out.detach()), want, atol=atol)
+    for exchange in ("keys", "queries"):
+        for dtype, atol in ((torch.bfloat16, 1.6e-2), (torch.float16, 2e-3), (torch.float64, 1e-12)):
+            ql, kl, vl = (shard_sequence(x.to(dtype)).requires_grad_() for x in (q, k, v))
+            out = moba_attention_cp(ql, kl, vl, block_size=8, top_k=3, exchange=exchange)
+            out.sum().backward()
+            assert out.dtype == dtype and kl.grad.dtype == dtype and ql.grad.dtype == dtype
+            want = moba_attention(q.to(dtype), k.to(dtype), v.to(dtype), block_size=8, top_k=3, backend="reference")
+            close(f"output {dtype} exchange={exchange}", unshard_sequence(out.detach()), want, atol=atol)
+
+
+def op_every_exchange_mode(ctx):
+    """Fetching every remote tile (`keys`), shipping every query row instead (`queries`) and the
+    per-tile choice (`auto`, the default, which the other cases use) give the reference's output
+    and gradients: causal and not, GQA, zigzag, padding."""
+    for exchange in ("keys", "queries"):
+        check_op_against_whole_sequence(ctx, exchange=exchange, seed=21)
+        check_op_against_whole_sequence(ctx, b=2, hq=4, hkv=2, layout="zigzag", exchange=exchange, seed=22)
+        check_op_against_whole_sequence(ctx, hq=6, hkv=2, causal=False, top_k=4, exchange=exchange, seed=23)
+        check_op_against_whole_sequence(ctx, t=0, seq_len=93, layout="zigzag", exchange=exchange, seed=24)
+    check_op_against_whole_sequence(ctx, structured=True, top_k=2, exchange="queries", seed=25)
+    check_op_against_whole_sequence(ctx, causal=False, scale=3.0, exchange="queries", seed=26)
+
+
+def traffic_auto_spares_the_owners(ctx):
+    """`auto` chooses per tile what makes its owner send less: on every rank, what it sends as an
+    owner (key/value tiles, partial outputs) is at most what fetching every tile or shipping every
+    query row would make it send; `queries` moves no key/value tile and `keys` no query."""
+    q, k, v = (shard_sequence(x) for x in _qkv(1, 4, 4, 256, 16, 27))
+    owner_steps = ("key/value blocks", "partial outputs", "partial log-sum-exps")
+    sent = {}
+    for exchange in ("keys", "queries", "auto"):
+        with record_traffic() as t:
+            moba_attention_cp(q, k, v, block_size=8, top_k=3, exchange=exchange)
+        sent[exchange] = (sum(t.by_step.get(s, 0) for s in owner_steps), t.by_step)
+    assert not sent["queries"][1].get("key/value blocks"), sent["queries"][1]
+    assert not sent["keys"][1].get("shipped queries"), sent["keys"][1]
+    assert sent["auto"][0] <= min(sent["keys"][0], sent["queries"][0]), {m: b for m, (b, _) in sent.items()}
+    if ctx.rank == 0:  # rank 0 serves every later rank: shipping some rows must have saved it bytes
+        assert sent["auto"][0] < sent["keys"][0], {m: b for m, (b, _) in sent.items()}
 
 
 def dense_sdpa_cp_matches_whole_sequence(ctx):
@@ -171,7 +203,7 @@ def traffic_only_selected_blocks(ctx):
         moba_attention_cp(q, k, v, block_size=8, top_k=1)
     assert "key/value blocks" not in t.by_step, t.by_step
     with record_traffic() as t:
-        moba_attention_cp(q, k, v, block_size=8, top_k=3)
+        moba_attention_cp(q, k, v, block_size=8, top_k=3, exchange="keys")
     tile = 2 * 8 * 16 * 4
     assert t.by_step["key/value blocks"] % tile == 0
     full = 2 * k.numel() * 4 * (ctx.world - 1)  # what an all-gather of K/V sends
@@ -196,6 +228,10 @@ def bad_inputs_fail_on_every_rank(ctx):
            lambda: moba_attention_cp(q[:, :, :t_local], k[:, :, :t_local], v[:, :, :t_local], block_size=8, top_k=3))
     expect(ValueError, ["ranks disagree on top_k"],
            lambda: moba_attention_cp(q, k, v, block_size=8, top_k=2 + ctx.rank))
+    expect(ValueError, ["ranks disagree on exchange"],
+           lambda: moba_attention_cp(q, k, v, block_size=8, top_k=3, exchange=("keys", "queries")[ctx.rank % 2]))
+    expect(ValueError, ["exchange must be one of", "'ring'"],
+           lambda: moba_attention_cp(q, k, v, block_size=8, top_k=3, exchange="ring"))
     expect(ValueError, ["straddle", "block_size=12"], lambda: moba_attention_cp(q, k, v, block_size=12, top_k=3))
     expect(ValueError, ["zigzag", "T_local / 2"],
            lambda: moba_attention_cp(q, k, v, block_size=64, top_k=3, layout="zigzag"))
@@ -372,12 +408,13 @@ def fsdp2_and_context_parallel_training_step(ctx):
 
 SUITES = {
     "two": [op_causal_contiguous, op_non_causal, op_gqa_zigzag_causal, op_gqa_zigzag_non_causal, op_padding,
-            op_uneven_hits_and_top_k_extremes, op_half_and_double_precision, dense_sdpa_cp_matches_whole_sequence,
-            decode_against_a_sharded_cache,
-            traffic_only_selected_blocks,
+            op_uneven_hits_and_top_k_extremes, op_half_and_double_precision, op_every_exchange_mode,
+            dense_sdpa_cp_matches_whole_sequence, decode_against_a_sharded_cache,
+            traffic_only_selected_blocks, traffic_auto_spares_the_owners,
             shard_round_trip,
             bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_uneven_hits_and_top_k_extremes,
+             op_every_exchange_mode, traffic_auto_spares_the_owners,
              decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, fsdp2_and_context_parallel_training_step],
 }
 

@@ -1,14 +1,15 @@
 """Context parallelism: MoBA on one sequence sharded across the ranks of a torch.distributed group.
 
 - `attention`: `moba_attention_cp`, equal to `moba_attention` on the whole sequence (forward and
-  backward): block means all-gathered, local gating against every block, then only the selected
-  key/value blocks travel (an index exchange and one all-to-all); dK/dV return to their owners;
+  backward): block means all-gathered, local gating against every block, then per selected remote
+  block either its key/value tile travels or the few query rows that chose it do (`shipping`:
+  attended on the owner, merged by log-sum-exp); gradients return to their owners;
 - `decode`: `moba_decode_cp`, decoding against a KV cache sharded across ranks (local gates, a
   global top-k merge, attention on the owners, a log-sum-exp combine);
 - `dense`: `sdpa_cp`, ordinary attention over the sharded sequence by an all-gather of K/V (for the
   dense sites of hybrid policies), and the pieces the Hugging Face integration reuses;
 - `layout`: the `contiguous` and `zigzag` layouts, `shard_sequence` / `unshard_sequence`;
-- `gate`, `exchange`: the global gate and the block exchange; `groups`: group resolution, the
+- `gate`, `exchange`, `shipping`: the global gate, the block exchange, shipped query rows; `groups`: group resolution, the
   all-ranks-agree check, one clear error for a dead rank; `traffic`: bytes sent, per step.
 
 May import: `moba_rewrite.attention` and `moba_rewrite.kernels` (the single-device op and its

@@ -5,16 +5,20 @@ Per call, on every rank (W ranks, this one holding `T_local` tokens = whole bloc
 1. the mean key of each of its blocks (over real tokens) is all-gathered: `[B, Hkv, n, D]` for
    the whole sequence, `n = W * T_local / block_size` (tiny next to K/V);
 2. its queries are gated against every block at their global positions (`gate.py`);
-3. it asks each owner for the selected blocks it does not hold, and receives only those
-   (`exchange.py`: an index exchange, then one all-to-all of key/value tiles);
+3. per remote tile (batch, kv head, block) it picks the cheaper move (`exchange=`, `shipping.py`):
+   fetch the tile, or ship the few query rows that selected it to the tile's owner; one index
+   exchange tells every owner both (`exchange.py`), then one all-to-all moves the tiles and one
+   the shipped rows, which their owners attend and answer with partial outputs and log-sum-exps;
 4. it attends its own blocks plus the fetched ones with the `torch` backend's kernels, the
    selection given explicitly: k/v are compacted to `[fetched blocks | own blocks]`, so the
    queries are the newest tokens of the compact keys and the own block (with its causal
    diagonal) is where the kernels expect it; every other selected block is a complete history
-   block (causal) or fully visible (non-causal), whatever its position.
+   block (causal) or fully visible (non-causal), whatever its position; the shipped partials
+   are merged in by log-sum-exp.
 
 The backward recomputes nothing collective except returning dK/dV of fetched tiles to their
-owners (one all-to-all). Every rank of the group must call the forward and the backward.
+owners and, for shipped rows, sending their output gradients to the owners and dQ back.
+Every rank of the group must call the forward and the backward.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import Tensor
 from moba_rewrite.attention.functional import validate
 from moba_rewrite.kernels.reference import compute_dtype
 from moba_rewrite.kernels.torch import blocks as torch_blocks
+from moba_rewrite.parallel import shipping
 from moba_rewrite.parallel.exchange import BlockExchange, fetch_blocks, plan_exchange, return_gradients
 from moba_rewrite.parallel.gate import select_history
 from moba_rewrite.parallel.groups import (all_gather_stacked, check_call_agreement, collective, reject_wide_values,
@@ -48,6 +53,7 @@ class _Config:
     causal: bool
     scale: float
     seq_len: int
+    exchange: str = "auto"
 
 
 def check_shards(who: str, q: Tensor, k: Tensor, v: Tensor, *, group, layout: str, block_size: int, top_k: int,
@@ -95,13 +101,18 @@ def _gather_means(local: Tensor, blocks_of: Tensor, cfg: _Config) -> Tensor:
     return means
 
 
-def _needed_remote(sel: Tensor, hkv: int, mine: Tensor, n: int) -> Tensor:
-    """`[B, Hkv, n]` bool: blocks some query head of each kv group selected that another rank holds."""
-    b = sel.shape[0]
-    idx = torch.where(sel < 0, n, sel).reshape(b, hkv, -1)
-    need = torch.zeros((b, hkv, n + 1), dtype=torch.bool, device=sel.device)
-    need.scatter_(2, idx, True)
-    return need[:, :, :n] & ~mine
+def _remote_pair_counts(sel: Tensor, hkv: int, owner_of: Tensor, rank: int, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(pairs per global tile `[B, Hkv, n]`, the tile of each pick `[B, Hq, T, P]`, which picks are
+    remote): a pair is one query row (query head, token) that selected a block another rank holds."""
+    b, hq = sel.shape[:2]
+    picked = sel >= 0
+    blocks = sel.clamp(min=0)
+    remote = picked & (owner_of[blocks] != rank)
+    heads = torch.arange(hq, device=sel.device) // (hq // hkv)
+    tile = ((torch.arange(b, device=sel.device)[:, None] * hkv + heads[None, :])[:, :, None, None] * n + blocks)
+    counts = torch.zeros(b * hkv * n, dtype=torch.long, device=sel.device)
+    counts.index_add_(0, tile[remote], torch.ones((), dtype=torch.long, device=sel.device).expand(int(remote.sum())))
+    return counts.view(b, hkv, n), tile, remote
 
 
 class _Compact:
@@ -126,14 +137,35 @@ class _Compact:
         sel = select_history(q, means, positions // bs, top_k=cfg.top_k, causal=cfg.causal,
                              n_real=-(-cfg.seq_len // bs), query_real=self.query_real if self.padded else None)
         self.exchange: BlockExchange | None = None
+        self.ship: shipping.Shipment | None = None
         if sel.shape[-1] == 0:  # top_k == 1 (the same on every rank, checked): no rank exchanges anything
             return sel, torch.empty(0, dtype=torch.long, device=dev), None
-        mine = torch.zeros(n, dtype=torch.bool, device=dev)
-        mine[self.blocks_of[cfg.rank]] = True
-        need = _needed_remote(sel, k.shape[1], mine, n)
-        self.exchange = plan_exchange(need, self.blocks_of, cfg.rank, cfg.pg, _WHO)
+        world, nb = self.blocks_of.shape
+        owner_of = torch.empty(n, dtype=torch.long, device=dev)
+        owner_of[self.blocks_of.reshape(-1)] = torch.arange(world, device=dev).repeat_interleave(nb)
+        counts, tile, remote = _remote_pair_counts(sel, k.shape[1], owner_of, cfg.rank, n)
+        codes = shipping.choose(counts, cfg.exchange, block_size=bs, head_dim=q.shape[-1], itemsize=q.element_size())
+        self.exchange, ship = plan_exchange(codes, self.blocks_of, cfg.rank, cfg.pg, _WHO)
         tiles = fetch_blocks(k, v, self.exchange, bs, cfg.pg, _WHO)
-        return sel, need.any(1).any(0).nonzero().squeeze(1), tiles
+        shipped = remote & (codes.view(-1)[tile] > 0)
+        if cfg.exchange != "keys":  # every rank then joins the shipping collectives, empty or not
+            self.ship = self._ship_rows(ship, sel, shipped, owner_of, world, nb, k.shape[1])
+            sel = sel.masked_fill(shipped, -1)  # attended on their owners, not here
+        return sel, (codes == shipping.FETCH).any(1).any(0).nonzero().squeeze(1), tiles
+
+    def _ship_rows(self, ship: shipping.Shipment, sel: Tensor, shipped: Tensor, owner_of: Tensor, world: int,
+                   nb: int, hkv: int) -> shipping.Shipment:
+        """The shipment with this rank's shipped query rows in sending order (destination, batch,
+        kv head, the block's index on its owner), as the owners enumerate them."""
+        b, hq, t, _ = sel.shape
+        pb, ph, pt, pp = shipped.nonzero(as_tuple=True)
+        blocks = sel[pb, ph, pt, pp]
+        local_of = torch.empty_like(owner_of)
+        local_of[self.blocks_of.reshape(-1)] = torch.arange(nb, device=sel.device).repeat(world)
+        key = ((owner_of[blocks] * b + pb) * hkv + ph // (hq // hkv)) * nb + local_of[blocks]
+        order = torch.sort(key, stable=True).indices
+        ship.rows = ((pb * hq + ph) * t + pt)[order]
+        return ship
 
     def _assemble(self, k, v, sel: Tensor, fetched: Tensor, tiles: Tensor | None, cfg: _Config) -> None:
         """Compact k/v, the selection in compact slots, and the mask of padding keys (if any)."""
@@ -158,6 +190,8 @@ class _Compact:
         key_pos = (torch.cat([fetched, own])[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
         real_keys = key_pos < cfg.seq_len
         self.key_mask = None if bool(real_keys.all()) else real_keys.view(1, 1, 1, -1)
+        own_real = (own[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1) < cfg.seq_len
+        self.own_key_real = None if bool(own_real.all()) else own_real  # this rank's keys, for shipped rows
 
     def zero_padding_rows(self, x: Tensor) -> Tensor:
         """Rows of padding queries set to zero (they are no part of the sequence)."""
@@ -169,23 +203,39 @@ class _MobaCP(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cfg: _Config) -> Tensor:
         k, v = k.contiguous(), v.contiguous()
         plan = _Compact(q, k, v, cfg)
-        out = torch_blocks.forward(q, plan.k, plan.v, block_size=cfg.block_size, top_k=cfg.top_k, causal=cfg.causal,
-                                   scale=cfg.scale, attn_mask=plan.key_mask, selection=plan.selection)
+        kw = dict(block_size=cfg.block_size, top_k=cfg.top_k, causal=cfg.causal, scale=cfg.scale,
+                  attn_mask=plan.key_mask, selection=plan.selection)
+        lse = None
+        if plan.ship is None:
+            out = torch_blocks.forward(q, plan.k, plan.v, **kw)
+        else:
+            out, lse = torch_blocks.forward(q, plan.k, plan.v, return_lse=True, **kw)
+            part_out, part_lse = shipping.attend_shipped(
+                q, k, v, plan.ship, block_size=cfg.block_size, scale=cfg.scale, key_real=plan.own_key_real,
+                pg=cfg.pg, who=_WHO)
+            out, lse = shipping.merge(out, lse, plan.ship.rows, part_out, part_lse)
         out = plan.zero_padding_rows(out)
         ctx.cfg, ctx.plan = cfg, plan
-        ctx.save_for_backward(q, out)
+        ctx.save_for_backward(q, out, *(() if lse is None else (lse,)))
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, out = ctx.saved_tensors
+        q, out, *lse = ctx.saved_tensors
+        lse = lse[0] if lse else None
         cfg, plan = ctx.cfg, ctx.plan
         grad_out = plan.zero_padding_rows(grad_out.contiguous())
         dq, dk_c, dv_c = torch_blocks.backward(
             grad_out, q, plan.k, plan.v, out, block_size=cfg.block_size, top_k=cfg.top_k, causal=cfg.causal,
-            scale=cfg.scale, attn_mask=plan.key_mask, selection=plan.selection)
+            scale=cfg.scale, attn_mask=plan.key_mask, selection=plan.selection, lse=lse)
         bs, f = cfg.block_size, plan.n_fetched
         dk, dv = dk_c[:, :, f * bs:].contiguous(), dv_c[:, :, f * bs:].contiguous()
+        if plan.ship is not None:
+            own_k, own_v = plan.k[:, :, f * bs:], plan.v[:, :, f * bs:]
+            dq_rows = shipping.backward_shipped(
+                grad_out, out, lse, own_k, own_v, dk, dv, plan.ship, block_size=bs, scale=cfg.scale,
+                key_real=plan.own_key_real, pg=cfg.pg, who=_WHO)
+            dq = dq.reshape(-1, dq.shape[-1]).index_add(0, plan.ship.rows, dq_rows.to(dq.dtype)).view(dq.shape)
         if plan.exchange is not None:
             b, hkv, _, d = dk_c.shape
             rb, rh, rj = plan.exchange.recv_index
@@ -200,7 +250,7 @@ class _MobaCP(torch.autograd.Function):
 def moba_attention_cp(
     q: Tensor, k: Tensor, v: Tensor, *, group=None, block_size: int, top_k: int, causal: bool = True,
     scale: float | None = None, enable_gqa: bool = False, layout: str = "contiguous", seq_len: int | None = None,
-    check_ranks: bool = True,
+    check_ranks: bool = True, exchange: str = "auto",
 ) -> Tensor:
     """MoBA on a sequence sharded across `group`: equals `moba_attention` on the whole sequence.
 
@@ -213,8 +263,12 @@ def moba_attention_cp(
     end to align (padding keys are never attended, padding query rows are zero). Returns this
     rank's shard of the output, differentiable in q, k, v; every rank must run the backward.
     `check_ranks`: all-gather shapes and parameters first and fail on every rank if they differ
-    (one tiny collective; turn off only when the caller guarantees it).
+    (one tiny collective; turn off only when the caller guarantees it). `exchange`: how a selected
+    remote block is reached: `auto` (per tile, whichever moves fewer bytes), `keys` (fetch its
+    key/value tile), `queries` (ship the query rows that selected it to its owner); the same
+    output either way, every rank passing the same value.
     """
+    shipping.check_mode(exchange, _WHO)
     pg, lay = check_shards(_WHO, q, k, v, group=group, layout=layout, block_size=block_size, top_k=top_k, scale=scale,
                            enable_gqa=enable_gqa)
     lay.check_blocks(block_size, _WHO)
@@ -222,7 +276,7 @@ def moba_attention_cp(
     resolved = float(scale) if scale is not None else q.shape[-1] ** -0.5
     if check_ranks:
         check_call_agreement(_WHO, pg, kind="moba", q=q, k=k, block_size=block_size, top_k=top_k, causal=causal,
-                             layout=layout, seq_len=seq_len, scale=resolved)
+                             layout=layout, seq_len=seq_len, scale=resolved, exchange=exchange)
     cfg = _Config(pg=pg, lay=lay, rank=dist.get_rank(pg), block_size=block_size, top_k=top_k, causal=bool(causal),
-                  scale=resolved, seq_len=seq_len)
+                  scale=resolved, seq_len=seq_len, exchange=exchange)
     return _MobaCP.apply(q, k, v, cfg)

@@ -1,8 +1,10 @@
 """Moving only the selected key/value blocks between ranks, and their gradients back.
 
-1. Index exchange: every rank tells every owner which of the owner's blocks it needs, as a
-   bitmap `[B, Hkv, blocks per rank]` per (requester, owner) pair, in one `all_to_all_single`
-   (bytes: `B * Hkv * T_local / block_size` per peer; tiny).
+1. Index exchange: every rank tells every owner which of the owner's blocks it needs, as an
+   int32 code per `(batch, kv head, block)` (`[B, Hkv, blocks per rank]` per (requester, owner)
+   pair, in one `all_to_all_single`; bytes: `4 * B * Hkv * T_local / block_size` per peer,
+   tiny): fetch the tile, or the number of query rows shipped to be attended there
+   (`shipping.py`).
 2. Block exchange: every owner sends the requested `(batch, kv head, block)` key and value tiles
    `[2, block_size, D]`, grouped by destination, in one `all_to_all_single` with uneven splits.
    Both sides list the tiles in the same order (destination or source rank, then batch, kv head,
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moba_rewrite.parallel.groups import collective
+from moba_rewrite.parallel.shipping import FETCH, Shipment
 from moba_rewrite.parallel.traffic import count
 
 
@@ -33,24 +36,38 @@ class BlockExchange:
     recv_counts: list[int]  # tiles per source rank
 
 
-def plan_exchange(need: Tensor, blocks_of: Tensor, rank: int, pg: dist.ProcessGroup, who: str) -> BlockExchange:
+def plan_exchange(codes: Tensor, blocks_of: Tensor, rank: int, pg: dist.ProcessGroup,
+                  who: str) -> tuple[BlockExchange, Shipment]:
     """Tell owners what this rank needs and learn what they need from it.
 
-    need `[B, Hkv, n]` bool: global blocks this rank's queries selected and does not hold;
-    blocks_of `[W, blocks per rank]`: each rank's global blocks in its local order."""
+    codes `[B, Hkv, n]` int32 over the global blocks (`shipping.choose`): 0 nothing, `FETCH` for a
+    tile this rank fetches, a positive count for the query rows it ships to the tile's owner;
+    blocks_of `[W, blocks per rank]`: each rank's global blocks in its local order. The shipment's
+    `rows` are left empty for the caller (it knows which query rows it ships)."""
     world = blocks_of.shape[0]
-    requests = need[:, :, blocks_of].permute(2, 0, 1, 3).contiguous().to(torch.uint8)  # [W, B, Hkv, nb]
+    requests = codes[:, :, blocks_of].permute(2, 0, 1, 3).contiguous()  # [W, B, Hkv, nb]
     requests[rank] = 0
     wanted = torch.empty_like(requests)
     with collective(who, "the exchange of block requests", pg):
         dist.all_to_all_single(wanted, requests, group=pg)
-    count("block requests", requests[0].numel() * (world - 1))
-    dst, sb, sh, sj = wanted.nonzero(as_tuple=True)
-    src, rb, rh, rj = requests.nonzero(as_tuple=True)
-    return BlockExchange(
+    count("block requests", requests[0].numel() * requests.element_size() * (world - 1))
+    dst, sb, sh, sj = (wanted == FETCH).nonzero(as_tuple=True)
+    src, rb, rh, rj = (requests == FETCH).nonzero(as_tuple=True)
+    exchange = BlockExchange(
         send_index=(sb, sh, sj), send_counts=torch.bincount(dst, minlength=world).tolist(),
         recv_index=(rb, rh, blocks_of[src, rj]), recv_counts=torch.bincount(src, minlength=world).tolist(),
     )
+    out_rows = requests.clamp(min=0).sum((1, 2, 3))
+    seg = wanted > 0
+    sender, tb, th, tj = seg.nonzero(as_tuple=True)
+    in_counts = wanted[seg]
+    shipment = Shipment(
+        rows=torch.empty(0, dtype=torch.long, device=codes.device), send_counts=out_rows.tolist(),
+        tiles=(tb, th, tj), seg_counts=in_counts.tolist(),
+        recv_counts=torch.zeros(world, dtype=torch.long, device=codes.device).index_add_(
+            0, sender, in_counts.long()).tolist(),
+    )
+    return exchange, shipment
 
 
 def _tiles(x: Tensor, block_size: int) -> Tensor:
