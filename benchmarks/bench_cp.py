@@ -8,7 +8,9 @@ For every world size W it spawns W gloo ranks on this machine (CPU), shards one 
 contiguously (T / W tokens per rank) and runs, on every rank, after one warm-up call:
 
 * `moba_cp`: `moba_rewrite.parallel.moba_attention_cp` (block means all-gathered, global gate,
-  only the selected key/value tiles sent);
+  then per remote tile either the tile fetched or the query rows that selected it shipped to
+  its owner), once per `--exchange` mode: `keys` (fetch every tile), `queries` (ship every
+  row), `auto` (per tile, whichever moves fewer bytes; the default of the op);
 * `allgather`: one all-gather of K and V, then `moba_attention` (`torch` backend) of the local
   queries over the keys up to the shard's end: the same MoBA output, the simple way;
 * `ring`: ring attention, dense causal: PyTorch's own implementation
@@ -17,8 +19,8 @@ contiguously (T / W tokens per rank) and runs, on every rank, after one warm-up 
   ring over `batch_isend_irecv` when that private API is missing or `--ring own` is given.
 
 "bytes sent" is the payload one rank hands to collectives for other ranks: for `moba_cp` counted
-by `moba_rewrite.parallel.record_traffic` (block means, request bitmaps, key/value tiles, the
-all-ranks-agree check); for `allgather` and `ring` it is `(W - 1) x` the rank's K and V bytes
+by `moba_rewrite.parallel.record_traffic` (block means, request codes, key/value tiles, shipped
+query rows and the partial outputs returned for them, the all-ranks-agree check); for `allgather` and `ring` it is `(W - 1) x` the rank's K and V bytes
 (every rank sends its shard to every other rank, once or over W - 1 ring steps). Time: median
 over `--repeats` calls of each rank's wall time (collectives included), the slowest rank
 reported. `--data rope` draws q and k as a shared direction plus noise, rotated by RoPE at their
@@ -147,9 +149,9 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
     end = (rank + 1) * t_local
     result: dict = {"rank": rank}
 
-    def run_moba_cp():
+    def run_moba_cp(exchange: str):
         with torch.no_grad():
-            return moba_attention_cp(q, k, v, block_size=bs, top_k=top_k, causal=True)
+            return moba_attention_cp(q, k, v, block_size=bs, top_k=top_k, causal=True, exchange=exchange)
 
     def run_allgather():
         with torch.no_grad():
@@ -157,19 +159,23 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
             kv = everyone.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)[:, :, :, :end]
             return moba_attention(q, kv[0], kv[1], block_size=bs, top_k=top_k, causal=True, backend="torch")
 
-    with record_traffic() as traffic:
-        out_cp = run_moba_cp()
-    result["moba_cp_bytes"] = traffic.bytes_sent
-    result["moba_cp_bytes_by_step"] = traffic.by_step
+    out_ag = run_allgather()
     tile = 2 * bs * q.shape[-1] * q.element_size()
-    result["tiles_sent"] = traffic.by_step.get("key/value blocks", 0) / tile
     # (batch, kv head, block) tiles this rank's causal queries could select on other ranks
     result["reachable_remote_tiles"] = rank * (t_local // bs) * q.shape[0] * k.shape[1]
-    out_ag = run_allgather()
-    result["max_diff_moba_cp_vs_allgather"] = (out_cp - out_ag).abs().max().item()
+    result["modes"] = {}
+    for exchange in args.exchange.split(","):
+        with record_traffic() as traffic:
+            out_cp = run_moba_cp(exchange)
+        result["modes"][exchange] = {
+            "bytes": traffic.bytes_sent, "bytes_by_step": traffic.by_step,
+            "tiles_sent": traffic.by_step.get("key/value blocks", 0) / tile,
+            "rows_shipped": traffic.by_step.get("shipped queries", 0) / (q.shape[-1] * q.element_size()),
+            "max_diff_vs_allgather": (out_cp - out_ag).abs().max().item(),
+            "s": _time(lambda: run_moba_cp(exchange), args.repeats),
+        }
     result["allgather_bytes"] = (world - 1) * kv_bytes
     result["ring_bytes"] = (world - 1) * kv_bytes
-    result["moba_cp_s"] = _time(run_moba_cp, args.repeats)
     result["allgather_s"] = _time(run_allgather, args.repeats)
     if args.ring != "skip":
         ring = _own_ring
@@ -201,26 +207,33 @@ def _free_port() -> int:
 
 
 def summarize(world: int, ranks: list[dict]) -> dict:
-    slowest = lambda key: max(statistics.median(r[key]) for r in ranks)  # noqa: E731
+    slowest = lambda values: max(statistics.median(v) for v in values)  # noqa: E731
     row = {
         "world": world,
-        "moba_cp_bytes_max": max(r["moba_cp_bytes"] for r in ranks),
-        "moba_cp_bytes_mean": statistics.mean(r["moba_cp_bytes"] for r in ranks),
         "allgather_bytes": ranks[0]["allgather_bytes"],
         "ring_bytes": ranks[0]["ring_bytes"],
-        "fetched_fraction_of_reachable_remote_tiles": sum(r["tiles_sent"] for r in ranks) / max(
-            1, sum(r["reachable_remote_tiles"] for r in ranks)),
-        "moba_cp_s": slowest("moba_cp_s"),
-        "allgather_s": slowest("allgather_s"),
-        "max_diff_moba_cp_vs_allgather": max(r["max_diff_moba_cp_vs_allgather"] for r in ranks),
+        "allgather_s": slowest(r["allgather_s"] for r in ranks),
+        "modes": {},
         "per_rank": ranks,
     }
     if "ring_s" in ranks[0]:
-        row["ring_s"] = slowest("ring_s")
+        row["ring_s"] = slowest(r["ring_s"] for r in ranks)
         row["ring_impl"] = ranks[0]["ring_impl"]
-    row["bytes_ratio_moba_cp_vs_ring_max"] = row["moba_cp_bytes_max"] / row["ring_bytes"]
-    row["bytes_ratio_moba_cp_vs_ring_mean"] = row["moba_cp_bytes_mean"] / row["ring_bytes"]
-    row["time_ratio_moba_cp_vs_allgather"] = row["moba_cp_s"] / row["allgather_s"]
+    reachable = max(1, sum(r["reachable_remote_tiles"] for r in ranks))
+    for mode in ranks[0]["modes"]:
+        per = [r["modes"][mode] for r in ranks]
+        m = {
+            "bytes_max": max(p["bytes"] for p in per),
+            "bytes_mean": statistics.mean(p["bytes"] for p in per),
+            "fetched_fraction_of_reachable_remote_tiles": sum(p["tiles_sent"] for p in per) / reachable,
+            "rows_shipped": sum(p["rows_shipped"] for p in per),
+            "s": slowest(p["s"] for p in per),
+            "max_diff_vs_allgather": max(p["max_diff_vs_allgather"] for p in per),
+        }
+        m["bytes_ratio_vs_ring_max"] = m["bytes_max"] / row["ring_bytes"]
+        m["bytes_ratio_vs_ring_mean"] = m["bytes_mean"] / row["ring_bytes"]
+        m["time_ratio_vs_allgather"] = m["s"] / row["allgather_s"]
+        row["modes"][mode] = m
     return row
 
 
@@ -228,20 +241,23 @@ def print_table(args, rows: list[dict]) -> None:
     mib = 1 << 20
     data = f"rope, signal {args.signal:g}" if args.data == "rope" else args.data
     print(f"\ncausal prefill, fp32, B={args.batch} H={args.heads} D={args.dim} T={args.tokens} block={args.block} "
-          f"top-{args.top_k}, data={data}, contiguous shards, CPU gloo, {os.cpu_count()} cores")
-    print("| W | MoBA-CP MiB sent (max / mean per rank) | all-gather MiB | ring MiB | MoBA-CP / ring bytes (max / mean) "
-          "| reachable remote tiles fetched | MoBA-CP s | all-gather s | ring s | MoBA-CP / all-gather time |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"top-{args.top_k}, data={data}, contiguous shards, CPU gloo, {os.cpu_count()} cores; bytes sent per "
+          f"rank, forward")
+    print("| W | exchange | MoBA-CP MiB sent (max / mean per rank) | ring = all-gather MiB | MoBA-CP / ring bytes "
+          "(max / mean) | reachable remote tiles fetched | query rows shipped | MoBA-CP s | all-gather s | ring s "
+          "| MoBA-CP / all-gather time |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ring_s = f"{r['ring_s']:.3f}" if "ring_s" in r else "-"
-        print(f"| {r['world']} | {r['moba_cp_bytes_max'] / mib:.2f} / {r['moba_cp_bytes_mean'] / mib:.2f} "
-              f"| {r['allgather_bytes'] / mib:.2f} | {r['ring_bytes'] / mib:.2f} "
-              f"| {r['bytes_ratio_moba_cp_vs_ring_max']:.3f} / {r['bytes_ratio_moba_cp_vs_ring_mean']:.3f} "
-              f"| {100 * r['fetched_fraction_of_reachable_remote_tiles']:.1f}% | {r['moba_cp_s']:.3f} | {r['allgather_s']:.3f} "
-              f"| {ring_s} | {r['time_ratio_moba_cp_vs_allgather']:.2f} |")
+        for mode, m in r["modes"].items():
+            print(f"| {r['world']} | {mode} | {m['bytes_max'] / mib:.2f} / {m['bytes_mean'] / mib:.2f} "
+                  f"| {r['ring_bytes'] / mib:.2f} "
+                  f"| {m['bytes_ratio_vs_ring_max']:.3f} / {m['bytes_ratio_vs_ring_mean']:.3f} "
+                  f"| {100 * m['fetched_fraction_of_reachable_remote_tiles']:.1f}% | {int(m['rows_shipped'])} "
+                  f"| {m['s']:.3f} | {r['allgather_s']:.3f} | {ring_s} | {m['time_ratio_vs_allgather']:.2f} |")
     for r in rows:
-        print(f"W={r['world']}: ring = {r.get('ring_impl', 'skipped')}; max |moba_cp - allgather| = "
-              f"{r['max_diff_moba_cp_vs_allgather']:.2e}")
+        diffs = ", ".join(f"{mode} {m['max_diff_vs_allgather']:.2e}" for mode, m in r["modes"].items())
+        print(f"W={r['world']}: ring = {r.get('ring_impl', 'skipped')}; max |moba_cp - allgather|: {diffs}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +311,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", choices=["rope", "random"], default="rope")
     p.add_argument("--signal", type=float, default=1.0,
                    help="--data rope: norm of the shared q/k direction over the noise's (higher = more local routing)")
+    p.add_argument("--exchange", default="keys,queries,auto",
+                   help="moba_attention_cp exchange modes to measure (comma-separated: keys, queries, auto)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ring", choices=["torch", "own", "skip"], default="torch")
     p.add_argument("--ring-repeats", type=int, default=1)
