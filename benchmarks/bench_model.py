@@ -12,7 +12,11 @@ the same weights: the original (attn_implementation sdpa) and `mr.rewrite(model,
 * prefill `input_ids -> logits` (`exporters.common.logits_view`: no KV cache, an all-ones
   attention mask), eager, under `torch.compile` (fullgraph) and as a `torch.export` program
   (`exporters.pt2.export_program`, dynamic length, run through `ep.module()`), with the peak
-  memory of the call (CPU: resident set growth sampled every 2 ms; CUDA: max allocated);
+  memory of the call: the most tensor memory held at once above what was held before it (CUDA:
+  `torch.cuda.max_memory_allocated`; CPU: the same figure from the CPU allocator's running total,
+  read by `torch.profiler` in one extra, untimed run) and, on CPU, the resident-set growth
+  sampled every 2 ms (which also counts what glibc keeps or maps fresh, so it moves with the
+  allocator's history, not only with what the program holds);
 * decode ms/token with `generate()` after a prompt of the largest length, with the dynamic
   cache and `cache_implementation="static"`: (time of 1 + N new tokens - time of 1) / N.
 
@@ -87,8 +91,36 @@ def peak_memory(device: str, out: dict):
         out["peak"] = max(0, max(peak[0], _rss()) - base)
 
 
+def tensor_peak_cpu(fn) -> int | None:
+    """The most CPU tensor memory `fn()` holds at once above what was held before it (bytes), from
+    the allocator's running total that `torch.profiler(profile_memory=True)` records with every
+    allocation and free; None when this torch's profiler does not expose it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch._C._profiler import _EventType
+    except ImportError:
+        return None
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    stack, allocs = list(prof.profiler.kineto_results.experimental_event_tree()), []
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation:
+            allocs.append(e)
+    if not allocs:
+        return None
+    allocs.sort(key=lambda e: e.start_time_ns)
+    first = allocs[0].typed[1]
+    base = first.total_allocated - first.alloc_size
+    return max(e.typed[1].total_allocated for e in allocs) - base
+
+
 def best_time(fn, device: str, repeat: int) -> tuple[float, int]:
-    """(best seconds of `repeat` runs after a warm-up, peak memory of one run)."""
+    """(best seconds of `repeat` runs after a warm-up, peak memory of one run: resident-set growth
+    on CPU, max allocated on CUDA)."""
     with torch.no_grad():
         fn()
         _sync(device)
@@ -145,7 +177,10 @@ def run(args) -> dict:
             row = {"what": f"prefill {mode}", "seq": seq}
             for name, model in (("dense", dense), ("moba", moba)):
                 torch._dynamo.reset()
-                row[name], row[f"{name}_peak"] = best_time(prefill_runners(model, mode, ids), args.device, args.repeat)
+                runner = prefill_runners(model, mode, ids)
+                row[name], row[f"{name}_peak"] = best_time(runner, args.device, args.repeat)
+                if args.device == "cpu":
+                    row[f"{name}_rss"], row[f"{name}_peak"] = row[f"{name}_peak"], tensor_peak_cpu(runner)
             rows.append(row)
             print(_line(row), flush=True)
     if args.decode_tokens > 0:
@@ -170,6 +205,8 @@ def _line(r: dict) -> str:
             f"speedup {r['dense'] / max(r['moba'], 1e-12):5.2f}x")
     if "dense_peak" in r:
         text += f"  peak {_fmt_mem(r['dense_peak'])} / {_fmt_mem(r['moba_peak'])}"
+    if "dense_rss" in r:
+        text += f"  (rss {_fmt_mem(r['dense_rss'])} / {_fmt_mem(r['moba_rss'])})"
     return text
 
 
