@@ -42,11 +42,11 @@ def close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5, 
         raise AssertionError(f"{name}: max abs error {err:.3g} > {atol}")
 
 
-def _qkv(b, hq, hkv, t, d, seed, structured=False):
+def _qkv(b, hq, hkv, t, d, seed, structured=False, dv=None):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hq, t, d, generator=g)
     k = torch.randn(b, hkv, t, d, generator=g)
-    v = torch.randn(b, hkv, t, d, generator=g)
+    v = torch.randn(b, hkv, t, dv or d, generator=g)
     if structured:  # a few blocks every query prefers: many ranks fetch the same few blocks
         k[:, :, : t // 8] += 2.0 * q.mean((1, 2), keepdim=True)[:, :1]
     return q, k, v
@@ -54,11 +54,11 @@ def _qkv(b, hq, hkv, t, d, seed, structured=False):
 
 def check_op_against_whole_sequence(ctx: Ctx, *, b=1, hq=4, hkv=4, t=128, d=16, block_size=8, top_k=3,
                                     causal=True, layout="contiguous", seq_len=None, seed=0, structured=False,
-                                    scale=None, exchange="auto"):
+                                    scale=None, exchange="auto", dv=None):
     """Output and gradients of one rank's shard equal the whole-sequence reference's shard."""
     t_real = seq_len or t
-    q, k, v = _qkv(b, hq, hkv, t_real, d, seed, structured)
-    grad = torch.randn(b, hq, t_real, d, generator=torch.Generator().manual_seed(seed + 1))
+    q, k, v = _qkv(b, hq, hkv, t_real, d, seed, structured, dv)
+    grad = torch.randn(b, hq, t_real, dv or d, generator=torch.Generator().manual_seed(seed + 1))
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
     ref = moba_attention(qr, kr, vr, block_size=block_size, top_k=top_k, causal=causal, enable_gqa=hq != hkv,
                          scale=scale, backend="reference")
@@ -69,7 +69,8 @@ def check_op_against_whole_sequence(ctx: Ctx, *, b=1, hq=4, hkv=4, t=128, d=16, 
     out = moba_attention_cp(ql, kl, vl, block_size=block_size, top_k=top_k, causal=causal, enable_gqa=hq != hkv,
                             layout=layout, seq_len=seq_len, scale=scale, exchange=exchange)
     (out * shard(grad)).sum().backward()
-    what = f"[causal={causal} layout={layout} gqa={hq}/{hkv} top_k={top_k} seq_len={seq_len} scale={scale}]"
+    what = (f"[causal={causal} layout={layout} gqa={hq}/{hkv} top_k={top_k} seq_len={seq_len} scale={scale} "
+            f"exchange={exchange} dv={dv}]")
     close(f"output {what}", unshard_sequence(out.detach(), layout=layout, seq_len=seq_len), ref.detach())
     for name, got, want in (("dq", ql.grad, qr.grad), ("dk", kl.grad, kr.grad), ("dv", vl.grad, vr.grad)):
         # Large scales give gradients in the tens: compare those to fp32 precision of their size.
@@ -139,6 +140,24 @@ def op_every_exchange_mode(ctx):
         check_op_against_whole_sequence(ctx, t=0, seq_len=93, layout="zigzag", exchange=exchange, seed=24)
     check_op_against_whole_sequence(ctx, structured=True, top_k=2, exchange="queries", seed=25)
     check_op_against_whole_sequence(ctx, causal=False, scale=3.0, exchange="queries", seed=26)
+
+
+def op_value_head_dim_of_its_own(ctx):
+    """Multi-head latent attention (value head dim 12, query/key 16): tiles carry both widths,
+    shipped rows return Dv-wide partials; sharded decode too."""
+    for exchange in ("keys", "queries", "auto"):
+        check_op_against_whole_sequence(ctx, hq=4, hkv=2, dv=12, exchange=exchange, seed=28)
+        check_op_against_whole_sequence(ctx, t=0, seq_len=93, layout="zigzag", causal=False, dv=24,
+                                        exchange=exchange, seed=29)
+    bs, s_cap = 8, 32
+    seq_len = ctx.world * s_cap - 5
+    q_all, k, v = _qkv(1, 4, 2, ctx.world * s_cap, 16, 30, dv=12)
+    want = moba_attention(q_all[:, :, seq_len - 1:seq_len], k[:, :, :seq_len], v[:, :, :seq_len], block_size=bs,
+                          top_k=3, enable_gqa=True, backend="reference")
+    mine = slice(ctx.rank * s_cap, (ctx.rank + 1) * s_cap)
+    got = moba_decode_cp(q_all[:, :, seq_len - 1:seq_len], k[:, :, mine], v[:, :, mine], seq_len=seq_len,
+                         block_size=bs, top_k=3, enable_gqa=True)
+    close("decode dv=12", got, want)
 
 
 def traffic_auto_spares_the_owners(ctx):
@@ -409,6 +428,7 @@ def fsdp2_and_context_parallel_training_step(ctx):
 SUITES = {
     "two": [op_causal_contiguous, op_non_causal, op_gqa_zigzag_causal, op_gqa_zigzag_non_causal, op_padding,
             op_uneven_hits_and_top_k_extremes, op_half_and_double_precision, op_every_exchange_mode,
+            op_value_head_dim_of_its_own,
             dense_sdpa_cp_matches_whole_sequence, decode_against_a_sharded_cache,
             traffic_only_selected_blocks, traffic_auto_spares_the_owners,
             shard_round_trip,

@@ -436,15 +436,3 @@ def test_onnx_export_with_wide_values_runs_in_onnxruntime(body, tmp_path):
             want = m.oracle(xt, 2)
         assert got.shape == (2, 4, t, 12)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
-
-
-def test_context_parallel_says_it_needs_one_head_dim():
-    """Context parallelism exchanges K and V tiles together: a wide value head is refused, by name."""
-    from moba_rewrite.parallel.attention import moba_attention_cp
-    from moba_rewrite.parallel.decode import moba_decode_cp
-
-    q, k, v = _inputs(1, 2, 2, 16, 16, 8, 12)
-    with pytest.raises(NotImplementedError, match=r"moba_attention_cp: a value head dim \(12\) different"):
-        moba_attention_cp(q, k, v, block_size=4, top_k=2)
-    with pytest.raises(NotImplementedError, match=r"value head dim \(12\) different .* context parallelism"):
-        moba_decode_cp(q[:, :, -1:], k, v, seq_len=16, block_size=4, top_k=2)

@@ -35,7 +35,7 @@ from moba_rewrite.kernels.torch import blocks as torch_blocks
 from moba_rewrite.parallel import shipping
 from moba_rewrite.parallel.exchange import BlockExchange, fetch_blocks, plan_exchange, return_gradients
 from moba_rewrite.parallel.gate import select_history
-from moba_rewrite.parallel.groups import (all_gather_stacked, check_call_agreement, collective, reject_wide_values,
+from moba_rewrite.parallel.groups import (all_gather_stacked, check_call_agreement, collective,
                                          resolve_group)
 from moba_rewrite.parallel.layout import ShardLayout, check_layout, resolve_seq_len
 from moba_rewrite.parallel.traffic import count
@@ -60,7 +60,6 @@ def check_shards(who: str, q: Tensor, k: Tensor, v: Tensor, *, group, layout: st
                  scale, enable_gqa: bool) -> tuple[dist.ProcessGroup, ShardLayout]:
     """Validate one rank's shards (`moba_attention`'s rules, plus: q and k/v hold the same tokens);
     return the group and the layout of the sequence."""
-    reject_wide_values(who, q, v)
     pg = resolve_group(group, who)
     check_layout(layout, who)
     try:
@@ -144,7 +143,8 @@ class _Compact:
         owner_of = torch.empty(n, dtype=torch.long, device=dev)
         owner_of[self.blocks_of.reshape(-1)] = torch.arange(world, device=dev).repeat_interleave(nb)
         counts, tile, remote = _remote_pair_counts(sel, k.shape[1], owner_of, cfg.rank, n)
-        codes = shipping.choose(counts, cfg.exchange, block_size=bs, head_dim=q.shape[-1], itemsize=q.element_size())
+        codes = shipping.choose(counts, cfg.exchange, block_size=bs, head_dim=q.shape[-1], value_dim=v.shape[-1],
+                                itemsize=q.element_size())
         self.exchange, ship = plan_exchange(codes, self.blocks_of, cfg.rank, cfg.pg, _WHO)
         tiles = fetch_blocks(k, v, self.exchange, bs, cfg.pg, _WHO)
         shipped = remote & (codes.view(-1)[tile] > 0)
@@ -177,15 +177,16 @@ class _Compact:
         self.slot_of = torch.full((n + 1,), -1, dtype=torch.long, device=dev)  # global block -> slot (n: none)
         self.slot_of[fetched] = torch.arange(f, device=dev)
         self.slot_of[own] = torch.arange(f, f + nb, device=dev)
+        dv = v.shape[-1]
         self.k = k.new_zeros((b, hkv, (f + nb) * bs, d))
-        self.v = v.new_zeros((b, hkv, (f + nb) * bs, d))
+        self.v = v.new_zeros((b, hkv, (f + nb) * bs, dv))
         self.k[:, :, f * bs:] = k
         self.v[:, :, f * bs:] = v
         if tiles is not None and tiles.shape[0]:
             rb, rh, rj = self.exchange.recv_index
             slots = self.slot_of[rj]
-            self.k.view(b, hkv, f + nb, bs, d)[rb, rh, slots] = tiles[:, 0]
-            self.v.view(b, hkv, f + nb, bs, d)[rb, rh, slots] = tiles[:, 1]
+            self.k.view(b, hkv, f + nb, bs, d)[rb, rh, slots] = tiles[..., :d]
+            self.v.view(b, hkv, f + nb, bs, dv)[rb, rh, slots] = tiles[..., d:]
         self.selection = self.slot_of[torch.where(sel < 0, n, sel)]
         key_pos = (torch.cat([fetched, own])[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
         real_keys = key_pos < cfg.seq_len
@@ -240,8 +241,8 @@ class _MobaCP(torch.autograd.Function):
             b, hkv, _, d = dk_c.shape
             rb, rh, rj = plan.exchange.recv_index
             slots = plan.slot_of[rj]
-            grads = torch.stack([dk_c.view(b, hkv, -1, bs, d)[rb, rh, slots],
-                                 dv_c.view(b, hkv, -1, bs, d)[rb, rh, slots]], dim=1)
+            grads = torch.cat([dk_c.view(b, hkv, -1, bs, d)[rb, rh, slots],
+                               dv_c.view(b, hkv, -1, bs, dv_c.shape[-1])[rb, rh, slots]], dim=-1)
             return_gradients(grads, plan.exchange, dk, dv, bs, cfg.pg, _WHO)
         return dq, dk, dv, None
 
@@ -254,8 +255,8 @@ def moba_attention_cp(
 ) -> Tensor:
     """MoBA on a sequence sharded across `group`: equals `moba_attention` on the whole sequence.
 
-    q `[B, Hq, T_local, D]`, k/v `[B, Hkv, T_local, D]` (one head dim: a wider or narrower v raises
-    `NotImplementedError`): this rank's shard (`shard_sequence`),
+    q, k `[B, Hq | Hkv, T_local, D]`, v `[B, Hkv, T_local, Dv]` (Dv may differ from D, as in
+    multi-head latent attention): this rank's shard (`shard_sequence`),
     the same tokens for q and k/v (prefill / training). `group`: a ProcessGroup or 1-D
     DeviceMesh (default: the world), at least 2 ranks. `layout`: `contiguous` or `zigzag`
     (`layout.py`); blocks must not straddle ranks (`T_local`, or `T_local / 2` for zigzag, a

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from moba_rewrite.attention.functional import validate
 from moba_rewrite.kernels.reference import compute_dtype, repeat_kv
-from moba_rewrite.parallel.groups import (all_gather_stacked, check_same_on_all_ranks, collective, reject_wide_values,
+from moba_rewrite.parallel.groups import (all_gather_stacked, check_same_on_all_ranks, collective,
                                          resolve_group)
 from moba_rewrite.parallel.traffic import count
 
@@ -99,7 +99,6 @@ def moba_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int,
     q `[B, Hq, Tq, D]` (the same on every rank); k_local / v_local `[B, Hkv, S, D]`: this rank's cache
     slots (positions `[rank * S, (rank + 1) * S)`), `S % block_size == 0`; `seq_len`: filled length of
     the whole cache, the queries being its last `Tq` tokens. Returns `[B, Hq, Tq, D]` on every rank."""
-    reject_wide_values(_WHO, q, v_local)
     pg = resolve_group(group, _WHO)
     try:  # moba_attention's rules on one query (a rank's filled shard may be shorter than Tq)
         validate(q[:, :, -1:], k_local, v_local, block_size=block_size, top_k=top_k, scale=scale, attn_mask=None,

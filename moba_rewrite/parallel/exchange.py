@@ -6,7 +6,7 @@
    tiny): fetch the tile, or the number of query rows shipped to be attended there
    (`shipping.py`).
 2. Block exchange: every owner sends the requested `(batch, kv head, block)` key and value tiles
-   `[2, block_size, D]`, grouped by destination, in one `all_to_all_single` with uneven splits.
+   `[block_size, D + Dv]`, grouped by destination, in one `all_to_all_single` with uneven splits.
    Both sides list the tiles in the same order (destination or source rank, then batch, kv head,
    block: the row-major order of the bitmaps), so no index travels with the data.
 3. Backward: the dK/dV tiles of fetched blocks travel the same way in reverse and are added into
@@ -78,10 +78,12 @@ def _tiles(x: Tensor, block_size: int) -> Tensor:
 
 def fetch_blocks(k: Tensor, v: Tensor, ex: BlockExchange, block_size: int, pg: dist.ProcessGroup,
                  who: str) -> Tensor:
-    """Send the requested tiles of this rank's k/v; return the received ones, `[N_recv, 2, bs, D]`."""
+    """Send the requested tiles of this rank's k/v; return the received ones, `[N_recv, bs, D + Dv]`
+    (keys then values along the last dim: the value head dim may differ, as in multi-head latent
+    attention)."""
     b, h, j = ex.send_index
-    send = torch.stack([_tiles(k, block_size)[b, h, j], _tiles(v, block_size)[b, h, j]], dim=1)
-    recv = send.new_empty((sum(ex.recv_counts), 2, block_size, k.shape[-1]))
+    send = torch.cat([_tiles(k, block_size)[b, h, j], _tiles(v, block_size)[b, h, j]], dim=-1)
+    recv = send.new_empty((sum(ex.recv_counts), block_size, k.shape[-1] + v.shape[-1]))
     with collective(who, "the all-to-all of key/value blocks", pg):
         dist.all_to_all_single(recv, send, output_split_sizes=ex.recv_counts, input_split_sizes=ex.send_counts,
                                group=pg)
@@ -91,12 +93,13 @@ def fetch_blocks(k: Tensor, v: Tensor, ex: BlockExchange, block_size: int, pg: d
 
 def return_gradients(grad_tiles: Tensor, ex: BlockExchange, dk: Tensor, dv: Tensor, block_size: int,
                      pg: dist.ProcessGroup, who: str) -> None:
-    """Send dK/dV of fetched tiles (`[N_recv, 2, bs, D]`) to their owners; add what arrives into dk/dv."""
+    """Send dK/dV of fetched tiles (`[N_recv, bs, D + Dv]`) to their owners; add what arrives into dk/dv."""
     back = grad_tiles.new_empty((sum(ex.send_counts), *grad_tiles.shape[1:]))
     with collective(who, "the all-to-all returning key/value gradients", pg):
         dist.all_to_all_single(back, grad_tiles.contiguous(), output_split_sizes=ex.send_counts,
                                input_split_sizes=ex.recv_counts, group=pg)
     count("key/value gradients", grad_tiles.numel() * grad_tiles.element_size())
     idx = ex.send_index
-    _tiles(dk, block_size).index_put_(idx, back[:, 0].to(dk.dtype), accumulate=True)
-    _tiles(dv, block_size).index_put_(idx, back[:, 1].to(dv.dtype), accumulate=True)
+    d = dk.shape[-1]
+    _tiles(dk, block_size).index_put_(idx, back[..., :d].to(dk.dtype), accumulate=True)
+    _tiles(dv, block_size).index_put_(idx, back[..., d:].to(dv.dtype), accumulate=True)

@@ -120,11 +120,3 @@ def reduce_scatter_stacked(x: Tensor, pg: dist.ProcessGroup) -> Tensor:
     out = flat.new_empty(flat.numel() // x.shape[0])
     _REDUCE_SCATTER_SINGLE(out, flat, group=pg)
     return out.view(x.shape[1:])
-
-
-def reject_wide_values(who: str, q: Tensor, v: Tensor) -> None:
-    """Context parallelism exchanges K and V tiles together: it needs one head dim for q, k and v
-    (multi-head latent attention, Dv != Dqk, runs on one device with `moba_attention`)."""
-    if isinstance(q, Tensor) and isinstance(v, Tensor) and q.dim() == v.dim() == 4 and q.shape[3] != v.shape[3]:
-        raise NotImplementedError(f"{who}: a value head dim ({v.shape[3]}) different from the query/key head dim "
-                                  f"({q.shape[3]}) is not supported with context parallelism yet; use moba_attention")

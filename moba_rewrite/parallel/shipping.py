@@ -38,12 +38,12 @@ def check_mode(mode: str, who: str) -> None:
         raise ValueError(f"{who}: exchange must be one of {', '.join(MODES)}, got {mode!r}")
 
 
-def choose(counts: Tensor, mode: str, *, block_size: int, head_dim: int, itemsize: int) -> Tensor:
+def choose(counts: Tensor, mode: str, *, block_size: int, head_dim: int, value_dim: int, itemsize: int) -> Tensor:
     """Request codes `[...]` int32 from the pairs per remote tile `counts`: 0 none, `FETCH`, or the
     number of query rows to ship. `mode`: `keys` fetches every tile, `queries` ships every one,
     `auto` ships a tile when that lowers the most either end sends for it: fetching, the owner
-    sends the tile (`2 x block x D` values); shipping, the owner sends `D` values and a log-sum-exp
-    per row and the requester `D` values per row (owners are the busy senders: under causal
+    sends the tile (`block x (D + Dv)` values); shipping, the owner sends `Dv` values and a
+    log-sum-exp per row and the requester `D` values per row (owners are the busy senders: under causal
     attention the early ranks serve every later one)."""
     if mode == "keys":
         ship = torch.zeros_like(counts, dtype=torch.bool)
@@ -51,7 +51,10 @@ def choose(counts: Tensor, mode: str, *, block_size: int, head_dim: int, itemsiz
         ship = counts > 0
     else:
         lse_bytes = max(4, itemsize)  # the log-sum-exp travels in fp32 (fp64 for fp64 inputs)
-        ship = (counts > 0) & (counts * (head_dim * itemsize + lse_bytes) < 2 * block_size * head_dim * itemsize)
+        owner_ships = counts * (value_dim * itemsize + lse_bytes)
+        requester_ships = counts * head_dim * itemsize
+        tile = block_size * (head_dim + value_dim) * itemsize
+        ship = (counts > 0) & (torch.maximum(owner_ships, requester_ships) < tile)
     return torch.where(ship, counts, torch.where(counts > 0, FETCH, 0)).to(torch.int32)
 
 
