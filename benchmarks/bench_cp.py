@@ -5,14 +5,15 @@
     python benchmarks/bench_cp.py --model        # the volume model of docs/CONTEXT_PARALLEL.md
 
 For every world size W it spawns W gloo ranks on this machine (CPU), shards one causal sequence
-contiguously (T / W tokens per rank) and runs, on every rank, after one warm-up call:
+(`--layout`: contiguously, T / W tokens per rank, or zigzag: one early and one late chunk per
+rank, balanced causal work) and runs, on every rank, after one warm-up call:
 
 * `moba_cp`: `moba_rewrite.parallel.moba_attention_cp` (block means all-gathered, global gate,
   then per remote tile either the tile fetched or the query rows that selected it shipped to
   its owner), once per `--exchange` mode: `keys` (fetch every tile), `queries` (ship every
-  row), `auto` (per tile, whichever moves fewer bytes; the default of the op);
-* `allgather`: one all-gather of K and V, then `moba_attention` (`torch` backend) of the local
-  queries over the keys up to the shard's end: the same MoBA output, the simple way;
+  row), `auto` (per tile, whichever makes the tile's owner send less; the op's default);
+* `allgather`: one all-gather of K and V, then `moba_attention` (`torch` backend) of each local
+  chunk's queries over the keys up to the chunk's end: the same MoBA output, the simple way;
 * `ring`: ring attention, dense causal: PyTorch's own implementation
   (`torch.distributed.tensor.experimental._context_parallel._attention._templated_ring_attention`,
   rotation by all-to-all, no load balancing, with the CPU flash-attention op), or this file's
@@ -51,8 +52,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moba_rewrite.attention import moba_attention  # noqa: E402
-from moba_rewrite.parallel import moba_attention_cp, record_traffic, shard_sequence  # noqa: E402
-from moba_rewrite.parallel.groups import all_gather_stacked  # noqa: E402
+from moba_rewrite.parallel import moba_attention_cp, record_traffic, shard_sequence, unshard_sequence  # noqa: E402
+from moba_rewrite.parallel.layout import ShardLayout  # noqa: E402
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -142,27 +143,37 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
-    q, k, v = (shard_sequence(x) for x in make_inputs(args))
+    layout = args.layout
+    q, k, v = (shard_sequence(x, layout=layout) for x in make_inputs(args))
     bs, top_k = args.block, args.top_k
     kv_bytes = (k.numel() + v.numel()) * k.element_size()
     t_local = q.shape[2]
-    end = (rank + 1) * t_local
+    lay = ShardLayout(layout, world, t_local)
+    chunk = lay.chunk_len
     result: dict = {"rank": rank}
 
     def run_moba_cp(exchange: str):
         with torch.no_grad():
-            return moba_attention_cp(q, k, v, block_size=bs, top_k=top_k, causal=True, exchange=exchange)
+            return moba_attention_cp(q, k, v, block_size=bs, top_k=top_k, causal=True, exchange=exchange,
+                                     layout=layout)
 
     def run_allgather():
+        """All of K and V, then each local chunk's queries against the keys up to the chunk's end."""
         with torch.no_grad():
-            everyone = all_gather_stacked(torch.stack([k, v]), dist.group.WORLD)  # [W, 2, B, H, T_local, D]
-            kv = everyone.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)[:, :, :, :end]
-            return moba_attention(q, kv[0], kv[1], block_size=bs, top_k=top_k, causal=True, backend="torch")
+            kv = unshard_sequence(torch.stack([k, v]), layout=layout, dim=3)  # [2, B, H, T, D] (one all-gather)
+            outs = []
+            for i, c in enumerate(lay.chunks(rank)):
+                end = (c + 1) * chunk
+                outs.append(moba_attention(q[:, :, i * chunk:(i + 1) * chunk], kv[0, :, :, :end], kv[1, :, :, :end],
+                                           block_size=bs, top_k=top_k, causal=True, backend="torch"))
+            return torch.cat(outs, dim=2)
 
     out_ag = run_allgather()
     tile = 2 * bs * q.shape[-1] * q.element_size()
-    # (batch, kv head, block) tiles this rank's causal queries could select on other ranks
-    result["reachable_remote_tiles"] = rank * (t_local // bs) * q.shape[0] * k.shape[1]
+    # (batch, kv head, block) tiles this rank's causal queries could select on other ranks: every
+    # block before its last one that it does not hold
+    own = lay.blocks(rank, bs)
+    result["reachable_remote_tiles"] = (max(own) + 1 - len(own)) * q.shape[0] * k.shape[1]
     result["modes"] = {}
     for exchange in args.exchange.split(","):
         with record_traffic() as traffic:
@@ -177,7 +188,8 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
     result["allgather_bytes"] = (world - 1) * kv_bytes
     result["ring_bytes"] = (world - 1) * kv_bytes
     result["allgather_s"] = _time(run_allgather, args.repeats)
-    if args.ring != "skip":
+    if args.ring != "skip":  # contiguous shards whatever --layout is (ring moves the same bytes either way)
+        qr, kr, vr = (q, k, v) if layout == "contiguous" else (shard_sequence(x) for x in make_inputs(args))
         ring = _own_ring
         result["ring_impl"] = "own (batch_isend_irecv)"
         if args.ring == "torch":
@@ -188,7 +200,7 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
             except Exception as e:  # noqa: BLE001 - private API: fall back to our ring, and say so
                 result["ring_impl"] = f"own (batch_isend_irecv); torch's failed: {type(e).__name__}: {e}"[:300]
         with torch.no_grad():
-            result["ring_s"] = _time(lambda: ring(q, k, v), args.ring_repeats)
+            result["ring_s"] = _time(lambda: ring(qr, kr, vr), args.ring_repeats)
     everyone = [None] * world
     dist.all_gather_object(everyone, result)
     if rank == 0:
@@ -241,7 +253,7 @@ def print_table(args, rows: list[dict]) -> None:
     mib = 1 << 20
     data = f"rope, signal {args.signal:g}" if args.data == "rope" else args.data
     print(f"\ncausal prefill, fp32, B={args.batch} H={args.heads} D={args.dim} T={args.tokens} block={args.block} "
-          f"top-{args.top_k}, data={data}, contiguous shards, CPU gloo, {os.cpu_count()} cores; bytes sent per "
+          f"top-{args.top_k}, data={data}, {args.layout} shards, CPU gloo, {os.cpu_count()} cores; bytes sent per "
           f"rank, forward")
     print("| W | exchange | MoBA-CP MiB sent (max / mean per rank) | ring = all-gather MiB | MoBA-CP / ring bytes "
           "(max / mean) | reachable remote tiles fetched | query rows shipped | MoBA-CP s | all-gather s | ring s "
@@ -276,7 +288,7 @@ def volume_model(tokens: int, world: int, *, kv_heads=8, head_dim=128, block=409
     shard_kv = tokens / world * 2 * kv_heads * head_dim * elem_bytes
     ring = (world - 1) * shard_kv  # W - 1 steps of the rank's K and V (all-gather: the same)
     means = (world - 1) * (tokens / world / block) * kv_heads * head_dim * 4  # fp32 block means
-    bitmaps = (world - 1) * (tokens / world / block) * kv_heads
+    bitmaps = (world - 1) * (tokens / world / block) * kv_heads * 4  # int32 request codes
     moba_max = means + bitmaps + fetched * (world - 1) * shard_kv
     moba_mean = means + bitmaps + fetched * (world - 1) / 2 * shard_kv
     gbps = NVLINK_GBPS if world <= GPUS_PER_NODE else IB_GBPS
@@ -311,6 +323,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", choices=["rope", "random"], default="rope")
     p.add_argument("--signal", type=float, default=1.0,
                    help="--data rope: norm of the shared q/k direction over the noise's (higher = more local routing)")
+    p.add_argument("--layout", choices=["contiguous", "zigzag"], default="contiguous",
+                   help="how the sequence is sharded (zigzag: each rank one early and one late chunk)")
     p.add_argument("--exchange", default="keys,queries,auto",
                    help="moba_attention_cp exchange modes to measure (comma-separated: keys, queries, auto)")
     p.add_argument("--repeats", type=int, default=3)
