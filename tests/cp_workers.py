@@ -328,12 +328,12 @@ def hf_prefill_matches_unsharded(ctx):
         ids = torch.randint(0, 96, (2, 90), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
             want = model(input_ids=ids, use_cache=False).logits
-            for layout in ("contiguous", "zigzag"):
+            for layout, exchange in (("contiguous", "auto"), ("contiguous", "queries"), ("zigzag", "keys")):
                 local_ids, pos, seq_len = shard_inputs(model, ids, layout=layout)
-                with context_parallel(model, layout=layout, seq_len=seq_len):
+                with context_parallel(model, layout=layout, seq_len=seq_len, exchange=exchange):
                     local = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
                 got = unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len)
-                close(f"logits [{origin} {layout}]", got, want)
+                close(f"logits [{origin} {layout} exchange={exchange}]", got, want)
         # The model is really sparse: a dense run differs.
         dense = _tiny_llama(origin)[0]
         dense.config.__dict__  # noqa: B018

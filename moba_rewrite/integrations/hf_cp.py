@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from moba_rewrite.integrations import hf, hf_masks
 from moba_rewrite.parallel import moba_attention_cp, shard_sequence
+from moba_rewrite.parallel.shipping import check_mode
 from moba_rewrite.parallel.dense import gather_keys_values, visible_keys
 from moba_rewrite.parallel.groups import check_call_agreement, resolve_group
 from moba_rewrite.parallel.layout import ShardLayout, check_layout, chunks_per_rank
@@ -71,8 +72,8 @@ def shard_inputs(model: nn.Module, input_ids: Tensor, group=None, *, layout: str
 class _ShardedAttention:
     """The attention function `integrations.hf` calls while a sequence is sharded."""
 
-    def __init__(self, pg: dist.ProcessGroup, layout: str, seq_len: int | None):
-        self.pg, self.layout, self.seq_len = pg, layout, seq_len
+    def __init__(self, pg: dist.ProcessGroup, layout: str, seq_len: int | None, exchange: str = "auto"):
+        self.pg, self.layout, self.seq_len, self.exchange = pg, layout, seq_len, exchange
         self.seen: set[int] = set()
 
     def __call__(self, origin: str, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
@@ -96,7 +97,7 @@ class _ShardedAttention:
                 out = moba_attention_cp(query, key, value, group=self.pg, block_size=int(decision.block_size),
                                         top_k=int(decision.top_k), causal=causal, scale=scale,
                                         enable_gqa=query.shape[1] != key.shape[1], layout=self.layout,
-                                        seq_len=self.seq_len)
+                                        seq_len=self.seq_len, exchange=self.exchange)
                 return out.transpose(1, 2).contiguous(), None
             if decision.on_unsupported == "error":
                 raise hf.HFUnsupportedError(f"attention site {name!r} cannot run MoBA: {'; '.join(problems)} "
@@ -141,18 +142,20 @@ def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool) -> None:
 
 
 @contextmanager
-def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous", seq_len: int | None = None
-                     ) -> Iterator[None]:
+def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous", seq_len: int | None = None,
+                     exchange: str = "auto") -> Iterator[None]:
     """Run `model` (rewritten) on this rank's shard of one sequence, attending the whole sequence.
 
     Every rank of `group` (a ProcessGroup or 1-D DeviceMesh) must run the same forward (and
     backward). Inputs: this rank's tokens and their global `position_ids` (`shard_inputs`);
-    `seq_len`: the real length when the sequence was padded. Each attention module of the model is
-    checked to have gone through the sharded attention, and `position_ids` to be given."""
+    `seq_len`: the real length when the sequence was padded; `exchange`: `moba_attention_cp`'s (how
+    MoBA sites reach remote blocks: `auto`, `keys`, `queries`). Each attention module of the model
+    is checked to have gone through the sharded attention, and `position_ids` to be given."""
     _check_rewritten(model)
     pg = resolve_group(group, _WHO)
     check_layout(layout, _WHO)
-    hook = _ShardedAttention(pg, layout, seq_len)
+    check_mode(exchange, _WHO)
+    hook = _ShardedAttention(pg, layout, seq_len, exchange)
     handles = [model.register_forward_pre_hook(_prepare_call(pg, layout), with_kwargs=True)]
     for name, m in _attention_modules(model):
         handles.append(m.register_forward_hook(_went_through(hook, name)))
