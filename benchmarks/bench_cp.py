@@ -256,7 +256,7 @@ def print_table(args, rows: list[dict]) -> None:
           f"top-{args.top_k}, data={data}, {args.layout} shards, CPU gloo, {os.cpu_count()} cores; bytes sent per "
           f"rank, forward")
     print("| W | exchange | MoBA-CP MiB sent (max / mean per rank) | ring = all-gather MiB | MoBA-CP / ring bytes "
-          "(max / mean) | reachable remote tiles fetched | query rows shipped | MoBA-CP s | all-gather s | ring s "
+          "(max / mean) | reachable remote tiles fetched | query rows shipped (once per owner) | MoBA-CP s | all-gather s | ring s "
           "| MoBA-CP / all-gather time |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

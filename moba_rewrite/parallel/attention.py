@@ -145,27 +145,16 @@ class _Compact:
         counts, tile, remote = _remote_pair_counts(sel, k.shape[1], owner_of, cfg.rank, n)
         codes = shipping.choose(counts, cfg.exchange, block_size=bs, head_dim=q.shape[-1], value_dim=v.shape[-1],
                                 itemsize=q.element_size())
-        self.exchange, ship = plan_exchange(codes, self.blocks_of, cfg.rank, cfg.pg, _WHO)
+        self.exchange = plan_exchange(codes, self.blocks_of, cfg.rank, cfg.pg, _WHO)
         tiles = fetch_blocks(k, v, self.exchange, bs, cfg.pg, _WHO)
         shipped = remote & (codes.view(-1)[tile] > 0)
         if cfg.exchange != "keys":  # every rank then joins the shipping collectives, empty or not
-            self.ship = self._ship_rows(ship, sel, shipped, owner_of, world, nb, k.shape[1])
+            local_of = torch.empty_like(owner_of)
+            local_of[self.blocks_of.reshape(-1)] = torch.arange(nb, device=dev).repeat(world)
+            self.ship = shipping.plan_units(shipped, sel, owner_of, local_of, hkv=k.shape[1], nb=nb, world=world,
+                                            pg=cfg.pg, who=_WHO)
             sel = sel.masked_fill(shipped, -1)  # attended on their owners, not here
         return sel, (codes == shipping.FETCH).any(1).any(0).nonzero().squeeze(1), tiles
-
-    def _ship_rows(self, ship: shipping.Shipment, sel: Tensor, shipped: Tensor, owner_of: Tensor, world: int,
-                   nb: int, hkv: int) -> shipping.Shipment:
-        """The shipment with this rank's shipped query rows in sending order (destination, batch,
-        kv head, the block's index on its owner), as the owners enumerate them."""
-        b, hq, t, _ = sel.shape
-        pb, ph, pt, pp = shipped.nonzero(as_tuple=True)
-        blocks = sel[pb, ph, pt, pp]
-        local_of = torch.empty_like(owner_of)
-        local_of[self.blocks_of.reshape(-1)] = torch.arange(nb, device=sel.device).repeat(world)
-        key = ((owner_of[blocks] * b + pb) * hkv + ph // (hq // hkv)) * nb + local_of[blocks]
-        order = torch.sort(key, stable=True).indices
-        ship.rows = ((pb * hq + ph) * t + pt)[order]
-        return ship
 
     def _assemble(self, k, v, sel: Tensor, fetched: Tensor, tiles: Tensor | None, cfg: _Config) -> None:
         """Compact k/v, the selection in compact slots, and the mask of padding keys (if any)."""

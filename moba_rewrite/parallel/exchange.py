@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moba_rewrite.parallel.groups import collective
-from moba_rewrite.parallel.shipping import FETCH, Shipment
+from moba_rewrite.parallel.shipping import FETCH
 from moba_rewrite.parallel.traffic import count
 
 
@@ -36,14 +36,13 @@ class BlockExchange:
     recv_counts: list[int]  # tiles per source rank
 
 
-def plan_exchange(codes: Tensor, blocks_of: Tensor, rank: int, pg: dist.ProcessGroup,
-                  who: str) -> tuple[BlockExchange, Shipment]:
+def plan_exchange(codes: Tensor, blocks_of: Tensor, rank: int, pg: dist.ProcessGroup, who: str) -> BlockExchange:
     """Tell owners what this rank needs and learn what they need from it.
 
     codes `[B, Hkv, n]` int32 over the global blocks (`shipping.choose`): 0 nothing, `FETCH` for a
-    tile this rank fetches, a positive count for the query rows it ships to the tile's owner;
-    blocks_of `[W, blocks per rank]`: each rank's global blocks in its local order. The shipment's
-    `rows` are left empty for the caller (it knows which query rows it ships)."""
+    tile this rank fetches, a positive count for a tile whose query rows it ships to the owner
+    (those travel in `shipping`); blocks_of `[W, blocks per rank]`: each rank's global blocks in
+    its local order. Returns the tiles to send and to receive."""
     world = blocks_of.shape[0]
     requests = codes[:, :, blocks_of].permute(2, 0, 1, 3).contiguous()  # [W, B, Hkv, nb]
     requests[rank] = 0
@@ -53,21 +52,10 @@ def plan_exchange(codes: Tensor, blocks_of: Tensor, rank: int, pg: dist.ProcessG
     count("block requests", requests[0].numel() * requests.element_size() * (world - 1))
     dst, sb, sh, sj = (wanted == FETCH).nonzero(as_tuple=True)
     src, rb, rh, rj = (requests == FETCH).nonzero(as_tuple=True)
-    exchange = BlockExchange(
+    return BlockExchange(
         send_index=(sb, sh, sj), send_counts=torch.bincount(dst, minlength=world).tolist(),
         recv_index=(rb, rh, blocks_of[src, rj]), recv_counts=torch.bincount(src, minlength=world).tolist(),
     )
-    out_rows = requests.clamp(min=0).sum((1, 2, 3))
-    seg = wanted > 0
-    sender, tb, th, tj = seg.nonzero(as_tuple=True)
-    in_counts = wanted[seg]
-    shipment = Shipment(
-        rows=torch.empty(0, dtype=torch.long, device=codes.device), send_counts=out_rows.tolist(),
-        tiles=(tb, th, tj), seg_counts=in_counts.tolist(),
-        recv_counts=torch.zeros(world, dtype=torch.long, device=codes.device).index_add_(
-            0, sender, in_counts.long()).tolist(),
-    )
-    return exchange, shipment
 
 
 def _tiles(x: Tensor, block_size: int) -> Tensor:

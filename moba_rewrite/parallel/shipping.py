@@ -2,25 +2,25 @@
 
 A rank that needs a remote key/value tile (one batch row, one kv head, one block) for only a few
 query rows moves fewer bytes by sending those rows to the tile's owner than by fetching the tile
-(`2 x block x D` values): the owner attends them over the tile and returns, per row, the partial
-output and its log-sum-exp (`D + 1` values); the requester merges the partials with its local
-attention exactly (a softmax over the union of the keys, by log-sum-exp weights). The choice is
-made per tile (`choose`), and every rank learns what its peers ship to it from the request
-exchange (`exchange.plan_exchange`): counts per tile, so no index travels with the rows.
+(`block x (D + Dv)` values): the owner attends them over the tile and returns, per row, the
+partial output and its log-sum-exp (`Dv + 1` values); the requester merges the partials with its
+local attention exactly (a softmax over the union of the keys, by log-sum-exp weights). The
+choice is made per tile (`choose`) and told to the owners in the request exchange
+(`exchange.plan_exchange`).
 
-Backward: the requester sends each shipped row's output gradient with the row's final
-log-sum-exp and `delta = dO . O` (the merged softmax's statistics); the owner recomputes the
-tile's probabilities, adds the tile's dK/dV into its own gradients and returns the rows' dQ.
+A query row travels once per owner (a "unit"), with the list of that owner's tiles it picked
+(`top_k - 1` int32 at most); the owner attends each tile, merges the row's tiles by log-sum-exp
+and answers once. Backward: the requester sends each unit's output gradient with the row's
+merged log-sum-exp and `delta = dO . O`; the owner recomputes the tiles' probabilities, adds
+their dK/dV into its own gradients and returns the unit's dQ.
 
-Bytes per shipped (query row, tile) pair, forward: `D` values from the requester (the query),
-`D` values and one fp32 log-sum-exp from the owner; a fetched tile: `2 x block x D` values from
-the owner. `choose("auto")` ships a tile when the owner then sends less (fewer rows than about
-`2 x block`), which also lowers what the requester receives.
+Bytes per unit, forward: `D` values and the tile list from the requester, `Dv` values and one
+fp32 log-sum-exp from the owner; a fetched tile: `block x (D + Dv)` values from the owner.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -44,7 +44,8 @@ def choose(counts: Tensor, mode: str, *, block_size: int, head_dim: int, value_d
     `auto` ships a tile when that lowers the most either end sends for it: fetching, the owner
     sends the tile (`block x (D + Dv)` values); shipping, the owner sends `Dv` values and a
     log-sum-exp per row and the requester `D` values per row (owners are the busy senders: under causal
-    attention the early ranks serve every later one)."""
+    attention the early ranks serve every later one). `counts` are (query row, tile) pairs; a row
+    picking several tiles of one owner travels once, so shipping costs at most that estimate."""
     if mode == "keys":
         ship = torch.zeros_like(counts, dtype=torch.bool)
     elif mode == "queries":
@@ -62,18 +63,46 @@ def choose(counts: Tensor, mode: str, *, block_size: int, head_dim: int, value_d
 class Shipment:
     """Shipped query rows, seen from both ends of one call.
 
-    Requester side: `rows` the flat query rows (`[B * Hq * T]` numbering) of the shipped pairs,
-    in sending order (destination rank, batch, kv head, block: the request arrays' order), and
-    `send_counts` rows per destination. Owner side: `tiles` `(batch, kv head, local block)` of
-    each incoming segment with `seg_counts` rows each, in arrival order (source rank, batch, kv
-    head, block), and `recv_counts` rows per source."""
+    Requester side: `rows` the flat query rows (`[B * Hq * T]` numbering) of the units this rank
+    ships, in sending order (destination rank, then row), `lists` `[U, P]` int32 each unit's tiles
+    on its owner (`(batch * Hkv + kv head) * nb + local block`, -1 padding), `send_counts` units
+    per destination. Owner side: `recv_counts` units per source, and after the forward the
+    received rows and the (unit, tile) pairs they expand to."""
 
     rows: Tensor
+    lists: Tensor
     send_counts: list[int]
-    tiles: tuple[Tensor, Tensor, Tensor]
-    seg_counts: list[int]
     recv_counts: list[int]
-    received_q: Tensor | None = None  # the owner's copy of the incoming rows (forward), reused by the backward
+    received_q: Tensor | None = None
+    pair_unit: Tensor | None = None  # owner: the received unit of each (unit, tile) pair
+    pair_tile: Tensor | None = None  # owner: the tile code of each pair
+    groups: list = field(default_factory=list)  # owner: (batch, kv head, block, pairs) per tile
+
+
+def plan_units(shipped: Tensor, sel: Tensor, owner_of: Tensor, local_of: Tensor, *, hkv: int, nb: int, world: int,
+               pg: dist.ProcessGroup, who: str) -> Shipment:
+    """Group this rank's shipped picks (`shipped` `[B, Hq, T, P]` bool over `sel`'s global blocks)
+    into units, one per (owner, query row), and tell each owner how many units it gets."""
+    b, hq, t, picks = sel.shape
+    dev = sel.device
+    pb, ph, pt, pp = shipped.nonzero(as_tuple=True)
+    blocks = sel[pb, ph, pt, pp]
+    owner = owner_of[blocks]
+    row = (pb * hq + ph) * t + pt
+    code = (pb * hkv + ph // (hq // hkv)) * nb + local_of[blocks]
+    units, unit_of_pair = torch.unique(owner * (b * hq * t) + row, return_inverse=True)  # sorted: owner, row
+    order = torch.sort(unit_of_pair, stable=True).indices
+    sizes = torch.bincount(unit_of_pair, minlength=units.numel())
+    first = torch.cumsum(sizes, 0) - sizes
+    slot = torch.arange(order.numel(), device=dev) - first[unit_of_pair[order]]
+    lists = torch.full((units.numel(), max(picks, 1)), -1, dtype=torch.int32, device=dev)
+    lists[unit_of_pair[order], slot] = code[order].to(torch.int32)
+    send = torch.bincount(units // (b * hq * t), minlength=world)
+    recv = torch.empty_like(send)
+    with collective(who, "the exchange of shipped unit counts", pg):
+        dist.all_to_all_single(recv, send, group=pg)
+    count("shipped unit counts", send.element_size() * (world - 1))
+    return Shipment(rows=units % (b * hq * t), lists=lists, send_counts=send.tolist(), recv_counts=recv.tolist())
 
 
 def _all_to_all_rows(x: Tensor, send_counts: list[int], recv_counts: list[int], pg: dist.ProcessGroup, who: str,
@@ -87,23 +116,16 @@ def _all_to_all_rows(x: Tensor, send_counts: list[int], recv_counts: list[int], 
     return out
 
 
-def _tiles(ship: Shipment):
-    """(batch, kv head, local block, incoming rows) per tile, the rows of every source together:
-    one matmul per tile instead of one per (source, tile)."""
-    if not ship.seg_counts:
-        return
-    dev = ship.tiles[0].device
-    b, h, j = ship.tiles
-    seg_tile = (b * (int(h.max()) + 1) + h) * (int(j.max()) + 1) + j
-    seg_of_row = torch.repeat_interleave(torch.arange(seg_tile.numel(), device=dev),
-                                         torch.tensor(ship.seg_counts, device=dev))
-    order = torch.sort(seg_tile[seg_of_row], stable=True).indices  # rows grouped by tile
-    sizes = torch.unique_consecutive(seg_tile[seg_of_row[order]], return_counts=True)[1]
-    starts = torch.cumsum(sizes, 0) - sizes
-    seg_of_tile = seg_of_row[order[starts]]  # the segment of each tile's first row names the tile
-    bl, hl, jl = b[seg_of_tile].tolist(), h[seg_of_tile].tolist(), j[seg_of_tile].tolist()
-    for i, (s0, n) in enumerate(zip(starts.tolist(), sizes.tolist())):
-        yield bl[i], hl[i], jl[i], order[s0:s0 + n]
+def _expand(ship: Shipment, lists: Tensor, hkv: int, nb: int) -> None:
+    """The owner's (unit, tile) pairs from the received tile lists, grouped by tile."""
+    unit, slot = (lists >= 0).nonzero(as_tuple=True)
+    code = lists[unit, slot].long()
+    order = torch.sort(code, stable=True).indices
+    ship.pair_unit, ship.pair_tile = unit[order], code[order]
+    tiles, sizes = torch.unique_consecutive(ship.pair_tile, return_counts=True)
+    starts = (torch.cumsum(sizes, 0) - sizes).tolist()
+    bh, j = (tiles // nb).tolist(), (tiles % nb).tolist()
+    ship.groups = [(x // hkv, x % hkv, jj, s0, s0 + n) for x, jj, s0, n in zip(bh, j, starts, sizes.tolist())]
 
 
 def _bounded(q_rows: Tensor, k: Tensor, scale: float, ct: torch.dtype) -> bool:
@@ -128,33 +150,49 @@ def _tile_scores(q_rows: Tensor, k: Tensor, b: int, h: int, j: int, key_real: Te
 @torch.no_grad()
 def attend_shipped(q: Tensor, k: Tensor, v: Tensor, ship: Shipment, *, block_size: int, scale: float,
                    key_real: Tensor | None, pg: dist.ProcessGroup, who: str) -> tuple[Tensor, Tensor]:
-    """Forward of the shipped pairs: send this rank's shipped rows, attend the rows peers sent
-    over this rank's tiles (`k`, `v`: its own shard), return the partials to their requesters.
-    Returns this rank's pairs' (partial outputs `[N, D]` in q's dtype, log-sum-exp `[N]` fp32-or-wider)."""
+    """Forward of the shipped units: send this rank's units, attend the units peers sent over
+    this rank's tiles (`k`, `v`: its own shard; each unit's tiles merged), answer them. Returns
+    this rank's units' (partial outputs `[U, Dv]` in q's dtype, log-sum-exps `[U]` fp32-or-wider)."""
     ct = torch.promote_types(q.dtype, torch.float32)
+    hkv, nb = k.shape[1], k.shape[2] // block_size
     sent = q.reshape(-1, q.shape[-1]).index_select(0, ship.rows)
     got = _all_to_all_rows(sent, ship.send_counts, ship.recv_counts, pg, who, "the all-to-all of shipped queries")
+    lists = _all_to_all_rows(ship.lists, ship.send_counts, ship.recv_counts, pg, who,
+                             "the all-to-all of shipped tile lists")
     ship.received_q = got
-    out = got.new_empty((got.shape[0], v.shape[-1]))
-    lse = torch.empty(got.shape[0], dtype=ct, device=got.device)
-    bounded = got.shape[0] > 0 and _bounded(got, k, scale, ct)
-    for b, h, j, rows in _tiles(ship):
-        s, _, _ = _tile_scores(got.index_select(0, rows), k, b, h, j, key_real, block_size, scale, ct)
+    _expand(ship, lists, hkv, nb)
+    n_pairs = ship.pair_unit.numel()
+    pair_out = torch.empty((n_pairs, v.shape[-1]), dtype=ct, device=got.device)
+    pair_lse = torch.empty(n_pairs, dtype=ct, device=got.device)
+    bounded = n_pairs > 0 and _bounded(got, k, scale, ct)
+    for b, h, j, p0, p1 in ship.groups:
+        units = ship.pair_unit[p0:p1]
+        s, _, _ = _tile_scores(got.index_select(0, units), k, b, h, j, key_real, block_size, scale, ct)
         if bounded:  # exp cannot overflow: no running maximum needed
             p = s.exp_()
             total = p.sum(-1)
-            row_lse = total.log()
+            pair_lse[p0:p1] = total.log()
         else:
             m = s.amax(-1)  # a selected tile always holds a real key: m is finite
             p = s.sub_(m[:, None]).exp_()
             total = p.sum(-1)
-            row_lse = m.add_(total.log())
-        o = (p @ v[b, h, j * block_size:(j + 1) * block_size].to(ct)).div_(total[:, None])
-        out.index_copy_(0, rows, o.to(out.dtype))
-        lse.index_copy_(0, rows, row_lse)
-    o = _all_to_all_rows(out, ship.recv_counts, ship.send_counts, pg, who, "the all-to-all of partial outputs")
+            pair_lse[p0:p1] = m.add_(total.log())
+        pair_out[p0:p1] = (p @ v[b, h, j * block_size:(j + 1) * block_size].to(ct)).div_(total[:, None])
+    out, lse = _merge_units(got.shape[0], ship.pair_unit, pair_out, pair_lse)
+    o = _all_to_all_rows(out.to(q.dtype), ship.recv_counts, ship.send_counts, pg, who,
+                         "the all-to-all of partial outputs")
     l = _all_to_all_rows(lse, ship.recv_counts, ship.send_counts, pg, who, "the all-to-all of partial log-sum-exps")
     return o, l
+
+
+def _merge_units(n: int, unit: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Each unit's tiles merged into one partial: softmax over the union of its tiles' keys."""
+    top = torch.full((n,), float("-inf"), dtype=lse.dtype, device=lse.device).scatter_reduce_(
+        0, unit, lse, reduce="amax")
+    w = (lse - top[unit]).exp()
+    denom = torch.zeros_like(top).index_add_(0, unit, w)
+    acc = torch.zeros((n, out.shape[-1]), dtype=out.dtype, device=out.device).index_add_(0, unit, out * w[:, None])
+    return acc / denom.clamp(min=torch.finfo(denom.dtype).tiny)[:, None], top + denom.log()
 
 
 def merge(out: Tensor, lse: Tensor, rows: Tensor, part_out: Tensor, part_lse: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,9 +216,9 @@ def merge(out: Tensor, lse: Tensor, rows: Tensor, part_out: Tensor, part_lse: Te
 def backward_shipped(grad_out: Tensor, out: Tensor, lse: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor,
                      ship: Shipment, *, block_size: int, scale: float, key_real: Tensor | None,
                      pg: dist.ProcessGroup, who: str) -> Tensor:
-    """Backward of the shipped pairs. Sends this rank's shipped rows' output gradients with the rows'
+    """Backward of the shipped units. Sends this rank's units' output gradients with the rows'
     merged statistics (lse, delta = dO . O); as an owner, adds its tiles' dK/dV into `dk`/`dv`
-    and returns the peers' rows' dQ. Returns this rank's pairs' dQ `[N, D]` (q's dtype)."""
+    and returns the peers' units' dQ. Returns this rank's units' dQ `[U, D]` (q's dtype)."""
     ct = lse.dtype
     d = grad_out.shape[-1]
     go = grad_out.reshape(-1, d).index_select(0, ship.rows)
@@ -191,16 +229,18 @@ def backward_shipped(grad_out: Tensor, out: Tensor, lse: Tensor, k: Tensor, v: T
     st_in = _all_to_all_rows(stats, ship.send_counts, ship.recv_counts, pg, who,
                              "the all-to-all of shipped softmax statistics")
     q_in = ship.received_q
-    dq_in = q_in.new_empty(q_in.shape)
-    for b, h, j, rows in _tiles(ship):
-        s, qs, kt = _tile_scores(q_in.index_select(0, rows), k, b, h, j, key_real, block_size, scale, ct)
-        st = st_in.index_select(0, rows)
+    dq_in = torch.zeros(q_in.shape, dtype=ct, device=q_in.device)
+    for b, h, j, p0, p1 in ship.groups:
+        units = ship.pair_unit[p0:p1]
+        s, qs, kt = _tile_scores(q_in.index_select(0, units), k, b, h, j, key_real, block_size, scale, ct)
+        st = st_in.index_select(0, units)
         p = s.sub_(st[:, :1]).exp_()
-        g = go_in.index_select(0, rows).to(ct)
+        g = go_in.index_select(0, units).to(ct)
         vt = v[b, h, j * block_size:(j + 1) * block_size].to(ct)
         sl = slice(j * block_size, (j + 1) * block_size)
         dv[b, h, sl] += (p.transpose(0, 1) @ g).to(dv.dtype)
         ds = (g @ vt.transpose(0, 1)).sub_(st[:, 1:]).mul_(p)
-        dq_in.index_copy_(0, rows, (ds @ kt).mul_(scale).to(dq_in.dtype))
+        dq_in.index_add_(0, units, (ds @ kt).mul_(scale))
         dk[b, h, sl] += (ds.transpose(0, 1) @ qs).to(dk.dtype)  # qs carries the scale
-    return _all_to_all_rows(dq_in, ship.recv_counts, ship.send_counts, pg, who, "the all-to-all of query gradients")
+    return _all_to_all_rows(dq_in.to(q_in.dtype), ship.recv_counts, ship.send_counts, pg, who,
+                            "the all-to-all of query gradients")
