@@ -9,8 +9,8 @@ from moba_rewrite.kernels.torch import blocks, fast
 from moba_rewrite.kernels.torch.select import select_blocks
 
 
-def _masked_reference(q, k, v, selection, block_size, causal, scale):
-    """Dense softmax attention over each query's own block plus its given blocks (fp64)."""
+def _allowed(q, k, selection, block_size, causal):
+    """`[B, Hq, Tq, Tk]` bool: the keys of each query's own block plus its given blocks."""
     b, hq, tq, d = q.shape
     tk = k.shape[2]
     n = -(-tk // block_size)
@@ -21,6 +21,13 @@ def _masked_reference(q, k, v, selection, block_size, causal, scale):
     allowed = chosen[..., :n][..., torch.arange(tk) // block_size]
     if causal:
         allowed &= torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]
+    return allowed
+
+
+def _masked_reference(q, k, v, selection, block_size, causal, scale):
+    """Dense softmax attention over each query's own block plus its given blocks (fp64)."""
+    hq = q.shape[1]
+    allowed = _allowed(q, k, selection, block_size, causal)
     g = hq // k.shape[1]
     kk, vv = (x.double().repeat_interleave(g, 1) for x in (k, v))
     return torch.nn.functional.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=allowed, scale=scale)
@@ -75,16 +82,8 @@ def test_given_selection_in_the_threaded_split_equals_the_gate():
 
 def _masked_lse(q, k, selection, block_size, causal, scale):
     """Log-sum-exp of each row's scaled scores over its own block plus its given blocks (fp64)."""
-    b, hq, tq, d = q.shape
-    tk = k.shape[2]
-    n = -(-tk // block_size)
-    own = (torch.arange(tk - tq, tk) // block_size).expand(b, hq, tq)
-    chosen = torch.zeros(b, hq, tq, n + 1, dtype=torch.bool)
-    chosen.scatter_(-1, torch.where(selection < 0, n, selection), True)
-    chosen.scatter_(-1, own[..., None], True)
-    allowed = chosen[..., :n][..., torch.arange(tk) // block_size]
-    if causal:
-        allowed &= torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]
+    hq = q.shape[1]
+    allowed = _allowed(q, k, selection, block_size, causal)
     s = q.double() @ k.double().repeat_interleave(hq // k.shape[1], 1).transpose(-1, -2) * scale
     return s.masked_fill(~allowed, float("-inf")).logsumexp(-1)
 
