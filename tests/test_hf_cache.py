@@ -163,6 +163,22 @@ def test_beam_search_reorders_the_means_with_the_cache(cache):
     assert torch.equal(got.sequences, want.sequences)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "explicit_static"])
+def test_assisted_decoding_crops_and_rewrites_the_cache(cache):
+    """Prompt-lookup (assisted) decoding verifies several draft tokens per call and crops the cache
+    back when drafts are rejected: tokens and logits still equal the reference."""
+    model = _rewritten("llama")
+    ids, mask = _prompts()
+    ids, mask = ids[:1], mask[:1]
+    kw = dict(prompt_lookup_num_tokens=3)
+    if cache == "explicit_static":
+        kw["cache"] = StaticCache(config=model.config, max_cache_len=PROMPT + NEW + 8)
+    with torch.no_grad():
+        got = model.generate(ids, attention_mask=mask, **GEN, **kw)
+        want = _oracle("llama").generate(ids, attention_mask=mask, use_cache=False, **GEN)
+    _check(got, want)
+
+
 def test_compiled_decode_step_with_a_static_cache():
     """torch.compile(fullgraph=True) of decode steps reads the positions and means on the device:
     one graph for every step, the same logits as eager."""
