@@ -109,8 +109,7 @@ def _remote_pair_counts(sel: Tensor, hkv: int, owner_of: Tensor, rank: int, n: i
     remote = picked & (owner_of[blocks] != rank)
     heads = torch.arange(hq, device=sel.device) // (hq // hkv)
     tile = ((torch.arange(b, device=sel.device)[:, None] * hkv + heads[None, :])[:, :, None, None] * n + blocks)
-    counts = torch.zeros(b * hkv * n, dtype=torch.long, device=sel.device)
-    counts.index_add_(0, tile[remote], torch.ones((), dtype=torch.long, device=sel.device).expand(int(remote.sum())))
+    counts = torch.bincount(tile[remote], minlength=b * hkv * n)
     return counts.view(b, hkv, n), tile, remote
 
 
@@ -254,7 +253,7 @@ def moba_attention_cp(
     rank's shard of the output, differentiable in q, k, v; every rank must run the backward.
     `check_ranks`: all-gather shapes and parameters first and fail on every rank if they differ
     (one tiny collective; turn off only when the caller guarantees it). `exchange`: how a selected
-    remote block is reached: `auto` (per tile, whichever moves fewer bytes), `keys` (fetch its
+    remote block is reached: `auto` (per tile, whichever makes its owner send less), `keys` (fetch its
     key/value tile), `queries` (ship the query rows that selected it to its owner); the same
     output either way, every rank passing the same value.
     """

@@ -96,9 +96,10 @@ def moba_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int,
                    top_k: int, scale: float | None = None, enable_gqa: bool = False, check_ranks: bool = True) -> Tensor:
     """MoBA for the newest `Tq` tokens against a contiguously sharded KV cache (see the module doc).
 
-    q `[B, Hq, Tq, D]` (the same on every rank); k_local / v_local `[B, Hkv, S, D]`: this rank's cache
-    slots (positions `[rank * S, (rank + 1) * S)`), `S % block_size == 0`; `seq_len`: filled length of
-    the whole cache, the queries being its last `Tq` tokens. Returns `[B, Hq, Tq, D]` on every rank."""
+    q `[B, Hq, Tq, D]` (the same on every rank); k_local `[B, Hkv, S, D]` / v_local `[B, Hkv, S, Dv]`:
+    this rank's cache slots (positions `[rank * S, (rank + 1) * S)`), `S % block_size == 0`; `seq_len`:
+    filled length of the whole cache, the queries being its last `Tq` tokens. Returns
+    `[B, Hq, Tq, Dv]` on every rank."""
     pg = resolve_group(group, _WHO)
     try:  # moba_attention's rules on one query (a rank's filled shard may be shorter than Tq)
         validate(q[:, :, -1:], k_local, v_local, block_size=block_size, top_k=top_k, scale=scale, attn_mask=None,

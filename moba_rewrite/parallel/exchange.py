@@ -8,7 +8,7 @@
 2. Block exchange: every owner sends the requested `(batch, kv head, block)` key and value tiles
    `[block_size, D + Dv]`, grouped by destination, in one `all_to_all_single` with uneven splits.
    Both sides list the tiles in the same order (destination or source rank, then batch, kv head,
-   block: the row-major order of the bitmaps), so no index travels with the data.
+   block: the row-major order of the request codes), so no index travels with the data.
 3. Backward: the dK/dV tiles of fetched blocks travel the same way in reverse and are added into
    their owner's gradient (a block fetched by several ranks gets the sum).
 """

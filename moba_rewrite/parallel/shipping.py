@@ -178,38 +178,42 @@ def attend_shipped(q: Tensor, k: Tensor, v: Tensor, ship: Shipment, *, block_siz
             total = p.sum(-1)
             pair_lse[p0:p1] = m.add_(total.log())
         pair_out[p0:p1] = (p @ v[b, h, j * block_size:(j + 1) * block_size].to(ct)).div_(total[:, None])
-    out, lse = _merge_units(got.shape[0], ship.pair_unit, pair_out, pair_lse)
+    out, lse = _lse_merge(ship.pair_unit, pair_out, pair_lse, got.shape[0])
     o = _all_to_all_rows(out.to(q.dtype), ship.recv_counts, ship.send_counts, pg, who,
                          "the all-to-all of partial outputs")
     l = _all_to_all_rows(lse, ship.recv_counts, ship.send_counts, pg, who, "the all-to-all of partial log-sum-exps")
     return o, l
 
 
-def _merge_units(n: int, unit: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
-    """Each unit's tiles merged into one partial: softmax over the union of its tiles' keys."""
-    top = torch.full((n,), float("-inf"), dtype=lse.dtype, device=lse.device).scatter_reduce_(
-        0, unit, lse, reduce="amax")
-    w = (lse - top[unit]).exp()
-    denom = torch.zeros_like(top).index_add_(0, unit, w)
-    acc = torch.zeros((n, out.shape[-1]), dtype=out.dtype, device=out.device).index_add_(0, unit, out * w[:, None])
-    return acc / denom.clamp(min=torch.finfo(denom.dtype).tiny)[:, None], top + denom.log()
+def _lse_merge(index: Tensor, out: Tensor, lse: Tensor, n: int,
+               base: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Softmax over the union of key sets, from partial results: `out[i]` / `lse[i]` (compute
+    precision) belong to result `index[i]` of `n`; `base` (`[n, D]`, `[n]`): a partial every result
+    starts from. Returns the merged `[n, D]` and `[n]`; a result with nothing visible gets 0 and -inf."""
+    top = base[1].clone() if base is not None else torch.full((n,), float("-inf"), dtype=lse.dtype,
+                                                               device=lse.device)
+    top = top.scatter_reduce_(0, index, lse, reduce="amax")
+    top = torch.where(top == float("-inf"), 0.0, top)
+    w = (lse - top[index]).exp()
+    if base is None:
+        denom = torch.zeros_like(top).index_add_(0, index, w)
+        acc = torch.zeros((n, out.shape[-1]), dtype=out.dtype, device=out.device)
+    else:
+        w_base = (base[1] - top).exp()
+        denom = w_base.index_add(0, index, w)
+        acc = base[0] * w_base[:, None]
+    acc.index_add_(0, index, out * w[:, None])
+    merged = torch.where(denom[:, None] > 0, acc / denom.clamp(min=torch.finfo(denom.dtype).tiny)[:, None], 0.0)
+    return merged, torch.where(denom > 0, top + denom.log(), float("-inf"))
 
 
 def merge(out: Tensor, lse: Tensor, rows: Tensor, part_out: Tensor, part_lse: Tensor) -> tuple[Tensor, Tensor]:
     """Softmax over the union of the keys: the local `(out [B, Hq, T, D], lse [B, Hq, T])` and the
     partials of flat rows `rows`. Returns the merged output (out's dtype) and log-sum-exp."""
-    shape, d = out.shape, out.shape[-1]
     ct = lse.dtype
-    lse_f = lse.reshape(-1)
-    top = lse_f.clone().scatter_reduce_(0, rows, part_lse.to(ct), reduce="amax")
-    top = torch.where(top == float("-inf"), 0.0, top)  # rows that see nothing: weights 0, output 0
-    w_local = (lse_f - top).exp()
-    w_part = (part_lse.to(ct) - top[rows]).exp()
-    denom = w_local.index_add(0, rows, w_part)
-    acc = (out.reshape(-1, d).to(ct) * w_local[:, None]).index_add_(0, rows, part_out.to(ct) * w_part[:, None])
-    merged = torch.where(denom[:, None] > 0, acc / denom.clamp(min=torch.finfo(ct).tiny)[:, None], 0.0)
-    merged_lse = torch.where(denom > 0, top + denom.log(), float("-inf"))
-    return merged.view(shape).to(out.dtype), merged_lse.view(lse.shape)
+    base = (out.reshape(-1, out.shape[-1]).to(ct), lse.reshape(-1))
+    merged, merged_lse = _lse_merge(rows, part_out.to(ct), part_lse.to(ct), lse.numel(), base)
+    return merged.view(out.shape).to(out.dtype), merged_lse.view(lse.shape)
 
 
 @torch.no_grad()
