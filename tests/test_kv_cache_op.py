@@ -71,6 +71,25 @@ def test_equals_moba_on_the_filled_prefix(backend, mask_kind, causal, tq, filled
         torch.testing.assert_close(after, before, equal_nan=True, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["spare_slots", "heads_swapped"])
+def test_a_cache_that_is_a_view_of_a_larger_buffer(layout):
+    """A cache whose heads and batch rows sit at strides longer than its length (`GrowingDynamicLayer`
+    hands the op `buffer[:, :, :filled]`), or whose heads are permuted in memory: the same answer,
+    and nothing read from the spare slots (NaN there)."""
+    q, k, v, means, pos = _cache(33, 33, b=2, hkv=2)
+    if layout == "spare_slots":
+        bufs = [torch.full((2, 2, 50, 16), float("nan")) for _ in range(2)]
+        for buf, t in zip(bufs, (k, v)):
+            buf[:, :, :33] = t
+        kc, vc = (buf[:, :, :33] for buf in bufs)
+        assert kc.stride(1) == 50 * 16 and not kc.is_contiguous()
+    else:
+        kc, vc = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (k, v))
+    kw = dict(block_size=BS, top_k=2, enable_gqa=True)
+    got = mr.moba_attention_kv_cache(q, kc, vc, means, pos, backend="torch", **kw)
+    torch.testing.assert_close(got, _expected(q, k, v, 33, None, True, 2), atol=2e-5, rtol=2e-5)
+
+
 def test_torch_backend_sliced_path_for_long_chunks(monkeypatch):
     """Past the gather budget the torch backend reads the filled length and runs its prefill path."""
     q, k, v, means, pos = _cache(30, 45, tq=6)

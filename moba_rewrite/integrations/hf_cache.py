@@ -16,6 +16,10 @@ forwards to the attention function. With it, `attention` here:
   a dynamic one; each call recomputes only the block(s) holding the tokens just written;
 * calls `moba::attention_kv_cache` (MoBA of the filled prefix, SPEC section 2 item 9).
 
+A plain `DynamicLayer` of a MoBA site becomes a `GrowingDynamicLayer` (`hf_cache_growth`) at its
+first eager call: the same tokens, written into a buffer with spare room instead of concatenated,
+so a decode step does not copy the whole cache (O(T) per token) before MoBA reads a few blocks.
+
 The means follow the cache: the pre-hook sees the layer's key tensor before each call, and a
 tensor other than the one the means describe (beam-search reordering, batch selection, crop,
 reset, a cache filled elsewhere) makes them recomputed from the cache at that call.
@@ -113,7 +117,11 @@ def _before_update(module: nn.Module, cache: Any, new_tokens: int | None) -> Non
     state = layer.__dict__.get("moba_block_means")
     if state is not None and state.keys_ref() is not getattr(layer, "keys", None):
         state.stale = True
-    static, _ = _kinds()
+    static, dynamic = _kinds()
+    if type(layer) is dynamic:  # decode steps write in place instead of concatenating the whole cache
+        from moba_rewrite.integrations.hf_cache_growth import grow_in_place
+
+        grow_in_place(layer)
     if new_tokens is None or not isinstance(layer, static) or layer.is_sliding:
         return
     size = layer.max_cache_len

@@ -67,12 +67,24 @@ def _selection(q_rows: Tensor, means: Tensor, row_pos: Tensor, filled: Tensor, v
 
 
 def _flat_index(index: Tensor, cache: Tensor) -> Tensor | None:
-    """Row numbers of `cache.view(-1, D)` for `index[b, h, r, w]`, or None if the cache cannot be viewed so."""
+    """Row numbers of `_rows_view(cache)` for `index[b, h, r, w]`, or None if the cache's tokens are not
+    rows of D contiguous elements at strides that are whole rows (a cache that is a view of a
+    larger buffer, as `GrowingDynamicLayer` keeps, is fine)."""
     b, hkv, length, d = cache.shape
-    if cache.stride(2) != d or cache.stride(1) != length * d or (b > 1 and cache.stride(0) != hkv * length * d):
+    if cache.stride(3) != 1 or cache.stride(2) != d or cache.stride(1) % d or cache.stride(0) % d:
         return None
-    base = torch.arange(0, b * hkv * length, length, device=cache.device).view(b, hkv, 1, 1)
-    return (index + base).view(-1)
+    head_rows = cache.stride(1) // d
+    base = torch.arange(hkv, device=cache.device) * head_rows
+    if b > 1:
+        base = (torch.arange(b, device=cache.device) * (cache.stride(0) // d))[:, None] + base
+    return (index + base.view(-1, hkv, 1, 1)).view(-1)
+
+
+def _rows_view(cache: Tensor) -> Tensor:
+    """`[rows, D]` over the cache's storage from its first element to its last (see `_flat_index`)."""
+    b, hkv, length, d = cache.shape
+    rows = (b - 1) * (cache.stride(0) // d) + (hkv - 1) * (cache.stride(1) // d) + length
+    return cache.as_strided((rows, d), (d, 1))
 
 
 def _gather(cache: Tensor, index: Tensor, flat: Tensor | None, scratch: Scratch, name: str) -> Tensor:
@@ -82,7 +94,7 @@ def _gather(cache: Tensor, index: Tensor, flat: Tensor | None, scratch: Scratch,
     d = cache.shape[-1]
     if flat is not None:
         buf = scratch.get(name, (flat.shape[0], d))
-        return torch.index_select(cache.view(-1, d), 0, flat, out=buf).view(*index.shape, d)
+        return torch.index_select(_rows_view(cache), 0, flat, out=buf).view(*index.shape, d)
     b, hkv = cache.shape[:2]
     return cache.gather(2, index.reshape(b, hkv, -1, 1).expand(-1, -1, -1, d)).view(*index.shape, d)
 

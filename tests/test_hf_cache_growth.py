@@ -1,0 +1,151 @@
+"""`GrowingDynamicLayer` holds what transformers' `DynamicLayer` holds, call for call, and MoBA sites of
+a rewritten model decode with it.
+
+The reference is transformers' own `DynamicLayer` driven through the same sequence of calls
+(prefill, decode steps across buffer growth, crop, batch selection, beam reordering, repeat, reset).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+import moba_rewrite as mr
+from moba_rewrite.integrations.hf_cache_growth import GrowingDynamicLayer, capacity_for, grow_in_place
+
+B, H, D = 2, 3, 4
+
+
+def _states(t: int, *, batch: int = B, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.randn(batch, H, t, D, generator=gen), torch.randn(batch, H, t, D + 1, generator=gen))
+
+
+def _same(growing: DynamicLayer, plain: DynamicLayer) -> None:
+    assert torch.equal(growing.keys, plain.keys) and torch.equal(growing.values, plain.values)
+    assert growing.get_seq_length() == plain.get_seq_length()
+
+
+def _pair() -> tuple[DynamicLayer, DynamicLayer]:
+    growing = DynamicLayer()
+    assert grow_in_place(growing)
+    return growing, DynamicLayer()
+
+
+def _update_both(growing, plain, k, v) -> None:
+    got = growing.update(k, v)
+    want = plain.update(k, v)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    _same(growing, plain)
+
+
+def test_decode_across_growth_crop_select_repeat_and_reset_matches_dynamic_layer():
+    gen = torch.Generator().manual_seed(0)
+    growing, plain = _pair()
+    prompt = 300
+    _update_both(growing, plain, *_states(prompt, gen=gen))
+    first = growing._moba_buffers[0]
+    assert first.shape[2] == capacity_for(prompt) and growing.keys.data_ptr() == first.data_ptr()
+    for _ in range(capacity_for(prompt) - prompt + 5):  # past the first buffer's end: one regrowth
+        _update_both(growing, plain, *_states(1, gen=gen))
+    assert growing._moba_buffers[0].shape[2] > first.shape[2]
+    growing.crop(-7), plain.crop(-7)
+    _same(growing, plain)
+    _update_both(growing, plain, *_states(3, gen=gen))  # writes over the cropped slots
+    order = torch.tensor([1, 0])
+    growing.reorder_cache(order), plain.reorder_cache(order)  # a new tensor: the next update starts a new buffer
+    _same(growing, plain)
+    _update_both(growing, plain, *_states(1, gen=gen))
+    growing.batch_select_indices(torch.tensor([1])), plain.batch_select_indices(torch.tensor([1]))
+    _update_both(growing, plain, *_states(2, batch=1, gen=gen))
+    growing.batch_repeat_interleave(2), plain.batch_repeat_interleave(2)
+    _update_both(growing, plain, *_states(1, gen=gen))
+    growing.reset(), plain.reset()
+    _update_both(growing, plain, *_states(5, gen=gen))
+    assert type(growing) is GrowingDynamicLayer
+
+
+def test_decoding_copies_each_token_a_constant_number_of_times():
+    gen = torch.Generator().manual_seed(1)
+    growing, plain = _pair()
+    _update_both(growing, plain, *_states(64, gen=gen))
+    buffers = set()
+    for _ in range(3000):
+        growing.update(*_states(1, gen=gen))
+        buffers.add(growing._moba_buffers[0].data_ptr())
+    # capacity grows by a quarter (>= 256 slots) each time: 64 -> 3064 tokens takes a handful of buffers
+    assert len(buffers) <= 8, len(buffers)
+
+
+def test_calls_it_cannot_serve_in_place_behave_as_dynamic_layer():
+    gen = torch.Generator().manual_seed(2)
+    growing, plain = _pair()
+    _update_both(growing, plain, *_states(10, gen=gen))
+    with pytest.raises(RuntimeError):  # a batch that disagrees with the cache: torch.cat's error, not a broadcast
+        growing.update(*_states(1, batch=1, gen=gen))
+    with pytest.raises(RuntimeError):
+        plain.update(*_states(1, batch=1, gen=gen))
+    _same(growing, plain)
+    k, v = _states(1, gen=gen)
+    _update_both(growing, plain, k.double(), v.double())  # promotion, as torch.cat does
+    assert growing.keys.dtype == torch.float64
+    k, v = _states(2, gen=gen)
+    k.requires_grad_(True)
+    _update_both(growing, plain, k, v)  # recorded for autograd: concatenated, nothing written in place
+    assert growing.keys.requires_grad
+    _update_both(growing, plain, *(s.double() for s in _states(1, gen=gen)))
+
+
+def test_only_plain_dynamic_layers_are_swapped():
+    from transformers.cache_utils import DynamicSlidingWindowLayer, StaticLayer
+
+    assert not grow_in_place(DynamicSlidingWindowLayer(sliding_window=8))
+    assert not grow_in_place(StaticLayer(max_cache_len=8))
+
+
+def test_generate_grows_moba_sites_in_place_and_keeps_dense_sites_stock():
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    policy = {"version": 1, "defaults": {"block_size": 4, "top_k": 2, "decode": "moba"},
+              "rules": [{"layers": "-1:", "mode": "dense"}]}  # last layer dense
+    ids = torch.randint(0, 64, (1, 14), generator=torch.Generator().manual_seed(3))
+    mr.rewrite(model, policy)
+    cache = DynamicCache(config=cfg)
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    assert type(cache.layers[0]) is GrowingDynamicLayer and type(cache.layers[1]) is DynamicLayer
+    assert cache.layers[0].get_seq_length() == cache.layers[1].get_seq_length() == out.shape[1] - 1
+    # the tokens held at the MoBA site are the model's keys: recompute them without a cache
+    ref_cache = DynamicCache(config=cfg)
+    with torch.no_grad():
+        model(out[:, :-1], past_key_values=ref_cache, use_cache=True)
+    assert torch.allclose(cache.layers[0].keys, ref_cache.layers[0].keys, atol=1e-5)
+    assert torch.allclose(cache.layers[0].values, ref_cache.layers[0].values, atol=1e-5)
+
+
+def test_a_grown_cache_decodes_under_torch_compile_fullgraph():
+    """Prefill eagerly (the layer grows in place), then decode with the compiled model: the compiled
+    steps concatenate (no in-place writes in a graph) and equal eager steps on a copy of the cache."""
+    import copy
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    mr.rewrite(model, {"version": 1, "defaults": {"block_size": 4, "top_k": 2, "decode": "moba"}})
+    cache = DynamicCache(config=cfg)
+    with torch.no_grad():
+        token = model(torch.randint(0, 64, (1, 14)), past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        assert type(cache.layers[0]) is GrowingDynamicLayer
+        eager_cache = copy.deepcopy(cache)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        for _ in range(3):
+            got = compiled(token, past_key_values=cache, use_cache=True).logits
+            want = model(token, past_key_values=eager_cache, use_cache=True).logits
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+            token = want[:, -1:].argmax(-1)
+    assert cache.layers[0].get_seq_length() == eager_cache.layers[0].get_seq_length() == 17
