@@ -13,11 +13,15 @@ mask, its position, the cache. Prints a table of median ms per token and the den
 The last columns give the bound: the time inside the attention functions (dense: SDPA; MoBA: the
 block-means update and the op), and the rest of the dense step (LM head, MLPs, norms, Hugging
 Face's Python and, with a `DynamicCache`, its `torch.cat` of the whole cache in `cache.update`);
-MoBA cannot make a step faster than that rest, so dense / rest is the best ratio possible.
-On CPU, glibc returns large freed blocks to the OS, so a `DynamicCache` step (a fresh 8 MiB tensor
-per layer and K/V at 32K) pays page faults; `MALLOC_MMAP_THRESHOLD_=4294967296
+MoBA's attention cannot make a step faster than that rest, so dense / rest is the best ratio
+possible for the attention alone. With a `DynamicCache` the rewrite also makes MoBA sites' cache
+layers grow in place (`GrowingDynamicLayer`: no whole-cache `torch.cat` per step), which the
+stock dense model pays; the "dense, in-place cache" column gives the dense model the same layers,
+so "that / MoBA" is the gain of MoBA's attention alone.
+On CPU, glibc returns large freed blocks to the OS, so a stock `DynamicCache` step (a fresh 8 MiB
+tensor per layer and K/V at 32K) pays page faults; `MALLOC_MMAP_THRESHOLD_=4294967296
 MALLOC_TRIM_THRESHOLD_=4294967296` (or jemalloc/tcmalloc, as PyTorch's CPU guides advise) removes
-them for dense and MoBA alike.
+them.
 
 `decode_ms_per_token(model, cache_len, cache_implementation, ...)` is importable (for
 `bench_model.py` and notebooks); `make_model(...)` builds the model above at any size.
