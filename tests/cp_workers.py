@@ -54,23 +54,28 @@ def _qkv(b, hq, hkv, t, d, seed, structured=False, dv=None):
 
 def check_op_against_whole_sequence(ctx: Ctx, *, b=1, hq=4, hkv=4, t=128, d=16, block_size=8, top_k=3,
                                     causal=True, layout="contiguous", seq_len=None, seed=0, structured=False,
-                                    scale=None, exchange="auto", dv=None):
-    """Output and gradients of one rank's shard equal the whole-sequence reference's shard."""
+                                    scale=None, exchange="auto", dv=None, key_padding=None):
+    """Output and gradients of one rank's shard equal the whole-sequence reference's shard.
+    `key_padding`: a `[B, T]` bool mask of real tokens (a padded batch), given to the reference as
+    `attn_mask` and to the sharded op as each rank's shard."""
     t_real = seq_len or t
     q, k, v = _qkv(b, hq, hkv, t_real, d, seed, structured, dv)
     grad = torch.randn(b, hq, t_real, dv or d, generator=torch.Generator().manual_seed(seed + 1))
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    mask = None if key_padding is None else key_padding[:, None, None, :]
     ref = moba_attention(qr, kr, vr, block_size=block_size, top_k=top_k, causal=causal, enable_gqa=hq != hkv,
-                         scale=scale, backend="reference")
+                         scale=scale, attn_mask=mask, backend="reference")
     (ref * grad).sum().backward()
     pad = block_size if seq_len else None
-    shard = lambda x: shard_sequence(x, layout=layout, block_size=pad)  # noqa: E731
+    shard = lambda x, dim=2: shard_sequence(x, layout=layout, block_size=pad, dim=dim)  # noqa: E731
     ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
+    local_mask = None if key_padding is None else shard(key_padding, dim=1)
     out = moba_attention_cp(ql, kl, vl, block_size=block_size, top_k=top_k, causal=causal, enable_gqa=hq != hkv,
-                            layout=layout, seq_len=seq_len, scale=scale, exchange=exchange)
+                            layout=layout, seq_len=seq_len, scale=scale, exchange=exchange,
+                            key_padding_mask=local_mask)
     (out * shard(grad)).sum().backward()
     what = (f"[causal={causal} layout={layout} gqa={hq}/{hkv} top_k={top_k} seq_len={seq_len} scale={scale} "
-            f"exchange={exchange} dv={dv}]")
+            f"exchange={exchange} dv={dv} key_padding={key_padding is not None}]")
     close(f"output {what}", unshard_sequence(out.detach(), layout=layout, seq_len=seq_len), ref.detach())
     for name, got, want in (("dq", ql.grad, qr.grad), ("dk", kl.grad, kr.grad), ("dv", vl.grad, vr.grad)):
         # Large scales give gradients in the tens: compare those to fp32 precision of their size.
@@ -105,6 +110,29 @@ def op_padding(ctx):
         for layout in ("contiguous", "zigzag"):
             check_op_against_whole_sequence(ctx, t=0, seq_len=101 if layout == "contiguous" else 93, causal=causal,
                                             layout=layout, seed=4)
+
+
+def _padded_batch(t: int) -> torch.Tensor:
+    """`[3, t]` real-token masks: left padding (37 tokens), right padding (the last 50), and a
+    sequence with a hole covering whole blocks and parts of others (packed-then-padded data)."""
+    mask = torch.ones(3, t, dtype=torch.bool)
+    mask[0, :37] = False
+    mask[1, t - 50:] = False
+    mask[2, 20:61] = False
+    return mask
+
+
+def op_key_padding_mask(ctx):
+    """A padded batch: each row's padding mask, sharded like the tokens, gives the reference MoBA
+    with that mask on the whole sequence (output and gradients), with every exchange mode, causal and
+    not, GQA, zigzag, and alignment padding on top."""
+    for exchange in ("auto", "keys", "queries"):
+        check_op_against_whole_sequence(ctx, b=3, key_padding=_padded_batch(128), exchange=exchange, seed=21)
+    check_op_against_whole_sequence(ctx, b=3, hq=4, hkv=2, layout="zigzag", key_padding=_padded_batch(128), seed=22)
+    check_op_against_whole_sequence(ctx, b=3, causal=False, top_k=4, key_padding=_padded_batch(128), seed=23)
+    t = 101 if ctx.world == 2 else 93
+    check_op_against_whole_sequence(ctx, b=3, t=0, seq_len=t, key_padding=_padded_batch(t), seed=24,
+                                    exchange="queries")
 
 
 def op_uneven_hits_and_top_k_extremes(ctx):
@@ -428,13 +456,14 @@ def fsdp2_and_context_parallel_training_step(ctx):
 
 SUITES = {
     "two": [op_causal_contiguous, op_non_causal, op_gqa_zigzag_causal, op_gqa_zigzag_non_causal, op_padding,
+            op_key_padding_mask,
             op_uneven_hits_and_top_k_extremes, op_half_and_double_precision, op_every_exchange_mode,
             op_value_head_dim_of_its_own,
             dense_sdpa_cp_matches_whole_sequence, decode_against_a_sharded_cache,
             traffic_only_selected_blocks, traffic_auto_spares_the_owners,
             shard_round_trip,
             bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
-    "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_uneven_hits_and_top_k_extremes,
+    "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,
              decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, fsdp2_and_context_parallel_training_step],
 }
@@ -467,6 +496,9 @@ def rank_main(rank: int, world: int, port: int, out_dir: str, suite: str) -> Non
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
     ctx = Ctx(rank, world)
     cases = SUITES[suite]
+    only = os.environ.get("MOBA_CP_CASES")  # a comma-separated subset, for working on one case
+    if only:
+        cases = [c for c in cases if c.__name__ in only.split(",")]
     for i, case in enumerate(cases):
         torch.manual_seed(0)
         try:

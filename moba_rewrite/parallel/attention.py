@@ -117,13 +117,15 @@ class _Compact:
     """This rank's attention problem: k/v as `[fetched blocks | own blocks]` and the selection in
     those slots, plus what the backward needs to send gradients home."""
 
-    def __init__(self, q, k, v, cfg: _Config):
+    def __init__(self, q, k, v, cfg: _Config, key_padding: Tensor | None = None):
         lay, bs = cfg.lay, cfg.block_size
         dev = q.device
         self.blocks_of = torch.tensor([lay.blocks(r, bs) for r in range(lay.world)], device=dev)  # [W, nb]
         positions = lay.positions(cfg.rank, dev)
         self.query_real = positions < cfg.seq_len
         self.padded = not bool(self.query_real.all())
+        self.local_keys = key_padding  # [B, T_local] bool or None
+        self.global_keys = None if key_padding is None else _gather_key_mask(key_padding, cfg)
         sel, fetched, tiles = self._route(q, k, v, positions, cfg)
         self._assemble(k, v, sel, fetched, tiles, cfg)
 
@@ -132,8 +134,12 @@ class _Compact:
         global blocks fetched for any (batch, kv head), the received tiles or None)."""
         bs, n, dev = cfg.block_size, self.blocks_of.numel(), q.device
         means = _gather_means(_local_means(k, positions, cfg), self.blocks_of, cfg)
+        visible = None
+        if self.global_keys is not None:
+            visible = self.global_keys.view(self.global_keys.shape[0], n, bs).any(-1)
         sel = select_history(q, means, positions // bs, top_k=cfg.top_k, causal=cfg.causal,
-                             n_real=-(-cfg.seq_len // bs), query_real=self.query_real if self.padded else None)
+                             n_real=-(-cfg.seq_len // bs), query_real=self.query_real if self.padded else None,
+                             block_visible=visible)
         self.exchange: BlockExchange | None = None
         self.ship: shipping.Shipment | None = None
         if sel.shape[-1] == 0:  # top_k == 1 (the same on every rank, checked): no rank exchanges anything
@@ -156,7 +162,8 @@ class _Compact:
         return sel, (codes == shipping.FETCH).any(1).any(0).nonzero().squeeze(1), tiles
 
     def _assemble(self, k, v, sel: Tensor, fetched: Tensor, tiles: Tensor | None, cfg: _Config) -> None:
-        """Compact k/v, the selection in compact slots, and the mask of padding keys (if any)."""
+        """Compact k/v, the selection in compact slots, and the mask of hidden keys (alignment padding
+        and the key padding mask; None when every key is visible)."""
         bs, n, dev = cfg.block_size, self.blocks_of.numel(), k.device
         b, hkv, _, d = k.shape
         own = self.blocks_of[cfg.rank]
@@ -177,10 +184,13 @@ class _Compact:
             self.v.view(b, hkv, f + nb, bs, dv)[rb, rh, slots] = tiles[..., d:]
         self.selection = self.slot_of[torch.where(sel < 0, n, sel)]
         key_pos = (torch.cat([fetched, own])[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
-        real_keys = key_pos < cfg.seq_len
-        self.key_mask = None if bool(real_keys.all()) else real_keys.view(1, 1, 1, -1)
-        own_real = (own[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1) < cfg.seq_len
-        self.own_key_real = None if bool(own_real.all()) else own_real  # this rank's keys, for shipped rows
+        real_keys = (key_pos < cfg.seq_len)[None]
+        own_real = ((own[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1) < cfg.seq_len)[None]
+        if self.global_keys is not None:
+            real_keys = real_keys & self.global_keys[:, key_pos]
+            own_real = own_real & self.local_keys
+        self.key_mask = None if bool(real_keys.all()) else real_keys[:, None, None, :]  # [1 | B, 1, 1, K]
+        self.own_key_real = None if bool(own_real.all()) else own_real  # [1 | B, T_local], for shipped rows
 
     def zero_padding_rows(self, x: Tensor) -> Tensor:
         """Rows of padding queries set to zero (they are no part of the sequence)."""
@@ -189,9 +199,9 @@ class _Compact:
 
 class _MobaCP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cfg: _Config) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cfg: _Config, key_padding: Tensor | None) -> Tensor:
         k, v = k.contiguous(), v.contiguous()
-        plan = _Compact(q, k, v, cfg)
+        plan = _Compact(q, k, v, cfg, key_padding)
         kw = dict(block_size=cfg.block_size, top_k=cfg.top_k, causal=cfg.causal, scale=cfg.scale,
                   attn_mask=plan.key_mask, selection=plan.selection)
         lse = None
@@ -232,14 +242,14 @@ class _MobaCP(torch.autograd.Function):
             grads = torch.cat([dk_c.view(b, hkv, -1, bs, d)[rb, rh, slots],
                                dv_c.view(b, hkv, -1, bs, dv_c.shape[-1])[rb, rh, slots]], dim=-1)
             return_gradients(grads, plan.exchange, dk, dv, bs, cfg.pg, _WHO)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
 @torch.compiler.disable
 def moba_attention_cp(
     q: Tensor, k: Tensor, v: Tensor, *, group=None, block_size: int, top_k: int, causal: bool = True,
     scale: float | None = None, enable_gqa: bool = False, layout: str = "contiguous", seq_len: int | None = None,
-    check_ranks: bool = True, exchange: str = "auto",
+    check_ranks: bool = True, exchange: str = "auto", key_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """MoBA on a sequence sharded across `group`: equals `moba_attention` on the whole sequence.
 
@@ -255,7 +265,11 @@ def moba_attention_cp(
     (one tiny collective; turn off only when the caller guarantees it). `exchange`: how a selected
     remote block is reached: `auto` (per tile, whichever makes its owner send less), `keys` (fetch its
     key/value tile), `queries` (ship the query rows that selected it to its owner); the same
-    output either way, every rank passing the same value.
+    output either way, every rank passing the same value. `key_padding_mask`: `[B, T_local]`, this
+    rank's shard (`shard_sequence(mask, dim=1)`) of a padded batch's mask, True (or nonzero) for
+    real tokens: the result is `moba_attention` with `attn_mask=mask[:, None, None, :]` on the
+    whole sequence (hidden keys are never attended, blocks without a visible key are never
+    candidates; a query that sees no key gets zeros). Every rank passes one or none.
     """
     shipping.check_mode(exchange, _WHO)
     pg, lay = check_shards(_WHO, q, k, v, group=group, layout=layout, block_size=block_size, top_k=top_k, scale=scale,
@@ -263,9 +277,39 @@ def moba_attention_cp(
     lay.check_blocks(block_size, _WHO)
     seq_len = resolve_seq_len(seq_len, lay, _WHO)
     resolved = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    key_padding = check_key_padding(key_padding_mask, q, _WHO)
     if check_ranks:
         check_call_agreement(_WHO, pg, kind="moba", q=q, k=k, block_size=block_size, top_k=top_k, causal=causal,
-                             layout=layout, seq_len=seq_len, scale=resolved, exchange=exchange)
+                             layout=layout, seq_len=seq_len, scale=resolved, exchange=exchange,
+                             key_padding=key_padding is not None)
     cfg = _Config(pg=pg, lay=lay, rank=dist.get_rank(pg), block_size=block_size, top_k=top_k, causal=bool(causal),
                   scale=resolved, seq_len=seq_len, exchange=exchange)
-    return _MobaCP.apply(q, k, v, cfg)
+    return _MobaCP.apply(q, k, v, cfg, key_padding)
+
+
+def check_key_padding(mask: Tensor | None, q: Tensor, who: str) -> Tensor | None:
+    """A `[B, T_local]` key padding mask as bool on q's device (True: a real key), or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or tuple(mask.shape) != (q.shape[0], q.shape[2]):
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{who}: key_padding_mask must be [B, T_local] = {[q.shape[0], q.shape[2]]} (this rank's "
+                         f"shard of the batch's padding mask), got {got}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise ValueError(f"{who}: key_padding_mask must be bool or integer (True / 1 for real tokens), got "
+                         f"{mask.dtype}")
+    return mask.to(device=q.device, dtype=torch.bool)
+
+
+def _gather_key_mask(local: Tensor, cfg: _Config) -> Tensor:
+    """The whole sequence's key padding mask `[B, T_global]` in global order, from every rank's shard
+    (one all-gather of B x T_local bytes per rank); alignment padding past `seq_len` stays hidden."""
+    lay = cfg.lay
+    with collective(_WHO, "the all-gather of the key padding mask", cfg.pg):
+        everyone = all_gather_stacked(local.to(torch.uint8), cfg.pg)  # [W, B, T_local]
+    count("key padding mask", local.numel() * (lay.world - 1))
+    b = local.shape[0]
+    order = torch.cat([lay.positions(r, local.device) for r in range(lay.world)])
+    out = torch.zeros((b, lay.global_len), dtype=torch.bool, device=local.device)
+    out[:, order] = everyone.permute(1, 0, 2).reshape(b, -1).bool()
+    return out

@@ -20,12 +20,14 @@ _CHUNK_ELEMS = 1 << 22
 
 @torch.no_grad()
 def select_history(q: Tensor, means: Tensor, own_block: Tensor, *, top_k: int, causal: bool, n_real: int,
-                   query_real: Tensor | None = None) -> Tensor:
+                   query_real: Tensor | None = None, block_visible: Tensor | None = None) -> Tensor:
     """History blocks per query, `[B, Hq, T, picks]` int64 global block indices (-1 = none).
 
     q `[B, Hq, T, D]`; means `[B, Hkv, n, D]` (every block of the sequence, compute precision);
     own_block `[T]` each query's global block; n_real: blocks holding at least one real token
-    (the others are padding, never candidates); query_real `[T]` bool: padding queries get none.
+    (the others are padding, never candidates); query_real `[T]` bool: padding queries get none;
+    block_visible `[B, n]` bool: blocks with at least one key the key padding mask shows (the
+    others are never candidates, SPEC section 2 step 4).
     """
     b, hq, t, d = q.shape
     hkv, n = means.shape[1], means.shape[2]
@@ -45,6 +47,8 @@ def select_history(q: Tensor, means: Tensor, own_block: Tensor, *, top_k: int, c
         cand = blocks[None, :] < own if causal else (blocks[None, :] != own) & (blocks[None, :] < n_real)
         if query_real is not None:
             cand = cand & query_real[i0:i1, None]
+        if block_visible is not None:
+            cand = cand & block_visible[:, None, None, :]
         gate = (q[:, :, i0:i1].to(ct).reshape(b, hkv, g, i1 - i0, d) @ means_t).reshape(b, hq, i1 - i0, n)
         gate.masked_fill_(~cand | gate.isnan(), neg_inf)
         for p in range(picks):

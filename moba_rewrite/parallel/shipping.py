@@ -138,12 +138,15 @@ def _bounded(q_rows: Tensor, k: Tensor, scale: float, ct: torch.dtype) -> bool:
 
 def _tile_scores(q_rows: Tensor, k: Tensor, b: int, h: int, j: int, key_real: Tensor | None, block_size: int,
                  scale: float, ct: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """(scaled scores `[rows, block]` with padding keys hidden, the scaled rows and the tile's keys, in ct)."""
+    """(scaled scores `[rows, block]` with hidden keys at -inf, the scaled rows and the tile's keys, in ct).
+    `key_real` `[1 | B, T_local]` bool: this rank's keys that may be attended (alignment padding and
+    the key padding mask), or None for all."""
     kt = k[b, h, j * block_size:(j + 1) * block_size].to(ct)
     qs = q_rows.to(ct).mul_(scale) if q_rows.dtype == ct else q_rows.to(ct).mul(scale)
     s = qs @ kt.transpose(0, 1)
     if key_real is not None:
-        s.masked_fill_(~key_real[j * block_size:(j + 1) * block_size], float("-inf"))
+        s.masked_fill_(~key_real[b if key_real.shape[0] > 1 else 0, j * block_size:(j + 1) * block_size],
+                       float("-inf"))
     return s, qs, kt
 
 
