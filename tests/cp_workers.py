@@ -209,20 +209,28 @@ def traffic_auto_spares_the_owners(ctx):
 
 def dense_sdpa_cp_matches_whole_sequence(ctx):
     """`sdpa_cp` (the dense sites' all-gather attention): output and gradients equal SDPA on the
-    whole sequence, causal zigzag with GQA and padding, non-causal contiguous."""
-    for causal, layout, seq_len in ((True, "zigzag", 90), (False, "contiguous", None)):
+    whole sequence, causal zigzag with GQA and padding, non-causal contiguous, a padded batch's key
+    mask (right padding and a hole; every query sees its first key)."""
+    for causal, layout, seq_len, padded in ((True, "zigzag", 90, False), (False, "contiguous", None, False),
+                                            (True, "contiguous", None, True), (False, "zigzag", 90, True)):
         t = seq_len or 128
         q, k, v = _qkv(2, 4, 2, t, 16, 12)
         grad = torch.randn(2, 4, t, 16, generator=torch.Generator().manual_seed(13))
         qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-        ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, is_causal=causal, enable_gqa=True)
+        keys = None
+        mask = torch.ones(t, t, dtype=torch.bool).tril() if causal else torch.ones(t, t, dtype=torch.bool)
+        if padded:
+            keys = _padded_batch(t)[1:]
+            mask = mask & keys[:, None, None, :]
+        ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, enable_gqa=True)
         (ref * grad).sum().backward()
-        shard = lambda x: shard_sequence(x, layout=layout, block_size=8 if seq_len else None)  # noqa: E731
+        shard = lambda x, dim=2: shard_sequence(x, layout=layout, block_size=8 if seq_len else None, dim=dim)  # noqa: E731
         ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
-        out = sdpa_cp(ql, kl, vl, causal=causal, enable_gqa=True, layout=layout, seq_len=seq_len)
+        out = sdpa_cp(ql, kl, vl, causal=causal, enable_gqa=True, layout=layout, seq_len=seq_len,
+                      key_padding_mask=None if keys is None else shard(keys, dim=1))
         (out * shard(grad)).sum().backward()
-        close(f"sdpa_cp output [{causal} {layout}]", unshard_sequence(out.detach(), layout=layout, seq_len=seq_len),
-              ref.detach())
+        close(f"sdpa_cp output [{causal} {layout} padded={padded}]",
+              unshard_sequence(out.detach(), layout=layout, seq_len=seq_len), ref.detach())
         for name, got, want in (("dq", ql.grad, qr.grad), ("dk", kl.grad, kr.grad), ("dv", vl.grad, vr.grad)):
             close(f"sdpa_cp {name} [{causal} {layout}]", got, shard(want))
 
@@ -280,6 +288,13 @@ def bad_inputs_fail_on_every_rank(ctx):
            lambda: moba_attention_cp(q, k, v, block_size=8, top_k=3, exchange=("keys", "queries")[ctx.rank % 2]))
     expect(ValueError, ["exchange must be one of", "'ring'"],
            lambda: moba_attention_cp(q, k, v, block_size=8, top_k=3, exchange="ring"))
+    keys = torch.ones(1, q.shape[2], dtype=torch.bool)
+    expect(ValueError, ["ranks disagree on whether a key padding mask is given"],
+           lambda: moba_attention_cp(q, k, v, block_size=8, top_k=3, key_padding_mask=keys if ctx.rank else None))
+    expect(ValueError, ["key_padding_mask must be [B, T_local]", str(q.shape[2])],
+           lambda: moba_attention_cp(q, k, v, block_size=8, top_k=3, key_padding_mask=keys[:, :-1]))
+    expect(ValueError, ["key_padding_mask must be bool or integer", "float32"],
+           lambda: moba_attention_cp(q, k, v, block_size=8, top_k=3, key_padding_mask=keys.float()))
     expect(ValueError, ["straddle", "block_size=12"], lambda: moba_attention_cp(q, k, v, block_size=12, top_k=3))
     expect(ValueError, ["zigzag", "T_local / 2"],
            lambda: moba_attention_cp(q, k, v, block_size=64, top_k=3, layout="zigzag"))
@@ -373,8 +388,38 @@ def hf_prefill_matches_unsharded(ctx):
             assert (dense(input_ids=ids, use_cache=False).logits - want).abs().max() > 1e-3
 
 
+def hf_padded_batch_matches_unsharded(ctx):
+    """A padded batch (left padding, right padding, a hole) with its 2-D attention_mask sharded
+    like the tokens: logits at real tokens equal the unsharded run with the same mask and
+    positions (MoBA sites and the dense last layer alike), sdpa and eager models, both layouts,
+    every exchange mode; the padding changes the answer (checked against the unpadded run)."""
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
+
+    t = 90
+    mask = _padded_batch(t).long()
+    real = mask.bool()
+    for origin in ("sdpa", "eager"):
+        model, _ = _tiny_llama(origin)
+        model.eval()
+        ids = torch.randint(0, 96, (3, t), generator=torch.Generator().manual_seed(5))
+        positions = torch.arange(t).expand(3, -1)
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            unpadded = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+            assert (unpadded - want)[real].abs().max() > 1e-3  # the mask matters at real tokens
+            for layout, exchange in (("contiguous", "auto"), ("zigzag", "queries"), ("contiguous", "keys")):
+                local_ids, pos, seq_len = shard_inputs(model, ids, layout=layout)
+                local_mask = shard_attention_mask(model, mask, layout=layout)
+                with context_parallel(model, layout=layout, seq_len=seq_len, exchange=exchange):
+                    local = model(input_ids=local_ids, position_ids=pos, attention_mask=local_mask,
+                                  use_cache=False).logits
+                got = unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len)
+                assert not got[real].isnan().any(), f"NaN at real tokens [{origin} {layout}]"
+                close(f"padded logits [{origin} {layout} exchange={exchange}]", got[real], want[real])
+
+
 def hf_bad_inputs(ctx):
-    """Forgotten position_ids, a padding mask, a model that was not rewritten: one clear error each."""
+    """Forgotten position_ids, a 4-D attention mask, a model that was not rewritten: one clear error each."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
@@ -384,8 +429,8 @@ def hf_bad_inputs(ctx):
     local_ids, pos, seq_len = shard_inputs(model, ids)
     with torch.no_grad(), context_parallel(model, seq_len=seq_len):
         for kwargs, words in (({}, "position_ids"),
-                              ({"position_ids": pos, "attention_mask": torch.ones_like(local_ids).index_fill_(1, torch.tensor([0]), 0)},
-                               "not plain causal")):
+                              ({"position_ids": pos, "attention_mask": torch.ones(1, 1, 32, 32, dtype=torch.bool)},
+                               "2-D padding mask")):
             try:
                 model(input_ids=local_ids, use_cache=False, **kwargs)
             except ValueError as e:
@@ -462,7 +507,8 @@ SUITES = {
             dense_sdpa_cp_matches_whole_sequence, decode_against_a_sharded_cache,
             traffic_only_selected_blocks, traffic_auto_spares_the_owners,
             shard_round_trip,
-            bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
+            bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_padded_batch_matches_unsharded,
+            hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,
              decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, fsdp2_and_context_parallel_training_step],

@@ -1,9 +1,10 @@
 """Context parallelism for rewritten Hugging Face models: one sequence sharded across ranks.
 
     ids, pos, seq_len = shard_inputs(model, input_ids, group, layout="zigzag")
+    mask = shard_attention_mask(model, attention_mask, group, layout="zigzag")  # padded batches only
     with context_parallel(model, group, layout="zigzag", seq_len=seq_len):
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits   # this rank's tokens
-    full = unshard_sequence(logits, group, "zigzag", dim=1, seq_len=seq_len)
+        logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits
+    full = unshard_sequence(logits, group, "zigzag", dim=1, seq_len=seq_len)   # every rank's tokens
 
 Inside `context_parallel`, every attention call of the model (it must have been rewritten: its
 attention goes through `integrations.hf`) sees this rank's tokens and attends the whole
@@ -12,8 +13,10 @@ function on all-gathered K/V with a mask at global positions (so hybrid policies
 learned position embeddings see the global positions because `position_ids` carries them (checked).
 Training works the same way (FSDP2 on a 2-D mesh with the `cp` dimension as the group); compute
 the loss from the local logits and labels shifted *before* sharding (the models' own `labels=`
-shift would be wrong at shard edges). Not supported: padding masks, sliding windows, a KV cache
-from earlier steps (decode); each is one clear error.
+shift would be wrong at shard edges). A padded batch passes its 2-D `attention_mask`, sharded like
+the tokens (`shard_attention_mask`): every site then hides the padding keys of the whole
+sequence, as the unsharded model does. Not supported: other masks (4-D, sliding windows, packed
+sequences), a KV cache from earlier steps (decode); each is one clear error.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from torch import Tensor, nn
 
 from moba_rewrite.integrations import hf, hf_masks
 from moba_rewrite.parallel import moba_attention_cp, shard_sequence
+from moba_rewrite.parallel.attention import check_key_padding
 from moba_rewrite.parallel.shipping import check_mode
 from moba_rewrite.parallel.dense import gather_keys_values, visible_keys
 from moba_rewrite.parallel.groups import check_call_agreement, resolve_group
-from moba_rewrite.parallel.layout import ShardLayout, check_layout, chunks_per_rank
+from moba_rewrite.parallel.layout import ShardLayout, check_layout, chunks_per_rank, gather_key_mask
 
 _WHO = "context_parallel"
 
@@ -69,12 +73,31 @@ def shard_inputs(model: nn.Module, input_ids: Tensor, group=None, *, layout: str
     return ids, shard_sequence(positions, group, layout, dim=1), input_ids.shape[1]
 
 
+def shard_attention_mask(model: nn.Module, attention_mask: Tensor | None, group=None, *,
+                         layout: str = "contiguous") -> Tensor | None:
+    """This rank's shard of a padded batch's 2-D `attention_mask` `[B, T]` (1 / True: a real token),
+    aligned as `shard_inputs` aligns the tokens (the alignment padding is hidden); None stays None."""
+    _check_rewritten(model)
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2 or attention_mask.is_floating_point():
+        got = f"{attention_mask.dim()}-D {attention_mask.dtype}" if isinstance(attention_mask, Tensor) else \
+            type(attention_mask).__name__
+        raise ValueError(f"{_WHO}: attention_mask must be the batch's 2-D padding mask [B, T] of 0/1 or bool, got {got}")
+    return shard_sequence(attention_mask, group, layout, dim=1, block_size=alignment(model))
+
+
 class _ShardedAttention:
     """The attention function `integrations.hf` calls while a sequence is sharded."""
 
     def __init__(self, pg: dist.ProcessGroup, layout: str, seq_len: int | None, exchange: str = "auto"):
         self.pg, self.layout, self.seq_len, self.exchange = pg, layout, seq_len, exchange
         self.seen: set[int] = set()
+        self.key_padding: Tensor | None = None  # this forward's local key mask [B, T_local], if the caller gave one
+        self.global_keys: Tensor | None = None  # its whole-sequence form, gathered once per forward (dense sites)
+
+    def start_forward(self, key_padding: Tensor | None) -> None:
+        self.key_padding, self.global_keys = key_padding, None
 
     def __call__(self, origin: str, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
         self.seen.add(id(module))
@@ -86,7 +109,7 @@ class _ShardedAttention:
                              f"earlier steps: pass use_cache=False)")
         is_causal = kwargs.get("is_causal")
         causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
-        _check_mask(name, attention_mask, tq, causal)
+        _check_mask(name, attention_mask, tq, causal, self.key_padding)
         scaling = kwargs.get("scaling")
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         decision = getattr(module, "_moba_decision", None)
@@ -97,7 +120,8 @@ class _ShardedAttention:
                 out = moba_attention_cp(query, key, value, group=self.pg, block_size=int(decision.block_size),
                                         top_k=int(decision.top_k), causal=causal, scale=scale,
                                         enable_gqa=query.shape[1] != key.shape[1], layout=self.layout,
-                                        seq_len=self.seq_len, exchange=self.exchange)
+                                        seq_len=self.seq_len, exchange=self.exchange,
+                                        key_padding_mask=self.key_padding)
                 return out.transpose(1, 2).contiguous(), None
             if decision.on_unsupported == "error":
                 raise hf.HFUnsupportedError(f"attention site {name!r} cannot run MoBA: {'; '.join(problems)} "
@@ -109,36 +133,48 @@ class _ShardedAttention:
         lay = ShardLayout(self.layout, dist.get_world_size(self.pg), query.shape[2])
         seq_len = self.seq_len if self.seq_len is not None else lay.global_len
         check_call_agreement(_WHO, self.pg, kind="dense", q=query, k=key, block_size=0, top_k=0, causal=causal,
-                             layout=self.layout, seq_len=seq_len, scale=scale)
+                             layout=self.layout, seq_len=seq_len, scale=scale, key_padding=self.key_padding is not None)
         k_all, v_all = gather_keys_values(key, value, self.pg, self.layout, _WHO)
         mask = visible_keys(lay, dist.get_rank(self.pg), causal=causal, seq_len=seq_len, device=query.device)
         mask = mask[None, None]
+        if self.key_padding is not None:
+            if self.global_keys is None:
+                self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
+            mask = mask & self.global_keys[:, None, None, :]
         if origin == "eager":  # eager attention adds its mask to the scores
             mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
                 ~mask, torch.finfo(query.dtype).min)
         return hf._dense_call(origin, module, query, k_all, v_all, mask, *args, **kwargs)
 
 
-def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool) -> None:
-    """The model's own (local) mask may only say "causal" (or nothing): padding and windows cannot
-    be carried across shards, and ignoring them would change the result."""
+def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool, key_padding: Tensor | None) -> None:
+    """The model's own (local) mask may only say "causal" (or nothing) and hide the padding keys of
+    the caller's `attention_mask` (`key_padding`, this rank's shard), which the sharded attention
+    applies over the whole sequence: windows and other masks cannot be carried across shards, and
+    ignoring them would change the result."""
     if mask is None:
         return
-    if hf_masks.compact_of(mask) is not None:  # causal AND a key mask: fine when it hides no key
+    if hf_masks.compact_of(mask) is not None:  # causal AND a key mask
         keys = hf_masks.key_mask(mask)
         if keys is None or bool(keys.all()):
             return
-        raise ValueError(f"{_WHO}: attention site {name!r} got a mask that is not plain causal attention "
-                         f"(padding); context parallelism supports unpadded sequences only")
+        if key_padding is not None and keys.shape[-1] == t and torch.equal(
+                keys.reshape(-1, t).expand_as(key_padding), key_padding):
+            return
+        raise ValueError(f"{_WHO}: attention site {name!r} got a key mask other than the attention_mask given to "
+                         f"the model (pass the batch's padding mask as attention_mask=, sharded by "
+                         f"shard_attention_mask)")
     visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     want = torch.ones(t, t, dtype=torch.bool, device=mask.device)
     if causal:
         want = want.tril()
+    if key_padding is not None:
+        want = want[None, None] & key_padding[:, None, None, :]
     if visible.shape[-2] != t or visible.shape[-1] < t or not torch.equal(visible[..., :t],
                                                                             want.expand_as(visible[..., :t])):
         raise ValueError(f"{_WHO}: attention site {name!r} got a mask that is not plain "
-                         f"{'causal' if causal else 'full'} attention (padding, a sliding window?); context "
-                         f"parallelism supports unpadded sequences only")
+                         f"{'causal' if causal else 'full'} attention over the given attention_mask (a sliding "
+                         f"window, packed sequences?); context parallelism supports plain and padded batches only")
 
 
 @contextmanager
@@ -156,7 +192,7 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
     check_layout(layout, _WHO)
     check_mode(exchange, _WHO)
     hook = _ShardedAttention(pg, layout, seq_len, exchange)
-    handles = [model.register_forward_pre_hook(_prepare_call(pg, layout), with_kwargs=True)]
+    handles = [model.register_forward_pre_hook(_prepare_call(pg, layout, hook), with_kwargs=True)]
     for name, m in _attention_modules(model):
         handles.append(m.register_forward_hook(_went_through(hook, name)))
     previous, hf.CONTEXT_PARALLEL = hf.CONTEXT_PARALLEL, hook
@@ -168,10 +204,12 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
             h.remove()
 
 
-def _prepare_call(pg: dist.ProcessGroup, layout: str):
+def _prepare_call(pg: dist.ProcessGroup, layout: str, hook: _ShardedAttention):
     """Forward pre-hook of the model: global `position_ids` must be given (checked against the
     layout), and an all-ones `attention_mask` is added when none is: transformers reads a jump in
-    `position_ids` without a mask as the start of a packed sequence and would cut attention there."""
+    `position_ids` without a mask as the start of a packed sequence and would cut attention there.
+    A given `attention_mask` (this rank's shard of the batch's padding mask) becomes the key
+    padding mask of every attention call of this forward."""
     def prepare(module, args, kwargs):
         if len(args) > 1:
             raise ValueError(f"{_WHO}: call the model with keyword arguments (input_ids=, position_ids=, ...)")
@@ -189,9 +227,16 @@ def _prepare_call(pg: dist.ProcessGroup, layout: str):
             want = ShardLayout(layout, dist.get_world_size(pg), t).positions(dist.get_rank(pg), pos.device)
         if want is None or not torch.equal(rows, want.expand(rows.shape[0], -1)):
             raise ValueError(f"{_WHO}: position_ids are not this rank's global positions in the {layout} layout")
-        if kwargs.get("attention_mask") is None:
-            batch = ids.shape[0] if ids is not None else rows.shape[0]
+        given = kwargs.get("attention_mask")
+        batch = ids.shape[0] if ids is not None else rows.shape[0]
+        if given is None:
             kwargs = {**kwargs, "attention_mask": torch.ones((batch, t), dtype=torch.long, device=pos.device)}
+            hook.start_forward(None)
+        else:
+            if not isinstance(given, Tensor) or given.dim() != 2:
+                raise ValueError(f"{_WHO}: attention_mask must be this rank's shard [B, T_local] of the batch's 2-D "
+                                 f"padding mask (shard_attention_mask); other masks cannot be sharded")
+            hook.start_forward(check_key_padding(given, (batch, t), pos.device, _WHO))
         return args, kwargs
     return prepare
 

@@ -37,7 +37,7 @@ from moba_rewrite.parallel.exchange import BlockExchange, fetch_blocks, plan_exc
 from moba_rewrite.parallel.gate import select_history
 from moba_rewrite.parallel.groups import (all_gather_stacked, check_call_agreement, collective,
                                          resolve_group)
-from moba_rewrite.parallel.layout import ShardLayout, check_layout, resolve_seq_len
+from moba_rewrite.parallel.layout import ShardLayout, check_layout, gather_key_mask, resolve_seq_len
 from moba_rewrite.parallel.traffic import count
 
 _WHO = "moba_attention_cp"
@@ -125,7 +125,7 @@ class _Compact:
         self.query_real = positions < cfg.seq_len
         self.padded = not bool(self.query_real.all())
         self.local_keys = key_padding  # [B, T_local] bool or None
-        self.global_keys = None if key_padding is None else _gather_key_mask(key_padding, cfg)
+        self.global_keys = None if key_padding is None else gather_key_mask(key_padding, cfg.pg, lay.layout, _WHO)
         sel, fetched, tiles = self._route(q, k, v, positions, cfg)
         self._assemble(k, v, sel, fetched, tiles, cfg)
 
@@ -277,7 +277,7 @@ def moba_attention_cp(
     lay.check_blocks(block_size, _WHO)
     seq_len = resolve_seq_len(seq_len, lay, _WHO)
     resolved = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    key_padding = check_key_padding(key_padding_mask, q, _WHO)
+    key_padding = check_key_padding(key_padding_mask, (q.shape[0], q.shape[2]), q.device, _WHO)
     if check_ranks:
         check_call_agreement(_WHO, pg, kind="moba", q=q, k=k, block_size=block_size, top_k=top_k, causal=causal,
                              layout=layout, seq_len=seq_len, scale=resolved, exchange=exchange,
@@ -287,29 +287,15 @@ def moba_attention_cp(
     return _MobaCP.apply(q, k, v, cfg, key_padding)
 
 
-def check_key_padding(mask: Tensor | None, q: Tensor, who: str) -> Tensor | None:
-    """A `[B, T_local]` key padding mask as bool on q's device (True: a real key), or None."""
+def check_key_padding(mask: Tensor | None, shape: tuple[int, int], device, who: str) -> Tensor | None:
+    """A `[B, T_local]` (`shape`) key padding mask as bool on `device` (True: a real key), or None."""
     if mask is None:
         return None
-    if not isinstance(mask, Tensor) or mask.dim() != 2 or tuple(mask.shape) != (q.shape[0], q.shape[2]):
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or tuple(mask.shape) != tuple(shape):
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"{who}: key_padding_mask must be [B, T_local] = {[q.shape[0], q.shape[2]]} (this rank's "
-                         f"shard of the batch's padding mask), got {got}")
+        raise ValueError(f"{who}: key_padding_mask must be [B, T_local] = {list(shape)} (this rank's shard of the "
+                         f"batch's padding mask), got {got}")
     if mask.is_floating_point() or mask.is_complex():
         raise ValueError(f"{who}: key_padding_mask must be bool or integer (True / 1 for real tokens), got "
                          f"{mask.dtype}")
-    return mask.to(device=q.device, dtype=torch.bool)
-
-
-def _gather_key_mask(local: Tensor, cfg: _Config) -> Tensor:
-    """The whole sequence's key padding mask `[B, T_global]` in global order, from every rank's shard
-    (one all-gather of B x T_local bytes per rank); alignment padding past `seq_len` stays hidden."""
-    lay = cfg.lay
-    with collective(_WHO, "the all-gather of the key padding mask", cfg.pg):
-        everyone = all_gather_stacked(local.to(torch.uint8), cfg.pg)  # [W, B, T_local]
-    count("key padding mask", local.numel() * (lay.world - 1))
-    b = local.shape[0]
-    order = torch.cat([lay.positions(r, local.device) for r in range(lay.world)])
-    out = torch.zeros((b, lay.global_len), dtype=torch.bool, device=local.device)
-    out[:, order] = everyone.permute(1, 0, 2).reshape(b, -1).bool()
-    return out
+    return mask.to(device=device, dtype=torch.bool)

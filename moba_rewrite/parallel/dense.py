@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moba_rewrite.parallel.attention import check_shards
+from moba_rewrite.parallel.attention import check_key_padding, check_shards
 from moba_rewrite.parallel.groups import check_call_agreement
-from moba_rewrite.parallel.layout import ShardLayout, gather_sequence, resolve_seq_len
+from moba_rewrite.parallel.layout import ShardLayout, gather_key_mask, gather_sequence, resolve_seq_len
 
 _WHO = "sdpa_cp"
 
@@ -38,21 +38,25 @@ def visible_keys(lay: ShardLayout, rank: int, *, causal: bool, seq_len: int, dev
 
 def sdpa_cp(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = True, scale: float | None = None,
             enable_gqa: bool = False, layout: str = "contiguous", seq_len: int | None = None,
-            check_ranks: bool = True) -> Tensor:
+            check_ranks: bool = True, key_padding_mask: Tensor | None = None) -> Tensor:
     """`scaled_dot_product_attention` of this rank's queries over the whole sharded sequence.
 
     Same shard conventions as `moba_attention_cp` (q, k, v `[B, H, T_local, D]`, `layout`,
-    `seq_len`); returns this rank's shard of the output (padding query rows zero)."""
+    `seq_len`, `key_padding_mask`); returns this rank's shard of the output (alignment padding rows
+    zero)."""
     pg, lay = check_shards(_WHO, q, k, v, group=group, layout=layout, block_size=1, top_k=1, scale=scale,
                            enable_gqa=enable_gqa)
     seq_len = resolve_seq_len(seq_len, lay, _WHO)
     resolved = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    key_padding = check_key_padding(key_padding_mask, (q.shape[0], q.shape[2]), q.device, _WHO)
     if check_ranks:
         check_call_agreement(_WHO, pg, kind="dense", q=q, k=k, block_size=0, top_k=0, causal=causal, layout=layout,
-                             seq_len=seq_len, scale=resolved)
+                             seq_len=seq_len, scale=resolved, key_padding=key_padding is not None)
     k_all, v_all = gather_keys_values(k, v, pg, layout)
     rank = dist.get_rank(pg)
     mask = visible_keys(lay, rank, causal=causal, seq_len=seq_len, device=q.device)
+    if key_padding is not None:
+        mask = mask & gather_key_mask(key_padding, pg, layout, _WHO)[:, None, None, :]
     out = torch.nn.functional.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=resolved,
                                                            enable_gqa=enable_gqa)
     real = lay.positions(rank, q.device) < seq_len

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moba_rewrite.parallel.groups import all_gather_stacked, collective, reduce_scatter_stacked, resolve_group
+from moba_rewrite.parallel.traffic import count
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -158,6 +159,13 @@ def gather_sequence(x: Tensor, pg: dist.ProcessGroup, layout: str, dim: int, who
     everyone = _GatherShards.apply(x, pg, who)  # [W, ...]
     c = lay.chunk_len
     return torch.cat([everyone[r].narrow(dim, i * c, c) for r, i in lay.chunk_order()], dim=dim)
+
+
+def gather_key_mask(local: Tensor, pg: dist.ProcessGroup, layout: str, who: str) -> Tensor:
+    """A padded batch's key mask `[B, W * T_local]` bool in sequence order, from every rank's
+    `[B, T_local]` shard (one all-gather of B x T_local bytes per rank)."""
+    count("key padding mask", local.numel() * (dist.get_world_size(pg) - 1))
+    return gather_sequence(local.to(torch.uint8), pg, layout, dim=1, who=who).bool()
 
 
 def unshard_sequence(x: Tensor, group=None, layout: str = "contiguous", dim: int = 2, *,
