@@ -418,6 +418,41 @@ def hf_padded_batch_matches_unsharded(ctx):
                 close(f"padded logits [{origin} {layout} exchange={exchange}]", got[real], want[real])
 
 
+def hf_sharded_cache_generate_matches_generate(ctx):
+    """Greedy decoding with the KV cache sharded across ranks (prefill under context parallelism,
+    `moba_decode_cp` at every site) gives the tokens of single-process `generate()` of the same
+    rewritten model, logits within fp32 noise: MoBA sites sparse (prompt 53 tokens, block 8,
+    top-2), the last layer dense, decode steps crossing block boundaries; a short prompt whose new
+    tokens fill the later ranks in turn; an eos stops it."""
+    from moba_rewrite.integrations.hf_cp_generate import generate
+
+    model, _ = _tiny_llama("sdpa")
+    model.eval()
+    ids = torch.randint(0, 96, (2, 53), generator=torch.Generator().manual_seed(7))
+    new = 14
+    with torch.no_grad():
+        ones = torch.ones_like(ids)  # explicit: generate() would read token 0 in the prompt as padding
+        want = model.generate(ids, attention_mask=ones, max_new_tokens=new, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, pad_token_id=0)
+    got, logits = generate(model, ids, max_new_tokens=new, return_logits=True)
+    assert torch.equal(got, want.sequences), (got[:, 53:], want.sequences[:, 53:])
+    close("decode logits", logits, torch.stack(want.logits, dim=1), atol=1e-4)
+    # a short prompt and many new tokens: later ranks start empty, decoding fills them in turn
+    short = ids[:, :20]
+    with torch.no_grad():
+        want_long = model.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=3 * 10 * ctx.world,
+                                   do_sample=False, pad_token_id=0)
+    got_long = generate(model, short, max_new_tokens=3 * 10 * ctx.world)
+    assert torch.equal(got_long, want_long), (got_long[:, 20:], want_long[:, 20:])
+    # an eos id taken from the reference's 5th token of row 0: that row stops, the other pads with it
+    eos = int(want.sequences[0, 53 + 4])
+    with torch.no_grad():
+        want_eos = model.generate(ids, attention_mask=ones, max_new_tokens=new, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=eos)
+    got_eos = generate(model, ids, max_new_tokens=new, eos_token_id=eos)
+    assert torch.equal(got_eos, want_eos), (got_eos[:, 53:], want_eos[:, 53:])
+
+
 def hf_bad_inputs(ctx):
     """Forgotten position_ids, a 4-D attention mask, a model that was not rewritten: one clear error each."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -437,6 +472,16 @@ def hf_bad_inputs(ctx):
                 assert words in str(e), str(e)
             else:
                 raise AssertionError(f"no error naming {words!r}")
+    from moba_rewrite.integrations.hf_cp_generate import generate
+
+    for kwargs, words in (({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+                          ({"max_new_tokens": 2, "input_ids": ids.float()}, "input_ids must be integer token ids")):
+        try:
+            generate(model, **{"input_ids": ids, **kwargs})
+        except ValueError as e:
+            assert words in str(e), str(e)
+        else:
+            raise AssertionError(f"no error naming {words!r}")
     plain = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2))
     try:
@@ -508,10 +553,11 @@ SUITES = {
             traffic_only_selected_blocks, traffic_auto_spares_the_owners,
             shard_round_trip,
             bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_padded_batch_matches_unsharded,
-            hf_bad_inputs, dead_rank_is_one_clear_error],
+            hf_sharded_cache_generate_matches_generate, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,
-             decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, fsdp2_and_context_parallel_training_step],
+             decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, hf_sharded_cache_generate_matches_generate,
+             fsdp2_and_context_parallel_training_step],
 }
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moba_rewrite.integrations import hf, hf_masks
-from moba_rewrite.parallel import moba_attention_cp, shard_sequence
+from moba_rewrite.parallel import moba_attention_cp, moba_decode_cp, shard_sequence
 from moba_rewrite.parallel.attention import check_key_padding
 from moba_rewrite.parallel.shipping import check_mode
 from moba_rewrite.parallel.dense import gather_keys_values, visible_keys
@@ -95,6 +95,9 @@ class _ShardedAttention:
         self.seen: set[int] = set()
         self.key_padding: Tensor | None = None  # this forward's local key mask [B, T_local], if the caller gave one
         self.global_keys: Tensor | None = None  # its whole-sequence form, gathered once per forward (dense sites)
+        # Set by `hf_cp_generate.generate` for a decode step: the sharded cache's filled length after
+        # this step's write (the keys each site receives are this rank's slice of the cache).
+        self.decode_len: int | None = None
 
     def start_forward(self, key_padding: Tensor | None) -> None:
         self.key_padding, self.global_keys = key_padding, None
@@ -103,6 +106,8 @@ class _ShardedAttention:
         self.seen.add(id(module))
         name = getattr(module, "_moba_site", type(module).__name__)
         tq, tk = query.shape[2], key.shape[2]
+        if self.decode_len is not None:
+            return self._decode(module, name, query, key, value, attention_mask, *args, **kwargs)
         if tq != tk:
             raise ValueError(f"{_WHO}: attention site {name!r} got {tq} queries against {tk} keys; only a prefill or "
                              f"training step over the whole sharded sequence runs context-parallel (no KV cache from "
@@ -127,6 +132,32 @@ class _ShardedAttention:
                 raise hf.HFUnsupportedError(f"attention site {name!r} cannot run MoBA: {'; '.join(problems)} "
                                             f"(policy on_unsupported: error)")
         return self._dense(origin, module, query, key, value, causal, scale, *args, **kwargs)
+
+    def _decode(self, module, name: str, query, key, value, attention_mask, *args, **kwargs):
+        """A decode step against this rank's slice of a sharded cache (`moba_decode_cp`); dense sites
+        and `decode: dense` policies in the op's dense limit (one block per rank, all selected)."""
+        is_causal = kwargs.get("is_causal")
+        if (is_causal is not None and not is_causal) or not getattr(module, "is_causal", True):
+            raise ValueError(f"{_WHO}: attention site {name!r} is not causal; sharded-cache decoding is for causal LMs")
+        if attention_mask is not None and not (hf_masks.compact_of(attention_mask) is not None and (
+                hf_masks.key_mask(attention_mask) is None or bool(hf_masks.key_mask(attention_mask).all()))):
+            raise ValueError(f"{_WHO}: attention site {name!r} got a mask other than plain causal attention during "
+                             f"sharded-cache decoding (padding, a sliding window?); not supported")
+        dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)
+        problems = hf.unsupported_reasons(query, key, value, None, dropout, module.training, kwargs)
+        if problems:
+            raise ValueError(f"{_WHO}: attention site {name!r} cannot decode against a sharded cache: "
+                             f"{'; '.join(problems)}")
+        scaling = kwargs.get("scaling")
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        decision = getattr(module, "_moba_decision", None)
+        if decision is not None and decision.mode == "moba" and decision.decode != "dense":
+            block_size, top_k = int(decision.block_size), int(decision.top_k)
+        else:  # exact full attention: one block per rank, every block a candidate
+            block_size, top_k = key.shape[2], dist.get_world_size(self.pg) + 1
+        out = moba_decode_cp(query, key, value, seq_len=self.decode_len, group=self.pg, block_size=block_size,
+                             top_k=top_k, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
 
     def _dense(self, origin, module, query, key, value, causal: bool, scale: float, *args, **kwargs):
         """The model's own attention function on the whole sequence's K/V, masked at global positions."""
@@ -213,6 +244,9 @@ def _prepare_call(pg: dist.ProcessGroup, layout: str, hook: _ShardedAttention):
     def prepare(module, args, kwargs):
         if len(args) > 1:
             raise ValueError(f"{_WHO}: call the model with keyword arguments (input_ids=, position_ids=, ...)")
+        if hook.decode_len is not None:  # a sharded-cache decode step: the same new token on every rank
+            hook.start_forward(None)
+            return args, kwargs
         pos = kwargs.get("position_ids")
         ids = kwargs.get("input_ids", args[0] if args else None)
         if pos is None:
