@@ -44,7 +44,7 @@ def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "_moba_decision")]
 
 
-def _check_rewritten(model: nn.Module) -> None:
+def check_rewritten(model: nn.Module) -> None:
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
     if not impl.startswith(hf.IMPL_PREFIX) or not _attention_modules(model):
         raise ValueError(f"{_WHO}: {type(model).__name__} is not a rewritten Hugging Face model (attention "
@@ -64,7 +64,7 @@ def shard_inputs(model: nn.Module, input_ids: Tensor, group=None, *, layout: str
 
     `input_ids` `[B, T]` (the same on every rank) is padded at its end so that no MoBA block of
     any site straddles ranks."""
-    _check_rewritten(model)
+    check_rewritten(model)
     ids = shard_sequence(input_ids, group, layout, dim=1, block_size=alignment(model))
     # Padding tokens continue the positions (no real token sees them: they come last, and the
     # attention hides keys past seq_len).
@@ -77,7 +77,7 @@ def shard_attention_mask(model: nn.Module, attention_mask: Tensor | None, group=
                          layout: str = "contiguous") -> Tensor | None:
     """This rank's shard of a padded batch's 2-D `attention_mask` `[B, T]` (1 / True: a real token),
     aligned as `shard_inputs` aligns the tokens (the alignment padding is hidden); None stays None."""
-    _check_rewritten(model)
+    check_rewritten(model)
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2 or attention_mask.is_floating_point():
@@ -218,7 +218,7 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
     `seq_len`: the real length when the sequence was padded; `exchange`: `moba_attention_cp`'s (how
     MoBA sites reach remote blocks: `auto`, `keys`, `queries`). Each attention module of the model
     is checked to have gone through the sharded attention, and `position_ids` to be given."""
-    _check_rewritten(model)
+    check_rewritten(model)
     pg = resolve_group(group, _WHO)
     check_layout(layout, _WHO)
     check_mode(exchange, _WHO)

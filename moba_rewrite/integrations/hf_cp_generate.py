@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from moba_rewrite.integrations import hf
-from moba_rewrite.integrations.hf_cp import _check_rewritten, alignment, context_parallel
+from moba_rewrite.integrations.hf_cp import check_rewritten, alignment, context_parallel
 from moba_rewrite.parallel.groups import collective, resolve_group
 
 _WHO = "hf_cp.generate"
@@ -115,7 +115,7 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     each token was chosen from). `eos_token_id`: a row that produced it continues with `pad_token_id`
     (default: the eos id) and decoding stops once every row has; `exchange`: the prefill's
     `moba_attention_cp` exchange."""
-    _check_rewritten(model)
+    check_rewritten(model)
     pg = resolve_group(group, _WHO)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"{_WHO}: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
