@@ -31,6 +31,13 @@ spreads the picks over most earlier blocks); `--data random` draws i.i.d. normal
 the bytes MoBA-CP saves). The output also gives the fraction of the reachable remote tiles that
 were fetched (tiles sent by all ranks over all (batch, kv head, block) tiles that causal queries
 could select on another rank), and checks that `moba_cp` and `allgather` give the same output.
+
+With `--layout contiguous` it also times one decode step against the same K/V as a sharded KV
+cache (`T / W` slots per rank, the sequence's last query): `moba_decode_cp` with the block means
+kept beside the cache (as `integrations.hf_cp_generate` keeps them), the same op recomputing
+them from the keys, and exact full attention over the sharded cache (the op's dense limit: each
+rank attends its whole slice, log-sum-exp combine), with the bytes each sends per step (no
+all-ranks-agree check per step, as `generate` runs it on its first step only).
 """
 
 from __future__ import annotations
@@ -52,7 +59,9 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moba_rewrite.attention import moba_attention  # noqa: E402
-from moba_rewrite.parallel import moba_attention_cp, record_traffic, shard_sequence, unshard_sequence  # noqa: E402
+from moba_rewrite.attention.block_means import key_block_means  # noqa: E402
+from moba_rewrite.parallel import (moba_attention_cp, moba_decode_cp, record_traffic, shard_sequence,  # noqa: E402
+                                   unshard_sequence)
 from moba_rewrite.parallel.layout import ShardLayout  # noqa: E402
 
 
@@ -139,6 +148,29 @@ def _time(fn, repeats: int) -> list[float]:
     return times
 
 
+def _decode_step(q, k, v, args, world: int) -> dict:
+    """One decode step of the sequence's last query against K/V as a contiguously sharded cache."""
+    last = torch.empty_like(q[:, :, -1:])
+    if dist.get_rank() == world - 1:
+        last.copy_(q[:, :, -1:])
+    dist.broadcast(last, src=world - 1)  # the newest token's query, the same on every rank
+    bs, s_cap = args.block, k.shape[2]
+    means = key_block_means(k, bs)
+    kw = dict(seq_len=args.tokens, check_ranks=False)  # as generate's steps after the first
+    calls = {
+        "moba_kept_means": lambda: moba_decode_cp(last, k, v, block_size=bs, top_k=args.top_k, key_block_means=means,
+                                                  **kw),
+        "moba": lambda: moba_decode_cp(last, k, v, block_size=bs, top_k=args.top_k, **kw),
+        "dense": lambda: moba_decode_cp(last, k, v, block_size=s_cap, top_k=world + 1, **kw),
+    }
+    out = {}
+    for name, fn in calls.items():
+        with record_traffic() as traffic:
+            fn()
+        out[name] = {"bytes": traffic.bytes_sent, "s": _time(fn, max(args.repeats, 5))}
+    return out
+
+
 def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -185,6 +217,8 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
             "max_diff_vs_allgather": (out_cp - out_ag).abs().max().item(),
             "s": _time(lambda: run_moba_cp(exchange), args.repeats),
         }
+    if layout == "contiguous":
+        result["decode"] = _decode_step(q, k, v, args, world)
     result["allgather_bytes"] = (world - 1) * kv_bytes
     result["ring_bytes"] = (world - 1) * kv_bytes
     result["allgather_s"] = _time(run_allgather, args.repeats)
@@ -246,6 +280,10 @@ def summarize(world: int, ranks: list[dict]) -> dict:
         m["bytes_ratio_vs_ring_mean"] = m["bytes_mean"] / row["ring_bytes"]
         m["time_ratio_vs_allgather"] = m["s"] / row["allgather_s"]
         row["modes"][mode] = m
+    if "decode" in ranks[0]:
+        row["decode"] = {name: {"s": slowest(r["decode"][name]["s"] for r in ranks),
+                                "bytes_max": max(r["decode"][name]["bytes"] for r in ranks)}
+                         for name in ranks[0]["decode"]}
     return row
 
 
@@ -270,6 +308,19 @@ def print_table(args, rows: list[dict]) -> None:
     for r in rows:
         diffs = ", ".join(f"{mode} {m['max_diff_vs_allgather']:.2e}" for mode, m in r["modes"].items())
         print(f"W={r['world']}: ring = {r.get('ring_impl', 'skipped')}; max |moba_cp - allgather|: {diffs}")
+    if any("decode" in r for r in rows):
+        print(f"\none decode step (B={args.batch}, Tq=1) against a KV cache of {args.tokens} tokens sharded "
+              f"contiguously ({args.tokens} / W per rank), block {args.block}, top-{args.top_k}; ms per step of the "
+              f"slowest rank, bytes sent per rank and step")
+        print("| W | MoBA, means kept ms | MoBA, means recomputed ms | full attention ms | full / MoBA (kept) | "
+              "bytes MoBA / full |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            d = r.get("decode")
+            if d:
+                kept, plain, full = (1e3 * d[n]["s"] for n in ("moba_kept_means", "moba", "dense"))
+                print(f"| {r['world']} | {kept:.2f} | {plain:.2f} | {full:.2f} | {full / kept:.2f}x | "
+                      f"{d['moba_kept_means']['bytes_max']} / {d['dense']['bytes_max']} |")
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moba_rewrite.attention import moba_attention
+from moba_rewrite.attention.block_means import key_block_means
 from moba_rewrite.parallel import (ContextParallelError, moba_attention_cp, moba_decode_cp, record_traffic,
                                    sdpa_cp, shard_sequence, unshard_sequence)
 
@@ -237,7 +238,8 @@ def dense_sdpa_cp_matches_whole_sequence(ctx):
 
 def decode_against_a_sharded_cache(ctx):
     """`moba_decode_cp` equals `moba_attention` on the filled cache: one and three new tokens, the
-    newest on the last or on an earlier rank (later ranks empty), GQA, top_k 1."""
+    newest on the last or on an earlier rank (later ranks empty), GQA, top_k 1; with means the caller
+    keeps (NaN past the filled blocks)."""
     s_cap, bs = 32, 8
     cap = s_cap * ctx.world
     q_all, k, v = _qkv(2, 4, 2, cap, 16, 14)
@@ -250,6 +252,21 @@ def decode_against_a_sharded_cache(ctx):
             got = moba_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=seq_len, block_size=bs, top_k=top_k,
                                  enable_gqa=True)
             close(f"decode [seq_len={seq_len} Tq={tq} top_k={top_k}]", got, want)
+            # the caller's kept means (garbage in the blocks past the filled length: never read)
+            filled = min(max(seq_len - ctx.rank * s_cap, 0), s_cap)
+            means = torch.full((2, 2, s_cap // bs, 16), float("nan"))
+            if filled:
+                means[:, :, :-(-filled // bs)] = key_block_means(k[:, :, mine][:, :, :filled], bs)
+            got = moba_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=seq_len, block_size=bs, top_k=top_k,
+                                 enable_gqa=True, key_block_means=means)
+            close(f"decode, kept means [seq_len={seq_len} Tq={tq} top_k={top_k}]", got, want)
+    try:
+        moba_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=20, block_size=bs, top_k=3, enable_gqa=True,
+                       key_block_means=torch.zeros(2, 2, 3, 16))
+    except ValueError as e:
+        assert "key_block_means must be [B, Hkv, S / block_size, D]" in str(e), str(e)
+    else:
+        raise AssertionError("means of the wrong shape were accepted")
 
 
 def traffic_only_selected_blocks(ctx):

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moba_rewrite.integrations import hf, hf_masks
+from moba_rewrite.integrations import hf, hf_cache, hf_masks
 from moba_rewrite.parallel import moba_attention_cp, moba_decode_cp, shard_sequence
 from moba_rewrite.parallel.attention import check_key_padding
 from moba_rewrite.parallel.shipping import check_mode
@@ -96,8 +96,11 @@ class _ShardedAttention:
         self.key_padding: Tensor | None = None  # this forward's local key mask [B, T_local], if the caller gave one
         self.global_keys: Tensor | None = None  # its whole-sequence form, gathered once per forward (dense sites)
         # Set by `hf_cp_generate.generate` for a decode step: the sharded cache's filled length after
-        # this step's write (the keys each site receives are this rank's slice of the cache).
+        # this step's write (the keys each site receives are this rank's slice of the cache), and the
+        # cache (its layers keep their slices' block means).
         self.decode_len: int | None = None
+        self.decode_cache = None
+        self.decode_check = True  # run moba_decode_cp's all-ranks-agree check (the first step checks)
 
     def start_forward(self, key_padding: Tensor | None) -> None:
         self.key_padding, self.global_keys = key_padding, None
@@ -151,12 +154,18 @@ class _ShardedAttention:
         scaling = kwargs.get("scaling")
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         decision = getattr(module, "_moba_decision", None)
+        means = None
         if decision is not None and decision.mode == "moba" and decision.decode != "dense":
             block_size, top_k = int(decision.block_size), int(decision.top_k)
+            layer = hf_cache.cache_layer(module, self.decode_cache) if self.decode_cache is not None else None
+            if hasattr(layer, "block_means"):  # kept beside the slice, one block refreshed per step
+                s_cap, rank = key.shape[2], dist.get_rank(self.pg)
+                means = layer.block_means(block_size, min(max(self.decode_len - rank * s_cap, 0), s_cap))
         else:  # exact full attention: one block per rank, every block a candidate
             block_size, top_k = key.shape[2], dist.get_world_size(self.pg) + 1
         out = moba_decode_cp(query, key, value, seq_len=self.decode_len, group=self.pg, block_size=block_size,
-                             top_k=top_k, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+                             top_k=top_k, scale=scale, enable_gqa=query.shape[1] != key.shape[1],
+                             key_block_means=means, check_ranks=self.decode_check)
         return out.transpose(1, 2).contiguous(), None
 
     def _dense(self, origin, module, query, key, value, causal: bool, scale: float, *args, **kwargs):

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from moba_rewrite.attention.block_means import refresh_key_block_means_
 from moba_rewrite.integrations import hf
 from moba_rewrite.integrations.hf_cp import check_rewritten, alignment, context_parallel
 from moba_rewrite.parallel.groups import collective, resolve_group
@@ -57,6 +58,7 @@ class ShardedCacheLayer(DynamicLayer):
     def __init__(self, shared: CacheSlice) -> None:
         super().__init__()
         self.shared = shared
+        self._means: dict[int, tuple[Tensor, int]] = {}  # block size -> (means, keys they cover)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         s = self.shared
@@ -74,6 +76,23 @@ class ShardedCacheLayer(DynamicLayer):
             self.keys[:, :, lo:hi] = key_states[:, :, lo - start:hi - start]
             self.values[:, :, lo:hi] = value_states[:, :, lo - start:hi - start]
         return self.keys, self.values
+
+    def block_means(self, block_size: int, filled: int) -> Tensor:
+        """Means of this slice's blocks `[B, Hkv, S / block_size, D]` (fp32; fp64 for fp64 keys),
+        current for its first `filled` keys: only blocks written since the last call are recomputed
+        (a decode step: one block), so the gate of `moba_decode_cp` reads no keys."""
+        held = self._means.get(block_size)
+        if held is None or held[1] > filled:
+            dtype = torch.promote_types(self.keys.dtype, torch.float32)
+            means = self.keys.new_zeros((*self.keys.shape[:2], self.keys.shape[2] // block_size, self.keys.shape[3]),
+                                        dtype=dtype)
+            done = 0
+        else:
+            means, done = held
+        if filled > done:
+            refresh_key_block_means_(means, self.keys, done, filled, block_size)
+        self._means[block_size] = (means, filled)
+        return means
 
     def get_seq_length(self, *args) -> int:
         return self.shared.length
@@ -158,12 +177,13 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
             chosen_logits.append(logits)
             if step + 1 == max_new_tokens or bool(done.all()):
                 break
-            hook.decode_len = shared.length + 1
+            # the first step checks that every rank makes the same calls; the later ones repeat it
+            hook.decode_len, hook.decode_cache, hook.decode_check = shared.length + 1, cache, step == 0
             try:
                 out = model(input_ids=token[:, None], position_ids=torch.full((b, 1), shared.length, device=dev),
                             use_cache=True, **{keyword: cache})
             finally:
-                hook.decode_len = None
+                hook.decode_len = hook.decode_cache = None
             shared.length += 1
             logits = out.logits[:, -1].float()
     ids = torch.cat(tokens, dim=1)

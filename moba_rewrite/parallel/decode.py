@@ -13,8 +13,9 @@ caller to the owning rank's cache) are the same on every rank. Per call:
    where it holds it) and returns a partial output with its log-sum-exp;
 4. the partials are all-gathered and combined by log-sum-exp.
 
-Bytes per rank and call: `W x B x Hq x Tq x (top_k - 1) x 12` for the candidates plus
-`W x B x Hq x Tq x (D + 1) x 4` for the partials: independent of the context length. Inference
+Bytes per rank and call: `W x B x Hq x Tq x (top_k - 1) x 8` for the candidates (fp32 score and
+int32 block id, one all-gather) plus `W x B x Hq x Tq x (D + 1) x 4` for the partials, plus the
+all-ranks-agree check unless `check_ranks=False`: independent of the context length. Inference
 only (no autograd). The result, on every rank, equals `moba_attention` on the filled cache.
 """
 
@@ -34,16 +35,18 @@ _WHO = "moba_decode_cp"
 
 
 def _local_candidates(q: Tensor, k: Tensor, *, first_block: int, own: Tensor, filled: int, block_size: int,
-                      picks: int) -> tuple[Tensor, Tensor]:
-    """Best `picks` complete local blocks before each query's own block: (scores, global ids), -inf / -1 padded."""
+                      picks: int, means: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Best `picks` complete local blocks before each query's own block: (scores, global ids), -inf / -1
+    padded. `means`: the local blocks' means if the caller keeps them (only complete blocks are read)."""
     b, hq, tq, d = q.shape
     nb = k.shape[2] // block_size
     ct = compute_dtype(q.dtype)
     counts = (filled - torch.arange(nb, device=q.device) * block_size).clamp(0, block_size)  # real keys per block
-    sums = k.reshape(b, k.shape[1], nb, block_size, d).to(ct)
-    real = (torch.arange(nb * block_size, device=q.device) < filled).view(nb, block_size, 1)
-    means = (sums * real).sum(3) / counts.clamp(min=1).to(ct)[:, None]
-    gate = q.to(ct) @ repeat_kv(means, hq).transpose(-1, -2)  # [B, Hq, Tq, nb]
+    if means is None:
+        sums = k.reshape(b, k.shape[1], nb, block_size, d).to(ct)
+        real = (torch.arange(nb * block_size, device=q.device) < filled).view(nb, block_size, 1)
+        means = (sums * real).sum(3) / counts.clamp(min=1).to(ct)[:, None]
+    gate = q.to(ct) @ repeat_kv(means.to(ct), hq).transpose(-1, -2)  # [B, Hq, Tq, nb]
     ids = first_block + torch.arange(nb, device=q.device)
     candidate = (ids[None, :] < own[:, None]) & (counts == block_size)[None, :]
     gate = gate.masked_fill(~candidate | gate.isnan(), float("-inf"))
@@ -74,15 +77,45 @@ def _merge(scores: Tensor, index: Tensor, picks: int) -> Tensor:
 def _partial_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, first_block: int, positions: Tensor,
                        filled: int, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
     """This rank's share: attention over the selected blocks it holds and the own block's causal
-    prefix; (output normalised over this share, its log-sum-exp; -inf where the share is empty)."""
+    prefix, reading only those blocks' keys and values; (output normalised over this share, its
+    log-sum-exp; -inf where the share is empty)."""
     b, hq, tq, d = q.shape
+    hkv, s_cap = k.shape[1], k.shape[2]
+    ct = compute_dtype(q.dtype)
+    dev = q.device
+    nb = s_cap // block_size
+    if selected.shape[-1] + 1 >= nb:  # as many blocks per row as the slice holds (dense limit): read it all
+        return _slice_attention(q, k, v, selected, first_block=first_block, positions=positions, filled=filled,
+                                block_size=block_size, scale=scale)
+    own = (positions // block_size)[None, None, :, None].expand(b, hq, tq, 1)
+    blocks = torch.cat([selected, own], dim=-1) - first_block  # local block per slot, [B, Hq, Tq, picks + 1]
+    held = (blocks >= 0) & (blocks < nb)
+    slots = blocks.clamp(0, nb - 1)[..., None] * block_size + torch.arange(block_size, device=dev)  # [.., P+1, bs]
+    key_pos = first_block * block_size + slots
+    visible = held[..., None] & (key_pos <= positions[:, None, None]) & (slots < filled)
+    slots, visible = slots.flatten(-2), visible.flatten(-2)  # [B, Hq, Tq, W]
+    kv_head = torch.arange(hq, device=dev) // (hq // hkv)
+    base = (torch.arange(b, device=dev)[:, None] * hkv + kv_head[None, :]) * s_cap  # [B, Hq]
+    rows = (slots + base[:, :, None, None]).reshape(-1)
+    keys = k.reshape(-1, d).index_select(0, rows).view(*slots.shape, d).to(ct)
+    values = v.reshape(-1, v.shape[-1]).index_select(0, rows).view(*slots.shape, v.shape[-1]).to(ct)
+    scores = (keys @ q.to(ct)[..., None]).squeeze(-1) * scale  # [B, Hq, Tq, W]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - torch.where(lse > float("-inf"), lse, 0.0)[..., None])
+    return (weights[..., None, :] @ values).squeeze(-2), lse
+
+
+def _slice_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, first_block: int, positions: Tensor,
+                     filled: int, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
+    """`_partial_attention` over the whole slice under a mask (when rows select every block it holds)."""
+    hq = q.shape[1]
     ct = compute_dtype(q.dtype)
     s_cap = k.shape[2]
     key_pos = first_block * block_size + torch.arange(s_cap, device=q.device)
     key_block = key_pos // block_size
-    own = positions // block_size
     chosen = (key_block[None, None, None, :] == selected[..., None]).any(-2)  # [B, Hq, Tq, S]
-    chosen |= key_block[None, :] == own[:, None]
+    chosen |= key_block[None, :] == (positions // block_size)[:, None]
     visible = chosen & (key_pos[None, :] <= positions[:, None]) & (torch.arange(s_cap, device=q.device) < filled)
     scores = (q.to(ct) @ repeat_kv(k, hq).to(ct).transpose(-1, -2)) * scale
     scores = scores.masked_fill(~visible, float("-inf"))
@@ -93,12 +126,16 @@ def _partial_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, fir
 
 @torch.no_grad()
 def moba_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int, group=None, block_size: int,
-                   top_k: int, scale: float | None = None, enable_gqa: bool = False, check_ranks: bool = True) -> Tensor:
+                   top_k: int, scale: float | None = None, enable_gqa: bool = False, check_ranks: bool = True,
+                   key_block_means: Tensor | None = None) -> Tensor:
     """MoBA for the newest `Tq` tokens against a contiguously sharded KV cache (see the module doc).
 
     q `[B, Hq, Tq, D]` (the same on every rank); k_local `[B, Hkv, S, D]` / v_local `[B, Hkv, S, Dv]`:
     this rank's cache slots (positions `[rank * S, (rank + 1) * S)`), `S % block_size == 0`; `seq_len`:
-    filled length of the whole cache, the queries being its last `Tq` tokens. Returns
+    filled length of the whole cache, the queries being its last `Tq` tokens. `key_block_means`:
+    `[B, Hkv, S / block_size, D]`, the means of this rank's blocks if the caller keeps them beside
+    its cache (complete blocks must be current; the gate then reads no keys); else they are
+    computed from `k_local`. Only the selected blocks' keys and values are read. Returns
     `[B, Hq, Tq, Dv]` on every rank."""
     pg = resolve_group(group, _WHO)
     try:  # moba_attention's rules on one query (a rank's filled shard may be shorter than Tq)
@@ -114,6 +151,10 @@ def moba_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int,
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not tq <= seq_len <= world * s_cap:
         raise ValueError(f"{_WHO}: seq_len must be an integer in [Tq={tq}, W * S = {world * s_cap}], got {seq_len!r}")
     resolved = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    want = (*k_local.shape[:2], s_cap // block_size, k_local.shape[3])
+    if key_block_means is not None and tuple(key_block_means.shape) != want:
+        raise ValueError(f"{_WHO}: key_block_means must be [B, Hkv, S / block_size, D] = {list(want)}, got "
+                         f"{list(key_block_means.shape)}")
     if check_ranks:
         check_same_on_all_ranks(_WHO, pg, {"batch size": q.shape[0], "query heads": q.shape[1],
                                            "key/value heads": k_local.shape[1], "head dim": q.shape[3], "Tq": tq,
@@ -126,10 +167,14 @@ def moba_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int,
     selected = torch.empty((*q.shape[:3], 0), dtype=torch.long, device=q.device)
     if picks > 0:
         scores, index = _local_candidates(q, k_local, first_block=first_block, own=positions // block_size,
-                                          filled=filled, block_size=block_size, picks=picks)
+                                          filled=filled, block_size=block_size, picks=picks, means=key_block_means)
+        # one all-gather: the block ids ride in the scores' dtype, bit for bit (int32 in fp32, int64 in fp64)
+        id_type = torch.int32 if scores.dtype.itemsize == 4 else torch.int64
+        packed = torch.cat([scores, index.to(id_type).view(scores.dtype)], dim=-1)
         with collective(_WHO, "the all-gather of gate candidates", pg):
-            all_scores, all_index = all_gather_stacked(scores, pg), all_gather_stacked(index, pg)
-        count("gate candidates", (scores.numel() * scores.element_size() + index.numel() * 8) * (world - 1))
+            everyone = all_gather_stacked(packed, pg)
+        count("gate candidates", packed.numel() * packed.element_size() * (world - 1))
+        all_scores, all_index = everyone[..., :picks], everyone[..., picks:].contiguous().view(id_type).long()
         selected = _merge(all_scores, all_index, picks)
     out, lse = _partial_attention(q, k_local, v_local, selected, first_block=first_block, positions=positions,
                                   filled=filled, block_size=block_size, scale=resolved)
