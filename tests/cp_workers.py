@@ -440,7 +440,8 @@ def hf_sharded_cache_generate_matches_generate(ctx):
     `moba_decode_cp` at every site) gives the tokens of single-process `generate()` of the same
     rewritten model, logits within fp32 noise: MoBA sites sparse (prompt 53 tokens, block 8,
     top-2), the last layer dense, decode steps crossing block boundaries; a short prompt whose new
-    tokens fill the later ranks in turn; an eos stops it."""
+    tokens fill the later ranks in turn; an eos stops it; sampling from the same seed gives the same
+    tokens as `generate(do_sample=True, ...)`."""
     from moba_rewrite.integrations.hf_cp_generate import generate
 
     model, _ = _tiny_llama("sdpa")
@@ -468,6 +469,15 @@ def hf_sharded_cache_generate_matches_generate(ctx):
                                   pad_token_id=eos)
     got_eos = generate(model, ids, max_new_tokens=new, eos_token_id=eos)
     assert torch.equal(got_eos, want_eos), (got_eos[:, 53:], want_eos[:, 53:])
+    # sampling: rank 0 draws with transformers' warpers from its generator, seeded as generate()'s
+    sampling = dict(do_sample=True, temperature=0.15, top_k=20, top_p=0.9)  # this model's logits are flat
+    torch.manual_seed(123)
+    with torch.no_grad():
+        want_sampled = model.generate(ids, attention_mask=ones, max_new_tokens=new, pad_token_id=0, **sampling)
+    torch.manual_seed(123)
+    got_sampled = generate(model, ids, max_new_tokens=new, **sampling)
+    assert torch.equal(got_sampled, want_sampled), (got_sampled[:, 53:], want_sampled[:, 53:])
+    assert not torch.equal(got_sampled, got), "sampling gave the greedy tokens: the draw was not used"
 
 
 def hf_bad_inputs(ctx):
@@ -492,6 +502,7 @@ def hf_bad_inputs(ctx):
     from moba_rewrite.integrations.hf_cp_generate import generate
 
     for kwargs, words in (({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+                          ({"max_new_tokens": 2, "do_sample": True, "temperature": 0.0}, "temperature must be positive"),
                           ({"max_new_tokens": 2, "input_ids": ids.float()}, "input_ids must be integer token ids")):
         try:
             generate(model, **{"input_ids": ids, **kwargs})

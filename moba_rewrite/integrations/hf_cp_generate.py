@@ -1,4 +1,4 @@
-"""Greedy generation with the KV cache sharded across ranks: a long prompt prefilled with context
+"""Generation with the KV cache sharded across ranks: a long prompt prefilled with context
 parallelism, then decoded without ever gathering the cache.
 
     tokens = generate(model, input_ids, group, max_new_tokens=64)      # same call on every rank
@@ -12,14 +12,15 @@ step runs the new token through the model on every rank (the same input everywhe
 values are written only into the cache of the rank that owns its position, and every attention
 site calls `parallel.moba_decode_cp`: each rank gates its own blocks, a global top-k merge, attention
 on the owners, a log-sum-exp combine. Dense sites (and `decode: dense` policies) use the same op in
-its dense limit (one block per rank, every block selected), which is exact full attention. The
-next token is the argmax of the logits (greedy), broadcast from rank 0 so every rank feeds the same
-token. The result equals single-process `model.generate(input_ids, do_sample=False)` of the same
-rewritten model (tested on 2 and 4 gloo ranks).
+its dense limit (one block per rank, every block selected), which is exact full attention. Rank 0
+picks the next token, greedily (the argmax) or by sampling with transformers' own temperature /
+top-k / top-p warpers and `torch.multinomial` (rank 0's random generator), and broadcasts it, so
+every rank feeds the same token. The result equals single-process `model.generate(input_ids, ...)`
+of the same rewritten model, greedy or sampled from the same seed (tested on 2 and 4 gloo ranks).
 
 Cost per step and rank: the gate and the attention read the rank's own slice (`S` keys per layer);
 the bytes sent are independent of the context length (candidates and partial outputs). Padded
-batches, sampling, beam search and sliding windows are not supported here (clear errors).
+batches, beam search and sliding windows are not supported here (clear errors).
 """
 
 from __future__ import annotations
@@ -124,20 +125,50 @@ def _num_layers(model: nn.Module) -> int:
     return int(text.num_hidden_layers)
 
 
+def _sampler(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None):
+    """The next-token rule: argmax, or transformers' warpers (in `generate()`'s order) then a draw."""
+    if not do_sample:
+        return lambda logits: logits.argmax(-1)
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+
+    def draw(logits: Tensor, ids: Tensor) -> Tensor:
+        probs = torch.softmax(warpers(ids, logits), dim=-1)
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+    return draw
+
+
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens: int,
-             eos_token_id: int | None = None, pad_token_id: int | None = None, exchange: str = "auto",
-             return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """Greedy decoding of a rewritten causal LM with its KV cache sharded across `group` (see the
-    module docstring). `input_ids` `[B, T]`: the same prompt on every rank (no padding). Returns
+             eos_token_id: int | None = None, pad_token_id: int | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             exchange: str = "auto", return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Decoding of a rewritten causal LM with its KV cache sharded across `group` (see the module
+    docstring). `input_ids` `[B, T]`: the same prompt on every rank (no padding). Returns
     `[B, T + new]` token ids on every rank (and, with `return_logits`, the `[B, new, vocab]` logits
     each token was chosen from). `eos_token_id`: a row that produced it continues with `pad_token_id`
-    (default: the eos id) and decoding stops once every row has; `exchange`: the prefill's
-    `moba_attention_cp` exchange."""
+    (default: the eos id) and decoding stops once every row has; `do_sample`, `temperature`,
+    `top_k`, `top_p`: as `generate()`'s (rank 0 draws, from its global random generator: seed it
+    there); `exchange`: the prefill's `moba_attention_cp` exchange."""
     check_rewritten(model)
     pg = resolve_group(group, _WHO)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"{_WHO}: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"{_WHO}: temperature must be positive, got {temperature!r}")
+    if do_sample and top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"{_WHO}: top_p must be in (0, 1], got {top_p!r}")
+    if do_sample and top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"{_WHO}: top_k must be a non-negative integer, got {top_k!r}")
+    pick = _sampler(do_sample, float(temperature), top_k, top_p)
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError(f"{_WHO}: input_ids must be integer token ids [B, T], got "
                          f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
@@ -167,7 +198,7 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
             dist.broadcast(logits, src=dist.get_global_rank(pg, owner), group=pg)
         shared.length = t
         for step in range(max_new_tokens):
-            token = logits.argmax(-1)
+            token = pick(logits, torch.cat(tokens, dim=1)) if do_sample else pick(logits)
             with collective(_WHO, "the broadcast of the next token", pg):
                 dist.broadcast(token, src=dist.get_global_rank(pg, 0), group=pg)
             if eos_token_id is not None:
