@@ -18,12 +18,14 @@ the same weights: the original (attn_implementation sdpa) and `mr.rewrite(model,
   sampled every 2 ms (which also counts what glibc keeps or maps fresh, so it moves with the
   allocator's history, not only with what the program holds);
 * decode ms/token with `generate()` after a prompt of the largest length, with the dynamic
-  cache and `cache_implementation="static"`: (time of 1 + N new tokens - time of 1) / N.
+  cache and `cache_implementation="static"`: the median time between successive decode steps of
+  one `generate(max_new_tokens=1 + N)` call, read by a logits processor that stamps the clock at
+  each step (the prefill is not in it; best of `--repeat` calls).
 
 It prints a table with the dense / MoBA ratios (> 1: MoBA faster or smaller) and, with
 `--plot`, draws them. Timings are the best of `--repeat` runs after one warm-up.
-Note: `benchmarks/bench_decode.py` (a decode-timing function with the block-means cache) was
-not on main when this was written; decode is timed here through plain `generate()`.
+`--modes none` skips the prefill timings. `benchmarks/bench_decode.py` times decode steps
+without `generate()` and breaks them down (attention vs the rest of the step).
 """
 
 from __future__ import annotations
@@ -152,16 +154,30 @@ def prefill_runners(model, mode: str, ids: torch.Tensor):
 
 
 def decode_ms_per_token(model, ids: torch.Tensor, tokens: int, cache: str, device: str, repeat: int) -> float:
-    kw = dict(do_sample=False, pad_token_id=0)
+    """Median ms between successive decode steps of one `generate()` call (best of `repeat` calls)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Clock(LogitsProcessor):  # called once per generated token, after that step's forward
+        def __init__(self):
+            self.stamps = []
+
+        def __call__(self, input_ids, scores):
+            _sync(device)
+            self.stamps.append(time.perf_counter())
+            return scores
+
+    kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     if cache == "static":
         kw["cache_implementation"] = "static"
-
-    def gen(n):
-        return lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-
-    one, _ = best_time(gen(1), device, repeat)  # prefill and the first token
-    many, _ = best_time(gen(1 + tokens), device, repeat)
-    return 1000.0 * max(many - one, 1e-6) / tokens
+    best = float("inf")
+    for _ in range(repeat):
+        clock = Clock()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=1 + tokens, min_new_tokens=1 + tokens,
+                           logits_processor=LogitsProcessorList([clock]), **kw)
+        steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+        best = min(best, sorted(steps)[len(steps) // 2])
+    return 1000.0 * best
 
 
 def run(args) -> dict:
@@ -173,7 +189,7 @@ def run(args) -> dict:
     rows = []
     for seq in args.seq:
         ids = torch.randint(0, args.vocab, (1, seq), generator=torch.Generator().manual_seed(seq)).to(args.device)
-        for mode in args.modes:
+        for mode in (m for m in args.modes if m != "none"):
             row = {"what": f"prefill {mode}", "seq": seq}
             for name, model in (("dense", dense), ("moba", moba)):
                 torch._dynamo.reset()

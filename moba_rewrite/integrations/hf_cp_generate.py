@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from moba_rewrite.attention.block_means import refresh_key_block_means_
 from moba_rewrite.integrations import hf
-from moba_rewrite.integrations.hf_cp import check_rewritten, alignment, context_parallel
+from moba_rewrite.integrations.hf_cp import alignment, check_rewritten, context_parallel
 from moba_rewrite.parallel.groups import collective, resolve_group
 
 _WHO = "hf_cp.generate"
