@@ -106,7 +106,7 @@ def decode_ms_per_token(model, cache_len: int, cache_implementation: str, *, ste
     device = next(model.parameters()).device
     cache = filled_cache(model, cache_len, cache_implementation, batch=batch, extra=warmup + steps + 2,
                          grow_in_place=grow_in_place)
-    fn = step_fn or model
+    fn = model if step_fn is None else step_fn
     token = torch.zeros((batch, 1), dtype=torch.long, device=device)
     times = []
     for i in range(warmup + steps + int(profile)):
@@ -176,15 +176,21 @@ def _profile(fn, kwargs) -> None:
 
 
 def compare(cache_len: int, cache_implementation: str, *, layers: int, steps: int, warmup: int, batch: int,
-            profile: bool, **model_kw) -> dict:
-    """Dense and MoBA ms/token for one cache kind (dense first, then MoBA, in this process)."""
+            profile: bool, compile_mode: str = "none", **model_kw) -> dict:
+    """Dense and MoBA ms/token for one cache kind (dense first, then MoBA, in this process).
+    `compile_mode`: run the steps through `torch.compile(model, mode=...)` (not "none"); the
+    breakdown columns then time the eager model."""
     row = {"cache": cache_implementation, "layers": layers, "cache_len": cache_len}
     for name, moba in (("dense", None), ("moba", POLICY)):
         model = make_model(layers=layers, moba=moba, **model_kw)
         if profile:
             print(f"--- {name}, {cache_implementation} cache, {cache_len} tokens")
+        step_fn = None
+        if compile_mode != "none":
+            torch._dynamo.reset()
+            step_fn = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
         row[name] = decode_ms_per_token(model, cache_len, cache_implementation, steps=steps, warmup=warmup,
-                                        batch=batch, profile=profile)
+                                        batch=batch, profile=profile, step_fn=step_fn)
         row[name + "_attention"] = attention_ms_per_token(model, cache_len, cache_implementation, steps=steps,
                                                           warmup=warmup, batch=batch)
         if name == "dense" and cache_implementation == "dynamic":  # the same model without the per-step cat
@@ -213,11 +219,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step each")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    ap.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
+                    help="time the decode steps of torch.compile(model, mode=...) (CUDA graphs with "
+                         "reduce-overhead on a GPU; use a static cache)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {args.dtype}; "
-          f"policy block 512 / top-3, decode moba")
+          f"policy block 512 / top-3, decode moba; compile {args.compile}")
     model_kw = dict(hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                     device=args.device, dtype=getattr(torch, args.dtype),
                     max_positions=max(1 << 17, 2 * args.cache_len))
@@ -225,7 +234,7 @@ def main() -> None:
     for kind in args.caches.split(","):
         layers = args.static_layers if kind == "static" else args.layers
         rows.append(compare(args.cache_len, kind, layers=layers, steps=args.steps, warmup=args.warmup,
-                            batch=args.batch, profile=args.profile, **model_kw))
+                            batch=args.batch, profile=args.profile, compile_mode=args.compile, **model_kw))
     print(f"\n| cache | layers | cache tokens | dense ms/token | MoBA ms/token | dense / MoBA | target | "
           f"attention ms dense / MoBA | rest of the step ms | best ratio possible | dense, in-place cache ms | "
           f"that / MoBA |")
