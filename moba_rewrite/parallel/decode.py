@@ -99,7 +99,8 @@ def _partial_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, fir
     rows = (slots + base[:, :, None, None]).reshape(-1)
     keys = k.reshape(-1, d).index_select(0, rows).view(*slots.shape, d).to(ct)
     values = v.reshape(-1, v.shape[-1]).index_select(0, rows).view(*slots.shape, v.shape[-1]).to(ct)
-    scores = (keys @ q.to(ct)[..., None]).squeeze(-1) * scale  # [B, Hq, Tq, W]
+    # [1, D] x [D, W] per row ([W, D] x [D, 1] is bmm's slow n = 1 path on CPU)
+    scores = (q.to(ct)[..., None, :] @ keys.transpose(-1, -2)).squeeze(-2) * scale  # [B, Hq, Tq, W]
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     weights = torch.exp(scores - torch.where(lse > float("-inf"), lse, 0.0)[..., None])
