@@ -492,7 +492,9 @@ def hf_bad_inputs(ctx):
     with torch.no_grad(), context_parallel(model, seq_len=seq_len):
         for kwargs, words in (({}, "position_ids"),
                               ({"position_ids": pos, "attention_mask": torch.ones(1, 1, 32, 32, dtype=torch.bool)},
-                               "2-D padding mask")):
+                               "2-D padding mask"),
+                              ({"position_ids": pos, "attention_mask": torch.ones(1, 64, dtype=torch.long)},
+                               "shard_attention_mask), got (1, 64)")):
             try:
                 model(input_ids=local_ids, use_cache=False, **kwargs)
             except ValueError as e:

@@ -276,9 +276,11 @@ def _prepare_call(pg: dist.ProcessGroup, layout: str, hook: _ShardedAttention):
             kwargs = {**kwargs, "attention_mask": torch.ones((batch, t), dtype=torch.long, device=pos.device)}
             hook.start_forward(None)
         else:
-            if not isinstance(given, Tensor) or given.dim() != 2:
-                raise ValueError(f"{_WHO}: attention_mask must be this rank's shard [B, T_local] of the batch's 2-D "
-                                 f"padding mask (shard_attention_mask); other masks cannot be sharded")
+            if not isinstance(given, Tensor) or given.dim() != 2 or tuple(given.shape) != (batch, t):
+                got = tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__
+                raise ValueError(f"{_WHO}: attention_mask must be this rank's shard [B, T_local] = {[batch, t]} of the "
+                                 f"batch's 2-D padding mask (shard_attention_mask), got {got}; other masks cannot be "
+                                 f"sharded")
             hook.start_forward(check_key_padding(given, (batch, t), pos.device, _WHO))
         return args, kwargs
     return prepare
