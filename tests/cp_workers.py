@@ -239,7 +239,7 @@ def dense_sdpa_cp_matches_whole_sequence(ctx):
 def decode_against_a_sharded_cache(ctx):
     """`moba_decode_cp` equals `moba_attention` on the filled cache: one and three new tokens, the
     newest on the last or on an earlier rank (later ranks empty), GQA, top_k 1; with means the caller
-    keeps (NaN past the filled blocks)."""
+    keeps (NaN past the filled blocks); a padded batch's key mask (also in the dense limit)."""
     s_cap, bs = 32, 8
     cap = s_cap * ctx.world
     q_all, k, v = _qkv(2, 4, 2, cap, 16, 14)
@@ -260,6 +260,22 @@ def decode_against_a_sharded_cache(ctx):
             got = moba_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=seq_len, block_size=bs, top_k=top_k,
                                  enable_gqa=True, key_block_means=means)
             close(f"decode, kept means [seq_len={seq_len} Tq={tq} top_k={top_k}]", got, want)
+    # a padded batch: left padding in row 0, a hole in row 1 (blocks without a visible key)
+    keys = torch.ones(2, cap, dtype=torch.bool)
+    keys[0, :11], keys[1, 30:50] = False, False
+    for seq_len in (cap - 5, s_cap + 3):
+        for tq, top_k in ((1, 3), (2, 2)):
+            q = q_all[:, :, seq_len - tq: seq_len]
+            want = moba_attention(q, k[:, :, :seq_len], v[:, :, :seq_len], block_size=bs, top_k=top_k, enable_gqa=True,
+                                  attn_mask=keys[:, None, None, :seq_len], backend="reference")
+            got = moba_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=seq_len, block_size=bs, top_k=top_k,
+                                 enable_gqa=True, key_padding_mask=keys[:, mine])
+            close(f"decode, key padding [seq_len={seq_len} Tq={tq} top_k={top_k}]", got, want)
+    q = q_all[:, :, cap - 1:]
+    dense = moba_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=cap, block_size=s_cap, top_k=ctx.world + 1,
+                           enable_gqa=True, key_padding_mask=keys[:, mine])  # the dense limit, masked
+    close("decode, key padding, dense limit", dense, torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=keys[:, None, None, :], enable_gqa=True))
     try:
         moba_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=20, block_size=bs, top_k=3, enable_gqa=True,
                        key_block_means=torch.zeros(2, 2, 3, 16))
@@ -440,8 +456,8 @@ def hf_sharded_cache_generate_matches_generate(ctx):
     `moba_decode_cp` at every site) gives the tokens of single-process `generate()` of the same
     rewritten model, logits within fp32 noise: MoBA sites sparse (prompt 53 tokens, block 8,
     top-2), the last layer dense, decode steps crossing block boundaries; a short prompt whose new
-    tokens fill the later ranks in turn; an eos stops it; sampling from the same seed gives the same
-    tokens as `generate(do_sample=True, ...)`."""
+    tokens fill the later ranks in turn; a left-padded batch; an eos stops it; sampling from the same
+    seed gives the same tokens as `generate(do_sample=True, ...)`."""
     from moba_rewrite.integrations.hf_cp_generate import generate
 
     model, _ = _tiny_llama("sdpa")
@@ -469,6 +485,16 @@ def hf_sharded_cache_generate_matches_generate(ctx):
                                   pad_token_id=eos)
     got_eos = generate(model, ids, max_new_tokens=new, eos_token_id=eos)
     assert torch.equal(got_eos, want_eos), (got_eos[:, 53:], want_eos[:, 53:])
+    # a left-padded batch (prompts of 53 and 41 tokens): transformers' positions, padding keys hidden
+    mask = torch.ones_like(ids)
+    mask[1, :12] = 0
+    with torch.no_grad():
+        want_padded = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_logits=True,
+                                     return_dict_in_generate=True, pad_token_id=0)
+    got_padded, padded_logits = generate(model, ids, attention_mask=mask, max_new_tokens=new, return_logits=True)
+    assert torch.equal(got_padded, want_padded.sequences), (got_padded[:, 53:], want_padded.sequences[:, 53:])
+    close("decode logits, left padding", padded_logits, torch.stack(want_padded.logits, dim=1), atol=1e-4)
+    assert not torch.equal(got_padded[1], got[1]), "the padding mask changed nothing: it was not applied"
     # sampling: rank 0 draws with transformers' warpers from its generator, seeded as generate()'s
     sampling = dict(do_sample=True, temperature=0.15, top_k=20, top_p=0.9)  # this model's logits are flat
     torch.manual_seed(123)
@@ -505,6 +531,7 @@ def hf_bad_inputs(ctx):
 
     for kwargs, words in (({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
                           ({"max_new_tokens": 2, "do_sample": True, "temperature": 0.0}, "temperature must be positive"),
+                          ({"max_new_tokens": 2, "attention_mask": torch.ones(1, 3)}, "attention_mask must be the"),
                           ({"max_new_tokens": 2, "input_ids": ids.float()}, "input_ids must be integer token ids")):
         try:
             generate(model, **{"input_ids": ids, **kwargs})

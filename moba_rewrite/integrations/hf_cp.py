@@ -101,6 +101,7 @@ class _ShardedAttention:
         self.decode_len: int | None = None
         self.decode_cache = None
         self.decode_check = True  # run moba_decode_cp's all-ranks-agree check (the first step checks)
+        self.custom_positions = False  # hf_cp_generate's padded-batch prefill: position_ids are the caller's
 
     def start_forward(self, key_padding: Tensor | None) -> None:
         self.key_padding, self.global_keys = key_padding, None
@@ -163,9 +164,11 @@ class _ShardedAttention:
                 means = layer.block_means(block_size, min(max(self.decode_len - rank * s_cap, 0), s_cap))
         else:  # exact full attention: one block per rank, every block a candidate
             block_size, top_k = key.shape[2], dist.get_world_size(self.pg) + 1
+        shared = getattr(self.decode_cache, "shared", None)
         out = moba_decode_cp(query, key, value, seq_len=self.decode_len, group=self.pg, block_size=block_size,
                              top_k=top_k, scale=scale, enable_gqa=query.shape[1] != key.shape[1],
-                             key_block_means=means, check_ranks=self.decode_check)
+                             key_block_means=means, check_ranks=self.decode_check,
+                             key_padding_mask=getattr(shared, "key_mask", None))
         return out.transpose(1, 2).contiguous(), None
 
     def _dense(self, origin, module, query, key, value, causal: bool, scale: float, *args, **kwargs):
@@ -268,7 +271,7 @@ def _prepare_call(pg: dist.ProcessGroup, layout: str, hook: _ShardedAttention):
         want = None
         if t % chunks_per_rank(layout) == 0:
             want = ShardLayout(layout, dist.get_world_size(pg), t).positions(dist.get_rank(pg), pos.device)
-        if want is None or not torch.equal(rows, want.expand(rows.shape[0], -1)):
+        if not hook.custom_positions and (want is None or not torch.equal(rows, want.expand(rows.shape[0], -1))):
             raise ValueError(f"{_WHO}: position_ids are not this rank's global positions in the {layout} layout")
         given = kwargs.get("attention_mask")
         batch = ids.shape[0] if ids is not None else rows.shape[0]

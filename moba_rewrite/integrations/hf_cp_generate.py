@@ -19,8 +19,9 @@ every rank feeds the same token. The result equals single-process `model.generat
 of the same rewritten model, greedy or sampled from the same seed (tested on 2 and 4 gloo ranks).
 
 Cost per step and rank: the gate and the attention read the rank's own slice (`S` keys per layer);
-the bytes sent are independent of the context length (candidates and partial outputs). Padded
-batches, beam search and sliding windows are not supported here (clear errors).
+the bytes sent are independent of the context length (candidates and partial outputs). A padded
+batch (`attention_mask=`) keeps its padding mask per slice beside the cache and decodes with
+transformers' own positions. Beam search and sliding windows are not supported here.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class CacheSlice:
     rank: int
     world: int
     length: int = 0  # tokens in the whole cache before the current forward
+    key_mask: Tensor | None = None  # a padded batch: [B, S] bool, which of this rank's slots are real tokens
 
 
 class ShardedCacheLayer(DynamicLayer):
@@ -114,6 +116,19 @@ class ShardedKVCache(Cache):
         self.shared = shared
 
 
+def _padded_positions(model: nn.Module, input_ids: Tensor, real: Tensor) -> Tensor:
+    """`generate()`'s position ids for a padded batch `[B, T]`, from transformers' own helper where it
+    has one: the padding tokens' positions differ between versions (0 or 1), and MoBA's gate sees
+    their keys (a block's mean is over all its keys), so they must be the ones `generate()` uses."""
+    helper = getattr(model, "_prepare_position_ids_for_generation", None)
+    if helper is not None:
+        try:
+            return helper(input_ids, {"attention_mask": real.long()}).expand(real.shape[0], -1)
+        except Exception:  # noqa: BLE001 - a private helper whose signature may change: the rule below
+            pass
+    return (real.long().cumsum(-1) - 1).masked_fill(~real, 1)  # transformers 4.x's rule
+
+
 def _cache_keyword(model: nn.Module) -> str:
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -148,11 +163,13 @@ def _sampler(do_sample: bool, temperature: float, top_k: int | None, top_p: floa
 
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens: int,
-             eos_token_id: int | None = None, pad_token_id: int | None = None, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             attention_mask: Tensor | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              exchange: str = "auto", return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Decoding of a rewritten causal LM with its KV cache sharded across `group` (see the module
-    docstring). `input_ids` `[B, T]`: the same prompt on every rank (no padding). Returns
+    docstring). `input_ids` `[B, T]`: the same prompts on every rank; `attention_mask` `[B, T]`
+    (0 / 1) for a padded batch (left padding, as for `generate()`: positions are counted over the
+    real tokens, as transformers does, and padding keys are hidden at every step). Returns
     `[B, T + new]` token ids on every rank (and, with `return_logits`, the `[B, new, vocab]` logits
     each token was chosen from). `eos_token_id`: a row that produced it continues with `pad_token_id`
     (default: the eos id) and decoding stops once every row has; `do_sample`, `temperature`,
@@ -174,6 +191,13 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
                          f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
     b, t = input_ids.shape
+    if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.is_floating_point()
+                                       or tuple(attention_mask.shape) != (b, t)):
+        got = (f"{tuple(attention_mask.shape)} {attention_mask.dtype}" if isinstance(attention_mask, Tensor)
+               else type(attention_mask).__name__)
+        raise ValueError(f"{_WHO}: attention_mask must be the prompts' 0/1 padding mask {[b, t]}, got {got}")
+    real = None if attention_mask is None or bool(attention_mask.bool().all()) else attention_mask.to(
+        device=input_ids.device, dtype=torch.bool)
     align = alignment(model)
     capacity = math.ceil(math.ceil((t + max_new_tokens) / world) / align) * align
     shared = CacheSlice(capacity=capacity, rank=rank, world=world)
@@ -182,7 +206,16 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     padded = input_ids.new_zeros((b, world * capacity))
     padded[:, :t] = input_ids
     mine = slice(rank * capacity, (rank + 1) * capacity)
-    positions = torch.arange(world * capacity, device=dev)[mine].expand(b, -1)
+    positions = torch.arange(world * capacity, device=dev).expand(b, -1)
+    next_position = torch.full((b,), t, device=dev)
+    if real is not None:  # transformers' positions for a padded batch: counted over the real tokens
+        positions = torch.zeros((b, world * capacity), dtype=torch.long, device=dev)
+        positions[:, :t] = _padded_positions(model, input_ids, real)
+        next_position = real.long().sum(-1)
+        whole = torch.zeros((b, world * capacity), dtype=torch.bool, device=dev)
+        whole[:, :t] = real
+        shared.key_mask = whole[:, mine].clone()
+    positions = positions[:, mine]
     keyword = _cache_keyword(model)
     keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     owner, last = divmod(t - 1, capacity)  # the rank and slot of the prompt's last token
@@ -192,7 +225,14 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     with context_parallel(model, pg, layout="contiguous", seq_len=t, exchange=exchange):
         hook = hf.CONTEXT_PARALLEL
         extra = {"logits_to_keep": torch.tensor([last if rank == owner else 0], device=dev)} if keep else {}
-        out = model(input_ids=padded[:, mine], position_ids=positions, use_cache=True, **{keyword: cache}, **extra)
+        if real is not None:
+            extra["attention_mask"] = shared.key_mask.long()
+        hook.custom_positions = real is not None  # transformers' padded-batch positions, not the layout's
+        try:
+            out = model(input_ids=padded[:, mine], position_ids=positions, use_cache=True, **{keyword: cache},
+                        **extra)
+        finally:
+            hook.custom_positions = False
         logits = out.logits[:, -1 if keep else last].float().contiguous()
         with collective(_WHO, "the broadcast of the prompt's last logits", pg):
             dist.broadcast(logits, src=dist.get_global_rank(pg, owner), group=pg)
@@ -210,12 +250,16 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
                 break
             # the first step checks that every rank makes the same calls; the later ones repeat it
             hook.decode_len, hook.decode_cache, hook.decode_check = shared.length + 1, cache, step == 0
+            slot = shared.length - rank * capacity
+            if shared.key_mask is not None and 0 <= slot < capacity:
+                shared.key_mask[:, slot] = True  # the new token, on the rank that holds it
             try:
-                out = model(input_ids=token[:, None], position_ids=torch.full((b, 1), shared.length, device=dev),
-                            use_cache=True, **{keyword: cache})
+                out = model(input_ids=token[:, None], position_ids=next_position[:, None], use_cache=True,
+                            **{keyword: cache})
             finally:
                 hook.decode_len = hook.decode_cache = None
             shared.length += 1
+            next_position = next_position + 1
             logits = out.logits[:, -1].float()
     ids = torch.cat(tokens, dim=1)
     return (ids, torch.stack(chosen_logits, dim=1)) if return_logits else ids

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from moba_rewrite.attention.functional import validate
 from moba_rewrite.kernels.reference import compute_dtype, repeat_kv
+from moba_rewrite.parallel.attention import check_key_padding
 from moba_rewrite.parallel.groups import (all_gather_stacked, check_same_on_all_ranks, collective,
                                          resolve_group)
 from moba_rewrite.parallel.traffic import count
@@ -35,9 +36,11 @@ _WHO = "moba_decode_cp"
 
 
 def _local_candidates(q: Tensor, k: Tensor, *, first_block: int, own: Tensor, filled: int, block_size: int,
-                      picks: int, means: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      picks: int, means: Tensor | None = None,
+                      key_visible: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Best `picks` complete local blocks before each query's own block: (scores, global ids), -inf / -1
-    padded. `means`: the local blocks' means if the caller keeps them (only complete blocks are read)."""
+    padded. `means`: the local blocks' means if the caller keeps them (only complete blocks are read);
+    `key_visible` `[B, S]`: a key padding mask (blocks without a visible key are no candidates)."""
     b, hq, tq, d = q.shape
     nb = k.shape[2] // block_size
     ct = compute_dtype(q.dtype)
@@ -49,6 +52,8 @@ def _local_candidates(q: Tensor, k: Tensor, *, first_block: int, own: Tensor, fi
     gate = q.to(ct) @ repeat_kv(means.to(ct), hq).transpose(-1, -2)  # [B, Hq, Tq, nb]
     ids = first_block + torch.arange(nb, device=q.device)
     candidate = (ids[None, :] < own[:, None]) & (counts == block_size)[None, :]
+    if key_visible is not None:
+        candidate = candidate[None, None] & key_visible.view(b, nb, block_size).any(-1)[:, None, None, :]
     gate = gate.masked_fill(~candidate | gate.isnan(), float("-inf"))
     n = min(picks, nb)
     scores = torch.full((b, hq, tq, picks), float("-inf"), dtype=ct, device=q.device)
@@ -75,7 +80,8 @@ def _merge(scores: Tensor, index: Tensor, picks: int) -> Tensor:
 
 
 def _partial_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, first_block: int, positions: Tensor,
-                       filled: int, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
+                       filled: int, block_size: int, scale: float,
+                       key_visible: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """This rank's share: attention over the selected blocks it holds and the own block's causal
     prefix, reading only those blocks' keys and values; (output normalised over this share, its
     log-sum-exp; -inf where the share is empty)."""
@@ -86,7 +92,7 @@ def _partial_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, fir
     nb = s_cap // block_size
     if selected.shape[-1] + 1 >= nb:  # as many blocks per row as the slice holds (dense limit): read it all
         return _slice_attention(q, k, v, selected, first_block=first_block, positions=positions, filled=filled,
-                                block_size=block_size, scale=scale)
+                                block_size=block_size, scale=scale, key_visible=key_visible)
     own = (positions // block_size)[None, None, :, None].expand(b, hq, tq, 1)
     blocks = torch.cat([selected, own], dim=-1) - first_block  # local block per slot, [B, Hq, Tq, picks + 1]
     held = (blocks >= 0) & (blocks < nb)
@@ -94,6 +100,8 @@ def _partial_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, fir
     key_pos = first_block * block_size + slots
     visible = held[..., None] & (key_pos <= positions[:, None, None]) & (slots < filled)
     slots, visible = slots.flatten(-2), visible.flatten(-2)  # [B, Hq, Tq, W]
+    if key_visible is not None:
+        visible &= key_visible[:, None, None, :].expand(b, hq, tq, s_cap).gather(-1, slots)
     kv_head = torch.arange(hq, device=dev) // (hq // hkv)
     base = (torch.arange(b, device=dev)[:, None] * hkv + kv_head[None, :]) * s_cap  # [B, Hq]
     rows = (slots + base[:, :, None, None]).reshape(-1)
@@ -108,7 +116,8 @@ def _partial_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, fir
 
 
 def _slice_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, first_block: int, positions: Tensor,
-                     filled: int, block_size: int, scale: float) -> tuple[Tensor, Tensor]:
+                     filled: int, block_size: int, scale: float,
+                     key_visible: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`_partial_attention` over the whole slice under a mask (when rows select every block it holds)."""
     hq = q.shape[1]
     ct = compute_dtype(q.dtype)
@@ -118,6 +127,8 @@ def _slice_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, first
     chosen = (key_block[None, None, None, :] == selected[..., None]).any(-2)  # [B, Hq, Tq, S]
     chosen |= key_block[None, :] == (positions // block_size)[:, None]
     visible = chosen & (key_pos[None, :] <= positions[:, None]) & (torch.arange(s_cap, device=q.device) < filled)
+    if key_visible is not None:
+        visible = visible & key_visible[:, None, None, :]
     scores = (q.to(ct) @ repeat_kv(k, hq).to(ct).transpose(-1, -2)) * scale
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
@@ -128,7 +139,7 @@ def _slice_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, first
 @torch.no_grad()
 def moba_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int, group=None, block_size: int,
                    top_k: int, scale: float | None = None, enable_gqa: bool = False, check_ranks: bool = True,
-                   key_block_means: Tensor | None = None) -> Tensor:
+                   key_block_means: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
     """MoBA for the newest `Tq` tokens against a contiguously sharded KV cache (see the module doc).
 
     q `[B, Hq, Tq, D]` (the same on every rank); k_local `[B, Hkv, S, D]` / v_local `[B, Hkv, S, Dv]`:
@@ -136,8 +147,10 @@ def moba_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int,
     filled length of the whole cache, the queries being its last `Tq` tokens. `key_block_means`:
     `[B, Hkv, S / block_size, D]`, the means of this rank's blocks if the caller keeps them beside
     its cache (complete blocks must be current; the gate then reads no keys); else they are
-    computed from `k_local`. Only the selected blocks' keys and values are read. Returns
-    `[B, Hq, Tq, Dv]` on every rank."""
+    computed from `k_local`. Only the selected blocks' keys and values are read.
+    `key_padding_mask`: `[B, S]`, this rank's slots of a padded batch's mask (True / 1: a real
+    token): the result is `moba_attention` on the filled cache with `attn_mask=mask[:, None, None, :]`
+    (every rank passes one or none). Returns `[B, Hq, Tq, Dv]` on every rank."""
     pg = resolve_group(group, _WHO)
     try:  # moba_attention's rules on one query (a rank's filled shard may be shorter than Tq)
         validate(q[:, :, -1:], k_local, v_local, block_size=block_size, top_k=top_k, scale=scale, attn_mask=None,
@@ -156,11 +169,14 @@ def moba_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int,
     if key_block_means is not None and tuple(key_block_means.shape) != want:
         raise ValueError(f"{_WHO}: key_block_means must be [B, Hkv, S / block_size, D] = {list(want)}, got "
                          f"{list(key_block_means.shape)}")
+    key_visible = check_key_padding(key_padding_mask, (q.shape[0], s_cap), q.device, _WHO)
     if check_ranks:
         check_same_on_all_ranks(_WHO, pg, {"batch size": q.shape[0], "query heads": q.shape[1],
                                            "key/value heads": k_local.shape[1], "head dim": q.shape[3], "Tq": tq,
                                            "cache slots per rank": s_cap, "seq_len": seq_len,
-                                           "block_size": block_size, "top_k": top_k}, q.device)
+                                           "block_size": block_size, "top_k": top_k,
+                                           "whether a key padding mask is given": int(key_visible is not None)},
+                                q.device)
     first_block = rank * s_cap // block_size
     filled = min(max(seq_len - rank * s_cap, 0), s_cap)
     positions = torch.arange(seq_len - tq, seq_len, device=q.device)
@@ -168,7 +184,8 @@ def moba_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int,
     selected = torch.empty((*q.shape[:3], 0), dtype=torch.long, device=q.device)
     if picks > 0:
         scores, index = _local_candidates(q, k_local, first_block=first_block, own=positions // block_size,
-                                          filled=filled, block_size=block_size, picks=picks, means=key_block_means)
+                                          filled=filled, block_size=block_size, picks=picks, means=key_block_means,
+                                          key_visible=key_visible)
         # one all-gather: the block ids ride in the scores' dtype, bit for bit (int32 in fp32, int64 in fp64)
         id_type = torch.int32 if scores.dtype.itemsize == 4 else torch.int64
         packed = torch.cat([scores, index.to(id_type).view(scores.dtype)], dim=-1)
@@ -178,7 +195,7 @@ def moba_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int,
         all_scores, all_index = everyone[..., :picks], everyone[..., picks:].contiguous().view(id_type).long()
         selected = _merge(all_scores, all_index, picks)
     out, lse = _partial_attention(q, k_local, v_local, selected, first_block=first_block, positions=positions,
-                                  filled=filled, block_size=block_size, scale=resolved)
+                                  filled=filled, block_size=block_size, scale=resolved, key_visible=key_visible)
     with collective(_WHO, "the all-gather of partial outputs", pg):
         outs = all_gather_stacked(torch.cat([out, lse[..., None]], dim=-1), pg)  # [W, B, Hq, Tq, D + 1]
     count("partial outputs", (out.numel() + lse.numel()) * out.element_size() * (world - 1))
