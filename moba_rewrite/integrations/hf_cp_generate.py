@@ -161,6 +161,52 @@ def _sampler(do_sample: bool, temperature: float, top_k: int | None, top_p: floa
     return draw
 
 
+def _check_arguments(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p
+                     ) -> Tensor | None:
+    """One-line errors for bad arguments; returns the padding mask as bool (None when there is no padding)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"{_WHO}: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"{_WHO}: temperature must be positive, got {temperature!r}")
+    if do_sample and top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"{_WHO}: top_p must be in (0, 1], got {top_p!r}")
+    if do_sample and top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"{_WHO}: top_k must be a non-negative integer, got {top_k!r}")
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(f"{_WHO}: input_ids must be integer token ids [B, T], got "
+                         f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor) or attention_mask.is_floating_point() or \
+            attention_mask.shape != input_ids.shape:
+        got = (f"{tuple(attention_mask.shape)} {attention_mask.dtype}" if isinstance(attention_mask, Tensor)
+               else type(attention_mask).__name__)
+        raise ValueError(f"{_WHO}: attention_mask must be the prompts' 0/1 padding mask {list(input_ids.shape)}, "
+                         f"got {got}")
+    real = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+    return None if bool(real.all()) else real
+
+
+def _place_prompt(model: nn.Module, input_ids: Tensor, real: Tensor | None, shared: CacheSlice
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """This rank's slice of the prompt, padded at its end to `W * S` tokens: (token ids, position ids,
+    each row's next position, the slice's padding mask or None)."""
+    b, t = input_ids.shape
+    slots, dev = shared.world * shared.capacity, input_ids.device
+    mine = slice(shared.rank * shared.capacity, (shared.rank + 1) * shared.capacity)
+    ids = input_ids.new_zeros((b, slots))
+    ids[:, :t] = input_ids
+    if real is None:
+        positions = torch.arange(slots, device=dev).expand(b, -1)
+        return ids[:, mine], positions[:, mine], torch.full((b,), t, device=dev), None
+    # transformers' positions for a padded batch: counted over the real tokens
+    positions = torch.zeros((b, slots), dtype=torch.long, device=dev)
+    positions[:, :t] = _padded_positions(model, input_ids, real)
+    whole = torch.zeros((b, slots), dtype=torch.bool, device=dev)
+    whole[:, :t] = real
+    return ids[:, mine], positions[:, mine], real.long().sum(-1), whole[:, mine].clone()
+
+
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens: int,
              attention_mask: Tensor | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None,
@@ -177,45 +223,16 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     there); `exchange`: the prefill's `moba_attention_cp` exchange."""
     check_rewritten(model)
     pg = resolve_group(group, _WHO)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"{_WHO}: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if do_sample and not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"{_WHO}: temperature must be positive, got {temperature!r}")
-    if do_sample and top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"{_WHO}: top_p must be in (0, 1], got {top_p!r}")
-    if do_sample and top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"{_WHO}: top_k must be a non-negative integer, got {top_k!r}")
+    real = _check_arguments(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
     pick = _sampler(do_sample, float(temperature), top_k, top_p)
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise ValueError(f"{_WHO}: input_ids must be integer token ids [B, T], got "
-                         f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}")
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
     b, t = input_ids.shape
-    if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.is_floating_point()
-                                       or tuple(attention_mask.shape) != (b, t)):
-        got = (f"{tuple(attention_mask.shape)} {attention_mask.dtype}" if isinstance(attention_mask, Tensor)
-               else type(attention_mask).__name__)
-        raise ValueError(f"{_WHO}: attention_mask must be the prompts' 0/1 padding mask {[b, t]}, got {got}")
-    real = None if attention_mask is None or bool(attention_mask.bool().all()) else attention_mask.to(
-        device=input_ids.device, dtype=torch.bool)
     align = alignment(model)
     capacity = math.ceil(math.ceil((t + max_new_tokens) / world) / align) * align
     shared = CacheSlice(capacity=capacity, rank=rank, world=world)
     cache = ShardedKVCache(_num_layers(model), shared)
     dev = input_ids.device
-    padded = input_ids.new_zeros((b, world * capacity))
-    padded[:, :t] = input_ids
-    mine = slice(rank * capacity, (rank + 1) * capacity)
-    positions = torch.arange(world * capacity, device=dev).expand(b, -1)
-    next_position = torch.full((b,), t, device=dev)
-    if real is not None:  # transformers' positions for a padded batch: counted over the real tokens
-        positions = torch.zeros((b, world * capacity), dtype=torch.long, device=dev)
-        positions[:, :t] = _padded_positions(model, input_ids, real)
-        next_position = real.long().sum(-1)
-        whole = torch.zeros((b, world * capacity), dtype=torch.bool, device=dev)
-        whole[:, :t] = real
-        shared.key_mask = whole[:, mine].clone()
-    positions = positions[:, mine]
+    local_ids, positions, next_position, shared.key_mask = _place_prompt(model, input_ids, real, shared)
     keyword = _cache_keyword(model)
     keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     owner, last = divmod(t - 1, capacity)  # the rank and slot of the prompt's last token
@@ -229,8 +246,7 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
             extra["attention_mask"] = shared.key_mask.long()
         hook.custom_positions = real is not None  # transformers' padded-batch positions, not the layout's
         try:
-            out = model(input_ids=padded[:, mine], position_ids=positions, use_cache=True, **{keyword: cache},
-                        **extra)
+            out = model(input_ids=local_ids, position_ids=positions, use_cache=True, **{keyword: cache}, **extra)
         finally:
             hook.custom_positions = False
         logits = out.logits[:, -1 if keep else last].float().contiguous()
