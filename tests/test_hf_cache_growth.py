@@ -97,6 +97,19 @@ def test_calls_it_cannot_serve_in_place_behave_as_dynamic_layer():
     _update_both(growing, plain, *(s.double() for s in _states(1, gen=gen)))
 
 
+def test_a_cache_filled_in_inference_mode_decodes_outside_it():
+    """Prefill under `torch.inference_mode()`, decode under `torch.no_grad()` (in-place writes into an
+    inference tensor are not allowed there): a new buffer, the same tokens as DynamicLayer."""
+    gen = torch.Generator().manual_seed(3)
+    growing, plain = _pair()
+    with torch.inference_mode():
+        _update_both(growing, plain, *_states(20, gen=gen))
+    with torch.no_grad():
+        for _ in range(3):
+            _update_both(growing, plain, *_states(1, gen=gen))
+    assert not growing.keys.is_inference()
+
+
 def test_only_plain_dynamic_layers_are_swapped():
     from transformers.cache_utils import DynamicSlidingWindowLayer, StaticLayer
 

@@ -47,7 +47,10 @@ class GrowingDynamicLayer(DynamicLayer):
         filled = self.keys.shape[2] if self.keys.dim() == 4 else 0
         needed = filled + key_states.shape[2]
         buffers = self.__dict__.get("_moba_buffers")
-        if buffers is None or not self._views_of(buffers) or needed > buffers[0].shape[2]:
+        # an inference-mode buffer cannot be written outside inference mode (nor a normal one is what
+        # inference mode would make): start a new one, as `torch.cat` would
+        fresh = buffers is None or buffers[0].is_inference() != torch.is_inference_mode_enabled()
+        if fresh or not self._views_of(buffers) or needed > buffers[0].shape[2]:
             buffers = self._new_buffers(key_states, value_states, filled, capacity_for(needed))
         for buffer, new, name in ((buffers[0], key_states, "keys"), (buffers[1], value_states, "values")):
             buffer[:, :, filled:needed].copy_(new)
