@@ -162,3 +162,28 @@ def test_a_grown_cache_decodes_under_torch_compile_fullgraph():
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
             token = want[:, -1:].argmax(-1)
     assert cache.layers[0].get_seq_length() == eager_cache.layers[0].get_seq_length() == 17
+
+
+def test_inference_mode_prefill_then_no_grad_decode():
+    """A prefill under `torch.inference_mode()` and decode steps under `torch.no_grad()` (the cache,
+    the kept block means and the kernels' per-thread scratch buffers all cross the mode boundary):
+    the same logits as a run under `no_grad` alone."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    mr.rewrite(model, {"version": 1, "defaults": {"block_size": 4, "top_k": 2, "decode": "moba"}})
+    ids = torch.randint(0, 64, (1, 14), generator=torch.Generator().manual_seed(5))
+
+    def run(prefill_mode):
+        cache = DynamicCache(config=cfg)
+        with prefill_mode():
+            logits = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
+        with torch.no_grad():
+            for _ in range(6):
+                token = logits[-1].argmax(-1, keepdim=True)
+                logits.append(model(token, past_key_values=cache, use_cache=True).logits[:, -1])
+        return torch.stack([x.clone() for x in logits])
+
+    torch.testing.assert_close(run(torch.inference_mode), run(torch.no_grad), atol=1e-6, rtol=1e-6)

@@ -280,3 +280,26 @@ def test_noncontiguous_inputs(mask_kind):
     want = _run("reference", q.contiguous(), k.contiguous(), v.contiguous(), c, mask, weight)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5)
+
+
+def test_inference_mode_through_the_threaded_split_and_after_it(monkeypatch):
+    """`torch.inference_mode()` is per thread: the split's worker threads must enter it to write the
+    caller's (inference-tensor) output, and a later call outside it must not write into per-thread
+    scratch buffers made inside it. Both calls equal the reference."""
+    monkeypatch.setattr(torch_blocks, "_SPLIT_MIN_ROWS", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(4)
+        q, k, v = (torch.randn(2, 4, 192, 16, generator=g) for _ in range(3))
+        if not torch_blocks._split_plan(q, k)[1]:
+            pytest.skip("no threaded split on this build (ATen's threads are not OpenMP)")
+        want = reference.forward(q, k, v, block_size=32, top_k=3, causal=True, scale=0.25, attn_mask=None)
+        with torch.inference_mode():
+            inside = moba_rewrite.moba_attention(q, k, v, block_size=32, top_k=3, scale=0.25, backend="torch")
+        with torch.no_grad():
+            outside = moba_rewrite.moba_attention(q, k, v, block_size=32, top_k=3, scale=0.25, backend="torch")
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(inside.clone(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(outside, want, atol=2e-5, rtol=2e-5)

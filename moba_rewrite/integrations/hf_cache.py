@@ -67,7 +67,10 @@ class BlockMeans:
 
     def fits(self, keys: Tensor, block_size: int, n_blocks: int) -> bool:
         m = self.means
+        # means made in inference mode cannot be updated in place outside it (and vice versa): rebuild
+        # (not asked under tracing, which cannot read it and runs in one mode)
         return (not self.stale and self.block_size == block_size and m.shape[2] >= n_blocks
+                and (torch.compiler.is_compiling() or m.is_inference() == torch.is_inference_mode_enabled())
                 and tuple(m.shape[:2]) == tuple(keys.shape[:2]) and m.shape[3] == keys.shape[3]
                 and m.device == keys.device and m.dtype == _means_dtype(keys))
 

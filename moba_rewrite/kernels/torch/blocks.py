@@ -137,9 +137,13 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _run_parts(ranges: list[tuple[int, int]], work) -> None:
-    """Run `work(a, e)` for every range on the worker pool (one single-threaded worker per core)."""
+    """Run `work(a, e)` for every range on the worker pool (one single-threaded worker per core).
+    Inference mode is per thread: the caller's is entered in the workers, whose writes into buffers
+    the caller made under `torch.inference_mode()` (inference tensors) are allowed only there."""
+    inference = torch.is_inference_mode_enabled()
+
     def run(a: int, e: int) -> None:
-        with torch.no_grad():
+        with torch.inference_mode(inference), torch.no_grad():
             work(a, e)
 
     futures = [_pool(torch.get_num_threads()).submit(run, a, e) for a, e in ranges]

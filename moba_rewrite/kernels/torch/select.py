@@ -42,14 +42,16 @@ class Scratch:
 
     @staticmethod
     def for_thread(dtype: torch.dtype, device) -> "Scratch":
-        """This thread's cached scratch for (dtype, device) on CPU; a fresh one elsewhere."""
+        """This thread's cached scratch for (dtype, device) on CPU; a fresh one elsewhere. Buffers made
+        under `torch.inference_mode()` are inference tensors, which cannot be written outside it (nor
+        should normal ones be kept inside it): each mode has its own."""
         device = torch.device(device)
         if device.type != "cpu":
             return Scratch(dtype, device)
         cache = getattr(_LOCAL, "scratch", None)
         if cache is None:
             cache = _LOCAL.scratch = {}
-        key = (dtype, device)
+        key = (dtype, device, not torch.compiler.is_compiling() and torch.is_inference_mode_enabled())
         if key not in cache:
             cache[key] = Scratch(dtype, device)
         return cache[key]
