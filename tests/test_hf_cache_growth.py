@@ -16,6 +16,17 @@ import moba_rewrite as mr
 from moba_rewrite.integrations.hf_cache_growth import GrowingDynamicLayer, capacity_for, grow_in_place
 
 B, H, D = 2, 3, 4
+MOBA = {"version": 1, "defaults": {"block_size": 4, "top_k": 2, "decode": "moba"}}
+
+
+def _tiny_llama(policy: dict):
+    """A random-weight 2-layer Llama (GQA) rewritten with `policy`, and its config."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    return mr.rewrite(model, policy), cfg
 
 
 def _states(t: int, *, batch: int = B, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,15 +129,10 @@ def test_only_plain_dynamic_layers_are_swapped():
 
 
 def test_generate_grows_moba_sites_in_place_and_keeps_dense_sites_stock():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.set_attn_implementation("sdpa")
     policy = {"version": 1, "defaults": {"block_size": 4, "top_k": 2, "decode": "moba"},
               "rules": [{"layers": "-1:", "mode": "dense"}]}  # last layer dense
     ids = torch.randint(0, 64, (1, 14), generator=torch.Generator().manual_seed(3))
-    mr.rewrite(model, policy)
+    model, cfg = _tiny_llama(policy)
     cache = DynamicCache(config=cfg)
     out = model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
     assert type(cache.layers[0]) is GrowingDynamicLayer and type(cache.layers[1]) is DynamicLayer
@@ -144,12 +150,7 @@ def test_a_grown_cache_decodes_under_torch_compile_fullgraph():
     steps concatenate (no in-place writes in a graph) and equal eager steps on a copy of the cache."""
     import copy
 
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.set_attn_implementation("sdpa")
-    mr.rewrite(model, {"version": 1, "defaults": {"block_size": 4, "top_k": 2, "decode": "moba"}})
+    model, cfg = _tiny_llama(MOBA)
     cache = DynamicCache(config=cfg)
     with torch.no_grad():
         token = model(torch.randint(0, 64, (1, 14)), past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
@@ -168,12 +169,7 @@ def test_inference_mode_prefill_then_no_grad_decode():
     """A prefill under `torch.inference_mode()` and decode steps under `torch.no_grad()` (the cache,
     the kept block means and the kernels' per-thread scratch buffers all cross the mode boundary):
     the same logits as a run under `no_grad` alone."""
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.set_attn_implementation("sdpa")
-    mr.rewrite(model, {"version": 1, "defaults": {"block_size": 4, "top_k": 2, "decode": "moba"}})
+    model, cfg = _tiny_llama(MOBA)
     ids = torch.randint(0, 64, (1, 14), generator=torch.Generator().manual_seed(5))
 
     def run(prefill_mode):
