@@ -143,8 +143,9 @@ class _ShardedAttention:
         is_causal = kwargs.get("is_causal")
         if (is_causal is not None and not is_causal) or not getattr(module, "is_causal", True):
             raise ValueError(f"{_WHO}: attention site {name!r} is not causal; sharded-cache decoding is for causal LMs")
-        if attention_mask is not None and not (hf_masks.compact_of(attention_mask) is not None and (
-                hf_masks.key_mask(attention_mask) is None or bool(hf_masks.key_mask(attention_mask).all()))):
+        compact = attention_mask is None or hf_masks.compact_of(attention_mask) is not None
+        keys = hf_masks.key_mask(attention_mask) if compact and attention_mask is not None else None
+        if not compact or (keys is not None and not bool(keys.all())):  # the padding travels in the cache
             raise ValueError(f"{_WHO}: attention site {name!r} got a mask other than plain causal attention during "
                              f"sharded-cache decoding (padding, a sliding window?); not supported")
         dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)

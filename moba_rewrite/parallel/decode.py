@@ -109,10 +109,15 @@ def _partial_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, fir
     values = v.reshape(-1, v.shape[-1]).index_select(0, rows).view(*slots.shape, v.shape[-1]).to(ct)
     # [1, D] x [D, W] per row ([W, D] x [D, 1] is bmm's slow n = 1 path on CPU)
     scores = (q.to(ct)[..., None, :] @ keys.transpose(-1, -2)).squeeze(-2) * scale  # [B, Hq, Tq, W]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    weights = torch.exp(scores - torch.where(lse > float("-inf"), lse, 0.0)[..., None])
+    weights, lse = _softmax(scores.masked_fill(~visible, float("-inf")))
     return (weights[..., None, :] @ values).squeeze(-2), lse
+
+
+def _softmax(scores: Tensor) -> tuple[Tensor, Tensor]:
+    """(softmax weights over the last dim, its log-sum-exp); all-zero weights and -inf where a row
+    sees nothing."""
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - torch.where(lse > float("-inf"), lse, 0.0)[..., None]), lse
 
 
 def _slice_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, first_block: int, positions: Tensor,
@@ -130,9 +135,7 @@ def _slice_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, first
     if key_visible is not None:
         visible = visible & key_visible[:, None, None, :]
     scores = (q.to(ct) @ repeat_kv(k, hq).to(ct).transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    weights = torch.exp(scores - torch.where(lse > float("-inf"), lse, 0.0)[..., None])
+    weights, lse = _softmax(scores.masked_fill(~visible, float("-inf")))
     return weights @ repeat_kv(v, hq).to(ct), lse
 
 
