@@ -76,6 +76,18 @@ def unfaithful(site: RoutedSite, a: dict[str, Any]) -> list[str]:
     return out
 
 
+def _packed_gqa(site: RoutedSite, q: Tensor, k: Tensor, mask: Tensor | None) -> bool:
+    """Whether this call is one token's GQA query with its heads folded into the query length, as
+    transformers' `sdpa_attention_forward` does for a single query with a mask (`pack_gqa`: `[B, Hq,
+    1, D]` -> `[B, Hkv, Hq / Hkv, D]`, the mask shared by every head). Read as Hq / Hkv consecutive
+    queries, MoBA would place them at different positions."""
+    if site.num_heads is None or q.dim() != 4 or k.dim() != 4 or q.shape[1] != k.shape[1]:
+        return False
+    if q.shape[1] == site.num_heads or q.shape[1] * q.shape[2] != site.num_heads:
+        return False
+    return mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1)
+
+
 def _is_this_site(site: RoutedSite, q: Tensor) -> bool:
     if q.dim() != 4:
         return True  # reported by `unfaithful`
@@ -88,6 +100,10 @@ def routed_attention(site: RoutedSite, args: tuple, kwargs: dict) -> Tensor:
     a = _bind(args, kwargs)
     d = site.decision
     q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+    packed = _packed_gqa(site, q, k, mask)
+    if packed:  # one token's query heads folded into the query length: unfold, so each head is one query
+        q = q.reshape(q.shape[0], site.num_heads, 1, q.shape[-1])
+        a = {**a, "query": q}
     if not _is_this_site(site, q):
         return _SDPA(*args, **kwargs)
     problems = unfaithful(site, a)
@@ -100,12 +116,45 @@ def routed_attention(site: RoutedSite, args: tuple, kwargs: dict) -> Tensor:
         return _SDPA(*args, **kwargs)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask > HIDDEN_BELOW  # proven 0 / -huge where it is built (site.mask_convert)
+    if mask is not None and tk > tq:
+        trimmed = _filled_prefix(k, v, mask, tq)
+        if trimmed is None:
+            if getattr(d, "on_unsupported", "dense") == "error":
+                raise UnfaithfulSiteError(f"attention site {site.name!r}: {UNKNOWN_POSITIONS} (policy on_unsupported: "
+                                          "error)")
+            return _SDPA(*args, **kwargs)
+        k, v, mask = trimmed
     causal = bool(a.get("is_causal") or False)
     scale = a.get("scale")
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     out = moba_op.run(q, k, v, None, mask, int(d.block_size), int(d.top_k), causal, scale, str(d.backend))
+    if packed:
+        return out.reshape(out.shape[0], k.shape[1], site.num_heads // k.shape[1], out.shape[-1])
     # SDPA's output is laid out as [B, T, H, D] in memory; keep that for views downstream.
     return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+UNKNOWN_POSITIONS = ("more keys than queries with a full mask whose query positions are not known here (a "
+                     "preallocated KV cache while tracing, or queries that are not the newest visible keys)")
+
+
+def _filled_prefix(k: Tensor, v: Tensor, mask: Tensor, tq: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Keys, values and mask cut to the slots some query sees, or None when the queries' positions cannot
+    be told from the mask. With a preallocated (static) KV cache the call gets every slot, the unfilled
+    ones hidden by the mask, and MoBA places queries as the newest keys: on the filled prefix (SPEC
+    section 2 item 9) that placement is right when the last query sees the last filled slot. Reads the
+    mask (eager only); while tracing, such a call runs the original SDPA."""
+    tk = k.shape[-2]
+    if torch.compiler.is_compiling() or mask.dim() != 4 or mask.shape[-2] != tq:
+        return None
+    seen = mask.reshape(-1, tq, tk).any(0)  # [Tq, Tk]: some batch row / head sees the key
+    visible = torch.nonzero(seen.any(0)).flatten()
+    filled = int(visible[-1]) + 1 if visible.numel() else 0
+    if filled < tq or not bool(seen[-1, filled - 1]):
+        return None
+    if filled == tk:
+        return k, v, mask
+    return k[..., :filled, :], v[..., :filled, :], mask[..., :filled]
 
 
 class SdpaRouter(TorchFunctionMode):

@@ -215,7 +215,7 @@ def test_compiled_decode_step_with_a_static_cache():
 def test_static_cache_smaller_than_the_prompt_is_named():
     model = _rewritten("llama")
     ids, mask = _prompts()
-    with pytest.raises(KVCacheError, match=r"StaticCache too small: layer 0 holds max_cache_len=10 .* positions 0..13"):
+    with pytest.raises(KVCacheError, match=r"StaticCache too small: layer 0 \(model.layers.0.self_attn\) holds max_cache_len=10 .* positions 0..13"):
         model(input_ids=ids, attention_mask=mask, cache=StaticCache(config=model.config, max_cache_len=10),
               use_cache=True)
 

@@ -7,7 +7,8 @@ far. The attention function does not receive the cache, so a forward pre-hook on
 attention module passes it along in the keyword arguments (`CACHE_KWARG`) that the module
 forwards to the attention function. With it, `attention` here:
 
-* finds the module's cache layer (`cache.layers[module.layer_idx]`) and the queries' real
+* finds the module's cache layer (the one its `cache.update` call wrote, recorded by a mixin on the
+  cache's class; `cache.layers[module.layer_idx]` when none was recorded) and the queries' real
   positions: `cumulative_length - Tq + i` for a static layer (a device tensor: no host sync,
   so a compiled decode step keeps it), `Tk - Tq + i` for a dynamic one;
 * keeps the gate's block means beside the cache, as a `BlockMeans` object on the cache layer
@@ -104,19 +105,57 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
     cache = next((kwargs[n] for n in _CACHE_NAMES if kwargs.get(n) is not None), None)
     if cache is None or getattr(module, "is_cross_attention", False):
         return None
+    target = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache: the decoder's own
     if not torch.compiler.is_compiling():
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        _before_update(module, cache, hidden.shape[1] if isinstance(hidden, Tensor) and hidden.dim() == 3 else None)
+        _record_writes(target)
+        target._moba_writer = module
+    if isinstance(target, _RecordsWrites):
+        target._moba_written = None  # this module's own `cache.update` call sets it
     kwargs[CACHE_KWARG] = cache
     return args, kwargs
 
 
-def _before_update(module: nn.Module, cache: Any, new_tokens: int | None) -> None:
-    """Eager checks before the module writes into its cache layer: the layer can hold the new tokens,
-    and the means still describe the layer's keys (else they are recomputed at the next call)."""
-    layer = cache_layer(module, cache)
-    if layer is None:
+class _RecordsWrites:
+    """Mixed into a cache's class (`_record_writes`): `update` notes which layer it writes, so the
+    attention function that follows finds the layer the module really wrote. Models that run their
+    layers in loops write layer `layer_idx + offset` (Dory's `cache_offset`, HRM's `cycle_offset`,
+    Inkling2's loops), so `module.layer_idx` names the wrong one. The eager checks of the writing
+    MoBA module (`_before_update`) run here too, on that layer and before the write."""
+
+    _moba_written: int | None = None  # layer index of the last `update`
+    _moba_writer: nn.Module | None = None  # the MoBA module whose forward is running (eager only)
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        self._moba_written = layer_idx
+        writer = self._moba_writer
+        if writer is not None and not torch.compiler.is_compiling():
+            self._moba_writer = None
+            _before_update(writer, self, layer_idx, key_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+_RECORDING_CLASSES: dict[type, type] = {}
+
+
+def _record_writes(cache: Any) -> None:
+    """Give `cache` the class `_RecordsWrites` + its own (once; the same object, state and isinstance)."""
+    kind = type(cache)
+    if issubclass(kind, _RecordsWrites) or not callable(getattr(cache, "update", None)) \
+            or not isinstance(getattr(cache, "layers", None), list):
         return
+    sub = _RECORDING_CLASSES.get(kind)
+    if sub is None:
+        sub = _RECORDING_CLASSES[kind] = type(kind.__name__, (_RecordsWrites, kind), {"__module__": kind.__module__})
+    cache.__class__ = sub
+
+
+def _before_update(module: nn.Module, cache: Any, layer_idx: int, new_keys: Tensor) -> None:
+    """Eager checks before `module` writes `new_keys` into layer `layer_idx` of `cache`: the layer can
+    hold them, and the means still describe the layer's keys (else they are recomputed at the next call)."""
+    layers = cache.layers
+    if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(layers):
+        return  # a layer the cache appends on this write: nothing kept yet
+    layer = layers[layer_idx]
     state = layer.__dict__.get("moba_block_means")
     if state is not None and state.keys_ref() is not getattr(layer, "keys", None):
         state.stale = True
@@ -125,17 +164,17 @@ def _before_update(module: nn.Module, cache: Any, new_tokens: int | None) -> Non
         from moba_rewrite.integrations.hf_cache_growth import grow_in_place
 
         grow_in_place(layer)
-    if new_tokens is None or not isinstance(layer, static) or layer.is_sliding:
+    if not isinstance(new_keys, Tensor) or new_keys.dim() < 2 or not isinstance(layer, static) or layer.is_sliding:
         return
-    size = layer.max_cache_len
+    new_tokens, size = new_keys.shape[-2], layer.max_cache_len
     if layer.is_initialized and layer.keys.is_cuda and new_tokens == 1:
         return  # decode on a GPU: reading the length would cost a sync per layer and step
     held = int(layer.cumulative_length) if layer.is_initialized else 0
     if held + new_tokens > size:
         raise KVCacheError(
-            f"StaticCache too small: layer {module.layer_idx} holds max_cache_len={size} tokens but this call writes "
-            f"positions {held}..{held + new_tokens - 1} ({new_tokens} new); build it with max_cache_len >= "
-            f"{held + new_tokens}")
+            f"StaticCache too small: layer {layer_idx} ({getattr(module, '_moba_site', type(module).__name__)}) holds "
+            f"max_cache_len={size} tokens but this call writes positions {held}..{held + new_tokens - 1} "
+            f"({new_tokens} new); build it with max_cache_len >= {held + new_tokens}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,10 +217,24 @@ def _kinds() -> tuple[type, type]:
 def cache_layer(module: nn.Module, cache: Any) -> Any | None:
     """The cache layer the module writes into, or None when there is none to find."""
     cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache: the decoder's own
-    layers, idx = getattr(cache, "layers", None), getattr(module, "layer_idx", None)
+    idx = getattr(cache, "_moba_written", None)  # the layer this module's `update` wrote (looped models)
+    if idx is None:
+        idx = getattr(module, "layer_idx", None)
+    layers = getattr(cache, "layers", None)
     if not isinstance(idx, int) or not isinstance(layers, list) or not 0 <= idx < len(layers):
         return None
     return layers[idx]
+
+
+def _read_target(layer: Any) -> tuple[Any, bool]:
+    """(`layer`, False), or (the layer it reads, True) for a cache layer that reads another without
+    writing into it (Dory's `DoryPastReader`, in its loops before the last: `update` returns what the
+    read layer's update would, the new tokens placed after its filled part, and stores nothing)."""
+    static, dynamic = _kinds()
+    inner = getattr(layer, "layer", None)
+    if isinstance(inner, (static, dynamic)) and not isinstance(layer, (static, dynamic)):
+        return inner, True
+    return layer, False
 
 
 def _sliding_before(layer: Any, tq: int) -> int:
@@ -204,8 +257,9 @@ def queries_are_newest(module: nn.Module, cache: Any, key: Tensor) -> bool:
     layer = cache_layer(module, cache)
     if layer is None:
         return True
+    layer, read_only = _read_target(layer)
     state = layer.__dict__.get("moba_block_means")
-    if state is not None:
+    if state is not None and not read_only:
         state.stale = True
     static, _ = _kinds()
     return not (isinstance(layer, static) and not getattr(layer, "is_sliding", False)
@@ -222,11 +276,13 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask
     layer = cache_layer(module, cache)
     if layer is None:
         return None
+    layer, read_only = _read_target(layer)
     static, dynamic = _kinds()
     bs, top_k, backend = int(decision.block_size), int(decision.top_k), str(decision.backend)
     tq, tk = query.shape[2], key.shape[2]
+    written = 0 if read_only else tq  # this call's tokens already counted by the layer
     if getattr(layer, "is_sliding", False):
-        if _sliding_before(layer, tq) != 0:
+        if _sliding_before(layer, written) != 0:
             return DENSE
         if tk > tq:  # first call into a sliding static buffer: the filled prefix is the prompt
             key, value = key[:, :, :tq], value[:, :, :tq]
@@ -236,49 +292,56 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask
         "dynamic" if isinstance(layer, dynamic) and not isinstance(layer, static) else None)
     if kind is None:
         return None
-    if dense_below and _filled(layer, kind, key) < dense_below:
+    if dense_below and _filled(layer, kind, key, tq - written) < dense_below:
         state = layer.__dict__.get("moba_block_means")
-        if state is not None:  # this call's keys go uncounted: rebuilt when MoBA next runs
+        if state is not None and not read_only:  # this call's keys go uncounted: rebuilt when MoBA next runs
             state.stale = True
         return DENSE
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return _differentiable(layer, kind, query, key, value, mask, causal, scale, bs, top_k, backend)
+        return _differentiable(layer, kind, query, key, value, mask, causal, scale, bs, top_k, backend,
+                               unwritten=tq - written, keep=not read_only)
     # a decode step is a few small ops: on one thread they cannot stall at OpenMP barriers (kernels.threads)
     with single_threaded(key.device) if tq == 1 else contextlib.nullcontext():
         if kind == "static":
             held = None
             if key.device.type == "cpu" and not torch.compiler.is_compiling():  # the length is free to read here
-                held = int(layer.cumulative_length)
+                held = int(layer.cumulative_length) + tq - written
                 positions = torch.arange(held - tq, held, device=key.device)
             else:  # a device tensor: no host sync, and one compiled graph serves every step
-                positions = layer.cumulative_length - tq + torch.arange(tq, device=key.device)
-            means = _static_means(layer, key, positions, bs, keep=decision.decode == "moba", held=held)
+                positions = layer.cumulative_length - written + torch.arange(tq, device=key.device)
+            if read_only:  # the read layer's means describe its own keys, not these: computed here, not kept
+                means = key.new_zeros((*key.shape[:2], -(-tk // bs), key.shape[3]), dtype=_means_dtype(key))
+                means = update_key_block_means_(means, key, positions, bs, from_start=True)
+            else:
+                means = _static_means(layer, key, positions, bs, keep=decision.decode == "moba", held=held)
         else:
             positions = torch.arange(tk - tq, tk, device=key.device)
-            means = _dynamic_means(layer, key, tq, bs)
+            means = key_block_means(key, bs).to(_means_dtype(key)) if read_only else _dynamic_means(layer, key, tq, bs)
         return kv_op.run(query, key, value, means, positions, _fit_mask(mask, tk), bs, top_k, causal, scale,
                          backend)
 
 
-def _filled(layer: Any, kind: str, key: Tensor) -> int:
-    """Keys filled in the cache after this call's write (a host read for static caches)."""
+def _filled(layer: Any, kind: str, key: Tensor, unwritten: int = 0) -> int:
+    """Keys filled in the cache after this call's write (a host read for static caches); `unwritten`:
+    this call's tokens that a read-only layer placed in `key` but did not count."""
     if kind == "dynamic":
         return key.shape[2]
     if torch.compiler.is_compiling():
         raise NotImplementedError(
             "a policy's dense_below cannot be applied to a StaticCache under torch.compile (the filled "
             "length is a device value there); drop dense_below from the policy for compiled static decoding")
-    return int(layer.cumulative_length)
+    return int(layer.cumulative_length) + unwritten
 
 
 def _differentiable(layer: Any, kind: str, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
-                    causal: bool, scale: float, bs: int, top_k: int, backend: str) -> Tensor:
+                    causal: bool, scale: float, bs: int, top_k: int, backend: str, *, unwritten: int = 0,
+                    keep: bool = True) -> Tensor:
     """A call that records gradients (training with `use_cache` on): `moba::attention`, which has a
     backward, on the filled prefix (the KV-cache op is inference only). The means are not kept."""
     state = layer.__dict__.get("moba_block_means")
-    if state is not None:
+    if state is not None and keep:
         state.stale = True
-    filled = int(layer.cumulative_length) if kind == "static" else key.shape[2]
+    filled = int(layer.cumulative_length) + unwritten if kind == "static" else key.shape[2]
     if filled < key.shape[2]:
         key, value = key[:, :, :filled], value[:, :, :filled]
         mask = mask[..., :filled] if mask is not None and mask.shape[-1] > 1 else mask

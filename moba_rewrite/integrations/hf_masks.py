@@ -7,7 +7,10 @@ or with padding it is materialised as `[B, 1, Tq, Tk]`: O(T^2) memory, and the M
 slow general path. The mask functions registered here return, where that is provably the whole
 mask, its compact form instead:
 
-* nothing (None) for plain causal input of sdpa-origin models;
+* nothing (None) for plain causal input of sdpa-origin models with as many keys as queries (or
+  one query): where transformers' own function returns None too; with more keys than queries
+  (chunked prefill) an all-True key mask, so that None reaching the attention function with
+  more keys than queries is always transformers' own skip (which SDPA aligns top-left);
 * the key-padding mask `[B, 1, 1, Tk]` for padded batches (bool for sdpa-origin models; for
   eager-origin models additive 0 / `finfo.min` of the model's dtype, always given, so the dtype
   the original mask had is known).
@@ -164,9 +167,12 @@ def make_mask_function(origin: str) -> Callable:
             pad = None  # hides nothing (transformers skips such masks the same way)
         device = kwargs.get("device", "cpu") if pad is None else pad.device
         if origin == "sdpa":
-            if pad is None:
-                return None
-            compact = pad[:, None, None, :]
+            if pad is None and (_statically_equal(kv_length, q_length) or _statically_equal(q_length, 1)):
+                return None  # what transformers' own function returns (its causal skip)
+            # keys beyond the queries (chunked prefill): a tensor, so that None at the attention function
+            # only ever means transformers' own skip, which SDPA aligns top-left (dense sites keep it)
+            compact = pad[:, None, None, :] if pad is not None else torch.ones(
+                (batch_size, 1, 1, kv_length), dtype=torch.bool, device=device)
         else:
             dtype = kwargs.get("dtype", torch.float32)
             if pad is None:
@@ -202,7 +208,9 @@ def dense_mask(origin: str, mask: Tensor | None, query: Tensor, key: Tensor, cau
     again for plain causal input); other masks pass through. The rebuilt mask is kept on the
     compact tensor for the next dense layer of the forward."""
     info = compact_of(mask)
-    if info is None and not (mask is None and origin == "sdpa" and causal and query.shape[2] > 1):
+    # None: ours for plain causal input with as many keys as queries (the rebuild gives None again in
+    # eager mode, the materialised mask under tracing); with more keys, transformers' own skip, kept
+    if info is None and not (mask is None and origin == "sdpa" and causal and 1 < query.shape[2] == key.shape[2]):
         return mask
     if info is not None:
         cached = getattr(mask, DENSE_CACHE, None)
