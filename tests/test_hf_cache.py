@@ -179,6 +179,32 @@ def test_assisted_decoding_crops_and_rewrites_the_cache(cache):
     _check(got, want)
 
 
+@pytest.mark.parametrize("copy_with", ["deepcopy", "torch.save"])
+def test_a_copied_prompt_cache_generates_as_the_reference(copy_with):
+    """The prompt-reuse pattern (prefill once, copy the cache per request): the copy, deep-copied or
+    saved and loaded, is the cache's own class again and its kept block means are rebuilt, so
+    generating from it gives the reference; the original cache is untouched and generates too."""
+    import copy
+    import io
+
+    model = _rewritten("llama")
+    ids, mask = _prompts()
+    ids, mask = ids[:1], mask[:1]
+    with torch.no_grad():
+        prompt_cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).cache
+        if copy_with == "deepcopy":
+            copied = copy.deepcopy(prompt_cache)
+        else:
+            buf = io.BytesIO()
+            torch.save(prompt_cache, buf)
+            buf.seek(0)
+            copied = torch.load(buf, weights_only=False)  # our own object, written just above
+        assert type(copied) is DynamicCache
+        want = _oracle("llama").generate(ids, attention_mask=mask, use_cache=False, **GEN)
+        for cache in (copied, prompt_cache):
+            _check(model.generate(ids, attention_mask=mask, cache=cache, **GEN), want)
+
+
 def test_compiled_decode_step_with_a_static_cache():
     """torch.compile(fullgraph=True) of decode steps reads the positions and means on the device:
     one graph for every step, the same logits as eager."""

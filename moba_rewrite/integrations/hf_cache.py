@@ -66,6 +66,13 @@ class BlockMeans:
         self.stale = False
         self.keys_ref = weakref.ref(keys)
 
+    def __getstate__(self) -> dict:  # pickled or copied: the copy is stale (rebuilt from its keys when used)
+        return {**self.__dict__, "keys_ref": None, "stale": True}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.keys_ref = _no_keys
+
     def fits(self, keys: Tensor, block_size: int, n_blocks: int) -> bool:
         m = self.means
         # means made in inference mode cannot be updated in place outside it (and vice versa): rebuild
@@ -74,6 +81,10 @@ class BlockMeans:
                 and (torch.compiler.is_compiling() or m.is_inference() == torch.is_inference_mode_enabled())
                 and tuple(m.shape[:2]) == tuple(keys.shape[:2]) and m.shape[3] == keys.shape[3]
                 and m.device == keys.device and m.dtype == _means_dtype(keys))
+
+
+def _no_keys() -> None:
+    return None
 
 
 def _means_dtype(keys: Tensor) -> torch.dtype:
@@ -132,6 +143,18 @@ class _RecordsWrites:
             self._moba_writer = None
             _before_update(writer, self, layer_idx, key_states)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickled and copied as the cache's own class (this one is made at run time; a copy gets it
+        again at its next eager call), without the module being run."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_moba_writer", "_moba_written")}
+        return _plain_cache, (type(self).__mro__[2], state)
+
+
+def _plain_cache(kind: type, state: dict) -> Any:
+    cache = kind.__new__(kind)
+    cache.__dict__.update(state)
+    return cache
 
 
 _RECORDING_CLASSES: dict[type, type] = {}
