@@ -2,7 +2,9 @@
 
 For every model type in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, build the model from its default
 config shrunk to a tiny size (`zoo_sweep.tiny_config`), then with a 24-token prompt and 8 new
-tokens (greedy), with the default dynamic cache and with `cache_implementation="static"`:
+tokens (greedy), with the default dynamic cache and with `cache_implementation="static"`, once
+for a single prompt and once for a batch of two whose second prompt is left-padded (notes
+`padded: ...`; not checked where the original cannot generate such a batch):
 
 - **dense limit**: `mr.rewrite(copy, policy)` with `top_k * block_size >= 32` must generate the
   original model's tokens, every step's logits within 1e-4 (SPEC section 2 item 8): the cache
@@ -19,6 +21,13 @@ tokens (greedy), with the default dynamic cache and with `cache_implementation="
 
     python benchmarks/generate_sweep.py                     # every causal LM type (a few minutes)
     python benchmarks/generate_sweep.py --only llama qwen3  # some
+    python benchmarks/generate_sweep.py --compiled          # also the compiled static decode
+
+`--compiled` adds a third check: `generate()` with a static cache and transformers' own compiled
+decode step (`compile_config`, `fullgraph=True`, the `aot_eager` backend: Dynamo's graph without
+Inductor's code generation, to keep the sweep short) must give the sparse rewrite's eager run;
+not checked where the original model does not compile or its compiled run differs from its own
+eager run.
 
 A row per model type: `equal`, `DIFFERS` (with the error), `ERROR` (the rewritten model failed
 where the original ran) or `skipped` (the original could not be built or could not generate).
@@ -60,15 +69,25 @@ VARIANTS = {
 }
 
 
-def _generate(model, ids, cache: str):
+def _generate(model, ids, cache: str, mask=None, **extra):
     kw = {"cache_implementation": "static"} if cache == "static" else {}
     if cache == "none":
         kw = {"use_cache": False}
+    kw.update(extra)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
-                             do_sample=False, output_logits=True, return_dict_in_generate=True,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids) if mask is None else mask, max_new_tokens=NEW,
+                             min_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True,
                              pad_token_id=0, **kw)
     return out.sequences, torch.stack(out.logits, dim=1).float()
+
+
+def _differ(got, want) -> float | None:
+    """None when the tokens are equal and the logits within 1e-4, else the largest logit error
+    (inf when the tokens differ in shape)."""
+    if got[0].shape != want[0].shape:
+        return float("inf")
+    err = (got[1] - want[1]).abs().max().item()
+    return None if torch.equal(got[0], want[0]) and err <= 1e-4 else err
 
 
 def _oracle(model, rewritten):
@@ -112,9 +131,88 @@ def _oracle(model, rewritten):
     return oracle
 
 
-def sweep_one(model_type: str, class_name: str, seconds: int) -> tuple[str, str]:
-    import transformers
+def _inputs(vocab: int, padded: bool):
+    """A 24-token prompt; `padded`: a batch of two, the second left-padded by 5 tokens."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, max(4, min(vocab, 1000)), (2 if padded else 1, PROMPT), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :5] = 0
+        ids[1, :5] = 0
+    return ids, mask
+
+
+def _check(model, ids, mask, want: dict) -> list[str]:
+    """The dense-limit and sparse checks of one input (module docstring); notes, "ok: ..." when fine."""
     import moba_rewrite as mr
+
+    notes = []
+    limit = mr.rewrite(copy.deepcopy(model), LIMIT)
+    for cache, expected in want.items():
+        got = _generate(limit, ids, cache, mask)
+        err = _differ(got, expected)
+        if err is None:
+            continue
+        if cache == "static" and _differ(got, want["dynamic"]) is None:
+            notes.append(f"ok: the original's static run differs from its dynamic run by {err:.3g}; "
+                         f"the rewrite's static run equals the dynamic one")
+            continue
+        notes.append(f"{cache}: logits differ by {err:.3g}, tokens {'equal' if err != float('inf') and torch.equal(got[0], expected[0]) else 'differ'}")
+    sparse = mr.rewrite(copy.deepcopy(model), SPARSE)
+    oracle = _generate(_oracle(model, sparse), ids, "none", mask)
+    if _differ(_generate(model, ids, "none", mask), want["dynamic"]) is not None:
+        # the original's cached run is not its uncached one (a cache that changes the model, such as
+        # Dory's `last_loop`): no uncached oracle; the rewrite's two caches must agree
+        if _differ(want["static"], want["dynamic"]) is not None:
+            return notes + ["ok: sparse not checked (the original's cached runs differ from its use_cache=False "
+                            "run and from each other)"]
+        notes.append("ok: sparse checked static = dynamic only (the original's cached run differs from its "
+                     "use_cache=False run, so the uncached reference does not apply)")
+        oracle = _generate(sparse, ids, "dynamic", mask)
+    for cache in ("dynamic", "static"):
+        got = _generate(sparse, ids, cache, mask)
+        err = _differ(got, oracle)
+        if not torch.isfinite(got[1]).all():
+            notes.append(f"sparse {cache}: non-finite logits")
+        elif err is not None:
+            notes.append(f"sparse {cache}: logits differ from the reference MoBA by {err:.3g}, tokens "
+                         f"{'equal' if err != float('inf') and torch.equal(got[0], oracle[0]) else 'differ'}")
+    return notes
+
+
+def _compiled(model, ids, mask):
+    """`generate()` with a static cache and transformers' own compiled decode step (the path a GPU
+    takes by itself: `compile_config`, here `fullgraph=True` on the `aot_eager` backend, on the CPU)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend="aot_eager", fullgraph=True)
+    config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    torch._dynamo.reset()
+    try:
+        return _generate(model, ids, "static", mask, compile_config=config)
+    finally:
+        torch._dynamo.reset()
+
+
+def _compiled_notes(model, ids, mask) -> list[str]:
+    """The sparse rewrite's compiled static decode must give its eager static run."""
+    import moba_rewrite as mr
+
+    try:
+        original = _compiled(model, ids, mask)
+    except Exception as e:  # noqa: BLE001
+        return [f"ok: compiled not checked (the original does not compile: {_short(e)[:80]})"]
+    if _differ(original, _generate(model, ids, "static", mask)) is not None:
+        return ["ok: compiled not checked (the original's compiled run differs from its eager run)"]
+    sparse = mr.rewrite(copy.deepcopy(model), SPARSE)
+    err = _differ(_compiled(sparse, ids, mask), _generate(sparse, ids, "static", mask))
+    return [] if err is None else [f"compiled static: logits differ from eager by {err:.3g}"]
+
+
+def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = False) -> tuple[str, str]:
+    """One row: the checks on a single prompt, then on a left-padded batch of two; `compiled`: then
+    the compiled static decode (on the padded batch where it was checked)."""
+    import transformers
 
     try:
         with time_limit(seconds):
@@ -129,57 +227,43 @@ def sweep_one(model_type: str, class_name: str, seconds: int) -> tuple[str, str]
             except Exception:  # noqa: BLE001 - models without sdpa keep their eager attention
                 pass
             vocab = int(getattr(cfg.get_text_config(decoder=True), "vocab_size", 0) or 64)
-            ids = torch.randint(3, max(4, min(vocab, 1000)), (1, PROMPT), generator=torch.Generator().manual_seed(1))
-            want = {c: _generate(model, ids, c) for c in ("dynamic", "static")}
+            ids, mask = _inputs(vocab, padded=False)
+            want = {c: _generate(model, ids, c, mask) for c in ("dynamic", "static")}
     except Exception as e:  # noqa: BLE001
         return "skipped", _short(e)
     try:
         with time_limit(seconds):
-            limit = mr.rewrite(copy.deepcopy(model), LIMIT)
-            notes = []
-            for cache, (tokens, logits) in want.items():
-                got_tokens, got_logits = _generate(limit, ids, cache)
-                err = (got_logits - logits).abs().max().item()
-                if torch.equal(got_tokens, tokens) and err <= 1e-4:
-                    continue
-                dyn_tokens, dyn_logits = want["dynamic"]
-                dyn_err = (got_logits - dyn_logits).abs().max().item()
-                if cache == "static" and torch.equal(got_tokens, dyn_tokens) and dyn_err <= 1e-4:
-                    notes.append(f"ok: the original's static run differs from its dynamic run by {err:.3g}; "
-                                 f"the rewrite's static run equals the dynamic one")
-                    continue
-                notes.append(f"{cache}: logits differ by {err:.3g}, tokens "
-                             f"{'equal' if torch.equal(got_tokens, tokens) else 'differ'}")
-            sparse = mr.rewrite(copy.deepcopy(model), SPARSE)
-            oracle_tokens, oracle_logits = _generate(_oracle(model, sparse), ids, "none")
-            uncached_tokens, uncached_logits = _generate(model, ids, "none")
-            if not torch.equal(uncached_tokens, want["dynamic"][0]) or \
-                    (uncached_logits - want["dynamic"][1]).abs().max().item() > 1e-4:
-                # the original's cached run is not its uncached one (a cache that changes the model, such as
-                # Dory's `last_loop`): no uncached oracle; the rewrite's two caches must agree
-                notes.append("ok: sparse checked static = dynamic only (the original's cached run differs from "
-                             "its use_cache=False run, so the uncached reference does not apply)")
-                oracle_tokens, oracle_logits = _generate(sparse, ids, "dynamic")
-                if not torch.equal(want["static"][0], want["dynamic"][0]) or \
-                        (want["static"][1] - want["dynamic"][1]).abs().max().item() > 1e-4:
-                    notes[-1] = ("ok: sparse not checked (the original's cached runs differ from its use_cache=False "
-                                 "run and from each other)")
-                    oracle_logits = None
-            for cache in ("dynamic", "static") if oracle_logits is not None else ():
-                tokens, logits = _generate(sparse, ids, cache)
-                err = (logits - oracle_logits).abs().max().item()
-                if not torch.isfinite(logits).all():
-                    notes.append(f"sparse {cache}: non-finite logits")
-                elif not torch.equal(tokens, oracle_tokens) or err > 1e-4:
-                    notes.append(f"sparse {cache}: logits differ from the reference MoBA by {err:.3g}, tokens "
-                                 f"{'equal' if torch.equal(tokens, oracle_tokens) else 'differ'}")
+            notes = _check(model, ids, mask, want)
     except Exception as e:  # noqa: BLE001
         return "ERROR", _short(e)
+    try:  # the padded batch: skipped where the original cannot generate one
+        with time_limit(seconds):
+            ids, mask = _inputs(vocab, padded=True)
+            want = {c: _generate(model, ids, c, mask) for c in ("dynamic", "static")}
+            if not all(torch.isfinite(w[1]).all() for w in want.values()):
+                raise ValueError("non-finite logits")
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"ok: padded batch not checked (the original: {_short(e)[:80]})")
+    else:
+        try:
+            with time_limit(seconds):
+                notes += [n.replace("ok: ", "ok: padded: ") if n.startswith("ok: ") else f"padded: {n}"
+                          for n in _check(model, ids, mask, want)]
+        except Exception as e:  # noqa: BLE001
+            return "ERROR", f"padded batch: {_short(e)}"
+    if compiled:
+        if any(n.startswith("ok: padded batch not checked") for n in notes):
+            ids, mask = _inputs(vocab, padded=False)
+        try:
+            with time_limit(seconds):
+                notes += _compiled_notes(model, ids, mask)
+        except Exception as e:  # noqa: BLE001
+            return "ERROR", f"compiled: {_short(e)}"
     bad = [n for n in notes if not n.startswith("ok: ")]
     return ("DIFFERS" if bad else "equal", "; ".join(notes))
 
 
-def _child(model_type: str, class_name: str, seconds: int) -> tuple[str, str]:
+def _child(model_type: str, class_name: str, seconds: int, compiled: bool = False) -> tuple[str, str]:
     """`sweep_one` in a child process with an address-space limit; a crash or kill is a row."""
     import json
     import resource
@@ -189,7 +273,8 @@ def _child(model_type: str, class_name: str, seconds: int) -> tuple[str, str]:
         resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
 
     try:
-        run = subprocess.run([sys.executable, __file__, "--one", model_type, class_name, "--seconds", str(seconds)],
+        run = subprocess.run([sys.executable, __file__, "--one", model_type, class_name, "--seconds", str(seconds)]
+                             + (["--compiled"] if compiled else []),
                              capture_output=True, text=True, timeout=3 * seconds + 30, preexec_fn=limit_memory)
     except subprocess.TimeoutExpired:
         return "skipped", f"child over {3 * seconds + 30}s"
@@ -205,13 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="model types to run (default: every causal LM type)")
     ap.add_argument("--seconds", type=int, default=60, help="time limit per model and phase")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also check the compiled static decode (transformers' compile_config, fullgraph)")
     ap.add_argument("--one", nargs=2, metavar=("TYPE", "CLASS"), help=argparse.SUPPRESS)  # a child's job
     args = ap.parse_args(argv)
     if args.one:
         import json
 
         warnings.filterwarnings("ignore")
-        print(json.dumps(sweep_one(args.one[0], args.one[1], args.seconds)))
+        print(json.dumps(sweep_one(args.one[0], args.one[1], args.seconds, args.compiled)))
         return 0
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -230,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     for model_type, class_name in types:
         if not hasattr(transformers, class_name):
             continue
-        status, detail = _child(model_type, class_name, args.seconds)
+        status, detail = _child(model_type, class_name, args.seconds, args.compiled)
         counts[status] += 1
         print(f"| {model_type} | {class_name} | {status} | {detail} |", flush=True)
     print("\n" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))

@@ -169,6 +169,7 @@ def rewrite(model: nn.Module, policy: Any, example_inputs: Any = None) -> nn.Mod
     _install_traced(model, [(e, d) for e, d, o in zip(entries, decisions, outcomes)
                             if e.machinery == "traced" and _owner_has_moba(e, entries, outcomes)], disc)
     _install_routed(entries, effective, outcomes)
+    hf.forget_compiled_call(model)  # a compiled forward kept by generate() would bypass the rewrite on a copy
     report = _report(entries, decisions, outcomes, disc.warnings + warnings, disc.graph)
     model._moba_report = report
     return model
@@ -183,7 +184,8 @@ def _install_routed(entries: list[_Entry], effective: list[Any], outcomes: list[
     for group in owners.values():
         sites = [route_sdpa.RoutedSite(
             name=e.site.name, decision=d if o.mode == "moba" else None, num_heads=e.site.num_heads,
-            head_dim=e.site.head_dim, mask_convert=e.recorded.mask.convert if e.recorded is not None else "none")
+            head_dim=e.site.head_dim, mask_convert=e.recorded.mask.convert if e.recorded is not None else "none",
+            causal=bool(e.recorded is not None and e.recorded.causal_flag))
             for e, d, o in group]
         route_sdpa.install(group[0][0].module, sites)
 

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from moba_rewrite.attention import kv_cache as kv_op
 from moba_rewrite.attention import op as moba_op
+from moba_rewrite.attention.block_means import update_key_block_means_
 from passes.runtime import HIDDEN_BELOW, UnfaithfulSiteError
 
 _SDPA = F.scaled_dot_product_attention
@@ -41,6 +43,7 @@ class RoutedSite:
     num_heads: int | None = None
     head_dim: int | None = None
     mask_convert: str = "none"  # "float_to_bool": a float mask proven 0 / -huge where it is built
+    causal: bool = False  # recorded as causal self-attention (so more keys than queries means a KV cache)
 
 
 def _bind(args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -116,45 +119,46 @@ def routed_attention(site: RoutedSite, args: tuple, kwargs: dict) -> Tensor:
         return _SDPA(*args, **kwargs)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask > HIDDEN_BELOW  # proven 0 / -huge where it is built (site.mask_convert)
-    if mask is not None and tk > tq:
-        trimmed = _filled_prefix(k, v, mask, tq)
-        if trimmed is None:
+    causal = bool(a.get("is_causal") or False)
+    scale = a.get("scale")
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    if site.causal and mask is not None and tk > tq and mask.dim() == 4:
+        out = _against_cache(q, k, v, mask, d, scale)
+        if out is None:
             if getattr(d, "on_unsupported", "dense") == "error":
                 raise UnfaithfulSiteError(f"attention site {site.name!r}: {UNKNOWN_POSITIONS} (policy on_unsupported: "
                                           "error)")
             return _SDPA(*args, **kwargs)
-        k, v, mask = trimmed
-    causal = bool(a.get("is_causal") or False)
-    scale = a.get("scale")
-    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    out = moba_op.run(q, k, v, None, mask, int(d.block_size), int(d.top_k), causal, scale, str(d.backend))
+    else:
+        out = moba_op.run(q, k, v, None, mask, int(d.block_size), int(d.top_k), causal, scale, str(d.backend))
     if packed:
         return out.reshape(out.shape[0], k.shape[1], site.num_heads // k.shape[1], out.shape[-1])
     # SDPA's output is laid out as [B, T, H, D] in memory; keep that for views downstream.
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-UNKNOWN_POSITIONS = ("more keys than queries with a full mask whose query positions are not known here (a "
-                     "preallocated KV cache while tracing, or queries that are not the newest visible keys)")
+UNKNOWN_POSITIONS = "more keys than queries with a mask that is not causal at the queries' positions"
 
 
-def _filled_prefix(k: Tensor, v: Tensor, mask: Tensor, tq: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Keys, values and mask cut to the slots some query sees, or None when the queries' positions cannot
-    be told from the mask. With a preallocated (static) KV cache the call gets every slot, the unfilled
-    ones hidden by the mask, and MoBA places queries as the newest keys: on the filled prefix (SPEC
-    section 2 item 9) that placement is right when the last query sees the last filled slot. Reads the
-    mask (eager only); while tracing, such a call runs the original SDPA."""
-    tk = k.shape[-2]
-    if torch.compiler.is_compiling() or mask.dim() != 4 or mask.shape[-2] != tq:
-        return None
-    seen = mask.reshape(-1, tq, tk).any(0)  # [Tq, Tk]: some batch row / head sees the key
-    visible = torch.nonzero(seen.any(0)).flatten()
-    filled = int(visible[-1]) + 1 if visible.numel() else 0
-    if filled < tq or not bool(seen[-1, filled - 1]):
-        return None
-    if filled == tk:
-        return k, v, mask
-    return k[..., :filled, :], v[..., :filled, :], mask[..., :filled]
+def _against_cache(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, d: Any, scale: float) -> Tensor | None:
+    """MoBA of a causal site's call with more keys than queries and a full mask: a KV cache, maybe
+    preallocated (a static cache hands over every slot, the unfilled ones hidden by the mask). The
+    queries sit before the last slot the last query sees (`filled`), so the call is MoBA of the
+    filled prefix (SPEC section 2 item 9), by `moba::attention_kv_cache` with positions and block
+    means computed here from the tensors, no host sync: the same under torch.compile. None (eager
+    only) when the mask is not causal at those positions."""
+    tq, tk, bs = q.shape[-2], k.shape[-2], int(d.block_size)
+    rows = mask.reshape(-1, mask.shape[-2], tk).any(0)  # [Tq or 1, Tk]: seen by some batch row or head
+    slots = torch.arange(1, tk + 1, device=k.device)
+    filled = (rows[-1] * slots).amax()  # one past the last slot the last query sees
+    positions = filled - tq + torch.arange(tq, device=k.device)
+    if not torch.compiler.is_compiling():
+        later = slots[None, :] > positions[:, None] + 1  # keys after each query's own position
+        if int(filled) < tq or bool((rows & later).any()):
+            return None
+    means = k.new_zeros((*k.shape[:2], -(-tk // bs), k.shape[3]), dtype=torch.promote_types(k.dtype, torch.float32))
+    means = update_key_block_means_(means, k, positions, bs, from_start=True)
+    return kv_op.run(q, k, v, means, positions, mask, bs, int(d.top_k), True, scale, str(d.backend))
 
 
 class SdpaRouter(TorchFunctionMode):

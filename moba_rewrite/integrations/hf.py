@@ -368,6 +368,15 @@ def apply(model: nn.Module, modules: list[tuple[str, nn.Module]], decisions: lis
     hf_masks.install_unpacked_hook(model)
 
 
+def forget_compiled_call(model: nn.Module) -> None:
+    """Drop the compiled forward transformers' `generate()` keeps on a model (`get_compiled_call`,
+    for its compiled decode steps): it is bound to the object it was made for, so on a deep copy,
+    rewritten, it would still run the original model's attention."""
+    for m in model.modules():
+        m.__dict__.pop("_compiled_call", None)
+        m.__dict__.pop("_last_compile_config", None)
+
+
 # --------------------------------------------------------------------------------------------
 # Discovery: one row per attention module, from one recorded forward
 
