@@ -19,6 +19,8 @@ The families, and what each found wrong before it was fixed:
 - GOT-OCR2 (a model whose attention transformers cannot switch at the top, rewritten by routing its
   SDPA calls): decode steps with a mask fold the GQA query heads into the query length (ran dense),
   and static-cache calls got MoBA over the unfilled slots (compiled: ran dense).
+- BART (a decoder whose forward also builds a bidirectional mask): compiled, the mask function's
+  reason words read a `__qualname__` Dynamo cannot give (an internal Dynamo error);
 - Llama: the plain case, as a control.
 """
 
@@ -42,6 +44,7 @@ FAMILIES = [  # (model type, class, also check the compiled static decode)
     ("inkling_text", "InklingForCausalLM", False),
     ("zamba2", "Zamba2ForCausalLM", False),
     ("got_ocr2", "GotOcr2ForConditionalGeneration", True),
+    ("bart", "BartForCausalLM", True),
 ]
 
 

@@ -93,7 +93,9 @@ def _parts(fn: Callable, depth: int = 0) -> list[str]:
 
 
 def _function_name(fn: Callable) -> str:
-    name = " ".join(_parts(fn))
+    if torch.compiler.is_compiling():  # the words are for the report, made in eager mode (Dynamo cannot read
+        return "a mask function other than the causal one"  # every function's __qualname__)
+    name = " ".join(p for p in _parts(fn) if isinstance(p, str))
     if "sliding" in name:
         return "a sliding window"
     if "chunk" in name:
