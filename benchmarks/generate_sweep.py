@@ -209,31 +209,46 @@ def _compiled_notes(model, ids, mask) -> list[str]:
     return [] if err is None else [f"compiled static: logits differ from eager by {err:.3g}"]
 
 
+def _build(model_type: str, class_name: str, fields: dict):
+    """The tiny model (sdpa where it has it) with `fields` set on its config, its vocabulary size, a
+    prompt and the original's runs with both caches."""
+    import transformers
+
+    cfg = tiny_config(type(transformers.AutoConfig.for_model(model_type)))
+    for key, value in fields.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(0)
+    model = getattr(transformers, class_name)(cfg).eval()
+    try:
+        model.set_attn_implementation("sdpa")
+    except Exception:  # noqa: BLE001 - models without sdpa keep their eager attention
+        pass
+    vocab = int(getattr(cfg.get_text_config(decoder=True), "vocab_size", 0) or 64)
+    ids, mask = _inputs(vocab, padded=False)
+    want = {c: _generate(model, ids, c, mask) for c in ("dynamic", "static")}
+    return model, vocab, ids, mask, want
+
+
 def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = False) -> tuple[str, str]:
     """One row: the checks on a single prompt, then on a left-padded batch of two; `compiled`: then
     the compiled static decode (on the padded batch where it was checked)."""
-    import transformers
-
+    model_type, fields = VARIANTS.get(model_type, (model_type, {}))
     try:
         with time_limit(seconds):
-            model_type, fields = VARIANTS.get(model_type, (model_type, {}))
-            cfg = tiny_config(type(transformers.AutoConfig.for_model(model_type)))
-            for key, value in fields.items():
-                setattr(cfg, key, value)
-            torch.manual_seed(0)
-            model = getattr(transformers, class_name)(cfg).eval()
-            try:
-                model.set_attn_implementation("sdpa")
-            except Exception:  # noqa: BLE001 - models without sdpa keep their eager attention
-                pass
-            vocab = int(getattr(cfg.get_text_config(decoder=True), "vocab_size", 0) or 64)
-            ids, mask = _inputs(vocab, padded=False)
-            want = {c: _generate(model, ids, c, mask) for c in ("dynamic", "static")}
+            model, vocab, ids, mask, want = _build(model_type, class_name, fields)
     except Exception as e:  # noqa: BLE001
-        return "skipped", _short(e)
+        # MLA models (DeepSeek V2/V3, GLM-4 MoE lite, ...) expand their latent kv to every head: the
+        # tiny config's grouped kv heads do not fit them; so try once more with one kv head per head
+        try:
+            with time_limit(seconds):
+                model, vocab, ids, mask, want = _build(model_type, class_name, {**fields, "num_key_value_heads": 4})
+        except Exception:  # noqa: BLE001
+            return "skipped", _short(e)
+        fields = {**fields, "num_key_value_heads": 4}
+    notes = ["ok: built with num_key_value_heads = num_attention_heads"] if fields.get("num_key_value_heads") else []
     try:
         with time_limit(seconds):
-            notes = _check(model, ids, mask, want)
+            notes += _check(model, ids, mask, want)
     except Exception as e:  # noqa: BLE001
         return "ERROR", _short(e)
     try:  # the padded batch: skipped where the original cannot generate one

@@ -21,6 +21,8 @@ The families, and what each found wrong before it was fixed:
   and static-cache calls got MoBA over the unfilled slots (compiled: ran dense).
 - BART (a decoder whose forward also builds a bidirectional mask): compiled, the mask function's
   reason words read a `__qualname__` Dynamo cannot give (an internal Dynamo error);
+- DeepSeek-V3 (multi-head latent attention: keys of head dim 16, values of 8; built with as many
+  kv heads as heads, which MLA needs);
 - Llama: the plain case, as a control.
 """
 
@@ -45,6 +47,7 @@ FAMILIES = [  # (model type, class, also check the compiled static decode)
     ("zamba2", "Zamba2ForCausalLM", False),
     ("got_ocr2", "GotOcr2ForConditionalGeneration", True),
     ("bart", "BartForCausalLM", True),
+    ("deepseek_v3", "DeepseekV3ForCausalLM", False),
 ]
 
 
@@ -55,3 +58,4 @@ def test_generate_equals_the_original_and_the_reference(model_type, class_name, 
     if model_type != "dory/last_loop":  # there the uncached oracle does not apply (the row says so)
         assert "sparse" not in detail, detail
     assert "padded batch not checked" not in detail and "compiled not checked" not in detail, detail
+    assert ("num_key_value_heads" in detail) == (model_type == "deepseek_v3"), detail
