@@ -12,14 +12,15 @@ for a single prompt and once for a batch of two whose second prompt is left-padd
   the original model's own static-cache run differs from its dynamic-cache run, the rewritten
   static run may equal either (the row says which);
 - **sparse** (block 4, top-2, so the gate chooses): `generate()` with either cache must give the
-  tokens and logits (within 1e-4) of an independent oracle: the original model with every MoBA
+  tokens and logits (within 1e-4, plus what the original's own run with that cache differs from
+  its uncached run when that is rounding below 1e-3) of an independent oracle: the original model with every MoBA
   site's attention replaced by the dense `reference` MoBA, generating with `use_cache=False` (the
   whole sequence recomputed every step, so no cache, no kept block means, no query placement is
   involved). At sliding-window sites the rows past the prompt attend densely (what the report
   promises there); sites the rewrite leaves dense, or calls it cannot run faithfully, stay the
   original attention.
 
-    python benchmarks/generate_sweep.py                     # every causal LM type (a few minutes)
+    python benchmarks/generate_sweep.py                     # every causal LM type (about 30 minutes)
     python benchmarks/generate_sweep.py --only llama qwen3  # some
     python benchmarks/generate_sweep.py --compiled          # also the compiled static decode
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import sys
 import warnings
@@ -81,13 +83,13 @@ def _generate(model, ids, cache: str, mask=None, **extra):
     return out.sequences, torch.stack(out.logits, dim=1).float()
 
 
-def _differ(got, want) -> float | None:
-    """None when the tokens are equal and the logits within 1e-4, else the largest logit error
+def _differ(got, want, tolerance: float = 1e-4) -> float | None:
+    """None when the tokens are equal and the logits within `tolerance`, else the largest logit error
     (inf when the tokens differ in shape)."""
     if got[0].shape != want[0].shape:
         return float("inf")
     err = (got[1] - want[1]).abs().max().item()
-    return None if torch.equal(got[0], want[0]) and err <= 1e-4 else err
+    return None if torch.equal(got[0], want[0]) and err <= tolerance else err
 
 
 def _oracle(model, rewritten):
@@ -158,9 +160,16 @@ def _check(model, ids, mask, want: dict) -> list[str]:
                          f"the rewrite's static run equals the dynamic one")
             continue
         notes.append(f"{cache}: logits differ by {err:.3g}, tokens {'equal' if err != float('inf') and torch.equal(got[0], expected[0]) else 'differ'}")
+    del limit
+    gc.collect()  # one copy at a time: models with a large vocabulary take gigabytes each
     sparse = mr.rewrite(copy.deepcopy(model), SPARSE)
     oracle = _generate(_oracle(model, sparse), ids, "none", mask)
-    if _differ(_generate(model, ids, "none", mask), want["dynamic"]) is not None:
+    gc.collect()
+    uncached = _generate(model, ids, "none", mask)
+    # the original's own cached runs differ from its uncached run by rounding (1e-4 for RemBERT's static
+    # cache): the rewrite's may differ from the uncached oracle by as much more
+    spread = {c: (_differ(want[c], uncached, 0.0) or 0.0) for c in want}
+    if _differ(uncached, want["dynamic"]) is not None:
         # the original's cached run is not its uncached one (a cache that changes the model, such as
         # Dory's `last_loop`): no uncached oracle; the rewrite's two caches must agree
         if _differ(want["static"], want["dynamic"]) is not None:
@@ -169,9 +178,10 @@ def _check(model, ids, mask, want: dict) -> list[str]:
         notes.append("ok: sparse checked static = dynamic only (the original's cached run differs from its "
                      "use_cache=False run, so the uncached reference does not apply)")
         oracle = _generate(sparse, ids, "dynamic", mask)
+        spread = {c: 0.0 for c in spread}
     for cache in ("dynamic", "static"):
         got = _generate(sparse, ids, cache, mask)
-        err = _differ(got, oracle)
+        err = _differ(got, oracle, 1e-4 + (spread[cache] if spread[cache] < 1e-3 else 0.0))
         if not torch.isfinite(got[1]).all():
             notes.append(f"sparse {cache}: non-finite logits")
         elif err is not None:
