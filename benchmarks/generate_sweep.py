@@ -219,6 +219,35 @@ def _compiled_notes(model, ids, mask) -> list[str]:
     return [] if err is None else [f"compiled static: logits differ from eager by {err:.3g}"]
 
 
+def _export_notes(model, ids, mask) -> list[str]:
+    """`mr.export` (the graph path: export, then rewrite the graph) must give the eager rewrite's
+    logits and rewrite as many sites, for the prefill the program holds (`use_cache=False`)."""
+    from moba_rewrite import api
+    import moba_rewrite as mr
+
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    try:
+        with torch.no_grad():
+            torch.export.export(copy.deepcopy(model), (), kwargs={**kwargs, "use_cache": False}, strict=False)
+    except Exception as e:  # noqa: BLE001
+        return [f"ok: export not checked (the original does not export: {_short(e)[:80]})"]
+    eager = mr.rewrite(copy.deepcopy(model), SPARSE)
+    with torch.no_grad():
+        want = eager(**kwargs, use_cache=False).logits.float()
+    ep, report = api.export_with_report(copy.deepcopy(model), (), SPARSE, kwargs=kwargs)
+    with torch.no_grad():
+        out = ep.module()(**kwargs)
+    got = (out.logits if hasattr(out, "logits") else out["logits"] if isinstance(out, dict) else out[0]).float()
+    notes = []
+    if len(report.moba_sites) != len(eager._moba_report.moba_sites):
+        notes.append(f"export: {len(report.moba_sites)} MoBA sites where the eager rewrite has "
+                     f"{len(eager._moba_report.moba_sites)}")
+    err = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
+    if err > 1e-4:
+        notes.append(f"export: logits differ from the eager rewrite by {err:.3g}")
+    return notes
+
+
 def _build(model_type: str, class_name: str, fields: dict):
     """The tiny model (sdpa where it has it) with `fields` set on its config, its vocabulary size, a
     prompt and the original's runs with both caches."""
@@ -239,9 +268,11 @@ def _build(model_type: str, class_name: str, fields: dict):
     return model, vocab, ids, mask, want
 
 
-def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = False) -> tuple[str, str]:
+def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = False, export: bool = False,
+              generate: bool = True) -> tuple[str, str]:
     """One row: the checks on a single prompt, then on a left-padded batch of two; `compiled`: then
-    the compiled static decode (on the padded batch where it was checked)."""
+    the compiled static decode (on the padded batch where it was checked); `export`: then `mr.export`
+    on the padded batch; `generate=False`: without the first two."""
     model_type, fields = VARIANTS.get(model_type, (model_type, {}))
     try:
         with time_limit(seconds):
@@ -258,7 +289,7 @@ def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = F
     notes = ["ok: built with num_key_value_heads = num_attention_heads"] if fields.get("num_key_value_heads") else []
     try:
         with time_limit(seconds):
-            notes += _check(model, ids, mask, want)
+            notes += _check(model, ids, mask, want) if generate else []
     except Exception as e:  # noqa: BLE001
         return "ERROR", _short(e)
     try:  # the padded batch: skipped where the original cannot generate one
@@ -273,9 +304,17 @@ def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = F
         try:
             with time_limit(seconds):
                 notes += [n.replace("ok: ", "ok: padded: ") if n.startswith("ok: ") else f"padded: {n}"
-                          for n in _check(model, ids, mask, want)]
+                          for n in (_check(model, ids, mask, want) if generate else [])]
         except Exception as e:  # noqa: BLE001
             return "ERROR", f"padded batch: {_short(e)}"
+    if export:
+        if any(n.startswith("ok: padded batch not checked") for n in notes):
+            ids, mask = _inputs(vocab, padded=False)
+        try:
+            with time_limit(seconds):
+                notes += _export_notes(model, ids, mask)
+        except Exception as e:  # noqa: BLE001
+            return "ERROR", f"export: {_short(e)}"
     if compiled:
         if any(n.startswith("ok: padded batch not checked") for n in notes):
             ids, mask = _inputs(vocab, padded=False)
@@ -288,7 +327,7 @@ def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = F
     return ("DIFFERS" if bad else "equal", "; ".join(notes))
 
 
-def _child(model_type: str, class_name: str, seconds: int, compiled: bool = False) -> tuple[str, str]:
+def _child(model_type: str, class_name: str, seconds: int, flags: tuple[str, ...] = ()) -> tuple[str, str]:
     """`sweep_one` in a child process with an address-space limit; a crash or kill is a row."""
     import json
     import resource
@@ -299,7 +338,7 @@ def _child(model_type: str, class_name: str, seconds: int, compiled: bool = Fals
 
     try:
         run = subprocess.run([sys.executable, __file__, "--one", model_type, class_name, "--seconds", str(seconds)]
-                             + (["--compiled"] if compiled else []),
+                             + list(flags),
                              capture_output=True, text=True, timeout=3 * seconds + 30, preexec_fn=limit_memory)
     except subprocess.TimeoutExpired:
         return "skipped", f"child over {3 * seconds + 30}s"
@@ -317,13 +356,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=int, default=60, help="time limit per model and phase")
     ap.add_argument("--compiled", action="store_true",
                     help="also check the compiled static decode (transformers' compile_config, fullgraph)")
+    ap.add_argument("--export", action="store_true",
+                    help="also check mr.export (the exported, graph-rewritten prefill) against the eager rewrite")
+    ap.add_argument("--no-generate", action="store_true", help="skip the generate() checks (with --compiled/--export)")
     ap.add_argument("--one", nargs=2, metavar=("TYPE", "CLASS"), help=argparse.SUPPRESS)  # a child's job
     args = ap.parse_args(argv)
     if args.one:
         import json
 
         warnings.filterwarnings("ignore")
-        print(json.dumps(sweep_one(args.one[0], args.one[1], args.seconds, args.compiled)))
+        print(json.dumps(sweep_one(args.one[0], args.one[1], args.seconds, args.compiled, args.export,
+                                   not args.no_generate)))
         return 0
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -342,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     for model_type, class_name in types:
         if not hasattr(transformers, class_name):
             continue
-        status, detail = _child(model_type, class_name, args.seconds, args.compiled)
+        flags = tuple(f for f, on in (("--compiled", args.compiled), ("--export", args.export),
+                                      ("--no-generate", args.no_generate)) if on)
+        status, detail = _child(model_type, class_name, args.seconds, flags)
         counts[status] += 1
         print(f"| {model_type} | {class_name} | {status} | {detail} |", flush=True)
     print("\n" + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))

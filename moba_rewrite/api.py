@@ -331,7 +331,8 @@ def export_with_report(model: nn.Module, args: Any, policy: Any, kwargs: dict | 
     policy = load_policy(policy)
     args = tuple(args) if isinstance(args, (tuple, list)) else (() if args is None else (args,))
     with _pristine(model):
-        module = _without_cache(model) if hf.is_hf_model(model) else model
+        takes_cache = hf.is_pretrained(model) and "use_cache" in inspect.signature(type(model).forward).parameters
+        module = _without_cache(model) if takes_cache else model
         ep = torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     return rewrite_exported(ep, policy)
 

@@ -65,6 +65,17 @@ def is_pretrained(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def is_pretrained(model: nn.Module) -> bool:
+    """A transformers `PreTrainedModel`, whichever way its attention is written."""
+    if "transformers" not in sys.modules:
+        return False
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
 def is_hf_model(model: nn.Module) -> bool:
     """A transformers `PreTrainedModel` whose attention goes through the AttentionInterface."""
     if "transformers" not in sys.modules:  # no model of it can exist; importing it costs seconds
