@@ -280,8 +280,32 @@ def rewrite_exported(ep: torch.export.ExportedProgram, policy: Any) -> tuple[tor
     sites = number_sites(found)
     decisions, warnings = policy.decide_all(sites) if sites else ([], ["no attention site found"])
     outcomes = rewrite_graph(gm, found, decisions, emitter="inline")
+    hidden = _attention_in_submodules(gm)
+    if hidden:
+        warnings = [*warnings, f"{hidden} attention call(s) inside higher-order-op regions of the program "
+                    f"({', '.join(sorted({n for n, _ in _region_calls(gm)}))}: e.g. torch.no_grad() or autocast "
+                    "while exporting in train mode) were not rewritten and run dense"]
     entries = [_Entry(site=s, machinery="export", module=None, found=f) for s, f in zip(sites, found)]  # type: ignore[arg-type]
     return ep, _report(entries, decisions, outcomes, warnings, "export")
+
+
+def _region_calls(gm: torch.fx.GraphModule) -> list[tuple[str, torch.fx.GraphModule]]:
+    """(higher-order op name, its graph) for every region call in the program's top graph."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.HigherOrderOperator):
+            for a in n.args:
+                if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+                    sub = getattr(gm, str(a.target), None)
+                    if isinstance(sub, torch.fx.GraphModule):
+                        out.append((n.target.name(), sub))
+    return out
+
+
+def _attention_in_submodules(gm: torch.fx.GraphModule) -> int:
+    """SDPA calls inside higher-order-op regions (the graph pass rewrites the top graph only)."""
+    return sum(1 for _, sub in _region_calls(gm) for n in sub.graph.nodes
+               if n.op == "call_function" and "scaled_dot_product" in str(n.target))
 
 
 def _export_constants(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
@@ -333,7 +357,11 @@ def export_with_report(model: nn.Module, args: Any, policy: Any, kwargs: dict | 
     with _pristine(model):
         takes_cache = hf.is_pretrained(model) and "use_cache" in inspect.signature(type(model).forward).parameters
         module = _without_cache(model) if takes_cache else model
-        ep = torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+        # An eval-mode model is exported for inference: without grad, so the model's own `torch.no_grad()`
+        # regions change nothing and do not become `wrap_with_set_grad_enabled` submodules, whose
+        # attention the graph pass would not see (HRM runs its early reasoning cycles that way)
+        with torch.no_grad() if not model.training else contextlib.nullcontext():
+            ep = torch.export.export(module, args, kwargs=kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
     return rewrite_exported(ep, policy)
 
 

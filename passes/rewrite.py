@@ -158,7 +158,7 @@ def _emit_runtime(gm: fx.GraphModule, f: FoundSite, decision: Any, training: boo
 
 _LAYOUT_TARGETS = {
     "transpose", "permute", "unsqueeze", "squeeze", "select", "slice", "expand", "alias", "detach",
-    "t", "movedim", "swapaxes", "narrow", "contiguous", "clone",
+    "t", "movedim", "swapaxes", "narrow", "contiguous", "clone", "reshape",
 }
 
 
@@ -187,8 +187,9 @@ def _relax_views(new: fx.Node, depth: int = 8) -> None:
                 elif u.op == "call_function" and u.target is torch.Tensor.view and not any(
                         isinstance(a, torch.dtype) for a in u.args[1:]):
                     u.target = torch.Tensor.reshape
-                elif _layout_op(u):
-                    nxt.append(u)
+                elif not _layout_op(u):
+                    continue
+                nxt.append(u)  # a view of a view (the reshape that undoes transformers' GQA packing, ...)
         frontier = nxt
         if not frontier:
             break
