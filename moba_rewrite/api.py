@@ -355,7 +355,9 @@ def export_with_report(model: nn.Module, args: Any, policy: Any, kwargs: dict | 
     policy = load_policy(policy)
     args = tuple(args) if isinstance(args, (tuple, list)) else (() if args is None else (args,))
     with _pristine(model):
-        takes_cache = hf.is_pretrained(model) and "use_cache" in inspect.signature(type(model).forward).parameters
+        params = inspect.signature(type(model).forward).parameters
+        takes_cache = hf.is_pretrained(model) and ("use_cache" in params or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()))  # GraniteMoE: through **kwargs
         module = _without_cache(model) if takes_cache else model
         # An eval-mode model is exported for inference: without grad, so the model's own `torch.no_grad()`
         # regions change nothing and do not become `wrap_with_set_grad_enabled` submodules, whose
