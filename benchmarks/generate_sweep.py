@@ -234,33 +234,37 @@ def _export_notes(model, ids, mask) -> list[str]:
     kwargs = {"input_ids": ids, "attention_mask": mask}
     try:
         with torch.no_grad():
-            torch.export.export(copy.deepcopy(model), (), kwargs={**kwargs, "use_cache": False}, strict=False)
+            torch.export.export(model, (), kwargs={**kwargs, "use_cache": False}, strict=False)
     except Exception as e:  # noqa: BLE001
         return [f"ok: export not checked (the original does not export: {_short(e)[:80]})"]
+    gc.collect()
     eager = mr.rewrite(copy.deepcopy(model), SPARSE)
     with torch.no_grad():
         want = eager(**kwargs, use_cache=False).logits.float()
+    eager_report = eager._moba_report
+    del eager
+    gc.collect()  # one copy at a time (RemBERT's head is 1.7 GB)
     ep, report = api.export_with_report(copy.deepcopy(model), (), SPARSE, kwargs=kwargs)
     with torch.no_grad():
         out = ep.module()(**kwargs)
     got = (out.logits if hasattr(out, "logits") else out["logits"] if isinstance(out, dict) else out[0]).float()
     notes = []
-    eager_rows = {r.name: r for r in eager._moba_report.rows}
-    extra = set(report.moba_sites) - set(eager._moba_report.moba_sites)
+    eager_rows = {r.name: r for r in eager_report.rows}
+    extra = set(report.moba_sites) - set(eager_report.moba_sites)
     if extra and all("mr.export and mr.compile rewrite it" in getattr(eager_rows.get(n), "reason", "") for n in extra):
         # hand-written attention eager rewriting cannot replace (the report says so): no eager reference
         return [f"ok: export rewrites {len(extra)} site(s) the eager rewrite keeps dense (hand-written attention "
                 "in a module torch.fx cannot trace); logits not compared"]
     # by module: the program has a site per call (DiffLlama's two per module, looped models' repeats)
     rows = {r.name: r for r in report.rows}
-    fewer = set(eager._moba_report.moba_sites) - set(report.moba_sites)
+    fewer = set(eager_report.moba_sites) - set(report.moba_sites)
     if fewer and not extra and all(n in rows and rows[n].decision != "moba" and rows[n].reason for n in fewer):
         # the program keeps them dense and its report says why: a gap in what export rewrites, not a silent one
         return [f"ok: gap: export keeps {sorted(fewer)} dense ({rows[sorted(fewer)[0]].reason[:90]}), the eager "
                 "rewrite runs MoBA there; logits not compared"]
-    if set(report.moba_sites) != set(eager._moba_report.moba_sites):
+    if set(report.moba_sites) != set(eager_report.moba_sites):
         notes.append(f"export: MoBA at {sorted(set(report.moba_sites))} where the eager rewrite has "
-                     f"{sorted(set(eager._moba_report.moba_sites))}")
+                     f"{sorted(set(eager_report.moba_sites))}")
     if report.warnings and any("higher-order-op" in w for w in report.warnings):
         notes.append("export: " + next(w for w in report.warnings if "higher-order-op" in w))
     err = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
