@@ -332,22 +332,14 @@ def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = F
                           for n in (_check(model, ids, mask, want) if generate else [])]
         except Exception as e:  # noqa: BLE001
             return "ERROR", f"padded batch: {_short(e)}"
-    if export:
-        if any(n.startswith("ok: padded batch not checked") for n in notes):
-            ids, mask = _inputs(vocab, padded=False)
+    if any(n.startswith("ok: padded batch not checked") for n in notes):
+        ids, mask = _inputs(vocab, padded=False)
+    for name, on, check in (("export", export, _export_notes), ("compiled", compiled, _compiled_notes)):
         try:
             with time_limit(seconds):
-                notes += _export_notes(model, ids, mask)
+                notes += check(model, ids, mask) if on else []
         except Exception as e:  # noqa: BLE001
-            return "ERROR", f"export: {_short(e)}"
-    if compiled:
-        if any(n.startswith("ok: padded batch not checked") for n in notes):
-            ids, mask = _inputs(vocab, padded=False)
-        try:
-            with time_limit(seconds):
-                notes += _compiled_notes(model, ids, mask)
-        except Exception as e:  # noqa: BLE001
-            return "ERROR", f"compiled: {_short(e)}"
+            return "ERROR", f"{name}: {_short(e)}"
     bad = [n for n in notes if not n.startswith("ok: ")]
     return ("DIFFERS" if bad else "equal", "; ".join(notes))
 

@@ -65,26 +65,9 @@ def is_pretrained(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def is_pretrained(model: nn.Module) -> bool:
-    """A transformers `PreTrainedModel`, whichever way its attention is written."""
-    if "transformers" not in sys.modules:
-        return False
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PreTrainedModel)
-
-
 def is_hf_model(model: nn.Module) -> bool:
     """A transformers `PreTrainedModel` whose attention goes through the AttentionInterface."""
-    if "transformers" not in sys.modules:  # no model of it can exist; importing it costs seconds
-        return False
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return False
-    if not isinstance(model, PreTrainedModel):
+    if not is_pretrained(model):
         return False
     can = getattr(model, "_can_set_attn_implementation", None)
     return bool(can()) if callable(can) else True
