@@ -280,10 +280,12 @@ def rewrite_exported(ep: torch.export.ExportedProgram, policy: Any) -> tuple[tor
     sites = number_sites(found)
     decisions, warnings = policy.decide_all(sites) if sites else ([], ["no attention site found"])
     outcomes = rewrite_graph(gm, found, decisions, emitter="inline")
-    hidden = _attention_in_submodules(gm)
+    regions = _region_calls(gm)
+    hidden = sum(1 for _, sub in regions for n in sub.graph.nodes  # the pass rewrites the top graph only
+                 if n.op == "call_function" and "scaled_dot_product" in str(n.target))
     if hidden:
         warnings = [*warnings, f"{hidden} attention call(s) inside higher-order-op regions of the program "
-                    f"({', '.join(sorted({n for n, _ in _region_calls(gm)}))}: e.g. torch.no_grad() or autocast "
+                    f"({', '.join(sorted({n for n, _ in regions}))}: e.g. torch.no_grad() or autocast "
                     "while exporting in train mode) were not rewritten and run dense"]
     entries = [_Entry(site=s, machinery="export", module=None, found=f) for s, f in zip(sites, found)]  # type: ignore[arg-type]
     return ep, _report(entries, decisions, outcomes, warnings, "export")
@@ -300,12 +302,6 @@ def _region_calls(gm: torch.fx.GraphModule) -> list[tuple[str, torch.fx.GraphMod
                     if isinstance(sub, torch.fx.GraphModule):
                         out.append((n.target.name(), sub))
     return out
-
-
-def _attention_in_submodules(gm: torch.fx.GraphModule) -> int:
-    """SDPA calls inside higher-order-op regions (the graph pass rewrites the top graph only)."""
-    return sum(1 for _, sub in _region_calls(gm) for n in sub.graph.nodes
-               if n.op == "call_function" and "scaled_dot_product" in str(n.target))
 
 
 def _export_constants(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
