@@ -110,9 +110,12 @@ def _oracle(model, rewritten):
     origin = hf.origin_of(model)
     moba = {row.name for row in rewritten._moba_report.rows if row.decision == "moba"}
     sites = {}  # oracle module -> whether its cache is a sliding window
+    names = {}
     for name, module in oracle.named_modules():
         if name in moba:
             sites[module] = bool(hf_cache.sliding_note(module))
+            names[module] = name
+    oracle._oracle_ran = set()  # the MoBA sites the reference ran at (not hand-written ones)
     prompt = PROMPT
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
@@ -120,14 +123,18 @@ def _oracle(model, rewritten):
         if module not in sites or hf.unsupported_reasons(query, key, value, attention_mask, float(dropout or 0.0),
                                                         module.training, kwargs):
             return hf._dense_call(origin, module, query, key, value, attention_mask, *args, **kwargs)
-        causal = kwargs.get("is_causal")
-        causal = bool(causal) if causal is not None else bool(getattr(module, "is_causal", True))
         mask = attention_mask
         if mask is not None and mask.dtype != torch.bool:
             mask = mask > torch.finfo(mask.dtype).min / 2
+        # as the original function: without a mask SDPA cuts causally by the call's or the module's flag,
+        # with one it applies the mask alone; eager functions only ever add the mask
+        causal = kwargs.get("is_causal")
+        causal = bool(causal) if causal is not None else bool(getattr(module, "is_causal", True))
+        causal = causal and origin == "sdpa" and mask is None
         kw = dict(causal=causal, scale=kwargs.get("scaling") or query.shape[-1] ** -0.5, attn_mask=mask)
         out = reference.forward(query, key, value, block_size=SPARSE["defaults"]["block_size"],
                                 top_k=SPARSE["defaults"]["top_k"], **kw)
+        oracle._oracle_ran.add(names[module])
         if sites[module] and query.shape[2] == key.shape[2]:  # generated tokens attend densely at sliding sites
             dense = reference.forward(query, key, value, block_size=1, top_k=key.shape[2], **kw)
             out[:, :, prompt:] = dense[:, :, prompt:]

@@ -250,8 +250,9 @@ class AttentionTruth(TorchDispatchMode):
                 self.tags[o] = tags | self.tags.get(o, frozenset())
 
 
-def truth_sites(model: nn.Module, inputs: dict) -> Counter:
-    """Attention sites per module name: (module, ordinal in one call), calls merged."""
+def counted_run(model: nn.Module, inputs: dict, mode_class: type = None) -> tuple[Any, list[tuple[str, int, str]]]:
+    """`model(**inputs)` under `mode_class` (default `AttentionTruth`): the output and the attention
+    found, as (innermost module name, its call number, kind) in order."""
     names = {id(m): n for n, m in model.named_modules()}
     stack: list[tuple[str, int]] = []
     calls: Counter = Counter()
@@ -268,14 +269,20 @@ def truth_sites(model: nn.Module, inputs: dict) -> Counter:
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post, always_call=True))
     weights = list(model.parameters()) + list(model.buffers())
-    mode = AttentionTruth(stack, weights)
+    mode = (mode_class or AttentionTruth)(stack, weights)
     try:
         with torch.no_grad(), mode:
-            model(**inputs)
+            out = model(**inputs)
     finally:
         for h in handles:
             h.remove()
-    per_call: Counter = Counter((owner, call) for owner, call, _ in mode.found)
+    return out, mode.found
+
+
+def truth_sites(model: nn.Module, inputs: dict) -> Counter:
+    """Attention sites per module name: (module, ordinal in one call), calls merged."""
+    _, found = counted_run(model, inputs)
+    per_call: Counter = Counter((owner, call) for owner, call, _ in found)
     out: Counter = Counter()
     for (owner, _), n in per_call.items():
         out[owner] = max(out[owner], n)
@@ -326,35 +333,48 @@ def _short(exc: BaseException) -> str:
     return text[:240]
 
 
-def sweep_one(model_type: str, class_name: str, seconds: int) -> Row:
+def build(model_type: str, class_name: str, row: Row | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The tiny model of `model_type` (eval mode, seed 0) and the first generic inputs its forward
+    runs on; `row` (if given) gets the parameter count and the stage reached. Raises on failure."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    row = row or Row(model_type, class_name, "build")
+    cls = getattr(transformers, class_name)
+    cfg = tiny_config(CONFIG_MAPPING[model_type])
+    with torch.device("meta"):
+        row.params = sum(p.numel() for p in cls(cfg).parameters())
+    if row.params > MAX_PARAMS:
+        raise ValueError(f"{row.params / 1e6:.0f}M parameters after shrinking (limit {MAX_PARAMS / 1e6:.0f}M)")
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    row.status = "inputs"
+    candidates = input_candidates(model)
+    row.status = "forward"
+    for i, inputs in enumerate(candidates):
+        try:
+            with torch.no_grad():  # first call: lazy set-up (BigBird swaps its attention module)
+                model(**inputs)
+            return model, inputs
+        except Exception:
+            if i == len(candidates) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def sweep_one(model_type: str, class_name: str, seconds: int) -> Row:
     row = Row(model_type, class_name, "build")
     start = time.time()
     try:
         with time_limit(seconds):
-            cls = getattr(transformers, class_name)
-            cfg = tiny_config(CONFIG_MAPPING[model_type])
-            with torch.device("meta"):
-                row.params = sum(p.numel() for p in cls(cfg).parameters())
-            if row.params > MAX_PARAMS:
-                row.error = f"{row.params / 1e6:.0f}M parameters after shrinking (limit {MAX_PARAMS / 1e6:.0f}M)"
+            try:
+                model, inputs = build(model_type, class_name, row)
+            except ValueError as exc:
+                if "after shrinking" not in str(exc):
+                    raise
+                row.error = str(exc)
                 return row
-            torch.manual_seed(0)
-            model = cls(cfg).eval()
-            row.status = "inputs"
-            candidates = input_candidates(model)
-            row.status = "forward"
-            for i, inputs in enumerate(candidates):
-                try:
-                    with torch.no_grad():  # first call: lazy set-up (BigBird swaps its attention module)
-                        model(**inputs)
-                    truth = truth_sites(model, inputs)
-                    break
-                except Exception:
-                    if i == len(candidates) - 1:
-                        raise
+            truth = truth_sites(model, inputs)
             row.status = "discovery"
             import moba_rewrite as mr
 
