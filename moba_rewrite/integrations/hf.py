@@ -217,6 +217,17 @@ def _mask_form(mask) -> str:
     return "full: " + (hf_masks.full_reason(mask) or "a mask built outside the mask interface")
 
 
+def causal_without_mask(origin: str, module: nn.Module, kwargs: dict) -> bool:
+    """Whether the original attention function cuts causally on a call without a mask:
+    transformers' SDPA function does (`is_causal` from the call, else the module's, default True);
+    the eager functions add the mask and nothing else, so None there is full attention (an encoder
+    whose bidirectional mask transformers skipped, e.g. ALIGN's text tower)."""
+    if origin != "sdpa":
+        return False
+    is_causal = kwargs.get("is_causal")
+    return bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
+
+
 def moba_attention_forward(origin: str, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
     """AttentionInterface function: MoBA or the original attention, per `module._moba_decision`."""
     def dense(*call_args, **call_kwargs):
@@ -225,8 +236,7 @@ def moba_attention_forward(origin: str, module: nn.Module, query, key, value, at
     cache = kwargs.pop(hf_cache.CACHE_KWARG, None)  # handed over by hf_cache's pre-hook
     decision = getattr(module, "_moba_decision", None)
     dropout = kwargs.get("dropout", args[0] if args else 0.0)
-    is_causal = kwargs.get("is_causal")
-    causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
+    causal = causal_without_mask(origin, module, kwargs)  # with a mask: read from the mask below
     if _RECORDER is not None:
         _RECORDER.append(CallRecord(
             module=module, q_shape=tuple(query.shape), k_shape=tuple(key.shape), v_shape=tuple(value.shape),
@@ -402,8 +412,13 @@ def discover(model: nn.Module, example_inputs: Any = None, *,
     out = []
     for layer, (name, m) in enumerate(modules):
         c = first[id(m)]
-        causal = getattr(m, "is_causal", None)
-        causal = bool(causal) if causal is not None else None
+        if c.mask == "none":
+            causal = causal_without_mask(origin, m, {"is_causal": c.is_causal})
+        elif c.mask_form == "compact":
+            causal = True  # ours: the causal cut AND a key mask
+        else:
+            causal = getattr(m, "is_causal", None)
+            causal = bool(causal) if causal is not None else None
         if causal:
             mask_kind = "causal+padding" if c.mask != "none" and _has_padding(example_inputs) else "causal"
         else:

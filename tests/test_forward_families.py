@@ -1,0 +1,77 @@
+"""A rewritten model's forward on model families we did not write, by `benchmarks/forward_sweep.py`'s
+check (tiny models from transformers' own code, generic inputs):
+
+- dense limit (`top_k * block_size` past every length): the rewrite gives the original's outputs;
+- the report says what runs: a `moba` site runs a MoBA op and no dense attention, a `dense` one no
+  MoBA op (seen by a dispatch mode independent of moba_rewrite);
+- sparse (block 4, top-2): the outputs of the original model with the dense `reference` MoBA as
+  its attention at the same sites;
+- for some, `torch.compile` and `mr.export` of the same rewrite.
+
+What it found wrong before it was fixed: ALIGN's text tower (an encoder with eager attention):
+transformers passes no mask to a bidirectional encoder without padding, and the eager attention
+functions only add the mask, so None there is full attention; the rewrite read the module's
+`is_causal` default and ran it causally (dense limit off by 0.01, silently).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import moba_rewrite as mr
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import forward_sweep  # noqa: E402
+
+
+def _align_text(impl: str) -> transformers.AlignTextModel:
+    torch.manual_seed(0)
+    cfg = transformers.AlignTextConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, max_position_embeddings=64)
+    cfg._attn_implementation = impl
+    return transformers.AlignTextModel(cfg).eval()
+
+
+def test_eager_encoder_without_mask_stays_bidirectional():
+    """An eager-attention encoder that transformers hands no mask attends both ways."""
+    model = _align_text("eager")
+    ids = torch.randint(0, 64, (1, 24))
+    with torch.no_grad():
+        want = model(input_ids=ids).last_hidden_state
+        limit = mr.rewrite(copy.deepcopy(model), forward_sweep.LIMIT, {"input_ids": ids})
+        torch.testing.assert_close(limit(input_ids=ids).last_hidden_state, want, rtol=1e-4, atol=1e-4)
+        sparse = mr.rewrite(copy.deepcopy(model), {"version": 1, "defaults": {"block_size": 4, "top_k": 2}},
+                            {"input_ids": ids})
+        assert all(not r.causal for r in sparse._moba_report.rows if r.decision == "moba")
+        assert len(sparse._moba_report.moba_sites) == 2
+        got = sparse(input_ids=ids).last_hidden_state
+    # the independent oracle: the original model with the dense reference MoBA as its attention
+    oracle = forward_sweep._oracle(model, sparse)
+    with torch.no_grad():
+        torch.testing.assert_close(got, oracle(input_ids=ids).last_hidden_state, rtol=1e-4, atol=1e-4)
+    assert oracle._oracle_ran == set(sparse._moba_report.moba_sites)
+
+
+FAMILIES = [  # (model type, base class, also torch.compile and mr.export)
+    ("bert", "BertModel", True),
+    ("llama", "LlamaModel", True),
+    ("vit", "ViTModel", False),
+    ("clip", "CLIPModel", False),
+    ("t5", "T5Model", False),
+]
+
+
+@pytest.mark.parametrize("model_type,class_name,more", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_forward_sweep_family(model_type, class_name, more):
+    if not hasattr(transformers, class_name):
+        pytest.skip(f"this transformers has no {class_name}")
+    status, detail = forward_sweep.sweep_one(model_type, class_name, 300, compiled=more, export=more)
+    assert status == "equal", detail
