@@ -8,6 +8,7 @@ returns; a failed comparison raises on the rank that saw it.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -421,6 +422,33 @@ def hf_prefill_matches_unsharded(ctx):
             assert (dense(input_ids=ids, use_cache=False).logits - want).abs().max() > 1e-3
 
 
+def hf_eager_encoder_matches_unsharded(ctx):
+    """A bidirectional encoder with eager attention (ALIGN's text tower: transformers hands it no mask,
+    and the module has no `is_causal`) sharded = its unsharded rewrite = the original in the dense
+    limit; it once ran causally under context parallelism."""
+    import moba_rewrite as mr
+    from transformers import AlignTextConfig, AlignTextModel
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
+
+    cfg = AlignTextConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, max_position_embeddings=128)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    original = AlignTextModel(cfg).eval()
+    ids = torch.randint(1, 64, (1, 64), generator=torch.Generator().manual_seed(5))  # 0 is the pad id
+    for policy in (_POLICY, {"version": 1, "defaults": {"block_size": 8, "top_k": 16}}):  # sparse, dense limit
+        model = mr.rewrite(copy.deepcopy(original), policy)
+        with torch.no_grad():
+            want = model(input_ids=ids).last_hidden_state
+            if policy is not _POLICY:
+                close("dense limit = original", want, original(input_ids=ids).last_hidden_state, atol=1e-4)
+            local_ids, pos, seq_len = shard_inputs(model, ids)
+            with context_parallel(model, seq_len=seq_len):
+                local = model(input_ids=local_ids, position_ids=pos).last_hidden_state
+        close(f"hidden states [top_k {policy['defaults'].get('top_k')}]",
+              unshard_sequence(local, dim=1, seq_len=seq_len), want)
+
+
 def hf_padded_batch_matches_unsharded(ctx):
     """A padded batch (left padding, right padding, a hole) with its 2-D attention_mask sharded
     like the tokens: logits at real tokens equal the unsharded run with the same mask and
@@ -609,7 +637,8 @@ SUITES = {
             dense_sdpa_cp_matches_whole_sequence, decode_against_a_sharded_cache,
             traffic_only_selected_blocks, traffic_auto_spares_the_owners,
             shard_round_trip,
-            bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_padded_batch_matches_unsharded,
+            bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_eager_encoder_matches_unsharded,
+            hf_padded_batch_matches_unsharded,
             hf_sharded_cache_generate_matches_generate, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,

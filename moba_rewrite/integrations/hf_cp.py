@@ -116,8 +116,13 @@ class _ShardedAttention:
             raise ValueError(f"{_WHO}: attention site {name!r} got {tq} queries against {tk} keys; only a prefill or "
                              f"training step over the whole sharded sequence runs context-parallel (no KV cache from "
                              f"earlier steps: pass use_cache=False)")
-        is_causal = kwargs.get("is_causal")
-        causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
+        if attention_mask is None:  # as the original function (an eager one only adds the mask)
+            causal = hf.causal_without_mask(origin, module, kwargs)
+        elif hf_masks.compact_of(attention_mask) is not None:  # ours: the causal cut AND a key mask
+            causal = True
+        else:  # a materialised mask, checked below to say exactly this
+            is_causal = kwargs.get("is_causal")
+            causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
         _check_mask(name, attention_mask, tq, causal, self.key_padding)
         scaling = kwargs.get("scaling")
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
