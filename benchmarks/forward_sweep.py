@@ -23,11 +23,15 @@ multimodal; 16 tokens, an image, audio features):
   (not checked where the original model does not compile);
 - `--export`: `mr.export` of the original with the same inputs and policy gives the eager sparse
   rewrite's outputs, at the same MoBA sites (not checked where the original does not export;
-  a site the program keeps dense with a reason in its report is a coverage gap, `ok: gap:`).
+  a site the program keeps dense with a reason in its report is a coverage gap, `ok: gap:`);
+- `--padded`: every check above on a padded batch of two instead: the text repeated, the second
+  row's last 5 tokens hidden by `attention_mask` (right padding, so no query row is left without
+  keys); models whose forward takes no `input_ids` and `attention_mask` are skipped.
 
     python benchmarks/forward_sweep.py                          # every model type (~15 min on 2 cores)
     python benchmarks/forward_sweep.py --only bert vit whisper  # some
     python benchmarks/forward_sweep.py --compiled --export --markdown benchmarks/logs/forward-sweep.md
+    python benchmarks/forward_sweep.py --padded                 # the same on a padded batch
 
 A row per model type: `equal`, `DIFFERS` (what differs), `ERROR` (the rewrite failed where the
 original ran), `skipped` (the original could not be built, given inputs, or run twice alike) or
@@ -96,6 +100,21 @@ def _error(got: Any, want: Any) -> float | None:
             scale = max(1.0, y[keep].abs().max().item())
             worst = max(worst, ((x - y)[keep].abs().max().item()) / scale)
     return None if worst <= 1e-4 else worst
+
+
+def padded_batch(model, inputs: dict[str, Any], hidden: int = 5) -> dict[str, Any]:
+    """`inputs` as a batch of two whose second row's last `hidden` tokens are padding (module
+    docstring); ValueError when the model's forward takes no `input_ids` and `attention_mask`."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    if "input_ids" not in inputs or "attention_mask" not in params:
+        raise ValueError("no padded batch: the forward takes no input_ids and attention_mask")
+    out = {k: (v.expand(2, *v.shape[1:]).clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    mask = torch.ones_like(out["input_ids"])
+    mask[1, -hidden:] = 0
+    out["attention_mask"] = mask
+    return out
 
 
 def _ran_per_module(found: list[tuple[str, int, str]]) -> dict[str, Counter]:
@@ -185,12 +204,14 @@ def _export_notes(model, inputs, want, eager_report, want_sparse) -> list[str]:
 
 
 def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = False,
-              export: bool = False) -> tuple[str, str]:
+              export: bool = False, padded: bool = False) -> tuple[str, str]:
     import moba_rewrite as mr
 
     try:
         with zoo_sweep.time_limit(seconds):
             model, inputs = zoo_sweep.build(model_type, class_name)
+            if padded:
+                inputs = padded_batch(model, inputs)
             with torch.no_grad():
                 want, again = model(**inputs), model(**inputs)
             if _error(again, want) is not None:
@@ -255,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=int, default=120, help="time limit per model and phase")
     ap.add_argument("--compiled", action="store_true", help="also torch.compile (aot_eager) the sparse rewrite")
     ap.add_argument("--export", action="store_true", help="also mr.export with the sparse policy")
+    ap.add_argument("--padded", action="store_true", help="run every check on a right-padded batch of two")
     ap.add_argument("--markdown", help="also write the table here")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -264,14 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     types = [(t, c) for t, c in zoo_sweep.registry() if not args.only or t in args.only]
     counts: Counter = Counter()
-    lines = [f"torch {torch.__version__}, transformers {transformers.__version__}; {len(types)} model types",
+    lines = [f"torch {torch.__version__}, transformers {transformers.__version__}; {len(types)} model types; "
+             + ", ".join(["padded batch" if args.padded else "one input"] + [f for f, on in (("compiled", args.compiled), ("export", args.export)) if on]),
              "", "| model type | class | result | detail |", "|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     start = time.time()
     for model_type, class_name in types:
         if not hasattr(transformers, class_name):
             continue
-        status, detail = sweep_one(model_type, class_name, args.seconds, args.compiled, args.export)
+        status, detail = sweep_one(model_type, class_name, args.seconds, args.compiled, args.export, args.padded)
         counts[status] += 1
         line = f"| {model_type} | {class_name} | {status} | {detail.replace('|', '/')} |"
         lines.append(line)

@@ -6,7 +6,7 @@ check (tiny models from transformers' own code, generic inputs):
   MoBA op (seen by a dispatch mode independent of moba_rewrite);
 - sparse (block 4, top-2): the outputs of the original model with the dense `reference` MoBA as
   its attention at the same sites;
-- for some, `torch.compile` and `mr.export` of the same rewrite.
+- for some, `torch.compile` and `mr.export` of the same rewrite, and a right-padded batch of two.
 
 What it found wrong before it was fixed: ALIGN's text tower (an encoder with eager attention):
 transformers passes no mask to a bidirectional encoder without padding, and the eager attention
@@ -60,18 +60,33 @@ def test_eager_encoder_without_mask_stays_bidirectional():
     assert oracle._oracle_ran == set(sparse._moba_report.moba_sites)
 
 
-FAMILIES = [  # (model type, base class, also torch.compile and mr.export)
-    ("bert", "BertModel", True),
-    ("llama", "LlamaModel", True),
-    ("vit", "ViTModel", False),
-    ("clip", "CLIPModel", False),
-    ("t5", "T5Model", False),
+FAMILIES = [  # (model type, base class, also torch.compile and mr.export, on a padded batch)
+    ("bert", "BertModel", True, False),
+    ("bert", "BertModel", False, True),
+    ("llama", "LlamaModel", True, False),
+    ("llama", "LlamaModel", True, True),
+    ("vit", "ViTModel", False, False),
+    ("clip", "CLIPModel", False, False),
+    ("t5", "T5Model", False, False),
+    ("gpt2", "GPT2Model", False, True),
 ]
 
 
-@pytest.mark.parametrize("model_type,class_name,more", FAMILIES, ids=[f[0] for f in FAMILIES])
-def test_forward_sweep_family(model_type, class_name, more):
+@pytest.mark.parametrize("model_type,class_name,more,padded", FAMILIES,
+                         ids=[f[0] + ("/padded" if f[3] else "") for f in FAMILIES])
+def test_forward_sweep_family(model_type, class_name, more, padded):
     if not hasattr(transformers, class_name):
         pytest.skip(f"this transformers has no {class_name}")
-    status, detail = forward_sweep.sweep_one(model_type, class_name, 300, compiled=more, export=more)
+    status, detail = forward_sweep.sweep_one(model_type, class_name, 300, compiled=more, export=more, padded=padded)
     assert status == "equal", detail
+
+
+def test_padded_batch_is_padded():
+    """The padded batch hides the second row's last tokens: the original's output there differs from
+    the same row unpadded (so the sweep's padded rows test the mask's path)."""
+    model, inputs = forward_sweep.zoo_sweep.build("bert", "BertModel")
+    batch = forward_sweep.padded_batch(model, inputs)
+    assert batch["attention_mask"].tolist()[1][-5:] == [0] * 5 and batch["input_ids"].shape[0] == 2
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+    assert (out[0] - out[1]).abs().max() > 1e-3
