@@ -11,7 +11,10 @@ check (tiny models from transformers' own code, generic inputs):
 What it found wrong before it was fixed: ALIGN's text tower (an encoder with eager attention):
 transformers passes no mask to a bidirectional encoder without padding, and the eager attention
 functions only add the mask, so None there is full attention; the rewrite read the module's
-`is_causal` default and ran it causally (dense limit off by 0.01, silently).
+`is_causal` default and ran it causally (dense limit off by 0.01, silently). Qwen3-Omni's thinker:
+the rewrite handed every eager call without a mask an all-ones `attention_mask` (meant for tracing,
+where it keeps transformers from materialising a packed-sequence mask), and that model computes its
+multimodal positions from one (it failed where the original ran).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ FAMILIES = [  # (model type, base class, also torch.compile and mr.export, on a 
     ("clip", "CLIPModel", False, False),
     ("t5", "T5Model", False, False),
     ("gpt2", "GPT2Model", False, True),
+    ("qwen3_omni_moe_thinker", "Qwen3OmniMoeThinkerModel", False, False),
 ]
 
 
@@ -90,3 +94,17 @@ def test_padded_batch_is_padded():
     with torch.no_grad():
         out = model(**batch).last_hidden_state
     assert (out[0] - out[1]).abs().max() > 1e-3
+
+
+def test_eager_call_keeps_the_callers_inputs():
+    """A rewritten model's eager forward gets exactly the caller's arguments (nothing added)."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 32))
+    mr.rewrite(model, {"version": 1, "defaults": {"block_size": 8, "top_k": 2}}, {"input_ids": ids})
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(sorted(kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert seen == [["input_ids"]]

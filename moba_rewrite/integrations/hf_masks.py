@@ -272,15 +272,24 @@ def _takes(module: Any, name: str) -> bool:
         return False
 
 
+def _tracing(x: Tensor) -> bool:
+    """Whether `x` flows through a trace (Dynamo / torch.compile, torch.export, torch.fx)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return bool(torch.compiler.is_compiling() or isinstance(x, torch.fx.Proxy) or is_fake(x))
+
+
 def _unpacked_hook(module: Any, args: tuple, kwargs: dict):
-    """`forward` pre-hook: a call with no attention_mask, no position_ids, no cache and
-    `use_cache=False` gets an all-ones attention_mask.
+    """`forward` pre-hook, while tracing only: a call with no attention_mask, no position_ids, no
+    cache and `use_cache=False` gets an all-ones attention_mask.
 
     Without it transformers cannot rule out packed sequences while tracing (it derives them
     from position_ids restarts) and materialises the full `[T, T]` packed mask. Here the model
     computes its own positions (consecutive: nothing is packed) and there is no cache, so an
-    all-ones mask says exactly what is true; the moba mask function then compacts it (and drops
-    it in eager mode, as transformers does)."""
+    all-ones mask says exactly what is true; the moba mask function then compacts it. In eager
+    mode transformers sees that nothing is packed by itself, and the call keeps its own inputs:
+    a model may do more with an attention_mask than mask (Qwen3-Omni computes its multimodal
+    positions from one), so the hook must not change an eager call."""
     impl = getattr(module.config, "_attn_implementation", "") or ""
     if not impl.startswith("moba_") or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
         return None
@@ -289,7 +298,7 @@ def _unpacked_hook(module: Any, args: tuple, kwargs: dict):
     ids = kwargs.get("input_ids", args[0] if args else None)
     embeds = kwargs.get("inputs_embeds")
     ref = ids if isinstance(ids, Tensor) else embeds
-    if not isinstance(ref, Tensor) or len(args) > 1 or not _takes(module, "attention_mask"):
+    if not isinstance(ref, Tensor) or len(args) > 1 or not _tracing(ref) or not _takes(module, "attention_mask"):
         return None
     shape = ref.shape[:2]
     return args, {**kwargs, "attention_mask": torch.ones(shape, dtype=torch.long, device=ref.device)}
