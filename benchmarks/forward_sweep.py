@@ -240,7 +240,7 @@ def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = F
             if not moba:
                 notes.append("ok: no MoBA site (" + "; ".join(sorted({r.reason[:60] for r in report.rows}))[:160] + ")")
             else:
-                oracle = _oracle(model, sparse)
+                oracle = _oracle(model, sparse, prompt=None)
                 with torch.no_grad():
                     got = oracle(**inputs)
                 covered = getattr(oracle, "_oracle_ran", set())

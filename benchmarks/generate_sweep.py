@@ -98,8 +98,12 @@ def _differ(got, want, tolerance: float = 1e-4) -> float | None:
     return None if torch.equal(got[0], want[0]) and err <= tolerance else err
 
 
-def _oracle(model, rewritten):
-    """A copy of `model` whose MoBA sites (those of `rewritten`) run the dense reference MoBA."""
+def _oracle(model, rewritten, prompt: int | None = PROMPT):
+    """A copy of `model` whose MoBA sites (those of `rewritten`) run the dense reference MoBA.
+
+    Uncached, it runs a whole generated sequence at once: at sliding-window sites the tokens past
+    `prompt` (generated ones, decoded against the window as full attention) attend densely; None
+    for a plain forward, where every token is the prompt's."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
@@ -116,7 +120,6 @@ def _oracle(model, rewritten):
             sites[module] = bool(hf_cache.sliding_note(module))
             names[module] = name
     oracle._oracle_ran = set()  # the MoBA sites the reference ran at (not hand-written ones)
-    prompt = PROMPT
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         dropout = kwargs.get("dropout", args[0] if args else 0.0)
@@ -135,7 +138,7 @@ def _oracle(model, rewritten):
         out = reference.forward(query, key, value, block_size=SPARSE["defaults"]["block_size"],
                                 top_k=SPARSE["defaults"]["top_k"], **kw)
         oracle._oracle_ran.add(names[module])
-        if sites[module] and query.shape[2] == key.shape[2]:  # generated tokens attend densely at sliding sites
+        if prompt is not None and sites[module] and query.shape[2] == key.shape[2]:  # generated tokens attend densely at sliding sites
             dense = reference.forward(query, key, value, block_size=1, top_k=key.shape[2], **kw)
             out[:, :, prompt:] = dense[:, :, prompt:]
         return out.transpose(1, 2).contiguous(), None

@@ -57,7 +57,7 @@ def test_eager_encoder_without_mask_stays_bidirectional():
         assert len(sparse._moba_report.moba_sites) == 2
         got = sparse(input_ids=ids).last_hidden_state
     # the independent oracle: the original model with the dense reference MoBA as its attention
-    oracle = forward_sweep._oracle(model, sparse)
+    oracle = forward_sweep._oracle(model, sparse, prompt=None)
     with torch.no_grad():
         torch.testing.assert_close(got, oracle(input_ids=ids).last_hidden_state, rtol=1e-4, atol=1e-4)
     assert oracle._oracle_ran == set(sparse._moba_report.moba_sites)
