@@ -279,6 +279,20 @@ def _is_bool(n: fx.Node) -> bool:
     return fxutil.dtype(n) == torch.bool
 
 
+def _tril_diagonal(nz: torch.Tensor) -> int | None:
+    """`d` when `nz` (bool, >= 2-D) is `ones.tril(d)` over its last two dims, else None.
+
+    The candidate comes from the first row with a True (row i of `tril(d)` holds
+    `min(c, i + d + 1)` of them; none at all: `d = -r`) and is checked once, O(r * c): a buffer
+    such as GPT-Neo's 2048 x 2048 causal `bias` used to be compared against every diagonal
+    (minutes per rewrite)."""
+    r, c = nz.shape[-2], nz.shape[-1]
+    counts = nz.reshape(-1, r, c)[0].sum(-1)
+    rows = torch.nonzero(counts).flatten()
+    diag = -r if rows.numel() == 0 else int(counts[rows[0]]) - 1 - int(rows[0])
+    return diag if torch.equal(nz, torch.ones_like(nz).tril(diag)) else None
+
+
 class _Eval:
     def __init__(self, root) -> None:
         self.root = root
@@ -389,13 +403,12 @@ class _Eval:
                 return Const(bool(first) if t.dtype == torch.bool else first, t.dim())
             if t.dim() >= 2:
                 nz = t != 0
-                r, c = t.shape[-2], t.shape[-1]
-                for diag in range(-r, c + 1):
-                    if torch.equal(nz, torch.ones_like(nz).tril(diag)):
-                        p = Pred(frozenset([Le((0,) * (t.dim() - 2) + (-1, 1), -diag)]), t.dim())
-                        if t.dtype == torch.bool:
-                            return p
-                        return Ind(p) if bool(((t == 0) | (t == 1)).all()) else None
+                diag = _tril_diagonal(nz)
+                if diag is not None:
+                    p = Pred(frozenset([Le((0,) * (t.dim() - 2) + (-1, 1), -diag)]), t.dim())
+                    if t.dtype == torch.bool:
+                        return p
+                    return Ind(p) if bool(((t == 0) | (t == 1)).all()) else None
         except Exception:  # fake tensors carry no values
             return None
         return None

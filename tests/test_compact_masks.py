@@ -272,3 +272,22 @@ def reference_moba(q, k, v, mask):
     from moba_rewrite.kernels import reference
 
     return reference.forward(q, k, v, block_size=8, top_k=2, causal=False, scale=8 ** -0.5, attn_mask=mask)
+
+
+def test_tril_buffers_are_read_in_one_pass():
+    """A constant `tril` buffer's diagonal, found from one row and checked once: every diagonal of
+    several shapes (and leading dims) agrees with a search over all of them; other patterns give None."""
+    from passes.mask_proof import _tril_diagonal
+
+    for shape in [(1, 1), (3, 7), (7, 3), (5, 5), (2, 1, 4, 6)]:
+        r, c = shape[-2:]
+        ones = torch.ones(shape, dtype=torch.bool)
+        for d in range(-r - 1, c + 2):
+            t = ones.tril(d)
+            first = next(e for e in range(-r, c + 1) if torch.equal(t, ones.tril(e)))
+            assert torch.equal(ones.tril(_tril_diagonal(t)), t) and torch.equal(ones.tril(first), t), (shape, d)
+        assert _tril_diagonal(ones.triu(1)) is None if r > 1 else True
+        noisy = ones.tril(0).clone()
+        noisy[..., -1, 0] = False
+        assert _tril_diagonal(noisy) is None if r > 1 else True
+    assert _tril_diagonal(torch.ones(3, 3, dtype=torch.bool).tril().flip(-1)) is None
