@@ -38,8 +38,11 @@ def logits_view(model: nn.Module) -> nn.Module:
     A shallow copy whose class is a subclass of the model's own, so module names in exported
     graphs stay the model's own (`model.layers.0.self_attn`, not `model.model.layers...`) and
     policy globs mean the same in every format. Base models return the last hidden state.
+    A view is its own view.
     """
     cls = type(model)
+    if cls in _VIEW_CLASSES.values():
+        return model
     view_cls = _VIEW_CLASSES.get(cls)
     if view_cls is None:
         view_cls = type(f"{cls.__name__}LogitsOnly", (cls,), {"forward": _logits_forward,
