@@ -217,15 +217,19 @@ def _mask_form(mask) -> str:
     return "full: " + (hf_masks.full_reason(mask) or "a mask built outside the mask interface")
 
 
+def declared_causal(module: nn.Module, kwargs: dict) -> bool:
+    """The causal flag transformers' SDPA function reads: the call's `is_causal`, else the module's
+    (default True)."""
+    is_causal = kwargs.get("is_causal")
+    return bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
+
+
 def causal_without_mask(origin: str, module: nn.Module, kwargs: dict) -> bool:
     """Whether the original attention function cuts causally on a call without a mask:
     transformers' SDPA function does (`is_causal` from the call, else the module's, default True);
     the eager functions add the mask and nothing else, so None there is full attention (an encoder
     whose bidirectional mask transformers skipped, e.g. ALIGN's text tower)."""
-    if origin != "sdpa":
-        return False
-    is_causal = kwargs.get("is_causal")
-    return bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
+    return origin == "sdpa" and declared_causal(module, kwargs)
 
 
 def moba_attention_forward(origin: str, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):

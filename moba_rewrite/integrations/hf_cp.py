@@ -121,8 +121,7 @@ class _ShardedAttention:
         elif hf_masks.compact_of(attention_mask) is not None:  # ours: the causal cut AND a key mask
             causal = True
         else:  # a materialised mask, checked below to say exactly this
-            is_causal = kwargs.get("is_causal")
-            causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
+            causal = hf.declared_causal(module, kwargs)
         _check_mask(name, attention_mask, tq, causal, self.key_padding)
         scaling = kwargs.get("scaling")
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
@@ -145,8 +144,7 @@ class _ShardedAttention:
     def _decode(self, module, name: str, query, key, value, attention_mask, *args, **kwargs):
         """A decode step against this rank's slice of a sharded cache (`moba_decode_cp`); dense sites
         and `decode: dense` policies in the op's dense limit (one block per rank, all selected)."""
-        is_causal = kwargs.get("is_causal")
-        if (is_causal is not None and not is_causal) or not getattr(module, "is_causal", True):
+        if not hf.declared_causal(module, kwargs):
             raise ValueError(f"{_WHO}: attention site {name!r} is not causal; sharded-cache decoding is for causal LMs")
         compact = attention_mask is None or hf_masks.compact_of(attention_mask) is not None
         keys = hf_masks.key_mask(attention_mask) if compact and attention_mask is not None else None
