@@ -27,6 +27,9 @@ multimodal; 16 tokens, an image, audio features):
   a site the program keeps dense with a reason in its report is a coverage gap, `ok: gap:`;
   where the original exported differs from the original eager, the dense limit is compared with
   the former and the sparse program is not checked);
+- `--onnx`: the ONNX path (`moba-rewrite export --format onnx`; input_ids alone, so only for
+  models given nothing else) in onnxruntime: the dense limit gives the original's outputs, the
+  sparse model the eager sparse rewrite's, with one MoBA node per MoBA call of that run;
 - `--padded`: every check above on a padded batch of two instead: the text repeated, the second
   row's last 5 tokens hidden by `attention_mask` (right padding, so no query row is left without
   keys); models whose forward takes no `input_ids` and `attention_mask` are skipped.
@@ -34,6 +37,7 @@ multimodal; 16 tokens, an image, audio features):
     python benchmarks/forward_sweep.py                          # every model type (~15 min on 2 cores)
     python benchmarks/forward_sweep.py --only bert vit whisper  # some
     python benchmarks/forward_sweep.py --compiled --export --markdown benchmarks/logs/forward-sweep.md
+    python benchmarks/forward_sweep.py --onnx                   # the ONNX path in onnxruntime too
     python benchmarks/forward_sweep.py --padded                 # the same on a padded batch
 
 A row per model type: `equal`, `DIFFERS` (what differs), `ERROR` (the rewrite failed where the
@@ -231,7 +235,7 @@ def _export_notes(model, inputs, want, eager_report, want_sparse) -> list[str]:
 
 
 def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = False,
-              export: bool = False, padded: bool = False) -> tuple[str, str]:
+              export: bool = False, padded: bool = False, onnx: bool = False) -> tuple[str, str]:
     import moba_rewrite as mr
 
     try:
@@ -282,7 +286,8 @@ def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = F
                 gc.collect()
         for name, on, check in (
                 ("compiled", compiled, lambda: _compiled_notes(model, sparse, inputs, want_sparse)),
-                ("export", export, lambda: _export_notes(model, inputs, want, report, want_sparse))):
+                ("export", export, lambda: _export_notes(model, inputs, want, report, want_sparse)),
+                ("onnx", onnx, lambda: _onnx_notes(model, inputs))):
             stage = name
             if on:
                 with zoo_sweep.time_limit(seconds):
@@ -297,12 +302,59 @@ def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = F
     return ("DIFFERS" if bad else "equal"), "; ".join(notes)
 
 
+def _onnx_notes(model, inputs) -> list[str]:
+    """The ONNX path (`moba-rewrite export --format onnx`: input_ids -> logits or last hidden state)
+    run in onnxruntime: the dense limit must give the original's outputs, the sparse model the
+    eager sparse rewrite's, with one MoBA node per MoBA call of that eager run."""
+    import tempfile
+
+    import moba_rewrite as mr
+    from moba_rewrite.exporters import onnx as mo
+    from moba_rewrite.exporters.common import exportable
+
+    tensors = {k for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    mask = inputs.get("attention_mask")
+    if tensors - {"input_ids", "attention_mask"} or (mask is not None and not bool((mask == 1).all())):
+        return ["ok: onnx not checked (the ONNX export of a Hugging Face model takes input_ids alone)"]
+    ids = {"input_ids": inputs["input_ids"]}
+    with torch.no_grad():
+        want = exportable(model)(**ids)
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, policy in (("dense limit", LIMIT), ("sparse", SPARSE)):
+            rewritten = mr.rewrite(copy.deepcopy(model), policy, inputs)
+            if name == "sparse":
+                want, found = zoo_sweep.counted_run(exportable(rewritten), ids, _Ran)
+            path = os.path.join(tmp, name.replace(" ", "_") + ".onnx")
+            try:
+                proto = mo.export_onnx(rewritten, (ids["input_ids"],), path)
+            except Exception as e:  # noqa: BLE001
+                try:
+                    mo.export_onnx(copy.deepcopy(model), (ids["input_ids"],), os.path.join(tmp, "original.onnx"))
+                except Exception as own:  # noqa: BLE001
+                    return [f"ok: onnx not checked (the original does not export to ONNX: {zoo_sweep._short(own)[:80]})"]
+                return notes + [f"onnx, {name}: fails where the original exports: {zoo_sweep._short(e)[:140]}"]
+            got = [torch.as_tensor(a) for a in mo.run_onnxruntime(path, (ids["input_ids"],))]
+            err = _error(got[:1], [want])
+            if err is not None:
+                notes.append(f"onnx, {name}: onnxruntime's outputs differ from the "
+                             f"{'original' if name == 'dense limit' else 'eager rewrite'} by {err:.3g}")
+            if name == "sparse":
+                calls, nodes = sum(kind == "moba" for *_, kind in found), len(mo.moba_nodes(proto))
+                if nodes != calls:
+                    notes.append(f"onnx: {nodes} MoBA node(s) where the eager rewrite makes {calls} MoBA call(s)")
+            gc.collect()
+    return notes
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="model types to run (default: every base model type)")
     ap.add_argument("--seconds", type=int, default=120, help="time limit per model and phase")
     ap.add_argument("--compiled", action="store_true", help="also torch.compile (aot_eager) the sparse rewrite")
     ap.add_argument("--export", action="store_true", help="also mr.export with the sparse policy")
+    ap.add_argument("--onnx", action="store_true",
+                    help="also export to ONNX (input_ids alone) and run it in onnxruntime")
     ap.add_argument("--padded", action="store_true", help="run every check on a right-padded batch of two")
     ap.add_argument("--markdown", help="also write the table here")
     args = ap.parse_args(argv)
@@ -314,14 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     types = [(t, c) for t, c in zoo_sweep.registry() if not args.only or t in args.only]
     counts: Counter = Counter()
     lines = [f"torch {torch.__version__}, transformers {transformers.__version__}; {len(types)} model types; "
-             + ", ".join(["padded batch" if args.padded else "one input"] + [f for f, on in (("compiled", args.compiled), ("export", args.export)) if on]),
+             + ", ".join(["padded batch" if args.padded else "one input"] + [f for f, on in (("compiled", args.compiled), ("export", args.export), ("onnx", args.onnx)) if on]),
              "", "| model type | class | result | detail |", "|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     start = time.time()
     for model_type, class_name in types:
         if not hasattr(transformers, class_name):
             continue
-        status, detail = sweep_one(model_type, class_name, args.seconds, args.compiled, args.export, args.padded)
+        status, detail = sweep_one(model_type, class_name, args.seconds, args.compiled, args.export, args.padded,
+                                 args.onnx)
         counts[status] += 1
         line = f"| {model_type} | {class_name} | {status} | {detail.replace('|', '/')} |"
         lines.append(line)

@@ -63,7 +63,7 @@ def test_eager_encoder_without_mask_stays_bidirectional():
     assert oracle._oracle_ran == set(sparse._moba_report.moba_sites)
 
 
-FAMILIES = [  # (model type, base class, also torch.compile and mr.export, on a padded batch)
+FAMILIES = [  # (model type, base class, also torch.compile, mr.export and ONNX, on a padded batch)
     ("bert", "BertModel", True, False),
     ("bert", "BertModel", False, True),
     ("llama", "LlamaModel", True, False),
@@ -81,7 +81,8 @@ FAMILIES = [  # (model type, base class, also torch.compile and mr.export, on a 
 def test_forward_sweep_family(model_type, class_name, more, padded):
     if not hasattr(transformers, class_name):
         pytest.skip(f"this transformers has no {class_name}")
-    status, detail = forward_sweep.sweep_one(model_type, class_name, 300, compiled=more, export=more, padded=padded)
+    status, detail = forward_sweep.sweep_one(model_type, class_name, 300, compiled=more, export=more, padded=padded,
+                                             onnx=more and not padded)
     assert status == "equal", detail
 
 
@@ -108,3 +109,15 @@ def test_eager_call_keeps_the_callers_inputs():
     with torch.no_grad():
         model(input_ids=ids)
     assert seen == [["input_ids"]]
+
+
+def test_a_logits_view_is_its_own_view():
+    """`exportable` of a model already given as its logits view (what a user may pass to
+    `export_onnx`) is the same view: one input_ids in, the model's output out."""
+    from moba_rewrite.exporters.common import exportable, logits_view
+
+    model, inputs = forward_sweep.zoo_sweep.build("llama", "LlamaModel")
+    view = logits_view(model)
+    assert exportable(view) is view and logits_view(view) is view
+    with torch.no_grad():
+        torch.testing.assert_close(view(inputs["input_ids"]), model(**inputs).last_hidden_state)
