@@ -380,7 +380,7 @@ _POLICY = {"version": 1, "defaults": {"mode": "moba", "block_size": 8, "top_k": 
            "rules": [{"layers": "-1:", "mode": "dense"}]}  # the paper's hybrid: last layer dense
 
 
-def _tiny_llama(origin="sdpa", seed=0):
+def _tiny_llama(origin="sdpa", seed=0, policy=None):
     import moba_rewrite as mr
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -389,7 +389,7 @@ def _tiny_llama(origin="sdpa", seed=0):
                       tie_word_embeddings=False, attn_implementation=origin)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
-    mr.rewrite(model, _POLICY)
+    mr.rewrite(model, policy or _POLICY)
     modes = [row.decision for row in model._moba_report.rows] if hasattr(model._moba_report, "rows") else None
     return model, modes
 
@@ -534,6 +534,40 @@ def hf_sharded_cache_generate_matches_generate(ctx):
     assert not torch.equal(got_sampled, got), "sampling gave the greedy tokens: the draw was not used"
 
 
+def hf_dense_below_matches_unsharded(ctx):
+    """A policy's `dense_below` holds under context parallelism as in one process: a prefill shorter
+    than it is full attention (it once ran MoBA when sharded), a longer one MoBA; sharded-cache
+    generation decodes densely until the cache holds `dense_below` tokens, then with MoBA, giving the
+    tokens and logits of single-process `generate()`."""
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
+    from moba_rewrite.integrations.hf_cp_generate import generate
+
+    policy = {"version": 1, "defaults": {"mode": "moba", "block_size": 8, "top_k": 2, "dense_below": 128}}
+    model, _ = _tiny_llama("sdpa", policy=policy)
+    model.eval()
+    dense, _ = _tiny_llama("sdpa", policy={"version": 1, "defaults": {"mode": "dense"}})  # same weights
+    gen = torch.Generator().manual_seed(8)
+    for t in (90, 200):  # below and above dense_below
+        ids = torch.randint(0, 96, (1, t), generator=gen)
+        with torch.no_grad():
+            want = model(input_ids=ids, use_cache=False).logits
+            full = dense(input_ids=ids, use_cache=False).logits
+            assert ((want - full).abs().max() < 1e-5) == (t < 128), f"dense_below not applied in one process at {t}"
+            for layout in ("contiguous", "zigzag"):
+                local_ids, pos, seq_len = shard_inputs(model, ids, layout=layout)
+                with context_parallel(model, layout=layout, seq_len=seq_len):
+                    local = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
+                close(f"logits [{t} tokens, {layout}]", unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len),
+                      want)
+    prompt = torch.randint(0, 96, (1, 100), generator=gen)  # the cache crosses 128 while decoding
+    with torch.no_grad():
+        want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    got, logits = generate(model, prompt, max_new_tokens=40, return_logits=True)
+    assert torch.equal(got, want.sequences), (got[:, 100:], want.sequences[:, 100:])
+    close("decode logits", logits, torch.stack(want.logits, dim=1), atol=1e-4)
+
+
 def hf_bad_inputs(ctx):
     """Forgotten position_ids, a 4-D attention mask, a model that was not rewritten: one clear error each."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -638,7 +672,7 @@ SUITES = {
             traffic_only_selected_blocks, traffic_auto_spares_the_owners,
             shard_round_trip,
             bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_eager_encoder_matches_unsharded,
-            hf_padded_batch_matches_unsharded,
+            hf_padded_batch_matches_unsharded, hf_dense_below_matches_unsharded,
             hf_sharded_cache_generate_matches_generate, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,

@@ -126,7 +126,8 @@ class _ShardedAttention:
         scaling = kwargs.get("scaling")
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         decision = getattr(module, "_moba_decision", None)
-        if decision is not None and decision.mode == "moba":
+        keys = self.seq_len if self.seq_len is not None else tq * dist.get_world_size(self.pg)
+        if decision is not None and decision.mode == "moba" and not _dense_below(decision, keys):
             dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)
             problems = hf.unsupported_reasons(query, key, value, None, dropout, module.training, kwargs)
             if not problems:
@@ -160,7 +161,8 @@ class _ShardedAttention:
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         decision = getattr(module, "_moba_decision", None)
         means = None
-        if decision is not None and decision.mode == "moba" and decision.decode != "dense":
+        if (decision is not None and decision.mode == "moba" and decision.decode != "dense"
+                and not _dense_below(decision, self.decode_len)):
             block_size, top_k = int(decision.block_size), int(decision.top_k)
             layer = hf_cache.cache_layer(module, self.decode_cache) if self.decode_cache is not None else None
             if hasattr(layer, "block_means"):  # kept beside the slice, one block refreshed per step
@@ -192,6 +194,13 @@ class _ShardedAttention:
             mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
                 ~mask, torch.finfo(query.dtype).min)
         return hf._dense_call(origin, module, query, k_all, v_all, mask, *args, **kwargs)
+
+
+def _dense_below(decision, keys: int) -> bool:
+    """The policy's `dense_below`: full attention while the whole sequence (or the filled cache)
+    holds fewer keys, exactly as one process decides it (`attention.op.runs_dense`)."""
+    below = int(getattr(decision, "dense_below", None) or 0)
+    return bool(below) and str(decision.backend) != "reference" and keys < below
 
 
 def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool, key_padding: Tensor | None) -> None:
