@@ -568,6 +568,71 @@ def hf_dense_below_matches_unsharded(ctx):
     close("decode logits", logits, torch.stack(want.logits, dim=1), atol=1e-4)
 
 
+def _sliding_model(family: str, window: int | None, origin: str):
+    import moba_rewrite as mr
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                  attn_implementation=origin)
+    torch.manual_seed(0)
+    if family == "mistral":  # every layer a sliding window
+        model = MistralForCausalLM(MistralConfig(sliding_window=window, **common))
+    else:  # Qwen2: layer 0 full attention, layers 1-2 sliding windows
+        model = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=window is not None, sliding_window=window,
+                                             max_window_layers=1, **common))
+    mr.rewrite(model, _POLICY)
+    return model.eval()
+
+
+def hf_sliding_window_matches_unsharded(ctx):
+    """Sliding-window models sharded = their unsharded rewrite: MoBA sites (block 8, top-2) and the
+    dense last layer under the window's mask at global positions; a window shorter than a shard
+    (the local mask shows it) and one longer (it does not: such a run once attended past the window
+    with no error), both layouts, sdpa and eager, a padded batch, Mistral (every layer sliding)
+    and Qwen2 (a full layer first)."""
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
+
+    t = 90
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 96, (2, t), generator=gen)
+    mask = torch.ones(2, t, dtype=torch.long)
+    mask[1, :7] = 0  # left padding in row 1
+    positions = torch.arange(t).expand(2, -1)
+    for family, window, origin in (("mistral", 20, "sdpa"), ("mistral", 60, "sdpa"), ("mistral", 60, "eager"),
+                                   ("qwen2", 28, "sdpa")):
+        model = _sliding_model(family, window, origin)
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            no_window = _sliding_model(family, None, origin)(input_ids=ids, attention_mask=mask,
+                                                              position_ids=positions, use_cache=False).logits
+            real = mask.bool()
+            assert (no_window - want)[real].abs().max() > 1e-3, "the window changes nothing: the test would not see it"
+            for layout in ("contiguous", "zigzag"):
+                local_ids, pos, seq_len = shard_inputs(model, ids, layout=layout)
+                local_mask = shard_attention_mask(model, mask, layout=layout)
+                with context_parallel(model, layout=layout, seq_len=seq_len):
+                    local = model(input_ids=local_ids, position_ids=pos, attention_mask=local_mask,
+                                  use_cache=False).logits
+                got = unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len)
+                close(f"logits [{family} window {window} {origin} {layout}]", got[real], want[real])
+    # gradients: the summed local losses of a sharded step = the whole sequence's loss
+    model = _sliding_model("mistral", 20, "sdpa")
+    weights = torch.randn(2, t, 96, generator=gen) * mask[..., None]
+    (model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits * weights).sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    local_ids, pos, seq_len = shard_inputs(model, ids, layout="zigzag")
+    local_weights = shard_sequence(weights, layout="zigzag", dim=1, block_size=8)
+    with context_parallel(model, layout="zigzag", seq_len=seq_len):
+        local = model(input_ids=local_ids, position_ids=pos, attention_mask=shard_attention_mask(model, mask, layout="zigzag"),
+                      use_cache=False).logits
+        (local * local_weights).sum().backward()
+    for n, p in model.named_parameters():
+        dist.all_reduce(p.grad)
+        close(f"gradient of {n}", p.grad, want_grads[n], atol=1e-4)
+
+
 def hf_bad_inputs(ctx):
     """Forgotten position_ids, a 4-D attention mask, a model that was not rewritten: one clear error each."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -601,6 +666,12 @@ def hf_bad_inputs(ctx):
             assert words in str(e), str(e)
         else:
             raise AssertionError(f"no error naming {words!r}")
+    try:  # sharded-cache decoding of a sliding-window model: one clear error (its prefill is supported)
+        generate(_sliding_model("mistral", 20, "sdpa"), ids[:, :40], max_new_tokens=2)
+    except ValueError as e:
+        assert "sharded-cache decoding does not support sliding windows" in str(e), str(e)
+    else:
+        raise AssertionError("sharded-cache decoding ran a sliding-window model")
     plain = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2))
     try:
@@ -673,10 +744,12 @@ SUITES = {
             shard_round_trip,
             bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_eager_encoder_matches_unsharded,
             hf_padded_batch_matches_unsharded, hf_dense_below_matches_unsharded,
+            hf_sliding_window_matches_unsharded,
             hf_sharded_cache_generate_matches_generate, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,
              decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, hf_sharded_cache_generate_matches_generate,
+             hf_sliding_window_matches_unsharded,
              fsdp2_and_context_parallel_training_step],
 }
 

@@ -79,3 +79,33 @@ def test_without_a_process_group_the_error_says_so():
         moba_attention_cp(q, q, q, block_size=4, top_k=2)
     with pytest.raises(ValueError, match="not initialised"):
         shard_sequence(q)
+
+
+def test_sliding_windows_are_read_from_transformers_mask_functions():
+    """The window of transformers' causal sliding-window mask function (alone or combined with
+    padding) is found; causal, bidirectional-window and chunked functions hold none."""
+    from transformers import masking_utils as mu
+
+    from moba_rewrite.integrations.hf_masks import sliding_window_of
+
+    assert sliding_window_of(mu.sliding_window_causal_mask_function(7)) == 7
+    assert sliding_window_of(mu.and_masks(mu.sliding_window_causal_mask_function(5),
+                                          mu.padding_mask_function(torch.ones(1, 3, dtype=torch.bool)))) == 5
+    assert sliding_window_of(mu.causal_mask_function) is None
+    assert sliding_window_of(mu.sliding_window_bidirectional_mask_function(4)) is None
+    assert sliding_window_of(mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))) is None
+
+
+@pytest.mark.parametrize("reason", ["chunked attention", "a combined mask function (extra and/or masks)",
+                                    "a sliding window"])
+def test_masks_that_cannot_be_sharded_are_one_clear_error(reason):
+    """A kept mask whose meaning a shard's local pattern cannot show whole (a window with no known
+    size among them) is refused, never checked locally and run as plain causal attention."""
+    from moba_rewrite.integrations import hf_cp, hf_masks
+
+    mask = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+    setattr(mask, hf_masks.FULL_REASON, reason)
+    with pytest.raises(ValueError, match="cannot carry across shards"):
+        hf_cp._window("site", mask, {})
+    with pytest.raises(ValueError, match="sliding window of 4 keys but its mask says none"):
+        hf_cp._window("site", None, {"sliding_window": 4})

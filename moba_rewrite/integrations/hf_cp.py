@@ -15,8 +15,10 @@ Training works the same way (FSDP2 on a 2-D mesh with the `cp` dimension as the 
 the loss from the local logits and labels shifted *before* sharding (the models' own `labels=`
 shift would be wrong at shard edges). A padded batch passes its 2-D `attention_mask`, sharded like
 the tokens (`shard_attention_mask`): every site then hides the padding keys of the whole
-sequence, as the unsharded model does. Not supported: other masks (4-D, sliding windows, packed
-sequences), a KV cache from earlier steps (decode); each is one clear error.
+sequence, as the unsharded model does. Causal sliding windows are applied at global positions
+(`hf_masks.SHARDED` keeps each window's mask with its size; docs/CONTEXT_PARALLEL.md). Not
+supported: other masks (4-D, packed sequences, chunked attention), a KV cache from earlier steps
+(decode); each is one clear error.
 """
 
 from __future__ import annotations
@@ -122,7 +124,8 @@ class _ShardedAttention:
             causal = True
         else:  # a materialised mask, checked below to say exactly this
             causal = hf.declared_causal(module, kwargs)
-        _check_mask(name, attention_mask, tq, causal, self.key_padding)
+        window = _window(name, attention_mask, kwargs)
+        _check_mask(name, attention_mask, tq, causal, self.key_padding, window)
         scaling = kwargs.get("scaling")
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         decision = getattr(module, "_moba_decision", None)
@@ -130,6 +133,9 @@ class _ShardedAttention:
         if decision is not None and decision.mode == "moba" and not _dense_below(decision, keys):
             dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)
             problems = hf.unsupported_reasons(query, key, value, None, dropout, module.training, kwargs)
+            if not problems and window is not None:
+                out = self._windowed_moba(query, key, value, decision, scale, window)
+                return out.transpose(1, 2).contiguous(), None
             if not problems:
                 out = moba_attention_cp(query, key, value, group=self.pg, block_size=int(decision.block_size),
                                         top_k=int(decision.top_k), causal=causal, scale=scale,
@@ -140,13 +146,60 @@ class _ShardedAttention:
             if decision.on_unsupported == "error":
                 raise hf.HFUnsupportedError(f"attention site {name!r} cannot run MoBA: {'; '.join(problems)} "
                                             f"(policy on_unsupported: error)")
-        return self._dense(origin, module, query, key, value, causal, scale, *args, **kwargs)
+        return self._dense(origin, module, query, key, value, causal, scale, *args, window=window, **kwargs)
+
+    def _windowed_moba(self, query: Tensor, key: Tensor, value: Tensor, decision, scale: float, window: int) -> Tensor:
+        """MoBA at a causal sliding-window site, as one process computes it with the window's mask.
+
+        K/V are all-gathered (the dense sites' form); each local chunk of queries then runs the MoBA
+        op over the keys from the block that holds its first query's window start to its last real
+        query, with the window's mask at global positions (and the padding keys hidden). Blocks start
+        at global multiples of the block size and the queries are the newest of those keys, so the
+        op's own block, candidates and block means are the ones the whole sequence gives."""
+        from moba_rewrite.attention import op as moba_op
+
+        world, rank = dist.get_world_size(self.pg), dist.get_rank(self.pg)
+        lay = ShardLayout(self.layout, world, query.shape[2])
+        seq_len = self.seq_len if self.seq_len is not None else lay.global_len
+        block_size, top_k = int(decision.block_size), int(decision.top_k)
+        lay.check_blocks(block_size, _WHO)
+        check_call_agreement(_WHO, self.pg, kind="moba", q=query, k=key, block_size=block_size, top_k=top_k,
+                             causal=True, layout=self.layout, seq_len=seq_len, scale=scale,
+                             key_padding=self.key_padding is not None, window=window)
+        k_all, v_all = gather_keys_values(key, value, self.pg, self.layout, _WHO)
+        if self.key_padding is not None and self.global_keys is None:
+            self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
+        c, outs = lay.chunk_len, []
+        b, hq, dv = query.shape[0], query.shape[1], value.shape[-1]
+        for i, chunk in enumerate(lay.chunks(rank)):
+            start, end = chunk * c, min((chunk + 1) * c, seq_len)
+            if end <= start:  # alignment padding only
+                outs.append(query.new_zeros((b, hq, c, dv)))
+                continue
+            first = max(0, (start - window + 1) // block_size * block_size)
+            q_pos = torch.arange(start, end, device=query.device)
+            k_pos = torch.arange(first, end, device=query.device)
+            mask = (k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] - k_pos[None, :] < window)
+            mask = mask[None, None]
+            if self.global_keys is not None:
+                mask = mask & self.global_keys[:, None, None, first:end]
+            out = moba_op.run(query[:, :, i * c:i * c + end - start], k_all[:, :, first:end], v_all[:, :, first:end],
+                              None, mask, block_size, top_k, False, scale, str(decision.backend), 0)
+            if end - start < c:
+                out = torch.cat([out, out.new_zeros((b, hq, c - (end - start), dv))], dim=2)
+            outs.append(out)
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
     def _decode(self, module, name: str, query, key, value, attention_mask, *args, **kwargs):
         """A decode step against this rank's slice of a sharded cache (`moba_decode_cp`); dense sites
         and `decode: dense` policies in the op's dense limit (one block per rank, all selected)."""
         if not hf.declared_causal(module, kwargs):
             raise ValueError(f"{_WHO}: attention site {name!r} is not causal; sharded-cache decoding is for causal LMs")
+        window = hf_masks.window_of(attention_mask)
+        if window is not None or kwargs.get("sliding_window") is not None:
+            raise ValueError(f"{_WHO}: attention site {name!r} has a sliding window of "
+                             f"{window or kwargs.get('sliding_window')} keys; sharded-cache decoding does not support "
+                             f"sliding windows (a sharded prefill does: context_parallel)")
         compact = attention_mask is None or hf_masks.compact_of(attention_mask) is not None
         keys = hf_masks.key_mask(attention_mask) if compact and attention_mask is not None else None
         if not compact or (keys is not None and not bool(keys.all())):  # the padding travels in the cache
@@ -177,14 +230,18 @@ class _ShardedAttention:
                              key_padding_mask=getattr(shared, "key_mask", None))
         return out.transpose(1, 2).contiguous(), None
 
-    def _dense(self, origin, module, query, key, value, causal: bool, scale: float, *args, **kwargs):
-        """The model's own attention function on the whole sequence's K/V, masked at global positions."""
+    def _dense(self, origin, module, query, key, value, causal: bool, scale: float, *args,
+               window: int | None = None, **kwargs):
+        """The model's own attention function on the whole sequence's K/V, masked at global positions
+        (and by a causal sliding window of `window` keys)."""
         lay = ShardLayout(self.layout, dist.get_world_size(self.pg), query.shape[2])
         seq_len = self.seq_len if self.seq_len is not None else lay.global_len
         check_call_agreement(_WHO, self.pg, kind="dense", q=query, k=key, block_size=0, top_k=0, causal=causal,
-                             layout=self.layout, seq_len=seq_len, scale=scale, key_padding=self.key_padding is not None)
+                             layout=self.layout, seq_len=seq_len, scale=scale, key_padding=self.key_padding is not None,
+                             window=window)
         k_all, v_all = gather_keys_values(key, value, self.pg, self.layout, _WHO)
-        mask = visible_keys(lay, dist.get_rank(self.pg), causal=causal, seq_len=seq_len, device=query.device)
+        mask = visible_keys(lay, dist.get_rank(self.pg), causal=causal, seq_len=seq_len, device=query.device,
+                            window=window)
         mask = mask[None, None]
         if self.key_padding is not None:
             if self.global_keys is None:
@@ -203,11 +260,33 @@ def _dense_below(decision, keys: int) -> bool:
     return bool(below) and str(decision.backend) != "reference" and keys < below
 
 
-def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool, key_padding: Tensor | None) -> None:
-    """The model's own (local) mask may only say "causal" (or nothing) and hide the padding keys of
-    the caller's `attention_mask` (`key_padding`, this rank's shard), which the sharded attention
-    applies over the whole sequence: windows and other masks cannot be carried across shards, and
-    ignoring them would change the result."""
+def _window(name: str, mask: Tensor | None, kwargs: dict) -> int | None:
+    """The causal sliding window of this call (`hf_masks.window_of` its mask, checked against the
+    call's own `sliding_window`), None for none; a kept mask of any other kind that its local pattern
+    cannot show whole (chunked attention, packed sequences, a combined mask function) is an error."""
+    window, given = hf_masks.window_of(mask), kwargs.get("sliding_window")
+    reason = hf_masks.full_reason(mask)
+    if window is None and reason and not reason.startswith(_LOCAL_PATTERN_SHOWS):
+        raise ValueError(f"{_WHO}: attention site {name!r} got a mask of {reason}, which context parallelism "
+                         f"cannot carry across shards; it supports causal or full attention, padded batches and "
+                         f"causal sliding windows")
+    if given is not None and (window is None or int(given) != window):
+        raise ValueError(f"{_WHO}: attention site {name!r} asks for a sliding window of {given} keys but its mask "
+                         f"says {'none' if window is None else window}; the window cannot be applied across shards")
+    return window
+
+
+# Kept masks whose whole meaning the local pattern check below sees (a pattern that holds in every
+# shard holds over the whole sequence).
+_LOCAL_PATTERN_SHOWS = ("bidirectional attention", "the model builds on the materialised mask")
+
+
+def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool, key_padding: Tensor | None,
+                window: int | None = None) -> None:
+    """The model's own (local) mask may only say "causal" (or nothing), within a causal sliding window
+    of `window` keys if given, and hide the padding keys of the caller's `attention_mask`
+    (`key_padding`, this rank's shard), which the sharded attention applies over the whole sequence:
+    other masks cannot be carried across shards, and ignoring them would change the result."""
     if mask is None:
         return
     if hf_masks.compact_of(mask) is not None:  # causal AND a key mask
@@ -222,8 +301,10 @@ def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool, key_paddin
                          f"shard_attention_mask)")
     visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     want = torch.ones(t, t, dtype=torch.bool, device=mask.device)
-    if causal:
+    if causal or window is not None:
         want = want.tril()
+    if window is not None:
+        want = want.triu(-(window - 1))
     if key_padding is not None:
         want = want[None, None] & key_padding[:, None, None, :]
     if visible.shape[-2] != t or visible.shape[-1] < t or not torch.equal(visible[..., :t],
@@ -252,10 +333,12 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
     for name, m in _attention_modules(model):
         handles.append(m.register_forward_hook(_went_through(hook, name)))
     previous, hf.CONTEXT_PARALLEL = hf.CONTEXT_PARALLEL, hook
+    sharded, hf_masks.SHARDED = hf_masks.SHARDED, True
     try:
         yield
     finally:
         hf.CONTEXT_PARALLEL = previous
+        hf_masks.SHARDED = sharded
         for h in handles:
             h.remove()
 

@@ -47,6 +47,12 @@ MARK = "_moba_compact"          # attribute of a compact mask: a `Compact`
 DENSE_CACHE = "_moba_dense"     # attribute of a compact mask: the rebuilt original mask
 FULL_REASON = "_moba_full"      # attribute of an original mask we kept: why it was not compacted
 ADDITIVE = "_moba_additive"     # attribute of an eager-origin mask we built: 0 / finfo.min only
+WINDOW = "_moba_window"         # attribute of a kept causal sliding-window mask (while sharded): its window
+
+# Set by `integrations.hf_cp` while a sequence is sharded: a causal sliding-window mask is then always
+# materialised and carries its window, so the sharded attention applies the window at global positions
+# (transformers skips the mask when a shard is no longer than the window, which would hide it).
+SHARDED = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,34 @@ def _parts(fn: Callable, depth: int = 0) -> list[str]:
             if callable(item) and hasattr(item, "__code__"):
                 names += _parts(item, depth + 1)
     return names
+
+
+def sliding_window_of(fn: Callable, depth: int = 0) -> int | None:
+    """The window `W` of transformers' causal sliding-window mask function (a key is visible when
+    `q - W < k <= q`), read from its `sliding_window_overlay` closure; None when `fn` holds none.
+    Eager mode only (plain Python introspection)."""
+    if depth > 3 or torch.compiler.is_compiling():
+        return None
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    if code is not None and getattr(fn, "__qualname__", "").startswith("sliding_window_overlay."):
+        value = dict(zip(code.co_freevars, cells)).get("sliding_window")
+        try:
+            window = value.cell_contents if value is not None else None
+        except ValueError:
+            window = None
+        return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+    for cell in cells:
+        try:
+            content = cell.cell_contents
+        except ValueError:
+            continue
+        for item in content if isinstance(content, (tuple, list)) else (content,):
+            if callable(item) and hasattr(item, "__code__"):
+                found = sliding_window_of(item, depth + 1)
+                if found is not None:
+                    return found
+    return None
 
 
 def _function_name(fn: Callable) -> str:
@@ -156,11 +190,16 @@ def make_mask_function(origin: str) -> Callable:
         mask_function = causal_mask_function if mask_function is None else mask_function
         why = why_not_compact(q_length, kv_length, q_offset, kv_offset, mask_function, kwargs)
         if why:
+            window = sliding_window_of(mask_function) if SHARDED else None
+            if window is not None:
+                kwargs = {**kwargs, "allow_is_causal_skip": False}
             out = _original(origin)(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                                     q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
                                     attention_mask=attention_mask, **kwargs)
             if isinstance(out, Tensor):
                 setattr(out, FULL_REASON, why)
+                if window is not None:
+                    setattr(out, WINDOW, window)
                 if out.dtype.is_floating_point:
                     setattr(out, ADDITIVE, True)  # eager_mask: where(mask, 0, finfo.min)
             return out
@@ -233,6 +272,11 @@ def dense_mask(origin: str, mask: Tensor | None, query: Tensor, key: Tensor, cau
     if info is not None:
         setattr(mask, DENSE_CACHE, out)
     return out
+
+
+def window_of(mask: Any) -> int | None:
+    """The window of a causal sliding-window mask kept while sharded (`SHARDED`), else None."""
+    return getattr(mask, WINDOW, None) if isinstance(mask, Tensor) else None
 
 
 def full_reason(mask: Any) -> str:

@@ -28,12 +28,18 @@ def gather_keys_values(k: Tensor, v: Tensor, pg: dist.ProcessGroup, layout: str,
     return kv[0], kv[1]
 
 
-def visible_keys(lay: ShardLayout, rank: int, *, causal: bool, seq_len: int, device) -> Tensor:
-    """`[T_local, W * T_local]` bool: which keys of the whole sequence each local query may see."""
+def visible_keys(lay: ShardLayout, rank: int, *, causal: bool, seq_len: int, device,
+                 window: int | None = None) -> Tensor:
+    """`[T_local, W * T_local]` bool: which keys of the whole sequence each local query may see
+    (`window`: a causal sliding window, keys with `q - window < k <= q`)."""
     q_pos = lay.positions(rank, device)
     k_pos = torch.arange(lay.global_len, device=device)
     visible = (k_pos < seq_len)[None, :].expand(q_pos.numel(), -1)
-    return visible & (k_pos[None, :] <= q_pos[:, None]) if causal else visible
+    if causal or window is not None:
+        visible = visible & (k_pos[None, :] <= q_pos[:, None])
+    if window is not None:
+        visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
+    return visible
 
 
 def sdpa_cp(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = True, scale: float | None = None,
