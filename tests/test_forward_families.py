@@ -121,3 +121,12 @@ def test_a_logits_view_is_its_own_view():
     assert exportable(view) is view and logits_view(view) is view
     with torch.no_grad():
         torch.testing.assert_close(view(inputs["input_ids"]), model(**inputs).last_hidden_state)
+
+
+def test_a_model_without_logits_or_hidden_states_exports_its_first_output():
+    """DPR returns a pooled embedding only: its logits view returns that (it raised AttributeError)."""
+    from moba_rewrite.exporters.common import exportable
+
+    model, inputs = forward_sweep.zoo_sweep.build("dpr", "DPRQuestionEncoder")
+    with torch.no_grad():
+        torch.testing.assert_close(exportable(model)(inputs["input_ids"]), model(**inputs).pooler_output)

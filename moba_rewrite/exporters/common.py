@@ -3,7 +3,8 @@
 Hugging Face models are exported through `logits_view` (input_ids -> logits, no KV cache,
 an all-ones attention mask so nothing O(T^2) is traced),
 so the exported program, AOTInductor package and ONNX model all take one `input_ids`
-tensor `[batch, seq]` and return one tensor.
+tensor `[batch, seq]` and return one tensor (the logits, else the last hidden state, else the
+model's first output tensor).
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ def _logits_forward(self, input_ids: Tensor) -> Tensor:
     # (packed sequences). Without it, the traced mask would be the full [T, T] packed mask.
     out = super(type(self), self).forward(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                           use_cache=False)
-    logits = getattr(out, "logits", None)
-    return logits if logits is not None else out.last_hidden_state
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if isinstance(value, Tensor):
+            return value
+    return first_tensor(out)  # e.g. DPR's pooler_output, FLAVA's first embedding
 
 
 _VIEW_CLASSES: dict[type, type] = {}
@@ -37,8 +41,8 @@ def logits_view(model: nn.Module) -> nn.Module:
 
     A shallow copy whose class is a subclass of the model's own, so module names in exported
     graphs stay the model's own (`model.layers.0.self_attn`, not `model.model.layers...`) and
-    policy globs mean the same in every format. Base models return the last hidden state.
-    A view is its own view.
+    policy globs mean the same in every format. Base models return the last hidden state, models
+    with neither their first output tensor. A view is its own view.
     """
     cls = type(model)
     if cls in _VIEW_CLASSES.values():
