@@ -130,3 +130,17 @@ def test_a_model_without_logits_or_hidden_states_exports_its_first_output():
     model, inputs = forward_sweep.zoo_sweep.build("dpr", "DPRQuestionEncoder")
     with torch.no_grad():
         torch.testing.assert_close(exportable(model)(inputs["input_ids"]), model(**inputs).pooler_output)
+
+
+def test_onnx_export_of_a_run_time_checked_mask_is_one_clear_error(tmp_path):
+    """LayoutLM builds its float mask outside transformers' mask interface, so the traced rewrite
+    checks the mask's values per call (`moba::attention_checked_mask`), which ONNX cannot express:
+    the export says so in one line instead of the exporter's conversion error."""
+    import moba_rewrite as mr
+    from moba_rewrite.exporters import onnx as mo
+
+    model, inputs = forward_sweep.zoo_sweep.build("layoutlm", "LayoutLMModel")
+    rewritten = mr.rewrite(model, forward_sweep.SPARSE, inputs)
+    with pytest.raises(mo.OnnxExportUnsupported, match="^ONNX export: an attention site gets a float attention mask"):
+        mo.export_onnx(rewritten, (inputs["input_ids"],), tmp_path / "layoutlm.onnx")
+    assert not (tmp_path / "layoutlm.onnx").exists()

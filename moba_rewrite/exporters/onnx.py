@@ -192,9 +192,37 @@ def _moba_translation(q, k, v, attn_mask=None, block_size: int = 512, top_k: int
                                 causal=int(bool(causal)), scale=float(scale), dense_below=int(dense_below))
 
 
+class OnnxExportUnsupported(ValueError):
+    """The rewritten graph holds something ONNX cannot express; the message says what and what to do."""
+
+
+CHECKED_MASK_UNSUPPORTED = (
+    "ONNX export: an attention site gets a float attention mask built outside transformers' mask interface "
+    "(whether it only hides keys or adds a bias is known only at run time, so the rewrite checks its values per "
+    "call, moba::attention_checked_mask), and that check has no ONNX translation; export as pt2 or aoti, or make "
+    "those sites dense in the policy")
+
+
+def _checked_mask_translation(*args, **kwargs):
+    raise OnnxExportUnsupported(CHECKED_MASK_UNSUPPORTED)
+
+
 def translation_table() -> dict:
-    """`custom_translation_table` entry for `torch.onnx.export(dynamo=True)`."""
-    return {torch.ops.moba.attention.default: _moba_translation}
+    """`custom_translation_table` entries for `torch.onnx.export(dynamo=True)`."""
+    import moba_rewrite.attention.checked  # noqa: F401  (registers moba::attention_checked_mask)
+
+    return {torch.ops.moba.attention.default: _moba_translation,
+            torch.ops.moba.attention_checked_mask.default: _checked_mask_translation}
+
+
+def _unsupported_cause(exc: BaseException) -> OnnxExportUnsupported | None:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OnnxExportUnsupported):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 BODIES = ("sparse", "dense")
@@ -258,9 +286,15 @@ def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: st
         seq_dynamic_shapes(args, max_seq=max_seq) if dynamic else None)
     names = [f"input_{i}" for i in range(len(args))]
     with quiet_exporter(), torch.no_grad():
-        program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=translation_table(),
-                                    dynamic_shapes=shapes, opset_version=OPSET_VERSION, input_names=names,
-                                    verbose=False, report=False)
+        try:
+            program = torch.onnx.export(module, args, dynamo=True, custom_translation_table=translation_table(),
+                                        dynamic_shapes=shapes, opset_version=OPSET_VERSION, input_names=names,
+                                        verbose=False, report=False)
+        except Exception as exc:  # the exporter wraps a translation's error in its own
+            cause = _unsupported_cause(exc)
+            if cause is not None:
+                raise OnnxExportUnsupported(str(cause)) from None
+            raise
     proto = program.model_proto
     attach_function(proto, body)
     if proto.ByteSize() > _PROTO_LIMIT:
