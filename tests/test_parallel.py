@@ -109,3 +109,18 @@ def test_masks_that_cannot_be_sharded_are_one_clear_error(reason):
         hf_cp._window("site", mask, {})
     with pytest.raises(ValueError, match="sliding window of 4 keys but its mask says none"):
         hf_cp._window("site", None, {"sliding_window": 4})
+
+
+def test_a_rewrite_with_no_interface_site_is_refused_by_name():
+    """Bloom's hand-written attention stays dense and off the attention interface: context
+    parallelism says so (it used to tell the user to rewrite the model they had rewritten)."""
+    import moba_rewrite as mr
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from moba_rewrite.integrations.hf_cp import context_parallel
+
+    model = mr.rewrite(BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4)),
+                       {"version": 1, "defaults": {"block_size": 4, "top_k": 2}})
+    with pytest.raises(ValueError, match="was rewritten, but none of its attention goes through .*BloomAttention"):
+        with context_parallel(model):
+            pass

@@ -48,6 +48,12 @@ def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def check_rewritten(model: nn.Module) -> None:
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or ""
+    report = getattr(model, "_moba_report", None)
+    if report is not None and not _attention_modules(model):
+        kinds = sorted({row.module_class for row in getattr(report, "rows", [])})
+        raise ValueError(f"{_WHO}: {type(model).__name__} was rewritten, but none of its attention goes through "
+                         f"transformers' attention interface (hand-written: {', '.join(kinds) or 'no sites'}), so "
+                         f"its sequence cannot be sharded")
     if not impl.startswith(hf.IMPL_PREFIX) or not _attention_modules(model):
         raise ValueError(f"{_WHO}: {type(model).__name__} is not a rewritten Hugging Face model (attention "
                          f"implementation {impl!r}); run moba_rewrite.rewrite(model, policy) first")

@@ -1,0 +1,224 @@
+"""Context parallelism through a rewrite, over every causal LM type in transformers' registry.
+
+For every model type in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, built tiny as `generate_sweep.py`
+builds it (`zoo_sweep.tiny_config`, seed 0, SDPA where the model has it) and rewritten sparse
+(block 4, top-2, so the gate chooses), two gloo ranks on this machine run the prefill with the
+sequence sharded (`shard_inputs`, `context_parallel`), in the contiguous and the zigzag layout, on
+one 37-token prompt and on a batch of two whose second row is left-padded by 5 tokens
+(`shard_attention_mask`). The logits at real tokens must equal the unsharded rewrite's run of the
+same inputs and positions (1e-4 of their scale): the shards must see global positions, the
+global masks and every block of the whole sequence, whatever the model does around its attention.
+
+A row per model type: `equal`; `DIFFERS` (a silent difference: what and by how much); `refused`
+(context parallelism raised its own one-line error for something it does not support, named in
+the row: loud, by design); `ERROR` (anything else failed where the unsharded model ran); `skipped`
+(the original cannot be built tiny or run). Each model type runs in two fresh forked ranks with a
+deadline, so a hang or crash is a row, not the end of the sweep.
+
+    python benchmarks/cp_sweep.py                       # every causal LM type (about 15 minutes)
+    python benchmarks/cp_sweep.py --only llama gpt2 opt  # some
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from zoo_sweep import _short, tiny_config  # noqa: E402
+
+SPARSE = {"version": 1, "defaults": {"block_size": 4, "top_k": 2}}
+T, HIDDEN_PAD = 37, 5
+WORLD = 2
+
+
+def _build(model_type: str, class_name: str):
+    """The tiny model (SDPA where it has it); MLA-style models get one kv head per head on a retry."""
+    import transformers
+
+    last = None
+    for fields in ({}, {"num_key_value_heads": 4}):
+        try:
+            cfg = tiny_config(type(transformers.AutoConfig.for_model(model_type)))
+            for key, value in fields.items():
+                setattr(cfg, key, value)
+            torch.manual_seed(0)
+            model = getattr(transformers, class_name)(cfg).eval()
+            try:
+                model.set_attn_implementation("sdpa")
+            except Exception:  # noqa: BLE001 - eager-only models keep it
+                pass
+            vocab = int(getattr(cfg.get_text_config(decoder=True), "vocab_size", 0) or 64)
+            ids = torch.randint(3, max(4, min(vocab, 1000)), (1, T), generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                model(input_ids=ids, position_ids=torch.arange(T)[None], use_cache=False)
+            return model, vocab
+        except Exception as e:  # noqa: BLE001
+            last = e
+    raise last
+
+
+def _error(got: torch.Tensor, want: torch.Tensor) -> float | None:
+    got, want = got.double(), want.double()
+    if got.shape != want.shape:
+        return float("inf")
+    if not torch.equal(got.isnan(), want.isnan()):
+        return float("nan")
+    scale = max(1.0, want.nan_to_num().abs().max().item())
+    worst = (got - want).nan_to_num().abs().max().item() / scale
+    return None if worst <= 1e-4 else worst
+
+
+def _rank(rank: int, port: int, model_type: str, class_name: str, out: str) -> None:
+    """One rank: build, rewrite, run unsharded and sharded, write its findings as JSON."""
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    result: dict = {"status": "equal", "notes": []}
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        import moba_rewrite as mr
+        from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
+        from moba_rewrite.parallel import unshard_sequence
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                                timeout=datetime.timedelta(seconds=60))
+        try:
+            model, vocab = _build(model_type, class_name)
+        except Exception as e:  # noqa: BLE001
+            result.update(status="skipped", notes=[_short(e)])
+            return
+        try:
+            mr.rewrite(model, SPARSE)
+        except Exception as e:  # noqa: BLE001
+            result.update(status="skipped", notes=[f"the rewrite: {_short(e)}"])
+            return
+        moba = sum(row.decision == "moba" for row in model._moba_report.rows)
+        gen = torch.Generator().manual_seed(2)
+        ids = torch.randint(3, max(4, min(vocab, 1000)), (2, T), generator=gen)
+        mask = torch.ones(2, T, dtype=torch.long)
+        mask[1, :HIDDEN_PAD] = 0
+        positions = torch.arange(T).expand(2, -1)
+        for case, batch, batch_mask in (("one prompt", ids[:1], None), ("padded batch", ids, mask)):
+            kw = {} if batch_mask is None else {"attention_mask": batch_mask}
+            with torch.no_grad():
+                try:
+                    want = model(input_ids=batch, position_ids=positions[:batch.shape[0]], use_cache=False, **kw).logits
+                except Exception as e:  # noqa: BLE001
+                    result["notes"].append(f"ok: {case} not checked (the unsharded model: {_short(e)[:80]})")
+                    continue
+                real = torch.ones_like(batch, dtype=torch.bool) if batch_mask is None else batch_mask.bool()
+                for layout in ("contiguous", "zigzag"):
+                    try:
+                        local_ids, pos, seq_len = shard_inputs(model, batch, layout=layout)
+                        local_kw = {} if batch_mask is None else {
+                            "attention_mask": shard_attention_mask(model, batch_mask, layout=layout)}
+                        with context_parallel(model, layout=layout, seq_len=seq_len):
+                            local = model(input_ids=local_ids, position_ids=pos, use_cache=False, **local_kw).logits
+                    except Exception as e:  # noqa: BLE001
+                        text = _short(e)
+                        if "context_parallel:" in text:
+                            result.update(status="refused", notes=[text[text.index("context_parallel:"):][:200]])
+                        else:
+                            result.update(status="ERROR", notes=[f"{case}, {layout}: {text[:200]}"])
+                        return
+                    got = unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len)
+                    err = _error(got[real], want[real])
+                    if err is not None:
+                        result["status"] = "DIFFERS"
+                        result["notes"].append(f"{case}, {layout}: logits differ from the unsharded run by {err:.3g}")
+        result["notes"].append(f"ok: {moba} MoBA site(s)")
+    except Exception as e:  # noqa: BLE001
+        result.update(status="ERROR", notes=[_short(e)[:200]])
+    finally:
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sweep_one(model_type: str, class_name: str, seconds: int) -> tuple[str, str]:
+    """Two forked ranks for one model type; the row's status and detail."""
+    ctx = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory() as out:
+        port = _free_port()
+        procs = [ctx.Process(target=_rank, args=(r, port, model_type, class_name, out)) for r in range(WORLD)]
+        for p in procs:
+            p.start()
+        end = time.monotonic() + seconds
+        for p in procs:
+            p.join(max(0.0, end - time.monotonic()))
+        hung = [p for p in procs if p.is_alive()]
+        for p in hung:
+            p.kill()
+            p.join(5)
+        results = []
+        for r in range(WORLD):
+            path = os.path.join(out, f"rank{r}.json")
+            results.append(json.load(open(path)) if os.path.exists(path) else None)
+    if hung or any(r is None for r in results):
+        return "ERROR", f"a rank hung or died (deadline {seconds} s)"
+    order = ("DIFFERS", "ERROR", "refused", "skipped", "equal")
+    status = min((r["status"] for r in results), key=order.index)
+    notes = list(dict.fromkeys(n for r in results for n in r["notes"]))  # both ranks see the same, mostly
+    return status, "; ".join(notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", help="model types to run (default: every causal LM type)")
+    ap.add_argument("--seconds", type=int, default=120, help="deadline per model type")
+    ap.add_argument("--markdown", help="also write the table here")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    types = sorted((t, c) for t, c in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if hasattr(transformers, c))
+    if args.only:
+        types = [(t, c) for t, c in types if t in args.only]
+    lines = [f"torch {torch.__version__}, transformers {transformers.__version__}; {len(types)} causal LM types, "
+             f"{WORLD} gloo ranks, block 4 / top-2, {T} tokens", "",
+             "| model type | class | result | detail |", "|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    counts: Counter = Counter()
+    start = time.time()
+    for model_type, class_name in types:
+        status, detail = sweep_one(model_type, class_name, args.seconds)
+        counts[status] += 1
+        lines.append(f"| {model_type} | {class_name} | {status} | {detail.replace('|', '/')} |")
+        print(lines[-1], flush=True)
+    tail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + f" ({time.time() - start:.0f} s)"
+    print("\n" + tail)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n\n" + tail + "\n")
+    return 1 if counts["DIFFERS"] or counts["ERROR"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
