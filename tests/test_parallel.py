@@ -124,3 +124,19 @@ def test_a_rewrite_with_no_interface_site_is_refused_by_name():
     with pytest.raises(ValueError, match="was rewritten, but none of its attention goes through .*BloomAttention"):
         with context_parallel(model):
             pass
+
+
+def test_a_model_that_numbers_its_own_positions_is_refused():
+    """BART's causal decoder takes no position_ids (its learned positions come from the input
+    length): sharded, every shard would restart at 0; the cp sweep found its logits 0.64 off."""
+    import moba_rewrite as mr
+    from transformers import BartConfig, BartForCausalLM
+
+    from moba_rewrite.integrations.hf_cp import context_parallel
+
+    cfg = BartConfig(vocab_size=64, d_model=32, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64,
+                     encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, max_position_embeddings=64)
+    model = mr.rewrite(BartForCausalLM(cfg), {"version": 1, "defaults": {"block_size": 4, "top_k": 2}})
+    with pytest.raises(ValueError, match="BartForCausalLM.forward takes no position_ids"):
+        with context_parallel(model):
+            pass

@@ -307,7 +307,8 @@ _HOOK = "_moba_unpacked_hook"
 _CACHE_KWARGS = ("past_key_values", "cache", "cache_position", "position_ids", "attention_mask")
 
 
-def _takes(module: Any, name: str) -> bool:
+def takes_argument(module: Any, name: str) -> bool:
+    """Whether `type(module).forward` names the parameter `name` (not only `**kwargs`)."""
     import inspect
 
     try:
@@ -342,7 +343,8 @@ def _unpacked_hook(module: Any, args: tuple, kwargs: dict):
     ids = kwargs.get("input_ids", args[0] if args else None)
     embeds = kwargs.get("inputs_embeds")
     ref = ids if isinstance(ids, Tensor) else embeds
-    if not isinstance(ref, Tensor) or len(args) > 1 or not _tracing(ref) or not _takes(module, "attention_mask"):
+    if (not isinstance(ref, Tensor) or len(args) > 1 or not _tracing(ref)
+            or not takes_argument(module, "attention_mask")):
         return None
     shape = ref.shape[:2]
     return args, {**kwargs, "attention_mask": torch.ones(shape, dtype=torch.long, device=ref.device)}
@@ -350,5 +352,5 @@ def _unpacked_hook(module: Any, args: tuple, kwargs: dict):
 
 def install_unpacked_hook(model: Any) -> None:
     """Install `_unpacked_hook` on the model (once)."""
-    if getattr(model, _HOOK, None) is None and _takes(model, "position_ids"):
+    if getattr(model, _HOOK, None) is None and takes_argument(model, "position_ids"):
         setattr(model, _HOOK, model.register_forward_pre_hook(_unpacked_hook, with_kwargs=True))
