@@ -140,3 +140,26 @@ def test_a_model_that_numbers_its_own_positions_is_refused():
     with pytest.raises(ValueError, match="BartForCausalLM.forward takes no position_ids"):
         with context_parallel(model):
             pass
+
+
+def test_models_that_mix_tokens_outside_attention_are_refused():
+    """Falcon-H1 runs Mamba mixers beside its attention: a shard would restart their state and their
+    causal convolution at its first token (the cp sweep found the sharded logits 0.0039 off). The
+    layer kinds and the convolutions are named; a plain Llama has none."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cp_sweep
+
+    import moba_rewrite as mr
+    from moba_rewrite.integrations.hf_cp import context_parallel, other_sequence_mixers
+
+    model, _ = cp_sweep._build("falcon_h1", "FalconH1ForCausalLM")
+    mr.rewrite(model, cp_sweep.SPARSE)
+    assert other_sequence_mixers(model) == ["layer types hybrid", "convolutions FalconH1Mixer.conv1d"]
+    with pytest.raises(ValueError, match="mixes tokens outside attention .*FalconH1Mixer.conv1d"):
+        with context_parallel(model):
+            pass
+    llama, _ = cp_sweep._build("llama", "LlamaForCausalLM")
+    assert other_sequence_mixers(llama) == []

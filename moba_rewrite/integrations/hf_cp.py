@@ -62,6 +62,34 @@ def check_rewritten(model: nn.Module) -> None:
     if not impl.startswith(hf.IMPL_PREFIX) or not _attention_modules(model):
         raise ValueError(f"{_WHO}: {type(model).__name__} is not a rewritten Hugging Face model (attention "
                          f"implementation {impl!r}); run moba_rewrite.rewrite(model, policy) first")
+    mixers = other_sequence_mixers(model)
+    if mixers:
+        raise ValueError(f"{_WHO}: {type(model).__name__} mixes tokens outside attention ({'; '.join(mixers)}): "
+                         f"a shard would run those layers on its own tokens only (a recurrent state or a "
+                         f"convolution restarting at every shard), so its sequence cannot be sharded")
+
+
+# Layer kinds (`config.layer_types`) that mix tokens only through attention calls this module shards;
+# any other kind (linear attention, Mamba-attention hybrids, convolutions, ...) is refused.
+_ATTENTION_LAYER_KINDS = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
+
+
+def other_sequence_mixers(model: nn.Module) -> list[str]:
+    """What mixes tokens in `model` besides its attention calls, in words ([] for none): layer kinds
+    other than attention in the text config's `layer_types`, and convolutions over more than one
+    position (Mamba's and gated-delta-net's causal convolutions, short-convolution layers)."""
+    found = []
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    kinds = sorted({str(k) for k in (getattr(text, "layer_types", None) or [])} - _ATTENTION_LAYER_KINDS)
+    if kinds:
+        found.append(f"layer types {', '.join(kinds)}")
+    convs = sorted({f"{type(owner).__name__}.{name}" for owner in model.modules()
+                    for name, child in owner.named_children()
+                    if isinstance(child, nn.modules.conv._ConvNd) and max(child.kernel_size) > 1})
+    if convs:
+        found.append(f"convolutions {', '.join(convs[:3])}{' ...' if len(convs) > 3 else ''}")
+    return found
 
 
 def alignment(model: nn.Module) -> int:
