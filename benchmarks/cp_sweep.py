@@ -40,7 +40,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from zoo_sweep import _short, tiny_config  # noqa: E402
+from zoo_sweep import MAX_PARAMS, _short, tiny_config  # noqa: E402
 
 SPARSE = {"version": 1, "defaults": {"block_size": 4, "top_k": 2}}
 T, HIDDEN_PAD = 37, 5
@@ -57,6 +57,10 @@ def _build(model_type: str, class_name: str):
             cfg = tiny_config(type(transformers.AutoConfig.for_model(model_type)))
             for key, value in fields.items():
                 setattr(cfg, key, value)
+            with torch.device("meta"):
+                params = sum(p.numel() for p in getattr(transformers, class_name)(cfg).parameters())
+            if params > MAX_PARAMS:
+                raise ValueError(f"{params / 1e6:.0f}M parameters after shrinking (limit {MAX_PARAMS / 1e6:.0f}M)")
             torch.manual_seed(0)
             model = getattr(transformers, class_name)(cfg).eval()
             try:
