@@ -76,8 +76,9 @@ _ATTENTION_LAYER_KINDS = {"full_attention", "sliding_attention", "chunked_attent
 
 def other_sequence_mixers(model: nn.Module) -> list[str]:
     """What mixes tokens in `model` besides its attention calls, in words ([] for none): layer kinds
-    other than attention in the text config's `layer_types`, and convolutions over more than one
-    position (Mamba's and gated-delta-net's causal convolutions, short-convolution layers)."""
+    other than attention in the text config's `layer_types`, and 1-D convolutions over more than one
+    position (Mamba's and gated-delta-net's causal convolutions, short-convolution layers; a vision
+    tower's 2-D patch embedding is not one)."""
     found = []
     config = getattr(model, "config", None)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -86,7 +87,7 @@ def other_sequence_mixers(model: nn.Module) -> list[str]:
         found.append(f"layer types {', '.join(kinds)}")
     convs = sorted({f"{type(owner).__name__}.{name}" for owner in model.modules()
                     for name, child in owner.named_children()
-                    if isinstance(child, nn.modules.conv._ConvNd) and max(child.kernel_size) > 1})
+                    if isinstance(child, nn.Conv1d) and child.kernel_size[0] > 1})
     if convs:
         found.append(f"convolutions {', '.join(convs[:3])}{' ...' if len(convs) > 3 else ''}")
     return found
