@@ -69,9 +69,10 @@ def check_rewritten(model: nn.Module) -> None:
                          f"convolution restarting at every shard), so its sequence cannot be sharded")
 
 
-# Layer kinds (`config.layer_types`) that mix tokens only through attention calls this module shards;
-# any other kind (linear attention, Mamba-attention hybrids, convolutions, ...) is refused.
-_ATTENTION_LAYER_KINDS = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
+# Layer kinds (`config.layer_types`) that mix tokens only through attention calls this module shards
+# (or not at all: MLP-only layers); any other kind (linear attention, Mamba-attention hybrids,
+# indexed or compressed attention, convolutions, ...) is refused.
+_ATTENTION_LAYER_KINDS = {"full_attention", "sliding_attention", "chunked_attention", "attention", "mlp", "moe"}
 
 
 def other_sequence_mixers(model: nn.Module) -> list[str]:
