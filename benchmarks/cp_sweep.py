@@ -40,7 +40,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from zoo_sweep import MAX_PARAMS, _short, tiny_config  # noqa: E402
+from zoo_sweep import MAX_PARAMS, _short, finish_table, tiny_config  # noqa: E402
 
 SPARSE = {"version": 1, "defaults": {"block_size": 4, "top_k": 2}}
 T, HIDDEN_PAD = 37, 5
@@ -216,12 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         counts[status] += 1
         lines.append(f"| {model_type} | {class_name} | {status} | {detail.replace('|', '/')} |")
         print(lines[-1], flush=True)
-    tail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + f" ({time.time() - start:.0f} s)"
-    print("\n" + tail)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(lines) + "\n\n" + tail + "\n")
-    return 1 if counts["DIFFERS"] or counts["ERROR"] else 0
+    return finish_table(lines, counts, start, args.markdown)
 
 
 if __name__ == "__main__":

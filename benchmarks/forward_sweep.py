@@ -394,12 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(line)
         print(line, flush=True)
         gc.collect()
-    tail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + f" ({time.time() - start:.0f} s)"
-    print("\n" + tail)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(lines) + "\n\n" + tail + "\n")
-    return 1 if counts["DIFFERS"] or counts["ERROR"] else 0
+    return zoo_sweep.finish_table(lines, counts, start, args.markdown)
 
 
 if __name__ == "__main__":

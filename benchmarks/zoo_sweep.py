@@ -482,3 +482,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def finish_table(lines: list[str], counts: Counter, start: float, markdown: str | None) -> int:
+    """Print a sweep's tally (and write its table to `markdown`); exit status 1 when a row differs or errs."""
+    tail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + f" ({time.time() - start:.0f} s)"
+    print("\n" + tail)
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write("\n".join(lines) + "\n\n" + tail + "\n")
+    return 1 if counts["DIFFERS"] or counts["ERROR"] else 0

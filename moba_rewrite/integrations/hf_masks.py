@@ -36,7 +36,7 @@ read per call: `float_mask_kind` says whether they hold only 0 and huge negative
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -81,12 +81,14 @@ def _statically_equal(a: Any, b: Any) -> bool:
         return False
 
 
-def _parts(fn: Callable, depth: int = 0) -> list[str]:
-    """Qualified names of a mask function and of the functions its closure combines (and_masks,
-    or_masks, ...). Plain Python introspection: eager mode only (the report's discovery)."""
-    names = [getattr(fn, "__qualname__", "") or getattr(fn, "__name__", "")]
-    if depth > 3 or torch.compiler.is_compiling():
-        return names
+def _closure_functions(fn: Callable, depth: int = 0) -> Iterator[Callable]:
+    """`fn` and the functions its closure combines (and_masks, or_masks, overlays, ...), depth
+    first. Plain Python introspection: eager mode only (nothing while compiling)."""
+    if torch.compiler.is_compiling():
+        return
+    yield fn
+    if depth >= 4:
+        return
     for cell in getattr(fn, "__closure__", None) or ():
         try:
             content = cell.cell_contents
@@ -94,35 +96,28 @@ def _parts(fn: Callable, depth: int = 0) -> list[str]:
             continue
         for item in content if isinstance(content, (tuple, list)) else (content,):
             if callable(item) and hasattr(item, "__code__"):
-                names += _parts(item, depth + 1)
-    return names
+                yield from _closure_functions(item, depth + 1)
 
 
-def sliding_window_of(fn: Callable, depth: int = 0) -> int | None:
+def _parts(fn: Callable) -> list[str]:
+    """Qualified names of a mask function and of the functions its closure combines (the report's
+    discovery)."""
+    return [getattr(f, "__qualname__", "") or getattr(f, "__name__", "") for f in _closure_functions(fn)]
+
+
+def sliding_window_of(fn: Callable) -> int | None:
     """The window `W` of transformers' causal sliding-window mask function (a key is visible when
-    `q - W < k <= q`), read from its `sliding_window_overlay` closure; None when `fn` holds none.
-    Eager mode only (plain Python introspection)."""
-    if depth > 3 or torch.compiler.is_compiling():
-        return None
-    code = getattr(fn, "__code__", None)
-    cells = getattr(fn, "__closure__", None) or ()
-    if code is not None and getattr(fn, "__qualname__", "").startswith("sliding_window_overlay."):
-        value = dict(zip(code.co_freevars, cells)).get("sliding_window")
+    `q - W < k <= q`), read from its `sliding_window_overlay` closure; None when `fn` holds none."""
+    for f in _closure_functions(fn):
+        if not getattr(f, "__qualname__", "").startswith("sliding_window_overlay."):
+            continue
+        cell = dict(zip(f.__code__.co_freevars, f.__closure__ or ())).get("sliding_window")
         try:
-            window = value.cell_contents if value is not None else None
+            window = cell.cell_contents if cell is not None else None
         except ValueError:
             window = None
-        return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
-    for cell in cells:
-        try:
-            content = cell.cell_contents
-        except ValueError:
-            continue
-        for item in content if isinstance(content, (tuple, list)) else (content,):
-            if callable(item) and hasattr(item, "__code__"):
-                found = sliding_window_of(item, depth + 1)
-                if found is not None:
-                    return found
+        if isinstance(window, int) and not isinstance(window, bool) and window > 0:
+            return window
     return None
 
 
