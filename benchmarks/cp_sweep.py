@@ -2,7 +2,7 @@
 
 For every model type in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, built tiny as `generate_sweep.py`
 builds it (`zoo_sweep.tiny_config`, seed 0, SDPA where the model has it) and rewritten sparse
-(block 4, top-2, so the gate chooses), two gloo ranks on this machine run the prefill with the
+(block 4, top-2, so the gate chooses; sliding windows cut to 8 tokens), two gloo ranks on this machine run the prefill with the
 sequence sharded (`shard_inputs`, `context_parallel`), in the contiguous and the zigzag layout, on
 one 37-token prompt and on a batch of two whose second row is left-padded by 5 tokens
 (`shard_attention_mask`). The logits at real tokens must equal the unsharded rewrite's run of the
@@ -44,6 +44,7 @@ from zoo_sweep import MAX_PARAMS, _short, finish_table, tiny_config  # noqa: E40
 
 SPARSE = {"version": 1, "defaults": {"block_size": 4, "top_k": 2}}
 T, HIDDEN_PAD = 37, 5
+WINDOW = 8  # sliding windows, where a model has them
 WORLD = 2
 
 
@@ -57,6 +58,9 @@ def _build(model_type: str, class_name: str):
             cfg = tiny_config(type(transformers.AutoConfig.for_model(model_type)))
             for key, value in fields.items():
                 setattr(cfg, key, value)
+            for sub in {id(c): c for c in (cfg, cfg.get_text_config(decoder=True))}.values():
+                if isinstance(getattr(sub, "sliding_window", None), int) and sub.sliding_window > WINDOW:
+                    sub.sliding_window = WINDOW  # shorter than a shard, so that windows cross shards
             with torch.device("meta"):
                 params = sum(p.numel() for p in getattr(transformers, class_name)(cfg).parameters())
             if params > MAX_PARAMS:

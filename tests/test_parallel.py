@@ -163,3 +163,19 @@ def test_models_that_mix_tokens_outside_attention_are_refused():
             pass
     llama, _ = cp_sweep._build("llama", "LlamaForCausalLM")
     assert other_sequence_mixers(llama) == []
+
+
+@pytest.mark.parametrize("model_type,class_name", [("gemma2", "Gemma2ForCausalLM"), ("gpt2", "GPT2LMHeadModel"),
+                                                   ("cohere2", "Cohere2ForCausalLM")])
+def test_cp_sweep_rows(model_type, class_name):
+    """Rows of `benchmarks/cp_sweep.py` (two forked gloo ranks, both layouts, one prompt and a padded
+    batch, sharded logits = unsharded): Gemma 2 (alternating sliding windows, soft-capped dense
+    sites), GPT-2 (learned absolute positions), Cohere 2 (sliding windows, no RoPE on full layers)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cp_sweep
+
+    status, detail = cp_sweep.sweep_one(model_type, class_name, 120)
+    assert status == "equal", detail
