@@ -17,6 +17,7 @@ deadline, so a hang or crash is a row, not the end of the sweep.
 
     python benchmarks/cp_sweep.py                       # every causal LM type (about 15 minutes)
     python benchmarks/cp_sweep.py --only llama gpt2 opt  # some
+    python benchmarks/cp_sweep.py --world 4              # four ranks (shorter shards, more boundaries)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from zoo_sweep import MAX_PARAMS, _short, finish_table, tiny_config  # noqa: E40
 SPARSE = {"version": 1, "defaults": {"block_size": 4, "top_k": 2}}
 T, HIDDEN_PAD = 37, 5
 WINDOW = 8  # sliding windows, where a model has them
-WORLD = 2
+WORLD = 2  # ranks (--world)
 
 
 def _build(model_type: str, class_name: str):
@@ -92,7 +93,7 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> float | None:
     return None if worst <= 1e-4 else worst
 
 
-def _rank(rank: int, port: int, model_type: str, class_name: str, out: str) -> None:
+def _rank(rank: int, world: int, port: int, model_type: str, class_name: str, out: str) -> None:
     """One rank: build, rewrite, run unsharded and sharded, write its findings as JSON."""
     import torch.distributed as dist
 
@@ -107,7 +108,7 @@ def _rank(rank: int, port: int, model_type: str, class_name: str, out: str) -> N
         from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
         from moba_rewrite.parallel import unshard_sequence
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
         try:
             model, vocab = _build(model_type, class_name)
@@ -169,12 +170,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def sweep_one(model_type: str, class_name: str, seconds: int) -> tuple[str, str]:
-    """Two forked ranks for one model type; the row's status and detail."""
+def sweep_one(model_type: str, class_name: str, seconds: int, world: int = WORLD) -> tuple[str, str]:
+    """`world` forked ranks for one model type; the row's status and detail."""
     ctx = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory() as out:
         port = _free_port()
-        procs = [ctx.Process(target=_rank, args=(r, port, model_type, class_name, out)) for r in range(WORLD)]
+        procs = [ctx.Process(target=_rank, args=(r, world, port, model_type, class_name, out)) for r in range(world)]
         for p in procs:
             p.start()
         end = time.monotonic() + seconds
@@ -185,7 +186,7 @@ def sweep_one(model_type: str, class_name: str, seconds: int) -> tuple[str, str]
             p.kill()
             p.join(5)
         results = []
-        for r in range(WORLD):
+        for r in range(world):
             path = os.path.join(out, f"rank{r}.json")
             results.append(json.load(open(path)) if os.path.exists(path) else None)
     if hung or any(r is None for r in results):
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="model types to run (default: every causal LM type)")
     ap.add_argument("--seconds", type=int, default=120, help="deadline per model type")
+    ap.add_argument("--world", type=int, default=WORLD, help="gloo ranks (2)")
     ap.add_argument("--markdown", help="also write the table here")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -210,13 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         types = [(t, c) for t, c in types if t in args.only]
     lines = [f"torch {torch.__version__}, transformers {transformers.__version__}; {len(types)} causal LM types, "
-             f"{WORLD} gloo ranks, block 4 / top-2, {T} tokens", "",
+             f"{args.world} gloo ranks, block 4 / top-2, {T} tokens", "",
              "| model type | class | result | detail |", "|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     counts: Counter = Counter()
     start = time.time()
     for model_type, class_name in types:
-        status, detail = sweep_one(model_type, class_name, args.seconds)
+        status, detail = sweep_one(model_type, class_name, args.seconds, args.world)
         counts[status] += 1
         lines.append(f"| {model_type} | {class_name} | {status} | {detail.replace('|', '/')} |")
         print(lines[-1], flush=True)
