@@ -1,9 +1,10 @@
 """Context parallelism through a rewrite, over every causal LM type in transformers' registry.
 
 For every model type in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, built tiny as `generate_sweep.py`
-builds it (`zoo_sweep.tiny_config`, seed 0, SDPA where the model has it) and rewritten sparse
-(block 4, top-2, so the gate chooses; sliding windows cut to 8 tokens), two gloo ranks on this machine run the prefill with the
-sequence sharded (`shard_inputs`, `context_parallel`), in the contiguous and the zigzag layout, on
+builds it (`zoo_sweep.tiny_config`, seed 0, SDPA where the model has it; sliding windows cut to 8
+tokens so that they cross shards) and rewritten sparse (block 4, top-2, so the gate chooses), two
+gloo ranks (`--world`) on this machine run the prefill with the sequence sharded
+(`shard_inputs`, `context_parallel`), in the contiguous and the zigzag layout, on
 one 37-token prompt and on a batch of two whose second row is left-padded by 5 tokens
 (`shard_attention_mask`). The logits at real tokens must equal the unsharded rewrite's run of the
 same inputs and positions (1e-4 of their scale): the shards must see global positions, the
