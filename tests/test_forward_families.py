@@ -132,15 +132,33 @@ def test_a_model_without_logits_or_hidden_states_exports_its_first_output():
         torch.testing.assert_close(exportable(model)(inputs["input_ids"]), model(**inputs).pooler_output)
 
 
-def test_onnx_export_of_a_run_time_checked_mask_is_one_clear_error(tmp_path):
+def test_onnx_of_a_run_time_checked_mask_equals_the_eager_rewrite(tmp_path):
     """LayoutLM builds its float mask outside transformers' mask interface, so the traced rewrite
-    checks the mask's values per call (`moba::attention_checked_mask`), which ONNX cannot express:
-    the export says so in one line instead of the exporter's conversion error."""
+    reads the mask's values per call (`moba::attention_checked_mask`): in ONNX the node reads its bias
+    the same way (`hidden_at`), and onnxruntime gives the eager rewrite's outputs (the export failed
+    before). With `on_unsupported: error`, which a graph cannot raise, the export refuses in one line."""
     import moba_rewrite as mr
     from moba_rewrite.exporters import onnx as mo
+    from moba_rewrite.exporters.common import exportable
 
     model, inputs = forward_sweep.zoo_sweep.build("layoutlm", "LayoutLMModel")
-    rewritten = mr.rewrite(model, forward_sweep.SPARSE, inputs)
-    with pytest.raises(mo.OnnxExportUnsupported, match="^ONNX export: an attention site gets a float attention mask"):
-        mo.export_onnx(rewritten, (inputs["input_ids"],), tmp_path / "layoutlm.onnx")
-    assert not (tmp_path / "layoutlm.onnx").exists()
+    ids = inputs["input_ids"]
+    rewritten = mr.rewrite(copy.deepcopy(model), forward_sweep.SPARSE, inputs)
+    proto = mo.export_onnx(rewritten, (ids,), tmp_path / "layoutlm.onnx")
+    nodes = mo.moba_nodes(proto)
+    assert len(nodes) == 2 and all(
+        onnx_attr(n, "hidden_at") == torch.finfo(torch.float32).min / 2 for n in nodes)
+    with torch.no_grad():
+        want = exportable(rewritten)(ids)
+    got = torch.as_tensor(mo.run_onnxruntime(tmp_path / "layoutlm.onnx", (ids,))[0])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    strict = {"version": 1, "defaults": {**forward_sweep.SPARSE["defaults"], "on_unsupported": "error"}}
+    with pytest.raises(mo.OnnxExportUnsupported, match="^ONNX export: attention site .*on_unsupported: error"):
+        mo.export_onnx(mr.rewrite(copy.deepcopy(model), strict, inputs), (ids,), tmp_path / "strict.onnx")
+    assert not (tmp_path / "strict.onnx").exists()
+
+
+def onnx_attr(node, name):
+    import onnx
+
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)

@@ -105,6 +105,7 @@ def _single_node_model(body: str, *, block_size: int, top_k: int, causal: bool, 
     """One `com.moba_rewrite::Attention` node on graph inputs q, k, v, bias (float32, any shape)."""
     h = onnx.helper
     attributes.setdefault("dense_below", 0)  # the exporter always writes it
+    attributes.setdefault("hidden_at", 0.0)
     inputs = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("q", "k", "v", "bias")]
     node = h.make_node(mo.OP_NAME, ["q", "k", "v", "bias"], ["out"], domain=mo.DOMAIN, block_size=block_size,
                        top_k=top_k, causal=int(causal), scale=scale, **attributes)
@@ -221,3 +222,29 @@ def test_dense_below_computes_full_attention_below_it(body):
                                    dense_below=dense_below)
         got = torch.from_numpy(_session(model).run(None, feeds)[0])
         assert max_abs_diff(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("body", mo.BODIES)
+def test_a_checked_bias_is_read_as_the_checked_op_reads_it(body):
+    """`hidden_at < 0` (a float mask whose values only the run shows, `moba::attention_checked_mask`):
+    a mask of 0 and finfo.min is visibility (MoBA over the visible keys, finfo.min included in what
+    hides), any other value is a real bias (full attention with it added, as the original site)."""
+    from moba_rewrite.attention import checked
+
+    q, k, v, *_ = _case_inputs((1, 2, 2, 24, 24, 8, 4, 2, False, None), seed=5)
+    lo = torch.finfo(torch.float32).min
+    causal = torch.ones(24, 24, dtype=torch.bool).tril()
+    visibility = torch.zeros(1, 1, 24, 24).masked_fill(~causal, lo)
+    real_bias = torch.randn(1, 1, 24, 24, generator=torch.Generator().manual_seed(6)).masked_fill(~causal, lo)
+    model = _single_node_model(body, block_size=4, top_k=2, causal=False, scale=0.3, hidden_at=lo / 2)
+    session = _session(model)
+    for mask in (visibility, real_bias):
+        want = checked.attention_checked_mask(q, k, v, mask, 4, 2, 0.3, "reference")
+        got = torch.from_numpy(session.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(),
+                                                  "bias": mask.numpy()})[0])
+        assert max_abs_diff(got, want) < 1e-5
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=real_bias, scale=0.3)
+    assert max_abs_diff(checked.attention_checked_mask(q, k, v, real_bias, 4, 2, 0.3, "reference"), dense) < 1e-5
+    sparse = checked.attention_checked_mask(q, k, v, visibility, 4, 2, 0.3, "reference")
+    assert max_abs_diff(sparse, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal,
+                                                                                 scale=0.3)) > 1e-3

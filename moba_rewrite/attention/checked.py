@@ -6,7 +6,8 @@ Where that can only be known at run time (a traced graph fed a float mask it did
 this op reads the values on every call: a visibility mask runs MoBA with it (as boolean,
 `causal=False`: the mask holds causality itself), anything else runs full attention with the
 mask added, i.e. what the original attention site computes. One opaque node, so torch.compile
-and torch.export keep one graph. (Not translated to ONNX.)
+and torch.export keep one graph; in ONNX it becomes the MoBA node with `hidden_at` set, whose
+bodies read the bias the same way (`exporters.onnx`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,11 @@ Node contract (what a native kernel must implement):
   is turned into 0 / -inf, an absent mask is the scalar 0);
 - attributes: `block_size` (int), `top_k` (int, counts the own block), `causal` (int 0/1),
   `scale` (float), `dense_below` (int, default 0: full attention, i.e. every block selected,
-  when `Tk < dense_below`; the policy key of that name);
+  when `Tk < dense_below`; the policy key of that name), `hidden_at` (float, default 0: off;
+  negative: the bias is a float mask whose kind only its values tell, as
+  `moba::attention_checked_mask` reads it: if every value is 0 or <= `hidden_at`, those values
+  hide keys and the node is MoBA over the rest; otherwise it is a real bias and the node computes
+  full attention with it added, what the original site computes);
 - output: `[B, Hq, Tq, Dv]` in q's dtype. Gate and softmax are computed in fp32.
 
 Dense attention sites are left to torch's own exporter (standard attention ops). The export
@@ -57,12 +61,20 @@ _BOOL = 9  # onnx.TensorProto.BOOL
 
 @onnxscript.script(moba_opset, default_opset=op)
 def AttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale: float,  # noqa: N802
-                  dense_below: int):
+                  dense_below: int, hidden_at: float):
     """MoBA (SPEC section 2) on q [B,Hq,Tq,D], k [B,Hkv,Tk,D], v [B,Hkv,Tk,Dv], additive mask `bias`."""
     qf = op.Cast(q, to=1)
     kf = op.Cast(k, to=1)
     vf = op.Cast(v, to=1)
     biasf = op.Cast(bias, to=1)
+    # A mask read as `moba::attention_checked_mask` reads it (hidden_at < 0): 0 and values <= hidden_at
+    # only: a visibility mask (those values hide keys); any other value: a real bias, full attention.
+    hidden_at_c = op.Constant(value_float=hidden_at)
+    check_on = op.Less(hidden_at_c, op.Constant(value_float=0.0))
+    hidden_here = op.LessOrEqual(biasf, hidden_at_c)
+    other = op.Not(op.Or(op.Equal(biasf, op.Constant(value_float=0.0)), hidden_here))
+    real_bias = op.And(check_on, op.Greater(op.ReduceMax(op.Cast(other, to=1), keepdims=0), op.Constant(value_float=0.0)))
+    biasf = op.Where(op.And(op.And(check_on, op.Not(real_bias)), hidden_here), op.Constant(value_float=float("-inf")), biasf)
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)
     ninf = op.Constant(value_float=float("-inf"))
@@ -116,7 +128,7 @@ def AttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale
     # Selection: own block plus the top_k - 1 best candidates (fewer if fewer exist); every
     # block below `dense_below` keys (full attention).
     n_pick = op.Min(op.Sub(op.Constant(value_int=top_k), one), n_blocks)
-    n_pick = op.Where(op.Less(tk, op.Constant(value_int=dense_below)), n_blocks, n_pick)
+    n_pick = op.Where(op.Or(op.Less(tk, op.Constant(value_int=dense_below)), real_bias), n_blocks, n_pick)
     k_topk = op.Reshape(op.Max(n_pick, one), op.Constant(value_ints=[1]))
     scores_gate = op.Where(candidate, gate, ninf)
     values, index = op.TopK(scores_gate, k_topk, axis=-1)
@@ -167,7 +179,9 @@ def _register_schema() -> None:
                     attr("causal", at.INT, "1: causal MoBA"),
                     attr("scale", at.FLOAT, "softmax scale"),
                     attr("dense_below", onnx.helper.make_attribute("dense_below", 0),
-                         "full attention when Tk < dense_below (0: never)")],
+                         "full attention when Tk < dense_below (0: never)"),
+                    attr("hidden_at", onnx.helper.make_attribute("hidden_at", 0.0),
+                         "< 0: read the bias as a checked mask (module docstring); 0: off")],
     )
     defs.register_schema(schema)
 
@@ -189,22 +203,34 @@ def _moba_translation(q, k, v, attn_mask=None, block_size: int = 512, top_k: int
                       causal: bool = True, scale: float = 1.0, backend: str = "auto", dense_below: int = 0):
     """Translate one `moba::attention` call into a `com.moba_rewrite::Attention` node."""
     return moba_opset.Attention(q, k, v, additive_bias(attn_mask, q), block_size=int(block_size), top_k=int(top_k),
-                                causal=int(bool(causal)), scale=float(scale), dense_below=int(dense_below))
+                                causal=int(bool(causal)), scale=float(scale), dense_below=int(dense_below),
+                                hidden_at=0.0)
 
 
 class OnnxExportUnsupported(ValueError):
     """The rewritten graph holds something ONNX cannot express; the message says what and what to do."""
 
 
-CHECKED_MASK_UNSUPPORTED = (
-    "ONNX export: an attention site gets a float attention mask built outside transformers' mask interface "
-    "(whether it only hides keys or adds a bias is known only at run time, so the rewrite checks its values per "
-    "call, moba::attention_checked_mask), and that check has no ONNX translation; export as pt2 or aoti, or make "
-    "those sites dense in the policy")
+_HIDDEN_AT = {  # onnx_ir data type name -> finfo(dtype).min / 2, the checked op's threshold for "hidden"
+    "FLOAT": torch.finfo(torch.float32).min / 2, "FLOAT16": torch.finfo(torch.float16).min / 2,
+    "BFLOAT16": torch.finfo(torch.bfloat16).min / 2, "DOUBLE": torch.finfo(torch.float64).min / 2,
+}
 
 
-def _checked_mask_translation(*args, **kwargs):
-    raise OnnxExportUnsupported(CHECKED_MASK_UNSUPPORTED)
+def _checked_mask_translation(q, k, v, attn_mask, block_size: int = 512, top_k: int = 3, scale: float = 1.0,
+                              backend: str = "auto", dense_below: int = 0, site: str = ""):
+    """Translate `moba::attention_checked_mask` (a float mask whose values are read per call) into an
+    Attention node that reads its bias the same way (`hidden_at`: MoBA under a visibility mask, full
+    attention with a real bias added)."""
+    if site:
+        raise OnnxExportUnsupported(
+            f"ONNX export: attention site {site!r} has a float mask checked per call and the policy's "
+            f"on_unsupported: error, which an ONNX graph cannot raise at run time; use on_unsupported: dense "
+            f"(a real bias then runs full attention, as the original) or export as pt2 or aoti")
+    dtype = getattr(getattr(attn_mask, "dtype", None), "name", "FLOAT")
+    return moba_opset.Attention(q, k, v, op.CastLike(attn_mask, q), block_size=int(block_size), top_k=int(top_k),
+                                causal=0, scale=float(scale), dense_below=int(dense_below),
+                                hidden_at=float(_HIDDEN_AT.get(dtype, _HIDDEN_AT["FLOAT"])))
 
 
 def translation_table() -> dict:

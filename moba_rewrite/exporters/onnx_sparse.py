@@ -32,13 +32,21 @@ CHUNK = 64  # pairs per scored chunk: [CHUNK, D] @ [D, block_size] per chunk
 
 @onnxscript.script(moba_opset, default_opset=op)
 def SparseAttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int, scale: float,  # noqa: N802
-                        dense_below: int):
+                        dense_below: int, hidden_at: float):
     """MoBA (SPEC section 2) on q [B,Hq,Tq,D], k [B,Hkv,Tk,D], v [B,Hkv,Tk,Dv], additive mask `bias` (see
     module doc); output [B,Hq,Tq,Dv]."""
     qf = op.Cast(q, to=1)
     kf = op.Cast(k, to=1)
     vf = op.Cast(v, to=1)
     biasf = op.Cast(bias, to=1)
+    # A mask read as `moba::attention_checked_mask` reads it (hidden_at < 0): 0 and values <= hidden_at
+    # only: a visibility mask (those values hide keys); any other value: a real bias, full attention.
+    hidden_at_c = op.Constant(value_float=hidden_at)
+    check_on = op.Less(hidden_at_c, op.Constant(value_float=0.0))
+    hidden_here = op.LessOrEqual(biasf, hidden_at_c)
+    other = op.Not(op.Or(op.Equal(biasf, op.Constant(value_float=0.0)), hidden_here))
+    real_bias = op.And(check_on, op.Greater(op.ReduceMax(op.Cast(other, to=1), keepdims=0), op.Constant(value_float=0.0)))
+    biasf = op.Where(op.And(op.And(check_on, op.Not(real_bias)), hidden_here), op.Constant(value_float=float("-inf")), biasf)
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)
     zero1 = op.Constant(value_ints=[0])
@@ -101,7 +109,7 @@ def SparseAttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int,
                       op.And(op.Not(is_causal), op.Not(op.Equal(blocks_row, own))))  # [Tq, nb]
     candidate = op.And(op.And(candidate, block_seen), op.Not(op.IsNaN(gate)))  # [B,Hq,Tq,nb]
     n_pick = op.Min(op.Sub(op.Constant(value_int=top_k), one), nb)
-    n_pick = op.Where(op.Less(tk, op.Constant(value_int=dense_below)), nb, n_pick)  # full attention below it
+    n_pick = op.Where(op.Or(op.Less(tk, op.Constant(value_int=dense_below)), real_bias), nb, n_pick)  # full attention
     kk = op.Reshape(op.Max(n_pick, one), one1)
     picked_score, picked = op.TopK(op.Where(candidate, gate, ninf), kk, axis=-1)  # [B,Hq,Tq,kk]
     picked_ok = op.And(op.Greater(picked_score, ninf), op.Greater(n_pick, zero))
