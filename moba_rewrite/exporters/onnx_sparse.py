@@ -41,12 +41,15 @@ def SparseAttentionBody(q, k, v, bias, block_size: int, top_k: int, causal: int,
     biasf = op.Cast(bias, to=1)
     # A mask read as `moba::attention_checked_mask` reads it (hidden_at < 0): 0 and values <= hidden_at
     # only: a visibility mask (those values hide keys); any other value: a real bias, full attention.
+    # (The same lines open both bodies: an onnxscript function cannot call a Python helper.)
     hidden_at_c = op.Constant(value_float=hidden_at)
     check_on = op.Less(hidden_at_c, op.Constant(value_float=0.0))
     hidden_here = op.LessOrEqual(biasf, hidden_at_c)
     other = op.Not(op.Or(op.Equal(biasf, op.Constant(value_float=0.0)), hidden_here))
-    real_bias = op.And(check_on, op.Greater(op.ReduceMax(op.Cast(other, to=1), keepdims=0), op.Constant(value_float=0.0)))
-    biasf = op.Where(op.And(op.And(check_on, op.Not(real_bias)), hidden_here), op.Constant(value_float=float("-inf")), biasf)
+    any_other = op.Greater(op.ReduceMax(op.Cast(other, to=1), keepdims=0), op.Constant(value_float=0.0))
+    real_bias = op.And(check_on, any_other)
+    hide = op.And(op.And(check_on, op.Not(real_bias)), hidden_here)
+    biasf = op.Where(hide, op.Constant(value_float=float("-inf")), biasf)
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)
     zero1 = op.Constant(value_ints=[0])
