@@ -179,3 +179,26 @@ def test_cp_sweep_rows(model_type, class_name):
 
     status, detail = cp_sweep.sweep_one(model_type, class_name, 120)
     assert status == "equal", detail
+
+
+def test_while_sharded_every_kept_mask_is_materialised_with_its_reason():
+    """Transformers skips a sliding-window or chunked mask a shard cannot tell from causal (fewer
+    tokens than the window, no padding): while sharded, the MoBA mask function keeps it with its
+    reason (and window), so every rank sees the same kind of mask and refuses or windows alike (a
+    padded row on one rank only once made that rank alone refuse while the others waited)."""
+    from transformers import masking_utils as mu
+
+    from moba_rewrite.integrations import hf_masks
+
+    mask_fn = hf_masks.make_mask_function("sdpa")
+    kw = dict(batch_size=1, q_length=8, kv_length=8, attention_mask=torch.ones(1, 8, dtype=torch.bool),
+              local_size=16, device="cpu")
+    window, chunked = mu.sliding_window_causal_mask_function(16), mu.chunked_causal_mask_function(16, torch.zeros(1))
+    assert mask_fn(mask_function=window, **kw) is None and mask_fn(mask_function=chunked, **kw) is None
+    previous, hf_masks.SHARDED = hf_masks.SHARDED, True
+    try:
+        kept = mask_fn(mask_function=window, **kw)
+        assert hf_masks.full_reason(kept) == "a sliding window" and hf_masks.window_of(kept) == 16
+        assert hf_masks.full_reason(mask_fn(mask_function=chunked, **kw)) == "chunked attention"
+    finally:
+        hf_masks.SHARDED = previous

@@ -49,9 +49,10 @@ FULL_REASON = "_moba_full"      # attribute of an original mask we kept: why it 
 ADDITIVE = "_moba_additive"     # attribute of an eager-origin mask we built: 0 / finfo.min only
 WINDOW = "_moba_window"         # attribute of a kept causal sliding-window mask (while sharded): its window
 
-# Set by `integrations.hf_cp` while a sequence is sharded: a causal sliding-window mask is then always
-# materialised and carries its window, so the sharded attention applies the window at global positions
-# (transformers skips the mask when a shard is no longer than the window, which would hide it).
+# Set by `integrations.hf_cp` while a sequence is sharded: a mask that cannot be compacted is then always
+# materialised with its reason (a causal sliding window also with its window), so the sharded attention
+# applies the window at global positions and every rank sees the same kind of mask (transformers skips
+# a mask when a shard is no longer than the window or has no padding, which would hide it on some ranks).
 SHARDED = False
 
 
@@ -186,8 +187,8 @@ def make_mask_function(origin: str) -> Callable:
         why = why_not_compact(q_length, kv_length, q_offset, kv_offset, mask_function, kwargs)
         if why:
             window = sliding_window_of(mask_function) if SHARDED else None
-            if window is not None:
-                kwargs = {**kwargs, "allow_is_causal_skip": False}
+            if SHARDED:  # every rank keeps the mask and its reason, whatever its own tokens are (padding
+                kwargs = {**kwargs, "allow_is_causal_skip": False}  # on one rank only), so all refuse alike
             out = _original(origin)(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                                     q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
                                     attention_mask=attention_mask, **kwargs)
