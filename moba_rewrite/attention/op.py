@@ -82,6 +82,12 @@ def _backward(ctx, grad_out):
 attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+def dense_by_policy(backend: str, keys: int, dense_below: int) -> bool:
+    """The policy's `dense_below` asks for full attention: fewer keys than it. Never for the
+    `reference` backend (the oracle)."""
+    return backend != "reference" and keys < dense_below
+
+
 def runs_dense(backend: str, q: Tensor, k: Tensor, block_size: int, top_k: int, dense_below: int) -> bool:
     """Whether a call computes full attention: MoBA equals it (every block selected, which holds
     for finite q and k: a NaN or infinite gate score leaves a block unselected, SPEC 2.4), or the
@@ -89,7 +95,7 @@ def runs_dense(backend: str, q: Tensor, k: Tensor, block_size: int, top_k: int, 
     if backend == "reference":
         return False
     tk = k.shape[2]
-    if tk < dense_below:
+    if dense_by_policy(backend, tk, dense_below):
         return True
     return dense.covers_all_blocks(tk, block_size, top_k) and _finite(q, k)
 

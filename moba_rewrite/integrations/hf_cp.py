@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moba_rewrite.attention import op as moba_op
 from moba_rewrite.integrations import hf, hf_cache, hf_masks
 from moba_rewrite.parallel import moba_attention_cp, moba_decode_cp, shard_sequence
 from moba_rewrite.parallel.attention import check_key_padding
@@ -171,7 +172,8 @@ class _ShardedAttention:
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         decision = getattr(module, "_moba_decision", None)
         keys = self.seq_len if self.seq_len is not None else tq * dist.get_world_size(self.pg)
-        if decision is not None and decision.mode == "moba" and not _dense_below(decision, keys):
+        if decision is not None and decision.mode == "moba" and not moba_op.dense_by_policy(
+                str(decision.backend), keys, _dense_below(decision)):
             dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)
             problems = hf.unsupported_reasons(query, key, value, None, dropout, module.training, kwargs)
             if not problems and window is not None:
@@ -197,8 +199,6 @@ class _ShardedAttention:
         query, with the window's mask at global positions (and the padding keys hidden). Blocks start
         at global multiples of the block size and the queries are the newest of those keys, so the
         op's own block, candidates and block means are the ones the whole sequence gives."""
-        from moba_rewrite.attention import op as moba_op
-
         world, rank = dist.get_world_size(self.pg), dist.get_rank(self.pg)
         lay = ShardLayout(self.layout, world, query.shape[2])
         seq_len = self.seq_len if self.seq_len is not None else lay.global_len
@@ -256,7 +256,7 @@ class _ShardedAttention:
         decision = getattr(module, "_moba_decision", None)
         means = None
         if (decision is not None and decision.mode == "moba" and decision.decode != "dense"
-                and not _dense_below(decision, self.decode_len)):
+                and not self.decode_len < _dense_below(decision)):  # as hf_cache decides a cached call
             block_size, top_k = int(decision.block_size), int(decision.top_k)
             layer = hf_cache.cache_layer(module, self.decode_cache) if self.decode_cache is not None else None
             if hasattr(layer, "block_means"):  # kept beside the slice, one block refreshed per step
@@ -294,11 +294,9 @@ class _ShardedAttention:
         return hf._dense_call(origin, module, query, k_all, v_all, mask, *args, **kwargs)
 
 
-def _dense_below(decision, keys: int) -> bool:
-    """The policy's `dense_below`: full attention while the whole sequence (or the filled cache)
-    holds fewer keys, exactly as one process decides it (`attention.op.runs_dense`)."""
-    below = int(getattr(decision, "dense_below", None) or 0)
-    return bool(below) and str(decision.backend) != "reference" and keys < below
+def _dense_below(decision) -> int:
+    """The policy's `dense_below` (0 for none)."""
+    return int(getattr(decision, "dense_below", None) or 0)
 
 
 def _window(name: str, mask: Tensor | None, kwargs: dict) -> int | None:
