@@ -42,6 +42,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from forward_sweep import _error as scaled_error  # noqa: E402
 from zoo_sweep import MAX_PARAMS, _short, finish_table, tiny_config  # noqa: E402
 
 SPARSE = {"version": 1, "defaults": {"block_size": 4, "top_k": 2}}
@@ -81,17 +82,6 @@ def _build(model_type: str, class_name: str):
         except Exception as e:  # noqa: BLE001
             last = e
     raise last
-
-
-def _error(got: torch.Tensor, want: torch.Tensor) -> float | None:
-    got, want = got.double(), want.double()
-    if got.shape != want.shape:
-        return float("inf")
-    if not torch.equal(got.isnan(), want.isnan()):
-        return float("nan")
-    scale = max(1.0, want.nan_to_num().abs().max().item())
-    worst = (got - want).nan_to_num().abs().max().item() / scale
-    return None if worst <= 1e-4 else worst
 
 
 def _rank(rank: int, world: int, port: int, model_type: str, class_name: str, out: str) -> None:
@@ -151,7 +141,7 @@ def _rank(rank: int, world: int, port: int, model_type: str, class_name: str, ou
                             result.update(status="ERROR", notes=[f"{case}, {layout}: {text[:200]}"])
                         return
                     got = unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len)
-                    err = _error(got[real], want[real])
+                    err = scaled_error([got[real]], [want[real]])
                     if err is not None:
                         result["status"] = "DIFFERS"
                         result["notes"].append(f"{case}, {layout}: logits differ from the unsharded run by {err:.3g}")
