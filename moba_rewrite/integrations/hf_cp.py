@@ -36,7 +36,7 @@ from moba_rewrite.integrations import hf, hf_cache, hf_masks
 from moba_rewrite.parallel import moba_attention_cp, moba_decode_cp, shard_sequence
 from moba_rewrite.parallel.attention import check_key_padding
 from moba_rewrite.parallel.shipping import check_mode
-from moba_rewrite.parallel.dense import gather_keys_values, visible_keys
+from moba_rewrite.parallel.dense import gather_keys_values, in_causal_window, visible_keys
 from moba_rewrite.parallel.groups import check_call_agreement, resolve_group
 from moba_rewrite.parallel.layout import ShardLayout, check_layout, chunks_per_rank, gather_key_mask
 
@@ -220,8 +220,7 @@ class _ShardedAttention:
             first = max(0, (start - window + 1) // block_size * block_size)
             q_pos = torch.arange(start, end, device=query.device)
             k_pos = torch.arange(first, end, device=query.device)
-            mask = (k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] - k_pos[None, :] < window)
-            mask = mask[None, None]
+            mask = in_causal_window(q_pos, k_pos, window)[None, None]
             if self.global_keys is not None:
                 mask = mask & self.global_keys[:, None, None, first:end]
             out = moba_op.run(query[:, :, i * c:i * c + end - start], k_all[:, :, first:end], v_all[:, :, first:end],

@@ -28,6 +28,12 @@ def gather_keys_values(k: Tensor, v: Tensor, pg: dist.ProcessGroup, layout: str,
     return kv[0], kv[1]
 
 
+def in_causal_window(q_pos: Tensor, k_pos: Tensor, window: int) -> Tensor:
+    """`[len(q_pos), len(k_pos)]` bool: key at or before the query and within its causal sliding
+    window (transformers' `q - window < k <= q`)."""
+    return (k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] - k_pos[None, :] < window)
+
+
 def visible_keys(lay: ShardLayout, rank: int, *, causal: bool, seq_len: int, device,
                  window: int | None = None) -> Tensor:
     """`[T_local, W * T_local]` bool: which keys of the whole sequence each local query may see
@@ -35,11 +41,9 @@ def visible_keys(lay: ShardLayout, rank: int, *, causal: bool, seq_len: int, dev
     q_pos = lay.positions(rank, device)
     k_pos = torch.arange(lay.global_len, device=device)
     visible = (k_pos < seq_len)[None, :].expand(q_pos.numel(), -1)
-    if causal or window is not None:
-        visible = visible & (k_pos[None, :] <= q_pos[:, None])
     if window is not None:
-        visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
-    return visible
+        return visible & in_causal_window(q_pos, k_pos, window)
+    return visible & (k_pos[None, :] <= q_pos[:, None]) if causal else visible
 
 
 def sdpa_cp(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = True, scale: float | None = None,
