@@ -16,9 +16,15 @@ the row: loud, by design); `ERROR` (anything else failed where the unsharded mod
 (the original cannot be built tiny or run). Each model type runs in two fresh forked ranks with a
 deadline, so a hang or crash is a row, not the end of the sweep.
 
+With `--generate` each model type instead decodes 10 greedy tokens with its KV cache sharded
+(`hf_cp_generate.generate`: the prompt prefilled under context parallelism, every decode step
+against the sharded cache), one prompt and the left-padded batch; tokens and logits must equal
+single-process `generate()` of the same rewritten model.
+
     python benchmarks/cp_sweep.py                       # every causal LM type (about 15 minutes)
     python benchmarks/cp_sweep.py --only llama gpt2 opt  # some
     python benchmarks/cp_sweep.py --world 4              # four ranks (shorter shards, more boundaries)
+    python benchmarks/cp_sweep.py --generate             # sharded-cache decoding (hf_cp_generate) vs generate()
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ SPARSE = {"version": 1, "defaults": {"block_size": 4, "top_k": 2}}
 T, HIDDEN_PAD = 37, 5
 WINDOW = 8  # sliding windows, where a model has them
 WORLD = 2  # ranks (--world)
+NEW = 10  # new tokens (--generate)
 
 
 def _build(model_type: str, class_name: str):
@@ -84,8 +91,10 @@ def _build(model_type: str, class_name: str):
     raise last
 
 
-def _rank(rank: int, world: int, port: int, model_type: str, class_name: str, out: str) -> None:
-    """One rank: build, rewrite, run unsharded and sharded, write its findings as JSON."""
+def _rank(rank: int, world: int, port: int, model_type: str, class_name: str, out: str,
+          generate: bool = False) -> None:
+    """One rank: build, rewrite, run unsharded and sharded (the prefill, or with `generate` the
+    sharded-cache decoding), write its findings as JSON."""
     import torch.distributed as dist
 
     warnings.filterwarnings("ignore")
@@ -117,6 +126,11 @@ def _rank(rank: int, world: int, port: int, model_type: str, class_name: str, ou
         mask = torch.ones(2, T, dtype=torch.long)
         mask[1, :HIDDEN_PAD] = 0
         positions = torch.arange(T).expand(2, -1)
+        if generate:
+            _check_generate(model, ids, mask, result)
+            if result["status"] == "equal":
+                result["notes"].append(f"ok: {moba} MoBA site(s)")
+            return
         for case, batch, batch_mask in (("one prompt", ids[:1], None), ("padded batch", ids, mask)):
             kw = {} if batch_mask is None else {"attention_mask": batch_mask}
             with torch.no_grad():
@@ -155,18 +169,54 @@ def _rank(rank: int, world: int, port: int, model_type: str, class_name: str, ou
             dist.destroy_process_group()
 
 
+def _check_generate(model, ids, mask, result: dict) -> None:
+    """Sharded-cache decoding (`hf_cp_generate.generate`, NEW greedy tokens) against single-process
+    `generate()` of the same rewritten model: the same tokens, logits within 1e-4 of their scale."""
+    from moba_rewrite.integrations.hf_cp_generate import generate
+
+    for case, batch, batch_mask in (("one prompt", ids[:1], torch.ones_like(ids[:1])), ("padded batch", ids, mask)):
+        with torch.no_grad():
+            try:
+                want = model.generate(batch, attention_mask=batch_mask, max_new_tokens=NEW, do_sample=False,
+                                      output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+            except Exception as e:  # noqa: BLE001
+                result["notes"].append(f"ok: {case} not checked (generate(): {_short(e)[:80]})")
+                continue
+        try:
+            got, logits = generate(model, batch, attention_mask=batch_mask, max_new_tokens=NEW, return_logits=True)
+        except Exception as e:  # noqa: BLE001
+            text = _short(e)
+            for who in ("hf_cp.generate:", "context_parallel:", "moba_decode_cp:"):
+                if who in text:
+                    result.update(status="refused", notes=[text[text.index(who):][:200]])
+                    return
+            result.update(status="ERROR", notes=[f"{case}: {text[:200]}"])
+            return
+        expected = torch.stack(want.logits, dim=1).float()
+        n = min(logits.shape[1], expected.shape[1])
+        err = scaled_error([logits[:, :n]], [expected[:, :n]])
+        if not torch.equal(got, want.sequences) or err is not None:
+            first = (got[:, T:] != want.sequences[:, T:]).any(0).nonzero() if got.shape == want.sequences.shape \
+                else None
+            where = f"first different token at step {int(first[0])}" if first is not None and len(first) else \
+                "the same tokens"
+            result["status"] = "DIFFERS"
+            result["notes"].append(f"{case}: {where}; logits differ by {err if err is not None else 0:.3g}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def sweep_one(model_type: str, class_name: str, seconds: int, world: int = WORLD) -> tuple[str, str]:
+def sweep_one(model_type: str, class_name: str, seconds: int, world: int = WORLD,
+              generate: bool = False) -> tuple[str, str]:
     """`world` forked ranks for one model type; the row's status and detail."""
     ctx = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory() as out:
         port = _free_port()
-        procs = [ctx.Process(target=_rank, args=(r, world, port, model_type, class_name, out)) for r in range(world)]
+        procs = [ctx.Process(target=_rank, args=(r, world, port, model_type, class_name, out, generate)) for r in range(world)]
         for p in procs:
             p.start()
         end = time.monotonic() + seconds
@@ -193,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="model types to run (default: every causal LM type)")
     ap.add_argument("--seconds", type=int, default=120, help="deadline per model type")
     ap.add_argument("--world", type=int, default=WORLD, help="gloo ranks (2)")
+    ap.add_argument("--generate", action="store_true",
+                    help=f"check sharded-cache decoding ({NEW} greedy tokens) against generate() instead of the prefill")
     ap.add_argument("--markdown", help="also write the table here")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -203,13 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         types = [(t, c) for t, c in types if t in args.only]
     lines = [f"torch {torch.__version__}, transformers {transformers.__version__}; {len(types)} causal LM types, "
-             f"{args.world} gloo ranks, block 4 / top-2, {T} tokens", "",
+             f"{args.world} gloo ranks, block 4 / top-2, {T} tokens"
+             + (f", sharded-cache decoding of {NEW} tokens vs generate()" if args.generate else ", the prefill"), "",
              "| model type | class | result | detail |", "|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     counts: Counter = Counter()
     start = time.time()
     for model_type, class_name in types:
-        status, detail = sweep_one(model_type, class_name, args.seconds, args.world)
+        status, detail = sweep_one(model_type, class_name, args.seconds, args.world, args.generate)
         counts[status] += 1
         lines.append(f"| {model_type} | {class_name} | {status} | {detail.replace('|', '/')} |")
         print(lines[-1], flush=True)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from moba_rewrite.attention import moba_attention
 from moba_rewrite.attention.block_means import key_block_means
-from moba_rewrite.parallel import (ContextParallelError, moba_attention_cp, moba_decode_cp, record_traffic,
+from moba_rewrite.parallel import (ContextParallelError, moba_attention_cp, moba_decode_cp, record_traffic, sdpa_decode_cp,
                                    sdpa_cp, shard_sequence, unshard_sequence)
 
 TIMEOUT_S = 30  # the group's timeout: a dead peer becomes an error, never a hang
@@ -240,7 +240,9 @@ def dense_sdpa_cp_matches_whole_sequence(ctx):
 def decode_against_a_sharded_cache(ctx):
     """`moba_decode_cp` equals `moba_attention` on the filled cache: one and three new tokens, the
     newest on the last or on an earlier rank (later ranks empty), GQA, top_k 1; with means the caller
-    keeps (NaN past the filled blocks); a padded batch's key mask (also in the dense limit)."""
+    keeps (NaN past the filled blocks); a padded batch's key mask (also in the dense limit).
+    `sdpa_decode_cp` equals SDPA on the filled cache, with and without a sliding window and padding,
+    and written-out attention with soft-capping and sinks."""
     s_cap, bs = 32, 8
     cap = s_cap * ctx.world
     q_all, k, v = _qkv(2, 4, 2, cap, 16, 14)
@@ -277,6 +279,40 @@ def decode_against_a_sharded_cache(ctx):
                            enable_gqa=True, key_padding_mask=keys[:, mine])  # the dense limit, masked
     close("decode, key padding, dense limit", dense, torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=keys[:, None, None, :], enable_gqa=True))
+    # the dense counterpart: full causal attention, within a sliding window crossing ranks, padded
+    positions = torch.arange(cap)
+    for seq_len, tq, window, padded in ((cap - 5, 1, None, False), (cap - 5, 3, 13, True), (s_cap + 3, 2, 40, False),
+                                        (s_cap + 3, 1, 1, True), (20, 1, 7, False)):
+        q = q_all[:, :, seq_len - tq:seq_len]
+        q_pos, k_pos = positions[seq_len - tq:seq_len], positions[:seq_len]
+        visible = (k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] - k_pos[None, :] < (window or cap))
+        visible = visible[None, None] & (keys[:, None, None, :seq_len] if padded else True)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :seq_len], v[:, :, :seq_len],
+                                                                attn_mask=visible, enable_gqa=True)
+        got = sdpa_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=seq_len, enable_gqa=True, window=window,
+                             key_padding_mask=keys[:, mine] if padded else None)
+        close(f"sdpa_decode_cp [seq_len={seq_len} Tq={tq} window={window} padded={padded}]", got, want)
+    # soft-capping (Gemma 2) and sinks (gpt-oss), written out as transformers' eager functions do
+    seq_len, tq, window = cap - 3, 2, 21
+    q = q_all[:, :, seq_len - tq:seq_len]
+    sinks = torch.linspace(-1.0, 2.0, q.shape[1])
+    q_pos, k_pos = positions[seq_len - tq:seq_len], positions[:seq_len]
+    visible = (k_pos[None, :] <= q_pos[:, None]) & (q_pos[:, None] - k_pos[None, :] < window)
+    scores = q @ k[:, :, :seq_len].repeat_interleave(2, 1).transpose(-1, -2) * q.shape[-1] ** -0.5
+    scores = (torch.tanh(scores / 3.0) * 3.0).masked_fill(~visible, float("-inf"))
+    for with_sinks in (False, True):
+        logits = torch.cat([scores, sinks.view(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1) if with_sinks else scores
+        weights = torch.softmax(logits, -1)[..., :seq_len]
+        want = weights @ v[:, :, :seq_len].repeat_interleave(2, 1)
+        got = sdpa_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=seq_len, enable_gqa=True, window=window,
+                             softcap=3.0, sinks=sinks if with_sinks else None)
+        close(f"sdpa_decode_cp, soft-capped, sinks={with_sinks}", got, want)
+    try:
+        sdpa_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=20, enable_gqa=True, window=0)
+    except ValueError as e:
+        assert "window must be a positive integer" in str(e), str(e)
+    else:
+        raise AssertionError("window=0 was accepted")
     try:
         moba_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=20, block_size=bs, top_k=3, enable_gqa=True,
                        key_block_means=torch.zeros(2, 2, 3, 16))
@@ -590,7 +626,7 @@ def hf_sliding_window_matches_unsharded(ctx):
     dense last layer under the window's mask at global positions; a window shorter than a shard
     (the local mask shows it) and one longer (it does not: such a run once attended past the window
     with no error), both layouts, sdpa and eager, a padded batch, Mistral (every layer sliding)
-    and Qwen2 (a full layer first)."""
+    and Qwen2 (a full layer first); sharded-cache generation of both = single-process `generate()`."""
     from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
 
     t = 90
@@ -616,6 +652,19 @@ def hf_sliding_window_matches_unsharded(ctx):
                                   use_cache=False).logits
                 got = unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len)
                 close(f"logits [{family} window {window} {origin} {layout}]", got[real], want[real])
+    # sharded-cache decoding: the windows (20 and 28 keys) cross ranks; generate() decodes the
+    # sliding layers densely in their window (their cache drops MoBA's blocks), the full layer with MoBA
+    from moba_rewrite.integrations.hf_cp_generate import generate
+
+    for family, window in (("mistral", 20), ("qwen2", 28)):
+        model = _sliding_model(family, window, "sdpa")
+        prompt, prompt_mask = ids[:, :40], mask[:, :40]
+        with torch.no_grad():
+            want = model.generate(prompt, attention_mask=prompt_mask, max_new_tokens=14, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        got, logits = generate(model, prompt, attention_mask=prompt_mask, max_new_tokens=14, return_logits=True)
+        assert torch.equal(got, want.sequences), (family, got[:, 40:], want.sequences[:, 40:])
+        close(f"decode logits [{family} window {window}]", logits, torch.stack(want.logits, dim=1), atol=1e-4)
     # gradients: the summed local losses of a sharded step = the whole sequence's loss
     model = _sliding_model("mistral", 20, "sdpa")
     weights = torch.randn(2, t, 96, generator=gen) * mask[..., None]
@@ -666,12 +715,16 @@ def hf_bad_inputs(ctx):
             assert words in str(e), str(e)
         else:
             raise AssertionError(f"no error naming {words!r}")
-    try:  # sharded-cache decoding of a sliding-window model: one clear error (its prefill is supported)
-        generate(_sliding_model("mistral", 20, "sdpa"), ids[:, :40], max_new_tokens=2)
+    # a window whose cache layer keeps every key (so one process decodes MoBA under the window's
+    # mask, which the sharded cache does not do): one clear error
+    odd = _sliding_model("mistral", 20, "sdpa")
+    odd.config.layer_types = ["full_attention"] * odd.config.num_hidden_layers
+    try:
+        generate(odd, ids[:, :40], max_new_tokens=2)
     except ValueError as e:
-        assert "sharded-cache decoding does not support sliding windows" in str(e), str(e)
+        assert "decodes MoBA under a sliding window of 20 keys" in str(e), str(e)
     else:
-        raise AssertionError("sharded-cache decoding ran a sliding-window model")
+        raise AssertionError("sharded-cache decoding ran MoBA under a window it does not apply")
     plain = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2))
     try:

@@ -165,18 +165,24 @@ def test_models_that_mix_tokens_outside_attention_are_refused():
     assert other_sequence_mixers(llama) == []
 
 
-@pytest.mark.parametrize("model_type,class_name", [("gemma2", "Gemma2ForCausalLM")])
-def test_cp_sweep_rows(model_type, class_name):
-    """A row of `benchmarks/cp_sweep.py` (two forked gloo ranks, both layouts, one prompt and a padded
-    batch, sharded logits = unsharded): Gemma 2 (alternating sliding windows of 8 tokens crossing
-    shards, soft-capped attention kept dense)."""
+@pytest.mark.parametrize("model_type,class_name,generate", [
+    ("gemma2", "Gemma2ForCausalLM", False), ("gemma2", "Gemma2ForCausalLM", True),
+    ("moshi", "MoshiForCausalLM", True), ("gpt_oss", "GptOssForCausalLM", True)])
+def test_cp_sweep_rows(model_type, class_name, generate):
+    """A row of `benchmarks/cp_sweep.py` (two forked gloo ranks, one prompt and a padded batch):
+    the prefill in both layouts (sharded logits = unsharded), or with `generate` sharded-cache
+    decoding (tokens and logits = single-process `generate()`). Gemma 2: alternating sliding windows
+    of 8 tokens crossing shards, soft-capped attention kept dense (decoded densely with the cap);
+    Moshi: a causal mask but a sliding-window cache in `generate()`, so one process decodes over the
+    window only (sharded decoding once attended every key: tokens differed from step 1); gpt-oss:
+    attention sinks and sliding windows in decoding."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import cp_sweep
 
-    status, detail = cp_sweep.sweep_one(model_type, class_name, 120)
+    status, detail = cp_sweep.sweep_one(model_type, class_name, 120, generate=generate)
     assert status == "equal", detail
 
 

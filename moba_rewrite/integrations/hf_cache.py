@@ -206,22 +206,35 @@ def _before_update(module: nn.Module, cache: Any, layer_idx: int, new_keys: Tens
 
 def sliding_note(module: nn.Module) -> str:
     """The report's words for a site whose cache layer is a sliding window (else "")."""
-    kind = None
+    if sliding_cache_window(module) is None:
+        return ""
+    return ("; sliding-window cache: calls after the prefill (decode, chunked prefill) run the original dense "
+            "attention over the window, which drops the keys MoBA's blocks need")
+
+
+_SLIDING_KINDS = ("sliding_attention", "chunked_attention", "hybrid_sliding")
+
+
+def sliding_cache_window(module: nn.Module) -> int | None:
+    """The window of the sliding cache layer `generate()` gives this attention module (it keeps the
+    last `window - 1` tokens, so a decode step sees `window` keys), None for a layer that keeps every
+    key. Read from transformers' layer types and kwargs of the module's config; the module's own
+    `sliding_window` where the config names none."""
+    kind, window = None, None
     config, idx = getattr(module, "config", None), getattr(module, "layer_idx", None)
     if config is not None and isinstance(idx, int):
         try:
             from transformers.cache_utils import get_layer_types_and_kwargs
 
-            kinds = get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0]
-            kind = kinds[idx] if idx < len(kinds) else None
+            kinds, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+            if idx < len(kinds):
+                kind, window = kinds[idx], kwargs[idx].get("sliding_window")
         except Exception:  # configs that do not describe their layers: fall back to the module
             kind = None
-    if kind is None and getattr(module, "sliding_window", None) is None:
-        return ""
-    if kind is not None and kind not in ("sliding_attention", "chunked_attention", "hybrid_sliding"):
-        return ""
-    return ("; sliding-window cache: calls after the prefill (decode, chunked prefill) run full attention, "
-            "the window drops the keys MoBA's blocks need")
+    if kind is not None and kind not in _SLIDING_KINDS:
+        return None
+    window = window if window is not None else getattr(module, "sliding_window", None)
+    return int(window) if window is not None else None
 
 
 _KINDS: tuple[type, type] | None = None

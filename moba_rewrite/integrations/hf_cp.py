@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from moba_rewrite.attention import op as moba_op
 from moba_rewrite.integrations import hf, hf_cache, hf_masks
-from moba_rewrite.parallel import moba_attention_cp, moba_decode_cp, shard_sequence
+from moba_rewrite.parallel import moba_attention_cp, moba_decode_cp, sdpa_decode_cp, shard_sequence
 from moba_rewrite.parallel.attention import check_key_padding
 from moba_rewrite.parallel.shipping import check_mode
 from moba_rewrite.parallel.dense import gather_keys_values, in_causal_window, visible_keys
@@ -144,7 +144,7 @@ class _ShardedAttention:
         # cache (its layers keep their slices' block means).
         self.decode_len: int | None = None
         self.decode_cache = None
-        self.decode_check = True  # run moba_decode_cp's all-ranks-agree check (the first step checks)
+        self.decode_check = True  # run the decode ops' all-ranks-agree check (the first step checks)
         self.custom_positions = False  # hf_cp_generate's padded-batch prefill: position_ids are the caller's
 
     def start_forward(self, key_padding: Tensor | None) -> None:
@@ -231,43 +231,58 @@ class _ShardedAttention:
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
     def _decode(self, module, name: str, query, key, value, attention_mask, *args, **kwargs):
-        """A decode step against this rank's slice of a sharded cache (`moba_decode_cp`); dense sites
-        and `decode: dense` policies in the op's dense limit (one block per rank, all selected)."""
+        """A decode step against this rank's slice of a sharded cache: `moba_decode_cp` at MoBA sites,
+        `sdpa_decode_cp` at dense sites, `decode: dense` policies and sites whose cache layer in
+        `generate()` is a sliding window (it keeps the last `window` keys only, so one process decodes
+        them densely over that window: `hf_cache`), whatever their mask says."""
         if not hf.declared_causal(module, kwargs):
             raise ValueError(f"{_WHO}: attention site {name!r} is not causal; sharded-cache decoding is for causal LMs")
-        window = hf_masks.window_of(attention_mask)
-        if window is not None or kwargs.get("sliding_window") is not None:
-            raise ValueError(f"{_WHO}: attention site {name!r} has a sliding window of "
-                             f"{window or kwargs.get('sliding_window')} keys; sharded-cache decoding does not support "
-                             f"sliding windows (a sharded prefill does: context_parallel)")
-        compact = attention_mask is None or hf_masks.compact_of(attention_mask) is not None
-        keys = hf_masks.key_mask(attention_mask) if compact and attention_mask is not None else None
-        if not compact or (keys is not None and not bool(keys.all())):  # the padding travels in the cache
-            raise ValueError(f"{_WHO}: attention site {name!r} got a mask other than plain causal attention during "
-                             f"sharded-cache decoding (padding, a sliding window?); not supported")
+        window = _window(name, attention_mask, kwargs)
+        _check_decode_mask(name, attention_mask, query.shape[2], self.decode_len, window)
         dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)
-        problems = hf.unsupported_reasons(query, key, value, None, dropout, module.training, kwargs)
+        # soft-capping and sinks: MoBA cannot (one process runs the original attention), the dense op can
+        dense_only = {k: kwargs[k] for k in _DENSE_DECODE_KWARGS if kwargs.get(k) is not None}
+        problems = hf.unsupported_reasons(query, key, value, None, dropout, module.training,
+                                          {k: v for k, v in kwargs.items() if k not in dense_only})
         if problems:
             raise ValueError(f"{_WHO}: attention site {name!r} cannot decode against a sharded cache: "
                              f"{'; '.join(problems)}")
         scaling = kwargs.get("scaling")
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         decision = getattr(module, "_moba_decision", None)
+        padding = getattr(getattr(self.decode_cache, "shared", None), "key_mask", None)
+        gqa = query.shape[1] != key.shape[1]
+        moba = (decision is not None and decision.mode == "moba" and decision.decode != "dense"
+                and not self.decode_len < _dense_below(decision))  # as hf_cache decides a cached call
+        if moba and dense_only:
+            if decision.on_unsupported == "error":
+                raise hf.HFUnsupportedError(f"attention site {name!r} cannot run MoBA: "
+                                            f"{'; '.join(hf.unsupported_reasons(query, key, value, None, 0.0, False, dense_only))}"
+                                            f" (policy on_unsupported: error)")
+            moba = False
+        kept = hf_cache.sliding_cache_window(module)  # generate()'s cache layer keeps only this window
+        if kept is not None:  # one process decodes densely over what that layer holds (and the mask's window)
+            window, moba = min(kept, window or kept), False
+        elif moba and window is not None:
+            raise ValueError(f"{_WHO}: attention site {name!r} decodes MoBA under a sliding window of {window} keys "
+                             f"(its cache layer in generate() keeps every key); sharded-cache decoding does not "
+                             f"support that")
+        if not moba:
+            sinks = dense_only.get("s_aux", dense_only.get("sinks"))
+            out = sdpa_decode_cp(query, key, value, seq_len=self.decode_len, group=self.pg, scale=scale,
+                                 enable_gqa=gqa, window=window, softcap=dense_only.get("softcap"), sinks=sinks,
+                                 check_ranks=self.decode_check, key_padding_mask=padding)
+            return out.transpose(1, 2).contiguous(), None
+        block_size, top_k = int(decision.block_size), int(decision.top_k)
         means = None
-        if (decision is not None and decision.mode == "moba" and decision.decode != "dense"
-                and not self.decode_len < _dense_below(decision)):  # as hf_cache decides a cached call
-            block_size, top_k = int(decision.block_size), int(decision.top_k)
-            layer = hf_cache.cache_layer(module, self.decode_cache) if self.decode_cache is not None else None
-            if hasattr(layer, "block_means"):  # kept beside the slice, one block refreshed per step
-                s_cap, rank = key.shape[2], dist.get_rank(self.pg)
-                means = layer.block_means(block_size, min(max(self.decode_len - rank * s_cap, 0), s_cap))
-        else:  # exact full attention: one block per rank, every block a candidate
-            block_size, top_k = key.shape[2], dist.get_world_size(self.pg) + 1
-        shared = getattr(self.decode_cache, "shared", None)
+        layer = hf_cache.cache_layer(module, self.decode_cache) if self.decode_cache is not None else None
+        if hasattr(layer, "block_means") and layer.keys is key:  # kept beside the slice, one block refreshed per
+            # step (a model that reshapes the cached keys before attending, e.g. MLA or JetMoe, gets them computed)
+            s_cap, rank = key.shape[2], dist.get_rank(self.pg)
+            means = layer.block_means(block_size, min(max(self.decode_len - rank * s_cap, 0), s_cap))
         out = moba_decode_cp(query, key, value, seq_len=self.decode_len, group=self.pg, block_size=block_size,
-                             top_k=top_k, scale=scale, enable_gqa=query.shape[1] != key.shape[1],
-                             key_block_means=means, check_ranks=self.decode_check,
-                             key_padding_mask=getattr(shared, "key_mask", None))
+                             top_k=top_k, scale=scale, enable_gqa=gqa, key_block_means=means,
+                             check_ranks=self.decode_check, key_padding_mask=padding)
         return out.transpose(1, 2).contiguous(), None
 
     def _dense(self, origin, module, query, key, value, causal: bool, scale: float, *args,
@@ -291,6 +306,10 @@ class _ShardedAttention:
             mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
                 ~mask, torch.finfo(query.dtype).min)
         return hf._dense_call(origin, module, query, k_all, v_all, mask, *args, **kwargs)
+
+
+# Attention-function arguments MoBA cannot honour but `sdpa_decode_cp` applies (soft-capping, sinks).
+_DENSE_DECODE_KWARGS = ("softcap", "s_aux", "sinks")
 
 
 def _dense_below(decision) -> int:
@@ -350,6 +369,30 @@ def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool, key_paddin
         raise ValueError(f"{_WHO}: attention site {name!r} got a mask that is not plain "
                          f"{'causal' if causal else 'full'} attention over the given attention_mask (a sliding "
                          f"window, packed sequences?); context parallelism supports plain and padded batches only")
+
+
+def _check_decode_mask(name: str, mask: Tensor | None, tq: int, length: int, window: int | None) -> None:
+    """A decode step's mask (over the whole cache: `length` keys, the `tq` queries the newest) may only
+    say "causal", within the causal sliding window `window` if given: the padding of a batch travels
+    in the sharded cache, not in the step's mask."""
+    if mask is None:
+        return
+    if hf_masks.compact_of(mask) is not None:
+        keys = hf_masks.key_mask(mask)
+        if keys is None or bool(keys.all()):
+            return
+        what = "padding"
+    else:
+        visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        q_pos = torch.arange(length - tq, length, device=mask.device)
+        k_pos = torch.arange(length, device=mask.device)
+        want = in_causal_window(q_pos, k_pos, window) if window is not None else k_pos[None, :] <= q_pos[:, None]
+        if visible.shape[-2:] == want.shape and torch.equal(visible, want.expand_as(visible)):
+            return
+        what = hf_masks.full_reason(mask) or "a mask the model built itself"
+    raise ValueError(f"{_WHO}: attention site {name!r} got a mask other than plain causal attention"
+                     f"{f' in a window of {window} keys' if window is not None else ''} during sharded-cache "
+                     f"decoding ({what}); not supported")
 
 
 @contextmanager

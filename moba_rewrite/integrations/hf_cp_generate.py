@@ -10,9 +10,11 @@ prefilled under `hf_cp.context_parallel` (each rank runs its slice; every site a
 prompt); each layer's slice of keys and values stays in a `ShardedKVCache` on its rank. Each decode
 step runs the new token through the model on every rank (the same input everywhere); its keys and
 values are written only into the cache of the rank that owns its position, and every attention
-site calls `parallel.moba_decode_cp`: each rank gates its own blocks, a global top-k merge, attention
-on the owners, a log-sum-exp combine. Dense sites (and `decode: dense` policies) use the same op in
-its dense limit (one block per rank, every block selected), which is exact full attention. Rank 0
+MoBA site calls `parallel.moba_decode_cp`: each rank gates its own blocks, a global top-k merge,
+attention on the owners, a log-sum-exp combine. Dense sites, `decode: dense` policies and
+sliding-window layers (which `generate()` decodes densely in their window: their cache drops the
+keys MoBA's blocks need) call `parallel.sdpa_decode_cp`: each rank attends its filled slots inside
+the window, the same combine. Rank 0
 picks the next token, greedily (the argmax) or by sampling with transformers' own temperature /
 top-k / top-p warpers and `torch.multinomial` (rank 0's random generator), and broadcasts it, so
 every rank feeds the same token. The result equals single-process `model.generate(input_ids, ...)`
@@ -21,7 +23,7 @@ of the same rewritten model, greedy or sampled from the same seed (tested on 2 a
 Cost per step and rank: the gate and the attention read the rank's own slice (`S` keys per layer);
 the bytes sent are independent of the context length (candidates and partial outputs). A padded
 batch (`attention_mask=`) keeps its padding mask per slice beside the cache and decodes with
-transformers' own positions. Beam search and sliding windows are not supported here.
+transformers' own positions. Beam search is not supported here.
 """
 
 from __future__ import annotations

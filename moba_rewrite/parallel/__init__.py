@@ -5,7 +5,8 @@
   block either its key/value tile travels or the few query rows that chose it do (`shipping`:
   attended on the owner, merged by log-sum-exp); gradients return to their owners;
 - `decode`: `moba_decode_cp`, decoding against a KV cache sharded across ranks (local gates, a
-  global top-k merge, attention on the owners, a log-sum-exp combine);
+  global top-k merge, attention on the owners, a log-sum-exp combine), and `sdpa_decode_cp`, its
+  dense counterpart (optionally within a causal sliding window);
 - `dense`: `sdpa_cp`, ordinary attention over the sharded sequence by an all-gather of K/V (for the
   dense sites of hybrid policies), and the pieces the Hugging Face integration reuses;
 - `layout`: the `contiguous` and `zigzag` layouts, `shard_sequence` / `unshard_sequence`;
@@ -17,11 +18,11 @@ kernels), torch.distributed. Nothing above them (integrations, passes, api, cli)
 """
 
 from moba_rewrite.parallel.attention import moba_attention_cp
-from moba_rewrite.parallel.decode import moba_decode_cp
+from moba_rewrite.parallel.decode import moba_decode_cp, sdpa_decode_cp
 from moba_rewrite.parallel.dense import sdpa_cp
 from moba_rewrite.parallel.groups import ContextParallelError
 from moba_rewrite.parallel.layout import LAYOUTS, shard_sequence, unshard_sequence
 from moba_rewrite.parallel.traffic import Traffic, record_traffic
 
-__all__ = ["moba_attention_cp", "moba_decode_cp", "sdpa_cp", "shard_sequence", "unshard_sequence", "ContextParallelError", "LAYOUTS",
+__all__ = ["moba_attention_cp", "moba_decode_cp", "sdpa_decode_cp", "sdpa_cp", "shard_sequence", "unshard_sequence", "ContextParallelError", "LAYOUTS",
            "record_traffic", "Traffic"]

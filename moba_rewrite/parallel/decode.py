@@ -17,6 +17,10 @@ Bytes per rank and call: `W x B x Hq x Tq x (top_k - 1) x 8` for the candidates 
 int32 block id, one all-gather) plus `W x B x Hq x Tq x (D + 1) x 4` for the partials, plus the
 all-ranks-agree check unless `check_ranks=False`: independent of the context length. Inference
 only (no autograd). The result, on every rank, equals `moba_attention` on the filled cache.
+
+`sdpa_decode_cp` is the dense counterpart (full causal attention, optionally within a causal
+sliding window): steps 3 and 4 over every filled slot a query sees, for the dense sites of hybrid
+policies and sliding-window layers; a windowed call reads only the window's slots.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import Tensor
 from moba_rewrite.attention.functional import validate
 from moba_rewrite.kernels.reference import compute_dtype, repeat_kv
 from moba_rewrite.parallel.attention import check_key_padding
+from moba_rewrite.parallel.dense import in_causal_window
 from moba_rewrite.parallel.groups import (all_gather_stacked, check_same_on_all_ranks, collective,
                                          resolve_group)
 from moba_rewrite.parallel.traffic import count
@@ -154,19 +159,13 @@ def moba_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int,
     `key_padding_mask`: `[B, S]`, this rank's slots of a padded batch's mask (True / 1: a real
     token): the result is `moba_attention` on the filled cache with `attn_mask=mask[:, None, None, :]`
     (every rank passes one or none). Returns `[B, Hq, Tq, Dv]` on every rank."""
-    pg = resolve_group(group, _WHO)
-    try:  # moba_attention's rules on one query (a rank's filled shard may be shorter than Tq)
-        validate(q[:, :, -1:], k_local, v_local, block_size=block_size, top_k=top_k, scale=scale, attn_mask=None,
-                 enable_gqa=enable_gqa, backend="torch")
-    except ValueError as e:
-        raise ValueError(str(e).replace("moba_attention:", f"{_WHO}:", 1)) from None
+    pg = _check_call(_WHO, q, k_local, v_local, seq_len=seq_len, group=group, block_size=block_size, top_k=top_k,
+                     scale=scale, enable_gqa=enable_gqa)
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
     s_cap, tq = k_local.shape[2], q.shape[2]
     if s_cap % block_size:
         raise ValueError(f"{_WHO}: blocks would straddle ranks: the per-rank cache capacity {s_cap} is not a multiple "
                          f"of block_size={block_size}")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not tq <= seq_len <= world * s_cap:
-        raise ValueError(f"{_WHO}: seq_len must be an integer in [Tq={tq}, W * S = {world * s_cap}], got {seq_len!r}")
     resolved = float(scale) if scale is not None else q.shape[-1] ** -0.5
     want = (*k_local.shape[:2], s_cap // block_size, k_local.shape[3])
     if key_block_means is not None and tuple(key_block_means.shape) != want:
@@ -199,10 +198,96 @@ def moba_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int,
         selected = _merge(all_scores, all_index, picks)
     out, lse = _partial_attention(q, k_local, v_local, selected, first_block=first_block, positions=positions,
                                   filled=filled, block_size=block_size, scale=resolved, key_visible=key_visible)
-    with collective(_WHO, "the all-gather of partial outputs", pg):
+    return _combine(_WHO, out, lse, pg, q.dtype)
+
+
+def _check_call(who: str, q: Tensor, k: Tensor, v: Tensor, *, seq_len, group, block_size: int, top_k: int, scale,
+                enable_gqa: bool) -> dist.ProcessGroup:
+    """The group, after `moba_attention`'s rules on one query (a rank's filled shard may be shorter
+    than Tq) and the range of `seq_len`; one-line errors naming `who`."""
+    pg = resolve_group(group, who)
+    try:
+        validate(q[:, :, -1:], k, v, block_size=block_size, top_k=top_k, scale=scale, attn_mask=None,
+                 enable_gqa=enable_gqa, backend="torch")
+    except ValueError as e:
+        raise ValueError(str(e).replace("moba_attention:", f"{who}:", 1)) from None
+    world, s_cap, tq = dist.get_world_size(pg), k.shape[2], q.shape[2]
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not tq <= seq_len <= world * s_cap:
+        raise ValueError(f"{who}: seq_len must be an integer in [Tq={tq}, W * S = {world * s_cap}], got {seq_len!r}")
+    return pg
+
+
+def _bits(x: float) -> int:
+    """A float as the int64 of its float64 bits (the all-ranks-agree check compares integers)."""
+    return int(torch.tensor(float(x), dtype=torch.float64).view(torch.int64))
+
+
+def _combine(who: str, out: Tensor, lse: Tensor, pg: dist.ProcessGroup, dtype: torch.dtype,
+             sinks: Tensor | None = None) -> Tensor:
+    """Every rank's partial output and log-sum-exp, all-gathered and combined (on every rank);
+    `sinks` `[Hq]`: one more logit per head in the softmax's denominator, with no value."""
+    with collective(who, "the all-gather of partial outputs", pg):
         outs = all_gather_stacked(torch.cat([out, lse[..., None]], dim=-1), pg)  # [W, B, Hq, Tq, D + 1]
-    count("partial outputs", (out.numel() + lse.numel()) * out.element_size() * (world - 1))
+    count("partial outputs", (out.numel() + lse.numel()) * out.element_size() * (dist.get_world_size(pg) - 1))
     lses = outs[..., -1]
     total = torch.logsumexp(lses, dim=0)
+    if sinks is not None:
+        total = torch.logaddexp(total, sinks.to(total.dtype).view(1, -1, 1))
     weight = torch.exp(lses - torch.where(total > float("-inf"), total, 0.0)).nan_to_num_(0.0)
-    return (outs[..., :-1] * weight[..., None]).sum(0).to(q.dtype)
+    return (outs[..., :-1] * weight[..., None]).sum(0).to(dtype)
+
+
+@torch.no_grad()
+def sdpa_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int, group=None,
+                   scale: float | None = None, enable_gqa: bool = False, window: int | None = None,
+                   softcap: float | None = None, sinks: Tensor | None = None, check_ranks: bool = True,
+                   key_padding_mask: Tensor | None = None) -> Tensor:
+    """Full causal attention of the newest `Tq` tokens against a contiguously sharded KV cache:
+    `moba_decode_cp`'s conventions (q the same on every rank, k_local / v_local this rank's `S`
+    slots, `seq_len` the filled length, `key_padding_mask` `[B, S]`), without a gate: each rank
+    attends the filled slots its queries see and the partials are combined by log-sum-exp.
+    `window`: a causal sliding window (a query at `p` sees keys `p - window < k <= p`, as
+    transformers' sliding-window masks); a rank reads only the slots inside it. `softcap`: scores
+    soft-capped as Gemma 2's (`softcap * tanh(scores / softcap)`, before the mask); `sinks` `[Hq]`:
+    attention sinks as gpt-oss's (one more logit per head in the softmax, attending nothing). Equals
+    `scaled_dot_product_attention` on the filled cache under that mask (with those); `[B, Hq, Tq, Dv]` on every rank."""
+    who = "sdpa_decode_cp"
+    pg = _check_call(who, q, k_local, v_local, seq_len=seq_len, group=group, block_size=1, top_k=1, scale=scale,
+                     enable_gqa=enable_gqa)
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"{who}: window must be a positive integer (keys per query) or None, got {window!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
+        raise ValueError(f"{who}: softcap must be a positive number or None, got {softcap!r}")
+    if sinks is not None and (not isinstance(sinks, Tensor) or sinks.numel() != q.shape[1]):
+        got = list(sinks.shape) if isinstance(sinks, Tensor) else type(sinks).__name__
+        raise ValueError(f"{who}: sinks must hold one logit per query head ({q.shape[1]}), got {got}")
+    rank, s_cap, tq = dist.get_rank(pg), k_local.shape[2], q.shape[2]
+    key_visible = check_key_padding(key_padding_mask, (q.shape[0], s_cap), q.device, who)
+    if check_ranks:
+        check_same_on_all_ranks(who, pg, {"batch size": q.shape[0], "query heads": q.shape[1],
+                                          "key/value heads": k_local.shape[1], "head dim": q.shape[3], "Tq": tq,
+                                          "cache slots per rank": s_cap, "seq_len": seq_len,
+                                          "window": window or 0, "softcap (bits of its float64)": _bits(softcap or 0.0),
+                                          "whether sinks are given": int(sinks is not None),
+                                          "whether a key padding mask is given": int(key_visible is not None)},
+                                q.device)
+    base = rank * s_cap
+    filled = min(max(seq_len - base, 0), s_cap)
+    first = 0 if window is None else min(max(seq_len - tq - window + 1 - base, 0), filled)  # first slot seen
+    positions = torch.arange(seq_len - tq, seq_len, device=q.device)
+    key_pos = torch.arange(base + first, base + filled, device=q.device)
+    visible = in_causal_window(positions, key_pos, window) if window is not None else \
+        key_pos[None, :] <= positions[:, None]  # [Tq, n]
+    visible = visible[None, None]
+    if key_visible is not None:
+        visible = visible & key_visible[:, None, None, first:filled]
+    ct = compute_dtype(q.dtype)
+    hq = q.shape[1]
+    keys, values = k_local[:, :, first:filled], v_local[:, :, first:filled]
+    resolved = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    scores = (q.to(ct) @ repeat_kv(keys, hq).to(ct).transpose(-1, -2)) * resolved
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    weights, lse = _softmax(scores.masked_fill(~visible, float("-inf")))
+    return _combine(who, weights @ repeat_kv(values, hq).to(ct), lse, pg, q.dtype,
+                    sinks=None if sinks is None else sinks.detach().reshape(-1).to(q.device))
