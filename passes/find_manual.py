@@ -10,6 +10,8 @@ models actually write:
 - masks: `+ mask` (additive; accepted when proven 0 / -huge, `passes.masks`),
   `masked_fill(cond, -inf or finfo.min)` (GPT-2 / nanoGPT) and `where(cond, scores, -huge)`,
   up to two of them (AND-ed);
+- the row maximum subtracted for stability (`x - x.max(-1, keepdim=True).values` or `amax`:
+  softmax is unchanged by it, MiMo-V2-Flash);
 - softmax in any dtype (`softmax(x, -1, dtype=float32)` or `.float().softmax(-1)`) with the
   cast back (`.to(q.dtype)`, `type_as`), then dropout (functional or an `nn.Dropout` module,
   counting only when it is active) and the matmul / einsum with v.
@@ -139,6 +141,7 @@ class _Match:
         self.problems: list[str] = []
         self.dropout_p: Any = 0.0
         self.mask_ranks: list[int | None] = []  # rank of the scores where each mask was applied
+        self.row_max: set[fx.Node] = set()  # the row maximum subtracted before the softmax (its other user)
 
 
 _SCALAR_OPS = {"add", "sub", "mul", "truediv", "floordiv", "pow", "neg", "getitem"}
@@ -165,12 +168,45 @@ def _shape_scalar(x: Any, depth: int = 0) -> bool:
     return False
 
 
+_AMAX = {torch.amax, torch.Tensor.amax, *fxutil._aten("amax")}
+_MAX = {torch.max, torch.Tensor.max, *fxutil._aten("max")}
+
+
+def _row_max_of(c: Any, x: Any) -> list[fx.Node] | None:
+    """The nodes computing the maximum of `x` over its last dim with keepdim, if `c` is that:
+    `x.max(-1, keepdim=True)` (`.values` / `[0]`) or `amax(x, -1, keepdim=True)` (a per-row
+    constant, so `softmax(x - c)` equals `softmax(x)`); else None."""
+    nodes = []
+    picked = isinstance(c, fx.Node) and c.op == "call_function" and c.target in (operator.getitem, getattr) \
+        and len(c.args) == 2 and c.args[1] in (0, "values")
+    if picked:  # max(dim) returns (values, indices)
+        nodes.append(c)
+        c = c.args[0]
+    if not isinstance(c, fx.Node) or not c.args or c.args[0] is not x:
+        return None
+    if c.op == "call_method":
+        ok = c.target == ("max" if picked else "amax")
+    else:
+        ok = c.op == "call_function" and c.target in (_MAX if picked else _AMAX)
+    dim, keepdim = fxutil.arg(c, 1, "dim"), fxutil.arg(c, 2, "keepdim", False)
+    if isinstance(dim, (list, tuple)):
+        dim = dim[0] if len(dim) == 1 else None
+    return nodes + [c] if ok and keepdim is True and _is_last_dim(dim, x) else None
+
+
 def _walk_scores(x: Any, m: _Match, root) -> fx.Node | None:
     """From the softmax input back to the scores matmul, collecting scale and masks."""
     for _ in range(12):
         if not isinstance(x, fx.Node):
             return None
         k = fxutil.kind(x)
+        row_max = _row_max_of(x.args[1], x.args[0]) if k == "sub" and len(x.args) >= 2 and \
+            x.target not in fxutil._aten("rsub") and fxutil.arg(x, 2, "alpha", 1) == 1 else None
+        if row_max:  # softmax(x - rowmax(x)) == softmax(x)
+            m.covered.append(x)
+            m.row_max.update(row_max)
+            x = x.args[0]
+            continue
         if k == "cast" or (k == "view" and x.op != "call_function") or (
                 k == "view" and x.target in (torch.ops.aten.contiguous.default, torch.ops.aten.clone.default)):
             m.covered.append(x)
@@ -443,9 +479,13 @@ def _match(sm: fx.Node, root) -> FoundSite | None:
         kt = ("einsum_k", kt)
     if not isinstance(q, fx.Node):
         return None
-    if any(len(fxutil.real_users(n)) != 1 for n in m.covered if n is not sm):
+    def other_users(n: fx.Node) -> list[fx.Node]:  # besides the row max and reads of its dtype (symbolic tracing)
+        return [u for u in fxutil.real_users(n) if u not in m.row_max and not (
+            u.op == "call_function" and u.target is getattr and u.args[1:] == ("dtype",))]
+
+    if any(len(other_users(n)) != 1 for n in m.covered if n is not sm):
         m.problems.append("intermediate attention scores are also used elsewhere")
-    if len(fxutil.real_users(scores)) != 1:
+    if len(other_users(scores)) != 1:
         m.problems.append("the attention scores are also used elsewhere")
     q = _scaled_operand(q, m)
     k_transposed = True

@@ -195,7 +195,7 @@ _register("sdpa_variant", *_aten("_scaled_dot_product_flash_attention_for_cpu"),
 
 _METHODS: dict[str, str] = {
     "matmul": "matmul", "bmm": "matmul", "softmax": "softmax", "mul": "mul", "mul_": "mul", "div": "div",
-    "add": "add", "masked_fill": "masked_fill", "masked_fill_": "masked_fill", "transpose": "transpose",
+    "add": "add", "sub": "sub", "masked_fill": "masked_fill", "masked_fill_": "masked_fill", "transpose": "transpose",
     "permute": "permute", "to": "cast", "type": "cast", "float": "cast", "half": "cast",
     "bfloat16": "cast", "type_as": "cast", "view": "view", "reshape": "view", "expand": "view",
     "contiguous": "view", "unsqueeze": "view", "clone": "view", "baddbmm": "baddbmm",

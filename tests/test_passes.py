@@ -95,6 +95,18 @@ class Attn(nn.Module):
         w = F.dropout(w, p=0.1, training=self.training)
         return torch.matmul(w, v)
 
+    def _row_max(self, q, k, v, t):  # MiMo-V2-Flash: the row maximum subtracted before the softmax
+        i = torch.arange(t, device=q.device)
+        w = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5
+        w = w + torch.where(i[None, None, None, :] <= i[None, None, :, None], 0.0, torch.finfo(torch.float32).min)
+        w = w - w.max(dim=-1, keepdim=True).values
+        return torch.matmul(F.softmax(w, dim=-1, dtype=w.dtype), v)
+
+    def _row_amax(self, q, k, v, t):  # the same with amax, after a masked_fill
+        w = (q @ k.transpose(-2, -1)) / math.sqrt(D)
+        w = w.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+        return torch.softmax(w - torch.amax(w, -1, keepdim=True), dim=-1) @ v
+
     def _timm(self, q, k, v, t):  # q scaled first, non-causal, nn.Dropout module
         q = q * D ** -0.5
         a = (q @ k.transpose(-2, -1)).softmax(dim=-1)
@@ -134,7 +146,8 @@ class Net(nn.Module):
         return x
 
 
-FORMS = ["sdpa", "sdpa_gqa", "sdpa_minmask", "hf_eager", "timm", "nanogpt", "gpt2_where", "einsum", "bmm3d"]
+FORMS = ["sdpa", "sdpa_gqa", "sdpa_minmask", "hf_eager", "row_max", "row_amax", "timm", "nanogpt", "gpt2_where",
+         "einsum", "bmm3d"]
 
 
 def make(form, layers=2):
@@ -276,6 +289,9 @@ class Special(nn.Module):
             return F.scaled_dot_product_attention(q[:, :, : t // 2], q, q, is_causal=True)
         if self.kind == "dropout":
             return F.scaled_dot_product_attention(q, q, q, dropout_p=0.1, is_causal=True)
+        if self.kind == "column_max_subtracted":  # not a per-row constant: softmax changes, so not attention read
+            w = q @ q.transpose(-2, -1) * D ** -0.5
+            return (w - w.amax(-2, keepdim=True)).softmax(-1) @ q
         if self.kind == "weights_returned":
             a = (q @ q.transpose(-2, -1) * D ** -0.5).softmax(-1)
             return a @ q, a
@@ -288,6 +304,7 @@ class Special(nn.Module):
     ("causal_tq_lt_tk", "top-left"),
     ("dropout", "dropout"),
     ("weights_returned", "also used elsewhere"),
+    ("column_max_subtracted", "operations between the products and the softmax: amax, mul, sub"),
 ])
 def test_unfaithful_sites_stay_dense_or_raise(kind, why):
     torch.manual_seed(0)
