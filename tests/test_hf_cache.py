@@ -279,6 +279,23 @@ def test_dense_below_every_cache_length_generates_as_the_original(cache):
     _check(got, want)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_the_reference_backend_ignores_dense_below_in_every_call(cache):
+    """The `reference` backend (the oracle) computes MoBA whatever `dense_below` says, in the prefill
+    and in cached decode calls alike (decode steps once ran full attention under it while the
+    prefill ran MoBA)."""
+    ids, mask = _prompts()
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    out = []
+    for extra in ({"dense_below": PROMPT + NEW + 8}, {}):
+        model = _model("llama")
+        mr.rewrite(model, {"version": 1, "defaults": {"block_size": BLOCK, "top_k": TOP_K, "decode": "moba",
+                                                      "backend": "reference", **extra}})
+        with torch.no_grad():
+            out.append(model.generate(ids, attention_mask=mask, **GEN, **kw))
+    _check(out[0], out[1])
+
+
 def test_a_float_mask_with_a_static_cache_under_tracing_is_refused():
     """A user's 4-D float mask cannot be read for a bias inside a graph whose queries sit in a
     static cache: a clear error, never MoBA on a mask it could not check."""

@@ -328,7 +328,8 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask
         "dynamic" if isinstance(layer, dynamic) and not isinstance(layer, static) else None)
     if kind is None:
         return None
-    if dense_below and _filled(layer, kind, key, tq - written) < dense_below:
+    if dense_below and backend != "reference" and moba_op.dense_by_policy(
+            backend, _filled(layer, kind, key, tq - written), dense_below):  # the prefill's rule, per cached call
         state = layer.__dict__.get("moba_block_means")
         if state is not None and not read_only:  # this call's keys go uncounted: rebuilt when MoBA next runs
             state.stale = True

@@ -253,7 +253,7 @@ class _ShardedAttention:
         padding = getattr(getattr(self.decode_cache, "shared", None), "key_mask", None)
         gqa = query.shape[1] != key.shape[1]
         moba = (decision is not None and decision.mode == "moba" and decision.decode != "dense"
-                and not self.decode_len < _dense_below(decision))  # as hf_cache decides a cached call
+                and not moba_op.dense_by_policy(str(decision.backend), self.decode_len, _dense_below(decision)))
         if moba and dense_only:
             if decision.on_unsupported == "error":
                 raise hf.HFUnsupportedError(f"attention site {name!r} cannot run MoBA: "
