@@ -5,8 +5,9 @@ builds it (`zoo_sweep.tiny_config`, seed 0, SDPA where the model has it; sliding
 tokens so that they cross shards) and rewritten sparse (block 4, top-2, so the gate chooses), two
 gloo ranks (`--world`) on this machine run the prefill with the sequence sharded
 (`shard_inputs`, `context_parallel`), in the contiguous and the zigzag layout, on
-one 37-token prompt and on a batch of two whose second row is left-padded by 5 tokens
-(`shard_attention_mask`). The logits at real tokens must equal the unsharded rewrite's run of the
+one 37-token prompt, on a batch of two whose second row is left-padded by 5 tokens
+(`shard_attention_mask`), and on that batch packed with documents (position ids restarting at
+each, no attention mask: `context_parallel(packed=True)`). The logits at real tokens must equal the unsharded rewrite's run of the
 same inputs and positions (1e-4 of their scale): the shards must see global positions, the
 global masks and every block of the whole sequence, whatever the model does around its attention.
 
@@ -56,6 +57,7 @@ T, HIDDEN_PAD = 37, 5
 WINDOW = 8  # sliding windows, where a model has them
 WORLD = 2  # ranks (--world)
 NEW = 10  # new tokens (--generate)
+PACKED = ((11, 17, 9), (20, 17))  # documents packed in each row of the third case (a start at the shard edge)
 
 
 def _build(model_type: str, class_name: str):
@@ -131,24 +133,32 @@ def _rank(rank: int, world: int, port: int, model_type: str, class_name: str, ou
             if result["status"] == "equal":
                 result["notes"].append(f"ok: {moba} MoBA site(s)")
             return
-        for case, batch, batch_mask in (("one prompt", ids[:1], None), ("padded batch", ids, mask)):
+        packed = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in PACKED])
+        for case, batch, batch_mask, batch_pos in (("one prompt", ids[:1], None, positions[:1]),
+                                                   ("padded batch", ids, mask, positions),
+                                                   ("packed documents", ids, None, packed)):
             kw = {} if batch_mask is None else {"attention_mask": batch_mask}
+            is_packed = case == "packed documents"
             with torch.no_grad():
                 try:
-                    want = model(input_ids=batch, position_ids=positions[:batch.shape[0]], use_cache=False, **kw).logits
+                    want = model(input_ids=batch, position_ids=batch_pos, use_cache=False, **kw).logits
                 except Exception as e:  # noqa: BLE001
                     result["notes"].append(f"ok: {case} not checked (the unsharded model: {_short(e)[:80]})")
                     continue
                 real = torch.ones_like(batch, dtype=torch.bool) if batch_mask is None else batch_mask.bool()
                 for layout in ("contiguous", "zigzag"):
                     try:
-                        local_ids, pos, seq_len = shard_inputs(model, batch, layout=layout)
+                        local_ids, pos, seq_len = shard_inputs(model, batch, layout=layout,
+                                                               position_ids=batch_pos if is_packed else None)
                         local_kw = {} if batch_mask is None else {
                             "attention_mask": shard_attention_mask(model, batch_mask, layout=layout)}
-                        with context_parallel(model, layout=layout, seq_len=seq_len):
+                        with context_parallel(model, layout=layout, seq_len=seq_len, packed=is_packed):
                             local = model(input_ids=local_ids, position_ids=pos, use_cache=False, **local_kw).logits
                     except Exception as e:  # noqa: BLE001
                         text = _short(e)
+                        if is_packed and "context_parallel: packed=True, but" in text:
+                            result["notes"].append(f"packed documents refused: {text[text.index('the model'):][:120]}")
+                            break
                         if "context_parallel:" in text:
                             result.update(status="refused", notes=[text[text.index("context_parallel:"):][:200]])
                         else:

@@ -682,6 +682,55 @@ def hf_sliding_window_matches_unsharded(ctx):
         close(f"gradient of {n}", p.grad, want_grads[n], atol=1e-4)
 
 
+def hf_packed_sequences_match_unsharded(ctx):
+    """Packed documents (position ids restarting at each; no attention_mask, so transformers masks
+    each token to its own document): sharded with `packed=True` = the unsharded run, MoBA sites
+    (block 8, top-2) and the dense last layer, both layouts, two rows packed differently (a
+    document starting inside a shard, one exactly at a shard edge), Llama (sdpa, eager) and
+    Mistral (sliding window of 20 as well); gradients of a training step too. Without
+    `packed=True` such position ids are one clear error."""
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
+
+    t = 90
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 96, (2, t), generator=gen)
+    pos = torch.cat([torch.cat([torch.arange(n) for n in lengths])[None] for lengths in ((23, 40, 27), (48, 30, 12))])
+    models = [("llama sdpa", _tiny_llama("sdpa")[0]), ("llama eager", _tiny_llama("eager")[0]),
+              ("mistral window 20", _sliding_model("mistral", 20, "sdpa"))]
+    for name, model in models:
+        model.eval()
+        with torch.no_grad():
+            want = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+            whole = model(input_ids=ids, use_cache=False).logits
+            assert (whole - want)[:, 30:].abs().max() > 1e-3, "packing changes nothing: the test would not see it"
+            for layout in ("contiguous", "zigzag"):
+                local_ids, local_pos, seq_len = shard_inputs(model, ids, layout=layout, position_ids=pos)
+                with context_parallel(model, layout=layout, seq_len=seq_len, packed=True):
+                    local = model(input_ids=local_ids, position_ids=local_pos, use_cache=False).logits
+                close(f"packed logits [{name} {layout}]", unshard_sequence(local, layout=layout, dim=1,
+                                                                           seq_len=seq_len), want)
+    model = _tiny_llama("sdpa")[0]
+    weights = torch.randn(2, t, 96, generator=gen)
+    (model(input_ids=ids, position_ids=pos, use_cache=False).logits * weights).sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    local_ids, local_pos, seq_len = shard_inputs(model, ids, layout="zigzag", position_ids=pos)
+    with context_parallel(model, layout="zigzag", seq_len=seq_len, packed=True):
+        local = model(input_ids=local_ids, position_ids=local_pos, use_cache=False).logits
+        (local * shard_sequence(weights, layout="zigzag", dim=1, block_size=8)).sum().backward()
+    for n, p in model.named_parameters():
+        dist.all_reduce(p.grad)
+        close(f"packed gradient of {n}", p.grad, want_grads[n], atol=1e-4)
+    local_ids, local_pos, seq_len = shard_inputs(model, ids, position_ids=pos)
+    try:
+        with torch.no_grad(), context_parallel(model, seq_len=seq_len):
+            model(input_ids=local_ids, position_ids=local_pos, use_cache=False)
+    except ValueError as e:
+        assert "for packed sequences, positions restarting at each document, pass packed=True" in str(e), str(e)
+    else:
+        raise AssertionError("restarting position ids ran without packed=True")
+
+
 def hf_bad_inputs(ctx):
     """Forgotten position_ids, a 4-D attention mask, a model that was not rewritten: one clear error each."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -797,12 +846,12 @@ SUITES = {
             shard_round_trip,
             bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_eager_encoder_matches_unsharded,
             hf_padded_batch_matches_unsharded, hf_dense_below_matches_unsharded,
-            hf_sliding_window_matches_unsharded,
+            hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
             hf_sharded_cache_generate_matches_generate, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,
              decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, hf_sharded_cache_generate_matches_generate,
-             hf_sliding_window_matches_unsharded,
+             hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
              fsdp2_and_context_parallel_training_step],
 }
 

@@ -16,9 +16,9 @@ the loss from the local logits and labels shifted *before* sharding (the models'
 shift would be wrong at shard edges). A padded batch passes its 2-D `attention_mask`, sharded like
 the tokens (`shard_attention_mask`): every site then hides the padding keys of the whole
 sequence, as the unsharded model does. Causal sliding windows are applied at global positions
-(`hf_masks.SHARDED` keeps each window's mask with its size; docs/CONTEXT_PARALLEL.md). Not
-supported: other masks (4-D, packed sequences, chunked attention), a KV cache from earlier steps
-(decode); each is one clear error.
+(`hf_masks.SHARDED` keeps each window's mask with its size; docs/CONTEXT_PARALLEL.md), and so are
+packed documents (`packed=True`, position ids restarting at each document). Not supported: other
+masks (4-D, chunked attention), a KV cache from earlier steps (decode); each is one clear error.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from moba_rewrite.parallel.attention import check_key_padding
 from moba_rewrite.parallel.shipping import check_mode
 from moba_rewrite.parallel.dense import gather_keys_values, in_causal_window, visible_keys
 from moba_rewrite.parallel.groups import check_call_agreement, resolve_group
-from moba_rewrite.parallel.layout import ShardLayout, check_layout, chunks_per_rank, gather_key_mask
+from moba_rewrite.parallel.layout import ShardLayout, check_layout, chunks_per_rank, gather_key_mask, gather_sequence
 
 _WHO = "context_parallel"
 
@@ -102,19 +102,29 @@ def alignment(model: nn.Module) -> int:
     return math.lcm(*sizes) if sizes else 1
 
 
-def shard_inputs(model: nn.Module, input_ids: Tensor, group=None, *, layout: str = "contiguous"
-                 ) -> tuple[Tensor, Tensor, int]:
-    """(this rank's input ids, their global position ids, the real length) for `context_parallel`.
+def shard_inputs(model: nn.Module, input_ids: Tensor, group=None, *, layout: str = "contiguous",
+                 position_ids: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+    """(this rank's input ids, their position ids, the real length) for `context_parallel`.
 
     `input_ids` `[B, T]` (the same on every rank) is padded at its end so that no MoBA block of
-    any site straddles ranks."""
+    any site straddles ranks. The positions are global (`0 .. T-1`), or this rank's shard of
+    `position_ids` `[B or 1, T]` when given: packed sequences, positions restarting at each
+    document (run them under `context_parallel(..., packed=True)`)."""
     check_rewritten(model)
     ids = shard_sequence(input_ids, group, layout, dim=1, block_size=alignment(model))
     # Padding tokens continue the positions (no real token sees them: they come last, and the
     # attention hides keys past seq_len).
     padded = ids.shape[1] * dist.get_world_size(resolve_group(group, _WHO))
-    positions = torch.arange(padded, device=input_ids.device).expand(input_ids.shape[0], -1)
-    return ids, shard_sequence(positions, group, layout, dim=1), input_ids.shape[1]
+    b, t = input_ids.shape
+    positions = torch.arange(padded, device=input_ids.device).expand(b, -1)
+    if position_ids is not None:
+        if not isinstance(position_ids, Tensor) or position_ids.dim() != 2 or position_ids.shape[1] != t or \
+                position_ids.shape[0] not in (1, b) or position_ids.is_floating_point():
+            got = list(position_ids.shape) if isinstance(position_ids, Tensor) else type(position_ids).__name__
+            raise ValueError(f"{_WHO}: position_ids must be integer positions [B or 1, T] = [{b}, {t}], got {got}")
+        given = position_ids.to(input_ids.device).expand(b, -1)
+        positions = torch.cat([given, given[:, -1:] + 1 + torch.arange(padded - t, device=given.device)], dim=1)
+    return ids, shard_sequence(positions, group, layout, dim=1), t
 
 
 def shard_attention_mask(model: nn.Module, attention_mask: Tensor | None, group=None, *,
@@ -146,9 +156,13 @@ class _ShardedAttention:
         self.decode_cache = None
         self.decode_check = True  # run the decode ops' all-ranks-agree check (the first step checks)
         self.custom_positions = False  # hf_cp_generate's padded-batch prefill: position_ids are the caller's
+        self.packed = False  # context_parallel(packed=True): position_ids may restart (documents)
+        self.documents: Tensor | None = None  # this forward's document of every token [B, W * T_local], if packed
+        self.packing_read = False  # this forward's mask creation read packed documents from position_ids
 
-    def start_forward(self, key_padding: Tensor | None) -> None:
-        self.key_padding, self.global_keys = key_padding, None
+    def start_forward(self, key_padding: Tensor | None, documents: Tensor | None = None) -> None:
+        self.key_padding, self.global_keys, self.documents = key_padding, None, documents
+        self.packing_read = False
 
     def __call__(self, origin: str, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
         self.seen.add(id(module))
@@ -156,6 +170,10 @@ class _ShardedAttention:
         tq, tk = query.shape[2], key.shape[2]
         if self.decode_len is not None:
             return self._decode(module, name, query, key, value, attention_mask, *args, **kwargs)
+        if self.documents is not None and not self.packing_read:
+            raise ValueError(f"{_WHO}: packed=True, but the model built the mask of attention site {name!r} without "
+                             f"reading packed documents from position_ids (transformers' packed-sequence detection "
+                             f"never ran), so one process attends across its documents; run it without packed=True")
         if tq != tk:
             raise ValueError(f"{_WHO}: attention site {name!r} got {tq} queries against {tk} keys; only a prefill or "
                              f"training step over the whole sharded sequence runs context-parallel (no KV cache from "
@@ -176,8 +194,8 @@ class _ShardedAttention:
                 str(decision.backend), keys, _dense_below(decision)):
             dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)
             problems = hf.unsupported_reasons(query, key, value, None, dropout, module.training, kwargs)
-            if not problems and window is not None:
-                out = self._windowed_moba(query, key, value, decision, scale, window)
+            if not problems and (window is not None or self.documents is not None):
+                out = self._gathered_moba(query, key, value, decision, scale, window)
                 return out.transpose(1, 2).contiguous(), None
             if not problems:
                 out = moba_attention_cp(query, key, value, group=self.pg, block_size=int(decision.block_size),
@@ -191,14 +209,17 @@ class _ShardedAttention:
                                             f"(policy on_unsupported: error)")
         return self._dense(origin, module, query, key, value, causal, scale, *args, window=window, **kwargs)
 
-    def _windowed_moba(self, query: Tensor, key: Tensor, value: Tensor, decision, scale: float, window: int) -> Tensor:
-        """MoBA at a causal sliding-window site, as one process computes it with the window's mask.
+    def _gathered_moba(self, query: Tensor, key: Tensor, value: Tensor, decision, scale: float,
+                       window: int | None) -> Tensor:
+        """MoBA at a site whose mask the MoBA exchange does not carry (a causal sliding window, packed
+        documents), as one process computes it with that mask.
 
         K/V are all-gathered (the dense sites' form); each local chunk of queries then runs the MoBA
-        op over the keys from the block that holds its first query's window start to its last real
-        query, with the window's mask at global positions (and the padding keys hidden). Blocks start
-        at global multiples of the block size and the queries are the newest of those keys, so the
-        op's own block, candidates and block means are the ones the whole sequence gives."""
+        op over the keys from the block holding the earliest key any of its queries sees (its window's
+        start, its document's start) to its last real query, with the mask at global positions (and
+        the padding keys hidden). Blocks start at global multiples of the block size and the queries
+        are the newest of those keys, so the op's own block, candidates and block means are the ones
+        the whole sequence gives."""
         world, rank = dist.get_world_size(self.pg), dist.get_rank(self.pg)
         lay = ShardLayout(self.layout, world, query.shape[2])
         seq_len = self.seq_len if self.seq_len is not None else lay.global_len
@@ -206,7 +227,8 @@ class _ShardedAttention:
         lay.check_blocks(block_size, _WHO)
         check_call_agreement(_WHO, self.pg, kind="moba", q=query, k=key, block_size=block_size, top_k=top_k,
                              causal=True, layout=self.layout, seq_len=seq_len, scale=scale,
-                             key_padding=self.key_padding is not None, window=window)
+                             key_padding=self.key_padding is not None, window=window,
+                             packed=self.documents is not None)
         k_all, v_all = gather_keys_values(key, value, self.pg, self.layout, _WHO)
         if self.key_padding is not None and self.global_keys is None:
             self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
@@ -217,10 +239,8 @@ class _ShardedAttention:
             if end <= start:  # alignment padding only
                 outs.append(query.new_zeros((b, hq, c, dv)))
                 continue
-            first = max(0, (start - window + 1) // block_size * block_size)
             q_pos = torch.arange(start, end, device=query.device)
-            k_pos = torch.arange(first, end, device=query.device)
-            mask = in_causal_window(q_pos, k_pos, window)[None, None]
+            mask, first = _causal_visibility(q_pos, end, window, self.documents, block_size)
             if self.global_keys is not None:
                 mask = mask & self.global_keys[:, None, None, first:end]
             out = moba_op.run(query[:, :, i * c:i * c + end - start], k_all[:, :, first:end], v_all[:, :, first:end],
@@ -293,11 +313,14 @@ class _ShardedAttention:
         seq_len = self.seq_len if self.seq_len is not None else lay.global_len
         check_call_agreement(_WHO, self.pg, kind="dense", q=query, k=key, block_size=0, top_k=0, causal=causal,
                              layout=self.layout, seq_len=seq_len, scale=scale, key_padding=self.key_padding is not None,
-                             window=window)
+                             window=window, packed=self.documents is not None)
         k_all, v_all = gather_keys_values(key, value, self.pg, self.layout, _WHO)
-        mask = visible_keys(lay, dist.get_rank(self.pg), causal=causal, seq_len=seq_len, device=query.device,
-                            window=window)
+        rank = dist.get_rank(self.pg)
+        mask = visible_keys(lay, rank, causal=causal, seq_len=seq_len, device=query.device, window=window)
         mask = mask[None, None]
+        if self.documents is not None:  # a key of the query's own document only
+            mine = self.documents[:, lay.positions(rank, query.device)]
+            mask = mask & (mine[:, None, :, None] == self.documents[:, None, None, :])
         if self.key_padding is not None:
             if self.global_keys is None:
                 self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
@@ -310,6 +333,26 @@ class _ShardedAttention:
 
 # Attention-function arguments MoBA cannot honour but `sdpa_decode_cp` applies (soft-capping, sinks).
 _DENSE_DECODE_KWARGS = ("softcap", "s_aux", "sinks")
+
+
+def _causal_visibility(q_pos: Tensor, end: int, window: int | None, documents: Tensor | None, block_size: int
+                       ) -> tuple[Tensor, int]:
+    """(which keys each query at `q_pos` (consecutive) sees among keys `first .. end-1`,
+    `[B or 1, 1, Tq, end - first]` bool: causal, within `window` and its own document (`documents`
+    `[B, >= end]`: each token's document) where given; `first`, the block start at or before the
+    earliest key any of them sees)."""
+    start = int(q_pos[0])
+    earliest = max(0, start - window + 1) if window is not None else 0
+    if documents is not None:  # documents are runs: the first query's document starts earliest
+        docs = documents[:, :end]
+        earliest = max(earliest, int((docs == docs[:, start:start + 1]).int().argmax(-1).min()))
+    first = earliest // block_size * block_size
+    k_pos = torch.arange(first, end, device=q_pos.device)
+    visible = in_causal_window(q_pos, k_pos, window) if window is not None else k_pos[None, :] <= q_pos[:, None]
+    visible = visible[None, None]
+    if documents is not None:
+        visible = visible & (docs[:, q_pos][:, None, :, None] == docs[:, None, None, first:end])
+    return visible, first
 
 
 def _dense_below(decision) -> int:
@@ -397,29 +440,42 @@ def _check_decode_mask(name: str, mask: Tensor | None, tq: int, length: int, win
 
 @contextmanager
 def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous", seq_len: int | None = None,
-                     exchange: str = "auto") -> Iterator[None]:
+                     exchange: str = "auto", packed: bool = False) -> Iterator[None]:
     """Run `model` (rewritten) on this rank's shard of one sequence, attending the whole sequence.
 
     Every rank of `group` (a ProcessGroup or 1-D DeviceMesh) must run the same forward (and
     backward). Inputs: this rank's tokens and their global `position_ids` (`shard_inputs`);
     `seq_len`: the real length when the sequence was padded; `exchange`: `moba_attention_cp`'s (how
-    MoBA sites reach remote blocks: `auto`, `keys`, `queries`). Each attention module of the model
-    is checked to have gone through the sharded attention, and `position_ids` to be given."""
+    MoBA sites reach remote blocks: `auto`, `keys`, `queries`); `packed`: the sequence packs several
+    documents, its `position_ids` restarting at each (`shard_inputs(..., position_ids=)`), and every
+    token attends only its own document, as transformers does for packed position ids without an
+    attention mask (every site then all-gathers K/V, as sliding-window sites do). Each attention
+    module of the model is checked to have gone through the sharded attention, and `position_ids`
+    to be given."""
     check_rewritten(model)
     pg = resolve_group(group, _WHO)
     check_layout(layout, _WHO)
     check_mode(exchange, _WHO)
+    if not isinstance(packed, bool):
+        raise ValueError(f"{_WHO}: packed must be True or False, got {packed!r}")
     hook = _ShardedAttention(pg, layout, seq_len, exchange)
+    hook.packed = packed
     handles = [model.register_forward_pre_hook(_prepare_call(pg, layout, hook), with_kwargs=True)]
     for name, m in _attention_modules(model):
         handles.append(m.register_forward_hook(_went_through(hook, name)))
     previous, hf.CONTEXT_PARALLEL = hf.CONTEXT_PARALLEL, hook
     sharded, hf_masks.SHARDED = hf_masks.SHARDED, True
+    import transformers.masking_utils as masking_utils
+
+    find_packed = masking_utils.find_packed_sequence_indices
+    if packed:
+        masking_utils.find_packed_sequence_indices = _packing_reader(hook)
     try:
         yield
     finally:
         hf.CONTEXT_PARALLEL = previous
         hf_masks.SHARDED = sharded
+        masking_utils.find_packed_sequence_indices = find_packed
         for h in handles:
             h.remove()
 
@@ -445,14 +501,24 @@ def _prepare_call(pg: dist.ProcessGroup, layout: str, hook: _ShardedAttention):
         if ids is not None and ids.shape[-1] != t:
             raise ValueError(f"{_WHO}: position_ids hold {t} positions for {ids.shape[-1]} tokens")
         rows = pos.reshape(-1, t)
-        want = None
-        if t % chunks_per_rank(layout) == 0:
-            want = ShardLayout(layout, dist.get_world_size(pg), t).positions(dist.get_rank(pg), pos.device)
-        if not hook.custom_positions and (want is None or not torch.equal(rows, want.expand(rows.shape[0], -1))):
-            raise ValueError(f"{_WHO}: position_ids are not this rank's global positions in the {layout} layout")
         given = kwargs.get("attention_mask")
         batch = ids.shape[0] if ids is not None else rows.shape[0]
-        if given is None:
+        if t % chunks_per_rank(layout):
+            raise ValueError(f"{_WHO}: {t} tokens per rank cannot be cut into the {layout} layout's chunks")
+        want = ShardLayout(layout, dist.get_world_size(pg), t).positions(dist.get_rank(pg), pos.device)
+        documents = None
+        if hook.packed:
+            if given is not None:
+                raise ValueError(f"{_WHO}: packed=True with an attention_mask: transformers reads packed documents "
+                                 f"from position_ids only when no attention_mask is given; pass one or the other")
+            documents = _documents(rows.expand(batch, -1), pg, layout)
+        elif not hook.custom_positions and not torch.equal(rows, want.expand(rows.shape[0], -1)):
+            raise ValueError(f"{_WHO}: position_ids are not this rank's global positions in the {layout} layout "
+                             f"(shard_inputs gives them; for packed sequences, positions restarting at each "
+                             f"document, pass packed=True to context_parallel and position_ids= to shard_inputs)")
+        if documents is not None:  # no mask: transformers then reads packing from position_ids (recorded)
+            hook.start_forward(None, documents)
+        elif given is None:
             kwargs = {**kwargs, "attention_mask": torch.ones((batch, t), dtype=torch.long, device=pos.device)}
             hook.start_forward(None)
         else:
@@ -464,6 +530,26 @@ def _prepare_call(pg: dist.ProcessGroup, layout: str, hook: _ShardedAttention):
             hook.start_forward(check_key_padding(given, (batch, t), pos.device, _WHO))
         return args, kwargs
     return prepare
+
+
+def _packing_reader(hook: _ShardedAttention):
+    """Stands for transformers' `find_packed_sequence_indices` under `packed=True`: records that the
+    model's mask creation reads packing from position_ids (so one process masks each document) and
+    says "not packed" (the shard's local view of its documents is not the sequence's; the sharded
+    attention applies the global documents itself)."""
+    def find_packed_sequence_indices(position_ids: Tensor) -> None:
+        hook.packing_read = True
+        return None
+    return find_packed_sequence_indices
+
+
+def _documents(local_positions: Tensor, pg: dist.ProcessGroup, layout: str) -> Tensor:
+    """Each token's document `[B, W * T_local]` in sequence order, from every rank's position ids
+    (one all-gather): a new document wherever a position is not its predecessor's plus one, as
+    transformers' `find_packed_sequence_indices` reads a packed sequence."""
+    positions = gather_sequence(local_positions.long(), pg, layout, dim=1, who=_WHO)
+    step = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1)
+    return (step != 1).cumsum(-1)
 
 
 def _went_through(hook: _ShardedAttention, name: str):
