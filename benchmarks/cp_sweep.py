@@ -226,7 +226,8 @@ def sweep_one(model_type: str, class_name: str, seconds: int, world: int = WORLD
     ctx = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory() as out:
         port = _free_port()
-        procs = [ctx.Process(target=_rank, args=(r, world, port, model_type, class_name, out, generate)) for r in range(world)]
+        procs = [ctx.Process(target=_rank, args=(r, world, port, model_type, class_name, out, generate))
+                 for r in range(world)]
         for p in procs:
             p.start()
         end = time.monotonic() + seconds

@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from moba_rewrite.attention import moba_attention
 from moba_rewrite.attention.block_means import key_block_means
-from moba_rewrite.parallel import (ContextParallelError, moba_attention_cp, moba_decode_cp, record_traffic, sdpa_decode_cp,
-                                   sdpa_cp, shard_sequence, unshard_sequence)
+from moba_rewrite.parallel import (ContextParallelError, moba_attention_cp, moba_decode_cp, record_traffic, sdpa_cp,
+                                   sdpa_decode_cp, shard_sequence, unshard_sequence)
 
 TIMEOUT_S = 30  # the group's timeout: a dead peer becomes an error, never a hang
 

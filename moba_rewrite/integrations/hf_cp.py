@@ -276,9 +276,9 @@ class _ShardedAttention:
                 and not moba_op.dense_by_policy(str(decision.backend), self.decode_len, _dense_below(decision)))
         if moba and dense_only:
             if decision.on_unsupported == "error":
-                raise hf.HFUnsupportedError(f"attention site {name!r} cannot run MoBA: "
-                                            f"{'; '.join(hf.unsupported_reasons(query, key, value, None, 0.0, False, dense_only))}"
-                                            f" (policy on_unsupported: error)")
+                why = hf.unsupported_reasons(query, key, value, None, 0.0, False, dense_only)
+                raise hf.HFUnsupportedError(f"attention site {name!r} cannot run MoBA: {'; '.join(why)} "
+                                            f"(policy on_unsupported: error)")
             moba = False
         kept = hf_cache.sliding_cache_window(module)  # generate()'s cache layer keeps only this window
         if kept is not None:  # one process decodes densely over what that layer holds (and the mask's window)

@@ -33,7 +33,7 @@ from moba_rewrite.attention.functional import validate
 from moba_rewrite.kernels.reference import compute_dtype, repeat_kv
 from moba_rewrite.parallel.attention import check_key_padding
 from moba_rewrite.parallel.dense import in_causal_window
-from moba_rewrite.parallel.groups import (all_gather_stacked, check_same_on_all_ranks, collective,
+from moba_rewrite.parallel.groups import (all_gather_stacked, check_same_on_all_ranks, collective, float_bits,
                                          resolve_group)
 from moba_rewrite.parallel.traffic import count
 
@@ -217,11 +217,6 @@ def _check_call(who: str, q: Tensor, k: Tensor, v: Tensor, *, seq_len, group, bl
     return pg
 
 
-def _bits(x: float) -> int:
-    """A float as the int64 of its float64 bits (the all-ranks-agree check compares integers)."""
-    return int(torch.tensor(float(x), dtype=torch.float64).view(torch.int64))
-
-
 def _combine(who: str, out: Tensor, lse: Tensor, pg: dist.ProcessGroup, dtype: torch.dtype,
              sinks: Tensor | None = None) -> Tensor:
     """Every rank's partial output and log-sum-exp, all-gathered and combined (on every rank);
@@ -267,7 +262,8 @@ def sdpa_decode_cp(q: Tensor, k_local: Tensor, v_local: Tensor, *, seq_len: int,
         check_same_on_all_ranks(who, pg, {"batch size": q.shape[0], "query heads": q.shape[1],
                                           "key/value heads": k_local.shape[1], "head dim": q.shape[3], "Tq": tq,
                                           "cache slots per rank": s_cap, "seq_len": seq_len,
-                                          "window": window or 0, "softcap (bits of its float64)": _bits(softcap or 0.0),
+                                          "window": window or 0,
+                                          "softcap (bits of its float64)": float_bits(softcap or 0.0),
                                           "whether sinks are given": int(sinks is not None),
                                           "whether a key padding mask is given": int(key_visible is not None)},
                                 q.device)

@@ -78,11 +78,16 @@ def check_call_agreement(who: str, pg: dist.ProcessGroup, *, kind: str, q: Tenso
         "the attention kind (MoBA or dense)": {"moba": 1, "dense": 2}[kind], "batch size": q.shape[0],
         "query heads": q.shape[1], "key/value heads": k.shape[1], "head dim": q.shape[3], "T_local": q.shape[2],
         "block_size": block_size, "top_k": top_k, "causal": int(bool(causal)), "layout": _LAYOUT_CODES[layout],
-        "seq_len": seq_len, "scale": struct.unpack("<q", struct.pack("<d", float(scale)))[0],
+        "seq_len": seq_len, "scale": float_bits(scale),
         "dtype": _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
         "exchange": _EXCHANGE_CODES.get(exchange, -1), "whether a key padding mask is given": int(key_padding),
         "sliding window": int(window or 0), "whether documents are packed": int(packed),
     }, q.device)
+
+
+def float_bits(x: float) -> int:
+    """A float as the int64 of its float64 bits (the all-ranks-agree check compares integers)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 def check_same_on_all_ranks(who: str, pg: dist.ProcessGroup, fields: dict[str, int], device) -> None:
