@@ -732,7 +732,8 @@ def hf_packed_sequences_match_unsharded(ctx):
 
 
 def hf_bad_inputs(ctx):
-    """Forgotten position_ids, a 4-D attention mask, a model that was not rewritten: one clear error each."""
+    """Forgotten position_ids, a 4-D attention mask, a model that was not rewritten, a convolution
+    over the sharded sequence: one clear error each."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
@@ -774,6 +775,26 @@ def hf_bad_inputs(ctx):
         assert "decodes MoBA under a sliding window of 20 keys" in str(e), str(e)
     else:
         raise AssertionError("sharded-cache decoding ran MoBA under a window it does not apply")
+    # a sequence convolution refuses the forward it runs in; one that does not run is left alone
+    # (Phi-4-multimodal's audio tower in a text-only forward)
+    conv_model = _tiny_llama()[0].eval()
+    mlp = conv_model.model.layers[0].mlp
+    mlp.conv = torch.nn.Conv1d(32, 32, 3, padding=1)
+    local_ids, pos, seq_len = shard_inputs(conv_model, ids)
+    with torch.no_grad():
+        want = conv_model(input_ids=ids, use_cache=False).logits
+        with context_parallel(conv_model, seq_len=seq_len):
+            got = conv_model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
+        close("logits with an idle convolution", unshard_sequence(got, dim=1, seq_len=seq_len), want)
+        plain_forward = mlp.forward
+        mlp.forward = lambda x: plain_forward(mlp.conv(x.transpose(1, 2)).transpose(1, 2))
+        try:
+            with context_parallel(conv_model, seq_len=seq_len):
+                conv_model(input_ids=local_ids, position_ids=pos, use_cache=False)
+        except ValueError as e:
+            assert "the convolution LlamaMLP.conv ran on a sharded forward" in str(e), str(e)
+        else:
+            raise AssertionError("a convolution over the sequence ran on one shard's tokens")
     plain = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2))
     try:

@@ -64,7 +64,7 @@ def check_rewritten(model: nn.Module) -> None:
         raise ValueError(f"{_WHO}: {type(model).__name__} is not a rewritten Hugging Face model (attention "
                          f"implementation {impl!r}); run moba_rewrite.rewrite(model, policy) first")
     mixers = other_sequence_mixers(model)
-    if mixers:
+    if _mixing_layer_kinds(model):  # they run in every forward (a convolution is refused when it runs)
         raise ValueError(f"{_WHO}: {type(model).__name__} mixes tokens outside attention ({'; '.join(mixers)}): "
                          f"a shard would run those layers on its own tokens only (a recurrent state or a "
                          f"convolution restarting at every shard), so its sequence cannot be sharded")
@@ -82,17 +82,36 @@ def other_sequence_mixers(model: nn.Module) -> list[str]:
     position (Mamba's and gated-delta-net's causal convolutions, short-convolution layers; a vision
     tower's 2-D patch embedding is not one)."""
     found = []
-    config = getattr(model, "config", None)
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    kinds = sorted({str(k) for k in (getattr(text, "layer_types", None) or [])} - _ATTENTION_LAYER_KINDS)
+    kinds = _mixing_layer_kinds(model)
     if kinds:
         found.append(f"layer types {', '.join(kinds)}")
-    convs = sorted({f"{type(owner).__name__}.{name}" for owner in model.modules()
-                    for name, child in owner.named_children()
-                    if isinstance(child, nn.Conv1d) and child.kernel_size[0] > 1})
+    convs = sorted({label for label, _ in _sequence_convolutions(model)})
     if convs:
         found.append(f"convolutions {', '.join(convs[:3])}{' ...' if len(convs) > 3 else ''}")
     return found
+
+
+def _mixing_layer_kinds(model: nn.Module) -> list[str]:
+    """Layer kinds of the text config's `layer_types` other than attention (and MLP-only layers)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return sorted({str(k) for k in (getattr(text, "layer_types", None) or [])} - _ATTENTION_LAYER_KINDS)
+
+
+def _sequence_convolutions(model: nn.Module) -> list[tuple[str, nn.Conv1d]]:
+    """(owner class.attribute, module) of every 1-D convolution over more than one position."""
+    return [(f"{type(owner).__name__}.{name}", child) for owner in model.modules()
+            for name, child in owner.named_children() if isinstance(child, nn.Conv1d) and child.kernel_size[0] > 1]
+
+
+def _refuse_when_run(model: nn.Module, label: str):
+    """Forward pre-hook of a convolution: while sharded it would run on one shard's tokens (an audio
+    tower's convolutions, which a text-only forward never runs, are left alone)."""
+    def refuse(module, args):
+        raise ValueError(f"{_WHO}: {type(model).__name__} mixes tokens outside attention: the convolution {label} "
+                         f"ran on a sharded forward, where it would see one shard's tokens only (restarting at "
+                         f"every shard), so this forward cannot be sharded")
+    return refuse
 
 
 def alignment(model: nn.Module) -> int:
@@ -463,6 +482,8 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
     handles = [model.register_forward_pre_hook(_prepare_call(pg, layout, hook), with_kwargs=True)]
     for name, m in _attention_modules(model):
         handles.append(m.register_forward_hook(_went_through(hook, name)))
+    for label, conv in _sequence_convolutions(model):
+        handles.append(conv.register_forward_pre_hook(_refuse_when_run(model, label)))
     previous, hf.CONTEXT_PARALLEL = hf.CONTEXT_PARALLEL, hook
     sharded, hf_masks.SHARDED = hf_masks.SHARDED, True
     import transformers.masking_utils as masking_utils
