@@ -156,8 +156,9 @@ def _rank(rank: int, world: int, port: int, model_type: str, class_name: str, ou
                             local = model(input_ids=local_ids, position_ids=pos, use_cache=False, **local_kw).logits
                     except Exception as e:  # noqa: BLE001
                         text = _short(e)
-                        if is_packed and "context_parallel: packed=True, but" in text:
-                            result["notes"].append(f"packed documents refused: {text[text.index('the model'):][:120]}")
+                        if is_packed and "context_parallel:" in text:  # a note: the other cases are the row's
+                            why = text[text.index("context_parallel:") + len("context_parallel:"):].strip()
+                            result["notes"].append(f"packed documents refused: {why[:120]}")
                             break
                         if "context_parallel:" in text:
                             result.update(status="refused", notes=[text[text.index("context_parallel:"):][:200]])

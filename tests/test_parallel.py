@@ -165,17 +165,22 @@ def test_models_that_mix_tokens_outside_attention_are_refused():
     assert other_sequence_mixers(llama) == []
 
 
-@pytest.mark.parametrize("model_type,class_name,generate", [
-    ("gemma2", "Gemma2ForCausalLM", False), ("gemma2", "Gemma2ForCausalLM", True),
-    ("moshi", "MoshiForCausalLM", True), ("gpt_oss", "GptOssForCausalLM", True)])
-def test_cp_sweep_rows(model_type, class_name, generate):
-    """A row of `benchmarks/cp_sweep.py` (two forked gloo ranks, one prompt and a padded batch):
-    the prefill in both layouts (sharded logits = unsharded), or with `generate` sharded-cache
+@pytest.mark.parametrize("model_type,class_name,generate,note", [
+    ("gemma2", "Gemma2ForCausalLM", False, ""), ("gemma2", "Gemma2ForCausalLM", True, ""),
+    ("moshi", "MoshiForCausalLM", True, ""), ("gpt_oss", "GptOssForCausalLM", True, ""),
+    ("deepseek_v3", "DeepseekV3ForCausalLM", False, ""),
+    ("bert", "BertLMHeadModel", False, "packed documents refused: attention site 'bert.encoder.layer.0.attention.self' "
+                                       "is not causal")])
+def test_cp_sweep_rows(model_type, class_name, generate, note):
+    """A row of `benchmarks/cp_sweep.py` (two forked gloo ranks): the prefill of one prompt, a padded
+    batch and packed documents in both layouts (sharded logits = unsharded), or with `generate` sharded-cache
     decoding (tokens and logits = single-process `generate()`). Gemma 2: alternating sliding windows
     of 8 tokens crossing shards, soft-capped attention kept dense (decoded densely with the cap);
     Moshi: a causal mask but a sliding-window cache in `generate()`, so one process decodes over the
     window only (sharded decoding once attended every key: tokens differed from step 1); gpt-oss:
-    attention sinks and sliding windows in decoding."""
+    attention sinks and sliding windows in decoding; DeepSeek-V3: MLA (a value head dim of its own)
+    with packed documents (K and V all-gathered apart); BERT as a decoder-less LM (bidirectional):
+    packed documents at a non-causal MoBA site are refused (they once ran causally: 0.008 off)."""
     import sys
     from pathlib import Path
 
@@ -183,7 +188,7 @@ def test_cp_sweep_rows(model_type, class_name, generate):
     import cp_sweep
 
     status, detail = cp_sweep.sweep_one(model_type, class_name, 120, generate=generate)
-    assert status == "equal", detail
+    assert status == "equal" and note in detail, detail
 
 
 def test_while_sharded_every_kept_mask_is_materialised_with_its_reason():

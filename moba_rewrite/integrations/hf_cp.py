@@ -213,6 +213,9 @@ class _ShardedAttention:
                 str(decision.backend), keys, _dense_below(decision)):
             dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)
             problems = hf.unsupported_reasons(query, key, value, None, dropout, module.training, kwargs)
+            if not problems and self.documents is not None and not causal:
+                raise ValueError(f"{_WHO}: attention site {name!r} is not causal; packed documents under context "
+                                 f"parallelism are supported at causal MoBA sites (and at dense ones)")
             if not problems and (window is not None or self.documents is not None):
                 out = self._gathered_moba(query, key, value, decision, scale, window)
                 return out.transpose(1, 2).contiguous(), None

@@ -23,7 +23,10 @@ _WHO = "sdpa_cp"
 
 def gather_keys_values(k: Tensor, v: Tensor, pg: dist.ProcessGroup, layout: str, who: str = _WHO
                        ) -> tuple[Tensor, Tensor]:
-    """K and V of the whole (padded) sequence in sequence order, from every rank's shard; differentiable."""
+    """K and V of the whole (padded) sequence in sequence order, from every rank's shard; differentiable.
+    One all-gather, two when V has a head dim of its own (MLA)."""
+    if k.shape != v.shape:
+        return gather_sequence(k, pg, layout, dim=2, who=who), gather_sequence(v, pg, layout, dim=2, who=who)
     kv = gather_sequence(torch.stack([k, v]), pg, layout, dim=3, who=who)
     return kv[0], kv[1]
 
