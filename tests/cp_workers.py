@@ -687,8 +687,9 @@ def hf_packed_sequences_match_unsharded(ctx):
     each token to its own document): sharded with `packed=True` = the unsharded run, MoBA sites
     (block 8, top-2) and the dense last layer, both layouts, two rows packed differently (a
     document starting inside a shard, one exactly at a shard edge), Llama (sdpa, eager) and
-    Mistral (sliding window of 20 as well); gradients of a training step too. Without
-    `packed=True` such position ids are one clear error."""
+    Mistral (sliding window of 20 as well), and in rows of 5 queries per call; gradients of a
+    training step too. Without `packed=True` such position ids are one clear error."""
+    from moba_rewrite.integrations import hf_cp
     from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
 
     t = 90
@@ -696,9 +697,13 @@ def hf_packed_sequences_match_unsharded(ctx):
     ids = torch.randint(0, 96, (2, t), generator=gen)
     pos = torch.cat([torch.cat([torch.arange(n) for n in lengths])[None] for lengths in ((23, 40, 27), (48, 30, 12))])
     models = [("llama sdpa", _tiny_llama("sdpa")[0]), ("llama eager", _tiny_llama("eager")[0]),
-              ("mistral window 20", _sliding_model("mistral", 20, "sdpa"))]
+              ("mistral window 20", _sliding_model("mistral", 20, "sdpa")),
+              ("llama sdpa, rows of 5 queries", _tiny_llama("sdpa")[0])]
+    rows_elems = hf_cp._ROWS_ELEMS
     for name, model in models:
         model.eval()
+        # the gathered attention runs its queries in rows of bounded memory: 5 queries (not a block) per call
+        hf_cp._ROWS_ELEMS = 2 * 5 * t if "rows of 5" in name else rows_elems
         with torch.no_grad():
             want = model(input_ids=ids, position_ids=pos, use_cache=False).logits
             whole = model(input_ids=ids, use_cache=False).logits
@@ -709,6 +714,7 @@ def hf_packed_sequences_match_unsharded(ctx):
                     local = model(input_ids=local_ids, position_ids=local_pos, use_cache=False).logits
                 close(f"packed logits [{name} {layout}]", unshard_sequence(local, layout=layout, dim=1,
                                                                            seq_len=seq_len), want)
+    hf_cp._ROWS_ELEMS = rows_elems
     model = _tiny_llama("sdpa")[0]
     weights = torch.randn(2, t, 96, generator=gen)
     (model(input_ids=ids, position_ids=pos, use_cache=False).logits * weights).sum().backward()

@@ -217,7 +217,8 @@ class _ShardedAttention:
                 raise ValueError(f"{_WHO}: attention site {name!r} is not causal; packed documents under context "
                                  f"parallelism are supported at causal MoBA sites (and at dense ones)")
             if not problems and (window is not None or self.documents is not None):
-                out = self._gathered_moba(query, key, value, decision, scale, window)
+                out = self._gathered(query, key, value, scale, window, kind="moba", block_size=int(decision.block_size),
+                                     top_k=int(decision.top_k), backend=str(decision.backend))
                 return out.transpose(1, 2).contiguous(), None
             if not problems:
                 out = moba_attention_cp(query, key, value, group=self.pg, block_size=int(decision.block_size),
@@ -231,45 +232,58 @@ class _ShardedAttention:
                                             f"(policy on_unsupported: error)")
         return self._dense(origin, module, query, key, value, causal, scale, *args, window=window, **kwargs)
 
-    def _gathered_moba(self, query: Tensor, key: Tensor, value: Tensor, decision, scale: float,
-                       window: int | None) -> Tensor:
-        """MoBA at a site whose mask the MoBA exchange does not carry (a causal sliding window, packed
-        documents), as one process computes it with that mask.
+    def _gathered(self, query: Tensor, key: Tensor, value: Tensor, scale: float, window: int | None, *,
+                  kind: str, block_size: int, top_k: int, backend: str) -> Tensor:
+        """Attention over the all-gathered K/V (`kind` "moba": a MoBA site whose mask the MoBA exchange
+        does not carry, a causal sliding window or packed documents; "dense": a causal dense site),
+        as one process computes it.
 
-        K/V are all-gathered (the dense sites' form); each local chunk of queries then runs the MoBA
-        op over the keys from the block holding the earliest key any of its queries sees (its window's
-        start, its document's start) to its last real query, with the mask at global positions (and
-        the padding keys hidden). Blocks start at global multiples of the block size and the queries
-        are the newest of those keys, so the op's own block, candidates and block means are the ones
-        the whole sequence gives."""
+        Each local chunk of queries runs the op in rows of bounded size (`_ROWS_ELEMS` mask elements),
+        each over the keys from the block holding the earliest key its queries see (the window's
+        start, the document's start) to its last query, with the mask at global positions (and the
+        padding keys hidden); a plain causal call passes no mask but the padding's. Blocks start at
+        global multiples of the block size and the queries are the newest of those keys, so the op's
+        own block, candidates and block means are the ones the whole sequence gives (a dense site is
+        the op's dense limit: one block, exact full attention). Differentiable."""
         world, rank = dist.get_world_size(self.pg), dist.get_rank(self.pg)
         lay = ShardLayout(self.layout, world, query.shape[2])
         seq_len = self.seq_len if self.seq_len is not None else lay.global_len
-        block_size, top_k = int(decision.block_size), int(decision.top_k)
-        lay.check_blocks(block_size, _WHO)
-        check_call_agreement(_WHO, self.pg, kind="moba", q=query, k=key, block_size=block_size, top_k=top_k,
-                             causal=True, layout=self.layout, seq_len=seq_len, scale=scale,
-                             key_padding=self.key_padding is not None, window=window,
+        if kind == "moba":
+            lay.check_blocks(block_size, _WHO)
+        check_call_agreement(_WHO, self.pg, kind=kind, q=query, k=key, block_size=block_size if kind == "moba" else 0,
+                             top_k=top_k if kind == "moba" else 0, causal=True, layout=self.layout, seq_len=seq_len,
+                             scale=scale, key_padding=self.key_padding is not None, window=window,
                              packed=self.documents is not None)
         k_all, v_all = gather_keys_values(key, value, self.pg, self.layout, _WHO)
         if self.key_padding is not None and self.global_keys is None:
             self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
+        plain = window is None and self.documents is None
         c, outs = lay.chunk_len, []
         b, hq, dv = query.shape[0], query.shape[1], value.shape[-1]
+        rows = c if plain else max(1, _ROWS_ELEMS // (b * seq_len))
         for i, chunk in enumerate(lay.chunks(rank)):
-            start, end = chunk * c, min((chunk + 1) * c, seq_len)
-            if end <= start:  # alignment padding only
-                outs.append(query.new_zeros((b, hq, c, dv)))
-                continue
-            q_pos = torch.arange(start, end, device=query.device)
-            mask, first = _causal_visibility(q_pos, end, window, self.documents, block_size)
-            if self.global_keys is not None:
-                mask = mask & self.global_keys[:, None, None, first:end]
-            out = moba_op.run(query[:, :, i * c:i * c + end - start], k_all[:, :, first:end], v_all[:, :, first:end],
-                              None, mask, block_size, top_k, False, scale, str(decision.backend), 0)
-            if end - start < c:
-                out = torch.cat([out, out.new_zeros((b, hq, c - (end - start), dv))], dim=2)
-            outs.append(out)
+            for r0 in range(0, c, rows):
+                start, end = chunk * c + r0, min(chunk * c + min(r0 + rows, c), seq_len)
+                n = min(rows, c - r0)
+                if end <= start:  # alignment padding only
+                    outs.append(query.new_zeros((b, hq, n, dv)))
+                    continue
+                q_pos = torch.arange(start, end, device=query.device)
+                if plain:
+                    mask, first = None, 0
+                else:
+                    mask, first = _causal_visibility(q_pos, end, window, self.documents,
+                                                     block_size if kind == "moba" else 1)
+                if self.global_keys is not None:
+                    keys = self.global_keys[:, None, None, first:end]
+                    mask = keys if mask is None else mask & keys
+                bs = block_size if kind == "moba" else end - first
+                out = moba_op.run(query[:, :, i * c + r0:i * c + r0 + end - start], k_all[:, :, first:end],
+                                  v_all[:, :, first:end], None, mask, bs, top_k if kind == "moba" else 1,
+                                  plain, scale, backend, 0)
+                if end - start < n:
+                    out = torch.cat([out, out.new_zeros((b, hq, n - (end - start), dv))], dim=2)
+                outs.append(out)
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
     def _decode(self, module, name: str, query, key, value, attention_mask, *args, **kwargs):
@@ -329,8 +343,16 @@ class _ShardedAttention:
 
     def _dense(self, origin, module, query, key, value, causal: bool, scale: float, *args,
                window: int | None = None, **kwargs):
-        """The model's own attention function on the whole sequence's K/V, masked at global positions
-        (and by a causal sliding window of `window` keys)."""
+        """A dense site: causal calls the model's attention function would compute plainly (no
+        soft-capping, sinks, dropout) run the dense op over the all-gathered K/V in bounded rows
+        (`_gathered`: no `[T_local, T]` mask); others call the model's own attention function on the
+        whole sequence's K/V, masked at global positions (and by a causal sliding window of `window`
+        keys, within packed documents)."""
+        dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)
+        if causal and not hf.unsupported_reasons(query, key, value, None, dropout, module.training, kwargs):
+            out = self._gathered(query, key, value, scale, window, kind="dense", block_size=0, top_k=0,
+                                 backend="torch")
+            return out.transpose(1, 2).contiguous(), None
         lay = ShardLayout(self.layout, dist.get_world_size(self.pg), query.shape[2])
         seq_len = self.seq_len if self.seq_len is not None else lay.global_len
         check_call_agreement(_WHO, self.pg, kind="dense", q=query, k=key, block_size=0, top_k=0, causal=causal,
@@ -355,6 +377,10 @@ class _ShardedAttention:
 
 # Attention-function arguments MoBA cannot honour but `sdpa_decode_cp` applies (soft-capping, sinks).
 _DENSE_DECODE_KWARGS = ("softcap", "s_aux", "sinks")
+
+
+# Mask elements (batch x query rows x keys) per call of the gathered attention: bounds its memory.
+_ROWS_ELEMS = 1 << 24
 
 
 def _causal_visibility(q_pos: Tensor, end: int, window: int | None, documents: Tensor | None, block_size: int
