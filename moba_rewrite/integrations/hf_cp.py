@@ -8,8 +8,9 @@
 
 Inside `context_parallel`, every attention call of the model (it must have been rewritten: its
 attention goes through `integrations.hf`) sees this rank's tokens and attends the whole
-sequence: MoBA sites through `moba_attention_cp`, dense sites through the model's own attention
-function on all-gathered K/V with a mask at global positions (so hybrid policies work). RoPE and
+sequence: MoBA sites through `moba_attention_cp`, dense sites on all-gathered K/V at global
+positions (so hybrid policies work; the dense op in bounded rows, or the model's own attention
+function where it does more than plain attention). RoPE and
 learned position embeddings see the global positions because `position_ids` carries them (checked).
 Training works the same way (FSDP2 on a 2-D mesh with the `cp` dimension as the group); compute
 the loss from the local logits and labels shifted *before* sharding (the models' own `labels=`
