@@ -35,8 +35,8 @@ could select on another rank), and checks that `moba_cp` and `allgather` give th
 With `--layout contiguous` it also times one decode step against the same K/V as a sharded KV
 cache (`T / W` slots per rank, the sequence's last query): `moba_decode_cp` with the block means
 kept beside the cache (as `integrations.hf_cp_generate` keeps them), the same op recomputing
-them from the keys, and exact full attention over the sharded cache (the op's dense limit: each
-rank attends its whole slice, log-sum-exp combine), with the bytes each sends per step (no
+them from the keys, and exact full attention over the sharded cache (`sdpa_decode_cp`, what dense
+sites decode with: each rank attends its whole slice, log-sum-exp combine), with the bytes each sends per step (no
 all-ranks-agree check per step, as `generate` runs it on its first step only).
 """
 
@@ -60,8 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moba_rewrite.attention import moba_attention  # noqa: E402
 from moba_rewrite.attention.block_means import key_block_means  # noqa: E402
-from moba_rewrite.parallel import (moba_attention_cp, moba_decode_cp, record_traffic, shard_sequence,  # noqa: E402
-                                   unshard_sequence)
+from moba_rewrite.parallel import (moba_attention_cp, moba_decode_cp, record_traffic, sdpa_decode_cp,  # noqa: E402
+                                   shard_sequence, unshard_sequence)
 from moba_rewrite.parallel.layout import ShardLayout  # noqa: E402
 
 
@@ -161,7 +161,7 @@ def _decode_step(q, k, v, args, world: int) -> dict:
         "moba_kept_means": lambda: moba_decode_cp(last, k, v, block_size=bs, top_k=args.top_k, key_block_means=means,
                                                   **kw),
         "moba": lambda: moba_decode_cp(last, k, v, block_size=bs, top_k=args.top_k, **kw),
-        "dense": lambda: moba_decode_cp(last, k, v, block_size=s_cap, top_k=world + 1, **kw),
+        "dense": lambda: sdpa_decode_cp(last, k, v, **kw),
     }
     out = {}
     for name, fn in calls.items():

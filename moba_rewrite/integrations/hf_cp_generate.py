@@ -28,7 +28,6 @@ transformers' own positions. Beam search is not supported here.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from moba_rewrite.attention.block_means import refresh_key_block_means_
-from moba_rewrite.integrations import hf
+from moba_rewrite.integrations import hf, hf_masks
 from moba_rewrite.integrations.hf_cp import alignment, check_rewritten, context_parallel
 from moba_rewrite.parallel.groups import collective, resolve_group
 
@@ -132,8 +131,7 @@ def _padded_positions(model: nn.Module, input_ids: Tensor, real: Tensor) -> Tens
 
 
 def _cache_keyword(model: nn.Module) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if hf_masks.takes_argument(model, "cache") else "past_key_values"
 
 
 def _num_layers(model: nn.Module) -> int:
@@ -236,7 +234,7 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     dev = input_ids.device
     local_ids, positions, next_position, shared.key_mask = _place_prompt(model, input_ids, real, shared)
     keyword = _cache_keyword(model)
-    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keep = hf_masks.takes_argument(model, "logits_to_keep")
     owner, last = divmod(t - 1, capacity)  # the rank and slot of the prompt's last token
     tokens, chosen_logits = [input_ids], []
     done = torch.zeros(b, dtype=torch.bool, device=dev)
