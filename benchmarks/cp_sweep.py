@@ -26,6 +26,7 @@ single-process `generate()` of the same rewritten model.
     python benchmarks/cp_sweep.py --only llama gpt2 opt  # some
     python benchmarks/cp_sweep.py --world 4              # four ranks (shorter shards, more boundaries)
     python benchmarks/cp_sweep.py --generate             # sharded-cache decoding (hf_cp_generate) vs generate()
+    python benchmarks/cp_sweep.py --generate --beams 3   # the same with beam search
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def _rank(rank: int, world: int, port: int, model_type: str, class_name: str, ou
         mask[1, :HIDDEN_PAD] = 0
         positions = torch.arange(T).expand(2, -1)
         if generate:
-            _check_generate(model, ids, mask, result)
+            _check_generate(model, ids, mask, result, beams=int(generate))
             if result["status"] == "equal":
                 result["notes"].append(f"ok: {moba} MoBA site(s)")
             return
@@ -180,21 +181,27 @@ def _rank(rank: int, world: int, port: int, model_type: str, class_name: str, ou
             dist.destroy_process_group()
 
 
-def _check_generate(model, ids, mask, result: dict) -> None:
+def _check_generate(model, ids, mask, result: dict, beams: int = 1) -> None:
     """Sharded-cache decoding (`hf_cp_generate.generate`, NEW greedy tokens) against single-process
-    `generate()` of the same rewritten model: the same tokens, logits within 1e-4 of their scale."""
+    `generate()` of the same rewritten model: the same tokens, logits within 1e-4 of their scale
+    (with `beams` > 1, beam search: the same sequences)."""
     from moba_rewrite.integrations.hf_cp_generate import generate
 
+    beam = {"num_beams": beams} if beams > 1 else {}
     for case, batch, batch_mask in (("one prompt", ids[:1], torch.ones_like(ids[:1])), ("padded batch", ids, mask)):
         with torch.no_grad():
             try:
                 want = model.generate(batch, attention_mask=batch_mask, max_new_tokens=NEW, do_sample=False,
-                                      output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+                                      output_logits=True, return_dict_in_generate=True, pad_token_id=0, **beam)
             except Exception as e:  # noqa: BLE001
                 result["notes"].append(f"ok: {case} not checked (generate(): {_short(e)[:80]})")
                 continue
         try:
-            got, logits = generate(model, batch, attention_mask=batch_mask, max_new_tokens=NEW, return_logits=True)
+            if beam:
+                got = generate(model, batch, attention_mask=batch_mask, max_new_tokens=NEW, pad_token_id=0, **beam)
+                logits = torch.stack(want.logits, dim=1).float()  # not returned with beams: the sequences decide
+            else:
+                got, logits = generate(model, batch, attention_mask=batch_mask, max_new_tokens=NEW, return_logits=True)
         except Exception as e:  # noqa: BLE001
             text = _short(e)
             for who in ("hf_cp.generate:", "context_parallel:", "moba_decode_cp:"):
@@ -257,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world", type=int, default=WORLD, help="gloo ranks (2)")
     ap.add_argument("--generate", action="store_true",
                     help=f"check sharded-cache decoding ({NEW} greedy tokens) against generate() instead of the prefill")
+    ap.add_argument("--beams", type=int, default=1, help="with --generate: beam search with this many beams")
     ap.add_argument("--markdown", help="also write the table here")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -268,13 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         types = [(t, c) for t, c in types if t in args.only]
     lines = [f"torch {torch.__version__}, transformers {transformers.__version__}; {len(types)} causal LM types, "
              f"{args.world} gloo ranks, block 4 / top-2, {T} tokens"
-             + (f", sharded-cache decoding of {NEW} tokens vs generate()" if args.generate else ", the prefill"), "",
+             + (f", sharded-cache decoding of {NEW} tokens vs generate()" if args.generate else ", the prefill")
+             + (f", {args.beams} beams" if args.generate and args.beams > 1 else ""), "",
              "| model type | class | result | detail |", "|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     counts: Counter = Counter()
     start = time.time()
     for model_type, class_name in types:
-        status, detail = sweep_one(model_type, class_name, args.seconds, args.world, args.generate)
+        status, detail = sweep_one(model_type, class_name, args.seconds, args.world,
+                                   args.beams if args.generate else 0)
         counts[status] += 1
         lines.append(f"| {model_type} | {class_name} | {status} | {detail.replace('|', '/')} |")
         print(lines[-1], flush=True)

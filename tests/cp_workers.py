@@ -570,6 +570,33 @@ def hf_sharded_cache_generate_matches_generate(ctx):
     assert not torch.equal(got_sampled, got), "sampling gave the greedy tokens: the draw was not used"
 
 
+def hf_sharded_cache_beam_search_matches_generate(ctx):
+    """Beam search over a sharded cache (transformers' own loop on every rank, the cache's rows and
+    kept block means moving with the beams) gives single-process `generate(num_beams=...)`'s
+    sequences: 3 beams, 2 returned, a length penalty; a left-padded batch; a one-token prompt."""
+    from moba_rewrite.integrations.hf_cp_generate import generate
+
+    model, _ = _tiny_llama("sdpa")
+    model.eval()
+    ids = torch.randint(0, 96, (2, 45), generator=torch.Generator().manual_seed(12))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    cases = [("one prompt per row", ids, torch.ones_like(ids), dict(num_beams=3, num_return_sequences=2)),
+             ("left padding, length penalty", ids, mask, dict(num_beams=3, length_penalty=0.5)),
+             ("a one-token prompt", ids[:, :1], torch.ones_like(ids[:, :1]), dict(num_beams=2))]
+    for name, prompt, prompt_mask, beams in cases:
+        with torch.no_grad():
+            want = model.generate(prompt, attention_mask=prompt_mask, max_new_tokens=12, do_sample=False,
+                                  pad_token_id=0, **beams)
+        got = generate(model, prompt, attention_mask=prompt_mask, max_new_tokens=12, pad_token_id=0, **beams)
+        assert torch.equal(got, want), (name, got[:, prompt.shape[1]:], want[:, prompt.shape[1]:])
+    with torch.no_grad():
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                pad_token_id=0)
+    assert not torch.equal(generate(model, ids, max_new_tokens=12, pad_token_id=0, num_beams=3), greedy), \
+        "beam search gave the greedy tokens: the test would not see a beam bug"
+
+
 def hf_dense_below_matches_unsharded(ctx):
     """A policy's `dense_below` holds under context parallelism as in one process: a prefill shorter
     than it is full attention (it once ran MoBA when sharded), a longer one MoBA; sharded-cache
@@ -874,10 +901,12 @@ SUITES = {
             bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_eager_encoder_matches_unsharded,
             hf_padded_batch_matches_unsharded, hf_dense_below_matches_unsharded,
             hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
-            hf_sharded_cache_generate_matches_generate, hf_bad_inputs, dead_rank_is_one_clear_error],
+            hf_sharded_cache_generate_matches_generate, hf_sharded_cache_beam_search_matches_generate,
+            hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,
              decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, hf_sharded_cache_generate_matches_generate,
+             hf_sharded_cache_beam_search_matches_generate,
              hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
              fsdp2_and_context_parallel_training_step],
 }

@@ -168,7 +168,7 @@ def test_models_that_mix_tokens_outside_attention_are_refused():
 @pytest.mark.parametrize("model_type,class_name,generate,note", [
     ("gemma2", "Gemma2ForCausalLM", False, ""), ("gemma2", "Gemma2ForCausalLM", True, ""),
     ("moshi", "MoshiForCausalLM", True, ""), ("gpt_oss", "GptOssForCausalLM", True, ""),
-    ("deepseek_v3", "DeepseekV3ForCausalLM", False, ""),
+    ("deepseek_v3", "DeepseekV3ForCausalLM", False, ""), ("gemma3_text", "Gemma3ForCausalLM", 3, ""),
     ("bert", "BertLMHeadModel", False, "packed documents refused: attention site 'bert.encoder.layer.0.attention.self' "
                                        "is not causal")])
 def test_cp_sweep_rows(model_type, class_name, generate, note):
@@ -180,7 +180,10 @@ def test_cp_sweep_rows(model_type, class_name, generate, note):
     window only (sharded decoding once attended every key: tokens differed from step 1); gpt-oss:
     attention sinks and sliding windows in decoding; DeepSeek-V3: MLA (a value head dim of its own)
     with packed documents (K and V all-gathered apart); BERT as a decoder-less LM (bidirectional):
-    packed documents at a non-causal MoBA site are refused (they once ran causally: 0.008 off)."""
+    packed documents at a non-causal MoBA site are refused (they once ran causally: 0.008 off);
+    Gemma 3 with beam search (`generate` = 3 beams): the prompt's last token, which transformers'
+    loop feeds as a step, computed as one process prefills it (MoBA under the sliding window's
+    mask, not the window's dense decode: the first token once differed)."""
     import sys
     from pathlib import Path
 

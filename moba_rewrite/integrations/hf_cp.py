@@ -175,6 +175,7 @@ class _ShardedAttention:
         self.decode_len: int | None = None
         self.decode_cache = None
         self.decode_check = True  # run the decode ops' all-ranks-agree check (the first step checks)
+        self.decode_as_prefill = False  # this step's tokens end the prompt: decode them as one process prefills
         self.custom_positions = False  # hf_cp_generate's padded-batch prefill: position_ids are the caller's
         self.packed = False  # context_parallel(packed=True): position_ids may restart (documents)
         self.documents: Tensor | None = None  # this forward's document of every token [B, W * T_local], if packed
@@ -309,7 +310,8 @@ class _ShardedAttention:
         decision = getattr(module, "_moba_decision", None)
         padding = getattr(getattr(self.decode_cache, "shared", None), "key_mask", None)
         gqa = query.shape[1] != key.shape[1]
-        moba = (decision is not None and decision.mode == "moba" and decision.decode != "dense"
+        as_prefill = self.decode_as_prefill  # the prompt's last token(s): the site's prefill rules, not decode's
+        moba = (decision is not None and decision.mode == "moba" and (as_prefill or decision.decode != "dense")
                 and not moba_op.dense_by_policy(str(decision.backend), self.decode_len, _dense_below(decision)))
         if moba and dense_only:
             if decision.on_unsupported == "error":
@@ -317,9 +319,14 @@ class _ShardedAttention:
                 raise hf.HFUnsupportedError(f"attention site {name!r} cannot run MoBA: {'; '.join(why)} "
                                             f"(policy on_unsupported: error)")
             moba = False
-        kept = hf_cache.sliding_cache_window(module)  # generate()'s cache layer keeps only this window
+        kept = None if as_prefill else hf_cache.sliding_cache_window(module)  # generate()'s layer keeps only this
         if kept is not None:  # one process decodes densely over what that layer holds (and the mask's window)
             window, moba = min(kept, window or kept), False
+        elif moba and window is not None and as_prefill and query.shape[2] == 1:  # the window as a key mask
+            s_cap = key.shape[2]
+            slots = dist.get_rank(self.pg) * s_cap + torch.arange(s_cap, device=key.device)
+            in_window = (slots > self.decode_len - 1 - window).expand(query.shape[0], -1)
+            padding = in_window if padding is None else padding & in_window
         elif moba and window is not None:
             raise ValueError(f"{_WHO}: attention site {name!r} decodes MoBA under a sliding window of {window} keys "
                              f"(its cache layer in generate() keeps every key); sharded-cache decoding does not "

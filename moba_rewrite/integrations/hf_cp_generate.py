@@ -53,6 +53,7 @@ class CacheSlice:
     world: int
     length: int = 0  # tokens in the whole cache before the current forward
     key_mask: Tensor | None = None  # a padded batch: [B, S] bool, which of this rank's slots are real tokens
+    prefilling: bool = False  # the sharded prefill is writing whole slices
 
 
 class ShardedCacheLayer(DynamicLayer):
@@ -66,13 +67,18 @@ class ShardedCacheLayer(DynamicLayer):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         s = self.shared
-        if not self.is_initialized:  # the prefill: this rank's whole slice
+        if not self.is_initialized and s.prefilling:  # the prefill: this rank's whole slice
             if key_states.shape[2] != s.capacity:
                 raise ValueError(f"{_WHO}: the prefill wrote {key_states.shape[2]} tokens into a cache slice of "
                                  f"{s.capacity} slots")
             self.device, self.is_initialized = key_states.device, True
             self.keys, self.values = key_states.contiguous(), value_states.contiguous()
             return self.keys, self.values
+        if not self.is_initialized:  # nothing prefilled (a one-token prompt): an empty slice
+            b, h, _, d = key_states.shape
+            self.device, self.is_initialized = key_states.device, True
+            self.keys = key_states.new_zeros((b, h, s.capacity, d))
+            self.values = value_states.new_zeros((b, value_states.shape[1], s.capacity, value_states.shape[3]))
         start = s.length - s.rank * s.capacity  # slot of the first new token on this rank (may be outside)
         t = key_states.shape[2]
         lo, hi = max(start, 0), min(start + t, s.capacity)
@@ -101,6 +107,19 @@ class ShardedCacheLayer(DynamicLayer):
     def get_seq_length(self, *args) -> int:
         return self.shared.length
 
+    # transformers' beam search moves, repeats and selects batch rows: the kept means move with them
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._means = {bs: (m.index_select(0, beam_idx.to(m.device)), n) for bs, (m, n) in self._means.items()}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._means = {bs: (m.repeat_interleave(repeats, dim=0), n) for bs, (m, n) in self._means.items()}
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._means = {bs: (m[indices], n) for bs, (m, n) in self._means.items()}
+
     def get_mask_sizes(self, query: int | Tensor, *args) -> tuple[int, int]:
         tq = query if isinstance(query, int) else int(query.shape[0])
         return self.shared.length + tq, 0
@@ -115,6 +134,21 @@ class ShardedKVCache(Cache):
     def __init__(self, num_layers: int, shared: CacheSlice) -> None:
         super().__init__(layers=[ShardedCacheLayer(shared) for _ in range(num_layers)])
         self.shared = shared
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.shared.key_mask is not None:
+            self.shared.key_mask = self.shared.key_mask.index_select(0, beam_idx.to(self.shared.key_mask.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.shared.key_mask is not None:
+            self.shared.key_mask = self.shared.key_mask.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.shared.key_mask is not None:
+            self.shared.key_mask = self.shared.key_mask[indices]
 
 
 def _padded_positions(model: nn.Module, input_ids: Tensor, real: Tensor) -> Tensor:
@@ -211,7 +245,8 @@ def _place_prompt(model: nn.Module, input_ids: Tensor, real: Tensor | None, shar
 def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens: int,
              attention_mask: Tensor | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             exchange: str = "auto", return_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+             exchange: str = "auto", return_logits: bool = False, num_beams: int = 1, length_penalty: float = 1.0,
+             early_stopping: bool | str = False, num_return_sequences: int = 1) -> Tensor | tuple[Tensor, Tensor]:
     """Decoding of a rewritten causal LM with its KV cache sharded across `group` (see the module
     docstring). `input_ids` `[B, T]`: the same prompts on every rank; `attention_mask` `[B, T]`
     (0 / 1) for a padded batch (left padding, as for `generate()`: positions are counted over the
@@ -220,10 +255,22 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     each token was chosen from). `eos_token_id`: a row that produced it continues with `pad_token_id`
     (default: the eos id) and decoding stops once every row has; `do_sample`, `temperature`,
     `top_k`, `top_p`: as `generate()`'s (rank 0 draws, from its global random generator: seed it
-    there); `exchange`: the prefill's `moba_attention_cp` exchange."""
+    there); `exchange`: the prefill's `moba_attention_cp` exchange. `num_beams` > 1: beam search,
+    run by transformers' own `generate()` loop over the sharded cache (`length_penalty`,
+    `early_stopping`, `num_return_sequences` as there; greedy only): `[B * num_return_sequences, T + new]`."""
     check_rewritten(model)
     pg = resolve_group(group, _WHO)
     real = _check_arguments(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"{_WHO}: num_beams must be a positive integer, got {num_beams!r}")
+    if num_beams > 1 or num_return_sequences != 1:
+        if do_sample or return_logits:
+            raise ValueError(f"{_WHO}: beam search (num_beams={num_beams}) is greedy here: do_sample and "
+                             f"return_logits are not supported with it")
+        return _beam_search(model, input_ids, attention_mask, real, pg, max_new_tokens=max_new_tokens,
+                            num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                            num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id, exchange=exchange)
     pick = _sampler(do_sample, float(temperature), top_k, top_p)
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
     b, t = input_ids.shape
@@ -245,10 +292,11 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
         if real is not None:
             extra["attention_mask"] = shared.key_mask.long()
         hook.custom_positions = real is not None  # transformers' padded-batch positions, not the layout's
+        shared.prefilling = True
         try:
             out = model(input_ids=local_ids, position_ids=positions, use_cache=True, **{keyword: cache}, **extra)
         finally:
-            hook.custom_positions = False
+            hook.custom_positions = shared.prefilling = False
         logits = out.logits[:, -1 if keep else last].float().contiguous()
         with collective(_WHO, "the broadcast of the prompt's last logits", pg):
             dist.broadcast(logits, src=dist.get_global_rank(pg, owner), group=pg)
@@ -279,3 +327,84 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
             logits = out.logits[:, -1].float()
     ids = torch.cat(tokens, dim=1)
     return (ids, torch.stack(chosen_logits, dim=1)) if return_logits else ids
+
+
+def _beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, real: Tensor | None,
+                 pg: dist.ProcessGroup, *, max_new_tokens: int, num_beams: int, length_penalty: float,
+                 early_stopping: bool | str, num_return_sequences: int, eos_token_id: int | None,
+                 pad_token_id: int | None, exchange: str) -> Tensor:
+    """Beam search over a sharded cache: the prompt but its last token is prefilled under context
+    parallelism, the cache's rows are repeated per beam, and transformers' `generate()` runs its own
+    beam search on every rank (the same logits everywhere, so the same beams), each forward a decode
+    step against the sharded cache (`ShardedKVCache` moves its rows and kept means with the beams).
+    Returns the sequences, checked to be the same on every rank."""
+    world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    b, t = input_ids.shape
+    align = alignment(model)
+    capacity = math.ceil(math.ceil((t + max_new_tokens) / world) / align) * align
+    shared = CacheSlice(capacity=capacity, rank=rank, world=world)
+    cache = ShardedKVCache(_num_layers(model), shared)
+    keyword = _cache_keyword(model)
+    with context_parallel(model, pg, layout="contiguous", seq_len=max(t - 1, 1), exchange=exchange):
+        hook = hf.CONTEXT_PARALLEL
+        if t > 1:  # the prompt but its last token; generate() feeds that one as its first step
+            head = None if real is None else real[:, :t - 1]
+            local_ids, positions, _, shared.key_mask = _place_prompt(model, input_ids[:, :t - 1], head, shared)
+            extra = {} if shared.key_mask is None else {"attention_mask": shared.key_mask.long()}
+            hook.custom_positions, shared.prefilling = real is not None, True
+            try:
+                model(input_ids=local_ids, position_ids=positions, use_cache=True, **{keyword: cache}, **extra)
+            finally:
+                hook.custom_positions, shared.prefilling = False, False
+            shared.length = t - 1
+        elif real is not None:
+            shared.key_mask = torch.zeros((b, capacity), dtype=torch.bool, device=input_ids.device)
+        cache.batch_repeat_interleave(num_beams)
+        handles = _decode_steps(model, hook, cache, shared, rank)
+        try:
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                                 num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
+                                 pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id,
+                                 **{keyword: cache})
+        finally:
+            for h in handles:
+                h.remove()
+    mine = out.contiguous()
+    first = mine.clone()
+    with collective(_WHO, "the broadcast of the sequences", pg):
+        dist.broadcast(first, src=dist.get_global_rank(pg, 0), group=pg)
+    if not torch.equal(first, mine):
+        raise RuntimeError(f"{_WHO}: rank {rank}'s beam search chose other sequences than rank 0's")
+    return mine
+
+
+def _decode_steps(model: nn.Module, hook, cache: ShardedKVCache, shared: CacheSlice, rank: int) -> list:
+    """Hooks that make each forward `generate()` runs a decode step against the sharded cache: the
+    filled length and cache for the sharded attention, the new tokens' slots made visible in a
+    padded batch's key mask (the padding travels in the cache, so the step's own mask is dropped),
+    the length advanced after the step."""
+    state = {"first": True, "tq": 0}
+
+    def before(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        tq = int(ids.shape[1])
+        state["tq"] = tq
+        hook.decode_len, hook.decode_cache, hook.decode_check = shared.length + tq, cache, state["first"]
+        hook.decode_as_prefill = state["first"]  # the prompt's last token: one process computes it in the prefill
+        state["first"] = False
+        if shared.key_mask is not None:
+            lo = max(shared.length - rank * shared.capacity, 0)
+            hi = min(shared.length + tq - rank * shared.capacity, shared.capacity)
+            if lo < hi:
+                shared.key_mask[:, lo:hi] = True
+        return args, {k: v for k, v in kwargs.items() if k != "attention_mask"}
+
+    def after(module, args, output):
+        shared.length += state["tq"]
+        hook.decode_len = hook.decode_cache = None
+        hook.decode_as_prefill = False
+
+    return [model.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+            model.register_forward_hook(after)]
