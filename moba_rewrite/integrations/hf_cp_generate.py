@@ -23,7 +23,8 @@ of the same rewritten model, greedy or sampled from the same seed (tested on 2 a
 Cost per step and rank: the gate and the attention read the rank's own slice (`S` keys per layer);
 the bytes sent are independent of the context length (candidates and partial outputs). A padded
 batch (`attention_mask=`) keeps its padding mask per slice beside the cache and decodes with
-transformers' own positions. Beam search is not supported here.
+transformers' own positions. Beam search (`num_beams` > 1) runs transformers' own `generate()`
+loop over the sharded cache (`_beam_search`).
 """
 
 from __future__ import annotations
