@@ -679,6 +679,15 @@ def hf_sliding_window_matches_unsharded(ctx):
                                   use_cache=False).logits
                 got = unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len)
                 close(f"logits [{family} window {window} {origin} {layout}]", got[real], want[real])
+    # only the window's keys travel: rank r sends rank r + 1 the tokens from the block holding the
+    # window's start (MoBA layers, block 8) or the window's start itself (the dense last layer)
+    model = _sliding_model("mistral", 20, "sdpa")
+    local_ids, pos, seq_len = shard_inputs(model, ids, layout="contiguous")
+    with torch.no_grad(), record_traffic() as traffic, context_parallel(model, seq_len=seq_len):
+        model(input_ids=local_ids, position_ids=pos, use_cache=False)
+    t_local = local_ids.shape[1]
+    tokens = 0 if ctx.rank == ctx.world - 1 else 2 * (t_local - (t_local - 19) // 8 * 8) + 19
+    assert traffic.by_step.get("window keys/values", 0) == tokens * 2 * 2 * (8 + 8) * 4, traffic.by_step
     # sharded-cache decoding: the windows (20 and 28 keys) cross ranks; generate() decodes the
     # sliding layers densely in their window (their cache drops MoBA's blocks), the full layer with MoBA
     from moba_rewrite.integrations.hf_cp_generate import generate

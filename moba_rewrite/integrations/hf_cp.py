@@ -37,6 +37,7 @@ from moba_rewrite.integrations import hf, hf_cache, hf_masks
 from moba_rewrite.parallel import moba_attention_cp, moba_decode_cp, sdpa_decode_cp, shard_sequence
 from moba_rewrite.parallel.attention import check_key_padding
 from moba_rewrite.parallel.shipping import check_mode
+from moba_rewrite.parallel.window import WindowKeys
 from moba_rewrite.parallel.dense import gather_keys_values, in_causal_window, visible_keys
 from moba_rewrite.parallel.groups import check_call_agreement, resolve_group
 from moba_rewrite.parallel.layout import ShardLayout, check_layout, chunks_per_rank, gather_key_mask, gather_sequence
@@ -240,7 +241,9 @@ class _ShardedAttention:
         does not carry, a causal sliding window or packed documents; "dense": a causal dense site),
         as one process computes it.
 
-        Each local chunk of queries runs the op in rows of bounded size (`_ROWS_ELEMS` mask elements),
+        K/V are all-gathered, or for a causal sliding window without packed documents only the
+        window's keys are exchanged (`WindowKeys`). Each local chunk of queries runs the op in rows
+        of bounded size (`_ROWS_ELEMS` mask elements),
         each over the keys from the block holding the earliest key its queries see (the window's
         start, the document's start) to its last query, with the mask at global positions (and the
         padding keys hidden); a plain causal call passes no mask but the padding's. Blocks start at
@@ -256,7 +259,15 @@ class _ShardedAttention:
                              top_k=top_k if kind == "moba" else 0, causal=True, layout=self.layout, seq_len=seq_len,
                              scale=scale, key_padding=self.key_padding is not None, window=window,
                              packed=self.documents is not None)
-        k_all, v_all = gather_keys_values(key, value, self.pg, self.layout, _WHO)
+        unit = block_size if kind == "moba" else 1
+        if window is not None and self.documents is None:  # only the window's keys travel
+            keys_of = WindowKeys(key, value, self.pg, self.layout, seq_len=seq_len, window=window, block_size=unit,
+                                 who=_WHO).span
+        else:
+            k_all, v_all = gather_keys_values(key, value, self.pg, self.layout, _WHO)
+
+            def keys_of(first: int, end: int) -> tuple[Tensor, Tensor]:
+                return k_all[:, :, first:end], v_all[:, :, first:end]
         if self.key_padding is not None and self.global_keys is None:
             self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
         plain = window is None and self.documents is None
@@ -274,15 +285,14 @@ class _ShardedAttention:
                 if plain:
                     mask, first = None, 0
                 else:
-                    mask, first = _causal_visibility(q_pos, end, window, self.documents,
-                                                     block_size if kind == "moba" else 1)
+                    mask, first = _causal_visibility(q_pos, end, window, self.documents, unit)
                 if self.global_keys is not None:
                     keys = self.global_keys[:, None, None, first:end]
                     mask = keys if mask is None else mask & keys
                 bs = block_size if kind == "moba" else end - first
-                out = moba_op.run(query[:, :, i * c + r0:i * c + r0 + end - start], k_all[:, :, first:end],
-                                  v_all[:, :, first:end], None, mask, bs, top_k if kind == "moba" else 1,
-                                  plain, scale, backend, 0)
+                k_span, v_span = keys_of(first, end)
+                out = moba_op.run(query[:, :, i * c + r0:i * c + r0 + end - start], k_span, v_span, None, mask, bs,
+                                  top_k if kind == "moba" else 1, plain, scale, backend, 0)
                 if end - start < n:
                     out = torch.cat([out, out.new_zeros((b, hq, n - (end - start), dv))], dim=2)
                 outs.append(out)

@@ -10,6 +10,7 @@
 - `dense`: `sdpa_cp`, ordinary attention over the sharded sequence by an all-gather of K/V (for the
   dense sites of hybrid policies), and the pieces the Hugging Face integration reuses;
 - `layout`: the `contiguous` and `zigzag` layouts, `shard_sequence` / `unshard_sequence`;
+- `window`: the keys a causal sliding window needs from other ranks (one all-to-all, nothing more);
 - `gate`, `exchange`, `shipping`: the global gate, the block exchange, shipped query rows; `groups`: group resolution, the
   all-ranks-agree check, one clear error for a dead rank; `traffic`: bytes sent, per step.
 
