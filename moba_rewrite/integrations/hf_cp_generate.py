@@ -273,12 +273,9 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
                             num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
                             pad_token_id=pad_token_id, exchange=exchange)
     pick = _sampler(do_sample, float(temperature), top_k, top_p)
-    world, rank = dist.get_world_size(pg), dist.get_rank(pg)
     b, t = input_ids.shape
-    align = alignment(model)
-    capacity = math.ceil(math.ceil((t + max_new_tokens) / world) / align) * align
-    shared = CacheSlice(capacity=capacity, rank=rank, world=world)
-    cache = ShardedKVCache(_num_layers(model), shared)
+    shared, cache = _sharded_cache(model, pg, t + max_new_tokens)
+    rank, capacity = shared.rank, shared.capacity
     dev = input_ids.device
     local_ids, positions, next_position, shared.key_mask = _place_prompt(model, input_ids, real, shared)
     keyword = _cache_keyword(model)
@@ -339,12 +336,9 @@ def _beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | N
     beam search on every rank (the same logits everywhere, so the same beams), each forward a decode
     step against the sharded cache (`ShardedKVCache` moves its rows and kept means with the beams).
     Returns the sequences, checked to be the same on every rank."""
-    world, rank = dist.get_world_size(pg), dist.get_rank(pg)
     b, t = input_ids.shape
-    align = alignment(model)
-    capacity = math.ceil(math.ceil((t + max_new_tokens) / world) / align) * align
-    shared = CacheSlice(capacity=capacity, rank=rank, world=world)
-    cache = ShardedKVCache(_num_layers(model), shared)
+    shared, cache = _sharded_cache(model, pg, t + max_new_tokens)
+    rank, capacity = shared.rank, shared.capacity
     keyword = _cache_keyword(model)
     with context_parallel(model, pg, layout="contiguous", seq_len=max(t - 1, 1), exchange=exchange):
         hook = hf.CONTEXT_PARALLEL
@@ -379,6 +373,15 @@ def _beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | N
     if not torch.equal(first, mine):
         raise RuntimeError(f"{_WHO}: rank {rank}'s beam search chose other sequences than rank 0's")
     return mine
+
+
+def _sharded_cache(model: nn.Module, pg: dist.ProcessGroup, tokens: int) -> tuple[CacheSlice, ShardedKVCache]:
+    """An empty sharded cache for `tokens` (prompt plus new ones): each rank's capacity `S` is its
+    share rounded up to whole blocks of every MoBA site."""
+    world, align = dist.get_world_size(pg), alignment(model)
+    capacity = math.ceil(math.ceil(tokens / world) / align) * align
+    shared = CacheSlice(capacity=capacity, rank=dist.get_rank(pg), world=world)
+    return shared, ShardedKVCache(_num_layers(model), shared)
 
 
 def _decode_steps(model: nn.Module, hook, cache: ShardedKVCache, shared: CacheSlice, rank: int) -> list:
