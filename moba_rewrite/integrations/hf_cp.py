@@ -37,7 +37,7 @@ from moba_rewrite.integrations import hf, hf_cache, hf_masks
 from moba_rewrite.parallel import moba_attention_cp, moba_decode_cp, sdpa_decode_cp, shard_sequence
 from moba_rewrite.parallel.attention import check_key_padding
 from moba_rewrite.parallel.shipping import check_mode
-from moba_rewrite.parallel.window import WindowKeys
+from moba_rewrite.parallel.window import WindowKeys, window_start
 from moba_rewrite.parallel.dense import gather_keys_values, in_causal_window, visible_keys
 from moba_rewrite.parallel.groups import check_call_agreement, resolve_group
 from moba_rewrite.parallel.layout import ShardLayout, check_layout, chunks_per_rank, gather_key_mask, gather_sequence
@@ -291,8 +291,11 @@ class _ShardedAttention:
                     mask = keys if mask is None else mask & keys
                 bs = block_size if kind == "moba" else end - first
                 k_span, v_span = keys_of(first, end)
+                # a dense site: full attention by policy (no finiteness pass over the keys; NaN propagates
+                # as in the model's own attention)
                 out = moba_op.run(query[:, :, i * c + r0:i * c + r0 + end - start], k_span, v_span, None, mask, bs,
-                                  top_k if kind == "moba" else 1, plain, scale, backend, 0)
+                                  top_k if kind == "moba" else 1, plain, scale, backend,
+                                  0 if kind == "moba" else end - first + 1)
                 if end - start < n:
                     out = torch.cat([out, out.new_zeros((b, hq, n - (end - start), dv))], dim=2)
                 outs.append(out)
@@ -408,7 +411,7 @@ def _causal_visibility(q_pos: Tensor, end: int, window: int | None, documents: T
     `[B, >= end]`: each token's document) where given; `first`, the block start at or before the
     earliest key any of them sees)."""
     start = int(q_pos[0])
-    earliest = max(0, start - window + 1) if window is not None else 0
+    earliest = window_start(start, window, 1) if window is not None else 0  # WindowKeys' plan, the same rule
     if documents is not None:  # documents are runs: the first query's document starts earliest
         docs = documents[:, :end]
         earliest = max(earliest, int((docs == docs[:, start:start + 1]).int().argmax(-1).min()))
