@@ -355,7 +355,7 @@ def _beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | N
         elif real is not None:
             shared.key_mask = torch.zeros((b, capacity), dtype=torch.bool, device=input_ids.device)
         cache.batch_repeat_interleave(num_beams)
-        handles = _decode_steps(model, hook, cache, shared, rank)
+        handles = _decode_steps(model, hook, cache, shared)
         try:
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
@@ -384,7 +384,7 @@ def _sharded_cache(model: nn.Module, pg: dist.ProcessGroup, tokens: int) -> tupl
     return shared, ShardedKVCache(_num_layers(model), shared)
 
 
-def _decode_steps(model: nn.Module, hook, cache: ShardedKVCache, shared: CacheSlice, rank: int) -> list:
+def _decode_steps(model: nn.Module, hook, cache: ShardedKVCache, shared: CacheSlice) -> list:
     """Hooks that make each forward `generate()` runs a decode step against the sharded cache: the
     filled length and cache for the sharded attention, the new tokens' slots made visible in a
     padded batch's key mask (the padding travels in the cache, so the step's own mask is dropped),
@@ -399,8 +399,8 @@ def _decode_steps(model: nn.Module, hook, cache: ShardedKVCache, shared: CacheSl
         hook.decode_as_prefill = state["first"]  # the prompt's last token: one process computes it in the prefill
         state["first"] = False
         if shared.key_mask is not None:
-            lo = max(shared.length - rank * shared.capacity, 0)
-            hi = min(shared.length + tq - rank * shared.capacity, shared.capacity)
+            lo = max(shared.length - shared.rank * shared.capacity, 0)
+            hi = min(shared.length + tq - shared.rank * shared.capacity, shared.capacity)
             if lo < hi:
                 shared.key_mask[:, lo:hi] = True
         return args, {k: v for k, v in kwargs.items() if k != "attention_mask"}

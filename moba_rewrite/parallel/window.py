@@ -52,7 +52,7 @@ def _plan(layout: str, world: int, rank: int, local_len: int, seq_len: int, wind
     lay = ShardLayout(layout, world, local_len)
     c = lay.chunk_len
     owner = torch.tensor([r for r, _ in lay.chunk_order()]).repeat_interleave(c)  # [W * T_local]
-    local = torch.cat([torch.arange(i * c, (i + 1) * c) for i in lay.chunks(rank)])  # this rank's positions
+    local = lay.positions(rank)
 
     def needs(r: int) -> Tensor:  # positions rank r needs from others, ascending
         wanted = torch.zeros(world * local_len, dtype=torch.bool)
@@ -64,9 +64,9 @@ def _plan(layout: str, world: int, rank: int, local_len: int, seq_len: int, wind
 
     local_row = torch.full((world * local_len,), -1, dtype=torch.long)
     local_row[local] = torch.arange(local_len)
-    sends = [needs(r)[owner[needs(r)] == rank] if r != rank else torch.empty(0, dtype=torch.long)
-             for r in range(world)]
-    mine = needs(rank)
+    wanted_by = [needs(r) for r in range(world)]
+    sends = [w[owner[w] == rank] for w in wanted_by]  # rank's own needs hold none of its positions: empty
+    mine = wanted_by[rank]
     received = torch.cat([mine[owner[mine] == src] for src in range(world)])  # in arrival order
     row_of = local_row.clone()
     row_of[received] = local_len + torch.arange(len(received))
