@@ -119,9 +119,6 @@ def test_models_that_cannot_become_generation_programs_are_named():
         mr.export_for_generation(torch.nn.Linear(4, 4), None, max_seq_len=32)
     with pytest.raises(GenerationExportError, match="max_position_embeddings 128"):
         mr.export_for_generation(_model("llama"), POLICY, max_seq_len=129)
-    dense_below = {"version": 1, "defaults": {"block_size": BLOCK, "top_k": TOP_K, "dense_below": 64}}
-    with pytest.raises(GenerationExportError, match="dense_below"):
-        mr.export_for_generation(_model("llama"), dense_below, max_seq_len=64)
 
 
 # --------------------------------------------------------------------------- the command line
@@ -325,6 +322,34 @@ def test_onnx_programs_in_onnxruntime_generate_what_generate_does(family, tmp_pa
     prefill, decode_run, spec = load_generation_onnx(tmp_path / "gen")
     prompts = _prompts()
     assert greedy(prefill, decode_run, spec, prompts, NEW) == _reference(model, prompts)[0]
+
+
+def test_dense_below_programs_switch_to_moba_when_generate_does(tmp_path):
+    """A policy's `dense_below` in generation programs (refused before: the filled length is a
+    tensor there): full attention while the cache holds fewer keys (the prefill of 50 and the
+    first 13 steps), MoBA after; pt2 and ONNX programs give `generate()`'s tokens."""
+    from moba_rewrite.exporters.onnx_generation import load_generation_onnx, save_generation_onnx
+
+    import onnx
+
+    policy = {"version": 1, "defaults": {"block_size": BLOCK, "top_k": TOP_K, "dense_below": 64}}
+    model = mr.rewrite(_model("llama"), policy)
+    programs = mr.export_for_generation(model, None, max_seq_len=MAX_LEN, batch=2)
+    prompts = _prompts()
+    want, want_logits = _reference(model, prompts)
+    got, got_logits = _run(programs, prompts)
+    assert got == want
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-4)
+    dense, dense_logits = _reference(_model("llama"), prompts)
+    torch.testing.assert_close(want_logits, dense_logits, atol=1e-5, rtol=1e-4)  # prefill below 64: full attention
+    assert want != dense  # then MoBA
+    save_generation_onnx(programs, tmp_path / "gen")
+    decode = onnx.load(str(tmp_path / "gen" / "decode.onnx"))
+    nodes = [n for n in decode.graph.node if n.domain == "com.moba_rewrite"]
+    assert nodes and all(n.op_type == "Attention" and any(a.name == "dense_below" and a.i == 64 for a in n.attribute)
+                         for n in nodes)
+    prefill, decode_run, spec = load_generation_onnx(tmp_path / "gen")
+    assert greedy(prefill, decode_run, spec, prompts, NEW) == want
 
 
 def test_cli_rewrite_generate_onnx_folder_runs_with_generate(artifact, tmp_path, capsys):

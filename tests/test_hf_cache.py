@@ -205,10 +205,15 @@ def test_a_copied_prompt_cache_generates_as_the_reference(copy_with):
             _check(model.generate(ids, attention_mask=mask, cache=cache, **GEN), want)
 
 
-def test_compiled_decode_step_with_a_static_cache():
+@pytest.mark.parametrize("dense_below", [0, PROMPT + 3])
+def test_compiled_decode_step_with_a_static_cache(dense_below):
     """torch.compile(fullgraph=True) of decode steps reads the positions and means on the device:
-    one graph for every step, the same logits as eager."""
-    model = _rewritten("llama")
+    one graph for every step, the same logits as eager. With a policy's `dense_below` that the
+    cache passes mid-decode (the first two steps full attention, the next two MoBA) the op decides
+    per step from the positions (it raised NotImplementedError under compile before)."""
+    model = _model("llama")
+    extra = {"dense_below": dense_below} if dense_below else {}
+    mr.rewrite(model, {"version": 1, "defaults": {"block_size": BLOCK, "top_k": TOP_K, "decode": "moba", **extra}})
     ids, mask = _prompts()
 
     def decode(fn):
@@ -235,7 +240,14 @@ def test_compiled_decode_step_with_a_static_cache():
     finally:
         torch._dynamo.reset()
     assert counter.frame_count == 1
-    torch.testing.assert_close(got, decode(model), atol=1e-6, rtol=1e-6)
+    eager = decode(model)
+    torch.testing.assert_close(got, eager, atol=1e-6, rtol=1e-6)
+    if dense_below:  # full attention, then MoBA: the original's first two steps, then other logits than it
+        original = _model("llama")
+        mr.rewrite(original, {"version": 1, "defaults": {"block_size": BLOCK, "top_k": PROMPT + 4}})  # = dense
+        dense = decode(original)
+        torch.testing.assert_close(eager[:2], dense[:2], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(eager[2:], dense[2:], atol=1e-3)
 
 
 def test_static_cache_smaller_than_the_prompt_is_named():

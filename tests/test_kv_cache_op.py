@@ -141,6 +141,32 @@ def test_means_update_touches_only_the_new_blocks_and_matches_recomputing():
         assert torch.equal(means[:, :, untouched], before[:, :, untouched])
 
 
+@pytest.mark.parametrize("mask_kind", [None, "padding", "float"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("tq,filled", [(1, 29), (6, 30)])
+def test_dense_below_is_full_attention_on_the_filled_prefix_below_it(mask_kind, causal, tq, filled):
+    """`dense_below` N: full attention on the filled prefix while fewer than N slots are filled,
+    MoBA from N on; the reference backend never switches. The on-device choice (what a captured
+    CUDA graph runs: both computed, no host read) gives the same as the host's."""
+    q, k, v, means, pos = _cache(filled, 45, tq=tq)
+    mask = _mask(mask_kind, 2, tq, 45)
+    kw = dict(block_size=BS, top_k=3, causal=causal, attn_mask=mask, enable_gqa=True)
+    full = _expected(q, k, v, filled, mask, causal, top_k=-(-filled // BS))  # every block: full attention
+    sparse = _expected(q, k, v, filled, mask, causal, top_k=3)
+    assert not torch.allclose(full, sparse, atol=1e-3)
+    for dense_below, want in ((filled + 1, full), (filled, sparse)):
+        for backend in ("torch", "auto"):
+            got = mr.moba_attention_kv_cache(q, k, v, means, pos, backend=backend, dense_below=dense_below, **kw)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        on_device = kv_cache.dense_below_on_device(q, k, v, means, pos, mask, BS, 3, causal, 0.25, "torch",
+                                                   dense_below)
+        torch.testing.assert_close(on_device, want, atol=2e-5, rtol=2e-5)
+    oracle = mr.moba_attention_kv_cache(q, k, v, means, pos, backend="reference", dense_below=filled + 1, **kw)
+    torch.testing.assert_close(oracle, sparse, atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match=r"dense_below must be a non-negative int \(0: never\), got -1"):
+        mr.moba_attention_kv_cache(q, k, v, means, pos, dense_below=-1, **kw)
+
+
 def test_bad_input_is_named():
     q, k, v, means, pos = _cache(20, 40)
     kw = dict(block_size=BS, top_k=3, enable_gqa=True)

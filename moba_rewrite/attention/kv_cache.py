@@ -14,7 +14,12 @@ Inference only: the op has no gradient.
 
 `moba::attention_kv_cache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor key_block_means,
 Tensor cache_position, Tensor? attn_mask, int block_size, int top_k, bool causal, float scale,
-str backend) -> Tensor`
+str backend, int dense_below=0) -> Tensor`
+
+`dense_below` (the policy key): full attention over the filled prefix while it holds fewer than
+`dense_below` keys, decided per call from `cache_position` (the filled length is a tensor in a
+compiled or exported graph). Read on the host where that is allowed; while a CUDA graph is being
+captured both results are computed and one chosen on the device (fixed shapes, no host read).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 from torch import Tensor
 
 from moba_rewrite.attention.functional import validate
-from moba_rewrite.kernels import load_backend, resolve_backend
+from moba_rewrite.kernels import dense, load_backend, resolve_backend
 from moba_rewrite.kernels.eager import plain_eager
 
 
@@ -33,10 +38,15 @@ class CachePositionError(ValueError):
     """`cache_position` does not describe the newest tokens of the cache."""
 
 
+def _capturing(x: Tensor) -> bool:
+    """A CUDA graph is being captured: no host read of `x` is allowed."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_cache_position(cache_position: Tensor, tq: int, length: int) -> None:
     """Raise `CachePositionError` unless `cache_position` is `tq` consecutive slots inside a cache
     of `length`. Reads the positions (a host sync): skipped while a CUDA graph is captured."""
-    if cache_position.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _capturing(cache_position):
         return
     values = cache_position.tolist() if tq <= 2 else cache_position[[0, -1]].tolist()
     first, last = int(values[0]), int(values[-1])
@@ -54,10 +64,58 @@ def check_cache_position(cache_position: Tensor, tq: int, length: int) -> None:
 
 def _forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor, cache_position: Tensor,
              attn_mask: Optional[Tensor], block_size: int, top_k: int, causal: bool, scale: float,
-             backend: str) -> Tensor:
-    """The op's implementation: the backend's `forward_kv_cache`; backends without one (flash_attn) get
-    the reference's definition applied to their `forward` (the filled prefix, read on the host)."""
+             backend: str, dense_below: int = 0) -> Tensor:
+    """The op's implementation: full attention on the filled prefix below `dense_below` keys, else the
+    backend's `forward_kv_cache`; backends without one (flash_attn) get the reference's definition
+    applied to their `forward` (the filled prefix, read on the host)."""
     check_cache_position(cache_position, q.shape[2], k_cache.shape[2])
+    if dense_below and backend != "reference":  # the oracle never switches (attention.op.dense_by_policy)
+        if _capturing(cache_position):
+            return dense_below_on_device(q, k_cache, v_cache, key_block_means, cache_position, attn_mask,
+                                         block_size, top_k, causal, scale, backend, dense_below)
+        filled = int(cache_position[-1]) + 1
+        if filled < dense_below:
+            return _dense_prefix(q, k_cache, v_cache, attn_mask, filled, causal, scale)
+    return _moba(q, k_cache, v_cache, key_block_means, cache_position, attn_mask, block_size, top_k, causal, scale,
+                 backend)
+
+
+def _dense_prefix(q: Tensor, k_cache: Tensor, v_cache: Tensor, attn_mask: Optional[Tensor], filled: int,
+                  causal: bool, scale: float) -> Tensor:
+    """Full attention of the newest queries against the first `filled` slots (queries the newest keys)."""
+    if attn_mask is not None and attn_mask.shape[-1] > 1:
+        attn_mask = attn_mask[..., :filled]
+    return dense.forward(q, k_cache[:, :, :filled], v_cache[:, :, :filled], causal=causal, scale=scale,
+                         attn_mask=attn_mask).contiguous()
+
+
+def dense_below_on_device(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor,
+                          cache_position: Tensor, attn_mask: Optional[Tensor], block_size: int, top_k: int,
+                          causal: bool, scale: float, backend: str, dense_below: int) -> Tensor:
+    """`dense_below` with no host read (a CUDA graph being captured): full attention over every slot,
+    the unfilled ones (and, causal, those after each query) hidden, and MoBA, chosen per call on the
+    device by the filled length. Both are computed (and K and V copied once with their unfilled
+slots zeroed): a captured step pays for both."""
+    slots = torch.arange(k_cache.shape[2], device=k_cache.device)
+    filled = cache_position[-1] + 1
+    visible = slots <= cache_position[:, None] if causal else (slots < filled).expand(q.shape[2], -1)  # [Tq, L]
+    if attn_mask is None:
+        mask = visible
+    elif attn_mask.dtype == torch.bool:
+        mask = attn_mask & visible
+    else:
+        mask = attn_mask.masked_fill(~visible, float("-inf"))
+    unfilled = (slots >= filled)[:, None]  # zeroed: whatever the spare slots hold (NaN) never reaches a score
+    full = dense.forward_masked(q, k_cache.masked_fill(unfilled, 0), v_cache.masked_fill(unfilled, 0), mask,
+                                scale=scale)
+    sparse = _moba(q, k_cache, v_cache, key_block_means, cache_position, attn_mask, block_size, top_k, causal, scale,
+                   backend)
+    return torch.where(filled < dense_below, full.to(sparse.dtype), sparse).contiguous()
+
+
+def _moba(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor, cache_position: Tensor,
+          attn_mask: Optional[Tensor], block_size: int, top_k: int, causal: bool, scale: float,
+          backend: str) -> Tensor:
     kernel = load_backend(resolve_backend(backend, q.device, q, k_cache, attn_mask, v=v_cache))
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
     run = getattr(kernel, "forward_kv_cache", None)
@@ -73,28 +131,30 @@ def _forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tenso
 def attention_kv_cache(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor, cache_position: Tensor,
     attn_mask: Optional[Tensor], block_size: int, top_k: int, causal: bool, scale: float, backend: str,
+    dense_below: int = 0,
 ) -> Tensor:
     """MoBA of the newest tokens against the filled prefix of a KV cache; see `moba_attention_kv_cache`."""
     return _forward(q, k_cache, v_cache, key_block_means, cache_position, attn_mask, block_size, top_k, causal,
-                    scale, backend)
+                    scale, backend, dense_below)
 
 
 @attention_kv_cache.register_fake
 def _attention_kv_cache_fake(q, k_cache, v_cache, key_block_means, cache_position, attn_mask, block_size, top_k,
-                             causal, scale, backend):
+                             causal, scale, backend, dense_below=0):
     return q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
 
 
 def run(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor, cache_position: Tensor,
         attn_mask: Optional[Tensor], block_size: int, top_k: int, causal: bool, scale: float,
-        backend: str) -> Tensor:
+        backend: str, dense_below: int = 0) -> Tensor:
     """`moba::attention_kv_cache` on validated arguments; its implementation directly in plain eager
     mode (the dispatcher's Python costs more than a decode step: `kernels.eager`)."""
     if plain_eager(q, k_cache, v_cache, key_block_means, cache_position, attn_mask):
         return _forward(q, k_cache, v_cache, key_block_means, cache_position, attn_mask, block_size, top_k, causal,
-                        scale, backend)
+                        scale, backend, dense_below)
+    extra = (dense_below,) if dense_below else ()  # graphs keep the short schema when unused
     return torch.ops.moba.attention_kv_cache(q, k_cache, v_cache, key_block_means, cache_position, attn_mask,
-                                             block_size, top_k, causal, scale, backend)
+                                             block_size, top_k, causal, scale, backend, *extra)
 
 
 def validate_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means, cache_position, *,
@@ -141,6 +201,7 @@ def moba_attention_kv_cache(
     attn_mask: Tensor | None = None,
     enable_gqa: bool = False,
     backend: str = "auto",
+    dense_below: int = 0,
 ) -> Tensor:
     """MoBA of `Tq` new queries against a KV cache whose first `cache_position[-1] + 1` slots are filled.
 
@@ -151,9 +212,13 @@ def moba_attention_kv_cache(
     filled size); `cache_position` `[Tq]` the queries' positions, consecutive, the newest tokens.
     `attn_mask`: bool or additive float broadcastable to `[B, Hq, Tq, L]`. Equals
     `moba_attention(q, k[:, :, :filled], v[:, :, :filled], ...)` with the gate on the means.
+    `dense_below` (the policy key; 0: never): full attention while fewer than it are filled.
     """
+    if not isinstance(dense_below, int) or isinstance(dense_below, bool) or dense_below < 0:
+        raise ValueError(f"moba_attention_kv_cache: dense_below must be a non-negative int (0: never), "
+                         f"got {dense_below!r}")
     validate_kv_cache(q, k_cache, v_cache, key_block_means, cache_position, block_size=block_size, top_k=top_k,
                       scale=scale, attn_mask=attn_mask, enable_gqa=enable_gqa, backend=backend)
     resolved_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     return run(q, k_cache, v_cache, key_block_means, cache_position, attn_mask, block_size, top_k, bool(causal),
-               resolved_scale, backend)
+               resolved_scale, backend, dense_below)

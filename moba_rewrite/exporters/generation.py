@@ -221,10 +221,6 @@ def _check_model(model: nn.Module, max_seq_len: int, batch: int) -> None:
     if isinstance(limit, int) and max_seq_len > limit:
         raise GenerationExportError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
                                     f"{limit}")
-    for m in _moba_modules(model).values():
-        if m._moba_decision.dense_below:
-            raise GenerationExportError("a policy's dense_below cannot be applied in an exported static-cache "
-                                        "program (the filled length is a tensor there); drop it from the policy")
 
 
 def export_for_generation(model: nn.Module, policy: Any = None, *, max_seq_len: int, batch: int = 1,

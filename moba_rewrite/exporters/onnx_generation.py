@@ -37,13 +37,15 @@ _KV_NODE_MAX_QUERIES = 16  # static query lengths up to which the cache node (ga
 
 def _kv_cache_node_translation(q, k_cache, v_cache, key_block_means, cache_position, attn_mask=None,
                                block_size: int = 512, top_k: int = 3, causal: bool = True, scale: float = 1.0,
-                               backend: str = "auto"):
+                               backend: str = "auto", dense_below: int = 0):
     """`moba::attention_kv_cache` of a few queries (a decode step) as `com.moba_rewrite::AttentionKVCache`,
-    gated on the cached means; more queries (the prefill): `_kv_cache_translation`."""
+    gated on the cached means; more queries (the prefill), or a policy's `dense_below` (the node
+    gathers a fixed `top_k` blocks, so it cannot switch to full attention): `_kv_cache_translation`,
+    whose node reads every filled key per step."""
     tq = q.shape[2] if q.shape is not None and len(q.shape) == 4 else None
-    if not (isinstance(tq, int) and tq <= _KV_NODE_MAX_QUERIES):
+    if dense_below or not (isinstance(tq, int) and tq <= _KV_NODE_MAX_QUERIES):
         return _kv_cache_translation(q, k_cache, v_cache, key_block_means, cache_position, attn_mask, block_size,
-                                     top_k, causal, scale, backend)
+                                     top_k, causal, scale, backend, dense_below)
     bias = moba_onnx.additive_bias(attn_mask, q)
     return onnx_kv_cache.node(q, k_cache, v_cache, key_block_means, cache_position, bias, block_size=block_size,
                               top_k=top_k, causal=causal, scale=scale)
@@ -51,8 +53,9 @@ def _kv_cache_node_translation(q, k_cache, v_cache, key_block_means, cache_posit
 
 def _kv_cache_translation(q, k_cache, v_cache, key_block_means, cache_position, attn_mask=None,
                           block_size: int = 512, top_k: int = 3, causal: bool = True, scale: float = 1.0,
-                          backend: str = "auto"):
-    """`moba::attention_kv_cache` as `com.moba_rewrite::Attention` on the cache's filled prefix."""
+                          backend: str = "auto", dense_below: int = 0):
+    """`moba::attention_kv_cache` as `com.moba_rewrite::Attention` on the cache's filled prefix (its
+    `dense_below` attribute: full attention below that many filled keys)."""
     filled = op.Add(op.Slice(cache_position, op.Constant(value_ints=[-1]), op.Constant(value_ints=[2**62])),
                     op.Constant(value_ints=[1]))
     start, keys_axis = op.Constant(value_ints=[0]), op.Constant(value_ints=[2])
@@ -64,7 +67,7 @@ def _kv_cache_translation(q, k_cache, v_cache, key_block_means, cache_position, 
         if attn_mask.dtype == onnxscript.ir.DataType.BOOL:
             attn_mask = op.Where(attn_mask, zero, op.CastLike(op.Constant(value_float=float("-inf")), q))
         bias = op.CastLike(op.Slice(attn_mask, start, filled, op.Constant(value_ints=[-1])), q)
-    return moba_onnx._moba_translation(q, k, v, bias, block_size, top_k, causal, scale, backend, 0)
+    return moba_onnx._moba_translation(q, k, v, bias, block_size, top_k, causal, scale, backend, dense_below)
 
 
 def _index_copy_translation(x, dim: int, index, source):

@@ -328,7 +328,8 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask
         "dynamic" if isinstance(layer, dynamic) and not isinstance(layer, static) else None)
     if kind is None:
         return None
-    if dense_below and backend != "reference" and moba_op.dense_by_policy(
+    in_op = kind == "static" and torch.compiler.is_compiling()  # the filled length is a device value: the op decides
+    if dense_below and not in_op and moba_op.dense_by_policy(
             backend, _filled(layer, kind, key, tq - written), dense_below):  # the prefill's rule, per cached call
         state = layer.__dict__.get("moba_block_means")
         if state is not None and not read_only:  # this call's keys go uncounted: rebuilt when MoBA next runs
@@ -355,7 +356,7 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask
             positions = torch.arange(tk - tq, tk, device=key.device)
             means = key_block_means(key, bs).to(_means_dtype(key)) if read_only else _dynamic_means(layer, key, tq, bs)
         return kv_op.run(query, key, value, means, positions, _fit_mask(mask, tk), bs, top_k, causal, scale,
-                         backend)
+                         backend, dense_below if in_op else 0)
 
 
 def _filled(layer: Any, kind: str, key: Tensor, unwritten: int = 0) -> int:
@@ -363,10 +364,6 @@ def _filled(layer: Any, kind: str, key: Tensor, unwritten: int = 0) -> int:
     this call's tokens that a read-only layer placed in `key` but did not count."""
     if kind == "dynamic":
         return key.shape[2]
-    if torch.compiler.is_compiling():
-        raise NotImplementedError(
-            "a policy's dense_below cannot be applied to a StaticCache under torch.compile (the filled "
-            "length is a device value there); drop dense_below from the policy for compiled static decoding")
     return int(layer.cumulative_length) + unwritten
 
 

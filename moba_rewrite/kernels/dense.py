@@ -18,7 +18,7 @@ from torch import Tensor
 
 from moba_rewrite.kernels.mask_forms import simplify
 
-__all__ = ["covers_all_blocks", "forward", "backward"]
+__all__ = ["covers_all_blocks", "forward", "forward_masked", "backward"]
 
 # Mask elements (batch x query rows x keys) built per query chunk when a mask must be combined
 # with the causal cut: bounds the memory of long `dense_below` calls.
@@ -59,6 +59,12 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: boo
     while seen.dim() < out.dim():
         seen = seen.unsqueeze(0)
     return out.masked_fill(~seen, 0.0)
+
+
+def forward_masked(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, scale: float) -> Tensor:
+    """Full attention under exactly `mask` (bool or additive; no causal cut, no host read: safe
+    while a CUDA graph is captured); rows that see no key give zeros."""
+    return _attend(q, k, v, mask, False, scale)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, attn_mask: Tensor | None) -> Tensor:
