@@ -773,6 +773,82 @@ def hf_packed_sequences_match_unsharded(ctx):
         raise AssertionError("restarting position ids ran without packed=True")
 
 
+def _function_site_models() -> list[tuple[str, torch.nn.Module]]:
+    """Models whose attention sites call their own attention function under context parallelism
+    (MoBA cannot honour it): Gemma 2 (soft-capping, every other layer a sliding window of 24) and
+    gpt-oss (sinks, sliding windows of 16), eager attention."""
+    import moba_rewrite as mr
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GptOssConfig, GptOssForCausalLM
+
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=512, attn_implementation="eager")
+    torch.manual_seed(0)
+    gemma = Gemma2ForCausalLM(Gemma2Config(sliding_window=24, **common))
+    torch.manual_seed(0)
+    oss = GptOssForCausalLM(GptOssConfig(sliding_window=16, num_local_experts=4, num_experts_per_tok=2, **common))
+    with torch.no_grad():  # sinks that matter (zero at init)
+        for layer in oss.model.layers:
+            layer.self_attn.sinks.normal_()
+    return [(name, mr.rewrite(model, _POLICY).eval()) for name, model in (("gemma2", gemma), ("gpt_oss", oss))]
+
+
+def hf_model_attention_functions_in_pieces(ctx):
+    """Sites that run the model's own attention function (soft-capping, sinks) sharded = the
+    unsharded rewrite, with a padded batch, both layouts, in one call per chunk and in pieces of 3
+    queries per call (each over the keys its queries can see: no `[T_local, T]` mask); gradients
+    of the pieces too. Before, each rank called the function once with a `[T_local, T]` mask."""
+    from moba_rewrite.integrations import hf_cp
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
+
+    t = 90
+    mask = _padded_batch(t).long()
+    real = mask.bool()
+    ids = torch.randint(0, 96, (3, t), generator=torch.Generator().manual_seed(5))
+    positions = torch.arange(t).expand(3, -1)
+    score_elems, dense_call, masks = hf_cp._SCORE_ELEMS, hf_cp.hf._dense_call, []
+
+    def recording(origin, module, query, key, value, attention_mask, *args, **kwargs):
+        masks.append(tuple(attention_mask.shape))
+        return dense_call(origin, module, query, key, value, attention_mask, *args, **kwargs)
+
+    hf_cp.hf._dense_call = recording
+    try:
+        for name, model in _function_site_models():
+            with torch.no_grad():
+                want = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            for pieces, layout in ((None, "contiguous"), (3, "zigzag"), (3, "contiguous")):
+                hf_cp._SCORE_ELEMS = 3 * 3 * 4 * t if pieces else score_elems  # rows x (batch x heads x keys)
+                local_ids, pos, seq_len = shard_inputs(model, ids, layout=layout)
+                local_mask = shard_attention_mask(model, mask, layout=layout)
+                with torch.no_grad(), context_parallel(model, layout=layout, seq_len=seq_len):
+                    local = model(input_ids=local_ids, position_ids=pos, attention_mask=local_mask,
+                                  use_cache=False).logits
+                got = unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len)
+                close(f"logits [{name} {layout} pieces {pieces}]", got[real], want[real], atol=1e-4)
+                if pieces:  # each call's mask: at most 3 queries; a sliding layer's over its window's keys only
+                    assert masks and max(m[-2] for m in masks) <= 3 and max(m[-1] for m in masks) <= t, masks
+                    assert min(m[-1] for m in masks) <= 24 + 2, masks
+                masks.clear()
+        model = _function_site_models()[0][1]
+        weights = torch.randn(3, t, 96, generator=torch.Generator().manual_seed(6)) * mask[..., None]
+        (model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+         * weights).sum().backward()
+        want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        hf_cp._SCORE_ELEMS = 3 * 3 * 4 * t
+        local_ids, pos, seq_len = shard_inputs(model, ids, layout="zigzag")
+        with context_parallel(model, layout="zigzag", seq_len=seq_len):
+            local = model(input_ids=local_ids, position_ids=pos, use_cache=False,
+                          attention_mask=shard_attention_mask(model, mask, layout="zigzag")).logits
+            (local * shard_sequence(weights, layout="zigzag", dim=1, block_size=hf_cp.alignment(model))).sum().backward()
+        for n, p in model.named_parameters():
+            if n in want_grads:
+                dist.all_reduce(p.grad)
+                close(f"gradient of {n}", p.grad, want_grads[n], atol=1e-4)
+    finally:
+        hf_cp._SCORE_ELEMS, hf_cp.hf._dense_call = score_elems, dense_call
+
+
 def hf_bad_inputs(ctx):
     """Forgotten position_ids, a 4-D attention mask, a model that was not rewritten, a convolution
     over the sharded sequence: one clear error each."""
@@ -910,14 +986,14 @@ SUITES = {
             bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_eager_encoder_matches_unsharded,
             hf_padded_batch_matches_unsharded, hf_dense_below_matches_unsharded,
             hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
-            hf_sharded_cache_generate_matches_generate, hf_sharded_cache_beam_search_matches_generate,
+            hf_model_attention_functions_in_pieces, hf_sharded_cache_generate_matches_generate, hf_sharded_cache_beam_search_matches_generate,
             hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,
              decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, hf_sharded_cache_generate_matches_generate,
              hf_sharded_cache_beam_search_matches_generate,
              hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
-             fsdp2_and_context_parallel_training_step],
+             hf_model_attention_functions_in_pieces, fsdp2_and_context_parallel_training_step],
 }
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from moba_rewrite.parallel import moba_attention_cp, moba_decode_cp, sdpa_decode
 from moba_rewrite.parallel.attention import check_key_padding
 from moba_rewrite.parallel.shipping import check_mode
 from moba_rewrite.parallel.window import WindowKeys, window_start
-from moba_rewrite.parallel.dense import gather_keys_values, in_causal_window, visible_keys
+from moba_rewrite.parallel.dense import gather_keys_values, in_causal_window
 from moba_rewrite.parallel.groups import check_call_agreement, resolve_group
 from moba_rewrite.parallel.layout import ShardLayout, check_layout, chunks_per_rank, gather_key_mask, gather_sequence
 
@@ -260,46 +260,49 @@ class _ShardedAttention:
                              scale=scale, key_padding=self.key_padding is not None, window=window,
                              packed=self.documents is not None)
         unit = block_size if kind == "moba" else 1
-        if window is not None and self.documents is None:  # only the window's keys travel
-            keys_of = WindowKeys(key, value, self.pg, self.layout, seq_len=seq_len, window=window, block_size=unit,
-                                 who=_WHO).span
-        else:
-            k_all, v_all = gather_keys_values(key, value, self.pg, self.layout, _WHO)
-
-            def keys_of(first: int, end: int) -> tuple[Tensor, Tensor]:
-                return k_all[:, :, first:end], v_all[:, :, first:end]
+        keys_of = self._key_spans(key, value, seq_len, window, unit)
         if self.key_padding is not None and self.global_keys is None:
             self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
         plain = window is None and self.documents is None
-        c, outs = lay.chunk_len, []
+        outs = []
         b, hq, dv = query.shape[0], query.shape[1], value.shape[-1]
-        rows = c if plain else max(1, _ROWS_ELEMS // (b * seq_len))
-        for i, chunk in enumerate(lay.chunks(rank)):
-            for r0 in range(0, c, rows):
-                start, end = chunk * c + r0, min(chunk * c + min(r0 + rows, c), seq_len)
-                n = min(rows, c - r0)
-                if end <= start:  # alignment padding only
-                    outs.append(query.new_zeros((b, hq, n, dv)))
-                    continue
-                q_pos = torch.arange(start, end, device=query.device)
-                if plain:
-                    mask, first = None, 0
-                else:
-                    mask, first = _causal_visibility(q_pos, end, window, self.documents, unit)
-                if self.global_keys is not None:
-                    keys = self.global_keys[:, None, None, first:end]
-                    mask = keys if mask is None else mask & keys
-                bs = block_size if kind == "moba" else end - first
-                k_span, v_span = keys_of(first, end)
-                # a dense site: full attention by policy (no finiteness pass over the keys; NaN propagates
-                # as in the model's own attention)
-                out = moba_op.run(query[:, :, i * c + r0:i * c + r0 + end - start], k_span, v_span, None, mask, bs,
-                                  top_k if kind == "moba" else 1, plain, scale, backend,
-                                  0 if kind == "moba" else end - first + 1)
-                if end - start < n:
-                    out = torch.cat([out, out.new_zeros((b, hq, n - (end - start), dv))], dim=2)
-                outs.append(out)
+        rows = lay.chunk_len if plain else max(1, _ROWS_ELEMS // (b * seq_len))
+        for offset, n, start, end in _query_rows(lay, rank, rows, seq_len):
+            if end <= start:  # alignment padding only
+                outs.append(query.new_zeros((b, hq, n, dv)))
+                continue
+            q_pos = torch.arange(start, end, device=query.device)
+            if plain:
+                mask, first = None, 0
+            else:
+                mask, first = _causal_visibility(q_pos, end, window, self.documents, unit)
+            if self.global_keys is not None:
+                keys = self.global_keys[:, None, None, first:end]
+                mask = keys if mask is None else mask & keys
+            bs = block_size if kind == "moba" else end - first
+            k_span, v_span = keys_of(first, end)
+            # a dense site: full attention by policy (no finiteness pass over the keys; NaN propagates
+            # as in the model's own attention)
+            out = moba_op.run(query[:, :, offset:offset + end - start], k_span, v_span, None, mask, bs,
+                              top_k if kind == "moba" else 1, plain, scale, backend,
+                              0 if kind == "moba" else end - first + 1)
+            if end - start < n:
+                out = torch.cat([out, out.new_zeros((b, hq, n - (end - start), dv))], dim=2)
+            outs.append(out)
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+    def _key_spans(self, key: Tensor, value: Tensor, seq_len: int, window: int | None, unit: int):
+        """`keys_of(first, end)`: the whole sequence's keys and values `first .. end-1`. All-gathered,
+        or for a causal sliding window without packed documents only the window's keys, exchanged
+        (`WindowKeys`, planned from blocks of `unit` tokens). A collective: every rank calls it."""
+        if window is not None and self.documents is None:  # only the window's keys travel
+            return WindowKeys(key, value, self.pg, self.layout, seq_len=seq_len, window=window, block_size=unit,
+                              who=_WHO).span
+        k_all, v_all = gather_keys_values(key, value, self.pg, self.layout, _WHO)
+
+        def keys_of(first: int, end: int) -> tuple[Tensor, Tensor]:
+            return k_all[:, :, first:end], v_all[:, :, first:end]
+        return keys_of
 
     def _decode(self, module, name: str, query, key, value, attention_mask, *args, **kwargs):
         """A decode step against this rank's slice of a sharded cache: `moba_decode_cp` at MoBA sites,
@@ -366,34 +369,63 @@ class _ShardedAttention:
                window: int | None = None, **kwargs):
         """A dense site: causal calls the model's attention function would compute plainly (no
         soft-capping, sinks, dropout) run the dense op over the all-gathered K/V in bounded rows
-        (`_gathered`: no `[T_local, T]` mask); others call the model's own attention function on the
-        whole sequence's K/V, masked at global positions (and by a causal sliding window of `window`
-        keys, within packed documents)."""
+        (`_gathered`); others call the model's own attention function, in pieces of queries whose
+        scores stay under `_ROWS_ELEMS` elements, each over the keys it can see (causal: up to its
+        last query, from its window's start; a window's keys are all that travel), masked at global
+        positions (within packed documents, padding keys hidden). No `[T_local, T]` tensor."""
         dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)
         if causal and not hf.unsupported_reasons(query, key, value, None, dropout, module.training, kwargs):
             out = self._gathered(query, key, value, scale, window, kind="dense", block_size=0, top_k=0,
                                  backend="torch")
             return out.transpose(1, 2).contiguous(), None
-        lay = ShardLayout(self.layout, dist.get_world_size(self.pg), query.shape[2])
+        world, rank = dist.get_world_size(self.pg), dist.get_rank(self.pg)
+        lay = ShardLayout(self.layout, world, query.shape[2])
         seq_len = self.seq_len if self.seq_len is not None else lay.global_len
         check_call_agreement(_WHO, self.pg, kind="dense", q=query, k=key, block_size=0, top_k=0, causal=causal,
                              layout=self.layout, seq_len=seq_len, scale=scale, key_padding=self.key_padding is not None,
                              window=window, packed=self.documents is not None)
-        k_all, v_all = gather_keys_values(key, value, self.pg, self.layout, _WHO)
-        rank = dist.get_rank(self.pg)
-        mask = visible_keys(lay, rank, causal=causal, seq_len=seq_len, device=query.device, window=window)
-        mask = mask[None, None]
-        if self.documents is not None:  # a key of the query's own document only
-            mine = self.documents[:, lay.positions(rank, query.device)]
-            mask = mask & (mine[:, None, :, None] == self.documents[:, None, None, :])
-        if self.key_padding is not None:
-            if self.global_keys is None:
-                self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
-            mask = mask & self.global_keys[:, None, None, :]
-        if origin == "eager":  # eager attention adds its mask to the scores
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
-                ~mask, torch.finfo(query.dtype).min)
-        return hf._dense_call(origin, module, query, k_all, v_all, mask, *args, **kwargs)
+        keys_of = self._key_spans(key, value, seq_len, window, 1)
+        if self.key_padding is not None and self.global_keys is None:
+            self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
+        b, hq, dv = query.shape[0], query.shape[1], value.shape[-1]
+        rows = max(1, _SCORE_ELEMS // (b * hq * seq_len))  # the function's scores: [B, Hq, rows, keys]
+        outs = []
+        for offset, n, start, end in _query_rows(lay, rank, rows, seq_len):
+            if end <= start:  # alignment padding only
+                outs.append(query.new_zeros((b, n, hq, dv)))
+                continue
+            q_pos = torch.arange(start, end, device=query.device)
+            if causal or window is not None:
+                mask, first = _causal_visibility(q_pos, end, window, self.documents, 1)
+            else:  # every key, within the query's own document when packed
+                mask, first, end = torch.ones(1, 1, end - start, seq_len, dtype=torch.bool, device=query.device), 0, seq_len
+                if self.documents is not None:
+                    docs = self.documents[:, :seq_len]
+                    mask = docs[:, q_pos][:, None, :, None] == docs[:, None, None, :]
+            if self.global_keys is not None:
+                mask = mask & self.global_keys[:, None, None, first:end]
+            if origin == "eager":  # eager attention adds its mask to the scores
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                    ~mask, torch.finfo(query.dtype).min)
+            k_span, v_span = keys_of(first, end)
+            rows_here = q_pos.numel()
+            out, _ = hf._dense_call(origin, module, query[:, :, offset:offset + rows_here], k_span, v_span, mask,
+                                    *args, **kwargs)
+            if rows_here < n:
+                out = torch.cat([out, out.new_zeros((b, n - rows_here, *out.shape[2:]))], dim=1)
+            outs.append(out)
+        return (torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]), None
+
+
+def _query_rows(lay: ShardLayout, rank: int, rows: int, seq_len: int) -> Iterator[tuple[int, int, int, int]]:
+    """This rank's queries in pieces of at most `rows`: (offset in the local shard, rows, first global
+    position, end clipped to `seq_len`: positions past it are alignment padding)."""
+    c = lay.chunk_len
+    for i, chunk in enumerate(lay.chunks(rank)):
+        for r0 in range(0, c, rows):
+            n = min(rows, c - r0)
+            start = chunk * c + r0
+            yield i * c + r0, n, start, min(start + n, seq_len)
 
 
 # Attention-function arguments MoBA cannot honour but `sdpa_decode_cp` applies (soft-capping, sinks).
@@ -402,6 +434,8 @@ _DENSE_DECODE_KWARGS = ("softcap", "s_aux", "sinks")
 
 # Mask elements (batch x query rows x keys) per call of the gathered attention: bounds its memory.
 _ROWS_ELEMS = 1 << 24
+# Score elements (batch x heads x query rows x keys) per call of a model's own attention function.
+_SCORE_ELEMS = 1 << 26
 
 
 def _causal_visibility(q_pos: Tensor, end: int, window: int | None, documents: Tensor | None, block_size: int
