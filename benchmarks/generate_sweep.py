@@ -179,6 +179,11 @@ def _check(model, ids, mask, want: dict) -> list[str]:
     del limit
     gc.collect()  # one copy at a time: models with a large vocabulary take gigabytes each
     sparse = mr.rewrite(copy.deepcopy(model), SPARSE)
+    if "dense_below" in SPARSE["defaults"]:  # decided per call by the cache's length: no uncached oracle
+        oracle = _generate(sparse, ids, "dynamic", mask)
+        got = _generate(sparse, ids, "static", mask)
+        err = _differ(got, oracle)
+        return notes + ([] if err is None else [f"sparse static: logits differ from the dynamic run by {err:.3g}"])
     oracle = _generate(_oracle(model, sparse), ids, "none", mask)
     gc.collect()
     uncached = _generate(model, ids, "none", mask)
@@ -386,8 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export", action="store_true",
                     help="also check mr.export (the exported, graph-rewritten prefill) against the eager rewrite")
     ap.add_argument("--no-generate", action="store_true", help="skip the generate() checks (with --compiled/--export)")
+    ap.add_argument("--dense-below", type=int, default=0, metavar="N",
+                    help="give the sparse rewrite the policy's dense_below N (full attention while the cache "
+                         "holds fewer than N keys; the prompt has 24): its static run must equal its dynamic run "
+                         "(no uncached oracle), and --compiled / --export compare as usual")
     ap.add_argument("--one", nargs=2, metavar=("TYPE", "CLASS"), help=argparse.SUPPRESS)  # a child's job
     args = ap.parse_args(argv)
+    if args.dense_below:
+        SPARSE["defaults"]["dense_below"] = args.dense_below
     if args.one:
         import json
 
@@ -414,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         flags = tuple(f for f, on in (("--compiled", args.compiled), ("--export", args.export),
                                       ("--no-generate", args.no_generate)) if on)
+        flags += ("--dense-below", str(args.dense_below)) if args.dense_below else ()
         status, detail = _child(model_type, class_name, args.seconds, flags)
         counts[status] += 1
         print(f"| {model_type} | {class_name} | {status} | {detail} |", flush=True)
