@@ -154,7 +154,7 @@ def test_dense_below_is_full_attention_on_the_filled_prefix_below_it(mask_kind, 
     full = _expected(q, k, v, filled, mask, causal, top_k=-(-filled // BS))  # every block: full attention
     sparse = _expected(q, k, v, filled, mask, causal, top_k=3)
     assert not torch.allclose(full, sparse, atol=1e-3)
-    for dense_below, want in ((filled + 1, full), (filled, sparse)):
+    for dense_below, want in ((filled + 1, full), (filled, sparse), (100, full)):  # 100: past the cache
         for backend in ("torch", "auto"):
             got = mr.moba_attention_kv_cache(q, k, v, means, pos, backend=backend, dense_below=dense_below, **kw)
             torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

@@ -92,22 +92,25 @@ def _dense_prefix(q: Tensor, k_cache: Tensor, v_cache: Tensor, attn_mask: Option
 def dense_below_on_device(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor,
                           cache_position: Tensor, attn_mask: Optional[Tensor], block_size: int, top_k: int,
                           causal: bool, scale: float, backend: str, dense_below: int) -> Tensor:
-    """`dense_below` with no host read (a CUDA graph being captured): full attention over every slot,
-    the unfilled ones (and, causal, those after each query) hidden, and MoBA, chosen per call on the
-    device by the filled length. Both are computed (and K and V copied once with their unfilled
-slots zeroed): a captured step pays for both."""
-    slots = torch.arange(k_cache.shape[2], device=k_cache.device)
+    """`dense_below` with no host read (a CUDA graph being captured): full attention over the first
+    `dense_below` slots (all a call below it can have filled; the unfilled ones and, causal, those
+    after each query hidden) and MoBA, chosen per call on the device by the filled length. Both are
+    computed, the full one over `min(L, dense_below)` slots only (their K and V copied with the
+    unfilled slots zeroed)."""
+    n = min(k_cache.shape[2], dense_below)
+    slots = torch.arange(n, device=k_cache.device)
     filled = cache_position[-1] + 1
-    visible = slots <= cache_position[:, None] if causal else (slots < filled).expand(q.shape[2], -1)  # [Tq, L]
-    if attn_mask is None:
+    visible = slots <= cache_position[:, None] if causal else (slots < filled).expand(q.shape[2], -1)  # [Tq, n]
+    cut = attn_mask[..., :n] if attn_mask is not None and attn_mask.shape[-1] > 1 else attn_mask
+    if cut is None:
         mask = visible
-    elif attn_mask.dtype == torch.bool:
-        mask = attn_mask & visible
+    elif cut.dtype == torch.bool:
+        mask = cut & visible
     else:
-        mask = attn_mask.masked_fill(~visible, float("-inf"))
+        mask = cut.masked_fill(~visible, float("-inf"))
     unfilled = (slots >= filled)[:, None]  # zeroed: whatever the spare slots hold (NaN) never reaches a score
-    full = dense.forward_masked(q, k_cache.masked_fill(unfilled, 0), v_cache.masked_fill(unfilled, 0), mask,
-                                scale=scale)
+    full = dense.forward_masked(q, k_cache[:, :, :n].masked_fill(unfilled, 0), v_cache[:, :, :n].masked_fill(unfilled, 0),
+                                mask, scale=scale)
     sparse = _moba(q, k_cache, v_cache, key_block_means, cache_position, attn_mask, block_size, top_k, causal, scale,
                    backend)
     return torch.where(filled < dense_below, full.to(sparse.dtype), sparse).contiguous()
