@@ -101,13 +101,8 @@ def dense_below_on_device(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block
     slots = torch.arange(n, device=k_cache.device)
     filled = cache_position[-1] + 1
     visible = slots <= cache_position[:, None] if causal else (slots < filled).expand(q.shape[2], -1)  # [Tq, n]
-    cut = attn_mask[..., :n] if attn_mask is not None and attn_mask.shape[-1] > 1 else attn_mask
-    if cut is None:
-        mask = visible
-    elif cut.dtype == torch.bool:
-        mask = cut & visible
-    else:
-        mask = cut.masked_fill(~visible, float("-inf"))
+    mask = dense.restrict(attn_mask[..., :n] if attn_mask is not None and attn_mask.shape[-1] > 1 else attn_mask,
+                          visible)
     unfilled = (slots >= filled)[:, None]  # zeroed: whatever the spare slots hold (NaN) never reaches a score
     full = dense.forward_masked(q, k_cache[:, :, :n].masked_fill(unfilled, 0), v_cache[:, :, :n].masked_fill(unfilled, 0),
                                 mask, scale=scale)

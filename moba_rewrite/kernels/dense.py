@@ -18,7 +18,7 @@ from torch import Tensor
 
 from moba_rewrite.kernels.mask_forms import simplify
 
-__all__ = ["covers_all_blocks", "forward", "forward_masked", "backward"]
+__all__ = ["covers_all_blocks", "forward", "forward_masked", "restrict", "backward"]
 
 # Mask elements (batch x query rows x keys) built per query chunk when a mask must be combined
 # with the causal cut: bounds the memory of long `dense_below` calls.
@@ -40,13 +40,16 @@ def _combine(mask: Tensor | None, causal_rows: Tensor | None, q0: int, q1: int) 
     """The query rows `[q0, q1)` of the attention mask, causal cut applied (bool or additive)."""
     if mask is not None and mask.dim() >= 2 and mask.shape[-2] > 1:
         mask = mask[..., q0:q1, :]
-    if causal_rows is None:
-        return mask
+    return mask if causal_rows is None else restrict(mask, causal_rows)
+
+
+def restrict(mask: Tensor | None, visible: Tensor) -> Tensor:
+    """`mask` (None, bool or additive) with the keys `visible` (bool, broadcastable) does not show hidden."""
     if mask is None:
-        return causal_rows
+        return visible
     if mask.dtype == torch.bool:
-        return mask & causal_rows
-    return mask.masked_fill(~causal_rows, float("-inf"))
+        return mask & visible
+    return mask.masked_fill(~visible, float("-inf"))
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float) -> Tensor:
