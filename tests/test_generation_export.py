@@ -327,7 +327,8 @@ def test_onnx_programs_in_onnxruntime_generate_what_generate_does(family, tmp_pa
 def test_dense_below_programs_switch_to_moba_when_generate_does(tmp_path):
     """A policy's `dense_below` in generation programs (refused before: the filled length is a
     tensor there): full attention while the cache holds fewer keys (the prefill of 50 and the
-    first 13 steps), MoBA after; pt2 and ONNX programs give `generate()`'s tokens."""
+    first 13 steps), MoBA after; pt2 and ONNX programs (the decode's cache node switching on
+    the device) give `generate()`'s tokens."""
     from moba_rewrite.exporters.onnx_generation import load_generation_onnx, save_generation_onnx
 
     import onnx
@@ -345,9 +346,9 @@ def test_dense_below_programs_switch_to_moba_when_generate_does(tmp_path):
     assert want != dense  # then MoBA
     save_generation_onnx(programs, tmp_path / "gen")
     decode = onnx.load(str(tmp_path / "gen" / "decode.onnx"))
-    nodes = [n for n in decode.graph.node if n.domain == "com.moba_rewrite"]
-    assert nodes and all(n.op_type == "Attention" and any(a.name == "dense_below" and a.i == 64 for a in n.attribute)
-                         for n in nodes)
+    nodes = [n for n in decode.graph.node if n.domain == "com.moba_rewrite"]  # the cache node, switching itself
+    assert nodes and all(n.op_type == "AttentionKVCache" and any(a.name == "dense_below" and a.i == 64
+                                                                 for a in n.attribute) for n in nodes)
     prefill, decode_run, spec = load_generation_onnx(tmp_path / "gen")
     assert greedy(prefill, decode_run, spec, prompts, NEW) == want
 

@@ -112,3 +112,29 @@ def test_the_gate_reads_the_cached_means_not_the_keys(tmp_path):
     assert not torch.allclose(want, other)  # the means matter for this input
     torch.testing.assert_close(torch.from_numpy(_onnx(call, (q, k, v, means, pos, m), tmp_path)), want,
                                atol=1e-5, rtol=1e-5)
+
+
+class _DenseBelowCall(torch.nn.Module):
+    def __init__(self, causal: bool, dense_below: int) -> None:
+        super().__init__()
+        self.causal, self.dense_below = causal, dense_below
+
+    def forward(self, q, k_cache, v_cache, means, cache_position, mask):
+        return torch.ops.moba.attention_kv_cache(q, k_cache, v_cache, means, cache_position, mask, 16, 2,
+                                                 self.causal, 0.25, "auto", self.dense_below)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("filled,dense_below,full", [(77, 78, True), (77, 77, False), (77, 500, True),
+                                                     (45, 90, True)])
+def test_dense_below_node_switches_to_full_attention_below_it(tmp_path, causal, filled, dense_below, full):
+    """The node's `dense_below`: full attention (every filled block gathered) while fewer slots are
+    filled than it, top-2 MoBA from it on; the op (torch backend) gives the same on the same input."""
+    q, k, v, means, pos, m = _case(filled=filled)
+    want = torch.ops.moba.attention_kv_cache(q, k, v, means, pos, m, 16, 2, causal, 0.25, "torch", dense_below)
+    sparse = torch.ops.moba.attention_kv_cache(q, k, v, means, pos, m, 16, 2, causal, 0.25, "reference")
+    dense = torch.ops.moba.attention_kv_cache(q, k, v, means, pos, m, 16, 16, causal, 0.25, "reference")  # all blocks
+    torch.testing.assert_close(want, dense if full else sparse, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(dense, sparse, atol=1e-4)
+    got = _onnx(_DenseBelowCall(causal, dense_below), (q, k, v, means, pos, m), tmp_path)
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-5, rtol=1e-5)

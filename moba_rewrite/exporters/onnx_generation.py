@@ -39,16 +39,15 @@ def _kv_cache_node_translation(q, k_cache, v_cache, key_block_means, cache_posit
                                block_size: int = 512, top_k: int = 3, causal: bool = True, scale: float = 1.0,
                                backend: str = "auto", dense_below: int = 0):
     """`moba::attention_kv_cache` of a few queries (a decode step) as `com.moba_rewrite::AttentionKVCache`,
-    gated on the cached means; more queries (the prefill), or a policy's `dense_below` (the node
-    gathers a fixed `top_k` blocks, so it cannot switch to full attention): `_kv_cache_translation`,
-    whose node reads every filled key per step."""
+    gated on the cached means (full attention below `dense_below` filled slots); more queries (the
+    prefill): `_kv_cache_translation`."""
     tq = q.shape[2] if q.shape is not None and len(q.shape) == 4 else None
-    if dense_below or not (isinstance(tq, int) and tq <= _KV_NODE_MAX_QUERIES):
+    if not (isinstance(tq, int) and tq <= _KV_NODE_MAX_QUERIES):
         return _kv_cache_translation(q, k_cache, v_cache, key_block_means, cache_position, attn_mask, block_size,
                                      top_k, causal, scale, backend, dense_below)
     bias = moba_onnx.additive_bias(attn_mask, q)
     return onnx_kv_cache.node(q, k_cache, v_cache, key_block_means, cache_position, bias, block_size=block_size,
-                              top_k=top_k, causal=causal, scale=scale)
+                              top_k=top_k, causal=causal, scale=scale, dense_below=dense_below)
 
 
 def _kv_cache_translation(q, k_cache, v_cache, key_block_means, cache_position, attn_mask=None,

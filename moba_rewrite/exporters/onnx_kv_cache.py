@@ -19,8 +19,10 @@ ops only (opset 20); the steps are those of the torch backend's decode path
 Node contract: inputs `q [B, Hq, Tq, D]`, `k_cache [B, Hkv, L, D]`, `v_cache [B, Hkv, L, Dv]`,
 `means [B, Hkv, NB >= ceil(L / block_size), D]`, `cache_position [Tq]` (int64, consecutive, the
 newest tokens), `bias` (additive float mask broadcastable to `[B, Hq, Tq, L]`; scalar 0 for
-none); attributes `block_size`, `top_k`, `causal`, `scale`; output `[B, Hq, Tq, Dv]` in q's
-dtype. Memory is O(B * Hq * Tq * top_k * block_size * D): meant for a few queries (decode);
+none); attributes `block_size`, `top_k`, `causal`, `scale`, `dense_below` (0: never; while fewer
+slots are filled, full attention: every candidate block, `ceil(dense_below / block_size)` gathered
+per row instead of `top_k`, so a step reads O(max(top_k * block_size, dense_below)) keys);
+output `[B, Hq, Tq, Dv]` in q's dtype. Memory is O(B * Hq * Tq * top_k * block_size * D): meant for a few queries (decode);
 prefill keeps `com.moba_rewrite::Attention` on the filled prefix.
 """
 
@@ -37,7 +39,7 @@ moba_opset = onnxscript.values.Opset(DOMAIN, 1)
 
 @onnxscript.script(moba_opset, default_opset=op)
 def KVCacheAttentionBody(q, k_cache, v_cache, means, cache_position, bias, block_size: int,  # noqa: N802
-                         top_k: int, causal: int, scale: float):
+                         top_k: int, causal: int, scale: float, dense_below: int):
     """MoBA of the queries at `cache_position` against the filled prefix of the cache (module doc)."""
     qf = op.Cast(q, to=1)
     biasf = op.Cast(bias, to=1)
@@ -91,9 +93,16 @@ def KVCacheAttentionBody(q, k_cache, v_cache, means, cache_position, bias, block
     block_seen = op.Reshape(op.Expand(block_seen, op.Concat(b1, hq1, tq1, nb1, axis=0)), rows_shape)
     candidate = op.And(op.And(candidate, block_seen), op.Not(op.IsNaN(gate)))  # [B, Hkv, R, nb]
     n_pick = op.Min(op.Sub(op.Constant(value_int=top_k), one), nb)
-    kk = op.Reshape(op.Max(n_pick, one), one1)
+    # dense_below: while fewer keys are filled, every candidate (a call below it has at most
+    # ceil(dense_below / block) blocks filled), so that many are gathered; from it on the best n_pick
+    below = op.Less(op.Squeeze(filled, [0]), op.Constant(value_int=dense_below))
+    n_below = op.Min(op.Sub(op.Div(op.Sub(op.Add(op.Constant(value_int=dense_below), bs), one), bs), one),
+                     op.Sub(nb, one))
+    n_gather = op.Max(n_pick, op.Where(op.Greater(op.Constant(value_int=dense_below), zero), n_below, zero))
+    kk = op.Reshape(op.Max(n_gather, one), one1)
     picked_score, picked = op.TopK(op.Where(candidate, gate, ninf), kk, axis=-1)  # [B, Hkv, R, kk]
-    picked_ok = op.And(op.Greater(picked_score, ninf), op.Greater(n_pick, zero))
+    in_budget = op.Or(op.Less(op.Range(zero, op.Squeeze(kk, [0]), one), n_pick), below)  # [kk]
+    picked_ok = op.And(op.Greater(picked_score, ninf), in_budget)
     sel_shape = op.Concat(op.Shape(picked, start=0, end=3), one1, axis=0)
     sel = op.Concat(op.Expand(op.Unsqueeze(own, [0, 1]), sel_shape), picked, axis=-1)  # [B, Hkv, R, K]
     sel_ok = op.Concat(op.Expand(op.Cast(one, to=9), sel_shape), picked_ok, axis=-1)
@@ -154,7 +163,9 @@ def _register_schema() -> None:
         attributes=[attr("block_size", at.INT, "keys per block"),
                     attr("top_k", at.INT, "blocks attended per query, own block included"),
                     attr("causal", at.INT, "1: causal MoBA"),
-                    attr("scale", at.FLOAT, "softmax scale")],
+                    attr("scale", at.FLOAT, "softmax scale"),
+                    attr("dense_below", onnx.helper.make_attribute("dense_below", 0),
+                         "full attention while fewer than this many slots are filled (0: never)")],
     ))
 
 
@@ -162,10 +173,11 @@ _register_schema()
 
 
 def node(q, k_cache, v_cache, means, cache_position, bias, *, block_size: int, top_k: int, causal: bool,
-         scale: float):
+         scale: float, dense_below: int = 0):
     """Emit one `com.moba_rewrite::AttentionKVCache` node (inside a torch.onnx translation)."""
     return moba_opset.AttentionKVCache(q, k_cache, v_cache, means, cache_position, bias, block_size=int(block_size),
-                                       top_k=int(top_k), causal=int(bool(causal)), scale=float(scale))
+                                       top_k=int(top_k), causal=int(bool(causal)), scale=float(scale),
+                                       dense_below=int(dense_below))
 
 
 def function_proto() -> onnx.FunctionProto:
