@@ -14,7 +14,8 @@ are compared only where rounding cannot move a block choice:
   `reference` on that call's own inputs (same device and dtype: the gate sees the same values);
 * in fp32 on `--device`, sparse: logits of the eager and the compiled model, and every step of
   `generate()` (dynamic and static cache, teacher-forced), equal the CPU fp32 run's, whose path
-  the test suite checks against the reference.
+  the test suite checks against the reference; and with a policy's `dense_below` crossed
+  mid-decode, transformers' own compiled static decode (CUDA graphs on a GPU) = the eager one.
 
 Prints one line per check and exits non-zero if any fails.
 """
@@ -151,6 +152,23 @@ def main() -> int:
             steps = torch.stack(out.logits, dim=1)  # [B, new, vocab]
             teacher = reference(out.sequences[:, :-1].cpu()).logits[:, prompt.shape[1] - 1:]  # same tokens, recomputed
             check(f"fp32, generate, {cache} cache, every step = CPU fp32", steps, teacher, tol32)
+        # dense_below crossed mid-decode (10 steps of full attention, then MoBA), compiled by transformers
+        # itself (reduce-overhead on CUDA: the op's on-device choice while the graph is captured)
+        from transformers import CompileConfig
+
+        below = mr.rewrite(_model(args.device, torch.float32), {"version": 1, "defaults": {
+            "block_size": 32, "top_k": 2, "decode": "moba", "dense_below": prompt.shape[1] + 10}})
+        eager = _generate(below, prompt, "static")
+        config = CompileConfig(fullgraph=True, mode="reduce-overhead" if args.device.startswith("cuda") else "default",
+                               backend="inductor" if args.device.startswith("cuda") else "aot_eager")
+        config._compile_all_devices = True
+        torch._dynamo.reset()
+        compiled = below.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+                                  cache_implementation="static", compile_config=config)
+        torch._dynamo.reset()
+        check("fp32, dense_below crossed mid-decode, compiled static decode = eager",
+              torch.stack(compiled.logits, dim=1), torch.stack(eager.logits, dim=1), tol32)
     print("model_check:", "all passed" if not failed else f"{len(failed)} failed: {', '.join(failed)}")
     return 1 if failed else 0
 

@@ -124,9 +124,9 @@ class _DenseBelowCall(torch.nn.Module):
                                                  self.causal, 0.25, "auto", self.dense_below)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("filled,dense_below,full", [(77, 78, True), (77, 77, False), (77, 500, True),
-                                                     (45, 90, True)])
+@pytest.mark.parametrize("causal,filled,dense_below,full", [(True, 77, 78, True), (True, 77, 77, False),
+                                                            (False, 77, 500, True), (False, 77, 77, False),
+                                                            (True, 45, 90, True)])
 def test_dense_below_node_switches_to_full_attention_below_it(tmp_path, causal, filled, dense_below, full):
     """The node's `dense_below`: full attention (every filled block gathered) while fewer slots are
     filled than it, top-2 MoBA from it on; the op (torch backend) gives the same on the same input."""
