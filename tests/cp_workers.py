@@ -573,7 +573,8 @@ def hf_sharded_cache_generate_matches_generate(ctx):
 def hf_sharded_cache_beam_search_matches_generate(ctx):
     """Beam search over a sharded cache (transformers' own loop on every rank, the cache's rows and
     kept block means moving with the beams) gives single-process `generate(num_beams=...)`'s
-    sequences: 3 beams, 2 returned, a length penalty; a left-padded batch; a one-token prompt."""
+    sequences: 3 beams, 2 returned, a length penalty; a left-padded batch; a one-token prompt; beam
+    sampling from the same seed (other ranks seeded otherwise: rank 0's random state is used)."""
     from moba_rewrite.integrations.hf_cp_generate import generate
 
     model, _ = _tiny_llama("sdpa")
@@ -595,6 +596,18 @@ def hf_sharded_cache_beam_search_matches_generate(ctx):
                                 pad_token_id=0)
     assert not torch.equal(generate(model, ids, max_new_tokens=12, pad_token_id=0, num_beams=3), greedy), \
         "beam search gave the greedy tokens: the test would not see a beam bug"
+    # beam sampling: every rank draws from rank 0's random state (ranks seeded differently here)
+    sample = dict(num_beams=3, do_sample=True, temperature=1.5, top_k=20, num_return_sequences=2)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, **sample)
+    torch.manual_seed(7 if ctx.rank == 0 else 100 + ctx.rank)
+    got = generate(model, ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, **sample)
+    assert torch.equal(got, want), ("beam sampling", got[:, 45:], want[:, 45:])
+    torch.manual_seed(8)
+    with torch.no_grad():
+        other = model.generate(ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, **sample)
+    assert not torch.equal(other, want), "another seed drew the same tokens: the test would not see the draws"
 
 
 def hf_dense_below_matches_unsharded(ctx):

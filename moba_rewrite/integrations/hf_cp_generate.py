@@ -258,20 +258,23 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     `top_k`, `top_p`: as `generate()`'s (rank 0 draws, from its global random generator: seed it
     there); `exchange`: the prefill's `moba_attention_cp` exchange. `num_beams` > 1: beam search,
     run by transformers' own `generate()` loop over the sharded cache (`length_penalty`,
-    `early_stopping`, `num_return_sequences` as there; greedy only): `[B * num_return_sequences, T + new]`."""
+    `early_stopping`, `num_return_sequences` as there; with `do_sample`, beam sampling from rank 0's
+    random state): `[B * num_return_sequences, T + new]`."""
     check_rewritten(model)
     pg = resolve_group(group, _WHO)
     real = _check_arguments(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"{_WHO}: num_beams must be a positive integer, got {num_beams!r}")
     if num_beams > 1 or num_return_sequences != 1:
-        if do_sample or return_logits:
-            raise ValueError(f"{_WHO}: beam search (num_beams={num_beams}) is greedy here: do_sample and "
-                             f"return_logits are not supported with it")
+        if return_logits:
+            raise ValueError(f"{_WHO}: return_logits is not supported with beam search (num_beams={num_beams})")
+        sampling = dict(do_sample=bool(do_sample))
+        if do_sample:
+            sampling.update(temperature=float(temperature), top_k=top_k, top_p=top_p)
         return _beam_search(model, input_ids, attention_mask, real, pg, max_new_tokens=max_new_tokens,
                             num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
                             num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
-                            pad_token_id=pad_token_id, exchange=exchange)
+                            pad_token_id=pad_token_id, exchange=exchange, sampling=sampling)
     pick = _sampler(do_sample, float(temperature), top_k, top_p)
     b, t = input_ids.shape
     shared, cache = _sharded_cache(model, pg, t + max_new_tokens)
@@ -330,12 +333,13 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
 def _beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, real: Tensor | None,
                  pg: dist.ProcessGroup, *, max_new_tokens: int, num_beams: int, length_penalty: float,
                  early_stopping: bool | str, num_return_sequences: int, eos_token_id: int | None,
-                 pad_token_id: int | None, exchange: str) -> Tensor:
+                 pad_token_id: int | None, exchange: str, sampling: dict) -> Tensor:
     """Beam search over a sharded cache: the prompt but its last token is prefilled under context
     parallelism, the cache's rows are repeated per beam, and transformers' `generate()` runs its own
     beam search on every rank (the same logits everywhere, so the same beams), each forward a decode
     step against the sharded cache (`ShardedKVCache` moves its rows and kept means with the beams).
-    Returns the sequences, checked to be the same on every rank."""
+    `sampling` (generate()'s do_sample and warpers): beam sampling draws on every rank from rank 0's
+    random state, sent to all first. Returns the sequences, checked to be the same on every rank."""
     b, t = input_ids.shape
     shared, cache = _sharded_cache(model, pg, t + max_new_tokens)
     rank, capacity = shared.rank, shared.capacity
@@ -355,10 +359,12 @@ def _beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | N
         elif real is not None:
             shared.key_mask = torch.zeros((b, capacity), dtype=torch.bool, device=input_ids.device)
         cache.batch_repeat_interleave(num_beams)
+        if sampling["do_sample"]:
+            _random_state_of_rank_0(pg, input_ids.device)
         handles = _decode_steps(model, hook, cache, shared)
         try:
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, **sampling,
                                  num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
                                  num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
                                  pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id,
@@ -373,6 +379,21 @@ def _beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | N
     if not torch.equal(first, mine):
         raise RuntimeError(f"{_WHO}: rank {rank}'s beam search chose other sequences than rank 0's")
     return mine
+
+
+def _random_state_of_rank_0(pg: dist.ProcessGroup, device: torch.device) -> None:
+    """Set this rank's global random generator (CPU, and the device's when it is CUDA) to rank 0's, so
+    that draws made by every rank from the same logits agree."""
+    states = [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+    comm = device if dist.get_backend(pg) == "nccl" else torch.device("cpu")
+    for i, state in enumerate(states):
+        sent = state.to(comm)
+        with collective(_WHO, "the broadcast of rank 0's random state", pg):
+            dist.broadcast(sent, src=dist.get_global_rank(pg, 0), group=pg)
+        states[i] = sent.cpu()
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
 
 
 def _sharded_cache(model: nn.Module, pg: dist.ProcessGroup, tokens: int) -> tuple[CacheSlice, ShardedKVCache]:
