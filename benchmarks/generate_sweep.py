@@ -36,6 +36,13 @@ Inductor's code generation, to keep the sweep short) must give the sparse rewrit
 not checked where the original model does not compile or its compiled run differs from its own
 eager run.
 
+`--dense-below N` gives the sparse rewrite the policy's `dense_below: N` (full attention while
+the cache holds fewer than N keys; N = 28 with the 24-token prompt switches to MoBA at the fourth
+step). Its calls are then decided by the cache's length, which the uncached oracle does not
+share, so the sparse check becomes "the static run equals the dynamic run"; `--compiled` (the
+compiled decode decides per step from the positions, inside the op) and `--export` compare as
+usual.
+
 A row per model type: `equal`, `DIFFERS` (with the error), `ERROR` (the rewritten model failed
 where the original ran) or `skipped` (the original could not be built or could not generate).
 Each model type runs in a child process (8 GiB address-space limit, `--seconds` per phase), so
