@@ -337,7 +337,7 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask
         return DENSE
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return _differentiable(layer, kind, query, key, value, mask, causal, scale, bs, top_k, backend,
-                               unwritten=tq - written, keep=not read_only)
+                               unwritten=tq - written, keep=not read_only, dense_below=dense_below if in_op else 0)
     # a decode step is a few small ops: on one thread they cannot stall at OpenMP barriers (kernels.threads)
     with single_threaded(key.device) if tq == 1 else contextlib.nullcontext():
         if kind == "static":
@@ -369,9 +369,10 @@ def _filled(layer: Any, kind: str, key: Tensor, unwritten: int = 0) -> int:
 
 def _differentiable(layer: Any, kind: str, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
                     causal: bool, scale: float, bs: int, top_k: int, backend: str, *, unwritten: int = 0,
-                    keep: bool = True) -> Tensor:
+                    keep: bool = True, dense_below: int = 0) -> Tensor:
     """A call that records gradients (training with `use_cache` on): `moba::attention`, which has a
-    backward, on the filled prefix (the KV-cache op is inference only). The means are not kept."""
+    backward, on the filled prefix (the KV-cache op is inference only; `dense_below` decided there on
+    the filled length, where the caller could not). The means are not kept."""
     state = layer.__dict__.get("moba_block_means")
     if state is not None and keep:
         state.stale = True
@@ -379,7 +380,7 @@ def _differentiable(layer: Any, kind: str, query: Tensor, key: Tensor, value: Te
     if filled < key.shape[2]:
         key, value = key[:, :, :filled], value[:, :, :filled]
         mask = mask[..., :filled] if mask is not None and mask.shape[-1] > 1 else mask
-    return moba_op.run(query, key, value, None, mask, bs, top_k, causal, scale, backend)
+    return moba_op.run(query, key, value, None, mask, bs, top_k, causal, scale, backend, dense_below)
 
 
 def _fit_mask(mask: Tensor | None, length: int) -> Tensor | None:
