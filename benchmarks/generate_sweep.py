@@ -187,6 +187,9 @@ def _check(model, ids, mask, want: dict) -> list[str]:
     gc.collect()  # one copy at a time: models with a large vocabulary take gigabytes each
     sparse = mr.rewrite(copy.deepcopy(model), SPARSE)
     if "dense_below" in SPARSE["defaults"]:  # decided per call by the cache's length: no uncached oracle
+        if _differ(want["static"], want["dynamic"]) is not None:  # below N the original attends: its caches differ
+            return notes + ["ok: sparse with dense_below not checked (the original's static run differs from its "
+                            "dynamic run)"]
         oracle = _generate(sparse, ids, "dynamic", mask)
         got = _generate(sparse, ids, "static", mask)
         err = _differ(got, oracle)
