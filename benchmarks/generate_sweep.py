@@ -187,7 +187,10 @@ def _check(model, ids, mask, want: dict) -> list[str]:
     gc.collect()  # one copy at a time: models with a large vocabulary take gigabytes each
     sparse = mr.rewrite(copy.deepcopy(model), SPARSE)
     if "dense_below" in SPARSE["defaults"]:  # decided per call by the cache's length: no uncached oracle
-        if _differ(want["static"], want["dynamic"]) is not None:  # below N the original attends: its caches differ
+        # below N the original's attention runs: where its own static and dynamic runs compute different things
+        # (BERT-style decoders, more than fp32 rounding: 3e-5 for data2vec-text's padded batch in fp64 too), a
+        # gate can then pick other blocks; no check there
+        if _differ(want["static"], want["dynamic"], 1e-5) is not None:
             return notes + ["ok: sparse with dense_below not checked (the original's static run differs from its "
                             "dynamic run)"]
         oracle = _generate(sparse, ids, "dynamic", mask)
