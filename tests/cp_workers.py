@@ -850,10 +850,13 @@ def hf_model_attention_functions_in_pieces(ctx):
         model.zero_grad()
         hf_cp._SCORE_ELEMS = 3 * 3 * 4 * t
         local_ids, pos, seq_len = shard_inputs(model, ids, layout="zigzag")
-        with context_parallel(model, layout="zigzag", seq_len=seq_len):
+        with record_traffic() as traffic, context_parallel(model, layout="zigzag", seq_len=seq_len):
             local = model(input_ids=local_ids, position_ids=pos, use_cache=False,
                           attention_mask=shard_attention_mask(model, mask, layout="zigzag")).logits
             (local * shard_sequence(weights, layout="zigzag", dim=1, block_size=hf_cp.alignment(model))).sum().backward()
+        # the full layer's K/V all-gathered and their gradients reduce-scattered: the same bytes each way
+        gathered = traffic.by_step.get("all-gathered keys/values", 0)
+        assert gathered > 0 and traffic.by_step.get("all-gathered keys/values (gradients)") == gathered, traffic.by_step
         for n, p in model.named_parameters():
             if n in want_grads:
                 dist.all_reduce(p.grad)

@@ -17,7 +17,6 @@ from torch import Tensor
 from moba_rewrite.parallel.attention import check_key_padding, check_shards
 from moba_rewrite.parallel.groups import check_call_agreement
 from moba_rewrite.parallel.layout import ShardLayout, gather_key_mask, gather_sequence, resolve_seq_len
-from moba_rewrite.parallel.traffic import count
 
 _WHO = "sdpa_cp"
 
@@ -26,10 +25,11 @@ def gather_keys_values(k: Tensor, v: Tensor, pg: dist.ProcessGroup, layout: str,
                        ) -> tuple[Tensor, Tensor]:
     """K and V of the whole (padded) sequence in sequence order, from every rank's shard; differentiable.
     One all-gather, two when V has a head dim of its own (MLA)."""
-    count("all-gathered keys/values", (k.numel() + v.numel()) * k.element_size() * (dist.get_world_size(pg) - 1))
+    step = "all-gathered keys/values"
     if k.shape != v.shape:
-        return gather_sequence(k, pg, layout, dim=2, who=who), gather_sequence(v, pg, layout, dim=2, who=who)
-    kv = gather_sequence(torch.stack([k, v]), pg, layout, dim=3, who=who)
+        return (gather_sequence(k, pg, layout, dim=2, who=who, step=step),
+                gather_sequence(v, pg, layout, dim=2, who=who, step=step))
+    kv = gather_sequence(torch.stack([k, v]), pg, layout, dim=3, who=who, step=step)
     return kv[0], kv[1]
 
 

@@ -140,23 +140,30 @@ class _GatherShards(torch.autograd.Function):
     each rank's shard gets the sum of every rank's gradient for it."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, pg, who: str) -> Tensor:
-        ctx.pg, ctx.who = pg, who
+    def forward(ctx, x: Tensor, pg, who: str, step: str | None) -> Tensor:
+        ctx.pg, ctx.who, ctx.step = pg, who, step
+        others = dist.get_world_size(pg) - 1
+        if step is not None:
+            count(step, x.numel() * x.element_size() * others)
         with collective(who, "the all-gather of the sequence", pg):
             return all_gather_stacked(x, pg)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if ctx.step is not None:  # every rank's part but its own
+            count(f"{ctx.step} (gradients)", grad[1:].numel() * grad.element_size())
         with collective(ctx.who, "the reduce-scatter of the sequence's gradient", ctx.pg):
-            return reduce_scatter_stacked(grad, ctx.pg), None, None
+            return reduce_scatter_stacked(grad, ctx.pg), None, None, None
 
 
-def gather_sequence(x: Tensor, pg: dist.ProcessGroup, layout: str, dim: int, who: str) -> Tensor:
-    """The whole (padded) sequence from every rank's shard along `dim`, differentiable."""
+def gather_sequence(x: Tensor, pg: dist.ProcessGroup, layout: str, dim: int, who: str,
+                    step: str | None = None) -> Tensor:
+    """The whole (padded) sequence from every rank's shard along `dim`, differentiable; `step`: count
+    the bytes sent under that name (`parallel.record_traffic`), the backward's reduce-scatter too."""
     world = dist.get_world_size(pg)
     dim = dim % x.dim()
     lay = ShardLayout(layout, world, x.shape[dim])
-    everyone = _GatherShards.apply(x, pg, who)  # [W, ...]
+    everyone = _GatherShards.apply(x, pg, who, step)  # [W, ...]
     c = lay.chunk_len
     return torch.cat([everyone[r].narrow(dim, i * c, c) for r, i in lay.chunk_order()], dim=dim)
 
