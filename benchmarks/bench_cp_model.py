@@ -10,9 +10,10 @@ process without `context_parallel`: the single-device baseline), shards one sequ
 (`shard_inputs`, `--layout`: zigzag by default, the load-balanced causal layout) and times the
 model's forward up to its last hidden states ( as a training step with a chunked loss
 uses them: the LM head on the last position only; `--backward`: forward and backward of a
-weighted sum of them) on every rank,
-median of `--repeats` after one warm-up, the slowest rank reported. Per rank it also gives the
-peak memory of one step (resident-set growth, sampled) and the bytes sent to other ranks
+weighted sum of them) on every rank, median of `--repeats` after one warm-up, the slowest rank
+reported. Per rank it also gives the peak tensor memory of one step (the CPU allocator's running
+total under the profiler: what the step holds at once above what was held before it, weights
+and gradients excluded) and the bytes sent to other ranks
 (`parallel.record_traffic`: MoBA-CP's means, requests, tiles and shipped rows; a dense site's
 all-gathered K/V). Every sharded run is checked against one process's run of the same rewrite
 (rank 0, after the timing): the largest difference of the hidden states.
@@ -83,26 +84,18 @@ def _step(model, args, ids, positions, weights):
         return _hidden(model, ids, positions)
 
 
-def _measure(run, repeats: int) -> tuple[list[float], int]:
-    """(seconds of `repeats` calls after a warm-up, peak resident-set growth of the first timed one)."""
-    from bench_model import peak_memory
+def _measure(run, repeats: int, grad: bool) -> tuple[list[float], int]:
+    """(seconds of `repeats` calls after a warm-up, the most tensor memory one call holds at once
+    above what was held before it: the CPU allocator's running total, `bench_model.tensor_peak_cpu`)."""
+    from bench_model import tensor_peak_cpu
 
     run()
-    times, mem = [], {}
-    for i in range(repeats):
-        with peak_memory("cpu", mem) if i == 0 else _nothing():
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-    return times, int(mem.get("peak", 0))
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return times, int(tensor_peak_cpu(run, grad=grad) or 0)
 
 
 def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
@@ -118,7 +111,7 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
     for mode in MODES:
         model = build(args, mode)
         if world == 1:
-            times, peak = _measure(lambda: _step(model, args, ids, None, weights), args.repeats)
+            times, peak = _measure(lambda: _step(model, args, ids, None, weights), args.repeats, args.backward)
             result[mode] = {"s": times, "peak": peak, "bytes": 0}
             del model
             continue
@@ -132,7 +125,7 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
 
         with record_traffic() as traffic:
             run()
-        times, peak = _measure(run, args.repeats)
+        times, peak = _measure(run, args.repeats, args.backward)
         row = {"s": times, "peak": peak, "bytes": traffic.bytes_sent, "bytes_by_step": traffic.by_step}
         with torch.no_grad(), context_parallel(model, layout=args.layout, seq_len=seq_len):
             local = _hidden(model, local_ids, positions)
@@ -184,7 +177,7 @@ def print_table(args, rows: list[dict]) -> None:
         diffs = " / ".join("-" if x[k] is None else f"{x[k]:.1e}" for x in (d, m) for k in ("max_diff",))
         print(f"| {r['world']} | {d['s']:.2f} | {m['s']:.2f} | {d['s'] / m['s']:.2f}x | {_mib(d['peak'])} | "
               f"{_mib(m['peak'])} | {vs} | {_mib(d['bytes'])} | {_mib(m['bytes'])} | {ratio} | {diffs} |")
-    print("\ns: slowest rank's median step; peak: resident-set growth during one step (largest rank); "
+    print("\ns: slowest rank's median step; peak: most tensor memory one step holds above its start (largest rank); "
           "bytes: payload handed to collectives for other ranks (largest rank).")
 
 

@@ -93,17 +93,18 @@ def peak_memory(device: str, out: dict):
         out["peak"] = max(0, max(peak[0], _rss()) - base)
 
 
-def tensor_peak_cpu(fn) -> int | None:
+def tensor_peak_cpu(fn, *, grad: bool = False) -> int | None:
     """The most CPU tensor memory `fn()` holds at once above what was held before it (bytes), from
     the allocator's running total that `torch.profiler(profile_memory=True)` records with every
-    allocation and free; None when this torch's profiler does not expose it."""
+    allocation and free (`grad`: with autograd on, for a training step); None when this torch's
+    profiler does not expose it."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
         from torch._C._profiler import _EventType
     except ImportError:
         return None
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with torch.set_grad_enabled(grad), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
     stack, allocs = list(prof.profiler.kineto_results.experimental_event_tree()), []
