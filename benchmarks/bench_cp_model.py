@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -203,12 +202,6 @@ def plot(args, rows: list[dict], path: str) -> None:
     print(f"plot: {path}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worlds", default="1,2,4", help="comma-separated numbers of ranks (1: one process, no CP)")
@@ -232,6 +225,8 @@ def main(argv=None) -> int:
     worlds = [int(w) for w in args.worlds.split(",")]
     if any(w < 1 for w in worlds) or args.tokens % max(worlds):
         p.error(f"--worlds must be positive and divide --tokens {args.tokens}, got {args.worlds}")
+    from bench_cp import _free_port
+
     rows = []
     for world in worlds:
         out = Path(f"/tmp/bench_cp_model_{os.getpid()}_{world}.json")
