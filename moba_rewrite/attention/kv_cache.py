@@ -114,6 +114,7 @@ def dense_below_on_device(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block
 def _moba(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor, cache_position: Tensor,
           attn_mask: Optional[Tensor], block_size: int, top_k: int, causal: bool, scale: float,
           backend: str) -> Tensor:
+    """MoBA by the backend's `forward_kv_cache`, or its `forward` on the filled prefix (flash_attn)."""
     kernel = load_backend(resolve_backend(backend, q.device, q, k_cache, attn_mask, v=v_cache))
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
     run = getattr(kernel, "forward_kv_cache", None)
