@@ -1,7 +1,8 @@
 """`benchmarks/model_check.py`, the first step of the prepared GPU check, runs and passes on the CPU
 (fp32): it keeps working between the sessions that have a GPU, and its checks are end-to-end
 checks of the model path in their own right (dense limit = original, every MoBA call of a prefill
-and of `generate()` = the reference on its inputs, compiled = eager)."""
+and of `generate()` = the reference on its inputs, compiled = eager, and with `dense_below` crossed
+mid-decode the compiled static decode = eager)."""
 
 from __future__ import annotations
 
@@ -17,5 +18,5 @@ def test_model_check_passes_on_cpu():
                          text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
-    assert len(lines) == 9 and all(line.startswith("ok") for line in lines), run.stdout
+    assert len(lines) == 10 and all(line.startswith("ok") for line in lines), run.stdout
     assert "model_check: all passed" in run.stdout
