@@ -32,6 +32,7 @@ from torch import Tensor
 from moba_rewrite.attention.functional import validate
 from moba_rewrite.kernels import dense, load_backend, resolve_backend
 from moba_rewrite.kernels.eager import plain_eager
+from moba_rewrite.kernels.mask_forms import key_prefix
 
 
 class CachePositionError(ValueError):
@@ -83,10 +84,8 @@ def _forward(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tenso
 def _dense_prefix(q: Tensor, k_cache: Tensor, v_cache: Tensor, attn_mask: Optional[Tensor], filled: int,
                   causal: bool, scale: float) -> Tensor:
     """Full attention of the newest queries against the first `filled` slots (queries the newest keys)."""
-    if attn_mask is not None and attn_mask.shape[-1] > 1:
-        attn_mask = attn_mask[..., :filled]
     return dense.forward(q, k_cache[:, :, :filled], v_cache[:, :, :filled], causal=causal, scale=scale,
-                         attn_mask=attn_mask).contiguous()
+                         attn_mask=key_prefix(attn_mask, filled)).contiguous()
 
 
 def dense_below_on_device(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor,
@@ -101,8 +100,7 @@ def dense_below_on_device(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block
     slots = torch.arange(n, device=k_cache.device)
     filled = cache_position[-1] + 1
     visible = slots <= cache_position[:, None] if causal else (slots < filled).expand(q.shape[2], -1)  # [Tq, n]
-    mask = dense.restrict(attn_mask[..., :n] if attn_mask is not None and attn_mask.shape[-1] > 1 else attn_mask,
-                          visible)
+    mask = dense.restrict(key_prefix(attn_mask, n), visible)
     unfilled = (slots >= filled)[:, None]  # zeroed: whatever the spare slots hold (NaN) never reaches a score
     full = dense.forward_masked(q, k_cache[:, :, :n].masked_fill(unfilled, 0), v_cache[:, :, :n].masked_fill(unfilled, 0),
                                 mask, scale=scale)
@@ -121,8 +119,7 @@ def _moba(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor, 
     if run is not None:
         return run(q, k_cache, v_cache, key_block_means, cache_position, **kw).contiguous()
     filled = int(cache_position[-1]) + 1
-    if attn_mask is not None and attn_mask.shape[-1] > 1:
-        kw["attn_mask"] = attn_mask[..., :filled]
+    kw["attn_mask"] = key_prefix(attn_mask, filled)
     return kernel.forward(q, k_cache[:, :, :filled], v_cache[:, :, :filled], **kw).contiguous()
 
 

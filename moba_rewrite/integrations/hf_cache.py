@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from moba_rewrite.attention import kv_cache as kv_op
 from moba_rewrite.attention import op as moba_op
 from moba_rewrite.attention.block_means import key_block_means, refresh_key_block_means_, update_key_block_means_
+from moba_rewrite.kernels.mask_forms import key_prefix
 from moba_rewrite.kernels.threads import single_threaded
 
 CACHE_KWARG = "moba_kv_cache"
@@ -379,7 +380,7 @@ def _differentiable(layer: Any, kind: str, query: Tensor, key: Tensor, value: Te
     filled = int(layer.cumulative_length) + unwritten if kind == "static" else key.shape[2]
     if filled < key.shape[2]:
         key, value = key[:, :, :filled], value[:, :, :filled]
-        mask = mask[..., :filled] if mask is not None and mask.shape[-1] > 1 else mask
+        mask = key_prefix(mask, filled)
     return moba_op.run(query, key, value, None, mask, bs, top_k, causal, scale, backend, dense_below)
 
 

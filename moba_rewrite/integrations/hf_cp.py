@@ -370,7 +370,7 @@ class _ShardedAttention:
         """A dense site: causal calls the model's attention function would compute plainly (no
         soft-capping, sinks, dropout) run the dense op over the all-gathered K/V in bounded rows
         (`_gathered`); others call the model's own attention function, in pieces of queries whose
-        scores stay under `_ROWS_ELEMS` elements, each over the keys it can see (causal: up to its
+        scores stay under `_SCORE_ELEMS` elements, each over the keys it can see (causal: up to its
         last query, from its window's start; a window's keys are all that travel), masked at global
         positions (within packed documents, padding keys hidden). No `[T_local, T]` tensor."""
         dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)

@@ -18,7 +18,7 @@ import weakref
 import torch
 from torch import Tensor
 
-__all__ = ["simplify", "hides_nothing", "causal_key_part"]
+__all__ = ["simplify", "hides_nothing", "causal_key_part", "key_prefix"]
 
 _CHUNK_ELEMS = 1 << 24  # mask elements compared per step (bounded temporaries)
 # Masks already read, with what was found: a model hands the same mask tensor to every layer,
@@ -30,6 +30,12 @@ _SEEN: dict[int, tuple[weakref.ref, tuple, Tensor | None]] = {}
 def _capturing(t: Tensor) -> bool:
     """A CUDA graph is being captured: no host sync (reading a value) is allowed."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def key_prefix(mask: Tensor | None, keys: int) -> Tensor | None:
+    """The mask over the first `keys` keys (a KV cache's filled prefix); one that broadcasts over the
+    keys (last dim 1) or None is kept."""
+    return mask[..., :keys] if mask is not None and mask.shape[-1] > 1 else mask
 
 
 def hides_nothing(mask: Tensor | None) -> bool:

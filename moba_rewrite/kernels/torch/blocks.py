@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from moba_rewrite.kernels.mask_forms import simplify
+from moba_rewrite.kernels.mask_forms import key_prefix, simplify
 from moba_rewrite.kernels.torch import decode as torch_decode, fast as torch_fast, online as torch_online
 from moba_rewrite.kernels.threads import single_threaded
 from moba_rewrite.kernels.torch.select import block_selection, compute_dtype, mask4
@@ -230,7 +230,5 @@ def forward_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_mean
             return torch_decode.forward(q, k_cache, v_cache, key_block_means, cache_position, block_size=block_size,
                                         top_k=top_k, causal=causal, scale=scale, attn_mask=attn_mask)
     filled = int(cache_position[-1]) + 1
-    if attn_mask is not None and attn_mask.shape[-1] > 1:
-        attn_mask = attn_mask[..., :filled]
     return forward(q, k_cache[:, :, :filled], v_cache[:, :, :filled], block_size=block_size, top_k=top_k,
-                   causal=causal, scale=scale, attn_mask=attn_mask)
+                   causal=causal, scale=scale, attn_mask=key_prefix(attn_mask, filled))
