@@ -33,6 +33,7 @@ def _grads(fn, leaves):
 CASES = [  # (tq, tk, causal, mask kind)
     (40, 40, True, None), (7, 40, True, None), (1, 40, True, None), (40, 40, False, None),
     (40, 40, True, "keys"), (9, 40, True, "full"), (40, 40, False, "float"),
+    (9, 40, True, "keys"), (9, 40, False, "keys"), (9, 40, True, "dead"), (1, 40, True, "dead"),
 ]
 
 
@@ -43,6 +44,9 @@ def test_dense_limit_runs_the_dense_kernel_and_equals_reference(tq, tk, causal, 
     if kind == "keys":
         mask = torch.ones(2, 1, 1, tk, dtype=torch.bool)
         mask[1, ..., :6] = False  # left padding: the first queries of row 1 see nothing
+    elif kind == "dead":  # row 1 sees no key at all; row 0 only keys after the first queries
+        mask = torch.zeros(2, 1, 1, tk, dtype=torch.bool)
+        mask[0, ..., tk - tq + 2:] = True
     elif kind == "full":
         mask = torch.rand(2, 1, tq, tk, generator=torch.Generator().manual_seed(1)) > 0.4
         mask[0, 0, 2] = False
@@ -58,6 +62,27 @@ def test_dense_limit_runs_the_dense_kernel_and_equals_reference(tq, tk, causal, 
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
     assert not got[0].isnan().any()
+
+
+@pytest.mark.parametrize("tq,causal", [(9, True), (40, True), (9, False)])
+def test_cpu_dense_calls_with_a_key_mask_run_the_flash_kernel_in_parts(tq, causal, monkeypatch):
+    """A causal chunk of queries (fewer than the keys) with a key mask: the keys before the chunk and
+    its square causal part, merged by log-sum-exp, forward and backward; never a `[Tq, Tk]` mask or
+    a score matrix (the row-by-row fallback would build both)."""
+    q, k, v = _qkv(tq=tq, tk=40, requires_grad=True)
+    mask = torch.rand(2, 1, 1, 40, generator=torch.Generator().manual_seed(5)) > 0.3
+    mask[1, ..., :40 - tq + 1] = False  # row 1: its first query sees nothing of either part
+    parts = []
+    monkeypatch.setattr(dense, "_parts", lambda *a, _f=dense._parts: parts.append(_f(*a)) or parts[-1])
+    monkeypatch.setattr(dense, "_chunk_grads", lambda *a, **kw: pytest.fail("row-by-row gradients"))
+    monkeypatch.setattr(dense, "_causal_rows", lambda *a, **kw: pytest.fail("a [Tq, Tk] causal mask"))
+    kw = dict(block_size=8, top_k=5, causal=causal, attn_mask=mask, enable_gqa=True)
+    got = _grads(lambda *t: mr.moba_attention(*t, backend="torch", **kw), [q, k, v])
+    monkeypatch.undo()
+    want = _grads(lambda *t: mr.moba_attention(*t, backend="reference", **kw), [q, k, v])
+    assert parts and len(parts[0]) == (2 if causal and tq < 40 else 1)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
 def test_below_the_limit_moba_runs_its_kernel(monkeypatch):

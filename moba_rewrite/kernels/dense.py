@@ -8,6 +8,13 @@ tokens (causality aligned bottom-right, SDPA's `is_causal` aligns top-left), a b
 means "may attend", a float mask is added, and a query that sees no key returns zeros, never
 NaN. Exact for finite inputs (MoBA's gate skips a block whose mean key is NaN; full attention
 propagates it).
+
+On the CPU, calls whose mask is a key mask (or none) run PyTorch's flash kernel directly, with
+its log-sum-exp: a causal call with fewer queries than keys (a chunk of a longer sequence: a
+context-parallel rank's queries, a prefill after a cache) is split into the keys before the
+chunk (no cut) and the chunk's square causal part (SDPA's own causal path), merged by their
+log-sum-exps, so no `[Tq, Tk]` mask is built; the backward is the flash backward of each part
+under the merged output and log-sum-exp (as ring attention does), not a score matrix in rows.
 """
 
 from __future__ import annotations
@@ -75,6 +82,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, attn
     b, _, tq, _ = q.shape
     tk = k.shape[2]
     attn_mask, causal = simplify(q, k, attn_mask, causal)
+    if _flash_parts_apply(q, k, v, attn_mask, causal):
+        return _flash_forward(q, k, v, attn_mask, causal, scale)[0]
     need_cut = causal and tq > 1
     if not need_cut or (attn_mask is None and tq == tk):
         return _attend(q, k, v, attn_mask, need_cut, scale)
@@ -112,6 +121,8 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, 
              attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """`(dq, dk, dv)` of `forward`, query chunk by query chunk (dk, dv summed over GQA groups)."""
     attn_mask, causal = simplify(q, k, attn_mask, causal)
+    if _flash_parts_apply(q, k, v, attn_mask, causal):
+        return _flash_backward(grad_out, q, k, v, out, attn_mask, causal, scale)
     b, hq, tq, _ = q.shape
     tk = k.shape[2]
     rows = max(1, _CHUNK_ELEMS // max(1, b * hq * tk))
@@ -127,3 +138,109 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, 
         dk += gk
         dv += gv
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# --- CPU: PyTorch's flash kernel with its log-sum-exp, a causal chunk split in two parts ---------
+
+_FLASH_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _flash_parts_apply(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> bool:
+    """The CPU flash kernel computes this call: CPU tensors of one float dtype, one head dim for
+    q, k and v, a key mask or none (no query dim), and for a causal call no more queries than keys."""
+    return (q.device.type == "cpu" and q.dtype in _FLASH_DTYPES and k.dtype == v.dtype == q.dtype
+            and q.shape[-1] == k.shape[-1] == v.shape[-1] and q.shape[2] > 0 and k.shape[2] > 0
+            and (mask is None or mask.dim() < 2 or mask.shape[-2] == 1)
+            and not (causal and q.shape[2] > k.shape[2]))
+
+
+def _parts(tq: int, tk: int, causal: bool) -> list[tuple[int, int, bool]]:
+    """Key ranges `(k0, k1, causal)` whose attentions merge into the call's: for a causal call
+    with queries at the newest `Tq` of `Tk` positions, the keys before them (all visible) and the
+    square part (SDPA's causal cut, aligned top-left, is then the bottom-right one)."""
+    if not causal or tq == 1:
+        return [(0, tk, False)]
+    return ([(0, tk - tq, False)] if tk > tq else []) + [(tk - tq, tk, True)]
+
+
+def _key_visibility(mask: Tensor | None, q: Tensor) -> Tensor | None:
+    """A key mask as bool `[B|1, H|1, Tk]` (True: may attend), or None for no mask."""
+    if mask is None:
+        return None
+    visible = mask if mask.dtype == torch.bool else mask != float("-inf")
+    while visible.dim() < 4:
+        visible = visible.unsqueeze(0)
+    return visible[..., 0, :]
+
+
+def _rows_seen(visible: Tensor | None, k0: int, k1: int, causal: bool, tq: int) -> Tensor | None:
+    """`[B|1, H|1, Tq|1]` bool: query rows that see at least one key of the part (None: all do)."""
+    if visible is None:
+        return None
+    part = visible[..., k0:k1]
+    if causal:  # row i sees keys k0 .. k0 + i
+        return part.cumsum(-1) > 0
+    return part.any(-1, keepdim=True)
+
+
+def _additive(mask: Tensor | None, k0: int, k1: int, dtype: torch.dtype) -> Tensor | None:
+    """The part's key mask in the kernel's form: additive, in the query's dtype."""
+    if mask is None:
+        return None
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    part = mask[..., k0:k1]
+    if part.dtype == torch.bool:
+        return torch.zeros(part.shape, dtype=dtype).masked_fill_(~part, float("-inf"))
+    return part.to(dtype)
+
+
+def _flash_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
+                   scale: float) -> tuple[Tensor, Tensor]:
+    """`(out, lse)`: the call's attention and its log-sum-exp `[B, Hq, Tq]` (fp32; -inf for a row
+    that sees no key, whose output is zeros), merged from `_parts`."""
+    tq, tk = q.shape[2], k.shape[2]
+    visible = _key_visibility(mask, q)
+    outs, lses = [], []
+    for k0, k1, part_causal in _parts(tq, tk, causal):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k[:, :, k0:k1], v[:, :, k0:k1], 0.0, part_causal, attn_mask=_additive(mask, k0, k1, q.dtype),
+            scale=scale)
+        lse = lse.float()
+        seen = _rows_seen(visible, k0, k1, part_causal, tq)
+        if seen is not None:  # the kernel gives 0 for a row that sees nothing: mark it
+            lse = lse.masked_fill(~seen, float("-inf"))
+        outs.append(out)
+        lses.append(lse)
+    if len(outs) == 1:
+        out, lse = outs[0], lses[0]
+        return (out if visible is None else out.masked_fill(~torch.isfinite(lse)[..., None], 0.0)), lse
+    top = torch.maximum(lses[0], lses[1])
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = [torch.exp(lse - top) for lse in lses]
+    total = weights[0] + weights[1]
+    merged = sum(o.float() * (w / total.clamp_min(torch.finfo(torch.float32).tiny))[..., None]
+                 for o, w in zip(outs, weights))
+    return merged.to(q.dtype), top + torch.log(total)
+
+
+def _flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, mask: Tensor | None,
+                    causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `_flash_forward`: the log-sum-exp recomputed (one forward), then each part's
+    flash backward under the whole call's output and log-sum-exp (its softmax weights are the
+    part's share of the whole), dq summed over the parts, dk / dv the parts' slices."""
+    _, lse = _flash_forward(q, k, v, mask, causal, scale)
+    lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # a row that sees no key: zero weights
+    if q.dtype == torch.float64:
+        lse = lse.double()
+    dq, dks, dvs = None, [], []
+    for k0, k1, part_causal in _parts(q.shape[2], k.shape[2], causal):
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k[:, :, k0:k1], v[:, :, k0:k1], out, lse, 0.0, part_causal,
+            attn_mask=_additive(mask, k0, k1, q.dtype), scale=scale)
+        dq = gq if dq is None else dq + gq
+        dks.append(gk)
+        dvs.append(gv)
+    if len(dks) == 1:
+        return dq, dks[0], dvs[0]
+    return dq, torch.cat(dks, dim=2), torch.cat(dvs, dim=2)
