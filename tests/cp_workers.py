@@ -56,7 +56,7 @@ def _qkv(b, hq, hkv, t, d, seed, structured=False, dv=None):
 
 def check_op_against_whole_sequence(ctx: Ctx, *, b=1, hq=4, hkv=4, t=128, d=16, block_size=8, top_k=3,
                                     causal=True, layout="contiguous", seq_len=None, seed=0, structured=False,
-                                    scale=None, exchange="auto", dv=None, key_padding=None):
+                                    scale=None, exchange="auto", dv=None, key_padding=None, backend="auto"):
     """Output and gradients of one rank's shard equal the whole-sequence reference's shard.
     `key_padding`: a `[B, T]` bool mask of real tokens (a padded batch), given to the reference as
     `attn_mask` and to the sharded op as each rank's shard."""
@@ -74,10 +74,10 @@ def check_op_against_whole_sequence(ctx: Ctx, *, b=1, hq=4, hkv=4, t=128, d=16, 
     local_mask = None if key_padding is None else shard(key_padding, dim=1)
     out = moba_attention_cp(ql, kl, vl, block_size=block_size, top_k=top_k, causal=causal, enable_gqa=hq != hkv,
                             layout=layout, seq_len=seq_len, scale=scale, exchange=exchange,
-                            key_padding_mask=local_mask)
+                            key_padding_mask=local_mask, backend=backend)
     (out * shard(grad)).sum().backward()
     what = (f"[causal={causal} layout={layout} gqa={hq}/{hkv} top_k={top_k} seq_len={seq_len} scale={scale} "
-            f"exchange={exchange} dv={dv} key_padding={key_padding is not None}]")
+            f"exchange={exchange} dv={dv} key_padding={key_padding is not None} backend={backend}]")
     close(f"output {what}", unshard_sequence(out.detach(), layout=layout, seq_len=seq_len), ref.detach())
     for name, got, want in (("dq", ql.grad, qr.grad), ("dk", kl.grad, kr.grad), ("dv", vl.grad, vr.grad)):
         # Large scales give gradients in the tens: compare those to fp32 precision of their size.
@@ -170,6 +170,49 @@ def op_every_exchange_mode(ctx):
         check_op_against_whole_sequence(ctx, t=0, seq_len=93, layout="zigzag", exchange=exchange, seed=24)
     check_op_against_whole_sequence(ctx, structured=True, top_k=2, exchange="queries", seed=25)
     check_op_against_whole_sequence(ctx, causal=False, scale=3.0, exchange="queries", seed=26)
+
+
+def op_triton_local_attention(ctx):
+    """The local attention on the `triton` backend's kernels (what `auto` picks on CUDA; here under the
+    Triton interpreter), the selection given explicitly: the reference's output and gradients with
+    fetched tiles, shipped rows merged by log-sum-exp, causal and not, GQA, zigzag, alignment and key
+    padding, a value head dim of its own; the kernels really ran."""
+    from moba_rewrite.kernels.triton import backend as triton_backend
+
+    calls = []
+    forward, backward = triton_backend.forward_selected, triton_backend.backward_selected
+    triton_backend.forward_selected = lambda *a, **kw: calls.append("fwd") or forward(*a, **kw)
+    triton_backend.backward_selected = lambda *a, **kw: calls.append("bwd") or backward(*a, **kw)
+    try:
+        small = dict(t=64, backend="triton")
+        for exchange in ("keys", "queries", "auto"):
+            check_op_against_whole_sequence(ctx, exchange=exchange, seed=31, **small)
+        check_op_against_whole_sequence(ctx, b=2, hq=4, hkv=2, layout="zigzag", causal=False, top_k=4, seed=32, **small)
+        check_op_against_whole_sequence(ctx, b=3, hq=4, hkv=2, key_padding=_padded_batch(64), exchange="queries",
+                                        seed=33, **small)
+        check_op_against_whole_sequence(ctx, t=0, seq_len=45, layout="zigzag", dv=12, seed=34, backend="triton")
+        assert calls.count("fwd") == calls.count("bwd") == 6, calls
+        # A Hugging Face model whose policy names the backend: its MoBA sites run the kernels sharded.
+        from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
+
+        policy = {"version": 1, "defaults": {"mode": "moba", "block_size": 8, "top_k": 2, "backend": "triton"}}
+        model = _tiny_llama(policy=policy)[0].eval()
+        ids = torch.randint(0, 96, (1, 64), generator=torch.Generator().manual_seed(35))
+        with torch.no_grad():
+            want = model(input_ids=ids, use_cache=False).logits
+            local_ids, pos, seq_len = shard_inputs(model, ids, layout="zigzag")
+            with context_parallel(model, layout="zigzag", seq_len=seq_len):
+                local = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
+        close("logits [policy backend triton]", unshard_sequence(local, layout="zigzag", dim=1, seq_len=seq_len), want)
+        assert calls.count("fwd") == 6 + 3, calls  # one per layer
+    finally:
+        triton_backend.forward_selected, triton_backend.backward_selected = forward, backward
+    try:
+        moba_attention_cp(*_qkv(1, 2, 2, 16, 8, 0), block_size=8, top_k=2, backend="reference")
+    except ValueError as e:
+        assert "backend must be one of auto, torch, triton, got 'reference'" in str(e), e
+    else:
+        raise AssertionError("backend='reference' was accepted")
 
 
 def op_value_head_dim_of_its_own(ctx):
@@ -995,7 +1038,7 @@ SUITES = {
     "two": [op_causal_contiguous, op_non_causal, op_gqa_zigzag_causal, op_gqa_zigzag_non_causal, op_padding,
             op_key_padding_mask,
             op_uneven_hits_and_top_k_extremes, op_half_and_double_precision, op_every_exchange_mode,
-            op_value_head_dim_of_its_own,
+            op_value_head_dim_of_its_own, op_triton_local_attention,
             dense_sdpa_cp_matches_whole_sequence, decode_against_a_sharded_cache,
             traffic_only_selected_blocks, traffic_auto_spares_the_owners,
             shard_round_trip,

@@ -228,7 +228,8 @@ class _ShardedAttention:
                                         top_k=int(decision.top_k), causal=causal, scale=scale,
                                         enable_gqa=query.shape[1] != key.shape[1], layout=self.layout,
                                         seq_len=self.seq_len, exchange=self.exchange,
-                                        key_padding_mask=self.key_padding)
+                                        key_padding_mask=self.key_padding,
+                                        backend=_local_backend(str(decision.backend)))
                 return out.transpose(1, 2).contiguous(), None
             if decision.on_unsupported == "error":
                 raise hf.HFUnsupportedError(f"attention site {name!r} cannot run MoBA: {'; '.join(problems)} "
@@ -415,6 +416,12 @@ class _ShardedAttention:
                 out = torch.cat([out, out.new_zeros((b, n - rows_here, *out.shape[2:]))], dim=1)
             outs.append(out)
         return (torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]), None
+
+
+def _local_backend(policy_backend: str) -> str:
+    """`moba_attention_cp`'s kernels for a site's policy backend: the policy's `torch` / `triton`, else
+    `auto` (`triton` on CUDA; the `reference` and `flash_attn` backends have no context-parallel form)."""
+    return policy_backend if policy_backend in ("torch", "triton") else "auto"
 
 
 def _query_rows(lay: ShardLayout, rank: int, rows: int, seq_len: int) -> Iterator[tuple[int, int, int, int]]:

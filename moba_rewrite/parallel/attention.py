@@ -9,8 +9,8 @@ Per call, on every rank (W ranks, this one holding `T_local` tokens = whole bloc
    fetch the tile, or ship the few query rows that selected it to the tile's owner; one index
    exchange tells every owner both (`exchange.py`), then one all-to-all moves the tiles and one
    the shipped rows, which their owners attend and answer with partial outputs and log-sum-exps;
-4. it attends its own blocks plus the fetched ones with the `torch` backend's kernels, the
-   selection given explicitly: k/v are compacted to `[fetched blocks | own blocks]`, so the
+4. it attends its own blocks plus the fetched ones with the `torch` backend's kernels or, on CUDA,
+   the `triton` backend's (`backend=`), the selection given explicitly: k/v are compacted to `[fetched blocks | own blocks]`, so the
    queries are the newest tokens of the compact keys and the own block (with its causal
    diagonal) is where the kernels expect it; every other selected block is a complete history
    block (causal) or fully visible (non-causal), whatever its position; the shipped partials
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from moba_rewrite.attention.functional import validate
 from moba_rewrite.kernels.reference import compute_dtype
+from moba_rewrite.kernels.registry import load_backend, resolve_backend
 from moba_rewrite.kernels.torch import blocks as torch_blocks
 from moba_rewrite.parallel import shipping
 from moba_rewrite.parallel.exchange import BlockExchange, fetch_blocks, plan_exchange, return_gradients
@@ -54,6 +55,7 @@ class _Config:
     scale: float
     seq_len: int
     exchange: str = "auto"
+    backend: str = "torch"  # the local attention's kernels: "torch" or "triton"
 
 
 def check_shards(who: str, q: Tensor, k: Tensor, v: Tensor, *, group, layout: str, block_size: int, top_k: int,
@@ -205,10 +207,15 @@ class _MobaCP(torch.autograd.Function):
         kw = dict(block_size=cfg.block_size, top_k=cfg.top_k, causal=cfg.causal, scale=cfg.scale,
                   attn_mask=plan.key_mask, selection=plan.selection)
         lse = None
-        if plan.ship is None:
+        if cfg.backend == "triton":  # the backward needs the rows' log-sum-exp either way
+            out, lse = load_backend("triton").forward_selected(
+                q, plan.k, plan.v, plan.selection, block_size=cfg.block_size, causal=cfg.causal, scale=cfg.scale,
+                attn_mask=plan.key_mask)
+        elif plan.ship is None:
             out = torch_blocks.forward(q, plan.k, plan.v, **kw)
         else:
             out, lse = torch_blocks.forward(q, plan.k, plan.v, return_lse=True, **kw)
+        if plan.ship is not None:
             part_out, part_lse = shipping.attend_shipped(
                 q, k, v, plan.ship, block_size=cfg.block_size, scale=cfg.scale, key_real=plan.own_key_real,
                 pg=cfg.pg, who=_WHO)
@@ -224,9 +231,14 @@ class _MobaCP(torch.autograd.Function):
         lse = lse[0] if lse else None
         cfg, plan = ctx.cfg, ctx.plan
         grad_out = plan.zero_padding_rows(grad_out.contiguous())
-        dq, dk_c, dv_c = torch_blocks.backward(
-            grad_out, q, plan.k, plan.v, out, block_size=cfg.block_size, top_k=cfg.top_k, causal=cfg.causal,
-            scale=cfg.scale, attn_mask=plan.key_mask, selection=plan.selection, lse=lse)
+        if cfg.backend == "triton":
+            dq, dk_c, dv_c = load_backend("triton").backward_selected(
+                grad_out, q, plan.k, plan.v, out, plan.selection, lse, block_size=cfg.block_size, causal=cfg.causal,
+                scale=cfg.scale, attn_mask=plan.key_mask)
+        else:
+            dq, dk_c, dv_c = torch_blocks.backward(
+                grad_out, q, plan.k, plan.v, out, block_size=cfg.block_size, top_k=cfg.top_k, causal=cfg.causal,
+                scale=cfg.scale, attn_mask=plan.key_mask, selection=plan.selection, lse=lse)
         bs, f = cfg.block_size, plan.n_fetched
         dk, dv = dk_c[:, :, f * bs:].contiguous(), dv_c[:, :, f * bs:].contiguous()
         if plan.ship is not None:
@@ -250,6 +262,7 @@ def moba_attention_cp(
     q: Tensor, k: Tensor, v: Tensor, *, group=None, block_size: int, top_k: int, causal: bool = True,
     scale: float | None = None, enable_gqa: bool = False, layout: str = "contiguous", seq_len: int | None = None,
     check_ranks: bool = True, exchange: str = "auto", key_padding_mask: Tensor | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """MoBA on a sequence sharded across `group`: equals `moba_attention` on the whole sequence.
 
@@ -269,7 +282,9 @@ def moba_attention_cp(
     rank's shard (`shard_sequence(mask, dim=1)`) of a padded batch's mask, True (or nonzero) for
     real tokens: the result is `moba_attention` with `attn_mask=mask[:, None, None, :]` on the
     whole sequence (hidden keys are never attended, blocks without a visible key are never
-    candidates; a query that sees no key gets zeros). Every rank passes one or none.
+    candidates; a query that sees no key gets zeros). Every rank passes one or none. `backend`: the
+    kernels of the local attention: `torch`, `triton` (CUDA, or CPU under the Triton interpreter),
+    or `auto` (`triton` on CUDA where it supports the call, else `torch`); the same result.
     """
     shipping.check_mode(exchange, _WHO)
     pg, lay = check_shards(_WHO, q, k, v, group=group, layout=layout, block_size=block_size, top_k=top_k, scale=scale,
@@ -283,8 +298,24 @@ def moba_attention_cp(
                              layout=layout, seq_len=seq_len, scale=resolved, exchange=exchange,
                              key_padding=key_padding is not None)
     cfg = _Config(pg=pg, lay=lay, rank=dist.get_rank(pg), block_size=block_size, top_k=top_k, causal=bool(causal),
-                  scale=resolved, seq_len=seq_len, exchange=exchange)
+                  scale=resolved, seq_len=seq_len, exchange=exchange, backend=local_backend(backend, q, k, v))
     return _MobaCP.apply(q, k, v, cfg, key_padding)
+
+
+_LOCAL_BACKENDS = ("auto", "torch", "triton")
+
+
+def local_backend(name: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+    """The kernels of the local attention for `backend=name`: `torch` or `triton` (which must then be
+    able to run the call here: a clear error if not)."""
+    if name not in _LOCAL_BACKENDS:
+        raise ValueError(f"{_WHO}: backend must be one of {', '.join(_LOCAL_BACKENDS)}, got {name!r}")
+    resolved = resolve_backend(name, q.device, q, k, None, v=v)
+    if resolved == "triton":
+        reason = load_backend("triton").unsupported_reason(q, k, None, v)
+        if reason is not None:
+            raise ValueError(f"{_WHO}: backend 'triton' cannot run this call: {reason}")
+    return resolved
 
 
 def check_key_padding(mask: Tensor | None, shape: tuple[int, int], device, who: str) -> Tensor | None:

@@ -310,24 +310,48 @@ def selection_map(p: Problem, sel: Selection) -> Tensor:
 def selection_from_map(p: Problem, selected: Tensor) -> Selection:
     """Picks in kernel layout from a boolean `[B, Hq, Tq, NB]` map (own block ignored): for tests."""
     b, hq, tq, nb = selected.shape
-    own = (torch.arange(tq, device=selected.device) + p.max_tk - tq) // p.block_size
+    own = _own_blocks(p, tq, selected.device)
     hist = selected & (torch.arange(nb, device=selected.device)[None, :] != own[:, None])
     n_pick = int(hist.sum(-1).max().item()) if hist.numel() else 0
     kp = max(1, next_pow2(n_pick))
-    default_m, _ = gate_tiles(selected.device, p.d)
-    rp = -(-p.rows // default_m) * default_m
     ids = torch.where(hist, torch.arange(nb, device=selected.device), nb + 1)
     ids = ids.sort(-1).values
     ids = ids[..., :kp] if nb >= kp else torch.nn.functional.pad(ids, (0, kp - nb), value=nb + 1)
-    ids = torch.where(ids > nb, -1, ids).to(torch.int32)  # [B, Hq, Tq, KP]
-    rows = ids.view(b, p.hkv, p.group, tq, kp).permute(0, 1, 3, 2, 4).reshape(b * p.hkv, tq * p.group, kp)
-    picks = torch.full((b * p.hkv, rp, kp), -1, dtype=torch.int32, device=selected.device)
+    ids = torch.where(ids > nb, -1, ids)  # [B, Hq, Tq, KP]
+    return _selection_of_rows(p, ids, n_pick, hist)
+
+
+def selection_from_picks(p: Problem, picks: Tensor) -> Selection:
+    """Picks in kernel layout from history blocks given per query row, `[B, Hq, Tq, S]` block indices
+    of k (-1 = none, own block excluded; what context parallelism's gate chose)."""
+    b, hq, tq, s = picks.shape
+    kp = max(1, next_pow2(s))
+    ids = torch.nn.functional.pad(picks, (0, kp - s), value=-1) if kp > s else picks
+    hist = torch.zeros((b, hq, tq, p.n_blocks + 1), dtype=torch.bool, device=picks.device)
+    hist.scatter_(-1, torch.where(ids >= 0, ids, p.n_blocks), True)
+    return _selection_of_rows(p, ids, s, hist[..., :p.n_blocks])
+
+
+def _own_blocks(p: Problem, tq: int, device) -> Tensor:
+    """Each query's own block: the queries are the newest `Tq` of the `Tk` keys."""
+    return (torch.arange(tq, device=device) + p.max_tk - tq) // p.block_size
+
+
+def _selection_of_rows(p: Problem, ids: Tensor, n_pick: int, hist: Tensor) -> Selection:
+    """`Selection` from per-query history picks `ids` `[B, Hq, Tq, KP]` (-1 = none) and their boolean
+    map `hist` `[B, Hq, Tq, NB]`, with the softmax reference the gate kernel would give (the best
+    gate score over the attended blocks)."""
+    b, hq, tq, kp = ids.shape
+    nb, dev = p.n_blocks, ids.device
+    default_m, _ = gate_tiles(dev, p.d)
+    rp = -(-p.rows // default_m) * default_m
+    rows = ids.to(torch.int32).view(b, p.hkv, p.group, tq, kp).permute(0, 1, 3, 2, 4).reshape(b * p.hkv, tq * p.group, kp)
+    picks = torch.full((b * p.hkv, rp, kp), -1, dtype=torch.int32, device=dev)
     picks[:, : tq * p.group] = rows
-    # The softmax reference the gate kernel would give: best gate score over the attended blocks.
-    attended = hist | (torch.arange(nb, device=selected.device)[None, :] == own[:, None])
+    attended = hist | (torch.arange(nb, device=dev)[None, :] == _own_blocks(p, tq, dev)[:, None])
     means = block_means(p).view(b, p.hkv, 1, nb, p.d)
-    gate = p.q.float().view(b, p.hkv, p.group, tq, p.d) @ means.transpose(-1, -2)  # [B, Hkv, G, Tq, NB]
+    gate = p.q.float().reshape(b, p.hkv, p.group, tq, p.d) @ means.transpose(-1, -2)  # [B, Hkv, G, Tq, NB]
     best = torch.where(attended.view(b, p.hkv, p.group, tq, nb), gate, float("-inf")).amax(-1)
-    ref = torch.zeros((b * p.hkv, rp), dtype=torch.float32, device=selected.device)
+    ref = torch.zeros((b * p.hkv, rp), dtype=torch.float32, device=dev)
     ref[:, : tq * p.group] = best.permute(0, 1, 3, 2).reshape(b * p.hkv, tq * p.group)
     return Selection(picks=picks, n_pick=n_pick, row_pad=rp, ref=ref)
