@@ -5,7 +5,8 @@
 # correctness vs the dense reference on mid-size shapes, then
 # time / TFLOP/s / peak memory of ours vs SDPA (flash) vs our torch backend, fwd and fwd+bwd,
 # and decode at 128K. Every case is guarded (an error is printed, the run goes on); cases that
-# would overrun the time budget are skipped with a note.
+# would overrun the time budget are skipped with a note. Last, context parallelism's local
+# attention on one rank's problem (128K over 4 ranks), torch vs Triton kernels (bench_cp_local.py).
 #   usage: benchmarks/gpu_check.sh [--budget SECONDS] [--skip-correctness]
 # Results are also written as JSON to $OUT/bench_gpu.json when $OUT is set (else /tmp).
 set -u
@@ -17,7 +18,12 @@ echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi unavailable"
 python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
 out_dir="${OUT:-/tmp}"
-timeout -k 10 470 python benchmarks/bench_gpu.py --sweep 150 --budget 420 --json "$out_dir/bench_gpu.json" "$@"
+timeout -k 10 440 python benchmarks/bench_gpu.py --sweep 150 --budget 390 --json "$out_dir/bench_gpu.json" "$@"
 rc=$?
-[ $rc -eq 124 ] && echo "gpu_check: stopped by the 470 s timeout (partial results above)"
+[ $rc -eq 124 ] && echo "gpu_check: stopped by the 440 s timeout (partial results above)"
+echo "== context parallelism, one rank's local attention (bench_cp_local, limit 90s)"
+timeout -k 10 90 python benchmarks/bench_cp_local.py --device cuda --dtype bfloat16 --tokens 131072 --world 4
+rc_cp=$?
+[ $rc_cp -ne 0 ] && echo "== bench_cp_local: rc=$rc_cp"
+[ $rc -eq 0 ] && rc=$rc_cp
 exit $rc
