@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         args.device, args.dtype, args.tokens, args.world, args.heads, args.head_dim, args.block, args.repeats = (
-            "cpu", "float32", 256, 4, 2, 16, 16, 1)
+            "cpu", "float32", 128, 4, 2, 16, 8, 1)
     import torch
     import torch.nn.functional as F
 

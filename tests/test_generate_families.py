@@ -15,7 +15,7 @@ The families, and what each found wrong before it was fixed:
   a read-only view (queries placed at the end of the buffer);
 - Inkling: transformers' own causal skip (no mask, more keys than queries) at a dense site was
   rebuilt as a bottom-right mask where SDPA aligns top-left;
-- Zamba2 (hybrid recurrent layers with shared attention blocks);
+- Zamba2 (hybrid recurrent layers with shared attention blocks; 8 layers, two of them hybrid);
 - GOT-OCR2 (a model whose attention transformers cannot switch at the top, rewritten by routing its
   SDPA calls): decode steps with a mask fold the GQA query heads into the query length (ran dense),
   and static-cache calls got MoBA over the unfilled slots (compiled: ran dense).
@@ -51,7 +51,7 @@ FAMILIES = [  # (model type, class, also check the compiled static decode)
     ("dory/last_loop", "DoryForCausalLM", False),
     ("hrm_text", "HrmTextForCausalLM", False),
     ("inkling_text", "InklingForCausalLM", False),
-    ("zamba2", "Zamba2ForCausalLM", False),
+    ("zamba2/short", "Zamba2ForCausalLM", False),
     ("got_ocr2", "GotOcr2ForConditionalGeneration", True),
     ("bart", "BartForCausalLM", True),
     ("deepseek_v3", "DeepseekV3ForCausalLM", False),
