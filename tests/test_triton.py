@@ -158,6 +158,35 @@ def test_attention_with_fixed_selection(causal):
     torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
 
 
+def test_given_picks_softmax_reference_is_the_best_attended_gate_score(monkeypatch):
+    """`selection_from_picks` (context parallelism's given selection): the kernels' softmax reference
+    is each row's best gate score over its own block and picks, the same when computed in row chunks
+    (how a long rank's reference stays small) as at once; and the forward over those picks is the
+    forward over the same selection as a map."""
+    from moba_rewrite.kernels.triton import gate as triton_gate
+    from moba_rewrite.kernels.triton.layout import dense_problem
+
+    q, k, v = _inputs(2, 4, 2, 40, 56, 16, torch.float32, seed=8)
+    g = torch.Generator().manual_seed(9)
+    own = (torch.arange(40) + 16) // 8
+    picks = torch.rand(2, 4, 40, 7, generator=g).argsort(-1)[..., :3]  # distinct blocks per row, as a gate gives
+    picks = torch.where((picks < own[:, None]) & (torch.rand(2, 4, 40, 3, generator=g) < 0.8), picks, -1)
+    p = dense_problem(q, k, v, block_size=8, top_k=4, causal=True, scale=0.25, attn_mask=None)
+    whole = triton_gate.selection_from_picks(p, picks)
+    monkeypatch.setattr(triton_gate, "_REF_CHUNK_ELEMS", 2 * 4 * 7 * 3)  # rows of 3
+    chunked = triton_gate.selection_from_picks(p, picks)
+    gate = _gate(q, k, 8)  # [B, Hq, Tq, NB]
+    blocks = torch.cat([own.view(1, 1, -1, 1).expand(2, 4, 40, 1), picks], -1)
+    best = gate.gather(-1, blocks.clamp(min=0)).masked_fill(blocks < 0, float("-inf")).amax(-1)
+    want = best.view(2, 2, 2, 40).permute(0, 1, 3, 2).reshape(4, 80)  # kernel rows t * G + g
+    for sel in (whole, chunked):
+        torch.testing.assert_close(sel.ref[:, :80], want, atol=1e-5, rtol=1e-5)
+    selected = torch.zeros(2, 4, 40, 8, dtype=torch.bool).scatter_(-1, blocks.masked_fill(blocks < 0, 7), True)
+    out, _ = tb.forward_selected(q, k, v, picks, block_size=8, causal=True, scale=0.25, attn_mask=None)
+    want_out = _dense_with_selection(q, k, v, selected[..., :7], 8, True, 0.25)
+    torch.testing.assert_close(out, want_out, atol=2e-5, rtol=2e-5)
+
+
 def test_through_op_with_autograd():
     q, k, v = _inputs(1, 4, 2, 24, 24, 16, torch.float32, seed=6)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]

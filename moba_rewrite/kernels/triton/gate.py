@@ -318,18 +318,15 @@ def selection_from_map(p: Problem, selected: Tensor) -> Selection:
     ids = ids.sort(-1).values
     ids = ids[..., :kp] if nb >= kp else torch.nn.functional.pad(ids, (0, kp - nb), value=nb + 1)
     ids = torch.where(ids > nb, -1, ids)  # [B, Hq, Tq, KP]
-    return _selection_of_rows(p, ids, n_pick, hist)
+    return _selection_of_rows(p, ids, n_pick)
 
 
 def selection_from_picks(p: Problem, picks: Tensor) -> Selection:
     """Picks in kernel layout from history blocks given per query row, `[B, Hq, Tq, S]` block indices
     of k (-1 = none, own block excluded; what context parallelism's gate chose)."""
-    b, hq, tq, s = picks.shape
+    s = picks.shape[-1]
     kp = max(1, next_pow2(s))
-    ids = torch.nn.functional.pad(picks, (0, kp - s), value=-1) if kp > s else picks
-    hist = torch.zeros((b, hq, tq, p.n_blocks + 1), dtype=torch.bool, device=picks.device)
-    hist.scatter_(-1, torch.where(ids >= 0, ids, p.n_blocks), True)
-    return _selection_of_rows(p, ids, s, hist[..., :p.n_blocks])
+    return _selection_of_rows(p, torch.nn.functional.pad(picks, (0, kp - s), value=-1) if kp > s else picks, s)
 
 
 def _own_blocks(p: Problem, tq: int, device) -> Tensor:
@@ -337,21 +334,33 @@ def _own_blocks(p: Problem, tq: int, device) -> Tensor:
     return (torch.arange(tq, device=device) + p.max_tk - tq) // p.block_size
 
 
-def _selection_of_rows(p: Problem, ids: Tensor, n_pick: int, hist: Tensor) -> Selection:
-    """`Selection` from per-query history picks `ids` `[B, Hq, Tq, KP]` (-1 = none) and their boolean
-    map `hist` `[B, Hq, Tq, NB]`, with the softmax reference the gate kernel would give (the best
-    gate score over the attended blocks)."""
+# Gate scores (batch x query heads x query rows x blocks) computed at once for a given selection's
+# softmax reference: bounds its memory at long context (a rank's 128K queries x 2K blocks).
+_REF_CHUNK_ELEMS = 1 << 24
+
+
+def _selection_of_rows(p: Problem, ids: Tensor, n_pick: int) -> Selection:
+    """`Selection` from per-query history picks `ids` `[B, Hq, Tq, KP]` (-1 = none), with the softmax
+    reference the gate kernel would give: each row's best gate score over its attended blocks (own
+    block and picks), computed in row chunks."""
     b, hq, tq, kp = ids.shape
-    nb, dev = p.n_blocks, ids.device
+    nb, dev, g = p.n_blocks, ids.device, p.group
     default_m, _ = gate_tiles(dev, p.d)
     rp = -(-p.rows // default_m) * default_m
-    rows = ids.to(torch.int32).view(b, p.hkv, p.group, tq, kp).permute(0, 1, 3, 2, 4).reshape(b * p.hkv, tq * p.group, kp)
+    rows = ids.to(torch.int32).view(b, p.hkv, g, tq, kp).permute(0, 1, 3, 2, 4).reshape(b * p.hkv, tq * g, kp)
     picks = torch.full((b * p.hkv, rp, kp), -1, dtype=torch.int32, device=dev)
-    picks[:, : tq * p.group] = rows
-    attended = hist | (torch.arange(nb, device=dev)[None, :] == _own_blocks(p, tq, dev)[:, None])
-    means = block_means(p).view(b, p.hkv, 1, nb, p.d)
-    gate = p.q.float().reshape(b, p.hkv, p.group, tq, p.d) @ means.transpose(-1, -2)  # [B, Hkv, G, Tq, NB]
-    best = torch.where(attended.view(b, p.hkv, p.group, tq, nb), gate, float("-inf")).amax(-1)
+    picks[:, : tq * g] = rows
+    means_t = block_means(p).view(b, p.hkv, 1, nb, p.d).transpose(-1, -2)  # [B, Hkv, 1, D, NB]
+    own = _own_blocks(p, tq, dev)
+    best = torch.empty((b, p.hkv, g, tq), dtype=torch.float32, device=dev)
+    step = max(1, _REF_CHUNK_ELEMS // max(1, b * hq * nb))
+    for t0 in range(0, tq, step):
+        t1 = min(tq, t0 + step)
+        gate = p.q[:, :, t0:t1].float().reshape(b, p.hkv, g, t1 - t0, p.d) @ means_t  # [B, Hkv, G, rows, NB]
+        blocks = torch.cat([own[t0:t1].view(1, 1, -1, 1).expand(b, hq, -1, 1), ids[:, :, t0:t1]], dim=-1)
+        blocks = blocks.view(b, p.hkv, g, t1 - t0, kp + 1)
+        scores = gate.gather(-1, blocks.clamp(min=0)).masked_fill_(blocks < 0, float("-inf"))
+        best[..., t0:t1] = scores.amax(-1)
     ref = torch.zeros((b * p.hkv, rp), dtype=torch.float32, device=dev)
-    ref[:, : tq * p.group] = best.permute(0, 1, 3, 2).reshape(b * p.hkv, tq * p.group)
+    ref[:, : tq * g] = best.permute(0, 1, 3, 2).reshape(b * p.hkv, tq * g)
     return Selection(picks=picks, n_pick=n_pick, row_pad=rp, ref=ref)
