@@ -12,9 +12,9 @@ Per call, on every rank (W ranks, this one holding `T_local` tokens = whole bloc
 4. it attends its own blocks plus the fetched ones with the `torch` backend's kernels or, on CUDA,
    the `triton` backend's (`backend=`), the selection given explicitly: k/v are compacted to
    `[fetched blocks | own blocks]`, so the queries are the newest tokens of the compact keys and
-   the own block (with its causal diagonal) is where the kernels expect it; every other selected block is a complete history
-   block (causal) or fully visible (non-causal), whatever its position; the shipped partials
-   are merged in by log-sum-exp.
+   the own block (with its causal diagonal) is where the kernels expect it; every other selected
+   block is a complete history block (causal) or fully visible (non-causal), whatever its
+   position; the shipped partials are merged in by log-sum-exp.
 
 The backward recomputes nothing collective except returning dK/dV of fetched tiles to their
 owners and, for shipped rows, sending their output gradients to the owners and dQ back.
