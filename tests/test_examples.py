@@ -26,7 +26,8 @@ EXAMPLE_ARGS = {"activate_moba.py": ["--quick", "--plot", "activate_moba.png"]}
 
 def test_examples_are_found():
     assert {"rewrite_hf_generate.py", "rewrite_custom_model.py", "finetune_moba.py",
-            "load_and_compile.py", "decode_with_means_cache.py", "activate_moba.py"} <= set(EXAMPLES)
+            "load_and_compile.py", "decode_with_means_cache.py", "activate_moba.py",
+            "context_parallel.py"} <= set(EXAMPLES)
 
 
 @pytest.fixture
