@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Prepared GPU check for the model path (issue 11's GPU row). Installs nothing; runs from the tree.
-# About 8 minutes on one H100/H200, each step under its own timeout (a failed or stopped step is
+# Prepared GPU check for the model path (issue 11's GPU row) and context parallelism's local
+# attention (issue 15's). Installs nothing; runs from the tree. At most 9.5 minutes on one
+# H100/H200 (one device call), each step under its own timeout (a failed or stopped step is
 # reported and the run goes on):
 #   1. benchmarks/model_check.py in bf16: dense limit = original (eager, compiled); every MoBA
 #      call of a prefill and of generate() (dynamic, static cache) = the dense MoBA reference on
@@ -10,6 +11,8 @@
 #      peak memory, decode ms/token through generate() (dynamic and static cache) after 128K.
 #   3. benchmarks/bench_decode.py: decode steps at a 128K static cache under
 #      torch.compile(mode="reduce-overhead") (CUDA graphs), dense vs MoBA (issue 11: >= 4x).
+#   4. benchmarks/bench_cp_local.py: one rank's local attention under context parallelism (128K
+#      over 4 ranks, bf16), the torch vs the Triton kernels, which must agree.
 #   usage: benchmarks/gpu_model_check.sh            (on the GPU machine; JSON to $OUT when set)
 #          benchmarks/gpu_model_check.sh --dry-run  (the same steps on this CPU at toy sizes)
 set -u
@@ -39,11 +42,15 @@ step() {  # step NAME SECONDS COMMAND...
     return 0
 }
 
-step "correctness (model_check)" 150 python benchmarks/model_check.py --device "$device" --dtype "$dtype"
-step "whole model, dense vs MoBA (bench_model)" 300 python benchmarks/bench_model.py --device "$device" \
+step "correctness (model_check)" 120 python benchmarks/model_check.py --device "$device" --dtype "$dtype"
+step "whole model, dense vs MoBA (bench_model)" 250 python benchmarks/bench_model.py --device "$device" \
     --dtype "$dtype" --layers "$layers" --hidden "$hidden" --heads "$heads" --head-dim "$head_dim" --seq "$seqs" \
     --modes eager,compile --decode-tokens 16 --repeat 2 --json "$out_dir/bench_model_gpu.json"
-step "compiled static-cache decode (bench_decode)" 150 python benchmarks/bench_decode.py --device "$device" \
+step "compiled static-cache decode (bench_decode)" 130 python benchmarks/bench_decode.py --device "$device" \
     --dtype "$dtype" --static-layers "$layers" --hidden "$hidden" --heads "$heads" --head-dim "$head_dim" \
     --cache-len "$cache_len" --caches static --compile "$compile_mode" --steps 16
+cp_args=(--device "$device" --dtype "$dtype" --tokens 131072 --world 4)
+[ "$device" = cpu ] && cp_args=(--dry-run)
+step "context parallelism, one rank's local attention (bench_cp_local)" 70 python benchmarks/bench_cp_local.py \
+    "${cp_args[@]}"
 exit $status
