@@ -22,6 +22,7 @@ from torch import Tensor
 
 from moba_rewrite.kernels import dense, load_backend, resolve_backend
 from moba_rewrite.kernels.eager import plain_eager
+from moba_rewrite.kernels.grad_layout import like_inputs
 
 
 def _kernel(backend: str, q: Tensor, k: Tensor, attn_mask: Optional[Tensor], v: Optional[Tensor] = None):
@@ -58,7 +59,7 @@ def attention_backward(
             grad_out, q, k, v, out, block_size=block_size, top_k=top_k, causal=causal, scale=scale,
             attn_mask=attn_mask,
         )
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return like_inputs((dq, dk, dv), (q, k, v))  # the fake's layout (grad_layout)
 
 
 @attention_backward.register_fake

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from moba_rewrite.kernels import BACKENDS, load_backend, resolve_backend
+from moba_rewrite.kernels.grad_layout import like_inputs
 
 _NAME = "moba_attention_varlen"
 
@@ -172,7 +173,7 @@ def attention_varlen_backward(
         dq, dk, dv = module.backward_varlen(grad_out, q, k, v, out, cu_seqlens_q, cu_seqlens_k, **kw)
     else:
         dq, dk, dv = _loop_backward(module, grad_out, q, k, v, out, cu_seqlens_q, cu_seqlens_k, **kw)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return like_inputs((dq, dk, dv), (q, k, v))  # the fake's layout (grad_layout)
 
 
 @attention_varlen_backward.register_fake

@@ -23,6 +23,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     _IMPORT_ERROR = f"triton is not installed ({exc})"
 
 from moba_rewrite.kernels.eager import plain_eager
+from moba_rewrite.kernels.grad_layout import like_inputs
 
 if _IMPORT_ERROR is None:
     from moba_rewrite.kernels.triton import attn as triton_attn, gate as triton_gate
@@ -121,7 +122,7 @@ def _backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     sel = triton_gate.build_csr(p, triton_gate.select_blocks(p))
     lse = triton_attn.row_lse(p, sel).contiguous()
     dq, dk, dv = triton_attn.attention_backward(p, sel, grad_out, out, lse)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    return like_inputs((dq, dk, dv), (q, k, v))  # the fake's layout (grad_layout)
 
 
 # The kernels as torch operators. On GPU they are `torch.library.triton_op`s: torch.compile and
