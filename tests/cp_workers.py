@@ -501,6 +501,52 @@ def hf_prefill_matches_unsharded(ctx):
             assert (dense(input_ids=ids, use_cache=False).logits - want).abs().max() > 1e-3
 
 
+def hf_compiled_model_matches_unsharded(ctx):
+    """`torch.compile(model)` (Inductor) run under `context_parallel`: the sharded prefill's logits
+    and a sharded training step's loss and gradients (summed over the ranks) equal the eager,
+    unsharded model's. The sharded attention graph-breaks out of the compiled graph (it is
+    eager-only); the rest, backward included, is compiled."""
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
+
+    torch._dynamo.reset()
+    model, _ = _tiny_llama(seed=11)
+    ids = torch.randint(0, 96, (2, 80), generator=torch.Generator().manual_seed(12))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    n_labels = int((labels != -100).sum())
+
+    def loss_of(logits, targets):
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                                 reduction="sum") / n_labels
+
+    model.eval()
+    with torch.no_grad():
+        want_logits = model(input_ids=ids, use_cache=False).logits
+    model.train()
+    want_loss = loss_of(model(input_ids=ids, use_cache=False).logits, labels)
+    want_loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    local_ids, pos, seq_len = shard_inputs(model, ids, layout="zigzag")
+    local_labels = shard_sequence(labels, layout="zigzag", dim=1, block_size=8, pad_value=-100)
+    with context_parallel(model, layout="zigzag", seq_len=seq_len):
+        loss = loss_of(torch.compile(model)(input_ids=local_ids, position_ids=pos, use_cache=False).logits,
+                       local_labels)
+        loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    close("compiled loss", total, want_loss.detach())
+    for name, param in model.named_parameters():
+        dist.all_reduce(param.grad)
+        close(f"compiled gradient of {name}", param.grad, want[name])
+    torch._dynamo.reset()  # a fresh compile for inference (a recompile for no_grad may hit Dynamo's limit)
+    model.eval()
+    with torch.no_grad(), context_parallel(model, layout="zigzag", seq_len=seq_len):
+        local = torch.compile(model)(input_ids=local_ids, position_ids=pos, use_cache=False).logits
+    close("compiled logits", unshard_sequence(local, layout="zigzag", dim=1, seq_len=seq_len), want_logits)
+    torch._dynamo.reset()
+
+
 def hf_eager_encoder_matches_unsharded(ctx):
     """A bidirectional encoder with eager attention (ALIGN's text tower: transformers hands it no mask,
     and the module has no `is_causal`) sharded = its unsharded rewrite = the original in the dense
@@ -1046,7 +1092,7 @@ SUITES = {
             hf_padded_batch_matches_unsharded, hf_dense_below_matches_unsharded,
             hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
             hf_model_attention_functions_in_pieces, hf_sharded_cache_generate_matches_generate, hf_sharded_cache_beam_search_matches_generate,
-            hf_bad_inputs, dead_rank_is_one_clear_error],
+            hf_compiled_model_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,
              decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, hf_sharded_cache_generate_matches_generate,
