@@ -1,0 +1,229 @@
+"""A rewritten model's gradients, over every model type in transformers' registry.
+
+`forward_sweep.py` checks what a rewrite's forward computes; this checks its backward, on the same
+tiny models and generic inputs (every base class of `MODEL_MAPPING_NAMES`). The loss is a fixed
+random projection of every floating tensor of the output (so every output position gets a
+gradient), taken in eval mode (no dropout: two runs must agree); the gradients compared are those
+of every floating parameter that gets one:
+
+- **dense limit**: the rewrite with `top_k * block_size >= 16384` must give the original model's
+  gradients (each within 1e-4 of its own scale): the rewrite's backward wiring may change nothing;
+- **sparse** (block 4, top-2): where every MoBA site is called through transformers'
+  AttentionInterface, the gradients of the original model with the dense `reference` MoBA as its
+  attention at those sites (plain autograd through masked softmax attention; independent of the
+  backends' hand-written backward kernels);
+- `--compiled`: `torch.compile` of the sparse rewrite (Inductor by default, `--backend`) must
+  give the eager sparse rewrite's loss and gradients (not checked where the original model does
+  not compile, or where its own compiled gradients differ from its eager ones).
+
+    python benchmarks/train_sweep.py                                  # every model type
+    python benchmarks/train_sweep.py --only llama bert vit --compiled # some, through Inductor too
+
+A row per model type: `equal`, `DIFFERS` (what differs), `ERROR` (the rewrite failed where the
+original ran), `skipped` (the original could not be built, run twice alike, or differentiated) or
+`no attention`. Exit status 1 when any row differs or errs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import sys
+import time
+import warnings
+from collections import Counter
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+import forward_sweep  # noqa: E402  (sets the offline environment and the import path)
+import zoo_sweep  # noqa: E402
+from generate_sweep import SPARSE, _oracle  # noqa: E402
+
+TOLERANCE = 1e-4
+
+
+def _loss(out: Any) -> torch.Tensor:
+    """A fixed random projection of every floating output tensor (seeded by its position and shape)."""
+    total = None
+    for i, t in enumerate(forward_sweep._tensors(out)):
+        if not t.requires_grad:
+            continue
+        g = torch.Generator().manual_seed(1000 + i)
+        weights = torch.randn(t.shape, generator=g, dtype=torch.float32).to(t.dtype)
+        term = (t.nan_to_num(0.0) * weights).sum()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no output tensor depends on the parameters")
+    return total
+
+
+def gradients(model, inputs: dict[str, Any], call: Callable | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`(loss, {parameter name: gradient})` of one backward through `call(**inputs)` (default the model)."""
+    model.zero_grad(set_to_none=True)
+    loss = _loss((call if call is not None else model)(**inputs))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def grad_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> tuple[float, str] | None:
+    """None when every gradient of `got` is within TOLERANCE of `want`'s, relative to its scale, else
+    (the largest scaled error, the parameter it is at); inf when the parameters differ. A gradient's
+    scale is its largest magnitude, but at least a tenth of the largest in its module: a key
+    projection's bias has a zero gradient in exact arithmetic (softmax ignores a shift shared by all
+    keys), so its values are rounding noise of its weight's scale on either side."""
+    if got.keys() != want.keys():
+        missing = sorted(set(want) ^ set(got))
+        return float("inf"), f"gradients for other parameters ({', '.join(missing[:3])})"
+    magnitude = {n: w.nan_to_num(0.0, 0.0, 0.0).abs().max().item() if w.numel() else 0.0 for n, w in want.items()}
+    per_module: dict[str, float] = {}
+    for name, m in magnitude.items():
+        owner = name.rpartition(".")[0]
+        per_module[owner] = max(per_module.get(owner, 0.0), m)
+    worst, where = 0.0, ""
+    for name, w in want.items():
+        g = got[name].double()
+        w = w.double()
+        if not torch.equal(torch.isnan(g), torch.isnan(w)):
+            return float("nan"), name
+        keep = ~torch.isnan(w)
+        if keep.any():
+            scale = max(magnitude[name], 0.1 * per_module[name.rpartition(".")[0]], 1e-12)
+            err = (g - w)[keep].abs().max().item() / scale
+            if err > worst:
+                worst, where = err, name
+    return None if worst <= TOLERANCE else (worst, where)
+
+
+def _describe(what: str, err: tuple[float, str]) -> str:
+    return f"{what}: gradients differ by {err[0]:.3g} (at {err[1]})"
+
+
+def _compiled_notes(model, sparse, inputs, want: dict[str, torch.Tensor], backend: str) -> list[str]:
+    torch._dynamo.reset()
+    try:
+        try:
+            _, got = gradients(sparse, inputs, torch.compile(sparse, backend=backend))
+        except Exception as e:  # noqa: BLE001
+            try:
+                original = copy.deepcopy(model)
+                gradients(original, inputs, torch.compile(original, backend=backend))
+            except Exception:  # noqa: BLE001
+                return ["ok: compiled not checked (the original does not compile either)"]
+            return [f"compiled: fails where the original compiles: {zoo_sweep._short(e)[:160]}"]
+        err = grad_error(got, want)
+        if err is None:
+            return []
+        original = copy.deepcopy(model)
+        _, own_eager = gradients(original, inputs)
+        torch._dynamo.reset()
+        _, own_compiled = gradients(original, inputs, torch.compile(original, backend=backend))
+        own = grad_error(own_compiled, own_eager)
+        if own is not None:
+            return [f"ok: compiled not checked (the original's own compiled gradients differ by {own[0]:.3g})"]
+        return [_describe("compiled", err)]
+    finally:
+        torch._dynamo.reset()
+
+
+def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = False,
+              backend: str = "inductor") -> tuple[str, str]:
+    import moba_rewrite as mr
+
+    try:
+        with zoo_sweep.time_limit(seconds):
+            model, inputs = zoo_sweep.build(model_type, class_name)
+            model.eval()
+            loss, want = gradients(model, inputs)
+            again_loss, again = gradients(model, inputs)
+            if not want:
+                return "skipped", "no parameter gets a gradient"
+            if grad_error(again, want) is not None or not torch.equal(loss, again_loss):
+                return "skipped", "the original's two backward passes differ"
+            if not sum(zoo_sweep.truth_sites(model, inputs).values()):
+                return "no attention", ""
+    except Exception as e:  # noqa: BLE001
+        return "skipped", zoo_sweep._short(e)
+    notes: list[str] = []
+    stage = "dense limit"
+    try:
+        with zoo_sweep.time_limit(seconds):
+            limit = mr.rewrite(copy.deepcopy(model), forward_sweep.LIMIT, inputs)
+            err = grad_error(gradients(limit, inputs)[1], want)
+            if err is not None:
+                notes.append(_describe("dense limit", err))
+            del limit
+            gc.collect()
+            stage = "sparse"
+            sparse = mr.rewrite(copy.deepcopy(model), SPARSE, inputs)
+            _, got_sparse = gradients(sparse, inputs)
+            moba = set(sparse._moba_report.moba_sites)
+            if not moba:
+                notes.append("ok: no MoBA site")
+            else:
+                oracle = _oracle(model, sparse, prompt=None)
+                _, oracle_grads = gradients(oracle, inputs)
+                covered = getattr(oracle, "_oracle_ran", set())
+                if moba <= covered:
+                    err = grad_error(got_sparse, oracle_grads)
+                    if err is not None:
+                        notes.append(_describe("sparse", err))
+                else:
+                    notes.append(f"ok: sparse not checked ({len(moba - covered)} MoBA site(s) not called through "
+                                 "transformers' AttentionInterface)")
+                del oracle
+                gc.collect()
+        if compiled and moba:
+            stage = "compiled"
+            with zoo_sweep.time_limit(seconds):
+                notes += _compiled_notes(model, sparse, inputs, got_sparse, backend)
+    except Exception as e:  # noqa: BLE001
+        if os.environ.get("ZOO_SWEEP_TRACE"):
+            import traceback
+
+            traceback.print_exc()
+        return "ERROR", f"{stage}: {zoo_sweep._short(e)}"
+    bad = [n for n in notes if not n.startswith("ok: ")]
+    return ("DIFFERS" if bad else "equal"), "; ".join(notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", help="model types to run (default: every base model type)")
+    ap.add_argument("--seconds", type=int, default=180, help="time limit per model and phase")
+    ap.add_argument("--compiled", action="store_true", help="also torch.compile the sparse rewrite")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend for --compiled (inductor)")
+    ap.add_argument("--markdown", help="also write the table here")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    types = [(t, c) for t, c in zoo_sweep.registry() if not args.only or t in args.only]
+    counts: Counter = Counter()
+    lines = [f"torch {torch.__version__}, transformers {transformers.__version__}; {len(types)} model types; "
+             f"gradients{f', compiled ({args.backend})' if args.compiled else ''}",
+             "", "| model type | class | result | detail |", "|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    start = time.time()
+    for model_type, class_name in types:
+        if not hasattr(transformers, class_name):
+            continue
+        status, detail = sweep_one(model_type, class_name, args.seconds, args.compiled, args.backend)
+        counts[status] += 1
+        line = f"| {model_type} | {class_name} | {status} | {detail.replace('|', '/')} |"
+        lines.append(line)
+        print(line, flush=True)
+        gc.collect()
+    return zoo_sweep.finish_table(lines, counts, start, args.markdown)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
