@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moba_rewrite.attention import op as _op
+from moba_rewrite.attention import autocast, op as _op
 from moba_rewrite.kernels import dense
 
 
@@ -66,3 +66,4 @@ def _backward(ctx, grad_out):
 
 
 attention_checked_mask.register_autograd(_backward, setup_context=_setup_context)
+autocast.register("attention_checked_mask")

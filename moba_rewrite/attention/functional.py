@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from moba_rewrite.attention import op as _op  # registers torch.ops.moba
+from moba_rewrite.attention import autocast, op as _op  # registers torch.ops.moba
 from moba_rewrite.kernels import BACKENDS
 
 
@@ -131,6 +131,8 @@ def moba_attention(
     `key_block_means`: the block means of k kept as a cache (`moba_rewrite.key_block_means`), so
     decoding need not reread all of K for the gate; it must be current for k.
     """
+    if autocast.active(q):  # SDPA's autocast rule (mixed input dtypes are fine there)
+        q, k, v, attn_mask, key_block_means = autocast.cast_inputs(q, k, v, attn_mask, key_block_means)
     validate(q, k, v, block_size=block_size, top_k=top_k, scale=scale, attn_mask=attn_mask,
              enable_gqa=enable_gqa, backend=backend, key_block_means=key_block_means)
     resolved_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moba_rewrite.attention import autocast
 from moba_rewrite.attention.functional import validate
 from moba_rewrite.kernels import dense, load_backend, resolve_backend
 from moba_rewrite.kernels.eager import plain_eager
@@ -140,6 +141,9 @@ def _attention_kv_cache_fake(q, k_cache, v_cache, key_block_means, cache_positio
     return q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
 
 
+autocast.register("attention_kv_cache")
+
+
 def run(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_block_means: Tensor, cache_position: Tensor,
         attn_mask: Optional[Tensor], block_size: int, top_k: int, causal: bool, scale: float,
         backend: str, dense_below: int = 0) -> Tensor:
@@ -213,6 +217,9 @@ def moba_attention_kv_cache(
     if not isinstance(dense_below, int) or isinstance(dense_below, bool) or dense_below < 0:
         raise ValueError(f"moba_attention_kv_cache: dense_below must be a non-negative int (0: never), "
                          f"got {dense_below!r}")
+    if autocast.active(q):  # SDPA's autocast rule (mixed input dtypes are fine there)
+        q, k_cache, v_cache, key_block_means, attn_mask = autocast.cast_inputs(q, k_cache, v_cache, key_block_means,
+                                                                               attn_mask)
     validate_kv_cache(q, k_cache, v_cache, key_block_means, cache_position, block_size=block_size, top_k=top_k,
                       scale=scale, attn_mask=attn_mask, enable_gqa=enable_gqa, backend=backend)
     resolved_scale = float(scale) if scale is not None else q.shape[-1] ** -0.5

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moba_rewrite.attention import autocast
 from moba_rewrite.kernels import dense, load_backend, resolve_backend
 from moba_rewrite.kernels.eager import plain_eager
 from moba_rewrite.kernels.grad_layout import like_inputs
@@ -81,6 +82,7 @@ def _backward(ctx, grad_out):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+autocast.register("attention")
 
 
 def dense_by_policy(backend: str, keys: int, dense_below: int) -> bool:
@@ -172,3 +174,4 @@ def _backward_cached(ctx, grad_out):
 
 
 attention_cached.register_autograd(_backward_cached, setup_context=_setup_context_cached)
+autocast.register("attention_cached")

@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor
 
+from moba_rewrite.attention import autocast
 from moba_rewrite.kernels import BACKENDS, load_backend, resolve_backend
 from moba_rewrite.kernels.grad_layout import like_inputs
 
@@ -195,6 +196,7 @@ def _backward(ctx, grad_out):
 
 
 attention_varlen.register_autograd(_backward, setup_context=_setup_context)
+autocast.register("attention_varlen")
 
 
 def moba_attention_varlen(
@@ -217,6 +219,8 @@ def moba_attention_varlen(
     its newest tokens), exactly as `moba_attention` would on that sequence alone. GQA is
     implied by `Hq % Hkv == 0`. Returns `[total_q, Hq, Dv]`.
     """
+    if autocast.active(q):  # SDPA's autocast rule (mixed input dtypes are fine there)
+        q, k, v = autocast.cast_inputs(q, k, v)
     validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_size=block_size, top_k=top_k, scale=scale,
                     backend=backend)
     resolved = float(scale) if scale is not None else q.shape[-1] ** -0.5

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def plain_eager(*tensors: Tensor | None) -> bool:
@@ -25,6 +26,9 @@ def plain_eager(*tensors: Tensor | None) -> bool:
     for t in tensors:  # a plain loop: this runs on every decode step
         if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad) or t.is_meta):
             return False  # meta tensors: the op's fake implementation answers them
+    first = next((t for t in tensors if t is not None), None)
+    if first is not None and first.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(first.device.type):
+        return False  # the ops' autocast rule casts the inputs, as SDPA's does
     if torch.autograd.forward_ad._current_level >= 0:  # dual tensors: one behaviour for all backends
         return False
     return not (
