@@ -547,6 +547,42 @@ def hf_compiled_model_matches_unsharded(ctx):
     torch._dynamo.reset()
 
 
+def hf_autocast_training_step_matches_unsharded(ctx):
+    """A sharded training step under CPU autocast (bf16; RoPE hands attention fp32 q/k and bf16 v):
+    loss and gradients (summed over the ranks) equal the unsharded step under the same autocast,
+    within bf16 rounding (the ops cast as SDPA does; before, the sharded MoBA sites refused the
+    mixed dtypes)."""
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
+
+    model, _ = _tiny_llama(seed=13)
+    model.train()
+    ids = torch.randint(0, 96, (2, 80), generator=torch.Generator().manual_seed(14))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    n_labels = int((labels != -100).sum())
+
+    def loss_of(logits, targets):
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                                 reduction="sum") / n_labels
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_loss = loss_of(model(input_ids=ids, use_cache=False).logits, labels)
+    want_loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    local_ids, pos, seq_len = shard_inputs(model, ids, layout="zigzag")
+    local_labels = shard_sequence(labels, layout="zigzag", dim=1, block_size=8, pad_value=-100)
+    with context_parallel(model, layout="zigzag", seq_len=seq_len):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_of(model(input_ids=local_ids, position_ids=pos, use_cache=False).logits, local_labels)
+        loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    close("autocast loss", total, want_loss.detach(), atol=1e-4)
+    for name, param in model.named_parameters():
+        dist.all_reduce(param.grad)
+        close(f"autocast gradient of {name}", param.grad, want[name], atol=5e-3, relative=True)
+
+
 def hf_eager_encoder_matches_unsharded(ctx):
     """A bidirectional encoder with eager attention (ALIGN's text tower: transformers hands it no mask,
     and the module has no `is_causal`) sharded = its unsharded rewrite = the original in the dense
@@ -1092,7 +1128,7 @@ SUITES = {
             hf_padded_batch_matches_unsharded, hf_dense_below_matches_unsharded,
             hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
             hf_model_attention_functions_in_pieces, hf_sharded_cache_generate_matches_generate, hf_sharded_cache_beam_search_matches_generate,
-            hf_compiled_model_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
+            hf_compiled_model_matches_unsharded, hf_autocast_training_step_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,
              decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, hf_sharded_cache_generate_matches_generate,

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moba_rewrite.attention import op as moba_op
+from moba_rewrite.attention import autocast, op as moba_op
 from moba_rewrite.integrations import hf, hf_cache, hf_masks
 from moba_rewrite.parallel import moba_attention_cp, moba_decode_cp, sdpa_decode_cp, shard_sequence
 from moba_rewrite.parallel.attention import check_key_padding
@@ -188,6 +188,8 @@ class _ShardedAttention:
 
     def __call__(self, origin: str, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
         self.seen.add(id(module))
+        if autocast.active(query):  # as the attention functions compute under autocast (SDPA's rule)
+            query, key, value = autocast.cast_inputs(query, key, value)
         name = getattr(module, "_moba_site", type(module).__name__)
         tq, tk = query.shape[2], key.shape[2]
         if self.decode_len is not None:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moba_rewrite.attention import autocast
 from moba_rewrite.attention.functional import validate
 from moba_rewrite.kernels.reference import compute_dtype
 from moba_rewrite.kernels.registry import load_backend, resolve_backend
@@ -285,8 +286,13 @@ def moba_attention_cp(
     candidates; a query that sees no key gets zeros). Every rank passes one or none. `backend`: the
     kernels of the local attention: `torch`, `triton` (CUDA, or CPU under the Triton interpreter),
     or `auto` (`triton` on CUDA where it supports the call, else `torch`); the same result.
+    Under `torch.autocast` it computes as `moba_attention` does there (SDPA's rule: q, k, v in the
+    autocast dtype, the attention itself with autocast off).
     """
     shipping.check_mode(exchange, _WHO)
+    cast = autocast.active(q)
+    if cast:
+        q, k, v = autocast.cast_inputs(q, k, v)
     pg, lay = check_shards(_WHO, q, k, v, group=group, layout=layout, block_size=block_size, top_k=top_k, scale=scale,
                            enable_gqa=enable_gqa)
     lay.check_blocks(block_size, _WHO)
@@ -299,6 +305,9 @@ def moba_attention_cp(
                              key_padding=key_padding is not None)
     cfg = _Config(pg=pg, lay=lay, rank=dist.get_rank(pg), block_size=block_size, top_k=top_k, causal=bool(causal),
                   scale=resolved, seq_len=seq_len, exchange=exchange, backend=local_backend(backend, q, k, v))
+    if cast:
+        with torch.autocast(q.device.type, enabled=False):
+            return _MobaCP.apply(q, k, v, cfg, key_padding)
     return _MobaCP.apply(q, k, v, cfg, key_padding)
 
 
