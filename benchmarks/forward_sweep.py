@@ -52,7 +52,6 @@ import copy
 import gc
 import os
 import sys
-import time
 import warnings
 from collections import Counter
 from typing import Any
@@ -378,23 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     types = [(t, c) for t, c in zoo_sweep.registry() if not args.only or t in args.only]
-    counts: Counter = Counter()
-    lines = [f"torch {torch.__version__}, transformers {transformers.__version__}; {len(types)} model types; "
-             + ", ".join(["padded batch" if args.padded else "one input"] + [f for f, on in (("compiled", args.compiled), ("export", args.export), ("onnx", args.onnx)) if on]),
-             "", "| model type | class | result | detail |", "|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
-    start = time.time()
-    for model_type, class_name in types:
-        if not hasattr(transformers, class_name):
-            continue
-        status, detail = sweep_one(model_type, class_name, args.seconds, args.compiled, args.export, args.padded,
-                                 args.onnx)
-        counts[status] += 1
-        line = f"| {model_type} | {class_name} | {status} | {detail.replace('|', '/')} |"
-        lines.append(line)
-        print(line, flush=True)
-        gc.collect()
-    return zoo_sweep.finish_table(lines, counts, start, args.markdown)
+    title = ", ".join(["padded batch" if args.padded else "one input"]
+                      + [f for f, on in (("compiled", args.compiled), ("export", args.export), ("onnx", args.onnx)) if on])
+    return zoo_sweep.sweep_table(title, types, lambda t, c: sweep_one(t, c, args.seconds, args.compiled, args.export,
+                                                                       args.padded, args.onnx), args.markdown)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,7 @@ import copy
 import gc
 import os
 import sys
-import time
 import warnings
-from collections import Counter
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -214,22 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     types = [(t, c) for t, c in zoo_sweep.registry() if not args.only or t in args.only]
-    counts: Counter = Counter()
-    lines = [f"torch {torch.__version__}, transformers {transformers.__version__}; {len(types)} model types; "
-             f"gradients{f', compiled ({args.backend})' if args.compiled else ''}",
-             "", "| model type | class | result | detail |", "|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
-    start = time.time()
-    for model_type, class_name in types:
-        if not hasattr(transformers, class_name):
-            continue
-        status, detail = sweep_one(model_type, class_name, args.seconds, args.compiled, args.backend)
-        counts[status] += 1
-        line = f"| {model_type} | {class_name} | {status} | {detail.replace('|', '/')} |"
-        lines.append(line)
-        print(line, flush=True)
-        gc.collect()
-    return zoo_sweep.finish_table(lines, counts, start, args.markdown)
+    title = f"gradients{f', compiled ({args.backend})' if args.compiled else ''}"
+    return zoo_sweep.sweep_table(title, types, lambda t, c: sweep_one(t, c, args.seconds, args.compiled, args.backend),
+                                 args.markdown)
 
 
 if __name__ == "__main__":

@@ -484,6 +484,28 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
+def sweep_table(title: str, types: list[tuple[str, str]], row, markdown: str | None) -> int:
+    """`row(model_type, class_name) -> (status, detail)` for every type this transformers has, printed
+    as a markdown table row by row under `title` (torch and transformers versions prepended); the
+    tally and exit status of `finish_table`."""
+    import transformers
+
+    counts: Counter = Counter()
+    lines = [f"torch {torch.__version__}, transformers {transformers.__version__}; {len(types)} model types; {title}",
+             "", "| model type | class | result | detail |", "|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    start = time.time()
+    for model_type, class_name in types:
+        if not hasattr(transformers, class_name):
+            continue
+        status, detail = row(model_type, class_name)
+        counts[status] += 1
+        lines.append(f"| {model_type} | {class_name} | {status} | {detail.replace('|', '/')} |")
+        print(lines[-1], flush=True)
+        gc.collect()
+    return finish_table(lines, counts, start, markdown)
+
+
 def finish_table(lines: list[str], counts: Counter, start: float, markdown: str | None) -> int:
     """Print a sweep's tally (and write its table to `markdown`); exit status 1 when a row differs or errs."""
     tail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + f" ({time.time() - start:.0f} s)"
