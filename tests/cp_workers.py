@@ -501,6 +501,19 @@ def hf_prefill_matches_unsharded(ctx):
             assert (dense(input_ids=ids, use_cache=False).logits - want).abs().max() > 1e-3
 
 
+def _lm_batch(seed: int):
+    """(ids [2, 80], labels shifted before sharding, loss_of(logits, labels)): the sum of the token
+    losses over the whole batch's label count, so the ranks' losses add up to the unsharded mean."""
+    ids = torch.randint(0, 96, (2, 80), generator=torch.Generator().manual_seed(seed))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    n_labels = int((labels != -100).sum())
+
+    def loss_of(logits, targets):
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                                 reduction="sum") / n_labels
+    return ids, labels, loss_of
+
+
 def hf_compiled_model_matches_unsharded(ctx):
     """`torch.compile(model)` (Inductor) run under `context_parallel`: the sharded prefill's logits
     and a sharded training step's loss and gradients (summed over the ranks) equal the eager,
@@ -510,14 +523,7 @@ def hf_compiled_model_matches_unsharded(ctx):
 
     torch._dynamo.reset()
     model, _ = _tiny_llama(seed=11)
-    ids = torch.randint(0, 96, (2, 80), generator=torch.Generator().manual_seed(12))
-    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
-    n_labels = int((labels != -100).sum())
-
-    def loss_of(logits, targets):
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                                 reduction="sum") / n_labels
-
+    ids, labels, loss_of = _lm_batch(seed=12)
     model.eval()
     with torch.no_grad():
         want_logits = model(input_ids=ids, use_cache=False).logits
@@ -556,14 +562,7 @@ def hf_autocast_training_step_matches_unsharded(ctx):
 
     model, _ = _tiny_llama(seed=13)
     model.train()
-    ids = torch.randint(0, 96, (2, 80), generator=torch.Generator().manual_seed(14))
-    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
-    n_labels = int((labels != -100).sum())
-
-    def loss_of(logits, targets):
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                                 reduction="sum") / n_labels
-
+    ids, labels, loss_of = _lm_batch(seed=14)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want_loss = loss_of(model(input_ids=ids, use_cache=False).logits, labels)
     want_loss.backward()
