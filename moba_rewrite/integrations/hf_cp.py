@@ -186,6 +186,7 @@ class _ShardedAttention:
         self.key_padding, self.global_keys, self.documents = key_padding, None, documents
         self.packing_read = False
 
+    @torch.compiler.disable  # eager: collectives, host reads of masks; a compiled model breaks its graph here
     def __call__(self, origin: str, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
         self.seen.add(id(module))
         if autocast.active(query):  # as the attention functions compute under autocast (SDPA's rule)
