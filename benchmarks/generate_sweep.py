@@ -139,8 +139,8 @@ def _oracle(model, rewritten, prompt: int | None = PROMPT):
                                                         module.training, kwargs):
             return hf._dense_call(origin, module, query, key, value, attention_mask, *args, **kwargs)
         mask = attention_mask
-        if mask is not None and mask.dtype != torch.bool:
-            mask = mask > torch.finfo(mask.dtype).min / 2
+        if mask is not None and mask.dtype != torch.bool:  # hidden keys at -inf; differentiable (a learned bias)
+            mask = mask.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
         # as the original function: without a mask SDPA cuts causally by the call's or the module's flag,
         # with one it applies the mask alone; eager functions only ever add the mask
         causal = kwargs.get("is_causal")

@@ -75,7 +75,10 @@ def _is_tril(t) -> bool:
 
 
 def constant_of(node: fx.Node, root) -> torch.Tensor | None:
-    """The tensor behind a get_attr node, or behind an export buffer/constant placeholder."""
+    """The tensor behind a get_attr node, or behind an export buffer/constant placeholder. Never a
+    parameter: trained values are not constants (Swin's relative position bias table starts at
+    zero, so a proof from its current values would read the bias as "no mask" and drop it, in the
+    forward once trained or loaded, and in the backward at once)."""
     if root is None:
         return None
     if node.op == "get_attr":
@@ -83,9 +86,9 @@ def constant_of(node: fx.Node, root) -> torch.Tensor | None:
             obj = root
             for part in str(node.target).split("."):
                 obj = getattr(obj, part)
-            return obj if isinstance(obj, torch.Tensor) else None
         except AttributeError:
             return None
+        return obj if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter) else None
     if node.op == "placeholder":
         table = getattr(root, "_moba_constants", None) or {}
         return table.get(node.name)

@@ -70,6 +70,8 @@ def unfaithful(site: RoutedSite, a: dict[str, Any]) -> list[str]:
         out.append(f"key head dim {k.shape[-1]} differs from query head dim {q.shape[-1]}")
     if q.shape[1] % k.shape[1] != 0:
         out.append(f"query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
+    if v.shape[1] != k.shape[1]:
+        out.append(f"key and value head counts differ (k {k.shape[1]}, v {v.shape[1]})")
     if len({q.dtype, k.dtype, v.dtype}) > 1:
         out.append("q, k and v have different dtypes")
     if mask is not None and mask.dtype != torch.bool and not (

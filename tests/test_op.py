@@ -84,6 +84,31 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.moba.attention.default, args)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block_size,dense_below", [(8, 0), (32, 0), (8, 64)])  # MoBA, dense limit, dense_below
+@pytest.mark.parametrize("mask_shape", [(24, 24), (1, 4, 24, 24)])
+def test_a_learned_float_mask_gets_the_reference_gradient(backend, block_size, dense_below, mask_shape):
+    """A float mask that requires grad (a learned bias folded into the mask, as Swin's relative
+    position bias) gets d(out)/d(mask) equal to autograd through the dense reference over the
+    blocks the op attended (all of them below `dense_below`); it got None before."""
+    from moba_rewrite.kernels import reference
+
+    q, k, v = qkv(grad=True)
+    mask = (torch.randn(mask_shape) * 0.5).requires_grad_()
+    args = (q, k, v, mask, block_size, 2, True, 0.35, backend) + ((dense_below,) if dense_below else ())
+    out = torch.ops.moba.attention(*args)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, mask), grad)
+    full = backend != "reference" and dense_below > k.shape[2]
+    bs, top_k = (k.shape[2], 1) if full else (block_size, 2)
+    want_out = reference.forward(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), block_size=bs, top_k=top_k,
+                                 causal=True, scale=0.35, attn_mask=mask)
+    want = torch.autograd.grad(want_out, (q, k, v, mask), grad)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
 class TinyAttention(torch.nn.Module):
     """A module whose forward calls MoBA: what a rewritten model looks like to the compiler."""
 

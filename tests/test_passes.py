@@ -507,3 +507,25 @@ def test_scale_computed_from_shapes_is_rewritten_eagerly(spelling):
     mr.rewrite(dense, {"defaults": {"block_size": 16, "top_k": 4}}, example_inputs=(x,))
     with torch.no_grad():
         torch.testing.assert_close(dense(x), plain, atol=1e-5, rtol=1e-5)
+
+
+def test_parameters_are_never_mask_constants():
+    """A mask built from a parameter is not a constant, whatever its values now: Swin's relative
+    position bias table starts at zero, and a proof from those values dropped the bias."""
+    import torch.fx as fx
+
+    from passes.masks import constant_of
+
+    class WithBias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.zeros(4, 4))
+            self.register_buffer("causal", torch.ones(4, 4, dtype=torch.bool).tril())
+
+        def forward(self, x):
+            return x + self.table + self.causal
+
+    gm = fx.symbolic_trace(WithBias())
+    attrs = {str(n.target): n for n in gm.graph.nodes if n.op == "get_attr"}
+    assert constant_of(attrs["table"], gm) is None
+    assert torch.equal(constant_of(attrs["causal"], gm), torch.ones(4, 4, dtype=torch.bool).tril())

@@ -64,6 +64,37 @@ def test_dense_limit_runs_the_dense_kernel_and_equals_reference(tq, tk, causal, 
     assert not got[0].isnan().any()
 
 
+@pytest.mark.parametrize("causal,kind", [(False, None), (True, None), (False, "keys"), (True, "keys")])
+def test_dense_kernel_with_fewer_key_heads_than_value_heads_equals_sdpa(causal, kind):
+    """q 4 heads, k 2, v 4 (NVIDIA's Nemotron diarization and transcription encoders): the CPU flash
+    kernel reads v's heads by k's grouping, so it must not take the call (its output was off by
+    0.14), and the row-by-row backward repeats k and v each by its own group (it raised)."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, h, 40, 16, generator=g).requires_grad_() for h in (4, 2, 4))
+    mask = None
+    if kind == "keys":
+        mask = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+        mask[1, ..., :6] = False
+    out = dense.forward(q, k, v, causal=causal, scale=0.25, attn_mask=mask)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v, scale=0.25,
+        attn_mask=mask if not causal else (torch.ones(40, 40, dtype=torch.bool).tril() & (True if mask is None else mask)))
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
+    grad = torch.randn(out.shape, generator=g)
+    got = dense.backward(grad, q, k, v, out, causal=causal, scale=0.25, attn_mask=mask)
+    for a, b in zip(got, torch.autograd.grad(want, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_sites_with_fewer_key_heads_than_value_heads_stay_dense():
+    """The sparse kernels need as many key as value heads: such a site is reported and runs the
+    original attention (with a longer input it raised inside the torch backend)."""
+    from moba_rewrite.integrations import hf
+
+    q, k, v = torch.randn(1, 4, 64, 8), torch.randn(1, 2, 64, 8), torch.randn(1, 4, 64, 8)
+    assert hf.unsupported_reasons(q, k, v, None, 0.0, False, {}) == ["key and value head counts differ (k 2, v 4)"]
+
+
 @pytest.mark.parametrize("tq,causal", [(9, True), (40, True), (9, False)])
 def test_cpu_dense_calls_with_a_key_mask_run_the_flash_kernel_in_parts(tq, causal, monkeypatch):
     """A causal chunk of queries (fewer than the keys) with a key mask: the keys before the chunk and

@@ -9,7 +9,12 @@ output as the loss):
 
 What it found wrong before it was fixed: every compiled training step of a rewritten Hugging Face
 model failed (Inductor asserts the gradient layout the backward op's fake promises, that of the
-transposed q/k/v views attention modules pass; the op returned contiguous gradients).
+transposed q/k/v views attention modules pass; the op returned contiguous gradients). Swin folds
+its learned relative position bias into the attention mask and initialises it to zero: the rewrite
+read the mask as 0 / -inf, ran MoBA with a boolean mask and the bias table never got a gradient
+(it would have trained without its position bias, silently). NVIDIA's Nemotron audio encoders
+have 2 key heads and 4 value heads: the CPU flash path read the values by the keys' grouping (the
+dense limit's outputs were off by 0.7%) and the backward raised.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ FAMILIES = [  # (model type, base class, also through Inductor)
     ("gpt2", "GPT2Model", False),
     ("vit", "ViTModel", False),
     ("clip", "CLIPModel", False),
+    ("swin", "SwinModel", True),  # a learned bias in the mask, zero at initialisation
+    ("nemotron3_diarization_audio", "Nemotron3DiarizationAudioModel", False),  # 2 key heads, 4 value heads
 ]
 
 

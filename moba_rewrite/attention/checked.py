@@ -57,12 +57,17 @@ def _backward(ctx, grad_out):
     q, k, v, out, mask = ctx.saved_tensors
     block_size, top_k, scale, backend, dense_below = ctx.params
     grad_out = grad_out.contiguous()
-    if only_visibility(mask):
+    visibility = only_visibility(mask)
+    if visibility:
         dq, dk, dv = _op.attention_backward(grad_out, q, k, v, out, _visibility(mask), block_size, top_k, False,
                                             scale, backend, dense_below)
     else:
         dq, dk, dv = dense.backward(grad_out, q, k, v, out, causal=False, scale=scale, attn_mask=mask)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dmask = None
+    if ctx.needs_input_grad[3]:  # a learned bias in the mask: MoBA's selection, or full attention with the bias
+        dmask = (_op.mask_gradient(grad_out, q, k, v, mask, block_size, top_k, False, scale, backend, dense_below)
+                 if visibility else _op.mask_gradient(grad_out, q, k, v, mask, k.shape[2], 1, False, scale, backend))
+    return dq, dk, dv, dmask, None, None, None, None, None, None
 
 
 attention_checked_mask.register_autograd(_backward, setup_context=_setup_context)

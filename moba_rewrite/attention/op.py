@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from moba_rewrite.attention import autocast
-from moba_rewrite.kernels import dense, load_backend, resolve_backend
+from moba_rewrite.kernels import dense, load_backend, reference, resolve_backend
 from moba_rewrite.kernels.eager import plain_eager
 from moba_rewrite.kernels.grad_layout import like_inputs
 
@@ -77,8 +77,22 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     q, k, v, out, attn_mask = ctx.saved_tensors
-    dq, dk, dv = attention_backward(grad_out.contiguous(), q, k, v, out, attn_mask, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    grad_out = grad_out.contiguous()
+    dq, dk, dv = attention_backward(grad_out, q, k, v, out, attn_mask, *ctx.params)
+    dmask = mask_gradient(grad_out, q, k, v, attn_mask, *ctx.params) if ctx.needs_input_grad[3] else None
+    return dq, dk, dv, dmask, None, None, None, None, None, None
+
+
+def mask_gradient(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, block_size: int, top_k: int,
+                  causal: bool, scale: float, backend: str, dense_below: int = 0) -> Tensor:
+    """Gradient with respect to a float `attn_mask` that requires one (a learned bias in the mask):
+    the dense reference's, over the blocks the op attended (all of them where it ran full attention
+    by `dense_below`; at the dense limit MoBA's selection is every block already). Without it a
+    rewritten model would silently stop training such a bias."""
+    if dense_by_policy(backend, k.shape[2], dense_below):
+        block_size, top_k = k.shape[2], 1  # one block: full attention
+    return reference.mask_gradient(grad_out, q, k, v, attn_mask, block_size=block_size, top_k=top_k, causal=causal,
+                                   scale=scale)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -169,8 +183,11 @@ def _setup_context_cached(ctx, inputs, output):
 
 
 def _backward_cached(ctx, grad_out):
-    dq, dk, dv, *_ = _backward(ctx, grad_out)  # the selection is recomputed from k: same blocks
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    q, k, v, out, attn_mask = ctx.saved_tensors
+    grad_out = grad_out.contiguous()
+    dq, dk, dv = attention_backward(grad_out, q, k, v, out, attn_mask, *ctx.params)  # selection from k: same blocks
+    dmask = mask_gradient(grad_out, q, k, v, attn_mask, *ctx.params) if ctx.needs_input_grad[4] else None
+    return dq, dk, dv, None, dmask, None, None, None, None, None, None
 
 
 attention_cached.register_autograd(_backward_cached, setup_context=_setup_context_cached)

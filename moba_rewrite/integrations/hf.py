@@ -197,6 +197,8 @@ def unsupported_reasons(query, key, value, mask, dropout: float, training: bool,
         out.append(f"query and key head dims differ (q {query.shape[-1]}, k {key.shape[-1]})")
     if query.shape[1] % key.shape[1] != 0:
         out.append(f"query heads {query.shape[1]} not a multiple of kv heads {key.shape[1]}")
+    if value.shape[1] != key.shape[1]:  # NVIDIA's Nemotron audio encoders: 2 key heads, 4 value heads
+        out.append(f"key and value head counts differ (k {key.shape[1]}, v {value.shape[1]})")
     if mask is not None and mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         out.append(f"attention mask of dtype {mask.dtype}")
     elif mask is not None and mask.dtype != torch.bool and hf_masks.compact_of(mask) is None \
@@ -292,7 +294,10 @@ def moba_attention_forward(origin: str, module: nn.Module, query, key, value, at
                 str(getattr(module, "_moba_site", type(module).__name__)) if decision.on_unsupported == "error" else "")
             return out.transpose(1, 2).contiguous(), None
         if mask.dtype != torch.bool:
-            mask = hf_masks.visibility(mask)
+            # a mask that carries a gradient holds a learned bias (Swin's relative position bias, all
+            # zero when initialised): kept additive, hidden keys at -inf, so it gets its gradient
+            learned = mask.requires_grad and torch.is_grad_enabled()
+            mask = hf_masks.additive_visibility(mask) if learned else hf_masks.visibility(mask)
         if mask.dim() == 4 and mask.shape[-1] > tk:
             mask = mask[..., :tk]
         # The boolean mask already holds causality (and padding, windows); causal=False with it

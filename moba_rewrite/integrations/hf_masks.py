@@ -296,6 +296,12 @@ def visibility(mask: Tensor) -> Tensor:
     return mask > torch.finfo(mask.dtype).min / 2
 
 
+def additive_visibility(mask: Tensor) -> Tensor:
+    """A 0 / huge-negative float mask as MoBA's additive mask: the same keys visible (hidden ones at
+    -inf, which is what hides a key in a float mask), differentiable in the visible values."""
+    return mask.masked_fill(~visibility(mask), float("-inf"))
+
+
 # --------------------------------------------------------------------------------------------
 # Cache-less calls without a mask: say that the sequences are not packed
 

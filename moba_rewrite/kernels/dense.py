@@ -97,10 +97,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, attn
 
 
 def _chunk_grads(q, k, v, out, grad_out, mask: Tensor | None, scale: float):
-    """Softmax-attention gradients of one query chunk (fp32 math; kv heads repeated per group)."""
+    """Softmax-attention gradients of one query chunk (fp32 math; k and v heads repeated per group,
+    each by its own: a model may have fewer key heads than value heads)."""
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    g = q.shape[1] // k.shape[1]
-    kx, vx = (t.to(ct).repeat_interleave(g, dim=1) if g > 1 else t.to(ct) for t in (k, v))
+    gk, gv = q.shape[1] // k.shape[1], q.shape[1] // v.shape[1]
+    kx = k.to(ct).repeat_interleave(gk, dim=1) if gk > 1 else k.to(ct)
+    vx = v.to(ct).repeat_interleave(gv, dim=1) if gv > 1 else v.to(ct)
     s = torch.matmul(q.to(ct), kx.transpose(-1, -2)) * scale
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(ct)
@@ -111,9 +113,10 @@ def _chunk_grads(q, k, v, out, grad_out, mask: Tensor | None, scale: float):
     ds = p * (dp - (go * out.to(ct)).sum(-1, keepdim=True)) * scale
     dq = torch.matmul(ds, kx)
     dk = torch.matmul(ds.transpose(-1, -2), q.to(ct))
-    if g > 1:
-        dk = dk.unflatten(1, (k.shape[1], g)).sum(2)
-        dv = dv.unflatten(1, (k.shape[1], g)).sum(2)
+    if gk > 1:
+        dk = dk.unflatten(1, (k.shape[1], gk)).sum(2)
+    if gv > 1:
+        dv = dv.unflatten(1, (v.shape[1], gv)).sum(2)
     return dq, dk, dv
 
 
@@ -147,9 +150,12 @@ _FLASH_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def _flash_parts_apply(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> bool:
     """The CPU flash kernel computes this call: CPU tensors of one float dtype, one head dim for
-    q, k and v, a key mask or none (no query dim), and for a causal call no more queries than keys."""
+    q, k and v, as many key as value heads (the kernel reads v's heads by k's grouping: a model
+    with 2 key heads and 4 value heads got wrong values), a key mask or none (no query dim), and
+    for a causal call no more queries than keys."""
     return (q.device.type == "cpu" and q.dtype in _FLASH_DTYPES and k.dtype == v.dtype == q.dtype
-            and q.shape[-1] == k.shape[-1] == v.shape[-1] and q.shape[2] > 0 and k.shape[2] > 0
+            and q.shape[-1] == k.shape[-1] == v.shape[-1] and k.shape[1] == v.shape[1]
+            and q.shape[2] > 0 and k.shape[2] > 0
             and (mask is None or mask.dim() < 2 or mask.shape[-2] == 1)
             and not (causal and q.shape[2] > k.shape[2]))
 

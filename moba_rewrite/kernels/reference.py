@@ -151,6 +151,22 @@ def _sum_groups(x: Tensor, num_kv_heads: int) -> Tensor:
     return x.view(b, num_kv_heads, hq // num_kv_heads, t, d).sum(2)
 
 
+def mask_gradient(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, *, block_size: int, top_k: int,
+    causal: bool, scale: float,
+) -> Tensor:
+    """Gradient of MoBA's output with respect to an additive float `attn_mask` (a learned bias folded
+    into the mask, as Swin's relative position bias): the scores' gradient over the selected keys,
+    summed to the mask's shape. Dense `[B, Hq, Tq, Tk]`, as the mask it answers is."""
+    hq = q.shape[1]
+    probs = attention_probs(q.detach(), k.detach(), block_size=block_size, top_k=top_k, causal=causal, scale=scale,
+                            attn_mask=attn_mask.detach())
+    ct = probs.dtype
+    dp = grad_out.to(ct) @ repeat_kv(v.detach(), hq).to(ct).transpose(-1, -2)
+    ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))
+    return ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+
+
 def backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
     causal: bool, scale: float, attn_mask: Tensor | None,
