@@ -72,6 +72,10 @@ def site_attention(
     tq, tk = q.shape[-2], k.shape[-2]
     if tq > tk:
         raise UnfaithfulSiteError(f"attention site {site!r}: Tq={tq} > Tk={tk} (cross attention)")
+    if v.shape[-3] != k.shape[-3]:
+        raise UnfaithfulSiteError(
+            f"attention site {site!r}: {k.shape[-3]} key heads and {v.shape[-3]} value heads; MoBA needs as many"
+        )
     if k.shape[-1] != q.shape[-1]:  # a value head dim of its own (MLA) is fine
         raise UnfaithfulSiteError(
             f"attention site {site!r}: key head dim {k.shape[-1]} differs from query head dim {q.shape[-1]}"
