@@ -529,3 +529,15 @@ def test_parameters_are_never_mask_constants():
     attrs = {str(n.target): n for n in gm.graph.nodes if n.op == "get_attr"}
     assert constant_of(attrs["table"], gm) is None
     assert torch.equal(constant_of(attrs["causal"], gm), torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_a_traced_site_with_fewer_key_than_value_heads_raises_by_name():
+    """Different key and value head counts (NVIDIA's Nemotron audio encoders): one clear error
+    naming the site, not a failure inside a kernel or a wrong result."""
+    from passes.runtime import UnfaithfulSiteError, site_attention
+
+    q, k, v = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 4, 16, 8)
+    with pytest.raises(UnfaithfulSiteError, match="'enc.attn': 2 key heads and 4 value heads"):
+        site_attention(q, k, v, None, site="enc.attn", is_causal=False, scale=None, convert="none", layout="4d",
+                       k_transposed=False, dropout_p=0.0, training=False, block_size=4, top_k=2, backend="torch",
+                       decode="moba", sdpa_site=True, enable_gqa=True)
