@@ -73,6 +73,7 @@ FAMILIES = [  # (model type, base class, also torch.compile, mr.export and ONNX,
     ("t5", "T5Model", False, False),
     ("gpt2", "GPT2Model", False, True),
     ("qwen3_omni_moe_thinker", "Qwen3OmniMoeThinkerModel", False, False),
+    ("nemotron3_diarization_audio", "Nemotron3DiarizationAudioModel", False, False),  # 2 key, 4 value heads
 ]
 
 

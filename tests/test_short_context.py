@@ -92,7 +92,8 @@ def test_sites_with_fewer_key_heads_than_value_heads_stay_dense():
     from moba_rewrite.integrations import hf
 
     q, k, v = torch.randn(1, 4, 64, 8), torch.randn(1, 2, 64, 8), torch.randn(1, 4, 64, 8)
-    assert hf.unsupported_reasons(q, k, v, None, 0.0, False, {}) == ["key and value head counts differ (k 2, v 4)"]
+    assert hf.unsupported_reasons(q, k, v, None, 0.0, False, {}) == [hf.kv_heads_reason(2, 4)]
+    assert "(k 2, v 4)" in hf.kv_heads_reason(2, 4)
 
 
 @pytest.mark.parametrize("tq,causal", [(9, True), (40, True), (9, False)])

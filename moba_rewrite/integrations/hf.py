@@ -198,13 +198,17 @@ def unsupported_reasons(query, key, value, mask, dropout: float, training: bool,
     if query.shape[1] % key.shape[1] != 0:
         out.append(f"query heads {query.shape[1]} not a multiple of kv heads {key.shape[1]}")
     if value.shape[1] != key.shape[1]:  # NVIDIA's Nemotron audio encoders: 2 key heads, 4 value heads
-        out.append(f"key and value head counts differ (k {key.shape[1]}, v {value.shape[1]})")
+        out.append(kv_heads_reason(key.shape[1], value.shape[1]))
     if mask is not None and mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         out.append(f"attention mask of dtype {mask.dtype}")
     elif mask is not None and mask.dtype != torch.bool and hf_masks.compact_of(mask) is None \
             and hf_masks.float_mask_kind(mask) == "bias":
         out.append(BIAS_REASON)
     return out
+
+
+def kv_heads_reason(key_heads: int, value_heads: int) -> str:
+    return f"key and value head counts differ (k {key_heads}, v {value_heads}); MoBA's kernels need as many"
 
 
 BIAS_REASON = ("additive float attention mask with values other than 0 / -inf (a bias such as ALiBi); "
@@ -439,6 +443,8 @@ def discover(model: nn.Module, example_inputs: Any = None, *,
                             "cross attention)")
         if c.mask_form == "bias":
             problems.append(BIAS_REASON)
+        if c.v_shape[1] != c.k_shape[1]:
+            problems.append(kv_heads_reason(c.k_shape[1], c.v_shape[1]))
         p = p_train.get(id(m), 0.0) if train_calls is not None else _dropout_of(m)
         note = f"; while training: attention dropout p={p:g} -> dense (or error)" if p > 0 else ""
         note += hf_cache.sliding_note(m)
