@@ -514,12 +514,32 @@ def _lm_batch(seed: int):
     return ids, labels, loss_of
 
 
+def _sharded_training_step(model, ids, labels, loss_of, call=None, autocast: bool = False):
+    """One training step of `call` (default the model) on this rank's zigzag shard under
+    `context_parallel` (bf16 autocast if asked): (the loss summed over the ranks, (local ids,
+    positions, seq_len)); every parameter's gradient is summed over the ranks in place."""
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
+
+    local_ids, pos, seq_len = shard_inputs(model, ids, layout="zigzag")
+    local_labels = shard_sequence(labels, layout="zigzag", dim=1, block_size=8, pad_value=-100)
+    with context_parallel(model, layout="zigzag", seq_len=seq_len):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = (call if call is not None else model)(input_ids=local_ids, position_ids=pos, use_cache=False).logits
+        loss = loss_of(logits, local_labels)
+        loss.backward()  # inside the context: every rank joins the backward's exchanges
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    for param in model.parameters():
+        dist.all_reduce(param.grad)
+    return total, (local_ids, pos, seq_len)
+
+
 def hf_compiled_model_matches_unsharded(ctx):
     """`torch.compile(model)` (Inductor) run under `context_parallel`: the sharded prefill's logits
     and a sharded training step's loss and gradients (summed over the ranks) equal the eager,
     unsharded model's. The sharded attention graph-breaks out of the compiled graph (it is
     eager-only); the rest, backward included, is compiled."""
-    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
+    from moba_rewrite.integrations.hf_cp import context_parallel
 
     torch._dynamo.reset()
     model, _ = _tiny_llama(seed=11)
@@ -533,17 +553,9 @@ def hf_compiled_model_matches_unsharded(ctx):
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
-    local_ids, pos, seq_len = shard_inputs(model, ids, layout="zigzag")
-    local_labels = shard_sequence(labels, layout="zigzag", dim=1, block_size=8, pad_value=-100)
-    with context_parallel(model, layout="zigzag", seq_len=seq_len):
-        loss = loss_of(torch.compile(model)(input_ids=local_ids, position_ids=pos, use_cache=False).logits,
-                       local_labels)
-        loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
+    total, (local_ids, pos, seq_len) = _sharded_training_step(model, ids, labels, loss_of, call=torch.compile(model))
     close("compiled loss", total, want_loss.detach())
     for name, param in model.named_parameters():
-        dist.all_reduce(param.grad)
         close(f"compiled gradient of {name}", param.grad, want[name])
     torch._dynamo.reset()  # a fresh compile for inference (a recompile for no_grad may hit Dynamo's limit)
     model.eval()
@@ -558,8 +570,6 @@ def hf_autocast_training_step_matches_unsharded(ctx):
     loss and gradients (summed over the ranks) equal the unsharded step under the same autocast,
     within bf16 rounding (the ops cast as SDPA does; before, the sharded MoBA sites refused the
     mixed dtypes)."""
-    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
-
     model, _ = _tiny_llama(seed=13)
     model.train()
     ids, labels, loss_of = _lm_batch(seed=14)
@@ -568,17 +578,9 @@ def hf_autocast_training_step_matches_unsharded(ctx):
     want_loss.backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    local_ids, pos, seq_len = shard_inputs(model, ids, layout="zigzag")
-    local_labels = shard_sequence(labels, layout="zigzag", dim=1, block_size=8, pad_value=-100)
-    with context_parallel(model, layout="zigzag", seq_len=seq_len):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = loss_of(model(input_ids=local_ids, position_ids=pos, use_cache=False).logits, local_labels)
-        loss.backward()
-    total = loss.detach().clone()
-    dist.all_reduce(total)
+    total, _ = _sharded_training_step(model, ids, labels, loss_of, autocast=True)
     close("autocast loss", total, want_loss.detach(), atol=1e-4)
     for name, param in model.named_parameters():
-        dist.all_reduce(param.grad)
         close(f"autocast gradient of {name}", param.grad, want[name], atol=5e-3, relative=True)
 
 
