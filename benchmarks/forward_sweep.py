@@ -52,7 +52,6 @@ import copy
 import gc
 import os
 import sys
-import warnings
 from collections import Counter
 from typing import Any
 
@@ -371,15 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--padded", action="store_true", help="run every check on a right-padded batch of two")
     ap.add_argument("--markdown", help="also write the table here")
     args = ap.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    types = [(t, c) for t, c in zoo_sweep.registry() if not args.only or t in args.only]
     title = ", ".join(["padded batch" if args.padded else "one input"]
                       + [f for f, on in (("compiled", args.compiled), ("export", args.export), ("onnx", args.onnx)) if on])
-    return zoo_sweep.sweep_table(title, types, lambda t, c: sweep_one(t, c, args.seconds, args.compiled, args.export,
+    return zoo_sweep.sweep_table(title, args.only, lambda t, c: sweep_one(t, c, args.seconds, args.compiled, args.export,
                                                                        args.padded, args.onnx), args.markdown)
 
 

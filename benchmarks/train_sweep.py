@@ -34,7 +34,6 @@ import copy
 import gc
 import os
 import sys
-import warnings
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -233,14 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="inductor", help="torch.compile backend for --compiled (inductor)")
     ap.add_argument("--markdown", help="also write the table here")
     args = ap.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    types = [(t, c) for t, c in zoo_sweep.registry() if not args.only or t in args.only]
     title = f"gradients{f', compiled ({args.backend})' if args.compiled else ''}"
-    return zoo_sweep.sweep_table(title, types, lambda t, c: sweep_one(t, c, args.seconds, args.compiled, args.backend),
+    return zoo_sweep.sweep_table(title, args.only, lambda t, c: sweep_one(t, c, args.seconds, args.compiled, args.backend),
                                  args.markdown)
 
 

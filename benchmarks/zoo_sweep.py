@@ -484,12 +484,17 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-def sweep_table(title: str, types: list[tuple[str, str]], row, markdown: str | None) -> int:
-    """`row(model_type, class_name) -> (status, detail)` for every type this transformers has, printed
-    as a markdown table row by row under `title` (torch and transformers versions prepended); the
-    tally and exit status of `finish_table`."""
+def sweep_table(title: str, only: list[str] | None, row, markdown: str | None) -> int:
+    """`row(model_type, class_name) -> (status, detail)` for every registry type (those in `only`,
+    when given) this transformers has, printed as a markdown table row by row under `title` (torch
+    and transformers versions prepended), warnings off, at most 2 threads; the tally and exit
+    status of `finish_table`."""
     import transformers
 
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    types = [(t, c) for t, c in registry() if not only or t in only]
     counts: Counter = Counter()
     lines = [f"torch {torch.__version__}, transformers {transformers.__version__}; {len(types)} model types; {title}",
              "", "| model type | class | result | detail |", "|---|---|---|---|"]
