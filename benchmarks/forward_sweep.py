@@ -291,13 +291,8 @@ def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = F
                 with zoo_sweep.time_limit(seconds):
                     notes += check()
     except Exception as e:  # noqa: BLE001
-        if os.environ.get("ZOO_SWEEP_TRACE"):
-            import traceback
-
-            traceback.print_exc()
-        return "ERROR", f"{stage}: {zoo_sweep._short(e)}"
-    bad = [n for n in notes if not n.startswith("ok: ")]
-    return ("DIFFERS" if bad else "equal"), "; ".join(notes)
+        return zoo_sweep.error_row(stage, e)
+    return zoo_sweep.verdict(notes)
 
 
 def _onnx_notes(model, inputs) -> list[str]:

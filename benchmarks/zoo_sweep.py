@@ -484,6 +484,19 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
+def error_row(stage: str, exc: BaseException) -> tuple[str, str]:
+    """A sweep row for a rewrite that failed where the original ran (`ZOO_SWEEP_TRACE=1`: print the
+    traceback too)."""
+    if os.environ.get("ZOO_SWEEP_TRACE"):
+        traceback.print_exc()
+    return "ERROR", f"{stage}: {_short(exc)}"
+
+
+def verdict(notes: list[str]) -> tuple[str, str]:
+    """A sweep row from its notes: `DIFFERS` when any note is not an `ok: ` one, else `equal`."""
+    return ("DIFFERS" if any(not n.startswith("ok: ") for n in notes) else "equal"), "; ".join(notes)
+
+
 def sweep_table(title: str, only: list[str] | None, row, markdown: str | None) -> int:
     """`row(model_type, class_name) -> (status, detail)` for every registry type (those in `only`,
     when given) this transformers has, printed as a markdown table row by row under `title` (torch
