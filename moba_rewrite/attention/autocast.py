@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moba_rewrite.kernels.eager import AUTOCAST_DEVICES, autocast_on
+
 _LIB = torch.library.Library("moba", "FRAGMENT")
-_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+_AUTOCAST_KEYS = {device: "Autocast" + device.upper() for device in AUTOCAST_DEVICES}
 
 
 def _eligible(x) -> bool:
@@ -30,10 +32,8 @@ def _cast(x, dtype: torch.dtype):
 
 def active(*tensors: Tensor | None) -> bool:
     """Autocast is on for the device of the first tensor given (the op would cast its inputs)."""
-    for t in tensors:
-        if t is not None:
-            return t.device.type in _AUTOCAST_KEYS and torch.is_autocast_enabled(t.device.type)
-    return False
+    first = next((t for t in tensors if t is not None), None)
+    return first is not None and autocast_on(first)
 
 
 def cast_inputs(*xs):

@@ -75,11 +75,17 @@ def _setup_context(ctx, inputs, output):
     ctx.params = (block_size, top_k, causal, scale, backend, rest[0] if rest else 0)
 
 
-def _backward(ctx, grad_out):
+def _gradients(ctx, grad_out, mask_input: int):
+    """(dq, dk, dv, d mask or None) of the saved call; `mask_input`: the mask's place among the op's inputs."""
     q, k, v, out, attn_mask = ctx.saved_tensors
     grad_out = grad_out.contiguous()
     dq, dk, dv = attention_backward(grad_out, q, k, v, out, attn_mask, *ctx.params)
-    dmask = mask_gradient(grad_out, q, k, v, attn_mask, *ctx.params) if ctx.needs_input_grad[3] else None
+    dmask = mask_gradient(grad_out, q, k, v, attn_mask, *ctx.params) if ctx.needs_input_grad[mask_input] else None
+    return dq, dk, dv, dmask
+
+
+def _backward(ctx, grad_out):
+    dq, dk, dv, dmask = _gradients(ctx, grad_out, 3)
     return dq, dk, dv, dmask, None, None, None, None, None, None
 
 
@@ -183,10 +189,7 @@ def _setup_context_cached(ctx, inputs, output):
 
 
 def _backward_cached(ctx, grad_out):
-    q, k, v, out, attn_mask = ctx.saved_tensors
-    grad_out = grad_out.contiguous()
-    dq, dk, dv = attention_backward(grad_out, q, k, v, out, attn_mask, *ctx.params)  # selection from k: same blocks
-    dmask = mask_gradient(grad_out, q, k, v, attn_mask, *ctx.params) if ctx.needs_input_grad[4] else None
+    dq, dk, dv, dmask = _gradients(ctx, grad_out, 4)  # the selection is recomputed from k: same blocks
     return dq, dk, dv, None, dmask, None, None, None, None, None, None
 
 

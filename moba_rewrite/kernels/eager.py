@@ -14,7 +14,12 @@ import torch
 from torch import Tensor
 
 _PLAIN = (Tensor, torch.nn.Parameter)
-_AUTOCAST_DEVICES = ("cpu", "cuda")
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def autocast_on(t: Tensor) -> bool:
+    """`torch.autocast` is enabled for `t`'s device (the MoBA ops then cast their inputs)."""
+    return t.device.type in AUTOCAST_DEVICES and torch.is_autocast_enabled(t.device.type)
 
 
 def plain_eager(*tensors: Tensor | None) -> bool:
@@ -27,7 +32,7 @@ def plain_eager(*tensors: Tensor | None) -> bool:
         if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad) or t.is_meta):
             return False  # meta tensors: the op's fake implementation answers them
     first = next((t for t in tensors if t is not None), None)
-    if first is not None and first.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(first.device.type):
+    if first is not None and autocast_on(first):
         return False  # the ops' autocast rule casts the inputs, as SDPA's does
     if torch.autograd.forward_ad._current_level >= 0:  # dual tensors: one behaviour for all backends
         return False
