@@ -51,7 +51,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from forward_sweep import _error as scaled_error  # noqa: E402
-from zoo_sweep import MAX_PARAMS, _short, finish_table, tiny_config  # noqa: E402
+from zoo_sweep import MAX_PARAMS, _short, config_patches, finish_table, tiny_config  # noqa: E402
 
 SPARSE = {"version": 1, "defaults": {"block_size": 4, "top_k": 2}}
 T, HIDDEN_PAD = 37, 5
@@ -62,11 +62,12 @@ PACKED = ((11, 17, 9), (20, 17))  # documents packed in each row of the third ca
 
 
 def _build(model_type: str, class_name: str):
-    """The tiny model (SDPA where it has it); MLA-style models get one kv head per head on a retry."""
+    """The tiny model (SDPA where it has it); retried with `zoo_sweep.config_patches` (MLA-style
+    models: one kv head per head; grouped routers: one expert group)."""
     import transformers
 
     last = None
-    for fields in ({}, {"num_key_value_heads": 4}):
+    for fields in config_patches(tiny_config(type(transformers.AutoConfig.for_model(model_type)))):
         try:
             cfg = tiny_config(type(transformers.AutoConfig.for_model(model_type)))
             for key, value in fields.items():

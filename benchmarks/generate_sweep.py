@@ -64,7 +64,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from zoo_sweep import _short, time_limit, tiny_config  # noqa: E402
+from zoo_sweep import _short, config_patches, patch_note, time_limit, tiny_config  # noqa: E402
 
 PROMPT, NEW = 24, 8
 LIMIT = {"version": 1, "defaults": {"block_size": 8, "top_k": 8, "decode": "moba"}}  # 64 >= 32 tokens
@@ -332,19 +332,21 @@ def sweep_one(model_type: str, class_name: str, seconds: int, compiled: bool = F
     the compiled static decode (on the padded batch where it was checked); `export`: then `mr.export`
     on the padded batch; `generate=False`: without the first two."""
     model_type, fields = VARIANTS.get(model_type, (model_type, {}))
-    try:
-        with time_limit(seconds):
-            model, vocab, ids, mask, want = _build(model_type, class_name, fields)
-    except Exception as e:  # noqa: BLE001
-        # MLA models (DeepSeek V2/V3, GLM-4 MoE lite, ...) expand their latent kv to every head: the
-        # tiny config's grouped kv heads do not fit them; so try once more with one kv head per head
+    import transformers
+
+    first = None
+    # MLA models (DeepSeek V2/V3, Kimi Linear, ...) expand their latent kv to every head, grouped
+    # routers need experts per group: the tiny config is retried with zoo_sweep's patches
+    for patch in config_patches(tiny_config(type(transformers.AutoConfig.for_model(model_type)))):
         try:
             with time_limit(seconds):
-                model, vocab, ids, mask, want = _build(model_type, class_name, {**fields, "num_key_value_heads": 4})
-        except Exception:  # noqa: BLE001
-            return "skipped", _short(e)
-        fields = {**fields, "num_key_value_heads": 4}
-    notes = ["ok: built with num_key_value_heads = num_attention_heads"] if fields.get("num_key_value_heads") else []
+                model, vocab, ids, mask, want = _build(model_type, class_name, {**fields, **patch})
+            break
+        except Exception as e:  # noqa: BLE001
+            first = first or e
+    else:
+        return "skipped", _short(first)
+    notes = [f"ok: built with {patch_note(patch)}"] if patch else []
     try:
         with time_limit(seconds):
             notes += _check(model, ids, mask, want) if generate else []

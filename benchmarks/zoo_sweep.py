@@ -102,6 +102,17 @@ def tiny_config(cls: type, depth: int = 0) -> Any:
             if isinstance(sub, PretrainedConfig) and name in accepted:
                 with contextlib.suppress(Exception):
                     kwargs[name] = tiny_config(type(sub), depth + 1)
+    cfg = _construct(cls, kwargs, default)
+    depth_needed = _first_attention_layer(default) + 1
+    if cfg is not default and not _has_attention_layer(cfg) and depth_needed > 0 \
+            and isinstance(getattr(cfg, "num_hidden_layers", None), int):
+        # A hybrid stack (Qwen3-Next, Qwen3.5, Jamba, Kimi Linear, ...) whose first layers are all
+        # recurrent: keep layers up to its first attention layer, or the model has no site.
+        cfg = _construct(cls, {**kwargs, "num_hidden_layers": depth_needed}, default)
+    return cfg
+
+
+def _construct(cls: type, kwargs: dict[str, Any], default: Any) -> Any:
     try:
         return cls(**kwargs)
     except Exception:  # noqa: BLE001 (a combination the config rejects: keep what it accepts)
@@ -111,6 +122,26 @@ def tiny_config(cls: type, depth: int = 0) -> Any:
             with contextlib.suppress(Exception):
                 return cls(**trial)
         return default
+
+
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "indexed_attention", "attention",
+                         "hybrid")
+
+
+def _layer_types(cfg: Any) -> list[str]:
+    with contextlib.suppress(Exception):
+        return [str(t) for t in (getattr(cfg, "layer_types", None) or [])]
+    return []
+
+
+def _has_attention_layer(cfg: Any) -> bool:
+    types = _layer_types(cfg)
+    return not types or any(t in ATTENTION_LAYER_TYPES for t in types)
+
+
+def _first_attention_layer(cfg: Any) -> int:
+    """Index of the first attention layer in `cfg.layer_types` (-1: none listed)."""
+    return next((i for i, t in enumerate(_layer_types(cfg)) if t in ATTENTION_LAYER_TYPES), -1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +373,48 @@ def build(model_type: str, class_name: str, row: Row | None = None) -> tuple[nn.
 
     row = row or Row(model_type, class_name, "build")
     cls = getattr(transformers, class_name)
-    cfg = tiny_config(CONFIG_MAPPING[model_type])
+    base = tiny_config(CONFIG_MAPPING[model_type])
+    patches = config_patches(base)
+    for attempt, patch in enumerate(patches):
+        cfg = _patched(base, patch)
+        try:
+            return _build_with(cls, cfg, row)
+        except ValueError as exc:
+            if "after shrinking" in str(exc) or attempt == len(patches) - 1:
+                raise
+        except Exception:  # noqa: BLE001 (a shrunk size the model cannot run: try the next patch)
+            if attempt == len(patches) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def config_patches(cfg: Any) -> list[dict[str, Any]]:
+    """Config changes tried in turn when the shrunk model does not run: none first; then as many
+    key/value heads as query heads (MLA stacks that expand the latent to every head: Kimi Linear,
+    Bailing hybrid) and one expert group (grouped routers need experts per group)."""
+    heads = getattr(cfg, "num_attention_heads", None)
+    patches: list[dict[str, Any]] = [{}]
+    if isinstance(heads, int) and getattr(cfg, "num_key_value_heads", heads) != heads:
+        patches.append({"num_key_value_heads": heads})
+    if getattr(cfg, "num_expert_group", None) not in (None, 1):
+        patches.append({**patches[-1], "num_expert_group": 1, "topk_group": 1})
+    return patches
+
+
+def patch_note(patch: dict[str, Any]) -> str:
+    """How a row's model was built when a patch was needed (said in the sweep's table)."""
+    words = {"num_key_value_heads": "num_key_value_heads = num_attention_heads", "num_expert_group": "one expert group"}
+    return ", ".join(words[k] for k in patch if k in words)
+
+
+def _patched(cfg: Any, patch: dict[str, Any]) -> Any:
+    if not patch:
+        return cfg
+    return type(cfg)(**{**cfg.to_diff_dict(), **patch})
+
+
+def _build_with(cls: type, cfg: Any, row: Row) -> tuple[nn.Module, dict[str, Any]]:
+    row.status = "build"
     with torch.device("meta"):
         row.params = sum(p.numel() for p in cls(cfg).parameters())
     if row.params > MAX_PARAMS:

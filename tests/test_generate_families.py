@@ -30,6 +30,9 @@ The families, and what each found wrong before it was fixed:
   a reshape, which broke on MoBA's contiguous output;
 - DeepSeek-V3 (multi-head latent attention: keys of head dim 16, values of 8; built with as many
   kv heads as heads, which MLA needs);
+- Qwen3.5 (gated delta-net layers with a gated attention layer every fourth; the sweeps' tiny
+  configs had kept only the first two layers, all recurrent, so no hybrid stack of this kind was
+  checked until the tiny config kept layers up to the first attention layer);
 - Llama: the plain case, as a control.
 """
 
@@ -56,6 +59,7 @@ FAMILIES = [  # (model type, class, also check the compiled static decode)
     ("bart", "BartForCausalLM", True),
     ("deepseek_v3", "DeepseekV3ForCausalLM", False),
     ("afmoe", "AfmoeForCausalLM", False),
+    ("qwen3_5_text", "Qwen3_5ForCausalLM", True),
 ]
 
 
@@ -71,3 +75,21 @@ def test_generate_equals_the_original_and_the_reference(model_type, class_name, 
         assert "sparse" not in detail, detail
     assert not any(f"{what} not checked" in detail for what in ("padded batch", "compiled", "export")), detail
     assert ("num_key_value_heads" in detail) == (model_type == "deepseek_v3"), detail
+
+
+def test_hybrid_stacks_are_checked_with_their_attention_layer():
+    """The sweeps' tiny configs keep a hybrid stack's layers up to its first attention layer (two
+    layers of Qwen3.5 are both gated delta-nets: such a model has no site, and `generate()` was
+    skipped for it), and the Qwen3.5 row above rewrites that layer to MoBA."""
+    import transformers
+
+    import moba_rewrite as mr
+    import zoo_sweep
+
+    for model_type in ("qwen3_5_text", "qwen3_next", "jamba", "recurrent_gemma"):
+        cfg = zoo_sweep.tiny_config(type(transformers.AutoConfig.for_model(model_type)))
+        assert set(cfg.layer_types) & set(zoo_sweep.ATTENTION_LAYER_TYPES), (model_type, cfg.layer_types)
+        assert cfg.num_hidden_layers <= 5, (model_type, cfg.num_hidden_layers)
+    cfg = zoo_sweep.tiny_config(transformers.Qwen3_5TextConfig)
+    model = mr.rewrite(transformers.Qwen3_5ForCausalLM(cfg).eval(), generate_sweep.SPARSE)
+    assert model._moba_report.moba_sites == ["model.layers.3.self_attn"], model._moba_report.moba_sites
