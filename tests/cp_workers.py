@@ -696,6 +696,78 @@ def hf_sharded_cache_generate_matches_generate(ctx):
     assert not torch.equal(got_sampled, got), "sampling gave the greedy tokens: the draw was not used"
 
 
+def hf_decoder_numbering_its_tokens_matches_unsharded(ctx):
+    """BART's causal decoder takes no position_ids: it numbers the tokens it is given from its cache
+    length and embeds those numbers (learned positions). Sharded, its position embedding gets the
+    global positions (`hf_cp_positions`): prefill logits (both layouts, a length that needs
+    alignment padding) and a training step's gradients equal one process's (before: refused; the cp
+    sweep had found every shard restarting at 0, logits 0.64 off). Sharded-cache decoding equals
+    `generate()`: BART's generation config forces the end token at the last step, which greedy
+    decoding gets through transformers' own loop (before, the module's own loop skipped it: the last
+    token differed); so does a Llama whose generation config sets a repetition penalty."""
+    from transformers import BartConfig, BartForCausalLM
+
+    import moba_rewrite as mr
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
+    from moba_rewrite.integrations.hf_cp_generate import generate, logits_processing
+
+    cfg = BartConfig(vocab_size=96, d_model=32, decoder_layers=2, encoder_layers=2, decoder_attention_heads=4,
+                     encoder_attention_heads=4, decoder_ffn_dim=64, encoder_ffn_dim=64, max_position_embeddings=256,
+                     is_encoder_decoder=False, is_decoder=True, dropout=0.0, attention_dropout=0.0,
+                     activation_dropout=0.0)
+    torch.manual_seed(0)
+    model = mr.rewrite(BartForCausalLM(cfg).eval(), _POLICY)
+    ids = torch.randint(3, 96, (2, 90), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+    for layout in ("contiguous", "zigzag"):
+        local_ids, pos, seq_len = shard_inputs(model, ids, layout=layout)
+        with torch.no_grad(), context_parallel(model, layout=layout, seq_len=seq_len):
+            local = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
+        close(f"BART prefill logits [{layout}]", unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len), want)
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(6))
+    model.zero_grad()
+    (model(input_ids=ids, use_cache=False).logits * weights).sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    local_ids, pos, seq_len = shard_inputs(model, ids, layout="zigzag")
+    with context_parallel(model, layout="zigzag", seq_len=seq_len):
+        local = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
+    local_weights = shard_sequence(torch.nn.functional.pad(weights, (0, 0, 0, local.shape[1] * ctx.world - 90)),
+                                   layout="zigzag", dim=1)
+    (local * local_weights).sum().backward()
+    assert model.model.decoder.embed_positions.weight.grad is not None
+    got_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got_grads) == set(want_grads), set(got_grads) ^ set(want_grads)
+    for name, grad in got_grads.items():
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        close(f"BART gradient {name}", grad, want_grads[name], atol=1e-4, relative=True)
+    model.zero_grad()
+    assert logits_processing(model) == ["forced_eos_token_id"]
+    with torch.no_grad():
+        ones = torch.ones_like(ids)
+        want_gen = model.generate(ids, attention_mask=ones, max_new_tokens=6, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True, pad_token_id=0)
+    got, logits = generate(model, ids, max_new_tokens=6, pad_token_id=0, return_logits=True)
+    assert torch.equal(got, want_gen.sequences), (got[:, 90:], want_gen.sequences[:, 90:])
+    assert (got[:, -1] == cfg.eos_token_id).all()  # forced at the last step, as generate() does
+    close("BART decode logits", logits, torch.stack(want_gen.logits, dim=1), atol=1e-4)
+    llama, _ = _tiny_llama("sdpa")
+    llama.eval()
+    llama.generation_config.repetition_penalty = 5.0
+    llama.generation_config.no_repeat_ngram_size = 2
+    prompt = ids[:, :53]
+    with torch.no_grad():
+        want_llama = llama.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                                    pad_token_id=0)
+        plain = llama.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                               pad_token_id=0, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    assert not torch.equal(want_llama, plain), "the penalty changed nothing: the check would not see it skipped"
+    got_llama = generate(llama, prompt, max_new_tokens=12, pad_token_id=0)
+    assert torch.equal(got_llama, want_llama), (got_llama[:, 53:], want_llama[:, 53:])
+
+
 def hf_sharded_cache_beam_search_matches_generate(ctx):
     """Beam search over a sharded cache (transformers' own loop on every rank, the cache's rows and
     kept block means moving with the beams) gives single-process `generate(num_beams=...)`'s
@@ -1129,6 +1201,7 @@ SUITES = {
             hf_padded_batch_matches_unsharded, hf_dense_below_matches_unsharded,
             hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
             hf_model_attention_functions_in_pieces, hf_sharded_cache_generate_matches_generate, hf_sharded_cache_beam_search_matches_generate,
+            hf_decoder_numbering_its_tokens_matches_unsharded,
             hf_compiled_model_matches_unsharded, hf_autocast_training_step_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,

@@ -126,20 +126,65 @@ def test_a_rewrite_with_no_interface_site_is_refused_by_name():
             pass
 
 
-def test_a_model_that_numbers_its_own_positions_is_refused():
-    """BART's causal decoder takes no position_ids (its learned positions come from the input
-    length): sharded, every shard would restart at 0; the cp sweep found its logits 0.64 off."""
+def test_a_model_that_numbers_its_own_positions_needs_a_position_embedding_that_takes_them():
+    """A model whose forward takes no position_ids numbers its shard's tokens itself: accepted when
+    its position embedding takes the numbers (`cache_length`, `position_ids`: BART's decoder, given
+    the global positions under context parallelism, checked on gloo ranks in cp_workers), refused
+    by name otherwise (each shard would restart at 0)."""
     import moba_rewrite as mr
-    from transformers import BartConfig, BartForCausalLM
+    from torch import nn
+    from transformers import BartConfig, BartForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from moba_rewrite.integrations.hf_cp import context_parallel
+    from moba_rewrite.integrations.hf_cp import check_rewritten
+    from moba_rewrite.integrations.hf_cp_positions import numbering_modules
 
     cfg = BartConfig(vocab_size=64, d_model=32, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64,
                      encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64, max_position_embeddings=64)
-    model = mr.rewrite(BartForCausalLM(cfg), {"version": 1, "defaults": {"block_size": 4, "top_k": 2}})
-    with pytest.raises(ValueError, match="BartForCausalLM.forward takes no position_ids"):
-        with context_parallel(model):
-            pass
+    policy = {"version": 1, "defaults": {"block_size": 4, "top_k": 2}}
+    bart = mr.rewrite(BartForCausalLM(cfg), policy)
+    assert [name for name, _ in numbering_modules(bart)] == ["model.decoder.embed_positions"]
+    check_rewritten(bart)
+
+    class NumbersItself(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self._moba_report, self.config = inner, inner._moba_report, inner.config
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+    llama = mr.rewrite(LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=4)), policy)
+    check_rewritten(llama)
+    with pytest.raises(ValueError, match="NumbersItself.forward takes no position_ids"):
+        check_rewritten(NumbersItself(llama))
+
+
+def test_a_position_embedding_gets_the_global_positions_only_from_its_decoders_own_count():
+    """The hook on a BART-style position embedding replaces the decoder's consecutive numbers (here
+    a decode step's: the new tokens end the sharded cache's filled length) and refuses numbers
+    that are not consecutive or missing, rather than guess what they meant."""
+    from types import SimpleNamespace
+
+    from transformers.models.bart.modeling_bart import BartLearnedPositionalEmbedding
+
+    from moba_rewrite.integrations.hf_cp_positions import GlobalNumbering
+
+    embed = BartLearnedPositionalEmbedding(64, 8)
+    numbering = GlobalNumbering(SimpleNamespace(decode_len=41), [("embed", embed)])
+    handles = [embed.register_forward_pre_hook(numbering._pre("embed"), with_kwargs=True)]
+    try:
+        ids = torch.zeros(1, 2, dtype=torch.long)
+        got = embed(ids, 7, position_ids=torch.tensor([7, 8]))  # the decoder's count: cache length 7
+        torch.testing.assert_close(got, embed.weight[torch.tensor([39, 40]) + embed.offset][None], rtol=0, atol=0)
+        assert numbering.calls == 1
+        with pytest.raises(ValueError, match="not consecutive numbers"):
+            embed(ids, 0, position_ids=torch.tensor([3, 1]))
+        with pytest.raises(ValueError, match="called without integer position_ids"):
+            embed(ids, 0)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def test_models_that_mix_tokens_outside_attention_are_refused():

@@ -11,7 +11,9 @@ attention goes through `integrations.hf`) sees this rank's tokens and attends th
 sequence: MoBA sites through `moba_attention_cp`, dense sites on all-gathered K/V at global
 positions (so hybrid policies work; the dense op in bounded rows, or the model's own attention
 function where it does more than plain attention). RoPE and
-learned position embeddings see the global positions because `position_ids` carries them (checked).
+learned position embeddings see the global positions because `position_ids` carries them (checked);
+decoders that take no `position_ids` and number their tokens themselves (BART's family, Whisper's)
+have their position embeddings given the global positions instead (`hf_cp_positions`).
 Training works the same way (FSDP2 on a 2-D mesh with the `cp` dimension as the group); compute
 the loss from the local logits and labels shifted *before* sharding (the models' own `labels=`
 shift would be wrong at shard edges). A padded batch passes its 2-D `attention_mask`, sharded like
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 
 from moba_rewrite.attention import autocast, op as moba_op
 from moba_rewrite.integrations import hf, hf_cache, hf_masks
+from moba_rewrite.integrations.hf_cp_positions import GlobalNumbering, numbering_modules
 from moba_rewrite.parallel import moba_attention_cp, moba_decode_cp, sdpa_decode_cp, shard_sequence
 from moba_rewrite.parallel.attention import check_key_padding
 from moba_rewrite.parallel.shipping import check_mode
@@ -57,7 +60,7 @@ def check_rewritten(model: nn.Module) -> None:
         raise ValueError(f"{_WHO}: {type(model).__name__} was rewritten, but none of its attention goes through "
                          f"transformers' attention interface (hand-written: {', '.join(kinds) or 'no sites'}), so "
                          f"its sequence cannot be sharded")
-    if report is not None and not hf_masks.takes_argument(model, "position_ids"):
+    if report is not None and not hf_masks.takes_argument(model, "position_ids") and not numbering_modules(model):
         raise ValueError(f"{_WHO}: {type(model).__name__}.forward takes no position_ids: it numbers the tokens it "
                          f"is given from 0 itself (learned positions from the input length, as BART's decoder does), "
                          f"so every shard would see positions 0..T_local-1; context parallelism needs a model that "
@@ -573,7 +576,14 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
         raise ValueError(f"{_WHO}: packed must be True or False, got {packed!r}")
     hook = _ShardedAttention(pg, layout, seq_len, exchange)
     hook.packed = packed
-    handles = [model.register_forward_pre_hook(_prepare_call(pg, layout, hook), with_kwargs=True)]
+    numbering = [] if hf_masks.takes_argument(model, "position_ids") else numbering_modules(model)
+    if numbering and packed:
+        raise ValueError(f"{_WHO}: packed=True, but {type(model).__name__} takes no position_ids (it numbers its "
+                         f"tokens itself), so it cannot read packed documents from them")
+    handles = [model.register_forward_pre_hook(_prepare_call(pg, layout, hook, drop_positions=bool(numbering)),
+                                               with_kwargs=True)]
+    if numbering:  # BART-style decoders: their position embeddings get the global positions
+        handles += GlobalNumbering(hook, numbering).register(model)
     for name, m in _attention_modules(model):
         handles.append(m.register_forward_hook(_went_through(hook, name)))
     for label, conv in _sequence_convolutions(model):
@@ -595,13 +605,21 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
             h.remove()
 
 
-def _prepare_call(pg: dist.ProcessGroup, layout: str, hook: _ShardedAttention):
+def _prepare_call(pg: dist.ProcessGroup, layout: str, hook: _ShardedAttention, drop_positions: bool = False):
     """Forward pre-hook of the model: global `position_ids` must be given (checked against the
     layout), and an all-ones `attention_mask` is added when none is: transformers reads a jump in
     `position_ids` without a mask as the start of a packed sequence and would cut attention there.
     A given `attention_mask` (this rank's shard of the batch's padding mask) becomes the key
-    padding mask of every attention call of this forward."""
+    padding mask of every attention call of this forward. `drop_positions`: the model takes no
+    `position_ids` (it numbers its tokens itself, `hf_cp_positions`): they are checked, then not
+    passed on."""
     def prepare(module, args, kwargs):
+        args, kwargs = _prepare(module, args, kwargs)
+        if drop_positions:
+            kwargs = {k: v for k, v in kwargs.items() if k != "position_ids"}
+        return args, kwargs
+
+    def _prepare(module, args, kwargs):
         if len(args) > 1:
             raise ValueError(f"{_WHO}: call the model with keyword arguments (input_ids=, position_ids=, ...)")
         if hook.decode_len is not None:  # a sharded-cache decode step: the same new token on every rank

@@ -24,7 +24,9 @@ Cost per step and rank: the gate and the attention read the rank's own slice (`S
 the bytes sent are independent of the context length (candidates and partial outputs). A padded
 batch (`attention_mask=`) keeps its padding mask per slice beside the cache and decodes with
 transformers' own positions. Beam search (`num_beams` > 1) runs transformers' own `generate()`
-loop over the sharded cache (`_beam_search`).
+loop over the sharded cache (`_transformers_loop`), and so do greedy and sampled decoding of a model
+whose generation config processes the logits (BART's forced end token, repetition penalties, ...:
+`logits_processing`), so that they get `generate()`'s processing.
 """
 
 from __future__ import annotations
@@ -265,16 +267,17 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     real = _check_arguments(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"{_WHO}: num_beams must be a positive integer, got {num_beams!r}")
-    if num_beams > 1 or num_return_sequences != 1:
-        if return_logits:
+    if num_beams > 1 or num_return_sequences != 1 or logits_processing(model):
+        if return_logits and (num_beams > 1 or num_return_sequences != 1):
             raise ValueError(f"{_WHO}: return_logits is not supported with beam search (num_beams={num_beams})")
         sampling = dict(do_sample=bool(do_sample))
         if do_sample:
             sampling.update(temperature=float(temperature), top_k=top_k, top_p=top_p)
-        return _beam_search(model, input_ids, attention_mask, real, pg, max_new_tokens=max_new_tokens,
-                            num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                            num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
-                            pad_token_id=pad_token_id, exchange=exchange, sampling=sampling)
+        beams = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                     num_return_sequences=num_return_sequences) if num_beams > 1 or num_return_sequences != 1 else {}
+        return _transformers_loop(model, input_ids, attention_mask, real, pg, max_new_tokens=max_new_tokens,
+                                  beams=beams, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                  exchange=exchange, sampling=sampling, return_logits=return_logits)
     pick = _sampler(do_sample, float(temperature), top_k, top_p)
     b, t = input_ids.shape
     shared, cache = _sharded_cache(model, pg, t + max_new_tokens)
@@ -330,16 +333,42 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     return (ids, torch.stack(chosen_logits, dim=1)) if return_logits else ids
 
 
-def _beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, real: Tensor | None,
-                 pg: dist.ProcessGroup, *, max_new_tokens: int, num_beams: int, length_penalty: float,
-                 early_stopping: bool | str, num_return_sequences: int, eos_token_id: int | None,
-                 pad_token_id: int | None, exchange: str, sampling: dict) -> Tensor:
-    """Beam search over a sharded cache: the prompt but its last token is prefilled under context
-    parallelism, the cache's rows are repeated per beam, and transformers' `generate()` runs its own
-    beam search on every rank (the same logits everywhere, so the same beams), each forward a decode
-    step against the sharded cache (`ShardedKVCache` moves its rows and kept means with the beams).
-    `sampling` (generate()'s do_sample and warpers): beam sampling draws on every rank from rank 0's
-    random state, sent to all first. Returns the sequences, checked to be the same on every rank."""
+# generation-config settings with which transformers' `generate()` processes the logits (forced tokens,
+# penalties, suppressed tokens, ...) beyond the sampling warpers this module applies itself
+_PROCESSING_FIELDS = ("forced_bos_token_id", "forced_eos_token_id", "repetition_penalty", "encoder_repetition_penalty",
+                      "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "min_length",
+                      "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
+                      "exponential_decay_length_penalty", "renormalize_logits", "guidance_scale",
+                      "watermarking_config", "forced_decoder_ids", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_p")
+
+
+def logits_processing(model: nn.Module) -> list[str]:
+    """The settings of `model.generation_config` that make `generate()` process the logits (BART's
+    `forced_eos_token_id`, a `repetition_penalty`, ...): with any, greedy and sampled decoding run
+    transformers' own loop over the sharded cache, so they get the same processing."""
+    from transformers import GenerationConfig
+
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return []
+    default = GenerationConfig()
+    return [f for f in _PROCESSING_FIELDS
+            if getattr(config, f, None) is not None and getattr(config, f, None) != getattr(default, f, None)]
+
+
+def _transformers_loop(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, real: Tensor | None,
+                       pg: dist.ProcessGroup, *, max_new_tokens: int, beams: dict, eos_token_id: int | None,
+                       pad_token_id: int | None, exchange: str, sampling: dict, return_logits: bool = False):
+    """Transformers' own `generate()` loop over a sharded cache: beam search (`beams`: num_beams,
+    length_penalty, early_stopping, num_return_sequences), and greedy or sampled decoding of models
+    whose generation config processes the logits (`logits_processing`). The prompt but its last token
+    is prefilled under context parallelism, the cache's rows are repeated per beam, and `generate()`
+    runs on every rank (the same logits everywhere, so the same tokens), each forward a decode step
+    against the sharded cache (`ShardedKVCache` moves its rows and kept means with the beams).
+    `sampling` (generate()'s do_sample and warpers): draws on every rank from rank 0's random state,
+    sent to all first. Returns the sequences, checked to be the same on every rank (with
+    `return_logits`, and no beams: also the `[B, new, vocab]` logits each token was chosen from)."""
+    num_beams = int(beams.get("num_beams", 1))
     b, t = input_ids.shape
     shared, cache = _sharded_cache(model, pg, t + max_new_tokens)
     rank, capacity = shared.rank, shared.capacity
@@ -364,21 +393,22 @@ def _beam_search(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | N
         handles = _decode_steps(model, hook, cache, shared)
         try:
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, **sampling,
-                                 num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                                 num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
+            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, **sampling, **beams,
+                                 eos_token_id=eos_token_id,
                                  pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id,
+                                 output_logits=return_logits, return_dict_in_generate=return_logits,
                                  **{keyword: cache})
         finally:
             for h in handles:
                 h.remove()
-    mine = out.contiguous()
+    mine = (out.sequences if return_logits else out).contiguous()
     first = mine.clone()
     with collective(_WHO, "the broadcast of the sequences", pg):
         dist.broadcast(first, src=dist.get_global_rank(pg, 0), group=pg)
     if not torch.equal(first, mine):
-        raise RuntimeError(f"{_WHO}: rank {rank}'s beam search chose other sequences than rank 0's")
-    return mine
+        raise RuntimeError(f"{_WHO}: rank {rank}'s {'beam search' if beams else 'decoding'} chose other sequences "
+                           f"than rank 0's")
+    return (mine, torch.stack(out.logits, dim=1).float()) if return_logits else mine
 
 
 def _random_state_of_rank_0(pg: dist.ProcessGroup, device: torch.device) -> None:

@@ -1,0 +1,96 @@
+"""Decoders that number their tokens themselves, under context parallelism.
+
+BART-family decoders (BART, mBART, PLBart, Marian, Pegasus, Blenderbot, BigBird-Pegasus) and
+Whisper's decoder take no `position_ids`: the decoder numbers the tokens it is given
+`cache_length .. cache_length + T - 1` and hands those numbers to its position embedding
+(`embed_positions(input, cache_length, position_ids=...)`). Sharded, every rank would number its
+own tokens from 0. Under `context_parallel`, a pre-hook on each such module replaces the numbers
+with the tokens' global positions: the layout's in a prefill or training step (alignment padding
+past the real length gets the last real position: no real token sees it), the cache slots' in a
+sharded-cache decode step. It first checks that the module got consecutive numbers, as these
+decoders make; a forward that never reaches such a module is an error (the model then numbered its
+tokens some other way), never a silently shifted output.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from moba_rewrite.parallel.layout import ShardLayout
+
+_WHO = "context_parallel"
+
+
+def numbering_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module whose forward takes `cache_length` and `position_ids`:
+    transformers' learned and sinusoidal position embeddings of decoders that count positions."""
+    return [(name, m) for name, m in model.named_modules() if _numbers_positions(m)]
+
+
+def _numbers_positions(module: nn.Module) -> bool:
+    try:
+        params = inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "cache_length" in params and "position_ids" in params
+
+
+class GlobalNumbering:
+    """The global positions a position embedding gets in this forward, and the hooks that give them.
+
+    `hook`: the sharded attention (`hf_cp._ShardedAttention`): its process group, layout, real
+    length and, in a decode step, the cache's filled length after the step (`decode_len`)."""
+
+    def __init__(self, hook, modules: list[tuple[str, nn.Module]]) -> None:
+        self.hook, self.modules, self.calls = hook, modules, 0
+
+    def register(self, model: nn.Module) -> list:
+        handles = [m.register_forward_pre_hook(self._pre(name), with_kwargs=True) for name, m in self.modules]
+        handles.append(model.register_forward_pre_hook(self._start))
+        handles.append(model.register_forward_hook(self._check_reached))
+        return handles
+
+    def positions(self, n: int, device) -> Tensor:
+        """Global positions `[n]` of this rank's `n` tokens in the current forward."""
+        hook = self.hook
+        if hook.decode_len is not None:  # the new tokens end the filled cache (every rank runs them all)
+            return torch.arange(hook.decode_len - n, hook.decode_len, device=device)
+        pg = hook.pg
+        pos = ShardLayout(hook.layout, dist.get_world_size(pg), n).positions(dist.get_rank(pg), device)
+        if hook.seq_len is not None:
+            pos = pos.clamp(max=max(hook.seq_len - 1, 0))
+        return pos
+
+    def _start(self, module, args):
+        self.calls = 0
+
+    def _check_reached(self, module, args, output):
+        if not self.calls:
+            names = ", ".join(name for name, _ in self.modules)
+            raise RuntimeError(f"{_WHO}: {type(module).__name__} numbers its tokens itself, and this forward never "
+                               f"called its position embedding ({names}) with them, so the shard's tokens may have "
+                               f"been numbered from 0; not supported")
+
+    def _pre(self, name: str):
+        def give_global_positions(module, args, kwargs):
+            in_args = "position_ids" not in kwargs and len(args) > 2
+            given = args[2] if in_args else kwargs.get("position_ids")
+            if not isinstance(given, Tensor) or given.dim() == 0 or given.is_floating_point():
+                raise ValueError(f"{_WHO}: position embedding {name!r} was called without integer position_ids "
+                                 f"(got {type(given).__name__}), so the global positions cannot be given to it")
+            rows = given.reshape(-1, given.shape[-1])
+            n = rows.shape[-1]
+            counted = rows[:, :1] + torch.arange(n, device=given.device)
+            if not torch.equal(rows, counted):
+                raise ValueError(f"{_WHO}: position embedding {name!r} got position_ids that are not consecutive "
+                                 f"numbers ({rows[0, :6].tolist()}...), not the decoder's own count; not supported")
+            new = self.positions(n, given.device).to(given.dtype).view(*([1] * (given.dim() - 1)), n).expand_as(given)
+            self.calls += 1
+            if in_args:
+                return (*args[:2], new, *args[3:]), kwargs
+            return args, {**kwargs, "position_ids": new}
+        return give_global_positions
