@@ -709,7 +709,8 @@ def hf_decoder_numbering_its_tokens_matches_unsharded(ctx):
 
     import moba_rewrite as mr
     from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
-    from moba_rewrite.integrations.hf_cp_generate import generate, logits_processing
+    from moba_rewrite.integrations.hf_cp_generate import generate
+    from moba_rewrite.integrations.hf_generation_config import logits_processing
 
     cfg = BartConfig(vocab_size=96, d_model=32, decoder_layers=2, encoder_layers=2, decoder_attention_heads=4,
                      encoder_attention_heads=4, decoder_ffn_dim=64, encoder_ffn_dim=64, max_position_embeddings=256,
@@ -744,7 +745,7 @@ def hf_decoder_numbering_its_tokens_matches_unsharded(ctx):
         dist.all_reduce(grad)
         close(f"BART gradient {name}", grad, want_grads[name], atol=1e-4, relative=True)
     model.zero_grad()
-    assert logits_processing(model) == ["forced_eos_token_id"]
+    assert logits_processing(model) == {"forced_eos_token_id": cfg.eos_token_id}
     with torch.no_grad():
         ones = torch.ones_like(ids)
         want_gen = model.generate(ids, attention_mask=ones, max_new_tokens=6, do_sample=False, output_logits=True,

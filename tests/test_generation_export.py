@@ -373,3 +373,37 @@ def test_cli_rewrite_generate_onnx_folder_runs_with_generate(artifact, tmp_path,
     assert code == 0, err
     want = _reference(mr.load(artifact / "hf"), [tok("abc def ghi")["input_ids"]], 5)[0]
     assert json.loads(stdout)["new_tokens"] == want
+
+
+def test_a_checkpoint_whose_generation_config_processes_logits_exports_and_says_so(tmp_path, capsys):
+    """Checkpoints often ship logits processing in generation_config.json (Qwen2.5's repetition
+    penalty). The written programs are checked against greedy `generate()` without it (the runner
+    takes the argmax; before, the check ran `generate()` with the penalty and refused to write the
+    artifact when a token differed), and `generate` says in one note that it does not apply it."""
+    from moba_rewrite.cli.generation_artifact import plain_generation_config
+
+    model = _model("llama")
+    model.generation_config.no_repeat_ngram_size = 1  # no token twice, prompt included
+    model.generation_config.repetition_penalty = 3.0
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "policy.json").write_text(json.dumps(POLICY))
+    code = cli.main([str(a) for a in ["rewrite", tmp_path / "ckpt", "--policy", tmp_path / "policy.json", "-q",
+                                      "--format", "pt2", "--generate", "--max-seq-len", MAX_LEN,
+                                      "--out", tmp_path / "gen.pt2"]])
+    assert code == 0
+    capsys.readouterr()  # save_pretrained's progress bar
+    prompt = _prompts()[0]
+    code, out, err = _cli(["generate", tmp_path / "gen.pt2", "--input-ids", ",".join(map(str, prompt)),
+                           "--max-new-tokens", 12, "--json"], capsys)
+    assert code == 0, err
+    assert err.strip() == (f"note: {tmp_path / 'gen.pt2'}: the checkpoint's generation config sets "
+                           f"repetition_penalty=3.0, no_repeat_ngram_size=1, which transformers' generate() applies; "
+                           f"this command decodes by plain argmax without them")
+    rewritten = mr.rewrite(_model("llama"), POLICY)
+    with_processing = mr.rewrite(_model("llama"), POLICY)
+    with_processing.generation_config.no_repeat_ngram_size = 1
+    with plain_generation_config(with_processing):
+        plain = _reference(with_processing, [prompt], 12)[0]
+    assert json.loads(out) == {"new_tokens": plain} and plain == _reference(rewritten, [prompt], 12)[0]
+    processed = _reference(with_processing, [prompt], 12)[0]
+    assert processed != plain and len(set(processed[0]) | set(prompt)) == len(processed[0]) + len(set(prompt))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -126,6 +127,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise CliError("--prompt", "expected text the tokenizer turns into at least one token", EXIT_VALUE)
     else:
         prompts = args.input_ids
+    if spec.logits_processing and not getattr(args, "quiet", False):
+        from moba_rewrite.integrations.hf_generation_config import describe
+
+        print(f"note: {args.artifact}: the checkpoint's generation config sets {describe(spec.logits_processing)}, "
+              f"which transformers' generate() applies; this command decodes by plain argmax without them",
+              file=sys.stderr)
     new = greedy(prefill, decode, spec, prompts, args.max_new_tokens)
     texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new] if tokenizer is not None else None
     if args.json:

@@ -4,6 +4,7 @@ in-memory rewritten model (docs/CLI.md, docs/EXPORT.md)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from moba_rewrite.cli import steps
@@ -99,6 +100,21 @@ def _checkpoint_tokenizer(checkpoint, *, quiet: bool):
     return tokenizer
 
 
+@contextlib.contextmanager
+def plain_generation_config(model):
+    """`model.generate()` without the checkpoint's generation config (its repetition penalty, forced
+    tokens, ...: transformers applies them even when an explicit config is passed), so that greedy
+    `generate()` is the argmax the `generate` command's runner takes."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 def verify_generation(path: Path, model, spec, prompt_len: int, *, display: Path) -> float:
     """Greedy tokens and their logits from the written file against `generate()` of the in-memory
     model, on a batch of `spec.batch` prompts (the second one left padded); max |diff| of the logits."""
@@ -133,7 +149,7 @@ def verify_generation(path: Path, model, spec, prompt_len: int, *, display: Path
     mask = torch.zeros_like(ids)
     for r, p in enumerate(prompts):
         ids[r, prompt_len - len(p):], mask[r, prompt_len - len(p):] = torch.tensor(p), 1
-    with torch.no_grad():
+    with torch.no_grad(), plain_generation_config(model):  # the programs' runner decodes by argmax
         want = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, do_sample=False,
                               pad_token_id=spec.pad_token_id, eos_token_id=None, output_logits=True,
                               return_dict_in_generate=True)

@@ -37,6 +37,7 @@ from torch.export import Dim, ExportedProgram
 
 import moba_rewrite.attention.kv_cache  # noqa: F401  (torch.ops.moba.attention_kv_cache)
 from moba_rewrite.exporters.common import failsafe_output
+from moba_rewrite.integrations.hf_generation_config import logits_processing
 
 SLIDING_KINDS = ("sliding_attention", "chunked_attention", "hybrid_sliding")
 META_FILE = "moba_generation.json"
@@ -58,6 +59,9 @@ class GenerationSpec:
     cache: list[dict[str, Any]]  # per cache tensor: {"layer", "kind": keys|values|means, "shape", "dtype"}
     eos_token_id: list[int] = field(default_factory=list)
     format: str = FORMAT_TAG
+    # what the model's generation config makes generate() do to the logits (repetition_penalty, ...):
+    # a runner decoding by argmax says it does not apply them (`hf_generation_config`)
+    logits_processing: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -201,8 +205,11 @@ def generation_spec(model: nn.Module, *, max_seq_len: int, batch: int) -> tuple[
     eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
     eos = [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
     pad = getattr(config, "pad_token_id", None)
+    processing = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                  for k, v in logits_processing(model).items()}
     spec = GenerationSpec(max_seq_len=max_seq_len, batch=batch, vocab_size=int(config.vocab_size),
-                          pad_token_id=int(pad) if isinstance(pad, int) else 0, cache=cache, eos_token_id=eos)
+                          pad_token_id=int(pad) if isinstance(pad, int) else 0, cache=cache, eos_token_id=eos,
+                          logits_processing=processing)
     return spec, block_sizes
 
 

@@ -26,7 +26,7 @@ batch (`attention_mask=`) keeps its padding mask per slice beside the cache and 
 transformers' own positions. Beam search (`num_beams` > 1) runs transformers' own `generate()`
 loop over the sharded cache (`_transformers_loop`), and so do greedy and sampled decoding of a model
 whose generation config processes the logits (BART's forced end token, repetition penalties, ...:
-`logits_processing`), so that they get `generate()`'s processing.
+`hf_generation_config.logits_processing`), so that they get `generate()`'s processing.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from moba_rewrite.attention.block_means import refresh_key_block_means_
 from moba_rewrite.integrations import hf, hf_masks
 from moba_rewrite.integrations.hf_cp import alignment, check_rewritten, context_parallel
+from moba_rewrite.integrations.hf_generation_config import logits_processing
 from moba_rewrite.parallel.groups import collective, resolve_group
 
 _WHO = "hf_cp.generate"
@@ -333,38 +334,16 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     return (ids, torch.stack(chosen_logits, dim=1)) if return_logits else ids
 
 
-# generation-config settings with which transformers' `generate()` processes the logits (forced tokens,
-# penalties, suppressed tokens, ...) beyond the sampling warpers this module applies itself
-_PROCESSING_FIELDS = ("forced_bos_token_id", "forced_eos_token_id", "repetition_penalty", "encoder_repetition_penalty",
-                      "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "min_length",
-                      "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
-                      "exponential_decay_length_penalty", "renormalize_logits", "guidance_scale",
-                      "watermarking_config", "forced_decoder_ids", "typical_p", "epsilon_cutoff", "eta_cutoff", "min_p")
-
-
-def logits_processing(model: nn.Module) -> list[str]:
-    """The settings of `model.generation_config` that make `generate()` process the logits (BART's
-    `forced_eos_token_id`, a `repetition_penalty`, ...): with any, greedy and sampled decoding run
-    transformers' own loop over the sharded cache, so they get the same processing."""
-    from transformers import GenerationConfig
-
-    config = getattr(model, "generation_config", None)
-    if config is None:
-        return []
-    default = GenerationConfig()
-    return [f for f in _PROCESSING_FIELDS
-            if getattr(config, f, None) is not None and getattr(config, f, None) != getattr(default, f, None)]
-
-
 def _transformers_loop(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, real: Tensor | None,
                        pg: dist.ProcessGroup, *, max_new_tokens: int, beams: dict, eos_token_id: int | None,
                        pad_token_id: int | None, exchange: str, sampling: dict, return_logits: bool = False):
     """Transformers' own `generate()` loop over a sharded cache: beam search (`beams`: num_beams,
     length_penalty, early_stopping, num_return_sequences), and greedy or sampled decoding of models
-    whose generation config processes the logits (`logits_processing`). The prompt but its last token
-    is prefilled under context parallelism, the cache's rows are repeated per beam, and `generate()`
-    runs on every rank (the same logits everywhere, so the same tokens), each forward a decode step
-    against the sharded cache (`ShardedKVCache` moves its rows and kept means with the beams).
+    whose generation config processes the logits (`hf_generation_config.logits_processing`). The
+    prompt but its last token is prefilled under context parallelism, the cache's rows are repeated
+    per beam, and `generate()` runs on every rank (the same logits everywhere, so the same tokens),
+    each forward a decode step against the sharded cache (`ShardedKVCache` moves its rows and kept
+    means with the beams).
     `sampling` (generate()'s do_sample and warpers): draws on every rank from rank 0's random state,
     sent to all first. Returns the sequences, checked to be the same on every rank (with
     `return_logits`, and no beams: also the `[B, new, vocab]` logits each token was chosen from)."""
