@@ -675,6 +675,19 @@ def hf_sharded_cache_generate_matches_generate(ctx):
                                   pad_token_id=eos)
     got_eos = generate(model, ids, max_new_tokens=new, eos_token_id=eos)
     assert torch.equal(got_eos, want_eos), (got_eos[:, 53:], want_eos[:, 53:])
+    # no eos given: the generation config's list of them, and its pad id, as generate() takes them (Llama 3
+    # checkpoints list several; before, this loop ignored the config and decoded every row to the end)
+    saved = copy.deepcopy(model.generation_config)
+    model.generation_config.eos_token_id = [95, eos]
+    model.generation_config.pad_token_id = 1
+    try:
+        with torch.no_grad():
+            want_config_eos = model.generate(ids, attention_mask=ones, max_new_tokens=new, do_sample=False)
+        got_config_eos = generate(model, ids, max_new_tokens=new)
+    finally:
+        model.generation_config = saved
+    assert torch.equal(got_config_eos, want_config_eos), (got_config_eos[:, 53:], want_config_eos[:, 53:])
+    assert (want_config_eos[0, 53 + 5:] == 1).all()  # row 0 stopped at the eos and was padded
     # a left-padded batch (prompts of 53 and 41 tokens): transformers' positions, padding keys hidden
     mask = torch.ones_like(ids)
     mask[1, :12] = 0

@@ -247,7 +247,8 @@ def _place_prompt(model: nn.Module, input_ids: Tensor, real: Tensor | None, shar
 
 @torch.no_grad()
 def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens: int,
-             attention_mask: Tensor | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None,
+             attention_mask: Tensor | None = None, eos_token_id: int | list[int] | None = None,
+             pad_token_id: int | None = None,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              exchange: str = "auto", return_logits: bool = False, num_beams: int = 1, length_penalty: float = 1.0,
              early_stopping: bool | str = False, num_return_sequences: int = 1) -> Tensor | tuple[Tensor, Tensor]:
@@ -256,8 +257,9 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     (0 / 1) for a padded batch (left padding, as for `generate()`: positions are counted over the
     real tokens, as transformers does, and padding keys are hidden at every step). Returns
     `[B, T + new]` token ids on every rank (and, with `return_logits`, the `[B, new, vocab]` logits
-    each token was chosen from). `eos_token_id`: a row that produced it continues with `pad_token_id`
-    (default: the eos id) and decoding stops once every row has; `do_sample`, `temperature`,
+    each token was chosen from). `eos_token_id` (an id or a list; default: the generation config's,
+    as `generate()` takes it): a row that produced one continues with `pad_token_id` (default: the
+    generation config's, else the first eos id) and decoding stops once every row has; `do_sample`, `temperature`,
     `top_k`, `top_p`: as `generate()`'s (rank 0 draws, from its global random generator: seed it
     there); `exchange`: the prefill's `moba_attention_cp` exchange. `num_beams` > 1: beam search,
     run by transformers' own `generate()` loop over the sharded cache (`length_penalty`,
@@ -290,7 +292,9 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     owner, last = divmod(t - 1, capacity)  # the rank and slot of the prompt's last token
     tokens, chosen_logits = [input_ids], []
     done = torch.zeros(b, dtype=torch.bool, device=dev)
-    pad = eos_token_id if pad_token_id is None else pad_token_id
+    stop = _stop_tokens(model, eos_token_id)
+    pad = _pad_token(model, pad_token_id, stop)
+    stop_ids = torch.tensor(stop, dtype=torch.long, device=dev)
     with context_parallel(model, pg, layout="contiguous", seq_len=t, exchange=exchange):
         hook = hf.CONTEXT_PARALLEL
         extra = {"logits_to_keep": torch.tensor([last if rank == owner else 0], device=dev)} if keep else {}
@@ -310,9 +314,9 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
             token = pick(logits, torch.cat(tokens, dim=1)) if do_sample else pick(logits)
             with collective(_WHO, "the broadcast of the next token", pg):
                 dist.broadcast(token, src=dist.get_global_rank(pg, 0), group=pg)
-            if eos_token_id is not None:
+            if stop:
                 token = torch.where(done, torch.full_like(token, pad), token)
-                done |= token == eos_token_id
+                done |= torch.isin(token, stop_ids)
             tokens.append(token[:, None])
             chosen_logits.append(logits)
             if step + 1 == max_new_tokens or bool(done.all()):
@@ -334,8 +338,31 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     return (ids, torch.stack(chosen_logits, dim=1)) if return_logits else ids
 
 
+def _stop_tokens(model: nn.Module, eos_token_id: int | list[int] | None) -> list[int]:
+    """The end-of-sequence ids decoding stops at: the given ones, else the generation config's (as
+    `generate()` takes them; none: decode `max_new_tokens`)."""
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{_WHO}: eos_token_id must be a token id or a list of them, got {eos_token_id!r}")
+    return ids
+
+
+def _pad_token(model: nn.Module, pad_token_id: int | None, stop: list[int]) -> int | None:
+    """What a finished row continues with: the given id, else the generation config's pad id, else
+    the first end-of-sequence id (`generate()`'s rule)."""
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    if isinstance(pad_token_id, (list, tuple)):
+        pad_token_id = pad_token_id[0] if pad_token_id else None
+    return pad_token_id if pad_token_id is not None else (stop[0] if stop else None)
+
+
 def _transformers_loop(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, real: Tensor | None,
-                       pg: dist.ProcessGroup, *, max_new_tokens: int, beams: dict, eos_token_id: int | None,
+                       pg: dist.ProcessGroup, *, max_new_tokens: int, beams: dict, eos_token_id: int | list[int] | None,
                        pad_token_id: int | None, exchange: str, sampling: dict, return_logits: bool = False):
     """Transformers' own `generate()` loop over a sharded cache: beam search (`beams`: num_beams,
     length_penalty, early_stopping, num_return_sequences), and greedy or sampled decoding of models
