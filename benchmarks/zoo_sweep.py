@@ -391,19 +391,24 @@ def build(model_type: str, class_name: str, row: Row | None = None) -> tuple[nn.
 def config_patches(cfg: Any) -> list[dict[str, Any]]:
     """Config changes tried in turn when the shrunk model does not run: none first; then as many
     key/value heads as query heads (MLA stacks that expand the latent to every head: Kimi Linear,
-    Bailing hybrid) and one expert group (grouped routers need experts per group)."""
+    Bailing hybrid), one expert group (grouped routers need experts per group) and rotary
+    dimensions that fit a shrunk head (GPT-J, CodeGen)."""
     heads = getattr(cfg, "num_attention_heads", None)
     patches: list[dict[str, Any]] = [{}]
     if isinstance(heads, int) and getattr(cfg, "num_key_value_heads", heads) != heads:
         patches.append({"num_key_value_heads": heads})
     if getattr(cfg, "num_expert_group", None) not in (None, 1):
         patches.append({**patches[-1], "num_expert_group": 1, "topk_group": 1})
+    hidden, rotary = getattr(cfg, "n_embd", getattr(cfg, "hidden_size", None)), getattr(cfg, "rotary_dim", None)
+    if isinstance(heads, int) and isinstance(hidden, int) and isinstance(rotary, int) and rotary > hidden // heads:
+        patches.append({**patches[-1], "rotary_dim": hidden // heads})  # GPT-J, CodeGen: rotary dims of a head
     return patches
 
 
 def patch_note(patch: dict[str, Any]) -> str:
     """How a row's model was built when a patch was needed (said in the sweep's table)."""
-    words = {"num_key_value_heads": "num_key_value_heads = num_attention_heads", "num_expert_group": "one expert group"}
+    words = {"num_key_value_heads": "num_key_value_heads = num_attention_heads", "num_expert_group": "one expert group",
+             "rotary_dim": "rotary_dim = head_dim"}
     return ", ".join(words[k] for k in patch if k in words)
 
 
