@@ -22,6 +22,7 @@ for a single prompt and once for a batch of two whose second prompt is left-padd
 
     python benchmarks/generate_sweep.py                     # every causal LM type (about 30 minutes)
     python benchmarks/generate_sweep.py --only llama qwen3  # some
+    python benchmarks/generate_sweep.py --vlm               # vision-language models, text-only prompts
     python benchmarks/generate_sweep.py --compiled          # also the compiled static decode
 
 `--export` adds `mr.export` of the prefill (the graph path: export, then rewrite the graph) on the
@@ -415,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="give the sparse rewrite the policy's dense_below N (full attention while the cache "
                          "holds fewer than N keys; the prompt has 24): its static run must equal its dynamic run "
                          "(no uncached oracle), and --compiled / --export compare as usual")
+    ap.add_argument("--vlm", action="store_true",
+                    help="the image-text-to-text types that are no causal LM type instead (Qwen2.5-VL, GLM-4V, "
+                         "LLaVA, ...): their generating class on text-only prompts")
     ap.add_argument("--one", nargs=2, metavar=("TYPE", "CLASS"), help=argparse.SUPPRESS)  # a child's job
     args = ap.parse_args(argv)
     if args.dense_below:
@@ -434,10 +438,15 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     types = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items())
     types += [(row, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base]) for row, (base, _) in VARIANTS.items()]
+    if args.vlm:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as VLM
+
+        types = sorted((t, c) for t, c in VLM.items() if t not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     if args.only:
         types = [(t, c) for t, c in types if t in args.only]
     counts: Counter = Counter()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}; {len(types)} causal LM types")
+    kinds = "image-text-to-text types (text-only prompts)" if args.vlm else "causal LM types"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}; {len(types)} {kinds}")
     print("| model type | class | result | detail |")
     print("|---|---|---|---|")
     for model_type, class_name in types:

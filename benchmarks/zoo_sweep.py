@@ -103,6 +103,8 @@ def tiny_config(cls: type, depth: int = 0) -> Any:
                 with contextlib.suppress(Exception):
                     kwargs[name] = tiny_config(type(sub), depth + 1)
     cfg = _construct(cls, kwargs, default)
+    if cfg is not default:
+        _fit_mrope_sections(cfg)
     depth_needed = _first_attention_layer(default) + 1
     if cfg is not default and not _has_attention_layer(cfg) and depth_needed > 0 \
             and isinstance(getattr(cfg, "num_hidden_layers", None), int):
@@ -110,6 +112,29 @@ def tiny_config(cls: type, depth: int = 0) -> Any:
         # recurrent: keep layers up to its first attention layer, or the model has no site.
         cfg = _construct(cls, {**kwargs, "num_hidden_layers": depth_needed}, default)
     return cfg
+
+
+def _fit_mrope_sections(cfg: Any, depth: int = 0) -> None:
+    """Multimodal RoPE (Qwen2-VL, Qwen2.5-VL, GLM-4V) splits half a head's dims into sections for
+    time, height and width: scale them to the shrunk head (a text-only forward failed to split)."""
+    rope = getattr(cfg, "rope_parameters", None)
+    heads, hidden = getattr(cfg, "num_attention_heads", None), getattr(cfg, "hidden_size", None)
+    head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if isinstance(hidden, int) and heads else None)
+    sections = rope.get("mrope_section") if isinstance(rope, dict) else None
+    if sections is None and isinstance(rope, dict) and "mrope_section" in getattr(cfg, "ignore_keys_at_rope_validation",
+                                                                                    ()):
+        sections = [16, 24, 24]  # the modeling code's default when the config names none
+    if isinstance(sections, list) and sections and isinstance(head_dim, int) and sum(sections) != head_dim // 2:
+        half, total = head_dim // 2, sum(sections)
+        fitted = [max(1, s * half // total) for s in sections]
+        fitted[0] += half - sum(fitted)
+        if min(fitted) >= 1:
+            rope["mrope_section"] = fitted
+    if depth < 3:
+        for name in list(getattr(cfg, "sub_configs", {}) or {}):
+            sub = getattr(cfg, name, None)
+            if sub is not None and sub is not cfg and hasattr(sub, "to_dict"):
+                _fit_mrope_sections(sub, depth + 1)
 
 
 def _construct(cls: type, kwargs: dict[str, Any], default: Any) -> Any:

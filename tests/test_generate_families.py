@@ -33,6 +33,8 @@ The families, and what each found wrong before it was fixed:
 - Qwen3.5 (gated delta-net layers with a gated attention layer every fourth; the sweeps' tiny
   configs had kept only the first two layers, all recurrent, so no hybrid stack of this kind was
   checked until the tiny config kept layers up to the first attention layer);
+- Qwen2.5-VL on text-only prompts (multimodal RoPE: 3-D position ids; the sweeps' tiny config
+  kept the default RoPE sections of a 128-dim head, so no vision-language model generated in them);
 - Llama: the plain case, as a control.
 """
 
@@ -60,6 +62,7 @@ FAMILIES = [  # (model type, class, also check the compiled static decode)
     ("deepseek_v3", "DeepseekV3ForCausalLM", False),
     ("afmoe", "AfmoeForCausalLM", False),
     ("qwen3_5_text", "Qwen3_5ForCausalLM", True),
+    ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", False),
 ]
 
 
