@@ -124,8 +124,11 @@ def _fit_mrope_sections(cfg: Any, depth: int = 0) -> None:
     if sections is None and isinstance(rope, dict) and "mrope_section" in getattr(cfg, "ignore_keys_at_rope_validation",
                                                                                     ()):
         sections = [16, 24, 24]  # the modeling code's default when the config names none
-    if isinstance(sections, list) and sections and isinstance(head_dim, int) and sum(sections) != head_dim // 2:
-        half, total = head_dim // 2, sum(sections)
+    factor = (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None) or \
+        getattr(cfg, "partial_rotary_factor", None) or 1.0
+    half = int(head_dim * factor) // 2 if isinstance(head_dim, int) else None
+    if isinstance(sections, list) and sections and half and sum(sections) != half:
+        total = sum(sections)
         fitted = [max(1, s * half // total) for s in sections]
         fitted[0] += half - sum(fitted)
         if min(fitted) >= 1:
