@@ -285,7 +285,33 @@ def entries(model: nn.Module, example_inputs: Any = None) -> Discovery:
     out.sort(key=lambda e: e.position)
     for layer, e in enumerate(out):
         e.site = dataclasses.replace(e.site, layer=layer)
+    if use_hf:
+        warnings += unreached_attention_warning(model, {e.site.name for e in out})
     return Discovery(entries=out, graph="hf" if use_hf else "recorded", warnings=warnings, calls=run.rec.calls)
+
+
+def unreached_attention_warning(model: nn.Module, site_names: set[str]) -> list[str]:
+    """A warning naming the attention modules (class name ending in `Attention`) the sample input
+    never ran, neither a site nor inside or around one: a vision-language model's vision tower on a
+    text prompt, cross attention without encoder states. They are not in the report and keep the
+    original attention (at most one line)."""
+    unreached: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if not name or not kind.endswith("Attention") or any(
+                s == name or s.startswith(name + ".") or name.startswith(s + ".") for s in site_names):
+            continue
+        if any(name.startswith(other + ".") for names in unreached.values() for other in names):
+            continue  # inside an unreached attention module already named
+        unreached.setdefault(kind, []).append(name)
+    if not unreached:
+        return []
+    count = sum(len(v) for v in unreached.values())
+    kinds = ", ".join(f"{k} x{len(v)}" for k, v in unreached.items())
+    first = next(iter(unreached.values()))[0]
+    return [f"{count} attention module(s) did not run on the sample input ({kinds}; first: {first}), so they are "
+            f"not in this report and keep the original attention; to rewrite them, pass example inputs that "
+            f"reach them"]
 
 
 def _p_float(p: Any) -> float:

@@ -325,3 +325,45 @@ def test_gpt2_reorder_and_upcast_dense_sites_exact():
     assert not torch.equal(run(model, ids, mask), original)
     mr.rewrite(model, {"version": 1, "defaults": {"mode": "dense"}})
     assert torch.equal(run(model, ids, mask), original)
+
+
+def test_attention_the_sample_input_never_ran_is_named_in_the_report():
+    """A vision-language model rewritten on a text sample: its vision tower's attention never ran,
+    so it is no row of the report; the report says so in one warning (it keeps the original
+    attention). Given an example with an image, the vision sites are rows, and at the dense limit
+    the model with an image equals the original."""
+    import copy
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import zoo_sweep
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = zoo_sweep.tiny_config(Qwen2_5_VLConfig)
+    vision = cfg.vision_config
+    vision.depth, vision.out_hidden_size = 2, cfg.get_text_config().hidden_size
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    policy = {"version": 1, "defaults": {"block_size": 4, "top_k": 64}}
+    text_only = mr.rewrite(copy.deepcopy(model), policy)
+    assert [r.name for r in text_only._moba_report.rows] == [f"model.language_model.layers.{i}.self_attn"
+                                                             for i in range(2)]
+    assert text_only._moba_report.warnings == [
+        "2 attention module(s) did not run on the sample input (Qwen2_5_VLVisionAttention x2; first: "
+        "model.visual.blocks.0.attn), so they are not in this report and keep the original attention; to rewrite "
+        "them, pass example inputs that reach them"]
+    side, merge = 4 * vision.spatial_merge_size, vision.spatial_merge_size
+    pixels = torch.randn(side * side, 3 * vision.temporal_patch_size * vision.patch_size ** 2)
+    ids = torch.cat([torch.randint(3, 100, (1, 10)), torch.full((1, side * side // merge ** 2), cfg.image_token_id),
+                     torch.randint(3, 100, (1, 30))], dim=1)
+    inputs = dict(input_ids=ids, pixel_values=pixels, image_grid_thw=torch.tensor([[1, side, side]]),
+                  mm_token_type_ids=(ids == cfg.image_token_id).long(), use_cache=False)
+    with_image = mr.rewrite(copy.deepcopy(model), policy, example_inputs=inputs)
+    assert [r.name for r in with_image._moba_report.rows][:2] == ["model.visual.blocks.0.attn",
+                                                                   "model.visual.blocks.1.attn"]
+    assert with_image._moba_report.warnings == []
+    with torch.no_grad():
+        want = model(**inputs).logits
+        torch.testing.assert_close(with_image(**inputs).logits, want, rtol=0, atol=1e-5)
+        torch.testing.assert_close(text_only(**inputs).logits, want, rtol=0, atol=1e-5)
