@@ -58,6 +58,7 @@ SIZES: dict[str, Any] = {
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
     "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
+    "out_hidden_size": 32, "depth": 2,  # Qwen-VL-style vision towers: merged patches enter the 32-wide text model
 }
 LIST_SIZES: dict[str, int] = {"depths": 1, "num_heads": 2, "num_layers": 1, "num_attention_heads": 2,
                               "encoder_layers": 1, "decoder_layers": 1}
@@ -205,12 +206,32 @@ def _input(name: str, cfg: Any, gen: torch.Generator) -> torch.Tensor | None:
     return None
 
 
+def _grid_image_inputs(cfg: Any, gen: torch.Generator) -> dict[str, Any] | None:
+    """A prompt with one image in the Qwen-VL format (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5,
+    GLM-4V): flattened patches `[h * w, C * t * p * p]`, `image_grid_thw`, the image's merged tokens
+    in `input_ids` and `mm_token_type_ids` marking them; None when the config is not of that kind."""
+    vision, image_token = getattr(cfg, "vision_config", None), getattr(cfg, "image_token_id", None)
+    merge, patch = getattr(vision, "spatial_merge_size", None), getattr(vision, "patch_size", None)
+    if not isinstance(image_token, int) or not isinstance(merge, int) or not isinstance(patch, int):
+        return None
+    channels = int(getattr(vision, "in_channels", getattr(vision, "in_chans", 3)) or 3)
+    frames, side = int(getattr(vision, "temporal_patch_size", 1) or 1), 2 * merge
+    vocab = int(_get(cfg.get_text_config(), "vocab_size", default=64) or 64)
+    text = torch.randint(min(3, vocab - 1), vocab, (1, SEQ), generator=gen)
+    text[text == image_token] = min(3, vocab - 1)
+    ids = torch.cat([text[:, :4], torch.full((1, side * side // merge ** 2), image_token), text[:, 4:]], dim=1)
+    return {"input_ids": ids, "pixel_values": torch.randn(side * side, channels * frames * patch * patch, generator=gen),
+            "image_grid_thw": torch.tensor([[1, side, side]]), "mm_token_type_ids": (ids == image_token).long()}
+
+
 def input_candidates(model: nn.Module) -> list[dict[str, Any]]:
     """Input sets to try, simplest first: the main input (+ decoder ids), then every generic
-    input the forward takes (text + image models need both)."""
+    input the forward takes (text + image models need both); a Qwen-VL-style model's prompt with
+    an image comes first (its vision tower's attention runs only then)."""
     cfg = model.config
     params = inspect.signature(model.forward).parameters
     gen = torch.Generator().manual_seed(0)
+    image = _grid_image_inputs(cfg, gen) if "image_grid_thw" in params and "mm_token_type_ids" in params else None
     main = getattr(model, "main_input_name", "input_ids")
     names = [main] if main in params else []
     if "input_ids" in params and not names:
@@ -224,6 +245,8 @@ def input_candidates(model: nn.Module) -> list[dict[str, Any]]:
         if made and all(v is not None for v in made.values()) and all(
                 set(made) != set(o) or any(made[k].shape != o[k].shape for k in made) for o in out):
             out.append(made)
+    if image is not None:
+        out.insert(0, image)
     if "use_cache" in params:
         for o in out:
             o["use_cache"] = False

@@ -74,6 +74,7 @@ FAMILIES = [  # (model type, base class, also torch.compile, mr.export and ONNX,
     ("gpt2", "GPT2Model", False, True),
     ("qwen3_omni_moe_thinker", "Qwen3OmniMoeThinkerModel", False, False),
     ("nemotron3_diarization_audio", "Nemotron3DiarizationAudioModel", False, False),  # 2 key, 4 value heads
+    ("qwen2_5_vl", "Qwen2_5_VLModel", False, False),  # a prompt with an image: vision tower and M-RoPE text
 ]
 
 
@@ -85,6 +86,17 @@ def test_forward_sweep_family(model_type, class_name, more, padded):
     status, detail = forward_sweep.sweep_one(model_type, class_name, 300, compiled=more, export=more, padded=padded,
                                              onnx=more and not padded)
     assert status == "equal", detail
+
+
+def test_a_qwen_vl_model_is_checked_with_an_image():
+    """The sweep's input for a Qwen-VL-style model carries an image, so its vision tower's attention
+    runs and is rewritten (on a text-only prompt it never ran: not one of its sites was checked)."""
+    import moba_rewrite as mr
+
+    model, inputs = forward_sweep.zoo_sweep.build("qwen2_5_vl", "Qwen2_5_VLModel")
+    assert {"pixel_values", "image_grid_thw"} <= set(inputs)
+    sites = mr.rewrite(model, forward_sweep.SPARSE, inputs)._moba_report.moba_sites
+    assert {"visual.blocks.0.attn", "visual.blocks.1.attn", "language_model.layers.0.self_attn"} <= set(sites), sites
 
 
 def test_padded_batch_is_padded():
