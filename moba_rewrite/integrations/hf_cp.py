@@ -63,8 +63,9 @@ def check_rewritten(model: nn.Module) -> None:
     if report is not None and not hf_masks.takes_argument(model, "position_ids") and not numbering_modules(model):
         raise ValueError(f"{_WHO}: {type(model).__name__}.forward takes no position_ids: it numbers the tokens it "
                          f"is given from 0 itself (learned positions from the input length, as BART's decoder does), "
-                         f"so every shard would see positions 0..T_local-1; context parallelism needs a model that "
-                         f"takes global position_ids")
+                         f"so every shard would see positions 0..T_local-1, and it has no position embedding that "
+                         f"takes them (cache_length, position_ids) to be given the global ones; context parallelism "
+                         f"needs a model that takes global position_ids")
     if not impl.startswith(hf.IMPL_PREFIX) or not _attention_modules(model):
         raise ValueError(f"{_WHO}: {type(model).__name__} is not a rewritten Hugging Face model (attention "
                          f"implementation {impl!r}); run moba_rewrite.rewrite(model, policy) first")
