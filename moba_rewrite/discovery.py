@@ -310,8 +310,8 @@ def unreached_attention_warning(model: nn.Module, site_names: set[str]) -> list[
     kinds = ", ".join(f"{k} x{len(v)}" for k, v in unreached.items())
     first = next(iter(unreached.values()))[0]
     return [f"{count} attention module(s) did not run on the sample input ({kinds}; first: {first}), so they are "
-            f"not in this report and keep the original attention; to rewrite them, pass example inputs that "
-            f"reach them"]
+            f"not in this report and keep the original attention (mr.rewrite(model, policy, example_inputs) with "
+            f"inputs that reach them rewrites them)"]
 
 
 def _p_float(p: Any) -> float:

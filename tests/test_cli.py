@@ -358,3 +358,41 @@ def test_bench_runs_the_project_benchmark(tmp_path, capsys, monkeypatch):
     argv = json.loads(out.split("ARGV", 1)[1])
     assert argv[:4] == ["--device", "cpu", "--seq-lens", "2048,4096"]
     assert argv[-2:] == ["--plot", str(tmp_path / "b.png")] and "--repeats" in argv
+
+
+def test_rewrite_prints_each_warning_once(work, tmp_path, capsys):
+    """A policy rule that matches no site is a warning of the report; the report's table ends with
+    its warnings, and the command printed them a second time after it."""
+    policy = tmp_path / "unmatched.yaml"
+    policy.write_text(POLICY_YAML + """  - name: nowhere
+    match: "no.such.module.*"
+    mode: dense
+""")
+    code, out, err = run(["rewrite", work / "llama", "--policy", policy, "--format", "hf", "--out", tmp_path / "out"],
+                         capsys)
+    assert code == 0, err
+    warnings = [line for line in out.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "matched no attention site" in warnings[0], out
+
+
+def test_rewrite_a_vision_language_checkpoint(tmp_path, capsys):
+    """Qwen2.5-VL keeps its vocabulary in its text config: the command's sample input read the top
+    config and refused the checkpoint ("expected config.vocab_size >= 1"). Now it rewrites the text
+    decoder, names the vision tower it did not reach in one warning, and the written model loads
+    back equal to the in-memory rewrite."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import zoo_sweep
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = zoo_sweep.tiny_config(Qwen2_5_VLConfig)
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(tmp_path / "vl")
+    (tmp_path / "policy.yaml").write_text(POLICY_YAML)
+    code, out, err = run(["rewrite", tmp_path / "vl", "--policy", tmp_path / "policy.yaml", "--format", "hf",
+                          "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    assert "model.language_model.layers.0.self_attn" in out and "verified" in out, out
+    warnings = [line for line in out.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "Qwen2_5_VLVisionAttention x2" in warnings[0], out

@@ -351,8 +351,8 @@ def test_attention_the_sample_input_never_ran_is_named_in_the_report():
                                                              for i in range(2)]
     assert text_only._moba_report.warnings == [
         "2 attention module(s) did not run on the sample input (Qwen2_5_VLVisionAttention x2; first: "
-        "model.visual.blocks.0.attn), so they are not in this report and keep the original attention; to rewrite "
-        "them, pass example inputs that reach them"]
+        "model.visual.blocks.0.attn), so they are not in this report and keep the original attention "
+        "(mr.rewrite(model, policy, example_inputs) with inputs that reach them rewrites them)"]
     side, merge = 4 * vision.spatial_merge_size, vision.spatial_merge_size
     pixels = torch.randn(side * side, 3 * vision.temporal_patch_size * vision.patch_size ** 2)
     ids = torch.cat([torch.randint(3, 100, (1, 10)), torch.full((1, side * side // merge ** 2), cfg.image_token_id),

@@ -65,12 +65,10 @@ def table(rows: list[dict]) -> str:
 
 
 def print_report(report, *, quiet: bool = False, blank_line: bool = True) -> None:
-    """The rewrite report's table and the policy's warnings."""
+    """The rewrite report's table and its warnings (`str(report)` ends with them: once each)."""
     if quiet:
         return
     print(str(report))
-    for w in getattr(report, "warnings", []) or []:
-        print(f"warning: {w}")
     if blank_line:
         print(flush=True)
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from moba_rewrite import api
 from moba_rewrite.evaluation.errors import NotALanguageModel
-from moba_rewrite.exporters.common import first_tensor, is_hf_model, sample_inputs
+from moba_rewrite.exporters.common import first_tensor, is_hf_model, sample_inputs, text_config
 
 
 def shared_copy(model: nn.Module) -> nn.Module:
@@ -35,7 +35,8 @@ def rewritten_copy(model: nn.Module, policy: Any, seq_len: int) -> nn.Module:
 
 def vocab_size(model: nn.Module) -> int | None:
     cfg = getattr(model, "config", None)
-    for value in (getattr(cfg, "vocab_size", None), getattr(model, "vocab_size", None)):
+    for value in (getattr(text_config(model), "vocab_size", None), getattr(cfg, "vocab_size", None),
+                  getattr(model, "vocab_size", None)):
         if isinstance(value, int) and value > 0:
             return value
     return None
@@ -43,11 +44,11 @@ def vocab_size(model: nn.Module) -> int | None:
 
 def max_positions(model: nn.Module) -> int | None:
     """The longest input the model's position embeddings allow (None: no limit known)."""
-    cfg = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    for cfg in (text_config(model), getattr(model, "config", None)):
+        for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
     return None
 
 

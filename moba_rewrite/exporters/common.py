@@ -66,6 +66,19 @@ def is_hf_model(model: Any) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def text_config(model: Any) -> Any:
+    """The config that holds a model's vocabulary and positions: a vision-language or other
+    composite model's text (decoder) config, else the model's own config (None without one)."""
+    cfg = getattr(model, "config", None)
+    getter = getattr(cfg, "get_text_config", None)
+    if callable(getter):
+        try:
+            return getter(decoder=True)
+        except Exception:  # noqa: BLE001 (a composite config without a decoder: its own fields)
+            return cfg
+    return cfg
+
+
 def exportable(model: nn.Module) -> nn.Module:
     """The module to hand to torch.export / ONNX: HF models as their `logits_view`."""
     return logits_view(model) if is_hf_model(model) else model
@@ -79,7 +92,7 @@ def sample_inputs(model: Any, seq_len: int, *, batch: int = 1, seed: int = 0) ->
     """
     gen = torch.Generator().manual_seed(seed)
     if is_hf_model(model):
-        vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+        vocab = int(getattr(text_config(model), "vocab_size", 0) or getattr(model.config, "vocab_size", 0) or 0)
         if vocab < 1:
             raise ValueError("sample inputs: expected config.vocab_size >= 1 for a Hugging Face model")
         device = next(model.parameters()).device
