@@ -450,6 +450,9 @@ def config_patches(cfg: Any) -> list[dict[str, Any]]:
         patches.append({"num_key_value_heads": heads})
     if getattr(cfg, "num_expert_group", None) not in (None, 1):
         patches.append({**patches[-1], "num_expert_group": 1, "topk_group": 1})
+    if hasattr(cfg, "num_experts_per_tok") and cfg.num_experts_per_tok is None and \
+            isinstance(getattr(cfg, "n_routed_experts", None), int):
+        patches.append({**patches[-1], "num_experts_per_tok": 2})  # DeepSeek-V2: routing top-k left unset
     hidden, rotary = getattr(cfg, "n_embd", getattr(cfg, "hidden_size", None)), getattr(cfg, "rotary_dim", None)
     if isinstance(heads, int) and isinstance(hidden, int) and isinstance(rotary, int) and rotary > hidden // heads:
         patches.append({**patches[-1], "rotary_dim": hidden // heads})  # GPT-J, CodeGen: rotary dims of a head
@@ -459,7 +462,7 @@ def config_patches(cfg: Any) -> list[dict[str, Any]]:
 def patch_note(patch: dict[str, Any]) -> str:
     """How a row's model was built when a patch was needed (said in the sweep's table)."""
     words = {"num_key_value_heads": "num_key_value_heads = num_attention_heads", "num_expert_group": "one expert group",
-             "rotary_dim": "rotary_dim = head_dim"}
+             "rotary_dim": "rotary_dim = head_dim", "num_experts_per_tok": "two experts per token"}
     return ", ".join(words[k] for k in patch if k in words)
 
 
