@@ -120,7 +120,8 @@ def _fit_mrope_sections(cfg: Any, depth: int = 0) -> None:
     time, height and width: scale them to the shrunk head (a text-only forward failed to split)."""
     rope = getattr(cfg, "rope_parameters", None)
     heads, hidden = getattr(cfg, "num_attention_heads", None), getattr(cfg, "hidden_size", None)
-    head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if isinstance(hidden, int) and heads else None)
+    head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int)
+                                                  and heads > 0 else None)
     sections = rope.get("mrope_section") if isinstance(rope, dict) else None
     if sections is None and isinstance(rope, dict) and "mrope_section" in getattr(cfg, "ignore_keys_at_rope_validation",
                                                                                     ()):
