@@ -35,6 +35,10 @@ The families, and what each found wrong before it was fixed:
   checked until the tiny config kept layers up to the first attention layer);
 - Qwen2.5-VL on text-only prompts (multimodal RoPE: 3-D position ids; the sweeps' tiny config
   kept the default RoPE sections of a 128-dim head, so no vision-language model generated in them);
+- UnlimitedOcr (its own sliding cache layer: keeps the prompt, slides over decoded tokens):
+  MoBA decode read that layer's counters as a standard window's, so even the dense-limit
+  rewrite's dynamic-cache tokens differed from the original (0.79 in the logits); such layers
+  now run the original attention on every cached call, as the report says;
 - Llama: the plain case, as a control.
 """
 
@@ -63,6 +67,7 @@ FAMILIES = [  # (model type, class, also check the compiled static decode)
     ("afmoe", "AfmoeForCausalLM", False),
     ("qwen3_5_text", "Qwen3_5ForCausalLM", True),
     ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", False),
+    ("unlimited_ocr", "UnlimitedOcrForConditionalGeneration", False),
 ]
 
 

@@ -205,8 +205,17 @@ def _before_update(module: nn.Module, cache: Any, layer_idx: int, new_keys: Tens
 # Cache layers
 
 
+# transformers' own sliding cache layers, whose counters `attention` reads; subclasses (a model's own
+# sliding layers) run the original attention on every cached call
+_STANDARD_SLIDING_LAYERS = ("DynamicSlidingWindowLayer", "StaticSlidingWindowLayer")
+
+
 def sliding_note(module: nn.Module) -> str:
     """The report's words for a site whose cache layer is a sliding window (else "")."""
+    kind = _layer_kind(module)
+    if kind is not None and kind not in _SLIDING_KINDS and "sliding" in kind:
+        return (f"; cache layer kind {kind!r} (the model's own sliding cache): calls with a KV cache (generate()) "
+                f"run the original dense attention")
     if sliding_cache_window(module) is None:
         return ""
     return ("; sliding-window cache: calls after the prefill (decode, chunked prefill) run the original dense "
@@ -214,6 +223,20 @@ def sliding_note(module: nn.Module) -> str:
 
 
 _SLIDING_KINDS = ("sliding_attention", "chunked_attention", "hybrid_sliding")
+
+
+def _layer_kind(module: nn.Module) -> str | None:
+    """The layer type transformers' cache gives this attention module (None: not described)."""
+    config, idx = getattr(module, "config", None), getattr(module, "layer_idx", None)
+    if config is None or not isinstance(idx, int):
+        return None
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        kinds, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except Exception:  # noqa: BLE001 (configs that do not describe their layers)
+        return None
+    return str(kinds[idx]) if idx < len(kinds) else None
 
 
 def sliding_cache_window(module: nn.Module) -> int | None:
@@ -319,6 +342,10 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask
     tq, tk = query.shape[2], key.shape[2]
     written = 0 if read_only else tq  # this call's tokens already counted by the layer
     if getattr(layer, "is_sliding", False):
+        if type(layer).__name__ not in _STANDARD_SLIDING_LAYERS:
+            # a model's own sliding layer (UnlimitedOcr keeps the prefill and slides the rest): what it
+            # holds and counts is its own, so every cached call runs the original attention
+            return DENSE
         if _sliding_before(layer, written) != 0:
             return DENSE
         if tk > tq:  # first call into a sliding static buffer: the filled prefix is the prompt
