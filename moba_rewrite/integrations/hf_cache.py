@@ -212,7 +212,7 @@ _STANDARD_SLIDING_LAYERS = ("DynamicSlidingWindowLayer", "StaticSlidingWindowLay
 
 def sliding_note(module: nn.Module) -> str:
     """The report's words for a site whose cache layer is a sliding window (else "")."""
-    kind = _layer_kind(module)
+    kind, _ = _layer_kind(module)
     if kind is not None and kind not in _SLIDING_KINDS and "sliding" in kind:
         return (f"; cache layer kind {kind!r} (the model's own sliding cache): calls with a KV cache (generate()) "
                 f"run the original dense attention")
@@ -225,18 +225,19 @@ def sliding_note(module: nn.Module) -> str:
 _SLIDING_KINDS = ("sliding_attention", "chunked_attention", "hybrid_sliding")
 
 
-def _layer_kind(module: nn.Module) -> str | None:
-    """The layer type transformers' cache gives this attention module (None: not described)."""
+def _layer_kind(module: nn.Module) -> tuple[str | None, int | None]:
+    """(layer type, its `sliding_window` kwarg) transformers' cache gives this attention module,
+    read from the module's config ((None, None): not described)."""
     config, idx = getattr(module, "config", None), getattr(module, "layer_idx", None)
     if config is None or not isinstance(idx, int):
-        return None
+        return None, None
     try:
         from transformers.cache_utils import get_layer_types_and_kwargs
 
-        kinds, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        kinds, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
     except Exception:  # noqa: BLE001 (configs that do not describe their layers)
-        return None
-    return str(kinds[idx]) if idx < len(kinds) else None
+        return None, None
+    return (str(kinds[idx]), kwargs[idx].get("sliding_window")) if idx < len(kinds) else (None, None)
 
 
 def sliding_cache_window(module: nn.Module) -> int | None:
@@ -244,17 +245,7 @@ def sliding_cache_window(module: nn.Module) -> int | None:
     last `window - 1` tokens, so a decode step sees `window` keys), None for a layer that keeps every
     key. Read from transformers' layer types and kwargs of the module's config; the module's own
     `sliding_window` where the config names none."""
-    kind, window = None, None
-    config, idx = getattr(module, "config", None), getattr(module, "layer_idx", None)
-    if config is not None and isinstance(idx, int):
-        try:
-            from transformers.cache_utils import get_layer_types_and_kwargs
-
-            kinds, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-            if idx < len(kinds):
-                kind, window = kinds[idx], kwargs[idx].get("sliding_window")
-        except Exception:  # configs that do not describe their layers: fall back to the module
-            kind = None
+    kind, window = _layer_kind(module)
     if kind is not None and kind not in _SLIDING_KINDS:
         return None
     window = window if window is not None else getattr(module, "sliding_window", None)

@@ -270,14 +270,15 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     real = _check_arguments(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"{_WHO}: num_beams must be a positive integer, got {num_beams!r}")
-    if num_beams > 1 or num_return_sequences != 1 or logits_processing(model):
-        if return_logits and (num_beams > 1 or num_return_sequences != 1):
+    beam_search = num_beams > 1 or num_return_sequences != 1
+    if beam_search or logits_processing(model):
+        if return_logits and beam_search:
             raise ValueError(f"{_WHO}: return_logits is not supported with beam search (num_beams={num_beams})")
         sampling = dict(do_sample=bool(do_sample))
         if do_sample:
             sampling.update(temperature=float(temperature), top_k=top_k, top_p=top_p)
         beams = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                     num_return_sequences=num_return_sequences) if num_beams > 1 or num_return_sequences != 1 else {}
+                     num_return_sequences=num_return_sequences) if beam_search else {}
         return _transformers_loop(model, input_ids, attention_mask, real, pg, max_new_tokens=max_new_tokens,
                                   beams=beams, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                   exchange=exchange, sampling=sampling, return_logits=return_logits)
