@@ -856,6 +856,89 @@ def hf_dense_below_matches_unsharded(ctx):
     close("decode logits", logits, torch.stack(want.logits, dim=1), atol=1e-4)
 
 
+def _tiny_hybrid(family: str, seed: int = 0):
+    """A rewritten hybrid stack: gated delta nets (linear attention) between attention layers,
+    MoBA at the attention layers (block 8, top-2: sparse at 96 tokens)."""
+    import transformers
+
+    import moba_rewrite as mr
+
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                  layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, linear_num_key_heads=2,
+                  linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
+                  max_position_embeddings=512, tie_word_embeddings=False)
+    if family == "qwen3_5":
+        cfg, cls = transformers.Qwen3_5TextConfig(**common), transformers.Qwen3_5ForCausalLM
+    else:
+        cfg = transformers.Qwen3NextConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                           shared_expert_intermediate_size=16, decoder_sparse_step=1)
+        cls = transformers.Qwen3NextForCausalLM
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    mr.rewrite(model, {"version": 1, "defaults": {"mode": "moba", "block_size": 8, "top_k": 2}})
+    return model
+
+
+def hf_hybrid_delta_nets_match_unsharded(ctx):
+    """Hybrid stacks (Qwen3.5, Qwen3-Next: gated delta nets carrying a recurrent state and a causal
+    convolution between MoBA layers) under context parallelism: the sharded prefill's logits equal
+    the unsharded run (both layouts, a length that needs padding, a left-padded batch), and a
+    sharded training step's loss and gradients equal the unsharded step's. Without the state
+    carried across ranks the answer differs (checked: the linear layers see only their shard)."""
+    from moba_rewrite.integrations import hf_cp_linear
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
+
+    for family in ("qwen3_5", "qwen3_next"):
+        model = _tiny_hybrid(family).eval()
+        assert len(hf_cp_linear.delta_net_layers(model)) == 2
+        ids = torch.randint(0, 96, (2, 90), generator=torch.Generator().manual_seed(3))
+        mask = torch.ones(2, 90, dtype=torch.long)
+        mask[1, :5] = 0  # left padding, as generate() pads
+        with torch.no_grad():
+            want = model(input_ids=ids, use_cache=False).logits
+            want_padded = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            for layout in ("contiguous", "zigzag"):
+                local_ids, pos, seq_len = shard_inputs(model, ids, layout=layout)
+                with context_parallel(model, layout=layout, seq_len=seq_len):
+                    local = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
+                close(f"{family} logits [{layout}]", unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len),
+                      want)
+                local_mask = shard_attention_mask(model, mask, layout=layout)
+                with context_parallel(model, layout=layout, seq_len=seq_len):
+                    local = model(input_ids=local_ids, position_ids=pos, attention_mask=local_mask,
+                                  use_cache=False).logits
+                got = unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len)
+                close(f"{family} padded logits [{layout}]", got[mask.bool()], want_padded[mask.bool()])
+            # The carried state matters: the same shards with the delta nets left local differ.
+            local_ids, pos, seq_len = shard_inputs(model, ids, layout="contiguous")
+            carried = hf_cp_linear.delta_rule_cp, hf_cp_linear.causal_conv_cp
+            hf_cp_linear.delta_rule_cp = lambda rule, q, k, v, g, beta, pg, layout, final_state, **kw: rule(
+                q, k, v, g=g, beta=beta, **kw)
+            hf_cp_linear.causal_conv_cp = lambda conv, x, **kw: conv(x)
+            try:
+                with context_parallel(model, layout="contiguous", seq_len=seq_len):
+                    local = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
+            finally:
+                hf_cp_linear.delta_rule_cp, hf_cp_linear.causal_conv_cp = carried
+            alone = unshard_sequence(local, layout="contiguous", dim=1, seq_len=seq_len)
+            assert (alone - want).abs().max() > 1e-3, f"{family}: the delta nets' state made no difference"
+
+        model.train()
+        ids, labels, loss_of = _lm_batch(7)
+        ref = copy.deepcopy(model)
+        ref_loss = loss_of(ref(input_ids=ids, use_cache=False).logits, labels)
+        ref_loss.backward()
+        loss, _ = _sharded_training_step(model, ids, labels, loss_of)
+        close(f"{family} training loss", loss, ref_loss.detach())
+        ref_grads = dict(ref.named_parameters())
+        for name, prm in model.named_parameters():
+            if ref_grads[name].grad is None:
+                assert prm.grad is None or not prm.grad.any(), name
+                continue
+            close(f"{family} gradient of {name}", prm.grad, ref_grads[name].grad, atol=2e-5)
+
+
 def _sliding_model(family: str, window: int | None, origin: str):
     import moba_rewrite as mr
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -1215,14 +1298,15 @@ SUITES = {
             hf_padded_batch_matches_unsharded, hf_dense_below_matches_unsharded,
             hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
             hf_model_attention_functions_in_pieces, hf_sharded_cache_generate_matches_generate, hf_sharded_cache_beam_search_matches_generate,
-            hf_decoder_numbering_its_tokens_matches_unsharded,
+            hf_decoder_numbering_its_tokens_matches_unsharded, hf_hybrid_delta_nets_match_unsharded,
             hf_compiled_model_matches_unsharded, hf_autocast_training_step_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,
              decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, hf_sharded_cache_generate_matches_generate,
              hf_sharded_cache_beam_search_matches_generate,
              hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
-             hf_model_attention_functions_in_pieces, fsdp2_and_context_parallel_training_step],
+             hf_model_attention_functions_in_pieces, hf_hybrid_delta_nets_match_unsharded,
+             fsdp2_and_context_parallel_training_step],
 }
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moba_rewrite.attention import autocast, op as moba_op
-from moba_rewrite.integrations import hf, hf_cache, hf_masks
+from moba_rewrite.integrations import hf, hf_cache, hf_cp_linear, hf_masks
 from moba_rewrite.integrations.hf_cp_positions import GlobalNumbering, numbering_modules
 from moba_rewrite.parallel import moba_attention_cp, moba_decode_cp, sdpa_decode_cp, shard_sequence
 from moba_rewrite.parallel.attention import check_key_padding
@@ -70,7 +70,7 @@ def check_rewritten(model: nn.Module) -> None:
         raise ValueError(f"{_WHO}: {type(model).__name__} is not a rewritten Hugging Face model (attention "
                          f"implementation {impl!r}); run moba_rewrite.rewrite(model, policy) first")
     mixers = other_sequence_mixers(model)
-    if _mixing_layer_kinds(model):  # they run in every forward (a convolution is refused when it runs)
+    if _unsharded_layer_kinds(model):  # they run in every forward (a convolution is refused when it runs)
         raise ValueError(f"{_WHO}: {type(model).__name__} mixes tokens outside attention ({'; '.join(mixers)}): "
                          f"a shard would run those layers on its own tokens only (a recurrent state or a "
                          f"convolution restarting at every shard), so its sequence cannot be sharded")
@@ -97,11 +97,24 @@ def other_sequence_mixers(model: nn.Module) -> list[str]:
     return found
 
 
-def _mixing_layer_kinds(model: nn.Module) -> list[str]:
-    """Layer kinds of the text config's `layer_types` other than attention (and MLP-only layers)."""
+def _unsharded_layer_kinds(model: nn.Module) -> list[str]:
+    """`_mixing_layer_kinds` but linear attention where every such layer is a gated delta net
+    (`hf_cp_linear` carries their state across ranks)."""
+    kinds = _mixing_layer_kinds(model)
+    if "linear_attention" in kinds and hf_cp_linear.covers_linear_layers(model, _layer_types(model).count("linear_attention")):
+        kinds.remove("linear_attention")
+    return kinds
+
+
+def _layer_types(model: nn.Module) -> list[str]:
     config = getattr(model, "config", None)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return sorted({str(k) for k in (getattr(text, "layer_types", None) or [])} - _ATTENTION_LAYER_KINDS)
+    return [str(k) for k in (getattr(text, "layer_types", None) or [])]
+
+
+def _mixing_layer_kinds(model: nn.Module) -> list[str]:
+    """Layer kinds of the text config's `layer_types` other than attention (and MLP-only layers)."""
+    return sorted(set(_layer_types(model)) - _ATTENTION_LAYER_KINDS)
 
 
 def _sequence_convolutions(model: nn.Module) -> list[tuple[str, nn.Conv1d]]:
@@ -581,14 +594,20 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
     if numbering and packed:
         raise ValueError(f"{_WHO}: packed=True, but {type(model).__name__} takes no position_ids (it numbers its "
                          f"tokens itself), so it cannot read packed documents from them")
+    delta_nets = hf_cp_linear.delta_net_layers(model)
+    if delta_nets and packed:
+        raise ValueError(f"{_WHO}: packed=True, but {type(model).__name__} has gated delta-net layers, whose state "
+                         f"would have to restart at every document; shard packed documents of attention-only models")
     handles = [model.register_forward_pre_hook(_prepare_call(pg, layout, hook, drop_positions=bool(numbering)),
                                                with_kwargs=True)]
     if numbering:  # BART-style decoders: their position embeddings get the global positions
         handles += GlobalNumbering(hook, numbering).register(model)
     for name, m in _attention_modules(model):
         handles.append(m.register_forward_hook(_went_through(hook, name)))
+    delta_convs = {id(m.conv1d) for _, m in delta_nets if hasattr(m, "conv1d")}
     for label, conv in _sequence_convolutions(model):
-        handles.append(conv.register_forward_pre_hook(_refuse_when_run(model, label)))
+        if id(conv) not in delta_convs:  # a delta net's convolution is carried across ranks (hf_cp_linear)
+            handles.append(conv.register_forward_pre_hook(_refuse_when_run(model, label)))
     previous, hf.CONTEXT_PARALLEL = hf.CONTEXT_PARALLEL, hook
     sharded, hf_masks.SHARDED = hf_masks.SHARDED, True
     import transformers.masking_utils as masking_utils
@@ -597,7 +616,8 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
     if packed:
         masking_utils.find_packed_sequence_indices = _packing_reader(hook)
     try:
-        yield
+        with hf_cp_linear.sharded_delta_nets(model, pg, layout):
+            yield
     finally:
         hf.CONTEXT_PARALLEL = previous
         hf_masks.SHARDED = sharded

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from moba_rewrite.attention.block_means import refresh_key_block_means_
-from moba_rewrite.integrations import hf, hf_masks
+from moba_rewrite.integrations import hf, hf_cp_linear, hf_masks
 from moba_rewrite.integrations.hf_cp import alignment, check_rewritten, context_parallel
 from moba_rewrite.integrations.hf_generation_config import logits_processing
 from moba_rewrite.parallel.groups import collective, resolve_group
@@ -266,6 +266,9 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     `early_stopping`, `num_return_sequences` as there; with `do_sample`, beam sampling from rank 0's
     random state): `[B * num_return_sequences, T + new]`."""
     check_rewritten(model)
+    if hf_cp_linear.delta_net_layers(model):
+        raise ValueError(f"{_WHO}: {type(model).__name__} has gated delta-net layers; their recurrent state is not "
+                         f"kept beside a sharded KV cache yet (context_parallel runs their prefill and training)")
     pg = resolve_group(group, _WHO)
     real = _check_arguments(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:

@@ -1,0 +1,131 @@
+"""Gated delta-net layers of hybrid stacks under `context_parallel` (Qwen3-Next, Qwen3.5, Qwen3.5-MoE,
+OLMo-hybrid and the other transformers models built the same way).
+
+Their forward calls two functions of its own modeling module by name: `causal_conv1d_forward`
+(the short causal convolution over q/k/v) and `torch_chunk_gated_delta_rule` (the recurrence);
+transformers lists both as replaceable (`use_kernelized_func`: a kernel runtime swaps them). While
+`sharded_delta_nets` is active those two names refer to dispatchers: called from one of the
+model's delta-net layers, they run the model's own functions on each chunk of this rank's shard
+and carry the convolution history and the recurrent state across ranks
+(`parallel.recurrence`); called from anywhere else, they are the originals. The rest of the
+layer (projections, gates, norms, padding) is the model's own code, untouched.
+
+What is refused, in one line each: a layer given a cache (sharded-cache decoding of these layers),
+packed documents (`cu_seqlens`), a recurrent state passed in.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch.distributed as dist
+from torch import nn
+
+from moba_rewrite.parallel.recurrence import causal_conv_cp, delta_rule_cp
+
+_WHO = "context_parallel"
+_RULE = "torch_chunk_gated_delta_rule"
+_CONV = "causal_conv1d_forward"
+
+
+def delta_net_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every layer whose forward calls its modeling module's
+    `torch_chunk_gated_delta_rule` and `causal_conv1d_forward` (gated delta nets)."""
+    found = []
+    for name, module in model.named_modules():
+        forward = inspect.unwrap(type(module).forward)
+        code = getattr(forward, "__code__", None)
+        space = vars(sys.modules.get(type(module).__module__, object))
+        if code is not None and {_RULE, _CONV} <= set(code.co_names) and _RULE in space and _CONV in space:
+            found.append((name, module))
+    return found
+
+
+def covers_linear_layers(model: nn.Module, linear_kinds: int) -> bool:
+    """Whether the model's `linear_kinds` layers of kind `linear_attention` are all gated delta nets."""
+    return linear_kinds > 0 and len(delta_net_layers(model)) == linear_kinds
+
+
+class _Running:
+    """Which delta-net layer of the sharded model is running (None: the dispatchers pass through)."""
+
+    def __init__(self, pg: dist.ProcessGroup, layout: str):
+        self.pg, self.layout, self.layer = pg, layout, None
+
+
+def _rule_dispatcher(original, running: _Running):
+    def rule(query, key, value, *args, initial_state=None, output_final_state=False, cu_seqlens=None, **kwargs):
+        if running.layer is None:
+            return original(query, key, value, *args, initial_state=initial_state,
+                            output_final_state=output_final_state, cu_seqlens=cu_seqlens, **kwargs)
+        if args or "g" not in kwargs or "beta" not in kwargs:
+            raise ValueError(f"{_WHO}: {running.layer}: the gated delta rule was called in an unknown way "
+                             f"(expected g= and beta= by keyword); this transformers version is not supported")
+        if cu_seqlens is not None:
+            raise ValueError(f"{_WHO}: {running.layer}: packed documents (cu_seqlens) in a gated delta net cannot "
+                             f"be sharded")
+        if initial_state is not None:
+            raise ValueError(f"{_WHO}: {running.layer}: a recurrent state from earlier steps was given; a sharded "
+                             f"forward starts from the beginning of the sequence (pass use_cache=False)")
+        g, beta = kwargs.pop("g"), kwargs.pop("beta")
+        return delta_rule_cp(original, query, key, value, g, beta, pg=running.pg, layout=running.layout,
+                             final_state=output_final_state, **kwargs)
+    rule.__wrapped_original__ = original
+    return rule
+
+
+def _conv_dispatcher(original, running: _Running):
+    def conv(conv1d, hidden_states, cache, layer_idx, *args, **kwargs):
+        if running.layer is None:
+            return original(conv1d, hidden_states, cache, layer_idx, *args, **kwargs)
+        if cache is not None:
+            raise ValueError(f"{_WHO}: {running.layer}: a gated delta net got a cache; sharded forwards of hybrid "
+                             f"stacks run without one (pass use_cache=False; sharded-cache decoding covers "
+                             f"attention-only models)")
+        return causal_conv_cp(lambda x: original(conv1d, x, None, layer_idx, *args, **kwargs), hidden_states,
+                              kernel_size=conv1d.kernel_size[0], pg=running.pg, layout=running.layout)
+    conv.__wrapped_original__ = original
+    return conv
+
+
+@contextmanager
+def sharded_delta_nets(model: nn.Module, pg: dist.ProcessGroup, layout: str) -> Iterator[int]:
+    """While active, `model`'s gated delta nets run over the whole sharded sequence. Yields how many
+    layers it covers (0: nothing changed)."""
+    layers = delta_net_layers(model)
+    if not layers:
+        yield 0
+        return
+    running = _Running(pg, layout)
+    spaces = {id(vars(sys.modules[type(m).__module__])): vars(sys.modules[type(m).__module__]) for _, m in layers}
+    saved = []
+    handles = []
+    try:
+        for space in spaces.values():
+            saved.append((space, space[_RULE], space[_CONV]))
+            space[_RULE] = _rule_dispatcher(space[_RULE], running)
+            space[_CONV] = _conv_dispatcher(space[_CONV], running)
+        for name, module in layers:
+            handles.append(module.register_forward_pre_hook(_enter(running, name)))
+            handles.append(module.register_forward_hook(_leave(running), always_call=True))
+        yield len(layers)
+    finally:
+        for h in handles:
+            h.remove()
+        for space, rule, conv in saved:
+            space[_RULE], space[_CONV] = rule, conv
+
+
+def _enter(running: _Running, name: str):
+    def enter(module, args):
+        running.layer = name
+    return enter
+
+
+def _leave(running: _Running):
+    def leave(module, args, output):
+        running.layer = None
+    return leave
