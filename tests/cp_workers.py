@@ -880,12 +880,40 @@ def _tiny_hybrid(family: str, seed: int = 0):
     return model
 
 
+def _hybrid_decoding_matches_generate(family: str, model) -> None:
+    """Sharded-cache decoding of a hybrid stack (the delta nets' states replicated, stored by the
+    sharded prefill after the prompt's real tokens) gives `generate()`'s tokens and logits: greedy
+    (a prompt that is not a whole number of blocks, so the prefill pads it), a left-padded batch,
+    beam search (transformers' loop over the sharded cache: the states repeat and move with the
+    beams)."""
+    from moba_rewrite.integrations.hf_cp_generate import generate
+
+    ids = torch.randint(0, 96, (2, 45), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    new = 12
+    for name, attention_mask in (("greedy", torch.ones_like(ids)), ("left padding", mask)):
+        with torch.no_grad():
+            want = model.generate(ids, attention_mask=attention_mask, max_new_tokens=new, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        got, logits = generate(model, ids, attention_mask=attention_mask if name != "greedy" else None,
+                               max_new_tokens=new, return_logits=True)
+        assert torch.equal(got, want.sequences), (family, name, got[:, 45:], want.sequences[:, 45:])
+        close(f"{family} decode logits ({name})", logits, torch.stack(want.logits, dim=1), atol=1e-4)
+    with torch.no_grad():
+        want_beams = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, num_beams=3,
+                                    do_sample=False, pad_token_id=0)
+    got_beams = generate(model, ids, max_new_tokens=6, num_beams=3)
+    assert torch.equal(got_beams, want_beams), (family, "beams", got_beams[:, 45:], want_beams[:, 45:])
+
+
 def hf_hybrid_delta_nets_match_unsharded(ctx):
     """Hybrid stacks (Qwen3.5, Qwen3-Next: gated delta nets carrying a recurrent state and a causal
     convolution between MoBA layers) under context parallelism: the sharded prefill's logits equal
     the unsharded run (both layouts, a length that needs padding, a left-padded batch), and a
-    sharded training step's loss and gradients equal the unsharded step's. Without the state
-    carried across ranks the answer differs (checked: the linear layers see only their shard)."""
+    sharded training step's loss and gradients equal the unsharded step's; sharded-cache decoding
+    equals `generate()` (`_hybrid_decoding_matches_generate`). Without the state carried across
+    ranks the answer differs (checked: the linear layers see only their shard)."""
     from moba_rewrite.integrations import hf_cp_linear
     from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
 
@@ -924,6 +952,7 @@ def hf_hybrid_delta_nets_match_unsharded(ctx):
             alone = unshard_sequence(local, layout="contiguous", dim=1, seq_len=seq_len)
             assert (alone - want).abs().max() > 1e-3, f"{family}: the delta nets' state made no difference"
 
+        _hybrid_decoding_matches_generate(family, model)
         model.train()
         ids, labels, loss_of = _lm_batch(7)
         ref = copy.deepcopy(model)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionLayer
 
 from moba_rewrite.attention.block_means import refresh_key_block_means_
 from moba_rewrite.integrations import hf, hf_cp_linear, hf_masks
@@ -132,11 +132,42 @@ class ShardedCacheLayer(DynamicLayer):
         return self.shared.capacity * self.shared.world
 
 
-class ShardedKVCache(Cache):
-    """A transformers `Cache` of `ShardedCacheLayer`s sharing one `CacheSlice`."""
+class ReplicatedLinearLayer(LinearAttentionLayer):
+    """A gated delta net's convolution and recurrent states, the same on every rank: the sharded
+    prefill stores the states after the prompt (`hf_cp_linear`), and every rank runs each decode
+    step's new tokens through the layer."""
 
-    def __init__(self, num_layers: int, shared: CacheSlice) -> None:
-        super().__init__(layers=[ShardedCacheLayer(shared) for _ in range(num_layers)])
+    def __init__(self, shared: CacheSlice) -> None:
+        super().__init__()
+        self.shared = shared
+
+    def get_seq_length(self, *args) -> int:
+        return self.shared.length
+
+    def _each_state(self, change) -> None:
+        for i in range(self.number_of_states):
+            if self.is_conv_states_initialized[i]:
+                self.conv_states[i] = change(self.conv_states[i])
+            if self.is_recurrent_states_initialized[i]:
+                self.recurrent_states[i] = change(self.recurrent_states[i])
+
+    # transformers' beam search repeats and selects batch rows (it moves them with reorder_cache)
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._each_state(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._each_state(lambda x: x[indices])
+
+
+class ShardedKVCache(Cache):
+    """A transformers `Cache` of `ShardedCacheLayer`s sharing one `CacheSlice` (and, for a hybrid
+    stack's gated delta nets, `ReplicatedLinearLayer`s)."""
+
+    replicates_linear_states = True  # what hf_cp_linear's prefill looks for
+
+    def __init__(self, num_layers: int, shared: CacheSlice, linear_layers: frozenset[int] = frozenset()) -> None:
+        super().__init__(layers=[ReplicatedLinearLayer(shared) if i in linear_layers else ShardedCacheLayer(shared)
+                                 for i in range(num_layers)])
         self.shared = shared
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
@@ -266,9 +297,6 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     `early_stopping`, `num_return_sequences` as there; with `do_sample`, beam sampling from rank 0's
     random state): `[B * num_return_sequences, T + new]`."""
     check_rewritten(model)
-    if hf_cp_linear.delta_net_layers(model):
-        raise ValueError(f"{_WHO}: {type(model).__name__} has gated delta-net layers; their recurrent state is not "
-                         f"kept beside a sharded KV cache yet (context_parallel runs their prefill and training)")
     pg = resolve_group(group, _WHO)
     real = _check_arguments(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
@@ -442,7 +470,8 @@ def _sharded_cache(model: nn.Module, pg: dist.ProcessGroup, tokens: int) -> tupl
     world, align = dist.get_world_size(pg), alignment(model)
     capacity = math.ceil(math.ceil(tokens / world) / align) * align
     shared = CacheSlice(capacity=capacity, rank=dist.get_rank(pg), world=world)
-    return shared, ShardedKVCache(_num_layers(model), shared)
+    linear = frozenset(int(m.layer_idx) for _, m in hf_cp_linear.delta_net_layers(model))
+    return shared, ShardedKVCache(_num_layers(model), shared, linear)
 
 
 def _decode_steps(model: nn.Module, hook, cache: ShardedKVCache, shared: CacheSlice) -> list:

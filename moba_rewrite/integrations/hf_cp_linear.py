@@ -10,8 +10,11 @@ and carry the convolution history and the recurrent state across ranks
 (`parallel.recurrence`); called from anywhere else, they are the originals. The rest of the
 layer (projections, gates, norms, padding) is the model's own code, untouched.
 
-What is refused, in one line each: a layer given a cache (sharded-cache decoding of these layers),
-packed documents (`cu_seqlens`), a recurrent state passed in.
+Sharded-cache decoding (`hf_cp_generate`) gives the prefill a cache whose delta-net layers are
+replicated on every rank: the dispatchers store there the convolution's last inputs and the
+recurrent state after the prompt's real tokens, and decode steps (the same new token on every rank)
+run the layers as they are. Refused, in one line each: a cache holding earlier steps, packed
+documents (`cu_seqlens`), a recurrent state passed in.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from __future__ import annotations
 import inspect
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch.distributed as dist
 from torch import nn
 
-from moba_rewrite.parallel.recurrence import causal_conv_cp, delta_rule_cp
+from moba_rewrite.parallel.recurrence import causal_conv_cp, delta_rule_cp, last_inputs
 
 _WHO = "context_parallel"
 _RULE = "torch_chunk_gated_delta_rule"
@@ -50,15 +53,19 @@ def covers_linear_layers(model: nn.Module, linear_kinds: int) -> bool:
 
 
 class _Running:
-    """Which delta-net layer of the sharded model is running (None: the dispatchers pass through)."""
+    """Which delta-net layer of the sharded model is running (None: the dispatchers pass through),
+    and whether the forward is a decode step (every rank runs the same new tokens: pass through)."""
 
-    def __init__(self, pg: dist.ProcessGroup, layout: str):
-        self.pg, self.layout, self.layer = pg, layout, None
+    def __init__(self, pg: dist.ProcessGroup, layout: str, seq_len: int | None, decoding: Callable[[], bool]):
+        self.pg, self.layout, self.seq_len, self.decoding, self.layer = pg, layout, seq_len, decoding, None
+
+    def sharded(self) -> bool:
+        return self.layer is not None and not self.decoding()
 
 
 def _rule_dispatcher(original, running: _Running):
     def rule(query, key, value, *args, initial_state=None, output_final_state=False, cu_seqlens=None, **kwargs):
-        if running.layer is None:
+        if not running.sharded():
             return original(query, key, value, *args, initial_state=initial_state,
                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, **kwargs)
         if args or "g" not in kwargs or "beta" not in kwargs:
@@ -72,34 +79,42 @@ def _rule_dispatcher(original, running: _Running):
                              f"forward starts from the beginning of the sequence (pass use_cache=False)")
         g, beta = kwargs.pop("g"), kwargs.pop("beta")
         return delta_rule_cp(original, query, key, value, g, beta, pg=running.pg, layout=running.layout,
-                             final_state=output_final_state, **kwargs)
+                             final_state=output_final_state, seq_len=running.seq_len, **kwargs)
     rule.__wrapped_original__ = original
     return rule
 
 
 def _conv_dispatcher(original, running: _Running):
     def conv(conv1d, hidden_states, cache, layer_idx, *args, **kwargs):
-        if running.layer is None:
+        if not running.sharded():
             return original(conv1d, hidden_states, cache, layer_idx, *args, **kwargs)
-        if cache is not None:
-            raise ValueError(f"{_WHO}: {running.layer}: a gated delta net got a cache; sharded forwards of hybrid "
-                             f"stacks run without one (pass use_cache=False; sharded-cache decoding covers "
-                             f"attention-only models)")
+        kernel = conv1d.kernel_size[0]
+        if cache is not None:  # the prefill of sharded-cache decoding: keep the state after the real tokens
+            if not getattr(cache, "replicates_linear_states", False) or cache.get_conv_state(layer_idx) is not None:
+                raise ValueError(f"{_WHO}: {running.layer}: a gated delta net got a cache from earlier steps; a "
+                                 f"sharded forward starts from the beginning of the sequence (pass use_cache=False, "
+                                 f"or decode with hf_cp_generate.generate)")
+            seq_len = running.seq_len if running.seq_len is not None else hidden_states.shape[-1] * dist.get_world_size(running.pg)
+            cache.update_conv_state(last_inputs(hidden_states, kernel, seq_len=seq_len, pg=running.pg,
+                                                layout=running.layout), layer_idx, conv_kernel_size=kernel)
         return causal_conv_cp(lambda x: original(conv1d, x, None, layer_idx, *args, **kwargs), hidden_states,
-                              kernel_size=conv1d.kernel_size[0], pg=running.pg, layout=running.layout)
+                              kernel_size=kernel, pg=running.pg, layout=running.layout)
     conv.__wrapped_original__ = original
     return conv
 
 
 @contextmanager
-def sharded_delta_nets(model: nn.Module, pg: dist.ProcessGroup, layout: str) -> Iterator[int]:
-    """While active, `model`'s gated delta nets run over the whole sharded sequence. Yields how many
-    layers it covers (0: nothing changed)."""
+def sharded_delta_nets(model: nn.Module, pg: dist.ProcessGroup, layout: str, *, seq_len: int | None = None,
+                       decoding: Callable[[], bool] = lambda: False) -> Iterator[int]:
+    """While active, `model`'s gated delta nets run over the whole sharded sequence (`seq_len`: its
+    real length when padded; a cache given to the forward keeps their state after it), except in
+    forwards `decoding()` calls decode steps, which run them as they are on every rank. Yields how
+    many layers it covers (0: nothing changed)."""
     layers = delta_net_layers(model)
     if not layers:
         yield 0
         return
-    running = _Running(pg, layout)
+    running = _Running(pg, layout, seq_len, decoding)
     spaces = {id(vars(sys.modules[type(m).__module__])): vars(sys.modules[type(m).__module__]) for _, m in layers}
     saved = []
     handles = []

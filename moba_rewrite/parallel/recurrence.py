@@ -31,7 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moba_rewrite.parallel.groups import collective
 from moba_rewrite.parallel.layout import ShardLayout, _GatherShards, chunks_per_rank
+from moba_rewrite.parallel.traffic import count as count_bytes
 
 _WHO = "linear attention under context parallelism"
 
@@ -72,19 +74,39 @@ def causal_conv_cp(conv: Callable[[Tensor], Tensor], x: Tensor, *, kernel_size: 
     return torch.cat(out, dim=-1) if len(out) > 1 else out[0]
 
 
+def last_inputs(x: Tensor, count: int, *, seq_len: int, pg: dist.ProcessGroup, layout: str) -> Tensor:
+    """The inputs at positions `[seq_len - count, seq_len)` of the whole sequence `[B, C, count]`
+    (zeros before position 0), on every rank, from each rank's shard `x` `[B, C, T_local]` (one
+    all-reduce of `B x C x count`; not differentiable): a causal convolution's state after the
+    sequence's real tokens, for decoding."""
+    lay = _layout_of(x.shape[-1], layout, pg)
+    at = lay.positions(dist.get_rank(pg), x.device) - (seq_len - count)
+    inside = (at >= 0) & (at < count)
+    buf = x.new_zeros((*x.shape[:-1], count))
+    buf[..., at[inside]] = x[..., inside]
+    with collective(_WHO, "the all-reduce of the convolution's last inputs", pg):
+        dist.all_reduce(buf, group=pg)
+    count_bytes("convolution state", buf.numel() * buf.element_size() * (dist.get_world_size(pg) - 1))
+    return buf
+
+
 def delta_rule_cp(rule: Callable, query: Tensor, key: Tensor, value: Tensor, g: Tensor, beta: Tensor, *,
-                  pg: dist.ProcessGroup, layout: str, final_state: bool = False, **rule_kwargs
-                  ) -> tuple[Tensor, Tensor | None]:
+                  pg: dist.ProcessGroup, layout: str, final_state: bool = False, seq_len: int | None = None,
+                  **rule_kwargs) -> tuple[Tensor, Tensor | None]:
     """The gated delta rule `rule` (flash-linear-attention's signature: `query`/`key` `[B, T, H_k, d_k]`,
     `value` `[B, T, H_v, d_v]`, `g`/`beta` `[B, T, H_v]`, returning `(output, final state)`) over the
     whole sequence, of which these are this rank's shard, starting from a zero state.
 
     Returns this rank's outputs `[B, T_local, H_v, d_v]` (the dtype of `query`) and, with
-    `final_state`, the state after the whole sequence `[B, H_v, d_k, d_v]` (fp32, the same on
+    `final_state`, the state after the sequence's first `seq_len` tokens (default all; the padding
+    after them leaves it unchanged: `g = beta = 0` there) `[B, H_v, d_k, d_v]` (fp32, the same on
     every rank)."""
     lay = _layout_of(query.shape[1], layout, pg)
     c = lay.chunk_len
     mine = lay.chunks(dist.get_rank(pg))
+    if final_state and seq_len is not None and seq_len < lay.global_len:
+        real = (lay.positions(dist.get_rank(pg), query.device) < seq_len)[None, :, None]
+        g, beta = g.masked_fill(~real, 0), beta.masked_fill(~real, 0)
     b, _, h_v, d_v = value.shape
     d_k = key.shape[-1]
     eye = torch.eye(d_k, dtype=torch.float32, device=query.device).expand(b, h_v, d_k, d_k).contiguous()
