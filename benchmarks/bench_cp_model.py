@@ -3,7 +3,9 @@
     python benchmarks/bench_cp_model.py --tokens 16384 --worlds 1,2,4
     python benchmarks/bench_cp_model.py --tokens 8192 --worlds 1,2 --backward --plot cp_model.png
 
-A Llama-style transformers model (random weights, sizes as flags) is rewritten twice: every
+A Llama-style transformers model (random weights, sizes as flags; `--family qwen3_5`: Qwen3.5's
+hybrid stack, gated delta nets with attention every 4th layer, whose states cross ranks by
+`parallel.recurrence`, their bytes shown apart) is rewritten twice: every
 site MoBA (`--block`, `--top-k`) and every site dense (`mode: dense`, the same model path). For
 every world size W it spawns W gloo ranks on this machine (CPU; W = 1 runs the same model in one
 process without `context_parallel`: the single-device baseline), shards one sequence
@@ -45,15 +47,22 @@ MODES = ("dense", "moba")
 
 def build(args, mode: str):
     """The rewritten model: every site MoBA or every site dense (same weights for both)."""
-    import moba_rewrite as mr
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
-                      max_position_embeddings=args.tokens + 8, tie_word_embeddings=False)
+    import moba_rewrite as mr
+
+    sizes = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                 num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                 num_key_value_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
+                 max_position_embeddings=args.tokens + 8, tie_word_embeddings=False)
+    if args.family == "qwen3_5":  # gated delta nets, full attention every 4th layer (bench_model's hybrid)
+        cfg = transformers.Qwen3_5TextConfig(**sizes, linear_num_key_heads=args.heads, linear_num_value_heads=args.heads,
+                                             linear_key_head_dim=args.head_dim, linear_value_head_dim=args.head_dim)
+        cls = transformers.Qwen3_5ForCausalLM
+    else:
+        cfg, cls = transformers.LlamaConfig(**sizes), transformers.LlamaForCausalLM
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(cfg).eval()
+    model = cls(cfg).eval()
     model.set_attn_implementation("sdpa")
     policy = {"version": 1, "defaults": {"mode": mode, "block_size": args.block, "top_k": args.top_k}}
     return mr.rewrite(model, policy)
@@ -151,8 +160,15 @@ def summarize(world: int, ranks: list[dict]) -> dict:
         row[mode] = {"s": max(statistics.median(r[mode]["s"]) for r in ranks),
                      "peak": max(r[mode]["peak"] for r in ranks),
                      "bytes": max(r[mode]["bytes"] for r in ranks),
-                     "max_diff": ranks[0][mode].get("max_diff")}
+                     "max_diff": ranks[0][mode].get("max_diff"),
+                     "recurrence_bytes": max(sum(n for step, n in r[mode].get("bytes_by_step", {}).items()
+                                                 if step in _RECURRENCE_STEPS) for r in ranks)}
     return row
+
+
+# parallel.recurrence's traffic steps (a hybrid stack's delta nets), shown apart from attention's
+_RECURRENCE_STEPS = {"recurrent state summaries", "convolution history",
+                     "recurrent state summaries (gradients)", "convolution history (gradients)"}
 
 
 def _mib(b: int) -> str:
@@ -160,7 +176,8 @@ def _mib(b: int) -> str:
 
 
 def print_table(args, rows: list[dict]) -> None:
-    print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs; Llama-style {args.layers} layers, hidden {args.hidden}, "
+    kind = "Llama-style" if args.family == "llama" else "Qwen3.5 hybrid (delta nets, attention every 4th layer),"
+    print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs; {kind} {args.layers} layers, hidden {args.hidden}, "
           f"{args.heads} heads (kv {args.kv_heads or args.heads}) x {args.head_dim}; {args.tokens} tokens, "
           f"layout {args.layout}; MoBA block {args.block} / top-{args.top_k}; "
           f"{'forward + backward' if args.backward else 'forward'}")
@@ -178,6 +195,10 @@ def print_table(args, rows: list[dict]) -> None:
               f"{_mib(m['peak'])} | {vs} | {_mib(d['bytes'])} | {_mib(m['bytes'])} | {ratio} | {diffs} |")
     print("\ns: slowest rank's median step; peak: most tensor memory one step holds above its start (largest rank); "
           "bytes: payload handed to collectives for other ranks (largest rank).")
+    if args.family == "qwen3_5":
+        print("of which the delta nets' states (per rank, dense / MoBA): " + "; ".join(
+            f"{r['world']} ranks {_mib(r['dense']['recurrence_bytes'])} / {_mib(r['moba']['recurrence_bytes'])}"
+            for r in rows if r["world"] > 1))
 
 
 def plot(args, rows: list[dict], path: str) -> None:
@@ -206,6 +227,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worlds", default="1,2,4", help="comma-separated numbers of ranks (1: one process, no CP)")
     p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--family", default="llama", choices=["llama", "qwen3_5"],
+                   help="llama: every layer attention; qwen3_5: Qwen3.5's hybrid stack (gated delta nets, full "
+                        "attention every 4th layer: the delta nets' states cross ranks, parallel.recurrence)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
@@ -222,6 +246,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a plot (PNG) here")
     args = p.parse_args(argv)
+    if args.family == "qwen3_5" and args.layers < 4:
+        p.error("--family qwen3_5 needs --layers 4 or more (its first attention layer is the 4th)")
     worlds = [int(w) for w in args.worlds.split(",")]
     if any(w < 1 for w in worlds) or args.tokens % max(worlds):
         p.error(f"--worlds must be positive and divide --tokens {args.tokens}, got {args.worlds}")

@@ -870,6 +870,14 @@ def _tiny_hybrid(family: str, seed: int = 0):
                   max_position_embeddings=512, tie_word_embeddings=False)
     if family == "qwen3_5":
         cfg, cls = transformers.Qwen3_5TextConfig(**common), transformers.Qwen3_5ForCausalLM
+    elif family == "kimi_linear":  # Kimi's delta attention: a decay per channel; MLA at the attention layers
+        cfg = transformers.KimiLinearConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4,
+            layer_types=common["layer_types"], num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16,
+            q_lora_rank=None, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, num_experts=4,
+            num_experts_per_token=2, linear_head_dim=8, linear_num_heads=4, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2, max_position_embeddings=512)
+        cls = transformers.KimiLinearForCausalLM
     else:
         cfg = transformers.Qwen3NextConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                            shared_expert_intermediate_size=16, decoder_sparse_step=1)
@@ -909,7 +917,8 @@ def _hybrid_decoding_matches_generate(family: str, model) -> None:
 
 def hf_hybrid_delta_nets_match_unsharded(ctx):
     """Hybrid stacks (Qwen3.5, Qwen3-Next: gated delta nets carrying a recurrent state and a causal
-    convolution between MoBA layers) under context parallelism: the sharded prefill's logits equal
+    convolution between MoBA layers; Kimi Linear: delta attention decaying per channel) under
+    context parallelism: the sharded prefill's logits equal
     the unsharded run (both layouts, a length that needs padding, a left-padded batch), and a
     sharded training step's loss and gradients equal the unsharded step's; sharded-cache decoding
     equals `generate()` (`_hybrid_decoding_matches_generate`). Without the state carried across
@@ -917,7 +926,7 @@ def hf_hybrid_delta_nets_match_unsharded(ctx):
     from moba_rewrite.integrations import hf_cp_linear
     from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
 
-    for family in ("qwen3_5", "qwen3_next"):
+    for family in ("qwen3_5", "qwen3_next", "kimi_linear"):
         model = _tiny_hybrid(family).eval()
         assert len(hf_cp_linear.delta_net_layers(model)) == 2
         ids = torch.randint(0, 96, (2, 90), generator=torch.Generator().manual_seed(3))

@@ -1,8 +1,9 @@
 """Gated delta-net layers of hybrid stacks under `context_parallel` (Qwen3-Next, Qwen3.5, Qwen3.5-MoE,
-OLMo-hybrid and the other transformers models built the same way).
+OLMo-hybrid, Kimi Linear and the other transformers models built the same way).
 
 Their forward calls two functions of its own modeling module by name: `causal_conv1d_forward`
-(the short causal convolution over q/k/v) and `torch_chunk_gated_delta_rule` (the recurrence);
+(the short causal convolution over q/k/v) and the chunked delta rule (`torch_chunk_gated_delta_rule`,
+Kimi's `chunk_kimi_delta_attention`, which decays per channel);
 transformers lists both as replaceable (`use_kernelized_func`: a kernel runtime swaps them). While
 `sharded_delta_nets` is active those two names refer to dispatchers: called from one of the
 model's delta-net layers, they run the model's own functions on each chunk of this rank's shard
@@ -30,21 +31,25 @@ from torch import nn
 from moba_rewrite.parallel.recurrence import causal_conv_cp, delta_rule_cp, last_inputs
 
 _WHO = "context_parallel"
-_RULE = "torch_chunk_gated_delta_rule"
+# The chunked delta rules (flash-linear-attention's signature) of transformers' modeling modules:
+# the gated delta net's (scalar decay per head) and Kimi's delta attention (decay per channel).
+_RULES = ("torch_chunk_gated_delta_rule", "chunk_kimi_delta_attention")
 _CONV = "causal_conv1d_forward"
 
 
+def _rule_of(module: nn.Module) -> str | None:
+    """The delta rule `module`'s forward calls by name beside `causal_conv1d_forward`, if any."""
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
+    space = vars(sys.modules.get(type(module).__module__, object))
+    if code is None or _CONV not in code.co_names or _CONV not in space:
+        return None
+    return next((r for r in _RULES if r in code.co_names and r in space), None)
+
+
 def delta_net_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every layer whose forward calls its modeling module's
-    `torch_chunk_gated_delta_rule` and `causal_conv1d_forward` (gated delta nets)."""
-    found = []
-    for name, module in model.named_modules():
-        forward = inspect.unwrap(type(module).forward)
-        code = getattr(forward, "__code__", None)
-        space = vars(sys.modules.get(type(module).__module__, object))
-        if code is not None and {_RULE, _CONV} <= set(code.co_names) and _RULE in space and _CONV in space:
-            found.append((name, module))
-    return found
+    """(name, module) of every layer whose forward calls its modeling module's chunked delta rule
+    (`torch_chunk_gated_delta_rule`, `chunk_kimi_delta_attention`) and `causal_conv1d_forward`."""
+    return [(name, module) for name, module in model.named_modules() if _rule_of(module) is not None]
 
 
 def covers_linear_layers(model: nn.Module, linear_kinds: int) -> bool:
@@ -115,14 +120,18 @@ def sharded_delta_nets(model: nn.Module, pg: dist.ProcessGroup, layout: str, *, 
         yield 0
         return
     running = _Running(pg, layout, seq_len, decoding)
-    spaces = {id(vars(sys.modules[type(m).__module__])): vars(sys.modules[type(m).__module__]) for _, m in layers}
-    saved = []
+    names = {}  # id(namespace) -> (namespace, the names to dispatch there)
+    for _, m in layers:
+        space = vars(sys.modules[type(m).__module__])
+        names.setdefault(id(space), (space, {_CONV}))[1].add(_rule_of(m))
+    saved = []  # (namespace, name, original)
     handles = []
     try:
-        for space in spaces.values():
-            saved.append((space, space[_RULE], space[_CONV]))
-            space[_RULE] = _rule_dispatcher(space[_RULE], running)
-            space[_CONV] = _conv_dispatcher(space[_CONV], running)
+        for space, wanted in names.values():
+            for name in sorted(wanted):
+                saved.append((space, name, space[name]))
+                dispatch = _conv_dispatcher if name == _CONV else _rule_dispatcher
+                space[name] = dispatch(space[name], running)
         for name, module in layers:
             handles.append(module.register_forward_pre_hook(_enter(running, name)))
             handles.append(module.register_forward_hook(_leave(running), always_call=True))
@@ -130,8 +139,8 @@ def sharded_delta_nets(model: nn.Module, pg: dist.ProcessGroup, layout: str, *, 
     finally:
         for h in handles:
             h.remove()
-        for space, rule, conv in saved:
-            space[_RULE], space[_CONV] = rule, conv
+        for space, name, original in reversed(saved):
+            space[name] = original
 
 
 def _enter(running: _Running, name: str):

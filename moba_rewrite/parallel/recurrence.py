@@ -105,8 +105,9 @@ def delta_rule_cp(rule: Callable, query: Tensor, key: Tensor, value: Tensor, g: 
     c = lay.chunk_len
     mine = lay.chunks(dist.get_rank(pg))
     if final_state and seq_len is not None and seq_len < lay.global_len:
-        real = (lay.positions(dist.get_rank(pg), query.device) < seq_len)[None, :, None]
-        g, beta = g.masked_fill(~real, 0), beta.masked_fill(~real, 0)
+        real = lay.positions(dist.get_rank(pg), query.device) < seq_len
+        g = g.masked_fill(~real.view(1, -1, *[1] * (g.dim() - 2)), 0)  # [B, T, H] or per channel [B, T, H, d_k]
+        beta = beta.masked_fill(~real.view(1, -1, *[1] * (beta.dim() - 2)), 0)
     b, _, h_v, d_v = value.shape
     d_k = key.shape[-1]
     eye = torch.eye(d_k, dtype=torch.float32, device=query.device).expand(b, h_v, d_k, d_k).contiguous()
