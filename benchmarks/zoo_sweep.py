@@ -58,6 +58,7 @@ SIZES: dict[str, Any] = {
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
     "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
+    "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 16, "mamba_d_ssm": 64,  # Mamba-2 mixers
     "out_hidden_size": 32, "depth": 2,  # Qwen-VL-style vision towers: merged patches enter the 32-wide text model
 }
 LIST_SIZES: dict[str, int] = {"depths": 1, "num_heads": 2, "num_layers": 1, "num_attention_heads": 2,
@@ -112,6 +113,16 @@ def tiny_config(cls: type, depth: int = 0) -> Any:
         # A hybrid stack (Qwen3-Next, Qwen3.5, Jamba, Kimi Linear, ...) whose first layers are all
         # recurrent: keep layers up to its first attention layer, or the model has no site.
         cfg = _construct(cls, {**kwargs, "num_hidden_layers": depth_needed}, default)
+    if cfg is not default and _layer_types(cfg) and not _has_attention_layer(cfg) \
+            and isinstance(getattr(cfg, "num_hidden_layers", None), int):
+        # A hybrid family whose default config is all recurrent (Bamba, Granite 4.0-H: their
+        # checkpoints name the attention layers): attention at the last layer.
+        n = cfg.num_hidden_layers
+        if "attn_layer_indices" in accepted:
+            cfg = _construct(cls, {**kwargs, "attn_layer_indices": [n - 1]}, default)
+        elif "layer_types" in accepted:
+            cfg = _construct(cls, {**kwargs, "layer_types": ["linear_attention"] * (n - 1) + ["full_attention"]},
+                             default)
     return cfg
 
 

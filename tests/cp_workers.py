@@ -878,12 +878,30 @@ def _tiny_hybrid(family: str, seed: int = 0):
             num_experts_per_token=2, linear_head_dim=8, linear_num_heads=4, pad_token_id=0, bos_token_id=1,
             eos_token_id=2, max_position_embeddings=512)
         cls = transformers.KimiLinearForCausalLM
+    elif family == "bamba":  # Mamba-2 mixers (a scalar decay per head) between attention layers
+        cfg = transformers.BambaConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, attn_layer_indices=[1, 3],
+            num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16,
+            mamba_chunk_size=16, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0)
+        cls = transformers.BambaForCausalLM
+    elif family == "falcon_h1":  # attention and a Mamba-2 mixer side by side in every layer
+        cfg = transformers.FalconH1Config(
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16,
+            mamba_chunk_size=16, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0)
+        cls = transformers.FalconH1ForCausalLM
     else:
         cfg = transformers.Qwen3NextConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                            shared_expert_intermediate_size=16, decoder_sparse_step=1)
         cls = transformers.Qwen3NextForCausalLM
     torch.manual_seed(seed)
     model = cls(cfg)
+    for module in model.modules():  # Mamba-2 mixers: a slow decay and larger inputs, so that the state
+        if hasattr(module, "A_log") and hasattr(module, "in_proj"):  # a chunk hands on shows in the logits
+            with torch.no_grad():
+                module.A_log.fill_(-4.0)
+                module.dt_bias.fill_(0.0)
+                module.in_proj.weight.mul_(8.0)
     mr.rewrite(model, {"version": 1, "defaults": {"mode": "moba", "block_size": 8, "top_k": 2}})
     return model
 
@@ -917,8 +935,9 @@ def _hybrid_decoding_matches_generate(family: str, model) -> None:
 
 def hf_hybrid_delta_nets_match_unsharded(ctx):
     """Hybrid stacks (Qwen3.5, Qwen3-Next: gated delta nets carrying a recurrent state and a causal
-    convolution between MoBA layers; Kimi Linear: delta attention decaying per channel) under
-    context parallelism: the sharded prefill's logits equal
+    convolution between MoBA layers; Kimi Linear: delta attention decaying per channel; Bamba:
+    Mamba-2 mixers; Falcon-H1: attention and Mamba-2 side by side in each layer) under context
+    parallelism: the sharded prefill's logits equal
     the unsharded run (both layouts, a length that needs padding, a left-padded batch), and a
     sharded training step's loss and gradients equal the unsharded step's; sharded-cache decoding
     equals `generate()` (`_hybrid_decoding_matches_generate`). Without the state carried across
@@ -926,9 +945,9 @@ def hf_hybrid_delta_nets_match_unsharded(ctx):
     from moba_rewrite.integrations import hf_cp_linear
     from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
 
-    for family in ("qwen3_5", "qwen3_next", "kimi_linear"):
+    for family in ("qwen3_5", "qwen3_next", "kimi_linear", "bamba", "falcon_h1"):
         model = _tiny_hybrid(family).eval()
-        assert len(hf_cp_linear.delta_net_layers(model)) == 2
+        assert len(hf_cp_linear.recurrent_layers(model)) == 2, family
         ids = torch.randint(0, 96, (2, 90), generator=torch.Generator().manual_seed(3))
         mask = torch.ones(2, 90, dtype=torch.long)
         mask[1, :5] = 0  # left padding, as generate() pads
@@ -949,17 +968,20 @@ def hf_hybrid_delta_nets_match_unsharded(ctx):
                 close(f"{family} padded logits [{layout}]", got[mask.bool()], want_padded[mask.bool()])
             # The carried state matters: the same shards with the delta nets left local differ.
             local_ids, pos, seq_len = shard_inputs(model, ids, layout="contiguous")
-            carried = hf_cp_linear.delta_rule_cp, hf_cp_linear.causal_conv_cp
+            carried = hf_cp_linear.delta_rule_cp, hf_cp_linear.causal_conv_cp, hf_cp_linear.ssd_scan_cp
             hf_cp_linear.delta_rule_cp = lambda rule, q, k, v, g, beta, pg, layout, final_state, **kw: rule(
                 q, k, v, g=g, beta=beta, **kw)
             hf_cp_linear.causal_conv_cp = lambda conv, x, **kw: conv(x)
+            hf_cp_linear.ssd_scan_cp = lambda scan, *a, pg, layout, final_state, **kw: scan(
+                *a, return_final_states=final_state, **kw)
             try:
                 with context_parallel(model, layout="contiguous", seq_len=seq_len):
                     local = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
             finally:
-                hf_cp_linear.delta_rule_cp, hf_cp_linear.causal_conv_cp = carried
+                hf_cp_linear.delta_rule_cp, hf_cp_linear.causal_conv_cp, hf_cp_linear.ssd_scan_cp = carried
             alone = unshard_sequence(local, layout="contiguous", dim=1, seq_len=seq_len)
-            assert (alone - want).abs().max() > 1e-3, f"{family}: the delta nets' state made no difference"
+            # Falcon-H1 scales its Mamba branch down (muP multipliers): smaller, still 10x the tolerance
+            assert (alone - want).abs().max() > 1e-4, f"{family}: the recurrent state made no difference"
 
         _hybrid_decoding_matches_generate(family, model)
         model.train()

@@ -188,9 +188,11 @@ def test_a_position_embedding_gets_the_global_positions_only_from_its_decoders_o
 
 
 def test_models_that_mix_tokens_outside_attention_are_refused():
-    """Falcon-H1 runs Mamba mixers beside its attention: a shard would restart their state and their
-    causal convolution at its first token (the cp sweep found the sharded logits 0.0039 off). The
-    layer kinds and the convolutions are named; a plain Llama has none."""
+    """Jamba runs Mamba-1 mixers between its attention layers: a shard would restart their state and
+    their causal convolution at its first token (the cp sweep once found Falcon-H1's sharded logits
+    0.0039 off, before its Mamba-2 mixers got their state carried across ranks). The layer kinds
+    and the convolutions are named; Falcon-H1's mixers are carried (accepted), a plain Llama has
+    none."""
     import sys
     from pathlib import Path
 
@@ -198,14 +200,18 @@ def test_models_that_mix_tokens_outside_attention_are_refused():
     import cp_sweep
 
     import moba_rewrite as mr
-    from moba_rewrite.integrations.hf_cp import context_parallel, other_sequence_mixers
+    from moba_rewrite.integrations.hf_cp import check_rewritten, context_parallel, other_sequence_mixers
 
-    model, _ = cp_sweep._build("falcon_h1", "FalconH1ForCausalLM")
+    model, _ = cp_sweep._build("jamba", "JambaForCausalLM")
     mr.rewrite(model, cp_sweep.SPARSE)
-    assert other_sequence_mixers(model) == ["layer types hybrid", "convolutions FalconH1Mixer.conv1d"]
-    with pytest.raises(ValueError, match="mixes tokens outside attention .*FalconH1Mixer.conv1d"):
+    assert other_sequence_mixers(model) == ["layer types linear_attention", "convolutions JambaMambaMixer.conv1d"]
+    with pytest.raises(ValueError, match="mixes tokens outside attention .*JambaMambaMixer.conv1d"):
         with context_parallel(model):
             pass
+    falcon, _ = cp_sweep._build("falcon_h1", "FalconH1ForCausalLM")
+    mr.rewrite(falcon, cp_sweep.SPARSE)
+    assert other_sequence_mixers(falcon) == ["layer types hybrid", "convolutions FalconH1Mixer.conv1d"]
+    check_rewritten(falcon)  # its Mamba-2 mixers shard (hf_cp_linear)
     llama, _ = cp_sweep._build("llama", "LlamaForCausalLM")
     assert other_sequence_mixers(llama) == []
 

@@ -98,15 +98,14 @@ def other_sequence_mixers(model: nn.Module) -> list[str]:
 
 
 def _unsharded_layer_kinds(model: nn.Module) -> list[str]:
-    """`_mixing_layer_kinds` but linear attention where every such layer is a gated delta net
-    (`hf_cp_linear` carries their state across ranks)."""
-    kinds = _mixing_layer_kinds(model)
-    if "linear_attention" in kinds and hf_cp_linear.covers_linear_layers(model, _layer_types(model).count("linear_attention")):
-        kinds.remove("linear_attention")
-    return kinds
+    """`_mixing_layer_kinds` of the layers holding no recurrent layer `hf_cp_linear` shards (gated
+    delta nets, Mamba-2 mixers: their states are carried across ranks)."""
+    types = layer_types(model)
+    return sorted({types[i] for i in hf_cp_linear.uncovered_layers(model, types, _ATTENTION_LAYER_KINDS)})
 
 
-def _layer_types(model: nn.Module) -> list[str]:
+def layer_types(model: nn.Module) -> list[str]:
+    """The text config's `layer_types` (full_attention, linear_attention, hybrid, ...; [] when it has none)."""
     config = getattr(model, "config", None)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     return [str(k) for k in (getattr(text, "layer_types", None) or [])]
@@ -114,7 +113,7 @@ def _layer_types(model: nn.Module) -> list[str]:
 
 def _mixing_layer_kinds(model: nn.Module) -> list[str]:
     """Layer kinds of the text config's `layer_types` other than attention (and MLP-only layers)."""
-    return sorted(set(_layer_types(model)) - _ATTENTION_LAYER_KINDS)
+    return sorted(set(layer_types(model)) - _ATTENTION_LAYER_KINDS)
 
 
 def _sequence_convolutions(model: nn.Module) -> list[tuple[str, nn.Conv1d]]:
@@ -594,19 +593,20 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
     if numbering and packed:
         raise ValueError(f"{_WHO}: packed=True, but {type(model).__name__} takes no position_ids (it numbers its "
                          f"tokens itself), so it cannot read packed documents from them")
-    delta_nets = hf_cp_linear.delta_net_layers(model)
-    if delta_nets and packed:
-        raise ValueError(f"{_WHO}: packed=True, but {type(model).__name__} has gated delta-net layers, whose state "
-                         f"would have to restart at every document; shard packed documents of attention-only models")
+    recurrent = hf_cp_linear.recurrent_layers(model)
+    if recurrent and packed:
+        raise ValueError(f"{_WHO}: packed=True, but {type(model).__name__} has recurrent layers (gated delta nets or "
+                         f"Mamba-2), whose state would have to restart at every document; shard packed documents of "
+                         f"attention-only models")
     handles = [model.register_forward_pre_hook(_prepare_call(pg, layout, hook, drop_positions=bool(numbering)),
                                                with_kwargs=True)]
     if numbering:  # BART-style decoders: their position embeddings get the global positions
         handles += GlobalNumbering(hook, numbering).register(model)
     for name, m in _attention_modules(model):
         handles.append(m.register_forward_hook(_went_through(hook, name)))
-    delta_convs = {id(m.conv1d) for _, m in delta_nets if hasattr(m, "conv1d")}
+    delta_convs = {id(m.conv1d) for _, m in recurrent if hasattr(m, "conv1d")}
     for label, conv in _sequence_convolutions(model):
-        if id(conv) not in delta_convs:  # a delta net's convolution is carried across ranks (hf_cp_linear)
+        if id(conv) not in delta_convs:  # a recurrent layer's convolution is carried across ranks (hf_cp_linear)
             handles.append(conv.register_forward_pre_hook(_refuse_when_run(model, label)))
     previous, hf.CONTEXT_PARALLEL = hf.CONTEXT_PARALLEL, hook
     sharded, hf_masks.SHARDED = hf_masks.SHARDED, True

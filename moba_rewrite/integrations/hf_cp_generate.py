@@ -41,7 +41,7 @@ from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionLayer
 
 from moba_rewrite.attention.block_means import refresh_key_block_means_
 from moba_rewrite.integrations import hf, hf_cp_linear, hf_masks
-from moba_rewrite.integrations.hf_cp import alignment, check_rewritten, context_parallel
+from moba_rewrite.integrations.hf_cp import alignment, check_rewritten, context_parallel, layer_types
 from moba_rewrite.integrations.hf_generation_config import logits_processing
 from moba_rewrite.parallel.groups import collective, resolve_group
 
@@ -112,16 +112,20 @@ class ShardedCacheLayer(DynamicLayer):
         return self.shared.length
 
     # transformers' beam search moves, repeats and selects batch rows: the kept means move with them
+    # (a layer without attention, an MLP-only layer of Nemotron-H, holds nothing to move)
     def reorder_cache(self, beam_idx: Tensor) -> None:
-        super().reorder_cache(beam_idx)
+        if self.is_initialized:
+            DynamicLayer.reorder_cache(self, beam_idx)
         self._means = {bs: (m.index_select(0, beam_idx.to(m.device)), n) for bs, (m, n) in self._means.items()}
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
+        if self.is_initialized:
+            DynamicLayer.batch_repeat_interleave(self, repeats)
         self._means = {bs: (m.repeat_interleave(repeats, dim=0), n) for bs, (m, n) in self._means.items()}
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        super().batch_select_indices(indices)
+        if self.is_initialized:
+            DynamicLayer.batch_select_indices(self, indices)
         self._means = {bs: (m[indices], n) for bs, (m, n) in self._means.items()}
 
     def get_mask_sizes(self, query: int | Tensor, *args) -> tuple[int, int]:
@@ -133,9 +137,9 @@ class ShardedCacheLayer(DynamicLayer):
 
 
 class ReplicatedLinearLayer(LinearAttentionLayer):
-    """A gated delta net's convolution and recurrent states, the same on every rank: the sharded
-    prefill stores the states after the prompt (`hf_cp_linear`), and every rank runs each decode
-    step's new tokens through the layer."""
+    """A recurrent layer's (gated delta net's, Mamba-2 mixer's) convolution and recurrent states, the
+    same on every rank: the sharded prefill stores the states after the prompt (`hf_cp_linear`),
+    and every rank runs each decode step's new tokens through the layer."""
 
     def __init__(self, shared: CacheSlice) -> None:
         super().__init__()
@@ -159,14 +163,38 @@ class ReplicatedLinearLayer(LinearAttentionLayer):
         self._each_state(lambda x: x[indices])
 
 
+class ShardedHybridLayer(ReplicatedLinearLayer, ShardedCacheLayer):
+    """A layer that runs attention and a recurrent mixer side by side (Falcon-H1, Zamba2's hybrid
+    layers): its slice of the sharded KV cache and the replicated recurrent states (as
+    transformers' `LinearAttentionAndFullAttentionLayer` holds both)."""
+
+    def __init__(self, shared: CacheSlice) -> None:
+        ShardedCacheLayer.__init__(self, shared)
+        LinearAttentionLayer.__init__(self)
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        ShardedCacheLayer.reorder_cache(self, beam_idx)
+        LinearAttentionLayer.reorder_cache(self, beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        ShardedCacheLayer.batch_repeat_interleave(self, repeats)
+        ReplicatedLinearLayer.batch_repeat_interleave(self, repeats)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        ShardedCacheLayer.batch_select_indices(self, indices)
+        ReplicatedLinearLayer.batch_select_indices(self, indices)
+
+
 class ShardedKVCache(Cache):
     """A transformers `Cache` of `ShardedCacheLayer`s sharing one `CacheSlice` (and, for a hybrid
     stack's gated delta nets, `ReplicatedLinearLayer`s)."""
 
     replicates_linear_states = True  # what hf_cp_linear's prefill looks for
 
-    def __init__(self, num_layers: int, shared: CacheSlice, linear_layers: frozenset[int] = frozenset()) -> None:
-        super().__init__(layers=[ReplicatedLinearLayer(shared) if i in linear_layers else ShardedCacheLayer(shared)
+    def __init__(self, num_layers: int, shared: CacheSlice, linear_layers: frozenset[int] = frozenset(),
+                 hybrid_layers: frozenset[int] = frozenset()) -> None:
+        super().__init__(layers=[ShardedHybridLayer(shared) if i in hybrid_layers else
+                                 ReplicatedLinearLayer(shared) if i in linear_layers else ShardedCacheLayer(shared)
                                  for i in range(num_layers)])
         self.shared = shared
 
@@ -470,8 +498,10 @@ def _sharded_cache(model: nn.Module, pg: dist.ProcessGroup, tokens: int) -> tupl
     world, align = dist.get_world_size(pg), alignment(model)
     capacity = math.ceil(math.ceil(tokens / world) / align) * align
     shared = CacheSlice(capacity=capacity, rank=dist.get_rank(pg), world=world)
-    linear = frozenset(int(m.layer_idx) for _, m in hf_cp_linear.delta_net_layers(model))
-    return shared, ShardedKVCache(_num_layers(model), shared, linear)
+    recurrent = {int(m.layer_idx) for _, m in hf_cp_linear.recurrent_layers(model)}
+    types = layer_types(model)
+    linear = frozenset(i for i in recurrent if i < len(types) and types[i] == "linear_attention")
+    return shared, ShardedKVCache(_num_layers(model), shared, linear, frozenset(recurrent - linear))
 
 
 def _decode_steps(model: nn.Module, hook, cache: ShardedKVCache, shared: CacheSlice) -> list:

@@ -28,33 +28,47 @@ from typing import Callable, Iterator
 import torch.distributed as dist
 from torch import nn
 
-from moba_rewrite.parallel.recurrence import causal_conv_cp, delta_rule_cp, last_inputs
+from moba_rewrite.parallel.recurrence import causal_conv_cp, delta_rule_cp, last_inputs, ssd_scan_cp
 
 _WHO = "context_parallel"
 # The chunked delta rules (flash-linear-attention's signature) of transformers' modeling modules:
 # the gated delta net's (scalar decay per head) and Kimi's delta attention (decay per channel).
 _RULES = ("torch_chunk_gated_delta_rule", "chunk_kimi_delta_attention")
 _CONV = "causal_conv1d_forward"
+_SSD_FORWARD, _SSD_SCAN, _SSD_FUSED = "mamba2_scan_forward", "mamba2_chunk_scan", "mamba2_split_conv1d_scan_combined"
 
 
-def _rule_of(module: nn.Module) -> str | None:
-    """The delta rule `module`'s forward calls by name beside `causal_conv1d_forward`, if any."""
+def _dispatched_names(module: nn.Module) -> dict[str, str] | None:
+    """{module-level function name: role} that `module`'s forward reaches by name, if it is a
+    recurrent layer this module shards: a delta net (roles `conv`, `delta`) or a Mamba-2 mixer
+    (`conv`, `ssd`, and `fused`: the kernel-only fused training path, turned off while sharded)."""
     code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
     space = vars(sys.modules.get(type(module).__module__, object))
     if code is None or _CONV not in code.co_names or _CONV not in space:
         return None
-    return next((r for r in _RULES if r in code.co_names and r in space), None)
+    rule = next((r for r in _RULES if r in code.co_names and r in space), None)
+    if rule is not None:
+        return {_CONV: "conv", rule: "delta"}
+    if _SSD_FORWARD in code.co_names and _SSD_SCAN in space:
+        names = {_CONV: "conv", _SSD_SCAN: "ssd"}
+        if _SSD_FUSED in space:
+            names[_SSD_FUSED] = "fused"
+        return names
+    return None
 
 
-def delta_net_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every layer whose forward calls its modeling module's chunked delta rule
-    (`torch_chunk_gated_delta_rule`, `chunk_kimi_delta_attention`) and `causal_conv1d_forward`."""
-    return [(name, module) for name, module in model.named_modules() if _rule_of(module) is not None]
+def recurrent_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every recurrent layer this module shards: those whose forward calls its
+    modeling module's `causal_conv1d_forward` and a chunked delta rule (`torch_chunk_gated_delta_rule`,
+    `chunk_kimi_delta_attention`) or Mamba-2's scan (`mamba2_scan_forward` -> `mamba2_chunk_scan`)."""
+    return [(name, module) for name, module in model.named_modules() if _dispatched_names(module) is not None]
 
 
-def covers_linear_layers(model: nn.Module, linear_kinds: int) -> bool:
-    """Whether the model's `linear_kinds` layers of kind `linear_attention` are all gated delta nets."""
-    return linear_kinds > 0 and len(delta_net_layers(model)) == linear_kinds
+def uncovered_layers(model: nn.Module, layer_types: list[str], attention_kinds: set[str]) -> list[int]:
+    """Indices of layers of a kind other than `attention_kinds` that hold no recurrent layer this
+    module shards (their `layer_idx`)."""
+    covered = {int(getattr(m, "layer_idx", -1)) for _, m in recurrent_layers(model)}
+    return [i for i, kind in enumerate(layer_types) if kind not in attention_kinds and i not in covered]
 
 
 class _Running:
@@ -63,6 +77,7 @@ class _Running:
 
     def __init__(self, pg: dist.ProcessGroup, layout: str, seq_len: int | None, decoding: Callable[[], bool]):
         self.pg, self.layout, self.seq_len, self.decoding, self.layer = pg, layout, seq_len, decoding, None
+        self.carried = 0  # sharded recurrences run by the current layer's forward
 
     def sharded(self) -> bool:
         return self.layer is not None and not self.decoding()
@@ -83,10 +98,40 @@ def _rule_dispatcher(original, running: _Running):
             raise ValueError(f"{_WHO}: {running.layer}: a recurrent state from earlier steps was given; a sharded "
                              f"forward starts from the beginning of the sequence (pass use_cache=False)")
         g, beta = kwargs.pop("g"), kwargs.pop("beta")
+        running.carried += 1
         return delta_rule_cp(original, query, key, value, g, beta, pg=running.pg, layout=running.layout,
                              final_state=output_final_state, seq_len=running.seq_len, **kwargs)
     rule.__wrapped_original__ = original
     return rule
+
+
+def _ssd_dispatcher(original, running: _Running):
+    def scan(x, dt, A, B, C, *args, initial_states=None, return_final_states=False, seq_idx=None, cu_seqlens=None,
+             **kwargs):
+        if not running.sharded():
+            return original(x, dt, A, B, C, *args, initial_states=initial_states,
+                            return_final_states=return_final_states, seq_idx=seq_idx, cu_seqlens=cu_seqlens, **kwargs)
+        if args:
+            raise ValueError(f"{_WHO}: {running.layer}: Mamba-2's scan was called in an unknown way (expected "
+                             f"everything after C by keyword); this transformers version is not supported")
+        if seq_idx is not None or cu_seqlens is not None:
+            raise ValueError(f"{_WHO}: {running.layer}: packed documents (seq_idx) in a Mamba-2 layer cannot be "
+                             f"sharded")
+        if initial_states is not None:
+            raise ValueError(f"{_WHO}: {running.layer}: a recurrent state from earlier steps was given; a sharded "
+                             f"forward starts from the beginning of the sequence (pass use_cache=False)")
+        running.carried += 1
+        return ssd_scan_cp(original, x, dt, A, B, C, pg=running.pg, layout=running.layout,
+                           final_state=return_final_states, seq_len=running.seq_len, **kwargs)
+    return scan
+
+
+def _fused_dispatcher(original, running: _Running):
+    """The fused conv + scan + norm + projection kernel of training: none while sharded (the
+    layer then takes its unfused path, through the dispatched convolution and scan)."""
+    def fused(*args, **kwargs):
+        return None if running.sharded() else original(*args, **kwargs)
+    return fused
 
 
 def _conv_dispatcher(original, running: _Running):
@@ -115,23 +160,24 @@ def sharded_delta_nets(model: nn.Module, pg: dist.ProcessGroup, layout: str, *, 
     real length when padded; a cache given to the forward keeps their state after it), except in
     forwards `decoding()` calls decode steps, which run them as they are on every rank. Yields how
     many layers it covers (0: nothing changed)."""
-    layers = delta_net_layers(model)
+    layers = recurrent_layers(model)
     if not layers:
         yield 0
         return
     running = _Running(pg, layout, seq_len, decoding)
-    names = {}  # id(namespace) -> (namespace, the names to dispatch there)
+    names = {}  # id(namespace) -> (namespace, {name: role} to dispatch there)
     for _, m in layers:
         space = vars(sys.modules[type(m).__module__])
-        names.setdefault(id(space), (space, {_CONV}))[1].add(_rule_of(m))
+        names.setdefault(id(space), (space, {}))[1].update(_dispatched_names(m))
+    dispatchers = {"conv": _conv_dispatcher, "delta": _rule_dispatcher, "ssd": _ssd_dispatcher,
+                   "fused": _fused_dispatcher}
     saved = []  # (namespace, name, original)
     handles = []
     try:
         for space, wanted in names.values():
-            for name in sorted(wanted):
+            for name, role in sorted(wanted.items()):
                 saved.append((space, name, space[name]))
-                dispatch = _conv_dispatcher if name == _CONV else _rule_dispatcher
-                space[name] = dispatch(space[name], running)
+                space[name] = dispatchers[role](space[name], running)
         for name, module in layers:
             handles.append(module.register_forward_pre_hook(_enter(running, name)))
             handles.append(module.register_forward_hook(_leave(running), always_call=True))
@@ -145,11 +191,17 @@ def sharded_delta_nets(model: nn.Module, pg: dist.ProcessGroup, layout: str, *, 
 
 def _enter(running: _Running, name: str):
     def enter(module, args):
-        running.layer = name
+        running.layer, running.carried = name, 0
     return enter
 
 
 def _leave(running: _Running):
+    """After a recurrent layer: it must have run its recurrence through the dispatchers (a kernel
+    runtime that replaced the layer's forward would have run it on this shard's tokens only)."""
     def leave(module, args, output):
+        name, sharded = running.layer, running.sharded()
         running.layer = None
+        if sharded and running.carried == 0 and output is not None:
+            raise RuntimeError(f"{_WHO}: recurrent layer {name!r} ran without the sharded recurrence (its forward or "
+                               f"scan was replaced, e.g. by a kernel runtime), so it saw only this rank's tokens")
     return leave

@@ -136,3 +136,69 @@ def delta_rule_cp(rule: Callable, query: Tensor, key: Tensor, value: Tensor, g: 
         outs.append(out)
     out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
     return out.to(query.dtype), (entering[-1] if final_state else None)
+
+
+def ssd_scan_cp(scan: Callable, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, pg: dist.ProcessGroup,
+                layout: str, final_state: bool = False, seq_len: int | None = None, **scan_kwargs
+                ) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba-2's chunked scan `scan` (mamba_ssm's `mamba_chunk_scan_combined` signature: `x`
+    `[B, T, H, P]`, `dt` `[B, T, H]`, `A` `[H]`, `B`/`C` `[B, T, G, N]`, keyword `initial_states`,
+    `return_final_states`, `D`, `dt_bias`, ...) over the whole sequence, of which these are this
+    rank's shard, from a zero state.
+
+    The state `h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T` decays by one scalar per head, so a
+    chunk's transition is `a = prod_t exp(dt_t A)` per head: each rank runs the scan on each of
+    its chunks from zero (outputs, final state `h|0`) and once with no input from a state of ones
+    and one channel (its final state is `a`), one all-gather of every chunk's `(h|0, a)` gives the
+    state entering each chunk, and a scan with no input from that state (`C_t a_{1..t} h_in`, any
+    gating applied) corrects the outputs. Returns this rank's outputs and, with `final_state`,
+    the state after the first `seq_len` tokens (default all) `[B, H, P, N]`, on every rank (not
+    differentiable when `seq_len` cuts the last chunk: it serves decoding)."""
+    lay = _layout_of(x.shape[1], layout, pg)
+    c = lay.chunk_len
+    rank = dist.get_rank(pg)
+    mine = lay.chunks(rank)
+    b, _, h, p = x.shape
+    parts = [[t.narrow(1, i * c, c) for t in (x, dt, B, C)] for i in range(len(mine))]
+    quiet = {**scan_kwargs, "D": None, "z": None}  # no input: the skip connection and gate would add nothing
+    zero_outs, summaries = [], []
+    for xi, dti, bi, ci in parts:
+        out, state = scan(xi, dti, A, bi, ci, initial_states=None, return_final_states=True, **scan_kwargs)
+        ones = torch.ones((b, h, 1, state.shape[-1]), dtype=state.dtype, device=state.device)
+        _, decay = scan(xi.new_zeros((b, c, h, 1)), dti, A, bi, ci, initial_states=ones, return_final_states=True,
+                        **quiet)
+        zero_outs.append(out)
+        summaries.append(torch.cat([state, decay[:, :, :1, :1].expand(b, h, p, 1)], dim=-1))  # [B, H, P, N + 1]
+    every = _gather_chunks(summaries, lay, pg, "recurrent state summaries")
+    entering = [torch.zeros_like(summaries[0][..., :-1])]
+    for s in every[:len(every) if final_state else max(mine) + 1]:
+        entering.append(s[..., -1:] * entering[-1] + s[..., :-1])
+    outs = []
+    for chunk, out, (xi, dti, bi, ci) in zip(mine, zero_outs, parts):
+        if chunk > 0:
+            out = out + scan(torch.zeros_like(xi), dti, A, bi, ci, initial_states=entering[chunk],
+                             return_final_states=False, **scan_kwargs)
+        outs.append(out)
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    if not final_state:
+        return out
+    if seq_len is None or seq_len >= lay.global_len:
+        return out, entering[-1]
+    return out, _state_at(scan, parts, mine, entering, seq_len, lay, pg, A, scan_kwargs)
+
+
+def _state_at(scan, parts, mine, entering, seq_len, lay, pg, A, scan_kwargs) -> Tensor:
+    """The scan's state after the sequence's first `seq_len` tokens: the rank holding token
+    `seq_len - 1` runs its chunk up to it from the state entering it, and broadcasts the result."""
+    c = lay.chunk_len
+    last = (seq_len - 1) // c
+    owner, index = lay.chunk_order()[last]
+    state = torch.empty_like(entering[0])
+    if dist.get_rank(pg) == owner:
+        xi, dti, bi, ci = (t.narrow(1, 0, seq_len - last * c) for t in parts[index])
+        _, state = scan(xi, dti, A, bi, ci, initial_states=entering[last], return_final_states=True, **scan_kwargs)
+        state = state.detach().contiguous()
+    with collective(_WHO, "the broadcast of the state after the prompt", pg):
+        dist.broadcast(state, src=dist.get_global_rank(pg, owner), group=pg)
+    count_bytes("recurrent state after the prompt", state.numel() * state.element_size())
+    return state
