@@ -250,8 +250,8 @@ def _pristine(model: nn.Module) -> Iterator[None]:
     """Temporarily undo a previous `rewrite` so detection sees the original attention."""
     undo: list = []
     if hf.is_hf_model(model) and model.config._attn_implementation.startswith(hf.IMPL_PREFIX):
-        impl = model.config._attn_implementation
-        model.set_attn_implementation(hf.origin_of(model))
+        impl = hf.implementations(model.config)
+        model.set_attn_implementation(hf.implementations(model.config, hf.to_origin))
         undo.append(lambda: model.set_attn_implementation(impl))
     for m in model.modules():
         if "_moba_original_forward" in m.__dict__ and "forward" in m.__dict__:

@@ -367,3 +367,34 @@ def test_attention_the_sample_input_never_ran_is_named_in_the_report():
         want = model(**inputs).logits
         torch.testing.assert_close(with_image(**inputs).logits, want, rtol=0, atol=1e-5)
         torch.testing.assert_close(text_only(**inputs).logits, want, rtol=0, atol=1e-5)
+def test_a_sub_model_that_refuses_sdpa_keeps_its_own_kind_of_attention():
+    """Apertus 1.5's vision tokenizer runs eager attention inside an sdpa model and refuses every
+    sdpa-named implementation: `rewrite` raised transformers' error for the whole model. Each
+    sub-model now routes through the MoBA implementation of its own kind (`moba_sdpa` for the text
+    model, `moba_eager` for the tokenizers), and the dense-limit rewrite equals the original."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    import moba_rewrite as mr
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import zoo_sweep
+
+    if not hasattr(transformers, "Apertus1p5ForConditionalGeneration"):
+        pytest.skip("this transformers has no Apertus 1.5")
+    cfg = zoo_sweep.tiny_config(transformers.Apertus1p5Config)
+    torch.manual_seed(0)
+    model = transformers.Apertus1p5ForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 90, (1, 24))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    mr.rewrite(model, {"version": 1, "defaults": {"mode": "moba", "block_size": 8, "top_k": 8}})
+    assert model.config.text_config._attn_implementation == "moba_sdpa"
+    assert model.config.vision_config._attn_implementation == "moba_eager"
+    assert model._moba_report.moba_sites, model._moba_report
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

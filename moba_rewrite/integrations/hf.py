@@ -73,6 +73,30 @@ def is_hf_model(model: nn.Module) -> bool:
     return bool(can()) if callable(can) else True
 
 
+def implementations(config: Any, change: Callable[[str], str] = lambda impl: impl) -> dict:
+    """transformers' nested `set_attn_implementation` dict: every (sub-)config's own attention
+    implementation, mapped by `change`. Sub-models keep their own kind: Apertus 1.5's vision
+    tokenizer runs eager inside an sdpa model and refuses any sdpa-named implementation, so a
+    single name for the whole model cannot be set."""
+    own = getattr(config, "_attn_implementation", None)
+    out: dict = {} if own is None else {"": change(own)}
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "_attn_implementation"):
+            out[key] = implementations(sub, change)
+    return out
+
+
+def to_moba(impl: str) -> str:
+    """The MoBA implementation routing a sub-model that runs `impl` (`sdpa` -> `moba_sdpa`); others as they are."""
+    return IMPL_PREFIX + impl if impl in SUPPORTED_ORIGINS else impl
+
+
+def to_origin(impl: str) -> str:
+    """The implementation a MoBA one was made from (`moba_sdpa` -> `sdpa`); others as they are."""
+    return impl[len(IMPL_PREFIX):] if impl.startswith(IMPL_PREFIX) else impl
+
+
 def origin_of(model: nn.Module) -> str:
     """The implementation the model was loaded with (`sdpa` / `eager`), seen through a previous rewrite."""
     impl = model.config._attn_implementation or "eager"
@@ -339,12 +363,12 @@ def attention_modules(model: nn.Module, example_inputs: Any = None) -> tuple[lis
             f"with {' or '.join(SUPPORTED_ORIGINS)}"
         )
     names = {id(m): n for n, m in model.named_modules()}
-    previous = model.config._attn_implementation
+    previous = implementations(model.config)
     saved = {id(m): getattr(m, "_moba_decision", None) for m in model.modules()}
     for m in model.modules():
         if hasattr(m, "_moba_decision"):
             m._moba_decision = None
-    model.set_attn_implementation(IMPL_PREFIX + origin)
+    model.set_attn_implementation(implementations(model.config, to_moba))
     inputs = example_inputs
     if inputs is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -381,7 +405,7 @@ def apply(model: nn.Module, modules: list[tuple[str, nn.Module]], decisions: lis
             hf_cache.install(module)
         else:
             hf_cache.uninstall(module)
-    model.set_attn_implementation(IMPL_PREFIX + origin)
+    model.set_attn_implementation(implementations(model.config, to_moba))
     hf_masks.install_unpacked_hook(model)
 
 
