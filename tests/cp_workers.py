@@ -863,8 +863,8 @@ def _tiny_hybrid(family: str, seed: int = 0):
 
     import moba_rewrite as mr
 
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                  layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    kinds = ["conv", "full_attention"] * 2 if family == "lfm2" else ["linear_attention", "full_attention"] * 2
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, layer_types=kinds,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, linear_num_key_heads=2,
                   linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4,
                   max_position_embeddings=512, tie_word_embeddings=False)
@@ -890,6 +890,12 @@ def _tiny_hybrid(family: str, seed: int = 0):
             num_key_value_heads=2, head_dim=8, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16,
             mamba_chunk_size=16, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0)
         cls = transformers.FalconH1ForCausalLM
+    elif family == "lfm2":  # gated short convolutions between attention layers
+        cfg = transformers.Lfm2Config(
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, layer_types=common["layer_types"],
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+            pad_token_id=0)
+        cls = transformers.Lfm2ForCausalLM
     else:
         cfg = transformers.Qwen3NextConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                            shared_expert_intermediate_size=16, decoder_sparse_step=1)
@@ -936,8 +942,8 @@ def _hybrid_decoding_matches_generate(family: str, model) -> None:
 def hf_hybrid_delta_nets_match_unsharded(ctx):
     """Hybrid stacks (Qwen3.5, Qwen3-Next: gated delta nets carrying a recurrent state and a causal
     convolution between MoBA layers; Kimi Linear: delta attention decaying per channel; Bamba:
-    Mamba-2 mixers; Falcon-H1: attention and Mamba-2 side by side in each layer) under context
-    parallelism: the sharded prefill's logits equal
+    Mamba-2 mixers; Falcon-H1: attention and Mamba-2 side by side in each layer; LFM2: gated short
+    convolutions) under context parallelism: the sharded prefill's logits equal
     the unsharded run (both layouts, a length that needs padding, a left-padded batch), and a
     sharded training step's loss and gradients equal the unsharded step's; sharded-cache decoding
     equals `generate()` (`_hybrid_decoding_matches_generate`). Without the state carried across
@@ -945,7 +951,7 @@ def hf_hybrid_delta_nets_match_unsharded(ctx):
     from moba_rewrite.integrations import hf_cp_linear
     from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
 
-    for family in ("qwen3_5", "qwen3_next", "kimi_linear", "bamba", "falcon_h1"):
+    for family in ("qwen3_5", "qwen3_next", "kimi_linear", "bamba", "falcon_h1", "lfm2"):
         model = _tiny_hybrid(family).eval()
         assert len(hf_cp_linear.recurrent_layers(model)) == 2, family
         ids = torch.randint(0, 96, (2, 90), generator=torch.Generator().manual_seed(3))

@@ -595,16 +595,16 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
                          f"tokens itself), so it cannot read packed documents from them")
     recurrent = hf_cp_linear.recurrent_layers(model)
     if recurrent and packed:
-        raise ValueError(f"{_WHO}: packed=True, but {type(model).__name__} has recurrent layers (gated delta nets or "
-                         f"Mamba-2), whose state would have to restart at every document; shard packed documents of "
-                         f"attention-only models")
+        raise ValueError(f"{_WHO}: packed=True, but {type(model).__name__} has recurrent or convolution layers (gated "
+                         f"delta nets, Mamba-2, short convolutions), whose state would have to restart at every "
+                         f"document; shard packed documents of attention-only models")
     handles = [model.register_forward_pre_hook(_prepare_call(pg, layout, hook, drop_positions=bool(numbering)),
                                                with_kwargs=True)]
     if numbering:  # BART-style decoders: their position embeddings get the global positions
         handles += GlobalNumbering(hook, numbering).register(model)
     for name, m in _attention_modules(model):
         handles.append(m.register_forward_hook(_went_through(hook, name)))
-    delta_convs = {id(m.conv1d) for _, m in recurrent if hasattr(m, "conv1d")}
+    delta_convs = {id(c) for _, m in recurrent for c in m.modules() if isinstance(c, nn.Conv1d)}
     for label, conv in _sequence_convolutions(model):
         if id(conv) not in delta_convs:  # a recurrent layer's convolution is carried across ranks (hf_cp_linear)
             handles.append(conv.register_forward_pre_hook(_refuse_when_run(model, label)))

@@ -500,7 +500,7 @@ def _sharded_cache(model: nn.Module, pg: dist.ProcessGroup, tokens: int) -> tupl
     shared = CacheSlice(capacity=capacity, rank=dist.get_rank(pg), world=world)
     recurrent = {int(m.layer_idx) for _, m in hf_cp_linear.recurrent_layers(model)}
     types = layer_types(model)
-    linear = frozenset(i for i in recurrent if i < len(types) and types[i] == "linear_attention")
+    linear = frozenset(i for i in recurrent if i < len(types) and types[i] in ("linear_attention", "conv"))
     return shared, ShardedKVCache(_num_layers(model), shared, linear, frozenset(recurrent - linear))
 
 

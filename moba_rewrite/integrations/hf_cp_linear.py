@@ -54,13 +54,22 @@ def _dispatched_names(module: nn.Module) -> dict[str, str] | None:
         if _SSD_FUSED in space:
             names[_SSD_FUSED] = "fused"
         return names
+    if type(module).__name__.endswith("ShortConv"):  # LFM2 / LFM3: gated, and mixing only by its convolution
+        return {_CONV: "conv"}
     return None
+
+
+def _mixing_role(names: dict[str, str]) -> str:
+    """The role whose dispatcher a layer's forward must reach to have mixed its tokens across ranks."""
+    return next((r for r in names.values() if r not in ("conv", "fused")), "conv")
 
 
 def recurrent_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every recurrent layer this module shards: those whose forward calls its
     modeling module's `causal_conv1d_forward` and a chunked delta rule (`torch_chunk_gated_delta_rule`,
-    `chunk_kimi_delta_attention`) or Mamba-2's scan (`mamba2_scan_forward` -> `mamba2_chunk_scan`)."""
+    `chunk_kimi_delta_attention`) or Mamba-2's scan (`mamba2_scan_forward` -> `mamba2_chunk_scan`),
+    and LFM's short-convolution layers (`*ShortConv`, which mix tokens by the convolution alone; a
+    layer that calls the convolution and a scan of its own, Jamba's Mamba-1 mixer, is not one)."""
     return [(name, module) for name, module in model.named_modules() if _dispatched_names(module) is not None]
 
 
@@ -77,7 +86,7 @@ class _Running:
 
     def __init__(self, pg: dist.ProcessGroup, layout: str, seq_len: int | None, decoding: Callable[[], bool]):
         self.pg, self.layout, self.seq_len, self.decoding, self.layer = pg, layout, seq_len, decoding, None
-        self.carried = 0  # sharded recurrences run by the current layer's forward
+        self.called: set[str] = set()  # roles the current layer's forward reached, sharded
 
     def sharded(self) -> bool:
         return self.layer is not None and not self.decoding()
@@ -98,7 +107,7 @@ def _rule_dispatcher(original, running: _Running):
             raise ValueError(f"{_WHO}: {running.layer}: a recurrent state from earlier steps was given; a sharded "
                              f"forward starts from the beginning of the sequence (pass use_cache=False)")
         g, beta = kwargs.pop("g"), kwargs.pop("beta")
-        running.carried += 1
+        running.called.add("delta")
         return delta_rule_cp(original, query, key, value, g, beta, pg=running.pg, layout=running.layout,
                              final_state=output_final_state, seq_len=running.seq_len, **kwargs)
     rule.__wrapped_original__ = original
@@ -120,7 +129,7 @@ def _ssd_dispatcher(original, running: _Running):
         if initial_states is not None:
             raise ValueError(f"{_WHO}: {running.layer}: a recurrent state from earlier steps was given; a sharded "
                              f"forward starts from the beginning of the sequence (pass use_cache=False)")
-        running.carried += 1
+        running.called.add("ssd")
         return ssd_scan_cp(original, x, dt, A, B, C, pg=running.pg, layout=running.layout,
                            final_state=return_final_states, seq_len=running.seq_len, **kwargs)
     return scan
@@ -139,6 +148,7 @@ def _conv_dispatcher(original, running: _Running):
         if not running.sharded():
             return original(conv1d, hidden_states, cache, layer_idx, *args, **kwargs)
         kernel = conv1d.kernel_size[0]
+        running.called.add("conv")
         if cache is not None:  # the prefill of sharded-cache decoding: keep the state after the real tokens
             if not getattr(cache, "replicates_linear_states", False) or cache.get_conv_state(layer_idx) is not None:
                 raise ValueError(f"{_WHO}: {running.layer}: a gated delta net got a cache from earlier steps; a "
@@ -146,7 +156,8 @@ def _conv_dispatcher(original, running: _Running):
                                  f"or decode with hf_cp_generate.generate)")
             seq_len = running.seq_len if running.seq_len is not None else hidden_states.shape[-1] * dist.get_world_size(running.pg)
             cache.update_conv_state(last_inputs(hidden_states, kernel, seq_len=seq_len, pg=running.pg,
-                                                layout=running.layout), layer_idx, conv_kernel_size=kernel)
+                                                layout=running.layout), layer_idx,
+                                    state_idx=kwargs.get("state_idx", 0), conv_kernel_size=kernel)
         return causal_conv_cp(lambda x: original(conv1d, x, None, layer_idx, *args, **kwargs), hidden_states,
                               kernel_size=kernel, pg=running.pg, layout=running.layout)
     conv.__wrapped_original__ = original
@@ -180,7 +191,8 @@ def sharded_delta_nets(model: nn.Module, pg: dist.ProcessGroup, layout: str, *, 
                 space[name] = dispatchers[role](space[name], running)
         for name, module in layers:
             handles.append(module.register_forward_pre_hook(_enter(running, name)))
-            handles.append(module.register_forward_hook(_leave(running), always_call=True))
+            handles.append(module.register_forward_hook(_leave(running, _mixing_role(_dispatched_names(module))),
+                                                        always_call=True))
         yield len(layers)
     finally:
         for h in handles:
@@ -191,17 +203,17 @@ def sharded_delta_nets(model: nn.Module, pg: dist.ProcessGroup, layout: str, *, 
 
 def _enter(running: _Running, name: str):
     def enter(module, args):
-        running.layer, running.carried = name, 0
+        running.layer, running.called = name, set()
     return enter
 
 
-def _leave(running: _Running):
-    """After a recurrent layer: it must have run its recurrence through the dispatchers (a kernel
-    runtime that replaced the layer's forward would have run it on this shard's tokens only)."""
+def _leave(running: _Running, role: str):
+    """After a recurrent layer: it must have run its recurrence (`role`) through the dispatchers (a
+    kernel runtime that replaced the layer's forward would have run it on this shard's tokens only)."""
     def leave(module, args, output):
         name, sharded = running.layer, running.sharded()
         running.layer = None
-        if sharded and running.carried == 0 and output is not None:
+        if sharded and role not in running.called and output is not None:
             raise RuntimeError(f"{_WHO}: recurrent layer {name!r} ran without the sharded recurrence (its forward or "
                                f"scan was replaced, e.g. by a kernel runtime), so it saw only this rank's tokens")
     return leave
