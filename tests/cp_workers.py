@@ -477,8 +477,6 @@ def hf_prefill_matches_unsharded(ctx):
     """Logits of a sharded prefill equal the unsharded run of the same rewritten model (MoBA sites
     sparse: 96 tokens, block 8, top-2; last layer dense), both layouts, sdpa and eager models, a
     length that needs padding."""
-    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
-
     for origin in ("sdpa", "eager"):
         model, _ = _tiny_llama(origin)
         model.eval()
@@ -486,10 +484,7 @@ def hf_prefill_matches_unsharded(ctx):
         with torch.no_grad():
             want = model(input_ids=ids, use_cache=False).logits
             for layout, exchange in (("contiguous", "auto"), ("contiguous", "queries"), ("zigzag", "keys")):
-                local_ids, pos, seq_len = shard_inputs(model, ids, layout=layout)
-                with context_parallel(model, layout=layout, seq_len=seq_len, exchange=exchange):
-                    local = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
-                got = unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len)
+                got = _sharded_logits(model, ids, layout, exchange=exchange)
                 close(f"logits [{origin} {layout} exchange={exchange}]", got, want)
         # The model is really sparse: a dense run differs.
         dense = _tiny_llama(origin)[0]
@@ -499,6 +494,18 @@ def hf_prefill_matches_unsharded(ctx):
         mr.rewrite(dense, {"version": 1, "defaults": {"mode": "dense"}})
         with torch.no_grad():
             assert (dense(input_ids=ids, use_cache=False).logits - want).abs().max() > 1e-3
+
+
+def _sharded_logits(model, ids, layout: str, mask=None, **cp_kwargs):
+    """The whole batch's logits `[B, T, V]` of a sharded forward of `model` on `ids` (and their
+    padding `mask`, sharded like them), reassembled on every rank."""
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
+
+    local_ids, pos, seq_len = shard_inputs(model, ids, layout=layout)
+    extra = {} if mask is None else {"attention_mask": shard_attention_mask(model, mask, layout=layout)}
+    with context_parallel(model, layout=layout, seq_len=seq_len, **cp_kwargs):
+        local = model(input_ids=local_ids, position_ids=pos, use_cache=False, **extra).logits
+    return unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len)
 
 
 def _lm_batch(seed: int):
@@ -827,7 +834,6 @@ def hf_dense_below_matches_unsharded(ctx):
     than it is full attention (it once ran MoBA when sharded), a longer one MoBA; sharded-cache
     generation decodes densely until the cache holds `dense_below` tokens, then with MoBA, giving the
     tokens and logits of single-process `generate()`."""
-    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
     from moba_rewrite.integrations.hf_cp_generate import generate
 
     policy = {"version": 1, "defaults": {"mode": "moba", "block_size": 8, "top_k": 2, "dense_below": 128}}
@@ -842,11 +848,7 @@ def hf_dense_below_matches_unsharded(ctx):
             full = dense(input_ids=ids, use_cache=False).logits
             assert ((want - full).abs().max() < 1e-5) == (t < 128), f"dense_below not applied in one process at {t}"
             for layout in ("contiguous", "zigzag"):
-                local_ids, pos, seq_len = shard_inputs(model, ids, layout=layout)
-                with context_parallel(model, layout=layout, seq_len=seq_len):
-                    local = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
-                close(f"logits [{t} tokens, {layout}]", unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len),
-                      want)
+                close(f"logits [{t} tokens, {layout}]", _sharded_logits(model, ids, layout), want)
     prompt = torch.randint(0, 96, (1, 100), generator=gen)  # the cache crosses 128 while decoding
     with torch.no_grad():
         want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
@@ -949,7 +951,7 @@ def hf_hybrid_delta_nets_match_unsharded(ctx):
     equals `generate()` (`_hybrid_decoding_matches_generate`). Without the state carried across
     ranks the answer differs (checked: the linear layers see only their shard)."""
     from moba_rewrite.integrations import hf_cp_linear
-    from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
 
     for family in ("qwen3_5", "qwen3_next", "kimi_linear", "bamba", "falcon_h1", "lfm2"):
         model = _tiny_hybrid(family).eval()
@@ -961,16 +963,8 @@ def hf_hybrid_delta_nets_match_unsharded(ctx):
             want = model(input_ids=ids, use_cache=False).logits
             want_padded = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             for layout in ("contiguous", "zigzag"):
-                local_ids, pos, seq_len = shard_inputs(model, ids, layout=layout)
-                with context_parallel(model, layout=layout, seq_len=seq_len):
-                    local = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
-                close(f"{family} logits [{layout}]", unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len),
-                      want)
-                local_mask = shard_attention_mask(model, mask, layout=layout)
-                with context_parallel(model, layout=layout, seq_len=seq_len):
-                    local = model(input_ids=local_ids, position_ids=pos, attention_mask=local_mask,
-                                  use_cache=False).logits
-                got = unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len)
+                close(f"{family} logits [{layout}]", _sharded_logits(model, ids, layout), want)
+                got = _sharded_logits(model, ids, layout, mask=mask)
                 close(f"{family} padded logits [{layout}]", got[mask.bool()], want_padded[mask.bool()])
             # The carried state matters: the same shards with the delta nets left local differ.
             local_ids, pos, seq_len = shard_inputs(model, ids, layout="contiguous")
@@ -1046,12 +1040,7 @@ def hf_sliding_window_matches_unsharded(ctx):
             real = mask.bool()
             assert (no_window - want)[real].abs().max() > 1e-3, "the window changes nothing: the test would not see it"
             for layout in ("contiguous", "zigzag"):
-                local_ids, pos, seq_len = shard_inputs(model, ids, layout=layout)
-                local_mask = shard_attention_mask(model, mask, layout=layout)
-                with context_parallel(model, layout=layout, seq_len=seq_len):
-                    local = model(input_ids=local_ids, position_ids=pos, attention_mask=local_mask,
-                                  use_cache=False).logits
-                got = unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len)
+                got = _sharded_logits(model, ids, layout, mask=mask)
                 close(f"logits [{family} window {window} {origin} {layout}]", got[real], want[real])
     # only the window's keys travel: rank r sends rank r + 1 the tokens from the block holding the
     # window's start (MoBA layers, block 8) or the window's start itself (the dense last layer)
