@@ -32,7 +32,8 @@ from moba_rewrite.evaluation.data import Windows, load_windows
 from moba_rewrite.evaluation.errors import BudgetError, EvaluationError
 from moba_rewrite.evaluation.evaluator import check_length
 from moba_rewrite.evaluation.kl import Accumulator
-from moba_rewrite.evaluation.models import logits, random_windows, shared_copy, vocab_size
+from moba_rewrite.evaluation.models import logits, random_windows, shared_copy
+from moba_rewrite.exporters.common import vocab_size
 from moba_rewrite.evaluation.progress import bar as progress_bar
 from moba_rewrite.evaluation.sites import Config, Stats, capture
 from moba_rewrite import api

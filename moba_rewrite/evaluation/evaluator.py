@@ -23,7 +23,8 @@ from moba_rewrite.evaluation import passkey as pk
 from moba_rewrite.evaluation.data import Windows, load_windows
 from moba_rewrite.evaluation.errors import EvaluationError
 from moba_rewrite.evaluation.kl import Accumulator
-from moba_rewrite.evaluation.models import logits, max_positions, random_windows, rewritten_copy, vocab_size
+from moba_rewrite.evaluation.models import logits, max_positions, random_windows, rewritten_copy
+from moba_rewrite.exporters.common import vocab_size
 from moba_rewrite.evaluation.progress import bar as progress_bar
 from moba_rewrite.evaluation.sites import capture
 from moba_rewrite.policy import load_policy

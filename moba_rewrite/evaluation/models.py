@@ -33,15 +33,6 @@ def rewritten_copy(model: nn.Module, policy: Any, seq_len: int) -> nn.Module:
     return twin
 
 
-def vocab_size(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for value in (getattr(text_config(model), "vocab_size", None), getattr(cfg, "vocab_size", None),
-                  getattr(model, "vocab_size", None)):
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def max_positions(model: nn.Module) -> int | None:
     """The longest input the model's position embeddings allow (None: no limit known)."""
     for cfg in (text_config(model), getattr(model, "config", None)):

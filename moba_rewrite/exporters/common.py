@@ -79,6 +79,16 @@ def text_config(model: Any) -> Any:
     return cfg
 
 
+def vocab_size(model: Any) -> int | None:
+    """The model's vocabulary size (its text config's, for composite models), None when it names none."""
+    for value in (getattr(text_config(model), "vocab_size", None), getattr(getattr(model, "config", None),
+                                                                          "vocab_size", None),
+                  getattr(model, "vocab_size", None)):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def exportable(model: nn.Module) -> nn.Module:
     """The module to hand to torch.export / ONNX: HF models as their `logits_view`."""
     return logits_view(model) if is_hf_model(model) else model
@@ -92,8 +102,8 @@ def sample_inputs(model: Any, seq_len: int, *, batch: int = 1, seed: int = 0) ->
     """
     gen = torch.Generator().manual_seed(seed)
     if is_hf_model(model):
-        vocab = int(getattr(text_config(model), "vocab_size", 0) or getattr(model.config, "vocab_size", 0) or 0)
-        if vocab < 1:
+        vocab = vocab_size(model)
+        if vocab is None:
             raise ValueError("sample inputs: expected config.vocab_size >= 1 for a Hugging Face model")
         device = next(model.parameters()).device
         return (torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device),)
