@@ -815,6 +815,22 @@ def hf_sharded_cache_beam_search_matches_generate(ctx):
                                 pad_token_id=0)
     assert not torch.equal(generate(model, ids, max_new_tokens=12, pad_token_id=0, num_beams=3), greedy), \
         "beam search gave the greedy tokens: the test would not see a beam bug"
+    # no eos given: the generation config's end id ends beams, as in generate() (an explicit None once
+    # cleared it, so sharded beams decoded past the end: Jamba's hybrid test found it)
+    with torch.no_grad():
+        beams = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, num_beams=3,
+                               do_sample=False, pad_token_id=0)
+    saved = copy.deepcopy(model.generation_config)
+    model.generation_config.eos_token_id = int(beams[1, 45 + 3])  # ends row 1's best beam early
+    try:
+        with torch.no_grad():
+            want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, num_beams=3,
+                                  do_sample=False, pad_token_id=0)
+        got = generate(model, ids, max_new_tokens=12, pad_token_id=0, num_beams=3)
+    finally:
+        model.generation_config = saved
+    assert not torch.equal(want, beams), "the config's eos changed nothing: the test would not see it"
+    assert torch.equal(got, want), ("beams, the config's eos", got[:, 45:], want[:, 45:])
     # beam sampling: every rank draws from rank 0's random state (ranks seeded differently here)
     sample = dict(num_beams=3, do_sample=True, temperature=1.5, top_k=20, num_return_sequences=2)
     torch.manual_seed(7)
@@ -898,17 +914,26 @@ def _tiny_hybrid(family: str, seed: int = 0):
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
             pad_token_id=0)
         cls = transformers.Lfm2ForCausalLM
+    elif family == "jamba":  # Mamba-1 mixers: a selective scan decaying per channel and state entry
+        cfg = transformers.JambaConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, attn_layer_period=2,
+            attn_layer_offset=1, num_attention_heads=4, num_key_value_heads=2, mamba_d_state=16, mamba_dt_rank=8,
+            num_experts=1, max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0)
+        cls = transformers.JambaForCausalLM
     else:
         cfg = transformers.Qwen3NextConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                                            shared_expert_intermediate_size=16, decoder_sparse_step=1)
         cls = transformers.Qwen3NextForCausalLM
     torch.manual_seed(seed)
     model = cls(cfg)
-    for module in model.modules():  # Mamba-2 mixers: a slow decay and larger inputs, so that the state
+    for module in model.modules():  # Mamba mixers: a slow decay and larger inputs, so that the state
         if hasattr(module, "A_log") and hasattr(module, "in_proj"):  # a chunk hands on shows in the logits
             with torch.no_grad():
                 module.A_log.fill_(-4.0)
-                module.dt_bias.fill_(0.0)
+                bias = getattr(module, "dt_bias", None)
+                if bias is None and getattr(module, "dt_proj", None) is not None:  # Mamba-1
+                    bias = module.dt_proj.bias
+                bias.fill_(0.0)
                 module.in_proj.weight.mul_(8.0)
     mr.rewrite(model, {"version": 1, "defaults": {"mode": "moba", "block_size": 8, "top_k": 2}})
     return model
@@ -945,7 +970,7 @@ def hf_hybrid_delta_nets_match_unsharded(ctx):
     """Hybrid stacks (Qwen3.5, Qwen3-Next: gated delta nets carrying a recurrent state and a causal
     convolution between MoBA layers; Kimi Linear: delta attention decaying per channel; Bamba:
     Mamba-2 mixers; Falcon-H1: attention and Mamba-2 side by side in each layer; LFM2: gated short
-    convolutions) under context parallelism: the sharded prefill's logits equal
+    convolutions; Jamba: Mamba-1 mixers) under context parallelism: the sharded prefill's logits equal
     the unsharded run (both layouts, a length that needs padding, a left-padded batch), and a
     sharded training step's loss and gradients equal the unsharded step's; sharded-cache decoding
     equals `generate()` (`_hybrid_decoding_matches_generate`). Without the state carried across
@@ -953,7 +978,7 @@ def hf_hybrid_delta_nets_match_unsharded(ctx):
     from moba_rewrite.integrations import hf_cp_linear
     from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
 
-    for family in ("qwen3_5", "qwen3_next", "kimi_linear", "bamba", "falcon_h1", "lfm2"):
+    for family in ("qwen3_5", "qwen3_next", "kimi_linear", "bamba", "falcon_h1", "lfm2", "jamba"):
         model = _tiny_hybrid(family).eval()
         assert len(hf_cp_linear.recurrent_layers(model)) == 2, family
         ids = torch.randint(0, 96, (2, 90), generator=torch.Generator().manual_seed(3))
@@ -968,17 +993,21 @@ def hf_hybrid_delta_nets_match_unsharded(ctx):
                 close(f"{family} padded logits [{layout}]", got[mask.bool()], want_padded[mask.bool()])
             # The carried state matters: the same shards with the delta nets left local differ.
             local_ids, pos, seq_len = shard_inputs(model, ids, layout="contiguous")
-            carried = hf_cp_linear.delta_rule_cp, hf_cp_linear.causal_conv_cp, hf_cp_linear.ssd_scan_cp
+            carried = (hf_cp_linear.delta_rule_cp, hf_cp_linear.causal_conv_cp, hf_cp_linear.ssd_scan_cp,
+                       hf_cp_linear.selective_scan_cp)
             hf_cp_linear.delta_rule_cp = lambda rule, q, k, v, g, beta, pg, layout, final_state, **kw: rule(
                 q, k, v, g=g, beta=beta, **kw)
             hf_cp_linear.causal_conv_cp = lambda conv, x, **kw: conv(x)
             hf_cp_linear.ssd_scan_cp = lambda scan, *a, pg, layout, final_state, **kw: scan(
                 *a, return_final_states=final_state, **kw)
+            hf_cp_linear.selective_scan_cp = lambda scan, *a, pg, layout, final_state, seq_len, **kw: scan(
+                *a, return_last_state=final_state, **kw)
             try:
                 with context_parallel(model, layout="contiguous", seq_len=seq_len):
                     local = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
             finally:
-                hf_cp_linear.delta_rule_cp, hf_cp_linear.causal_conv_cp, hf_cp_linear.ssd_scan_cp = carried
+                (hf_cp_linear.delta_rule_cp, hf_cp_linear.causal_conv_cp, hf_cp_linear.ssd_scan_cp,
+                 hf_cp_linear.selective_scan_cp) = carried
             alone = unshard_sequence(local, layout="contiguous", dim=1, seq_len=seq_len)
             # Falcon-H1 scales its Mamba branch down (muP multipliers): smaller, still 10x the tolerance
             assert (alone - want).abs().max() > 1e-4, f"{family}: the recurrent state made no difference"

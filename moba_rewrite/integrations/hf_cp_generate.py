@@ -459,10 +459,12 @@ def _transformers_loop(model: nn.Module, input_ids: Tensor, attention_mask: Tens
         handles = _decode_steps(model, hook, cache, shared)
         try:
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            # ids left unset stay the generation config's (an explicit None would clear its end ids)
+            ids = {k: v for k, v in (("eos_token_id", eos_token_id),
+                                     ("pad_token_id", pad_token_id if pad_token_id is not None else eos_token_id))
+                   if v is not None}
             out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, **sampling, **beams,
-                                 eos_token_id=eos_token_id,
-                                 pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id,
-                                 output_logits=return_logits, return_dict_in_generate=return_logits,
+                                 **ids, output_logits=return_logits, return_dict_in_generate=return_logits,
                                  **{keyword: cache})
         finally:
             for h in handles:

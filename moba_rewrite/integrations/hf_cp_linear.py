@@ -28,7 +28,8 @@ from typing import Callable, Iterator
 import torch.distributed as dist
 from torch import nn
 
-from moba_rewrite.parallel.recurrence import causal_conv_cp, delta_rule_cp, last_inputs, ssd_scan_cp
+from moba_rewrite.parallel.recurrence import (causal_conv_cp, delta_rule_cp, last_inputs, selective_scan_cp,
+                                               ssd_scan_cp)
 
 _WHO = "context_parallel"
 # The chunked delta rules (flash-linear-attention's signature) of transformers' modeling modules:
@@ -36,6 +37,7 @@ _WHO = "context_parallel"
 _RULES = ("torch_chunk_gated_delta_rule", "chunk_kimi_delta_attention")
 _CONV = "causal_conv1d_forward"
 _SSD_FORWARD, _SSD_SCAN, _SSD_FUSED = "mamba2_scan_forward", "mamba2_chunk_scan", "mamba2_split_conv1d_scan_combined"
+_MAMBA_FORWARD, _MAMBA_SCAN = "mamba_scan_forward", "mamba_selective_scan"
 
 
 def _dispatched_names(module: nn.Module) -> dict[str, str] | None:
@@ -54,6 +56,8 @@ def _dispatched_names(module: nn.Module) -> dict[str, str] | None:
         if _SSD_FUSED in space:
             names[_SSD_FUSED] = "fused"
         return names
+    if (_MAMBA_FORWARD in code.co_names or _MAMBA_SCAN in code.co_names) and _MAMBA_SCAN in space:  # Jamba; Zamba
+        return {_CONV: "conv", _MAMBA_SCAN: "mamba1"}
     if type(module).__name__.endswith("ShortConv"):  # LFM2 / LFM3: gated, and mixing only by its convolution
         return {_CONV: "conv"}
     return None
@@ -135,6 +139,19 @@ def _ssd_dispatcher(original, running: _Running):
     return scan
 
 
+def _selective_scan_dispatcher(original, running: _Running):
+    def scan(u, delta, A, B, C, *args, return_last_state=False, **kwargs):
+        if not running.sharded():
+            return original(u, delta, A, B, C, *args, return_last_state=return_last_state, **kwargs)
+        if args:
+            raise ValueError(f"{_WHO}: {running.layer}: Mamba's selective scan was called in an unknown way "
+                             f"(expected everything after C by keyword); this transformers version is not supported")
+        running.called.add("mamba1")
+        return selective_scan_cp(original, u, delta, A, B, C, pg=running.pg, layout=running.layout,
+                                 final_state=return_last_state, seq_len=running.seq_len, **kwargs)
+    return scan
+
+
 def _fused_dispatcher(original, running: _Running):
     """The fused conv + scan + norm + projection kernel of training: none while sharded (the
     layer then takes its unfused path, through the dispatched convolution and scan)."""
@@ -181,7 +198,7 @@ def sharded_delta_nets(model: nn.Module, pg: dist.ProcessGroup, layout: str, *, 
         space = vars(sys.modules[type(m).__module__])
         names.setdefault(id(space), (space, {}))[1].update(_dispatched_names(m))
     dispatchers = {"conv": _conv_dispatcher, "delta": _rule_dispatcher, "ssd": _ssd_dispatcher,
-                   "fused": _fused_dispatcher}
+                   "mamba1": _selective_scan_dispatcher, "fused": _fused_dispatcher}
     saved = []  # (namespace, name, original)
     handles = []
     try:

@@ -202,3 +202,68 @@ def _state_at(scan, parts, mine, entering, seq_len, lay, pg, A, scan_kwargs) -> 
         dist.broadcast(state, src=dist.get_global_rank(pg, owner), group=pg)
     count_bytes("recurrent state after the prompt", state.numel() * state.element_size())
     return state
+
+
+def selective_scan_cp(scan: Callable, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
+                      pg: dist.ProcessGroup, layout: str, D: Tensor | None = None, z: Tensor | None = None,
+                      delta_bias: Tensor | None = None, delta_softplus: bool = False, final_state: bool = False,
+                      seq_len: int | None = None, **scan_kwargs) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba-1's selective scan `scan` (mamba_ssm's `selective_scan_fn` signature: `u`/`delta`
+    `[B, D, T]`, `A` `[D, N]`, `B`/`C` `[B, N, T]`, keyword `D`, `z`, `delta_bias`, `delta_softplus`,
+    `return_last_state`; no initial state) over the whole sequence, of which these are this rank's
+    shard, from a zero state.
+
+    The state `h_t = exp(dt_t A) * h_{t-1} + dt_t u_t B_t` decays per channel and state entry, so
+    the state entering a chunk reaches its outputs as `C_t . (exp(A cumsum(dt))_t * h_in)`, gated
+    like the scan's output (`silu(z)`). Each rank scans each of its chunks from zero (outputs,
+    final state), one all-gather of every chunk's `(final state, exp(A sum(dt)))` gives the state
+    entering each chunk, and the correction above is added. Returns this rank's outputs and, with
+    `final_state`, the state after the first `seq_len` tokens (default all) `[B, D, N]` (fp32),
+    on every rank."""
+    lay = _layout_of(u.shape[-1], layout, pg)
+    c = lay.chunk_len
+    rank = dist.get_rank(pg)
+    mine = lay.chunks(rank)
+    dt = delta.float() + (delta_bias.float()[..., None] if delta_bias is not None else 0)
+    if delta_softplus:
+        dt = torch.nn.functional.softplus(dt)
+    kwargs = dict(D=D, delta_bias=delta_bias, delta_softplus=delta_softplus, **scan_kwargs)
+    pieces = []  # (u, delta, B, C, z) of each local chunk
+    zero_outs, summaries, decays = [], [], []
+    for i in range(len(mine)):
+        piece = [t.narrow(-1, i * c, c) if t is not None else None for t in (u, delta, B, C, z)]
+        out, state = scan(piece[0], piece[1], A, piece[2], piece[3], z=piece[4], return_last_state=True, **kwargs)
+        decay = torch.exp(A.float()[None, :, None, :] * dt.narrow(-1, i * c, c).cumsum(-1)[..., None])  # [B, D, c, N]
+        pieces.append(piece)
+        zero_outs.append(out)
+        decays.append(decay)
+        summaries.append(torch.stack([state.float(), decay[:, :, -1]], dim=-1))  # [B, D, N, 2]
+    every = _gather_chunks(summaries, lay, pg, "recurrent state summaries")
+    entering = [torch.zeros_like(summaries[0][..., 0])]
+    for s in every[:len(every) if final_state else max(mine) + 1]:
+        entering.append(s[..., 1] * entering[-1] + s[..., 0])
+    outs = []
+    for chunk, out, decay, piece in zip(mine, zero_outs, decays, pieces):
+        if chunk > 0:
+            carried = torch.einsum("bdtn,bdn,bnt->bdt", decay, entering[chunk], piece[3].float())
+            if piece[4] is not None:
+                carried = carried * torch.nn.functional.silu(piece[4].float())
+            out = (out.float() + carried).to(out.dtype)
+        outs.append(out)
+    out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+    if not final_state:
+        return out
+    if seq_len is None or seq_len >= lay.global_len:
+        return out, entering[-1]
+    last = (seq_len - 1) // c
+    owner, index = lay.chunk_order()[last]
+    state = torch.empty_like(entering[0])
+    if rank == owner:  # the chunk up to the last real token, from zero, plus what entered it
+        k = seq_len - last * c
+        uk, dk, bk, ck, zk = (t.narrow(-1, 0, k) if t is not None else None for t in pieces[index])
+        _, alone = scan(uk, dk, A, bk, ck, z=zk, return_last_state=True, **kwargs)
+        state = (decays[index][:, :, k - 1] * entering[last] + alone.float()).detach().contiguous()
+    with collective(_WHO, "the broadcast of the state after the prompt", pg):
+        dist.broadcast(state, src=dist.get_global_rank(pg, owner), group=pg)
+    count_bytes("recurrent state after the prompt", state.numel() * state.element_size())
+    return out, state
