@@ -20,8 +20,10 @@ shift would be wrong at shard edges). A padded batch passes its 2-D `attention_m
 the tokens (`shard_attention_mask`): every site then hides the padding keys of the whole
 sequence, as the unsharded model does. Causal sliding windows are applied at global positions
 (`hf_masks.SHARDED` keeps each window's mask with its size; docs/CONTEXT_PARALLEL.md), and so are
-packed documents (`packed=True`, position ids restarting at each document). Not supported: other
-masks (4-D, chunked attention), a KV cache from earlier steps (decode); each is one clear error.
+packed documents (`packed=True`, position ids restarting at each document). Hybrid stacks' recurrent
+layers (gated delta nets, Mamba-1 and Mamba-2 mixers, short convolutions) carry their state across
+ranks (`hf_cp_linear`). Not supported: other masks (4-D, chunked attention), a KV cache from
+earlier steps (decode: `hf_cp_generate`), other token mixers; each is one clear error.
 """
 
 from __future__ import annotations
