@@ -147,11 +147,11 @@ def ssd_scan_cp(scan: Callable, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: 
     rank's shard, from a zero state.
 
     The state `h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T` decays by one scalar per head, so a
-    chunk's transition is `a = prod_t exp(dt_t A)` per head: each rank runs the scan on each of
-    its chunks from zero (outputs, final state `h|0`) and once with no input from a state of ones
-    and one channel (its final state is `a`), one all-gather of every chunk's `(h|0, a)` gives the
-    state entering each chunk, and a scan with no input from that state (`C_t a_{1..t} h_in`, any
-    gating applied) corrects the outputs. Returns this rank's outputs and, with `final_state`,
+    chunk's transition is `a = exp(A sum_t dt_t)` per head (`dt` as the scan discretises it:
+    `dt_bias`, softplus, `dt_limit`): each rank runs the scan on each of its chunks from zero
+    (outputs, final state `h|0`), one all-gather of every chunk's `(h|0, a)` gives the state
+    entering each chunk, and a scan with no input from that state (`C_t a_{1..t} h_in`, any gating
+    applied) corrects the outputs. Returns this rank's outputs and, with `final_state`,
     the state after the first `seq_len` tokens (default all) `[B, H, P, N]`, on every rank (not
     differentiable when `seq_len` cuts the last chunk: it serves decoding)."""
     lay = _layout_of(x.shape[1], layout, pg)
@@ -160,15 +160,17 @@ def ssd_scan_cp(scan: Callable, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: 
     mine = lay.chunks(rank)
     b, _, h, p = x.shape
     parts = [[t.narrow(1, i * c, c) for t in (x, dt, B, C)] for i in range(len(mine))]
-    quiet = {**scan_kwargs, "D": None, "z": None}  # no input: the skip connection and gate would add nothing
+    step = dt.float() + (scan_kwargs["dt_bias"].float() if scan_kwargs.get("dt_bias") is not None else 0)
+    if scan_kwargs.get("dt_softplus"):
+        step = torch.nn.functional.softplus(step)
+    low, high = scan_kwargs.get("dt_limit", (0.0, float("inf")))
+    step = step.clamp(min=low, max=high)  # [B, T, H], as the scan discretises it
     zero_outs, summaries = [], []
-    for xi, dti, bi, ci in parts:
+    for i, (xi, dti, bi, ci) in enumerate(parts):
         out, state = scan(xi, dti, A, bi, ci, initial_states=None, return_final_states=True, **scan_kwargs)
-        ones = torch.ones((b, h, 1, state.shape[-1]), dtype=state.dtype, device=state.device)
-        _, decay = scan(xi.new_zeros((b, c, h, 1)), dti, A, bi, ci, initial_states=ones, return_final_states=True,
-                        **quiet)
+        decay = torch.exp(A.float() * step.narrow(1, i * c, c).sum(1)).to(state.dtype)  # [B, H]
         zero_outs.append(out)
-        summaries.append(torch.cat([state, decay[:, :, :1, :1].expand(b, h, p, 1)], dim=-1))  # [B, H, P, N + 1]
+        summaries.append(torch.cat([state, decay[:, :, None, None].expand(b, h, p, 1)], dim=-1))  # [B, H, P, N + 1]
     every = _gather_chunks(summaries, lay, pg, "recurrent state summaries")
     entering = [torch.zeros_like(summaries[0][..., :-1])]
     for s in every[:len(every) if final_state else max(mine) + 1]:
