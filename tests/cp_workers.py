@@ -966,7 +966,7 @@ def _hybrid_decoding_matches_generate(family: str, model) -> None:
     assert torch.equal(got_beams, want_beams), (family, "beams", got_beams[:, 45:], want_beams[:, 45:])
 
 
-def hf_hybrid_delta_nets_match_unsharded(ctx):
+def hf_hybrid_recurrent_layers_match_unsharded(ctx):
     """Hybrid stacks (Qwen3.5, Qwen3-Next: gated delta nets carrying a recurrent state and a causal
     convolution between MoBA layers; Kimi Linear: delta attention decaying per channel; Bamba:
     Mamba-2 mixers; Falcon-H1: attention and Mamba-2 side by side in each layer; LFM2: gated short
@@ -1382,14 +1382,14 @@ SUITES = {
             hf_padded_batch_matches_unsharded, hf_dense_below_matches_unsharded,
             hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
             hf_model_attention_functions_in_pieces, hf_sharded_cache_generate_matches_generate, hf_sharded_cache_beam_search_matches_generate,
-            hf_decoder_numbering_its_tokens_matches_unsharded, hf_hybrid_delta_nets_match_unsharded,
+            hf_decoder_numbering_its_tokens_matches_unsharded, hf_hybrid_recurrent_layers_match_unsharded,
             hf_compiled_model_matches_unsharded, hf_autocast_training_step_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,
              decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, hf_sharded_cache_generate_matches_generate,
              hf_sharded_cache_beam_search_matches_generate,
              hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
-             hf_model_attention_functions_in_pieces, hf_hybrid_delta_nets_match_unsharded,
+             hf_model_attention_functions_in_pieces, hf_hybrid_recurrent_layers_match_unsharded,
              fsdp2_and_context_parallel_training_step],
 }
 

@@ -618,8 +618,8 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
     if packed:
         masking_utils.find_packed_sequence_indices = _packing_reader(hook)
     try:
-        with hf_cp_linear.sharded_delta_nets(model, pg, layout, seq_len=seq_len,
-                                             decoding=lambda: hook.decode_len is not None):
+        with hf_cp_linear.sharded_recurrent_layers(model, pg, layout, seq_len=seq_len,
+                                                   decoding=lambda: hook.decode_len is not None):
             yield
     finally:
         hf.CONTEXT_PARALLEL = previous

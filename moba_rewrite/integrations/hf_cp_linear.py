@@ -1,21 +1,24 @@
-"""Gated delta-net layers of hybrid stacks under `context_parallel` (Qwen3-Next, Qwen3.5, Qwen3.5-MoE,
-OLMo-hybrid, Kimi Linear and the other transformers models built the same way).
+"""The recurrent layers of hybrid stacks under `context_parallel`: gated delta nets (Qwen3-Next,
+Qwen3.5, OLMo-hybrid), Kimi-style delta attention (Kimi Linear, Bailing hybrid), Mamba-2 mixers
+(Bamba, Granite 4.0-H, Nemotron-H, Zamba2, Falcon-H1), Mamba-1 mixers (Jamba, Zamba) and LFM's
+short convolutions (LFM2, LFM3), and the other transformers models built the same way.
 
-Their forward calls two functions of its own modeling module by name: `causal_conv1d_forward`
-(the short causal convolution over q/k/v) and the chunked delta rule (`torch_chunk_gated_delta_rule`,
-Kimi's `chunk_kimi_delta_attention`, which decays per channel);
-transformers lists both as replaceable (`use_kernelized_func`: a kernel runtime swaps them). While
-`sharded_delta_nets` is active those two names refer to dispatchers: called from one of the
-model's delta-net layers, they run the model's own functions on each chunk of this rank's shard
-and carry the convolution history and the recurrent state across ranks
-(`parallel.recurrence`); called from anywhere else, they are the originals. The rest of the
-layer (projections, gates, norms, padding) is the model's own code, untouched.
+Their forward reaches functions of its own modeling module by name: `causal_conv1d_forward` (the
+short causal convolution) and the recurrence (`torch_chunk_gated_delta_rule`,
+`chunk_kimi_delta_attention`, `mamba2_chunk_scan` through `mamba2_scan_forward`,
+`mamba_selective_scan`); transformers lists them as replaceable (`use_kernelized_func`: a kernel
+runtime swaps them). While `sharded_recurrent_layers` is active those names refer to dispatchers:
+called from one of the model's recurrent layers, they run the model's own functions on each chunk
+of this rank's shard and carry the convolution history and the recurrent state across ranks
+(`parallel.recurrence`); called from anywhere else, they are the originals. The rest of the layer
+(projections, gates, norms, padding) is the model's own code, untouched. A layer whose forward did
+not reach its recurrence's dispatcher (a kernel runtime replaced it) is an error.
 
-Sharded-cache decoding (`hf_cp_generate`) gives the prefill a cache whose delta-net layers are
+Sharded-cache decoding (`hf_cp_generate`) gives the prefill a cache whose recurrent layers are
 replicated on every rank: the dispatchers store there the convolution's last inputs and the
 recurrent state after the prompt's real tokens, and decode steps (the same new token on every rank)
 run the layers as they are. Refused, in one line each: a cache holding earlier steps, packed
-documents (`cu_seqlens`), a recurrent state passed in.
+documents (`cu_seqlens`, `seq_idx`), a recurrent state passed in.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ _MAMBA_FORWARD, _MAMBA_SCAN = "mamba_scan_forward", "mamba_selective_scan"
 
 def _dispatched_names(module: nn.Module) -> dict[str, str] | None:
     """{module-level function name: role} that `module`'s forward reaches by name, if it is a
-    recurrent layer this module shards: a delta net (roles `conv`, `delta`) or a Mamba-2 mixer
-    (`conv`, `ssd`, and `fused`: the kernel-only fused training path, turned off while sharded)."""
+    recurrent layer this module shards: a delta net (roles `conv`, `delta`), a Mamba-2 mixer
+    (`conv`, `ssd`, and `fused`: the kernel-only fused training path, turned off while sharded), a
+    Mamba-1 mixer (`conv`, `mamba1`) or a short convolution (`conv`)."""
     code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
     space = vars(sys.modules.get(type(module).__module__, object))
     if code is None or _CONV not in code.co_names or _CONV not in space:
@@ -70,10 +74,10 @@ def _mixing_role(names: dict[str, str]) -> str:
 
 def recurrent_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every recurrent layer this module shards: those whose forward calls its
-    modeling module's `causal_conv1d_forward` and a chunked delta rule (`torch_chunk_gated_delta_rule`,
-    `chunk_kimi_delta_attention`) or Mamba-2's scan (`mamba2_scan_forward` -> `mamba2_chunk_scan`),
-    and LFM's short-convolution layers (`*ShortConv`, which mix tokens by the convolution alone; a
-    layer that calls the convolution and a scan of its own, Jamba's Mamba-1 mixer, is not one)."""
+    modeling module's `causal_conv1d_forward` and a recurrence it can dispatch (a chunked delta rule,
+    Mamba-2's or Mamba-1's scan), and LFM's short-convolution layers (`*ShortConv`: recognised by
+    transformers' name for them, as a forward that calls the convolution does not show that it
+    mixes tokens by nothing else)."""
     return [(name, module) for name, module in model.named_modules() if _dispatched_names(module) is not None]
 
 
@@ -85,7 +89,7 @@ def uncovered_layers(model: nn.Module, layer_types: list[str], attention_kinds: 
 
 
 class _Running:
-    """Which delta-net layer of the sharded model is running (None: the dispatchers pass through),
+    """Which recurrent layer of the sharded model is running (None: the dispatchers pass through),
     and whether the forward is a decode step (every rank runs the same new tokens: pass through)."""
 
     def __init__(self, pg: dist.ProcessGroup, layout: str, seq_len: int | None, decoding: Callable[[], bool]):
@@ -114,7 +118,6 @@ def _rule_dispatcher(original, running: _Running):
         running.called.add("delta")
         return delta_rule_cp(original, query, key, value, g, beta, pg=running.pg, layout=running.layout,
                              final_state=output_final_state, seq_len=running.seq_len, **kwargs)
-    rule.__wrapped_original__ = original
     return rule
 
 
@@ -168,7 +171,7 @@ def _conv_dispatcher(original, running: _Running):
         running.called.add("conv")
         if cache is not None:  # the prefill of sharded-cache decoding: keep the state after the real tokens
             if not getattr(cache, "replicates_linear_states", False) or cache.get_conv_state(layer_idx) is not None:
-                raise ValueError(f"{_WHO}: {running.layer}: a gated delta net got a cache from earlier steps; a "
+                raise ValueError(f"{_WHO}: {running.layer}: a recurrent layer got a cache from earlier steps; a "
                                  f"sharded forward starts from the beginning of the sequence (pass use_cache=False, "
                                  f"or decode with hf_cp_generate.generate)")
             seq_len = running.seq_len if running.seq_len is not None else hidden_states.shape[-1] * dist.get_world_size(running.pg)
@@ -177,14 +180,13 @@ def _conv_dispatcher(original, running: _Running):
                                     state_idx=kwargs.get("state_idx", 0), conv_kernel_size=kernel)
         return causal_conv_cp(lambda x: original(conv1d, x, None, layer_idx, *args, **kwargs), hidden_states,
                               kernel_size=kernel, pg=running.pg, layout=running.layout)
-    conv.__wrapped_original__ = original
     return conv
 
 
 @contextmanager
-def sharded_delta_nets(model: nn.Module, pg: dist.ProcessGroup, layout: str, *, seq_len: int | None = None,
-                       decoding: Callable[[], bool] = lambda: False) -> Iterator[int]:
-    """While active, `model`'s gated delta nets run over the whole sharded sequence (`seq_len`: its
+def sharded_recurrent_layers(model: nn.Module, pg: dist.ProcessGroup, layout: str, *, seq_len: int | None = None,
+                             decoding: Callable[[], bool] = lambda: False) -> Iterator[int]:
+    """While active, `model`'s recurrent layers run over the whole sharded sequence (`seq_len`: its
     real length when padded; a cache given to the forward keeps their state after it), except in
     forwards `decoding()` calls decode steps, which run them as they are on every rank. Yields how
     many layers it covers (0: nothing changed)."""
