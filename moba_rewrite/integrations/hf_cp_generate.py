@@ -27,6 +27,10 @@ transformers' own positions. Beam search (`num_beams` > 1) runs transformers' ow
 loop over the sharded cache (`_transformers_loop`), and so do greedy and sampled decoding of a model
 whose generation config processes the logits (BART's forced end token, repetition penalties, ...:
 `hf_generation_config.logits_processing`), so that they get `generate()`'s processing.
+Hybrid stacks' recurrent layers (gated delta nets, Mamba, short convolutions) keep their small
+states replicated on every rank (`ReplicatedLinearLayer`; `ShardedHybridLayer` where a layer holds
+attention too): the sharded prefill stores the states after the prompt's real tokens
+(`hf_cp_linear`), and every rank runs each new token through those layers.
 """
 
 from __future__ import annotations
