@@ -100,20 +100,27 @@ class _Running:
         return self.layer is not None and not self.decoding()
 
 
+def _refuse_unsupported(running: _Running, what: str, *, positional: bool, packed: bool = False,
+                        earlier_state: bool = False) -> None:
+    """One-line errors for a sharded call of a recurrence this module cannot carry across ranks."""
+    if positional:
+        raise ValueError(f"{_WHO}: {running.layer}: {what} was called in an unknown way (expected its options by "
+                         f"keyword); this transformers version is not supported")
+    if packed:
+        raise ValueError(f"{_WHO}: {running.layer}: packed documents (cu_seqlens / seq_idx) in {what} cannot be "
+                         f"sharded")
+    if earlier_state:
+        raise ValueError(f"{_WHO}: {running.layer}: a recurrent state from earlier steps was given to {what}; a "
+                         f"sharded forward starts from the beginning of the sequence (pass use_cache=False)")
+
+
 def _rule_dispatcher(original, running: _Running):
     def rule(query, key, value, *args, initial_state=None, output_final_state=False, cu_seqlens=None, **kwargs):
         if not running.sharded():
             return original(query, key, value, *args, initial_state=initial_state,
                             output_final_state=output_final_state, cu_seqlens=cu_seqlens, **kwargs)
-        if args or "g" not in kwargs or "beta" not in kwargs:
-            raise ValueError(f"{_WHO}: {running.layer}: the gated delta rule was called in an unknown way "
-                             f"(expected g= and beta= by keyword); this transformers version is not supported")
-        if cu_seqlens is not None:
-            raise ValueError(f"{_WHO}: {running.layer}: packed documents (cu_seqlens) in a gated delta net cannot "
-                             f"be sharded")
-        if initial_state is not None:
-            raise ValueError(f"{_WHO}: {running.layer}: a recurrent state from earlier steps was given; a sharded "
-                             f"forward starts from the beginning of the sequence (pass use_cache=False)")
+        _refuse_unsupported(running, "the delta rule", positional=bool(args) or not {"g", "beta"} <= set(kwargs),
+                            packed=cu_seqlens is not None, earlier_state=initial_state is not None)
         g, beta = kwargs.pop("g"), kwargs.pop("beta")
         running.called.add("delta")
         return delta_rule_cp(original, query, key, value, g, beta, pg=running.pg, layout=running.layout,
@@ -127,15 +134,9 @@ def _ssd_dispatcher(original, running: _Running):
         if not running.sharded():
             return original(x, dt, A, B, C, *args, initial_states=initial_states,
                             return_final_states=return_final_states, seq_idx=seq_idx, cu_seqlens=cu_seqlens, **kwargs)
-        if args:
-            raise ValueError(f"{_WHO}: {running.layer}: Mamba-2's scan was called in an unknown way (expected "
-                             f"everything after C by keyword); this transformers version is not supported")
-        if seq_idx is not None or cu_seqlens is not None:
-            raise ValueError(f"{_WHO}: {running.layer}: packed documents (seq_idx) in a Mamba-2 layer cannot be "
-                             f"sharded")
-        if initial_states is not None:
-            raise ValueError(f"{_WHO}: {running.layer}: a recurrent state from earlier steps was given; a sharded "
-                             f"forward starts from the beginning of the sequence (pass use_cache=False)")
+        _refuse_unsupported(running, "Mamba-2's scan", positional=bool(args),
+                            packed=seq_idx is not None or cu_seqlens is not None,
+                            earlier_state=initial_states is not None)
         running.called.add("ssd")
         return ssd_scan_cp(original, x, dt, A, B, C, pg=running.pg, layout=running.layout,
                            final_state=return_final_states, seq_len=running.seq_len, **kwargs)
@@ -146,9 +147,7 @@ def _selective_scan_dispatcher(original, running: _Running):
     def scan(u, delta, A, B, C, *args, return_last_state=False, **kwargs):
         if not running.sharded():
             return original(u, delta, A, B, C, *args, return_last_state=return_last_state, **kwargs)
-        if args:
-            raise ValueError(f"{_WHO}: {running.layer}: Mamba's selective scan was called in an unknown way "
-                             f"(expected everything after C by keyword); this transformers version is not supported")
+        _refuse_unsupported(running, "Mamba's selective scan", positional=bool(args))
         running.called.add("mamba1")
         return selective_scan_cp(original, u, delta, A, B, C, pg=running.pg, layout=running.layout,
                                  final_state=return_last_state, seq_len=running.seq_len, **kwargs)
