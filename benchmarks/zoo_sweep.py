@@ -113,7 +113,7 @@ def tiny_config(cls: type, depth: int = 0) -> Any:
         # A hybrid stack (Qwen3-Next, Qwen3.5, Jamba, Kimi Linear, ...) whose first layers are all
         # recurrent: keep layers up to its first attention layer, or the model has no site.
         cfg = _construct(cls, {**kwargs, "num_hidden_layers": depth_needed}, default)
-    if cfg is not default and _layer_types(cfg) and not _has_attention_layer(cfg) \
+    if cfg is not default and set(_layer_types(cfg)) == {"linear_attention"} \
             and isinstance(getattr(cfg, "num_hidden_layers", None), int):
         # A hybrid family whose default config is all recurrent (Bamba, Granite 4.0-H: their
         # checkpoints name the attention layers): attention at the last layer.

@@ -188,11 +188,11 @@ def test_a_position_embedding_gets_the_global_positions_only_from_its_decoders_o
 
 
 def test_models_that_mix_tokens_outside_attention_are_refused():
-    """Jamba runs Mamba-1 mixers between its attention layers: a shard would restart their state and
-    their causal convolution at its first token (the cp sweep once found Falcon-H1's sharded logits
-    0.0039 off, before its Mamba-2 mixers got their state carried across ranks). The layer kinds
-    and the convolutions are named; Falcon-H1's mixers are carried (accepted), a plain Llama has
-    none."""
+    """RecurrentGemma's recurrent blocks (written inline in their forward: nothing to dispatch) mix
+    tokens outside attention: a shard would restart their state and their causal convolution at
+    its first token (the cp sweep once found Falcon-H1's sharded logits 0.0039 off, before its
+    Mamba-2 mixers got their state carried across ranks). The layer kinds and the convolutions are
+    named; Falcon-H1's mixers are carried (accepted), a plain Llama has none."""
     import sys
     from pathlib import Path
 
@@ -202,10 +202,11 @@ def test_models_that_mix_tokens_outside_attention_are_refused():
     import moba_rewrite as mr
     from moba_rewrite.integrations.hf_cp import check_rewritten, context_parallel, other_sequence_mixers
 
-    model, _ = cp_sweep._build("jamba", "JambaForCausalLM")
+    model, _ = cp_sweep._build("recurrent_gemma", "RecurrentGemmaForCausalLM")
     mr.rewrite(model, cp_sweep.SPARSE)
-    assert other_sequence_mixers(model) == ["layer types linear_attention", "convolutions JambaMambaMixer.conv1d"]
-    with pytest.raises(ValueError, match="mixes tokens outside attention .*JambaMambaMixer.conv1d"):
+    assert other_sequence_mixers(model) == ["layer types linear_attention",
+                                            "convolutions RecurrentGemmaRecurrentBlock.conv_1d"]
+    with pytest.raises(ValueError, match="mixes tokens outside attention .*RecurrentGemmaRecurrentBlock.conv_1d"):
         with context_parallel(model):
             pass
     falcon, _ = cp_sweep._build("falcon_h1", "FalconH1ForCausalLM")
