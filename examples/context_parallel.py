@@ -2,10 +2,13 @@
 decoding under context parallelism, each checked against the same model in one process.
 
     python examples/context_parallel.py                            # starts 2 gloo ranks on this machine
+    python examples/context_parallel.py --hybrid                   # a Qwen3.5-style hybrid stack instead
     torchrun --nproc_per_node 2 examples/context_parallel.py       # or let torchrun start them
 
 Every rank builds the same tiny Llama (MoBA block 16 / top-2, the last layer dense: a hybrid
-policy) and the same batch, and holds a zigzag shard of the sequence (`shard_inputs`):
+policy; `--hybrid`: a Qwen3.5 stack, gated delta nets with MoBA attention every 4th layer, whose
+recurrent state crosses the ranks) and the same batch, and holds a zigzag shard of the sequence
+(`shard_inputs`):
 
 1. prefill: the sharded logits, gathered, equal the unsharded model's;
 2. training step: the loss of the sharded batch (labels shifted before sharding, summed over the
@@ -31,15 +34,20 @@ POLICY = {"version": 1, "defaults": {"mode": "moba", "block_size": 16, "top_k": 
 
 def _model():
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     import moba_rewrite as mr
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         attention_dropout=0.0)
-    return mr.rewrite(LlamaForCausalLM(config), POLICY)
+    sizes = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=512, attention_dropout=0.0)
+    if os.environ.get("EXAMPLE_HYBRID") == "1" or "--hybrid" in sys.argv[1:]:  # delta nets, MoBA every 4th layer
+        config = transformers.Qwen3_5TextConfig(**sizes, num_hidden_layers=4, head_dim=16, linear_num_key_heads=2,
+                                                linear_num_value_heads=4, linear_key_head_dim=16,
+                                                linear_value_head_dim=16)
+        return mr.rewrite(transformers.Qwen3_5ForCausalLM(config), {**POLICY, "rules": []})
+    config = transformers.LlamaConfig(**sizes, num_hidden_layers=3)
+    return mr.rewrite(transformers.LlamaForCausalLM(config), POLICY)
 
 
 def _check(name: str, got, want, atol: float = 1e-4) -> None:
@@ -100,8 +108,8 @@ def run_rank() -> None:
         want_tokens = model.generate(prompt, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(prompt))
     assert torch.equal(tokens, want_tokens), "sharded-cache decoding chose other tokens than generate()"
     if rank == 0:
-        print(f"rank 0: prefill logits, loss {total.item():.4f} and {len(want_grads)} gradients, and 12 decoded "
-              f"tokens equal one process's")
+        print(f"rank 0 ({type(model).__name__}): prefill logits, loss {total.item():.4f} and {len(want_grads)} "
+              f"gradients, and 12 decoded tokens equal one process's")
     dist.destroy_process_group()
 
 
@@ -114,7 +122,7 @@ def _free_port() -> int:
 def main() -> None:
     """Start WORLD ranks of this script, as torchrun would, and wait for them."""
     env = {**os.environ, "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "EXAMPLE_HYBRID": "1" if "--hybrid" in sys.argv[1:] else "0"}
     ranks = [subprocess.Popen([sys.executable, __file__], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
     failed = []

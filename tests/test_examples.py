@@ -60,6 +60,16 @@ def test_example_runs(name, fresh_process_state, capsys, tmp_path):
     assert "ok:" in out.strip().splitlines()[-1], out[-2000:]
 
 
+@pytest.mark.slow
+def test_context_parallel_example_runs_a_hybrid_stack(fresh_process_state, capsys):
+    """`examples/context_parallel.py --hybrid`: a Qwen3.5 stack (gated delta nets between MoBA
+    attention layers) sharded over two ranks, prefill, training step and decoding equal to one process."""
+    sys.argv[:] = [str(ROOT / "examples" / "context_parallel.py"), "--hybrid"]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    out = capsys.readouterr().out
+    assert "(Qwen3_5ForCausalLM)" in out and "ok:" in out.strip().splitlines()[-1], out[-2000:]
+
+
 def test_console_script_entry_point():
     """pyproject's `moba-rewrite` script names the command's `main`; run once for real as a subprocess."""
     from moba_rewrite import cli
