@@ -42,6 +42,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from moba_rewrite.parallel import recurrence  # noqa: E402
+
 MODES = ("dense", "moba")
 
 
@@ -167,8 +169,7 @@ def summarize(world: int, ranks: list[dict]) -> dict:
 
 
 # parallel.recurrence's traffic steps (a hybrid stack's delta nets), shown apart from attention's
-_RECURRENCE_STEPS = {"recurrent state summaries", "convolution history",
-                     "recurrent state summaries (gradients)", "convolution history (gradients)"}
+_RECURRENCE_STEPS = {step + suffix for step in recurrence.TRAFFIC_STEPS for suffix in ("", " (gradients)")}
 
 
 def _mib(b: int) -> str:

@@ -100,8 +100,8 @@ def other_sequence_mixers(model: nn.Module) -> list[str]:
 
 
 def _unsharded_layer_kinds(model: nn.Module) -> list[str]:
-    """`_mixing_layer_kinds` of the layers holding no recurrent layer `hf_cp_linear` shards (gated
-    delta nets, Mamba-2 mixers: their states are carried across ranks)."""
+    """`_mixing_layer_kinds` of the layers holding no recurrent layer `hf_cp_linear` shards (delta
+    nets, Mamba mixers, short convolutions: their states are carried across ranks)."""
     types = layer_types(model)
     return sorted({types[i] for i in hf_cp_linear.uncovered_layers(model, types, _ATTENTION_LAYER_KINDS)})
 
@@ -606,9 +606,9 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
         handles += GlobalNumbering(hook, numbering).register(model)
     for name, m in _attention_modules(model):
         handles.append(m.register_forward_hook(_went_through(hook, name)))
-    delta_convs = {id(c) for _, m in recurrent for c in m.modules() if isinstance(c, nn.Conv1d)}
+    carried_convs = {id(c) for _, m in recurrent for c in m.modules() if isinstance(c, nn.Conv1d)}
     for label, conv in _sequence_convolutions(model):
-        if id(conv) not in delta_convs:  # a recurrent layer's convolution is carried across ranks (hf_cp_linear)
+        if id(conv) not in carried_convs:  # a recurrent layer's convolution is carried across ranks (hf_cp_linear)
             handles.append(conv.register_forward_pre_hook(_refuse_when_run(model, label)))
     previous, hf.CONTEXT_PARALLEL = hf.CONTEXT_PARALLEL, hook
     sharded, hf_masks.SHARDED = hf_masks.SHARDED, True
@@ -618,7 +618,7 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
     if packed:
         masking_utils.find_packed_sequence_indices = _packing_reader(hook)
     try:
-        with hf_cp_linear.sharded_recurrent_layers(model, pg, layout, seq_len=seq_len,
+        with hf_cp_linear.sharded_recurrent_layers(recurrent, pg, layout, seq_len=seq_len,
                                                    decoding=lambda: hook.decode_len is not None):
             yield
     finally:

@@ -41,7 +41,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, DynamicLayer, LinearAttentionLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+try:  # transformers 5's linear-attention cache layers (before them, no model has layers hf_cp_linear shards)
+    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, LinearAttentionLayer
+except ImportError:  # pragma: no cover
+    DYNAMIC_LAYER_TYPE_MAPPING, LinearAttentionLayer = {}, object
 
 from moba_rewrite.attention.block_means import refresh_key_block_means_
 from moba_rewrite.integrations import hf, hf_cp_linear, hf_masks
@@ -141,7 +146,7 @@ class ShardedCacheLayer(DynamicLayer):
 
 
 class ReplicatedLinearLayer(LinearAttentionLayer):
-    """A recurrent layer's (gated delta net's, Mamba-2 mixer's) convolution and recurrent states, the
+    """A recurrent layer's (delta net's, Mamba mixer's, short convolution's) convolution and recurrent states, the
     same on every rank: the sharded prefill stores the states after the prompt (`hf_cp_linear`),
     and every rank runs each decode step's new tokens through the layer."""
 
@@ -191,7 +196,8 @@ class ShardedHybridLayer(ReplicatedLinearLayer, ShardedCacheLayer):
 
 class ShardedKVCache(Cache):
     """A transformers `Cache` of `ShardedCacheLayer`s sharing one `CacheSlice` (and, for a hybrid
-    stack's gated delta nets, `ReplicatedLinearLayer`s)."""
+    stack's recurrent layers, `ReplicatedLinearLayer`s, or `ShardedHybridLayer`s where a layer holds
+    attention too)."""
 
     replicates_linear_states = True  # what hf_cp_linear's prefill looks for
 
@@ -506,7 +512,10 @@ def _sharded_cache(model: nn.Module, pg: dist.ProcessGroup, tokens: int) -> tupl
     shared = CacheSlice(capacity=capacity, rank=dist.get_rank(pg), world=world)
     recurrent = {int(m.layer_idx) for _, m in hf_cp_linear.recurrent_layers(model)}
     types = layer_types(model)
-    linear = frozenset(i for i in recurrent if i < len(types) and types[i] in ("linear_attention", "conv"))
+    # as transformers' own cache lays them out: a kind whose layer is not also an attention layer
+    # ("linear_attention", "conv") holds recurrent states only
+    linear = frozenset(i for i in recurrent if i < len(types) and not issubclass(
+        DYNAMIC_LAYER_TYPE_MAPPING.get(types[i], DynamicLayer), CacheLayerMixin))
     return shared, ShardedKVCache(_num_layers(model), shared, linear, frozenset(recurrent - linear))
 
 

@@ -183,13 +183,13 @@ def _conv_dispatcher(original, running: _Running):
 
 
 @contextmanager
-def sharded_recurrent_layers(model: nn.Module, pg: dist.ProcessGroup, layout: str, *, seq_len: int | None = None,
-                             decoding: Callable[[], bool] = lambda: False) -> Iterator[int]:
-    """While active, `model`'s recurrent layers run over the whole sharded sequence (`seq_len`: its
-    real length when padded; a cache given to the forward keeps their state after it), except in
-    forwards `decoding()` calls decode steps, which run them as they are on every rank. Yields how
-    many layers it covers (0: nothing changed)."""
-    layers = recurrent_layers(model)
+def sharded_recurrent_layers(layers: list[tuple[str, nn.Module]], pg: dist.ProcessGroup, layout: str, *,
+                             seq_len: int | None = None, decoding: Callable[[], bool] = lambda: False
+                             ) -> Iterator[int]:
+    """While active, the recurrent `layers` (a model's `recurrent_layers`) run over the whole sharded
+    sequence (`seq_len`: its real length when padded; a cache given to the forward keeps their state
+    after it), except in forwards `decoding()` calls decode steps, which run them as they are on
+    every rank. Yields how many layers it covers (0: nothing changed)."""
     if not layers:
         yield 0
         return

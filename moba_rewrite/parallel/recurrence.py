@@ -36,6 +36,10 @@ from moba_rewrite.parallel.layout import ShardLayout, _GatherShards, chunks_per_
 from moba_rewrite.parallel.traffic import count as count_bytes
 
 _WHO = "linear attention under context parallelism"
+# the steps `parallel.record_traffic` counts for these layers (a backward adds " (gradients)")
+SUMMARIES, HISTORY, CONV_STATE, FINAL_STATE = ("recurrent state summaries", "convolution history", "convolution state",
+                                               "recurrent state after the prompt")
+TRAFFIC_STEPS = (SUMMARIES, HISTORY, CONV_STATE, FINAL_STATE)
 
 
 def _gather_chunks(per_chunk: list[Tensor], lay: ShardLayout, pg: dist.ProcessGroup, step: str) -> list[Tensor]:
@@ -49,6 +53,36 @@ def _layout_of(t_local: int, layout: str, pg: dist.ProcessGroup) -> ShardLayout:
     if t_local % chunks_per_rank(layout):
         raise ValueError(f"{_WHO}: {t_local} tokens per rank cannot be cut into the {layout} layout's chunks")
     return ShardLayout(layout, dist.get_world_size(pg), t_local)
+
+
+def _entering_states(summaries: list[Tensor], lay: ShardLayout, pg: dist.ProcessGroup, mine: list[int],
+                     final_state: bool, start: Tensor, step: Callable[[Tensor, Tensor], Tensor]) -> list[Tensor]:
+    """The state entering each chunk of the whole sequence, from one all-gather of every chunk's
+    summary (this rank's `summaries`, one per local chunk): `start` before the first chunk, then
+    `step(summary of a chunk, state entering it)` after each; up to this rank's last chunk, or to
+    the sequence's end with `final_state` (the last entry is then the state after it)."""
+    every = _gather_chunks(summaries, lay, pg, SUMMARIES)
+    entering = [start]
+    for s in every[:len(every) if final_state else max(mine) + 1]:
+        entering.append(step(s, entering[-1]))
+    return entering
+
+
+def _state_after(seq_len: int, lay: ShardLayout, pg: dist.ProcessGroup, like: Tensor,
+                 on_owner: Callable[[int, int, int], Tensor]) -> Tensor:
+    """The state after the sequence's first `seq_len` tokens, on every rank: the rank holding token
+    `seq_len - 1` computes it (`on_owner(its local chunk index, the chunk, tokens of the chunk)`) and
+    broadcasts it (for decoding's prefill: not differentiable)."""
+    c = lay.chunk_len
+    last = (seq_len - 1) // c
+    owner, index = lay.chunk_order()[last]
+    state = torch.empty_like(like)
+    if dist.get_rank(pg) == owner:
+        state = on_owner(index, last, seq_len - last * c).detach().contiguous()
+    with collective(_WHO, "the broadcast of the state after the prompt", pg):
+        dist.broadcast(state, src=dist.get_global_rank(pg, owner), group=pg)
+    count_bytes(FINAL_STATE, state.numel() * state.element_size())
+    return state
 
 
 def causal_conv_cp(conv: Callable[[Tensor], Tensor], x: Tensor, *, kernel_size: int, pg: dist.ProcessGroup,
@@ -66,7 +100,7 @@ def causal_conv_cp(conv: Callable[[Tensor], Tensor], x: Tensor, *, kernel_size: 
                          f"inputs; shard longer sequences")
     mine = lay.chunks(dist.get_rank(pg))
     pieces = [x.narrow(-1, i * c, c) for i in range(len(mine))]
-    tails = _gather_chunks([p[..., -halo:] for p in pieces], lay, pg, "convolution history")
+    tails = _gather_chunks([p[..., -halo:] for p in pieces], lay, pg, HISTORY)
     out = []
     for chunk, piece in zip(mine, pieces):
         before = tails[chunk - 1] if chunk > 0 else torch.zeros_like(piece[..., :halo])
@@ -86,7 +120,7 @@ def last_inputs(x: Tensor, count: int, *, seq_len: int, pg: dist.ProcessGroup, l
     buf[..., at[inside]] = x[..., inside]
     with collective(_WHO, "the all-reduce of the convolution's last inputs", pg):
         dist.all_reduce(buf, group=pg)
-    count_bytes("convolution state", buf.numel() * buf.element_size() * (dist.get_world_size(pg) - 1))
+    count_bytes(CONV_STATE, buf.numel() * buf.element_size() * (dist.get_world_size(pg) - 1))
     return buf
 
 
@@ -124,11 +158,9 @@ def delta_rule_cp(rule: Callable, query: Tensor, key: Tensor, value: Tensor, g: 
                               initial_state=eye, output_final_state=True, **rule_kwargs)
             transitions.append(readout)  # q_t^T A_t  [B, c, H_v, d_k]
         summaries.append(torch.cat([a, state], dim=-1))  # [B, H_v, d_k, d_k + d_v]
-    every = _gather_chunks(summaries, lay, pg, "recurrent state summaries")
-    needed = len(every) if final_state else max(mine) + 1
-    entering = [torch.zeros(b, h_v, d_k, d_v, dtype=torch.float32, device=query.device)]
-    for s in every[:needed]:
-        entering.append(s[..., :d_k] @ entering[-1] + s[..., d_k:])
+    entering = _entering_states(summaries, lay, pg, mine, final_state,
+                                torch.zeros(b, h_v, d_k, d_v, dtype=torch.float32, device=query.device),
+                                lambda s, state: s[..., :d_k] @ state + s[..., d_k:])
     outs = []
     for chunk, out, readout in zip(mine, zero_runs, transitions):
         if readout is not None:
@@ -171,10 +203,8 @@ def ssd_scan_cp(scan: Callable, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: 
         decay = torch.exp(A.float() * step.narrow(1, i * c, c).sum(1)).to(state.dtype)  # [B, H]
         zero_outs.append(out)
         summaries.append(torch.cat([state, decay[:, :, None, None].expand(b, h, p, 1)], dim=-1))  # [B, H, P, N + 1]
-    every = _gather_chunks(summaries, lay, pg, "recurrent state summaries")
-    entering = [torch.zeros_like(summaries[0][..., :-1])]
-    for s in every[:len(every) if final_state else max(mine) + 1]:
-        entering.append(s[..., -1:] * entering[-1] + s[..., :-1])
+    entering = _entering_states(summaries, lay, pg, mine, final_state, torch.zeros_like(summaries[0][..., :-1]),
+                                lambda s, state: s[..., -1:] * state + s[..., :-1])
     outs = []
     for chunk, out, (xi, dti, bi, ci) in zip(mine, zero_outs, parts):
         if chunk > 0:
@@ -186,24 +216,11 @@ def ssd_scan_cp(scan: Callable, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: 
         return out
     if seq_len is None or seq_len >= lay.global_len:
         return out, entering[-1]
-    return out, _state_at(scan, parts, mine, entering, seq_len, lay, pg, A, scan_kwargs)
 
-
-def _state_at(scan, parts, mine, entering, seq_len, lay, pg, A, scan_kwargs) -> Tensor:
-    """The scan's state after the sequence's first `seq_len` tokens: the rank holding token
-    `seq_len - 1` runs its chunk up to it from the state entering it, and broadcasts the result."""
-    c = lay.chunk_len
-    last = (seq_len - 1) // c
-    owner, index = lay.chunk_order()[last]
-    state = torch.empty_like(entering[0])
-    if dist.get_rank(pg) == owner:
-        xi, dti, bi, ci = (t.narrow(1, 0, seq_len - last * c) for t in parts[index])
-        _, state = scan(xi, dti, A, bi, ci, initial_states=entering[last], return_final_states=True, **scan_kwargs)
-        state = state.detach().contiguous()
-    with collective(_WHO, "the broadcast of the state after the prompt", pg):
-        dist.broadcast(state, src=dist.get_global_rank(pg, owner), group=pg)
-    count_bytes("recurrent state after the prompt", state.numel() * state.element_size())
-    return state
+    def up_to(index: int, chunk: int, k: int) -> Tensor:  # the chunk's first k tokens, from its entering state
+        xi, dti, bi, ci = (t.narrow(1, 0, k) for t in parts[index])
+        return scan(xi, dti, A, bi, ci, initial_states=entering[chunk], return_final_states=True, **scan_kwargs)[1]
+    return out, _state_after(seq_len, lay, pg, entering[0], up_to)
 
 
 def selective_scan_cp(scan: Callable, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
@@ -240,10 +257,8 @@ def selective_scan_cp(scan: Callable, u: Tensor, delta: Tensor, A: Tensor, B: Te
         zero_outs.append(out)
         decays.append(decay)
         summaries.append(torch.stack([state.float(), decay[:, :, -1]], dim=-1))  # [B, D, N, 2]
-    every = _gather_chunks(summaries, lay, pg, "recurrent state summaries")
-    entering = [torch.zeros_like(summaries[0][..., 0])]
-    for s in every[:len(every) if final_state else max(mine) + 1]:
-        entering.append(s[..., 1] * entering[-1] + s[..., 0])
+    entering = _entering_states(summaries, lay, pg, mine, final_state, torch.zeros_like(summaries[0][..., 0]),
+                                lambda s, state: s[..., 1] * state + s[..., 0])
     outs = []
     for chunk, out, decay, piece in zip(mine, zero_outs, decays, pieces):
         if chunk > 0:
@@ -257,15 +272,9 @@ def selective_scan_cp(scan: Callable, u: Tensor, delta: Tensor, A: Tensor, B: Te
         return out
     if seq_len is None or seq_len >= lay.global_len:
         return out, entering[-1]
-    last = (seq_len - 1) // c
-    owner, index = lay.chunk_order()[last]
-    state = torch.empty_like(entering[0])
-    if rank == owner:  # the chunk up to the last real token, from zero, plus what entered it
-        k = seq_len - last * c
+
+    def up_to(index: int, chunk: int, k: int) -> Tensor:  # the chunk's first k tokens from zero, plus what entered
         uk, dk, bk, ck, zk = (t.narrow(-1, 0, k) if t is not None else None for t in pieces[index])
         _, alone = scan(uk, dk, A, bk, ck, z=zk, return_last_state=True, **kwargs)
-        state = (decays[index][:, :, k - 1] * entering[last] + alone.float()).detach().contiguous()
-    with collective(_WHO, "the broadcast of the state after the prompt", pg):
-        dist.broadcast(state, src=dist.get_global_rank(pg, owner), group=pg)
-    count_bytes("recurrent state after the prompt", state.numel() * state.element_size())
-    return out, state
+        return decays[index][:, :, k - 1] * entering[chunk] + alone.float()
+    return out, _state_after(seq_len, lay, pg, entering[0], up_to)
