@@ -521,15 +521,15 @@ def _lm_batch(seed: int):
     return ids, labels, loss_of
 
 
-def _sharded_training_step(model, ids, labels, loss_of, call=None, autocast: bool = False):
-    """One training step of `call` (default the model) on this rank's zigzag shard under
+def _sharded_training_step(model, ids, labels, loss_of, call=None, autocast: bool = False, layout: str = "zigzag"):
+    """One training step of `call` (default the model) on this rank's shard (`layout`) under
     `context_parallel` (bf16 autocast if asked): (the loss summed over the ranks, (local ids,
     positions, seq_len)); every parameter's gradient is summed over the ranks in place."""
-    from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
+    from moba_rewrite.integrations.hf_cp import alignment, context_parallel, shard_inputs
 
-    local_ids, pos, seq_len = shard_inputs(model, ids, layout="zigzag")
-    local_labels = shard_sequence(labels, layout="zigzag", dim=1, block_size=8, pad_value=-100)
-    with context_parallel(model, layout="zigzag", seq_len=seq_len):
+    local_ids, pos, seq_len = shard_inputs(model, ids, layout=layout)
+    local_labels = shard_sequence(labels, layout=layout, dim=1, block_size=alignment(model), pad_value=-100)
+    with context_parallel(model, layout=layout, seq_len=seq_len):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = (call if call is not None else model)(input_ids=local_ids, position_ids=pos, use_cache=False).logits
         loss = loss_of(logits, local_labels)
@@ -539,6 +539,37 @@ def _sharded_training_step(model, ids, labels, loss_of, call=None, autocast: boo
     for param in model.parameters():
         dist.all_reduce(param.grad)
     return total, (local_ids, pos, seq_len)
+
+
+def _training_step_matches_unsharded(name: str, model, layout: str) -> None:
+    """One sharded training step (`layout`) of `model` gives the unsharded step's loss and every
+    parameter's gradient (summed over the ranks)."""
+    model.train()
+    ids, labels, loss_of = _lm_batch(7)
+    ref = copy.deepcopy(model)
+    ref_loss = loss_of(ref(input_ids=ids, use_cache=False).logits, labels)
+    ref_loss.backward()
+    loss, _ = _sharded_training_step(model, ids, labels, loss_of, layout=layout)
+    close(f"{name} training loss [{layout}]", loss, ref_loss.detach())
+    ref_grads = dict(ref.named_parameters())
+    for param_name, prm in model.named_parameters():
+        if ref_grads[param_name].grad is None:
+            assert prm.grad is None or not prm.grad.any(), param_name
+            continue
+        close(f"{name} gradient of {param_name} [{layout}]", prm.grad, ref_grads[param_name].grad, atol=2e-5)
+
+
+def hf_contiguous_training_step_matches_unsharded(ctx):
+    """A training step on contiguous shards (rank 0 holds the sequence's start: its outputs need
+    nothing from the other ranks, yet every rank must join every exchange's backward, or the
+    ranks that need rank 0's gradient wait for it): MoBA and dense sites, a delta net, Mamba-2,
+    Mamba-1 and short convolutions; loss and gradients equal the unsharded step's."""
+    _training_step_matches_unsharded("llama", _tiny_llama(seed=5)[0], "contiguous")
+    _training_step_matches_unsharded("mistral window 20", _sliding_model("mistral", 20, "sdpa"), "contiguous")
+    for name, model in _function_site_models():
+        _training_step_matches_unsharded(name, model, "contiguous")
+    for family in ("qwen3_5", "bamba", "jamba", "lfm2"):
+        _training_step_matches_unsharded(family, _tiny_hybrid(family), "contiguous")
 
 
 def hf_compiled_model_matches_unsharded(ctx):
@@ -1383,6 +1414,7 @@ SUITES = {
             hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
             hf_model_attention_functions_in_pieces, hf_sharded_cache_generate_matches_generate, hf_sharded_cache_beam_search_matches_generate,
             hf_decoder_numbering_its_tokens_matches_unsharded, hf_hybrid_recurrent_layers_match_unsharded,
+            hf_contiguous_training_step_matches_unsharded,
             hf_compiled_model_matches_unsharded, hf_autocast_training_step_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,
@@ -1390,7 +1422,7 @@ SUITES = {
              hf_sharded_cache_beam_search_matches_generate,
              hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
              hf_model_attention_functions_in_pieces, hf_hybrid_recurrent_layers_match_unsharded,
-             fsdp2_and_context_parallel_training_step],
+             hf_contiguous_training_step_matches_unsharded, fsdp2_and_context_parallel_training_step],
 }
 
 # --------------------------------------------------------------------------------------------

@@ -156,6 +156,30 @@ class _GatherShards(torch.autograd.Function):
             return reduce_scatter_stacked(grad, ctx.pg), None, None, None
 
 
+class _DependOn(torch.autograd.Function):
+    """`out` unchanged; the backward gives `deps` a zero gradient (see `depend_on`)."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, *deps: Tensor) -> Tensor:
+        ctx.shapes = [(d.shape, d.dtype, d.device) for d in deps]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes))
+
+
+def depend_on(out: Tensor, *deps: Tensor) -> Tensor:
+    """`out`, made to depend on `deps` for autograd (with a zero gradient), so that this rank runs
+    the backward of the collectives that produced them even when its own result does not use them
+    (rank 0 of a causal contiguous layout needs nothing from the others): every rank must join
+    every collective of the backward, or those that wait for its part hang."""
+    deps = tuple(d for d in deps if d.requires_grad)
+    if not deps or not torch.is_grad_enabled():
+        return out
+    return _DependOn.apply(out, *deps)
+
+
 def gather_sequence(x: Tensor, pg: dist.ProcessGroup, layout: str, dim: int, who: str,
                     step: str | None = None) -> Tensor:
     """The whole (padded) sequence from every rank's shard along `dim`, differentiable; `step`: count

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moba_rewrite.parallel.groups import collective
-from moba_rewrite.parallel.layout import ShardLayout, _GatherShards, chunks_per_rank
+from moba_rewrite.parallel.layout import ShardLayout, _GatherShards, chunks_per_rank, depend_on
 from moba_rewrite.parallel.traffic import count as count_bytes
 
 _WHO = "linear attention under context parallelism"
@@ -105,7 +105,7 @@ def causal_conv_cp(conv: Callable[[Tensor], Tensor], x: Tensor, *, kernel_size: 
     for chunk, piece in zip(mine, pieces):
         before = tails[chunk - 1] if chunk > 0 else torch.zeros_like(piece[..., :halo])
         out.append(conv(torch.cat([before, piece], dim=-1))[..., halo:])
-    return torch.cat(out, dim=-1) if len(out) > 1 else out[0]
+    return depend_on(torch.cat(out, dim=-1) if len(out) > 1 else out[0], tails[0])
 
 
 def last_inputs(x: Tensor, count: int, *, seq_len: int, pg: dist.ProcessGroup, layout: str) -> Tensor:
@@ -166,7 +166,7 @@ def delta_rule_cp(rule: Callable, query: Tensor, key: Tensor, value: Tensor, g: 
         if readout is not None:
             out = out + torch.einsum("bthk,bhkv->bthv", readout, entering[chunk])
         outs.append(out)
-    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    out = depend_on(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], entering[-1])
     return out.to(query.dtype), (entering[-1] if final_state else None)
 
 
@@ -211,7 +211,7 @@ def ssd_scan_cp(scan: Callable, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: 
             out = out + scan(torch.zeros_like(xi), dti, A, bi, ci, initial_states=entering[chunk],
                              return_final_states=False, **scan_kwargs)
         outs.append(out)
-    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    out = depend_on(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], entering[-1])
     if not final_state:
         return out
     if seq_len is None or seq_len >= lay.global_len:
@@ -267,7 +267,7 @@ def selective_scan_cp(scan: Callable, u: Tensor, delta: Tensor, A: Tensor, B: Te
                 carried = carried * torch.nn.functional.silu(piece[4].float())
             out = (out.float() + carried).to(out.dtype)
         outs.append(out)
-    out = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+    out = depend_on(torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0], entering[-1])
     if not final_state:
         return out
     if seq_len is None or seq_len >= lay.global_len:
