@@ -905,6 +905,122 @@ def hf_dense_below_matches_unsharded(ctx):
     close("decode logits", logits, torch.stack(want.logits, dim=1), atol=1e-4)
 
 
+def recurrences_match_one_process(ctx):
+    """The recurrences of hybrid stacks over a sharded sequence (`parallel.recurrence`) equal the
+    model's own function on the whole sequence: the gated delta rule, Mamba-2's chunked scan,
+    Mamba-1's selective scan (transformers' reference implementations) and a causal convolution;
+    outputs, the state after the sequence and after a shorter real length, and the gradients of
+    every input; both layouts. On a power-of-two group the states entering each chunk come from a
+    scan by recursive doubling (log2 W summaries sent per rank and scan); on 3 ranks from the
+    all-gather of every chunk's summary (W - 1 per rank and chunk)."""
+    from transformers.models.jamba.modeling_jamba import mamba_selective_scan
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+
+    from moba_rewrite.parallel.recurrence import causal_conv_cp, delta_rule_cp, selective_scan_cp, ssd_scan_cp
+
+    pg = dist.group.WORLD
+    gen = torch.Generator().manual_seed(21)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).requires_grad_()
+
+    def whole_and_sharded(name, run_whole, run_sharded, inputs, seq_dims, layout, real_len):
+        """Compare outputs, final states and input gradients of one rank's shard."""
+        out, final = run_whole(*inputs)
+        weight = torch.randn(out.shape, generator=gen)
+        (out * weight).sum().backward()
+        want_grads = [x.grad.clone() for x in inputs]
+        local = [shard_sequence(x.detach(), layout=layout, dim=d).requires_grad_() if d is not None
+                 else x.detach().clone().requires_grad_() for x, d in zip(inputs, seq_dims)]
+        with record_traffic() as traffic:
+            got, got_final = run_sharded(*local, layout=layout)
+            (got * shard_sequence(weight, layout=layout, dim=seq_dims[0])).sum().backward()
+        close(f"{name} output [{layout}]", got, shard_sequence(out.detach(), layout=layout, dim=seq_dims[0]))
+        close(f"{name} final state [{layout}]", got_final, final.detach())
+        for i, (x, want, d) in enumerate(zip(local, want_grads, seq_dims)):
+            if d is None:  # a parameter: every rank holds part of its gradient
+                dist.all_reduce(x.grad)
+                close(f"{name} gradient of input {i} [{layout}]", x.grad, want, atol=5e-5)
+            else:
+                close(f"{name} gradient of input {i} [{layout}]", x.grad, shard_sequence(want, layout=layout, dim=d),
+                      atol=5e-5)
+        # after a shorter real length (the prefill of sharded-cache decoding)
+        with torch.no_grad():
+            cut = [x.detach().narrow(d, 0, real_len) if d is not None else x.detach() for x, d in zip(inputs, seq_dims)]
+            _, want_state = run_whole(*cut)
+            _, state = run_sharded(*[x.detach() for x in local], layout=layout, seq_len=real_len)
+        close(f"{name} state after {real_len} tokens [{layout}]", state, want_state)
+        return traffic.by_step.get("recurrent state summaries", 0)
+
+    world, b, t = ctx.world, 2, 32 * ctx.world  # chunks of 16 (zigzag) or 32 tokens
+    summaries_sent = {}
+    for layout in ("contiguous", "zigzag"):
+        chunks = 2 if layout == "zigzag" else 1
+        h, d = 2, 8
+        inputs = [rand(b, t, h, d), rand(b, t, h, d), rand(b, t, h, d), rand(b, t, h, scale=0.1), rand(b, t, h)]
+
+        def rule_whole(q, k, v, g, beta):
+            return torch_chunk_gated_delta_rule(q, k, v, g=-torch.nn.functional.softplus(g), beta=beta.sigmoid(),
+                                                output_final_state=True, use_qk_l2norm_in_kernel=True, chunk_size=8)
+
+        def rule_sharded(q, k, v, g, beta, layout, seq_len=None):
+            return delta_rule_cp(torch_chunk_gated_delta_rule, q, k, v, -torch.nn.functional.softplus(g), beta.sigmoid(),
+                                 pg=pg, layout=layout, final_state=True, seq_len=seq_len, use_qk_l2norm_in_kernel=True,
+                                 chunk_size=8)
+        sent = whole_and_sharded("delta rule", rule_whole, rule_sharded, inputs, [1] * 5, layout, t - 5)
+        summaries_sent[("delta", layout)] = (sent, b * h * d * (d + d) * 4 * chunks)
+
+        heads, p, n = 2, 4, 8
+        a_log = torch.log(torch.rand(heads, generator=gen) * 0.5 + 0.1)
+        inputs = [rand(b, t, heads, p), rand(b, t, heads, scale=0.3), rand(b, t, 1, n), rand(b, t, 1, n), rand(heads)]
+        kw = dict(chunk_size=8, dt_softplus=True)
+
+        def ssd_whole(x, dt, bb, cc, dt_bias):
+            return mamba2_chunk_scan(x, dt, -a_log.exp(), bb, cc, dt_bias=dt_bias, return_final_states=True, **kw)
+
+        def ssd_sharded(x, dt, bb, cc, dt_bias, layout, seq_len=None):
+            return ssd_scan_cp(mamba2_chunk_scan, x, dt, -a_log.exp(), bb, cc, pg=pg, layout=layout, final_state=True,
+                               seq_len=seq_len, dt_bias=dt_bias, **kw)
+        sent = whole_and_sharded("Mamba-2 scan", ssd_whole, ssd_sharded, inputs, [1, 1, 1, 1, None], layout, t - 3)
+        summaries_sent[("ssd", layout)] = (sent, b * heads * (p * n + 1) * 4 * chunks)
+
+        channels = 6
+        a = -torch.rand(channels, n, generator=gen) - 0.05
+        inputs = [rand(b, channels, t), rand(b, channels, t, scale=0.3), rand(b, n, t), rand(b, n, t),
+                  rand(b, channels, t), rand(channels)]
+
+        def mamba_whole(u, delta, bb, cc, z, bias):
+            out, state = mamba_selective_scan(u, delta, a, bb, cc, D=torch.ones(channels), z=z, delta_bias=bias,
+                                              delta_softplus=True, return_last_state=True)
+            return out, state
+
+        def mamba_sharded(u, delta, bb, cc, z, bias, layout, seq_len=None):
+            return selective_scan_cp(mamba_selective_scan, u, delta, a, bb, cc, pg=pg, layout=layout,
+                                     D=torch.ones(channels), z=z, delta_bias=bias, delta_softplus=True,
+                                     final_state=True, seq_len=seq_len)
+        sent = whole_and_sharded("Mamba-1 scan", mamba_whole, mamba_sharded, inputs, [2, 2, 2, 2, 2, None], layout, t - 7)
+        summaries_sent[("mamba1", layout)] = (sent, b * channels * n * 2 * 4 * chunks)
+
+        conv = torch.nn.Conv1d(channels, channels, 4, groups=channels, padding=3)
+        x = rand(b, channels, t)
+        want = conv(x)[..., :t]
+        weight = torch.randn(want.shape, generator=gen)
+        (want * weight).sum().backward()
+        local = shard_sequence(x.detach(), layout=layout, dim=2).requires_grad_()
+        got = causal_conv_cp(lambda y: conv(y)[..., :y.shape[-1]], local, kernel_size=4, pg=pg, layout=layout)
+        (got * shard_sequence(weight, layout=layout, dim=2)).sum().backward()
+        close(f"convolution [{layout}]", got, shard_sequence(want.detach(), layout=layout, dim=2))
+        close(f"convolution input gradient [{layout}]", local.grad, shard_sequence(x.grad, layout=layout, dim=2))
+    # what each rank sent for the summaries, forward and backward alike (the backward is counted apart)
+    doubling = world & (world - 1) == 0
+    for (kind, layout), (sent, per_summary) in summaries_sent.items():
+        chunks = 2 if layout == "zigzag" else 1
+        rounds = (world.bit_length() - 1) if doubling else None
+        expected = rounds * per_summary if doubling else (world - 1) * per_summary
+        assert sent == expected, (kind, layout, sent, expected, per_summary // chunks)
+
+
 def _tiny_hybrid(family: str, seed: int = 0):
     """A rewritten hybrid stack: gated delta nets (linear attention) between attention layers,
     MoBA at the attention layers (block 8, top-2: sparse at 96 tokens)."""
@@ -1413,16 +1529,17 @@ SUITES = {
             hf_padded_batch_matches_unsharded, hf_dense_below_matches_unsharded,
             hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
             hf_model_attention_functions_in_pieces, hf_sharded_cache_generate_matches_generate, hf_sharded_cache_beam_search_matches_generate,
-            hf_decoder_numbering_its_tokens_matches_unsharded, hf_hybrid_recurrent_layers_match_unsharded,
-            hf_contiguous_training_step_matches_unsharded,
+            hf_decoder_numbering_its_tokens_matches_unsharded, recurrences_match_one_process,
+            hf_hybrid_recurrent_layers_match_unsharded, hf_contiguous_training_step_matches_unsharded,
             hf_compiled_model_matches_unsharded, hf_autocast_training_step_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners,
              decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, hf_sharded_cache_generate_matches_generate,
              hf_sharded_cache_beam_search_matches_generate,
              hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
-             hf_model_attention_functions_in_pieces, hf_hybrid_recurrent_layers_match_unsharded,
+             hf_model_attention_functions_in_pieces, recurrences_match_one_process, hf_hybrid_recurrent_layers_match_unsharded,
              hf_contiguous_training_step_matches_unsharded, fsdp2_and_context_parallel_training_step],
+    "three": [recurrences_match_one_process],  # not a power of two: the recurrences' all-gather path
 }
 
 # --------------------------------------------------------------------------------------------

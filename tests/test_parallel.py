@@ -1,6 +1,6 @@
 """Context-parallel MoBA (`moba_rewrite.parallel`, `integrations.hf_cp`).
 
-The distributed cases run on 2 and 4 gloo ranks spawned once per suite (`cp_spawn`,
+The distributed cases run on 2 and 4 gloo ranks (and a few on 3) spawned once per suite (`cp_spawn`,
 `cp_workers`): each case compares a rank's shard of the sharded computation with the
 single-process answer (the `reference` backend on the whole sequence, or the unsharded model).
 The rest checks the pieces in this process.
@@ -35,6 +35,11 @@ def four_ranks():
     return cp_spawn.run_suite(4, "four")
 
 
+@pytest.fixture(scope="module")
+def three_ranks():
+    return cp_spawn.run_suite(3, "three")
+
+
 @pytest.mark.parametrize("case", cp_spawn.case_names("two"))
 def test_on_two_gloo_ranks(two_ranks, case):
     _check(two_ranks, case, 2)
@@ -43,6 +48,12 @@ def test_on_two_gloo_ranks(two_ranks, case):
 @pytest.mark.parametrize("case", cp_spawn.case_names("four"))
 def test_on_four_gloo_ranks(four_ranks, case):
     _check(four_ranks, case, 4)
+
+
+@pytest.mark.parametrize("case", cp_spawn.case_names("three"))
+def test_on_three_gloo_ranks(three_ranks, case):
+    """A group that is not a power of two (the recurrences' all-gather path)."""
+    _check(three_ranks, case, 3)
 
 
 # --------------------------------------------------------------------------------------------

@@ -127,3 +127,14 @@ def reduce_scatter_stacked(x: Tensor, pg: dist.ProcessGroup) -> Tensor:
     out = flat.new_empty(flat.numel() // x.shape[0])
     _REDUCE_SCATTER_SINGLE(out, flat, group=pg)
     return out.view(x.shape[1:])
+
+
+def swap_with(x: Tensor, partner: int, pg: dist.ProcessGroup) -> Tensor:
+    """`partner`'s `x` (same shape and dtype on both), for this rank's `x`: one send and one receive
+    (`partner` is a rank of `pg`)."""
+    x = x.contiguous()
+    got = torch.empty_like(x)
+    peer = dist.get_global_rank(pg, partner)
+    for request in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, peer, pg), dist.P2POp(dist.irecv, got, peer, pg)]):
+        request.wait()
+    return got
