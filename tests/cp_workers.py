@@ -563,13 +563,30 @@ def hf_contiguous_training_step_matches_unsharded(ctx):
     """A training step on contiguous shards (rank 0 holds the sequence's start: its outputs need
     nothing from the other ranks, yet every rank must join every exchange's backward, or the
     ranks that need rank 0's gradient wait for it): MoBA and dense sites, a delta net, Mamba-2,
-    Mamba-1 and short convolutions; loss and gradients equal the unsharded step's."""
+    Mamba-1 and short convolutions; loss and gradients equal the unsharded step's. And with
+    activation checkpointing (transformers' `activation_checkpointing_enable`), both layouts: the
+    backward recomputes each layer's sharded attention and recurrences, exchanges included
+    (checked: the attention and recurrent modules run again in the backward)."""
+    from moba_rewrite.integrations import hf_cp_linear
+
     _training_step_matches_unsharded("llama", _tiny_llama(seed=5)[0], "contiguous")
     _training_step_matches_unsharded("mistral window 20", _sliding_model("mistral", 20, "sdpa"), "contiguous")
     for name, model in _function_site_models():
         _training_step_matches_unsharded(name, model, "contiguous")
     for family in ("qwen3_5", "bamba", "jamba", "lfm2"):
         _training_step_matches_unsharded(family, _tiny_hybrid(family), "contiguous")
+    for layout in ("contiguous", "zigzag"):
+        for name, model in (("llama", _tiny_llama(seed=5)[0]), ("qwen3_5", _tiny_hybrid("qwen3_5")),
+                            ("bamba", _tiny_hybrid("bamba"))):
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+            watched = [model.model.layers[-1].self_attn] + [m for _, m in hf_cp_linear.recurrent_layers(model)[:1]]
+            calls = []
+            for module in watched:
+                module.register_forward_pre_hook(lambda module, args: calls.append(module))
+            _training_step_matches_unsharded(f"{name} checkpointed", model, layout)
+            for module in watched:  # the sharded step's forward and its recompute (the unsharded step runs a copy)
+                assert sum(c is module for c in calls) == 2, (name, type(module).__name__, len(calls))
 
 
 def hf_compiled_model_matches_unsharded(ctx):
