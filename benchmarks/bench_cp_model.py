@@ -17,7 +17,7 @@ reported. Per rank it also gives the peak tensor memory of one step (the CPU all
 total under the profiler: what the step holds at once above what was held before it, weights
 and gradients excluded) and the bytes sent to other ranks
 (`parallel.record_traffic`: MoBA-CP's means, requests, tiles and shipped rows; a dense site's
-all-gathered K/V). Every sharded run is checked against one process's run of the same rewrite
+K/V shards passed around the ring, or all-gathered with `--dense-form gather`). Every sharded run is checked against one process's run of the same rewrite
 (rank 0, after the timing): the largest difference of the hidden states.
 
 On a 2-core CPU W ranks share the two cores (time-sliced), so time does not fall with W here;
@@ -130,14 +130,14 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
         local_weights = shard_sequence(weights, layout=args.layout, dim=1, block_size=alignment(model))
 
         def run():
-            with context_parallel(model, layout=args.layout, seq_len=seq_len):
+            with context_parallel(model, layout=args.layout, seq_len=seq_len, dense=args.dense_form):
                 return _step(model, args, local_ids, positions, local_weights)
 
         with record_traffic() as traffic:
             run()
         times, peak = _measure(run, args.repeats, args.backward)
         row = {"s": times, "peak": peak, "bytes": traffic.bytes_sent, "bytes_by_step": traffic.by_step}
-        with torch.no_grad(), context_parallel(model, layout=args.layout, seq_len=seq_len):
+        with torch.no_grad(), context_parallel(model, layout=args.layout, seq_len=seq_len, dense=args.dense_form):
             local = _hidden(model, local_ids, positions)
         got = unshard_sequence(local, layout=args.layout, dim=1, seq_len=seq_len)
         if rank == 0 and not args.no_check:
@@ -180,7 +180,7 @@ def print_table(args, rows: list[dict]) -> None:
     kind = "Llama-style" if args.family == "llama" else "Qwen3.5 hybrid (delta nets, attention every 4th layer),"
     print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs; {kind} {args.layers} layers, hidden {args.hidden}, "
           f"{args.heads} heads (kv {args.kv_heads or args.heads}) x {args.head_dim}; {args.tokens} tokens, "
-          f"layout {args.layout}; MoBA block {args.block} / top-{args.top_k}; "
+          f"layout {args.layout}, dense sites by {args.dense_form}; MoBA block {args.block} / top-{args.top_k}; "
           f"{'forward + backward' if args.backward else 'forward'}")
     base = {m: rows[0][m] for m in MODES} if rows and rows[0]["world"] == 1 else None
     print("\n| ranks | dense s | MoBA s | dense / MoBA | peak per rank, dense | peak per rank, MoBA | "
@@ -240,6 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=int, default=512)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
+    p.add_argument("--dense-form", choices=["ring", "gather"], default="ring",
+                   help="how dense sites reach the other ranks' keys (context_parallel(dense=))")
     p.add_argument("--backward", action="store_true", help="time forward + backward (a training step)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-check", action="store_true", help="skip the comparison with one process's run")

@@ -253,31 +253,49 @@ def traffic_auto_spares_the_owners(ctx):
 
 
 def dense_sdpa_cp_matches_whole_sequence(ctx):
-    """`sdpa_cp` (the dense sites' all-gather attention): output and gradients equal SDPA on the
-    whole sequence, causal zigzag with GQA and padding, non-causal contiguous, a padded batch's key
-    mask (right padding and a hole; every query sees its first key)."""
-    for causal, layout, seq_len, padded in ((True, "zigzag", 90, False), (False, "contiguous", None, False),
-                                            (True, "contiguous", None, True), (False, "zigzag", 90, True)):
-        t = seq_len or 128
-        q, k, v = _qkv(2, 4, 2, t, 16, 12)
-        grad = torch.randn(2, 4, t, 16, generator=torch.Generator().manual_seed(13))
-        qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
-        keys = None
-        mask = torch.ones(t, t, dtype=torch.bool).tril() if causal else torch.ones(t, t, dtype=torch.bool)
-        if padded:
-            keys = _padded_batch(t)[1:]
-            mask = mask & keys[:, None, None, :]
-        ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, enable_gqa=True)
-        (ref * grad).sum().backward()
-        shard = lambda x, dim=2: shard_sequence(x, layout=layout, block_size=8 if seq_len else None, dim=dim)  # noqa: E731
-        ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
-        out = sdpa_cp(ql, kl, vl, causal=causal, enable_gqa=True, layout=layout, seq_len=seq_len,
-                      key_padding_mask=None if keys is None else shard(keys, dim=1))
-        (out * shard(grad)).sum().backward()
-        close(f"sdpa_cp output [{causal} {layout} padded={padded}]",
-              unshard_sequence(out.detach(), layout=layout, seq_len=seq_len), ref.detach())
-        for name, got, want in (("dq", ql.grad, qr.grad), ("dk", kl.grad, kr.grad), ("dv", vl.grad, vr.grad)):
-            close(f"sdpa_cp {name} [{causal} {layout}]", got, shard(want))
+    """`sdpa_cp` (the dense sites' all-gather attention) and `ring_attention_cp` (K/V shards passed
+    around the ring; the CPU flash kernel's parts and the portable fp32 path): output and gradients
+    equal SDPA on the whole sequence, causal zigzag with GQA and padding, non-causal contiguous, a
+    padded batch's key mask (right padding and a hole; every query sees its first key). The ring
+    sends each shard `W - 1` times forward, and its dK/dV (fp32) once per rank in the backward."""
+    from moba_rewrite.kernels import dense as dense_kernels
+    from moba_rewrite.parallel.ring import RING_STEP, ring_attention_cp
+
+    flash = dense_kernels._flash_parts_apply
+    for op, portable in ((sdpa_cp, False), (ring_attention_cp, False), (ring_attention_cp, True)):
+        if portable:
+            dense_kernels._flash_parts_apply = lambda *a: False
+        try:
+            for causal, layout, seq_len, padded in ((True, "zigzag", 90, False), (False, "contiguous", None, False),
+                                                    (True, "contiguous", None, True), (False, "zigzag", 90, True)):
+                t = seq_len or 96  # whole chunks on 2, 3 and 4 ranks
+                q, k, v = _qkv(2, 4, 2, t, 16, 12)
+                grad = torch.randn(2, 4, t, 16, generator=torch.Generator().manual_seed(13))
+                qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+                keys = None
+                mask = torch.ones(t, t, dtype=torch.bool).tril() if causal else torch.ones(t, t, dtype=torch.bool)
+                if padded:
+                    keys = _padded_batch(t)[1:]
+                    mask = mask & keys[:, None, None, :]
+                ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, enable_gqa=True)
+                (ref * grad).sum().backward()
+                shard = lambda x, dim=2: shard_sequence(x, layout=layout, block_size=8 if seq_len else None, dim=dim)  # noqa: E731
+                ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
+                with record_traffic() as traffic:
+                    out = op(ql, kl, vl, causal=causal, enable_gqa=True, layout=layout, seq_len=seq_len,
+                             key_padding_mask=None if keys is None else shard(keys, dim=1))
+                    (out * shard(grad)).sum().backward()
+                what = f"{op.__name__}{' portable' if portable else ''} [{causal} {layout} padded={padded}]"
+                close(f"{what} output", unshard_sequence(out.detach(), layout=layout, seq_len=seq_len), ref.detach())
+                for name, got, want in (("dq", ql.grad, qr.grad), ("dk", kl.grad, kr.grad), ("dv", vl.grad, vr.grad)):
+                    close(f"{what} {name}", got, shard(want))
+                if op is ring_attention_cp:
+                    kv_bytes = (kl.numel() + vl.numel()) * 4
+                    assert traffic.by_step[RING_STEP] == (ctx.world - 1) * kv_bytes, traffic.by_step
+                    assert traffic.by_step[f"{RING_STEP} (gradients)"] == ctx.world * kv_bytes, traffic.by_step
+                    assert "all-gathered keys/values" not in traffic.by_step, traffic.by_step
+        finally:
+            dense_kernels._flash_parts_apply = flash
 
 
 def decode_against_a_sharded_cache(ctx):
@@ -476,16 +494,21 @@ def _tiny_llama(origin="sdpa", seed=0, policy=None):
 def hf_prefill_matches_unsharded(ctx):
     """Logits of a sharded prefill equal the unsharded run of the same rewritten model (MoBA sites
     sparse: 96 tokens, block 8, top-2; last layer dense), both layouts, sdpa and eager models, a
-    length that needs padding."""
+    length that needs padding; the dense layer by ring attention (the default: its K/V shards go
+    round the ring, no all-gather) and by the all-gather (`dense="gather"`)."""
     for origin in ("sdpa", "eager"):
         model, _ = _tiny_llama(origin)
         model.eval()
         ids = torch.randint(0, 96, (2, 90), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
             want = model(input_ids=ids, use_cache=False).logits
-            for layout, exchange in (("contiguous", "auto"), ("contiguous", "queries"), ("zigzag", "keys")):
-                got = _sharded_logits(model, ids, layout, exchange=exchange)
-                close(f"logits [{origin} {layout} exchange={exchange}]", got, want)
+            for layout, exchange, dense in (("contiguous", "auto", "ring"), ("contiguous", "queries", "gather"),
+                                            ("zigzag", "keys", "ring"), ("zigzag", "auto", "gather")):
+                with record_traffic() as traffic:
+                    got = _sharded_logits(model, ids, layout, exchange=exchange, dense=dense)
+                close(f"logits [{origin} {layout} exchange={exchange} dense={dense}]", got, want)
+                ring, gathered = (traffic.by_step.get(step, 0) > 0 for step in ("ring keys/values", "all-gathered keys/values"))
+                assert (ring, gathered) == (dense == "ring", dense == "gather"), traffic.by_step
         # The model is really sparse: a dense run differs.
         dense = _tiny_llama(origin)[0]
         dense.config.__dict__  # noqa: B018
@@ -1430,6 +1453,15 @@ def hf_bad_inputs(ctx):
                 assert words in str(e), str(e)
             else:
                 raise AssertionError(f"no error naming {words!r}")
+    for kwargs, words in (({"dense": "allgather"}, "dense must be one of 'ring', 'gather', got 'allgather'"),
+                          ({"packed": "yes"}, "packed must be True or False")):
+        try:
+            with context_parallel(model, seq_len=seq_len, **kwargs):
+                pass
+        except ValueError as e:
+            assert words in str(e), str(e)
+        else:
+            raise AssertionError(f"no error naming {words!r}")
     from moba_rewrite.integrations.hf_cp_generate import generate
 
     for kwargs, words in (({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
@@ -1550,13 +1582,13 @@ SUITES = {
             hf_hybrid_recurrent_layers_match_unsharded, hf_contiguous_training_step_matches_unsharded,
             hf_compiled_model_matches_unsharded, hf_autocast_training_step_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
-             op_every_exchange_mode, traffic_auto_spares_the_owners,
+             op_every_exchange_mode, traffic_auto_spares_the_owners, dense_sdpa_cp_matches_whole_sequence,
              decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, hf_sharded_cache_generate_matches_generate,
              hf_sharded_cache_beam_search_matches_generate,
              hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
              hf_model_attention_functions_in_pieces, recurrences_match_one_process, hf_hybrid_recurrent_layers_match_unsharded,
              hf_contiguous_training_step_matches_unsharded, fsdp2_and_context_parallel_training_step],
-    "three": [recurrences_match_one_process],  # not a power of two: the recurrences' all-gather path
+    "three": [recurrences_match_one_process, dense_sdpa_cp_matches_whole_sequence],  # not a power of two
 }
 
 # --------------------------------------------------------------------------------------------

@@ -46,8 +46,10 @@ from moba_rewrite.parallel.window import WindowKeys, window_start
 from moba_rewrite.parallel.dense import gather_keys_values, in_causal_window
 from moba_rewrite.parallel.groups import check_call_agreement, resolve_group
 from moba_rewrite.parallel.layout import ShardLayout, check_layout, chunks_per_rank, gather_key_mask, gather_sequence
+from moba_rewrite.parallel.ring import ring_attention_cp
 
 _WHO = "context_parallel"
+DENSE_FORMS = ("ring", "gather")  # context_parallel(dense=): how plain causal dense sites reach the other ranks' keys
 
 
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -183,8 +185,9 @@ def shard_attention_mask(model: nn.Module, attention_mask: Tensor | None, group=
 class _ShardedAttention:
     """The attention function `integrations.hf` calls while a sequence is sharded."""
 
-    def __init__(self, pg: dist.ProcessGroup, layout: str, seq_len: int | None, exchange: str = "auto"):
-        self.pg, self.layout, self.seq_len, self.exchange = pg, layout, seq_len, exchange
+    def __init__(self, pg: dist.ProcessGroup, layout: str, seq_len: int | None, exchange: str = "auto",
+                 dense: str = "ring"):
+        self.pg, self.layout, self.seq_len, self.exchange, self.dense = pg, layout, seq_len, exchange, dense
         self.seen: set[int] = set()
         self.key_padding: Tensor | None = None  # this forward's local key mask [B, T_local], if the caller gave one
         self.global_keys: Tensor | None = None  # its whole-sequence form, gathered once per forward (dense sites)
@@ -313,6 +316,16 @@ class _ShardedAttention:
             outs.append(out)
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
+    def _ring(self, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+        """A plain causal dense site by ring attention (`ring_attention_cp`: no rank holds more than
+        two shards' K/V, forward or backward); padding keys hidden by the whole sequence's key mask,
+        gathered once per forward."""
+        if self.key_padding is not None and self.global_keys is None:
+            self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
+        return ring_attention_cp(query, key, value, group=self.pg, causal=True, scale=scale,
+                                 enable_gqa=query.shape[1] != key.shape[1], layout=self.layout, seq_len=self.seq_len,
+                                 global_key_mask=self.global_keys)
+
     def _key_spans(self, key: Tensor, value: Tensor, seq_len: int, window: int | None, unit: int):
         """`keys_of(first, end)`: the whole sequence's keys and values `first .. end-1`. All-gathered,
         or for a causal sliding window without packed documents only the window's keys, exchanged
@@ -397,8 +410,11 @@ class _ShardedAttention:
         positions (within packed documents, padding keys hidden). No `[T_local, T]` tensor."""
         dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)
         if causal and not hf.unsupported_reasons(query, key, value, None, dropout, module.training, kwargs):
-            out = self._gathered(query, key, value, scale, window, kind="dense", block_size=0, top_k=0,
-                                 backend="torch")
+            if self.dense == "ring" and window is None and self.documents is None:
+                out = self._ring(query, key, value, scale)
+            else:
+                out = self._gathered(query, key, value, scale, window, kind="dense", block_size=0, top_k=0,
+                                     backend="torch")
             return out.transpose(1, 2).contiguous(), None
         world, rank = dist.get_world_size(self.pg), dist.get_rank(self.pg)
         lay = ShardLayout(self.layout, world, query.shape[2])
@@ -571,7 +587,7 @@ def _check_decode_mask(name: str, mask: Tensor | None, tq: int, length: int, win
 
 @contextmanager
 def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous", seq_len: int | None = None,
-                     exchange: str = "auto", packed: bool = False) -> Iterator[None]:
+                     exchange: str = "auto", packed: bool = False, dense: str = "ring") -> Iterator[None]:
     """Run `model` (rewritten) on this rank's shard of one sequence, attending the whole sequence.
 
     Every rank of `group` (a ProcessGroup or 1-D DeviceMesh) must run the same forward (and
@@ -580,7 +596,10 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
     MoBA sites reach remote blocks: `auto`, `keys`, `queries`); `packed`: the sequence packs several
     documents, its `position_ids` restarting at each (`shard_inputs(..., position_ids=)`), and every
     token attends only its own document, as transformers does for packed position ids without an
-    attention mask (every site then all-gathers K/V, as sliding-window sites do). Each attention
+    attention mask (every site then all-gathers K/V, as sliding-window sites do); `dense`: how plain
+    causal dense sites see the other ranks' keys, `ring` (ring attention: each rank's K/V passed
+    around, never more than two shards held) or `gather` (one all-gather of the whole sequence's
+    K/V, kept for the backward; one exchange instead of `W - 1`). Each attention
     module of the model is checked to have gone through the sharded attention, and `position_ids`
     to be given."""
     check_rewritten(model)
@@ -589,7 +608,9 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
     check_mode(exchange, _WHO)
     if not isinstance(packed, bool):
         raise ValueError(f"{_WHO}: packed must be True or False, got {packed!r}")
-    hook = _ShardedAttention(pg, layout, seq_len, exchange)
+    if dense not in DENSE_FORMS:
+        raise ValueError(f"{_WHO}: dense must be one of {', '.join(map(repr, DENSE_FORMS))}, got {dense!r}")
+    hook = _ShardedAttention(pg, layout, seq_len, exchange, dense)
     hook.packed = packed
     numbering = [] if hf_masks.takes_argument(model, "position_ids") else numbering_modules(model)
     if numbering and packed:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from moba_rewrite.kernels.mask_forms import simplify
 
-__all__ = ["covers_all_blocks", "forward", "forward_masked", "restrict", "backward"]
+__all__ = ["covers_all_blocks", "forward", "forward_masked", "restrict", "backward", "part_forward", "part_backward"]
 
 # Mask elements (batch x query rows x keys) built per query chunk when a mask must be combined
 # with the causal cut: bounds the memory of long `dense_below` calls.
@@ -250,3 +250,94 @@ def _flash_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     if len(dks) == 1:
         return dq, dks[0], dvs[0]
     return dq, torch.cat(dks, dim=2), torch.cat(dvs, dim=2)
+
+
+# --- One part of an attention whose keys arrive in parts (ring attention) -----------------------
+
+# Score elements (batch x heads x query rows x keys) per step of the portable path.
+_PART_ELEMS = 1 << 26
+
+
+def _part_mask(visible: Tensor | None, causal: bool, q0: int, q1: int, tk: int, device) -> Tensor | None:
+    """`[B|1, 1, q1 - q0, Tk]` bool for query rows `q0 .. q1-1` of a part: the key mask `visible`
+    `[B, Tk]` and, for the causal square, row i sees keys 0 .. i."""
+    mask = None if visible is None else visible[:, None, None, :]
+    if causal:
+        cut = torch.arange(tk, device=device)[None, :] <= torch.arange(q0, q1, device=device)[:, None]
+        mask = cut[None, None] if mask is None else mask & cut
+    return mask
+
+
+def _part_scores(q: Tensor, k: Tensor, scale: float, mask: Tensor | None) -> tuple[Tensor, Tensor, torch.dtype]:
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[1] // k.shape[1]
+    kx = k.to(ct).repeat_interleave(group, dim=1) if group > 1 else k.to(ct)
+    s = torch.matmul(q.to(ct), kx.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return s, kx, ct
+
+
+def part_forward(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, causal: bool,
+                 scale: float) -> tuple[Tensor, Tensor]:
+    """`(out, lse)` of `q` `[B, Hq, Tq, D]` over one part of the keys `k`, `v` `[B, Hkv, Tk, D]`:
+    all of them (`causal` False) or the square causal part (`Tq == Tk`, query i sees keys 0 .. i),
+    keys hidden where `visible` `[B, Tk]` is False. `lse` `[B, Hq, Tq]` fp32 (-inf for a row that
+    sees no key, whose output is zeros), so parts merge by log-sum-exp. CPU: PyTorch's flash
+    kernel; elsewhere fp32 math in rows of bounded size."""
+    mask = None if visible is None else visible[:, None, None, :]
+    if _flash_parts_apply(q, k, v, mask, causal) and (not causal or q.shape[2] == k.shape[2]):
+        return _flash_forward(q, k, v, mask, causal, scale)
+    b, hq, tq, _ = q.shape
+    tk = k.shape[2]
+    rows = max(1, _PART_ELEMS // max(1, b * hq * tk))
+    outs, lses = [], []
+    group_v = hq // v.shape[1]
+    for q0 in range(0, tq, rows):
+        q1 = min(tq, q0 + rows)
+        s, _, ct = _part_scores(q[:, :, q0:q1], k, scale, _part_mask(visible, causal, q0, q1, tk, q.device))
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
+        vx = v.to(ct).repeat_interleave(group_v, dim=1) if group_v > 1 else v.to(ct)
+        outs.append(torch.matmul(p, vx).to(q.dtype))
+        lses.append(lse.float())
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def part_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  visible: Tensor | None, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """`(dq, dk, dv)` of one part (`part_forward`'s arguments) within a whole attention whose
+    output is `out` and log-sum-exp `lse` (the merge of every part): the part's softmax weights
+    are its share of the whole, `exp(s - lse)`. dk / dv summed over GQA groups; fp32 on the
+    portable path, the inputs' dtype from the flash kernel."""
+    mask = None if visible is None else visible[:, None, None, :]
+    if _flash_parts_apply(q, k, v, mask, causal) and (not causal or q.shape[2] == k.shape[2]):
+        whole = lse.masked_fill(torch.isneginf(lse), float("inf"))  # a row that sees no key: zero weights
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, whole.double() if q.dtype == torch.float64 else whole, 0.0, causal,
+            attn_mask=_additive(mask, 0, k.shape[2], q.dtype), scale=scale)
+    b, hq, tq, _ = q.shape
+    tk = k.shape[2]
+    rows = max(1, _PART_ELEMS // max(1, b * hq * tk))
+    group_k, group_v = hq // k.shape[1], hq // v.shape[1]
+    dq = torch.empty_like(q)
+    dk = dv = None
+    for q0 in range(0, tq, rows):
+        q1 = min(tq, q0 + rows)
+        s, kx, ct = _part_scores(q[:, :, q0:q1], k, scale, _part_mask(visible, causal, q0, q1, tk, q.device))
+        whole = lse[:, :, q0:q1].to(ct)
+        p = torch.exp(s - whole.masked_fill(torch.isneginf(whole), float("inf"))[..., None])
+        go = grad_out[:, :, q0:q1].to(ct)
+        vx = v.to(ct).repeat_interleave(group_v, dim=1) if group_v > 1 else v.to(ct)
+        gv = torch.matmul(p.transpose(-1, -2), go)
+        dp = torch.matmul(go, vx.transpose(-1, -2))
+        ds = p * (dp - (go * out[:, :, q0:q1].to(ct)).sum(-1, keepdim=True)) * scale
+        dq[:, :, q0:q1] = torch.matmul(ds, kx).to(q.dtype)
+        gk = torch.matmul(ds.transpose(-1, -2), q[:, :, q0:q1].to(ct))
+        dk = gk if dk is None else dk + gk
+        dv = gv if dv is None else dv + gv
+    if group_k > 1:
+        dk = dk.unflatten(1, (k.shape[1], group_k)).sum(2)
+    if group_v > 1:
+        dv = dv.unflatten(1, (v.shape[1], group_v)).sum(2)
+    return dq, dk, dv

@@ -9,6 +9,8 @@
   dense counterpart (optionally within a causal sliding window);
 - `dense`: `sdpa_cp`, ordinary attention over the sharded sequence by an all-gather of K/V (for the
   dense sites of hybrid policies), and the pieces the Hugging Face integration reuses;
+- `ring`: `ring_attention_cp`, the same attention by ring attention (K/V shards passed around the
+  ring, never more than two held; what the Hugging Face integration runs at plain causal dense sites);
 - `layout`: the `contiguous` and `zigzag` layouts, `shard_sequence` / `unshard_sequence`;
 - `window`: the keys a causal sliding window needs from other ranks (one all-to-all, nothing more);
 - `gate`, `exchange`, `shipping`: the global gate, the block exchange, shipped query rows; `groups`: group resolution, the
@@ -21,9 +23,10 @@ kernels), torch.distributed. Nothing above them (integrations, passes, api, cli)
 from moba_rewrite.parallel.attention import moba_attention_cp
 from moba_rewrite.parallel.decode import moba_decode_cp, sdpa_decode_cp
 from moba_rewrite.parallel.dense import sdpa_cp
+from moba_rewrite.parallel.ring import ring_attention_cp
 from moba_rewrite.parallel.groups import ContextParallelError
 from moba_rewrite.parallel.layout import LAYOUTS, shard_sequence, unshard_sequence
 from moba_rewrite.parallel.traffic import Traffic, record_traffic
 
-__all__ = ["moba_attention_cp", "moba_decode_cp", "sdpa_decode_cp", "sdpa_cp", "shard_sequence", "unshard_sequence", "ContextParallelError", "LAYOUTS",
+__all__ = ["moba_attention_cp", "moba_decode_cp", "sdpa_decode_cp", "sdpa_cp", "ring_attention_cp", "shard_sequence", "unshard_sequence", "ContextParallelError", "LAYOUTS",
            "record_traffic", "Traffic"]

@@ -4,8 +4,9 @@ Each rank all-gathers K and V (`W * T_local` tokens; the backward reduce-scatter
 their owners) and attends its queries at their global positions under an explicit mask. This is
 the "all-gather" form of context parallelism (what Megatron-LM's and PyTorch's all-gather CP do);
 PyTorch's own `context_parallel` does not run on CPU in torch 2.13 (no sharding rule for
-`_scaled_dot_product_flash_attention_for_cpu`), and its ring needs DTensor-wrapped buffers, so
-the model path uses this everywhere. Cost: K/V of the whole sequence on every rank.
+`_scaled_dot_product_flash_attention_for_cpu`), and its ring needs DTensor-wrapped buffers. Cost:
+K/V of the whole sequence on every rank; `parallel.ring.ring_attention_cp` computes the same
+holding two shards at a time (what the model path runs at plain causal dense sites).
 """
 
 from __future__ import annotations
