@@ -564,15 +564,16 @@ def _sharded_training_step(model, ids, labels, loss_of, call=None, autocast: boo
     return total, (local_ids, pos, seq_len)
 
 
-def _training_step_matches_unsharded(name: str, model, layout: str) -> None:
-    """One sharded training step (`layout`) of `model` gives the unsharded step's loss and every
-    parameter's gradient (summed over the ranks)."""
+def _training_step_matches_unsharded(name: str, model, layout: str, compiled: bool = False) -> None:
+    """One sharded training step (`layout`; of `torch.compile(model)` when `compiled`) of `model`
+    gives the unsharded step's loss and every parameter's gradient (summed over the ranks)."""
     model.train()
     ids, labels, loss_of = _lm_batch(7)
     ref = copy.deepcopy(model)
     ref_loss = loss_of(ref(input_ids=ids, use_cache=False).logits, labels)
     ref_loss.backward()
-    loss, _ = _sharded_training_step(model, ids, labels, loss_of, layout=layout)
+    loss, _ = _sharded_training_step(model, ids, labels, loss_of, layout=layout,
+                                     call=torch.compile(model) if compiled else None)
     close(f"{name} training loss [{layout}]", loss, ref_loss.detach())
     ref_grads = dict(ref.named_parameters())
     for param_name, prm in model.named_parameters():
@@ -615,8 +616,9 @@ def hf_contiguous_training_step_matches_unsharded(ctx):
 def hf_compiled_model_matches_unsharded(ctx):
     """`torch.compile(model)` (Inductor) run under `context_parallel`: the sharded prefill's logits
     and a sharded training step's loss and gradients (summed over the ranks) equal the eager,
-    unsharded model's. The sharded attention graph-breaks out of the compiled graph (it is
-    eager-only); the rest, backward included, is compiled."""
+    unsharded model's (Llama; Qwen3.5 and Bamba training on contiguous shards). The sharded
+    attention and recurrences graph-break out of the compiled graph (they are eager-only); the rest,
+    backward included, is compiled."""
     from moba_rewrite.integrations.hf_cp import context_parallel
 
     torch._dynamo.reset()
@@ -640,6 +642,12 @@ def hf_compiled_model_matches_unsharded(ctx):
     with torch.no_grad(), context_parallel(model, layout="zigzag", seq_len=seq_len):
         local = torch.compile(model)(input_ids=local_ids, position_ids=pos, use_cache=False).logits
     close("compiled logits", unshard_sequence(local, layout="zigzag", dim=1, seq_len=seq_len), want_logits)
+    # Hybrid stacks compiled, on contiguous shards: the recurrences' exchanges run eagerly (traced,
+    # rank 0's graph differed and held a collective of a constant gradient in its forward: the ranks
+    # waited in different collectives)
+    for family in ("qwen3_5", "bamba"):
+        torch._dynamo.reset()
+        _training_step_matches_unsharded(f"{family} compiled", _tiny_hybrid(family), "contiguous", compiled=True)
     torch._dynamo.reset()
 
 

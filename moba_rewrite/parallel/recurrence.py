@@ -44,6 +44,12 @@ _WHO = "linear attention under context parallelism"
 SUMMARIES, HISTORY, CONV_STATE, FINAL_STATE = ("recurrent state summaries", "convolution history", "convolution state",
                                                "recurrent state after the prompt")
 TRAFFIC_STEPS = (SUMMARIES, HISTORY, CONV_STATE, FINAL_STATE)
+# Every entry point runs eagerly: a compiled model breaks its graph here (as at the sharded
+# attention). Traced, the collectives would enter graphs that differ from rank to rank (rank 0 skips
+# the transition of the sequence's first chunk), and the partitioner may move a collective whose
+# gradient is a constant (the zero gradient of `depend_on`) into the forward on some ranks only:
+# the ranks then wait in different collectives.
+_EAGER = torch.compiler.disable
 # Carry the recurrent state by recursive doubling on power-of-two groups (False: always the
 # all-gather of every chunk's summary; benchmarks/bench_cp_recurrent.py compares the two)
 SCAN_BY_DOUBLING = True
@@ -181,6 +187,7 @@ def _state_after(seq_len: int, lay: ShardLayout, pg: dist.ProcessGroup, like: Te
     return state
 
 
+@_EAGER
 def causal_conv_cp(conv: Callable[[Tensor], Tensor], x: Tensor, *, kernel_size: int, pg: dist.ProcessGroup,
                    layout: str) -> Tensor:
     """`conv` (a causal convolution over `[B, C, T]` starting from zero history, output as long as
@@ -204,6 +211,7 @@ def causal_conv_cp(conv: Callable[[Tensor], Tensor], x: Tensor, *, kernel_size: 
     return depend_on(torch.cat(out, dim=-1) if len(out) > 1 else out[0], tails[0])
 
 
+@_EAGER
 def last_inputs(x: Tensor, count: int, *, seq_len: int, pg: dist.ProcessGroup, layout: str) -> Tensor:
     """The inputs at positions `[seq_len - count, seq_len)` of the whole sequence `[B, C, count]`
     (zeros before position 0), on every rank, from each rank's shard `x` `[B, C, T_local]` (one
@@ -220,6 +228,7 @@ def last_inputs(x: Tensor, count: int, *, seq_len: int, pg: dist.ProcessGroup, l
     return buf
 
 
+@_EAGER
 def delta_rule_cp(rule: Callable, query: Tensor, key: Tensor, value: Tensor, g: Tensor, beta: Tensor, *,
                   pg: dist.ProcessGroup, layout: str, final_state: bool = False, seq_len: int | None = None,
                   **rule_kwargs) -> tuple[Tensor, Tensor | None]:
@@ -264,6 +273,7 @@ def delta_rule_cp(rule: Callable, query: Tensor, key: Tensor, value: Tensor, g: 
     return out.to(query.dtype), final
 
 
+@_EAGER
 def ssd_scan_cp(scan: Callable, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, pg: dist.ProcessGroup,
                 layout: str, final_state: bool = False, seq_len: int | None = None, **scan_kwargs
                 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -315,6 +325,7 @@ def ssd_scan_cp(scan: Callable, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: 
     return out, _state_after(seq_len, lay, pg, final, up_to)
 
 
+@_EAGER
 def selective_scan_cp(scan: Callable, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, *,
                       pg: dist.ProcessGroup, layout: str, D: Tensor | None = None, z: Tensor | None = None,
                       delta_bias: Tensor | None = None, delta_softplus: bool = False, final_state: bool = False,

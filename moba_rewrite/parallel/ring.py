@@ -143,6 +143,7 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
+@torch.compiler.disable  # eager: point-to-point exchanges (a compiled model breaks its graph here)
 def ring_attention_cp(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = True, scale: float | None = None,
                       enable_gqa: bool = False, layout: str = "contiguous", seq_len: int | None = None,
                       check_ranks: bool = True, key_padding_mask: Tensor | None = None,
