@@ -1208,19 +1208,7 @@ def hf_hybrid_recurrent_layers_match_unsharded(ctx):
             assert (alone - want).abs().max() > 1e-4, f"{family}: the recurrent state made no difference"
 
         _hybrid_decoding_matches_generate(family, model)
-        model.train()
-        ids, labels, loss_of = _lm_batch(7)
-        ref = copy.deepcopy(model)
-        ref_loss = loss_of(ref(input_ids=ids, use_cache=False).logits, labels)
-        ref_loss.backward()
-        loss, _ = _sharded_training_step(model, ids, labels, loss_of)
-        close(f"{family} training loss", loss, ref_loss.detach())
-        ref_grads = dict(ref.named_parameters())
-        for name, prm in model.named_parameters():
-            if ref_grads[name].grad is None:
-                assert prm.grad is None or not prm.grad.any(), name
-                continue
-            close(f"{family} gradient of {name}", prm.grad, ref_grads[name].grad, atol=2e-5)
+        _training_step_matches_unsharded(family, model, "zigzag")
 
 
 def _sliding_model(family: str, window: int | None, origin: str):

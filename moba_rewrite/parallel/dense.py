@@ -52,6 +52,24 @@ def visible_keys(lay: ShardLayout, rank: int, *, causal: bool, seq_len: int, dev
     return visible & (k_pos[None, :] <= q_pos[:, None]) if causal else visible
 
 
+def checked_dense_call(who: str, q: Tensor, k: Tensor, v: Tensor, *, group, causal: bool, scale: float | None,
+                       enable_gqa: bool, layout: str, seq_len: int | None, check_ranks: bool,
+                       key_padding_mask: Tensor | None, padded: bool = False
+                       ) -> tuple[dist.ProcessGroup, ShardLayout, int, float, Tensor | None]:
+    """A dense attention call over a sharded sequence, checked (shards, layout, key padding mask;
+    with `check_ranks`, every rank's call the same: `padded`, a key mask given another way):
+    (group, layout, real length, scale, key padding mask as bool or None)."""
+    pg, lay = check_shards(who, q, k, v, group=group, layout=layout, block_size=1, top_k=1, scale=scale,
+                           enable_gqa=enable_gqa)
+    seq_len = resolve_seq_len(seq_len, lay, who)
+    resolved = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    key_padding = check_key_padding(key_padding_mask, (q.shape[0], q.shape[2]), q.device, who)
+    if check_ranks:
+        check_call_agreement(who, pg, kind="dense", q=q, k=k, block_size=0, top_k=0, causal=causal, layout=layout,
+                             seq_len=seq_len, scale=resolved, key_padding=key_padding is not None or padded)
+    return pg, lay, seq_len, resolved, key_padding
+
+
 def sdpa_cp(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = True, scale: float | None = None,
             enable_gqa: bool = False, layout: str = "contiguous", seq_len: int | None = None,
             check_ranks: bool = True, key_padding_mask: Tensor | None = None) -> Tensor:
@@ -60,14 +78,9 @@ def sdpa_cp(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bool = True,
     Same shard conventions as `moba_attention_cp` (q, k, v `[B, H, T_local, D]`, `layout`,
     `seq_len`, `key_padding_mask`); returns this rank's shard of the output (alignment padding rows
     zero)."""
-    pg, lay = check_shards(_WHO, q, k, v, group=group, layout=layout, block_size=1, top_k=1, scale=scale,
-                           enable_gqa=enable_gqa)
-    seq_len = resolve_seq_len(seq_len, lay, _WHO)
-    resolved = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    key_padding = check_key_padding(key_padding_mask, (q.shape[0], q.shape[2]), q.device, _WHO)
-    if check_ranks:
-        check_call_agreement(_WHO, pg, kind="dense", q=q, k=k, block_size=0, top_k=0, causal=causal, layout=layout,
-                             seq_len=seq_len, scale=resolved, key_padding=key_padding is not None)
+    pg, lay, seq_len, resolved, key_padding = checked_dense_call(
+        _WHO, q, k, v, group=group, causal=causal, scale=scale, enable_gqa=enable_gqa, layout=layout, seq_len=seq_len,
+        check_ranks=check_ranks, key_padding_mask=key_padding_mask)
     k_all, v_all = gather_keys_values(k, v, pg, layout)
     rank = dist.get_rank(pg)
     mask = visible_keys(lay, rank, causal=causal, seq_len=seq_len, device=q.device)

@@ -24,9 +24,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from moba_rewrite.kernels import dense as dense_kernels
-from moba_rewrite.parallel.attention import check_key_padding, check_shards
-from moba_rewrite.parallel.groups import check_call_agreement, collective
-from moba_rewrite.parallel.layout import ShardLayout, gather_key_mask, resolve_seq_len
+from moba_rewrite.parallel.dense import checked_dense_call
+from moba_rewrite.parallel.groups import collective
+from moba_rewrite.parallel.layout import ShardLayout, gather_key_mask
 from moba_rewrite.parallel.traffic import count
 
 _WHO = "ring_attention_cp"
@@ -154,15 +154,9 @@ def ring_attention_cp(q: Tensor, k: Tensor, v: Tensor, *, group=None, causal: bo
     `global_key_mask`: the whole sequence's `[B, T]` bool key mask when the caller already
     all-gathered it); returns this rank's shard of the output (alignment padding rows zero),
     differentiable."""
-    pg, lay = check_shards(_WHO, q, k, v, group=group, layout=layout, block_size=1, top_k=1, scale=scale,
-                           enable_gqa=enable_gqa)
-    seq_len = resolve_seq_len(seq_len, lay, _WHO)
-    resolved = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    key_padding = check_key_padding(key_padding_mask, (q.shape[0], q.shape[2]), q.device, _WHO)
-    if check_ranks:
-        check_call_agreement(_WHO, pg, kind="dense", q=q, k=k, block_size=0, top_k=0, causal=causal, layout=layout,
-                             seq_len=seq_len, scale=resolved,
-                             key_padding=key_padding is not None or global_key_mask is not None)
+    pg, lay, seq_len, resolved, key_padding = checked_dense_call(
+        _WHO, q, k, v, group=group, causal=causal, scale=scale, enable_gqa=enable_gqa, layout=layout, seq_len=seq_len,
+        check_ranks=check_ranks, key_padding_mask=key_padding_mask, padded=global_key_mask is not None)
     visible = (torch.arange(lay.global_len, device=q.device) < seq_len)[None, :].expand(q.shape[0], -1)
     if global_key_mask is not None:
         visible = visible & global_key_mask.to(device=q.device, dtype=torch.bool)
