@@ -235,11 +235,7 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
                 result["ring_impl"] = f"own (batch_isend_irecv); torch's failed: {type(e).__name__}: {e}"[:300]
         with torch.no_grad():
             result["ring_s"] = _time(lambda: ring(qr, kr, vr), args.ring_repeats)
-    everyone = [None] * world
-    dist.all_gather_object(everyone, result)
-    if rank == 0:
-        Path(out_path).write_text(json.dumps(everyone))
-    dist.destroy_process_group()
+    report_ranks(result, world, rank, out_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +246,30 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def report_ranks(result: dict, world: int, rank: int, out_path: str) -> None:
+    """Every rank's `result` gathered; rank 0 writes them (a list in rank order) to `out_path`;
+    the group is then closed (call last, on every rank)."""
+    everyone = [None] * world
+    dist.all_gather_object(everyone, result)
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(everyone))
+    dist.destroy_process_group()
+
+
+def run_worlds(rank_main, worlds, args, name: str, summarize, announce: bool = False) -> list[dict]:
+    """For each world size W: spawn W processes running `rank_main(rank, W, port, args, out_path)`
+    and summarize their results (`summarize(W, list of rank results)`)."""
+    rows = []
+    for world in worlds:
+        out = Path(f"/tmp/{name}_{os.getpid()}_{world}.json")
+        if announce:
+            print(f"{world} rank(s) ...", flush=True)
+        mp.start_processes(rank_main, args=(world, _free_port(), args, str(out)), nprocs=world, start_method="spawn")
+        rows.append(summarize(world, json.loads(out.read_text())))
+        out.unlink()
+    return rows
 
 
 def summarize(world: int, ranks: list[dict]) -> dict:
@@ -388,12 +408,7 @@ def main(argv=None) -> int:
     if args.model:
         print_model()
         return 0
-    rows = []
-    for world in (int(w) for w in args.worlds.split(",")):
-        out = Path(f"/tmp/bench_cp_{os.getpid()}_{world}.json")
-        mp.start_processes(rank_main, args=(world, _free_port(), args, str(out)), nprocs=world, start_method="spawn")
-        rows.append(summarize(world, json.loads(out.read_text())))
-        out.unlink()
+    rows = run_worlds(rank_main, [int(w) for w in args.worlds.split(",")], args, "bench_cp", summarize)
     print_table(args, rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -149,11 +148,9 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
     if world == 1:
         Path(out_path).write_text(json.dumps([result]))
         return
-    everyone = [None] * world
-    dist.all_gather_object(everyone, result)
-    if rank == 0:
-        Path(out_path).write_text(json.dumps(everyone))
-    dist.destroy_process_group()
+    from bench_cp import report_ranks
+
+    report_ranks(result, world, rank, out_path)
 
 
 def summarize(world: int, ranks: list[dict]) -> dict:
@@ -254,15 +251,9 @@ def main(argv=None) -> int:
     worlds = [int(w) for w in args.worlds.split(",")]
     if any(w < 1 for w in worlds) or args.tokens % max(worlds):
         p.error(f"--worlds must be positive and divide --tokens {args.tokens}, got {args.worlds}")
-    from bench_cp import _free_port
+    from bench_cp import run_worlds
 
-    rows = []
-    for world in worlds:
-        out = Path(f"/tmp/bench_cp_model_{os.getpid()}_{world}.json")
-        print(f"{world} rank(s) ...", flush=True)
-        mp.start_processes(rank_main, args=(world, _free_port(), args, str(out)), nprocs=world, start_method="spawn")
-        rows.append(summarize(world, json.loads(out.read_text())))
-        out.unlink()
+    rows = run_worlds(rank_main, worlds, args, "bench_cp_model", summarize, announce=True)
     print_table(args, rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -34,11 +33,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_cp import report_ranks, run_worlds  # noqa: E402
 from bench_model import tensor_peak_cpu  # noqa: E402
 from moba_rewrite.parallel import record_traffic, shard_sequence  # noqa: E402
 from moba_rewrite.parallel import recurrence  # noqa: E402
@@ -86,17 +85,7 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
                         "bytes_backward": traffic.by_step.get(f"{recurrence.SUMMARIES} (gradients)", 0),
                         "peak": int(tensor_peak_cpu(step, grad=True) or 0), "s": statistics.median(times)}
     result["max_diff"] = (outs["doubling"] - outs["all-gather"]).abs().max().item()
-    everyone = [None] * world
-    dist.all_gather_object(everyone, result)
-    if rank == 0:
-        Path(out_path).write_text(json.dumps(everyone))
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    report_ranks(result, world, rank, out_path)
 
 
 def summarize(world: int, ranks: list[dict]) -> dict:
@@ -133,12 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    rows = []
-    for world in (int(w) for w in args.worlds.split(",")):
-        out = Path(f"/tmp/bench_cp_recurrent_{os.getpid()}_{world}.json")
-        mp.start_processes(rank_main, args=(world, _free_port(), args, str(out)), nprocs=world, start_method="spawn")
-        rows.append(summarize(world, json.loads(out.read_text())))
-        out.unlink()
+    rows = run_worlds(rank_main, [int(w) for w in args.worlds.split(",")], args, "bench_cp_recurrent", summarize)
     print_table(args, rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=1))
