@@ -440,6 +440,15 @@ def bad_inputs_fail_on_every_rank(ctx):
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
         expect(ValueError, ["1-D DeviceMesh"], lambda: moba_attention_cp(q, k, v, group=mesh, block_size=8, top_k=3))
     expect(ValueError, ["does not split"], lambda: shard_sequence(torch.zeros(1, 1, 7, 2)))
+    # the dense ops check the same way
+    from moba_rewrite.parallel.ring import ring_attention_cp
+
+    for dense_op in (sdpa_cp, ring_attention_cp):
+        expect(ValueError, ["ranks disagree on T_local", "rank 0: 16", "rank 1: 8"],
+               lambda: dense_op(q[:, :, :t_local], k[:, :, :t_local], v[:, :, :t_local]))
+        expect(ValueError, ["ranks disagree on causal"], lambda: dense_op(q, k, v, causal=ctx.rank == 0))
+        expect(ValueError, ["key_padding_mask must be [B, T_local]"], lambda: dense_op(q, k, v, key_padding_mask=keys[:, :-1]))
+        expect(ValueError, ["single rank"], lambda: dense_op(q, k, v, group=singles[ctx.rank]))
 
 
 def shard_round_trip(ctx):
