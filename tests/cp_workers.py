@@ -1220,6 +1220,56 @@ def hf_hybrid_recurrent_layers_match_unsharded(ctx):
         _training_step_matches_unsharded(family, model, "zigzag")
 
 
+def _tiny_recurrent_gemma():
+    """A rewritten RecurrentGemma (Griffin): two recurrent blocks (a causal convolution and an RG-LRU,
+    both called inline, as a module and a method) and a local-attention layer (MoBA, block 8, top-2)."""
+    import transformers
+
+    import moba_rewrite as mr
+
+    cfg = transformers.RecurrentGemmaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, num_key_value_heads=2, lru_width=32,
+                                            attention_window_size=64, conv1d_width=4,
+                                            block_types=["recurrent", "recurrent", "attention"])
+    torch.manual_seed(0)
+    model = transformers.RecurrentGemmaForCausalLM(cfg)
+    return mr.rewrite(model, {"version": 1, "defaults": {"mode": "moba", "block_size": 8, "top_k": 2}})
+
+
+def hf_recurrent_gemma_matches_unsharded(ctx):
+    """RecurrentGemma under context parallelism: its recurrent blocks' convolution and RG-LRU (a
+    diagonal linear recurrence, `parallel.recurrence.diagonal_scan_cp`) carried across ranks, so the
+    sharded prefill's logits (both layouts) and a training step's loss and gradients (both layouts)
+    equal the unsharded model's; with the state left local they differ. Its decoding state lives on
+    the modules: sharded-cache decoding refuses it in one line."""
+    from moba_rewrite.integrations import hf_cp_linear
+    from moba_rewrite.integrations.hf_cp_generate import generate
+
+    model = _tiny_recurrent_gemma().eval()
+    assert [name for name, _ in hf_cp_linear.recurrent_layers(model)] == [
+        "model.layers.0.temporal_block", "model.layers.1.temporal_block"]
+    ids = torch.randint(0, 96, (2, 90), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+        for layout in ("contiguous", "zigzag"):
+            close(f"recurrent_gemma logits [{layout}]", _sharded_logits(model, ids, layout), want)
+        carried = hf_cp_linear.diagonal_scan_cp
+        hf_cp_linear.diagonal_scan_cp = lambda scan, x, a, reset, **kw: scan(x, a, reset, None)
+        try:
+            alone = _sharded_logits(model, ids, "contiguous")
+        finally:
+            hf_cp_linear.diagonal_scan_cp = carried
+        assert (alone - want).abs().max() > 1e-3, "the RG-LRU's state made no difference"
+    for layout in ("contiguous", "zigzag"):
+        _training_step_matches_unsharded("recurrent_gemma", _tiny_recurrent_gemma(), layout)
+    try:
+        generate(model, ids[:, :40], max_new_tokens=2)
+    except ValueError as e:
+        assert "keep their decoding state on the modules" in str(e), str(e)
+    else:
+        raise AssertionError("sharded-cache decoding of RecurrentGemma was not refused")
+
+
 def _sliding_model(family: str, window: int | None, origin: str):
     import moba_rewrite as mr
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -1584,7 +1634,8 @@ SUITES = {
             hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
             hf_model_attention_functions_in_pieces, hf_sharded_cache_generate_matches_generate, hf_sharded_cache_beam_search_matches_generate,
             hf_decoder_numbering_its_tokens_matches_unsharded, recurrences_match_one_process,
-            hf_hybrid_recurrent_layers_match_unsharded, hf_contiguous_training_step_matches_unsharded,
+            hf_hybrid_recurrent_layers_match_unsharded, hf_recurrent_gemma_matches_unsharded,
+            hf_contiguous_training_step_matches_unsharded,
             hf_compiled_model_matches_unsharded, hf_autocast_training_step_matches_unsharded, hf_bad_inputs, dead_rank_is_one_clear_error],
     "four": [op_causal_contiguous, op_gqa_zigzag_causal, op_padding, op_key_padding_mask, op_uneven_hits_and_top_k_extremes,
              op_every_exchange_mode, traffic_auto_spares_the_owners, dense_sdpa_cp_matches_whole_sequence,
@@ -1592,6 +1643,7 @@ SUITES = {
              hf_sharded_cache_beam_search_matches_generate,
              hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
              hf_model_attention_functions_in_pieces, recurrences_match_one_process, hf_hybrid_recurrent_layers_match_unsharded,
+             hf_recurrent_gemma_matches_unsharded,
              hf_contiguous_training_step_matches_unsharded, fsdp2_and_context_parallel_training_step],
     "three": [recurrences_match_one_process, dense_sdpa_cp_matches_whole_sequence],  # not a power of two
 }

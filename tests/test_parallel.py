@@ -199,11 +199,11 @@ def test_a_position_embedding_gets_the_global_positions_only_from_its_decoders_o
 
 
 def test_models_that_mix_tokens_outside_attention_are_refused():
-    """RecurrentGemma's recurrent blocks (written inline in their forward: nothing to dispatch) mix
-    tokens outside attention: a shard would restart their state and their causal convolution at
-    its first token (the cp sweep once found Falcon-H1's sharded logits 0.0039 off, before its
-    Mamba-2 mixers got their state carried across ranks). The layer kinds and the convolutions are
-    named; Falcon-H1's mixers are carried (accepted), a plain Llama has none."""
+    """MiniMax's lightning attention (a linear-attention recurrence written inline in its forward:
+    nothing to dispatch) mixes tokens outside attention: a shard would restart its state at its
+    first token (the cp sweep once found Falcon-H1's sharded logits 0.0039 off, before its Mamba-2
+    mixers got their state carried across ranks). The layer kinds are named; Falcon-H1's mixers and
+    RecurrentGemma's recurrent blocks are carried (accepted), a plain Llama has none."""
     import sys
     from pathlib import Path
 
@@ -213,17 +213,20 @@ def test_models_that_mix_tokens_outside_attention_are_refused():
     import moba_rewrite as mr
     from moba_rewrite.integrations.hf_cp import check_rewritten, context_parallel, other_sequence_mixers
 
-    model, _ = cp_sweep._build("recurrent_gemma", "RecurrentGemmaForCausalLM")
+    model, _ = cp_sweep._build("minimax", "MiniMaxForCausalLM")
     mr.rewrite(model, cp_sweep.SPARSE)
-    assert other_sequence_mixers(model) == ["layer types linear_attention",
-                                            "convolutions RecurrentGemmaRecurrentBlock.conv_1d"]
-    with pytest.raises(ValueError, match="mixes tokens outside attention .*RecurrentGemmaRecurrentBlock.conv_1d"):
+    assert other_sequence_mixers(model) == ["layer types linear_attention"]
+    with pytest.raises(ValueError, match="mixes tokens outside attention .layer types linear_attention."):
         with context_parallel(model):
             pass
-    falcon, _ = cp_sweep._build("falcon_h1", "FalconH1ForCausalLM")
-    mr.rewrite(falcon, cp_sweep.SPARSE)
-    assert other_sequence_mixers(falcon) == ["layer types hybrid", "convolutions FalconH1Mixer.conv1d"]
-    check_rewritten(falcon)  # its Mamba-2 mixers shard (hf_cp_linear)
+    for model_type, class_name, mixers in (
+            ("falcon_h1", "FalconH1ForCausalLM", ["layer types hybrid", "convolutions FalconH1Mixer.conv1d"]),
+            ("recurrent_gemma", "RecurrentGemmaForCausalLM",
+             ["layer types linear_attention", "convolutions RecurrentGemmaRecurrentBlock.conv_1d"])):
+        carried, _ = cp_sweep._build(model_type, class_name)
+        mr.rewrite(carried, cp_sweep.SPARSE)
+        assert other_sequence_mixers(carried) == mixers
+        check_rewritten(carried)  # its recurrent layers shard (hf_cp_linear)
     llama, _ = cp_sweep._build("llama", "LlamaForCausalLM")
     assert other_sequence_mixers(llama) == []
 

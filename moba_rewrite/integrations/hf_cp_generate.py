@@ -337,6 +337,11 @@ def generate(model: nn.Module, input_ids: Tensor, group=None, *, max_new_tokens:
     check_rewritten(model)
     pg = resolve_group(group, _WHO)
     real = _check_arguments(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
+    stateful = hf_cp_linear.method_dispatched_layers(model)
+    if stateful:
+        raise ValueError(f"{_WHO}: {type(model).__name__}'s recurrent blocks ({stateful[0]}, ...) keep their decoding "
+                         f"state on the modules, not in a cache, so a sharded cache cannot hold it; its prefill and "
+                         f"training shard (context_parallel), its decoding does not")
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"{_WHO}: num_beams must be a positive integer, got {num_beams!r}")
     beam_search = num_beams > 1 or num_return_sequences != 1

@@ -1,7 +1,8 @@
 """The recurrent layers of hybrid stacks under `context_parallel`: gated delta nets (Qwen3-Next,
 Qwen3.5, OLMo-hybrid), Kimi-style delta attention (Kimi Linear, Bailing hybrid), Mamba-2 mixers
-(Bamba, Granite 4.0-H, Nemotron-H, Zamba2, Falcon-H1), Mamba-1 mixers (Jamba, Zamba) and LFM's
-short convolutions (LFM2, LFM3), and the other transformers models built the same way.
+(Bamba, Granite 4.0-H, Nemotron-H, Zamba2, Falcon-H1), Mamba-1 mixers (Jamba, Zamba), LFM's
+short convolutions (LFM2, LFM3) and RecurrentGemma's RG-LRU blocks, and the other transformers
+models built the same way.
 
 Their forward reaches functions of its own modeling module by name: `causal_conv1d_forward` (the
 short causal convolution) and the recurrence (`torch_chunk_gated_delta_rule`,
@@ -12,7 +13,10 @@ called from one of the model's recurrent layers, they run the model's own functi
 of this rank's shard and carry the convolution history and the recurrent state across ranks
 (`parallel.recurrence`); called from anywhere else, they are the originals. The rest of the layer
 (projections, gates, norms, padding) is the model's own code, untouched. A layer whose forward did
-not reach its recurrence's dispatcher (a kernel runtime replaced it) is an error.
+not reach its recurrence's dispatcher (a kernel runtime replaced it) is an error. RecurrentGemma's
+block calls its convolution as a module and its scan as a method: those are replaced on the
+instance instead (`_method_dispatched`); its decoding state lives on the modules, so sharded-cache
+decoding refuses it.
 
 Sharded-cache decoding (`hf_cp_generate`) gives the prefill a cache whose recurrent layers are
 replicated on every rank: the dispatchers store there the convolution's last inputs and the
@@ -31,8 +35,8 @@ from typing import Callable, Iterator
 import torch.distributed as dist
 from torch import nn
 
-from moba_rewrite.parallel.recurrence import (causal_conv_cp, delta_rule_cp, last_inputs, selective_scan_cp,
-                                               ssd_scan_cp)
+from moba_rewrite.parallel.recurrence import (causal_conv_cp, delta_rule_cp, diagonal_scan_cp, last_inputs,
+                                               selective_scan_cp, ssd_scan_cp)
 
 _WHO = "context_parallel"
 # The chunked delta rules (flash-linear-attention's signature) of transformers' modeling modules:
@@ -41,6 +45,7 @@ _RULES = ("torch_chunk_gated_delta_rule", "chunk_kimi_delta_attention")
 _CONV = "causal_conv1d_forward"
 _SSD_FORWARD, _SSD_SCAN, _SSD_FUSED = "mamba2_scan_forward", "mamba2_chunk_scan", "mamba2_split_conv1d_scan_combined"
 _MAMBA_FORWARD, _MAMBA_SCAN = "mamba_scan_forward", "mamba_selective_scan"
+_ABSENT = object()  # an instance attribute that was not there before dispatching
 
 
 def _dispatched_names(module: nn.Module) -> dict[str, str] | None:
@@ -67,6 +72,29 @@ def _dispatched_names(module: nn.Module) -> dict[str, str] | None:
     return None
 
 
+def _method_dispatched(module: nn.Module) -> bool:
+    """RecurrentGemma's (Griffin's) recurrent block: its forward calls its convolution as a module
+    (`conv_1d`) and its recurrence as a method of its RG-LRU (`rg_lru._rnn_scan`), so both are replaced
+    on the instance, not by name (recognised by transformers' name for the block, `*RecurrentBlock`)."""
+    return (type(module).__name__.endswith("RecurrentBlock") and isinstance(getattr(module, "conv_1d", None), nn.Conv1d)
+            and callable(getattr(getattr(module, "rg_lru", None), "_rnn_scan", None)))
+
+
+def method_dispatched_layers(model: nn.Module) -> list[str]:
+    """Names of the recurrent layers whose recurrence is a method of their own (RecurrentGemma's
+    blocks, state kept on the modules, not in a cache)."""
+    return [name for name, module in model.named_modules() if _method_dispatched(module)]
+
+
+def _layer_index(name: str, module: nn.Module) -> int:
+    """The decoder layer holding a recurrent layer: its `layer_idx`, else the last number in its name
+    (`model.layers.3.temporal_block` -> 3)."""
+    if getattr(module, "layer_idx", None) is not None:
+        return int(module.layer_idx)
+    numbers = [int(part) for part in name.split(".") if part.isdigit()]
+    return numbers[-1] if numbers else -1
+
+
 def _mixing_role(names: dict[str, str]) -> str:
     """The role whose dispatcher a layer's forward must reach to have mixed its tokens across ranks."""
     return next((r for r in names.values() if r not in ("conv", "fused")), "conv")
@@ -78,13 +106,14 @@ def recurrent_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     Mamba-2's or Mamba-1's scan), and LFM's short-convolution layers (`*ShortConv`: recognised by
     transformers' name for them, as a forward that calls the convolution does not show that it
     mixes tokens by nothing else)."""
-    return [(name, module) for name, module in model.named_modules() if _dispatched_names(module) is not None]
+    return [(name, module) for name, module in model.named_modules()
+            if _dispatched_names(module) is not None or _method_dispatched(module)]
 
 
 def uncovered_layers(model: nn.Module, layer_types: list[str], attention_kinds: set[str]) -> list[int]:
     """Indices of layers of a kind other than `attention_kinds` that hold no recurrent layer this
     module shards (their `layer_idx`)."""
-    covered = {int(getattr(m, "layer_idx", -1)) for _, m in recurrent_layers(model)}
+    covered = {_layer_index(name, m) for name, m in recurrent_layers(model)}
     return [i for i, kind in enumerate(layer_types) if kind not in attention_kinds and i not in covered]
 
 
@@ -154,6 +183,31 @@ def _selective_scan_dispatcher(original, running: _Running):
     return scan
 
 
+def _lru_dispatcher(original, running: _Running):
+    """RecurrentGemma's RG-LRU scan (a method: `scan(x, a, reset, recurrent_states)`)."""
+    def scan(hidden_states, recurrent_gate, reset, recurrent_states, *args, **kwargs):
+        if not running.sharded():
+            return original(hidden_states, recurrent_gate, reset, recurrent_states, *args, **kwargs)
+        _refuse_unsupported(running, "the RG-LRU scan", positional=bool(args) or bool(kwargs),
+                            earlier_state=recurrent_states is not None)
+        running.called.add("lru")
+        return diagonal_scan_cp(original, hidden_states, recurrent_gate, reset, pg=running.pg, layout=running.layout,
+                                seq_len=running.seq_len)
+    return scan
+
+
+def _module_conv_dispatcher(original, kernel: int, running: _Running):
+    """A convolution module's forward (padded by `kernel - 1` on both sides, its first `T` outputs
+    causal, as RecurrentGemma's block uses it): over the sharded sequence, exactly `T` outputs."""
+    def conv(x):
+        if not running.sharded():
+            return original(x)
+        running.called.add("conv")
+        return causal_conv_cp(lambda y: original(y)[..., :y.shape[-1]], x, kernel_size=kernel, pg=running.pg,
+                              layout=running.layout)
+    return conv
+
+
 def _fused_dispatcher(original, running: _Running):
     """The fused conv + scan + norm + projection kernel of training: none while sharded (the
     layer then takes its unfused path, through the dispatched convolution and scan)."""
@@ -196,8 +250,9 @@ def sharded_recurrent_layers(layers: list[tuple[str, nn.Module]], pg: dist.Proce
     running = _Running(pg, layout, seq_len, decoding)
     names = {}  # id(namespace) -> (namespace, {name: role} to dispatch there)
     for _, m in layers:
-        space = vars(sys.modules[type(m).__module__])
-        names.setdefault(id(space), (space, {}))[1].update(_dispatched_names(m))
+        if not _method_dispatched(m):
+            space = vars(sys.modules[type(m).__module__])
+            names.setdefault(id(space), (space, {}))[1].update(_dispatched_names(m))
     dispatchers = {"conv": _conv_dispatcher, "delta": _rule_dispatcher, "ssd": _ssd_dispatcher,
                    "mamba1": _selective_scan_dispatcher, "fused": _fused_dispatcher}
     saved = []  # (namespace, name, original)
@@ -208,15 +263,26 @@ def sharded_recurrent_layers(layers: list[tuple[str, nn.Module]], pg: dist.Proce
                 saved.append((space, name, space[name]))
                 space[name] = dispatchers[role](space[name], running)
         for name, module in layers:
+            if _method_dispatched(module):  # on the instance: its forward reaches them as attributes
+                conv, lru = module.conv_1d, module.rg_lru
+                saved.append((vars(conv), "forward", vars(conv).get("forward", _ABSENT)))
+                conv.forward = _module_conv_dispatcher(conv.forward, conv.kernel_size[0], running)
+                saved.append((vars(lru), "_rnn_scan", vars(lru).get("_rnn_scan", _ABSENT)))
+                lru._rnn_scan = _lru_dispatcher(lru._rnn_scan, running)
+                role = "lru"
+            else:
+                role = _mixing_role(_dispatched_names(module))
             handles.append(module.register_forward_pre_hook(_enter(running, name)))
-            handles.append(module.register_forward_hook(_leave(running, _mixing_role(_dispatched_names(module))),
-                                                        always_call=True))
+            handles.append(module.register_forward_hook(_leave(running, role), always_call=True))
         yield len(layers)
     finally:
         for h in handles:
             h.remove()
         for space, name, original in reversed(saved):
-            space[name] = original
+            if original is _ABSENT:
+                space.pop(name, None)
+            else:
+                space[name] = original
 
 
 def _enter(running: _Running, name: str):

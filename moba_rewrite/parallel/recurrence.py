@@ -22,8 +22,8 @@ relay (rank r waits for rank r-1's final state) would serialise the whole layer.
   all-gather of every chunk's tail, prepended before the convolution and cut off after it.
 
 Both work on each chunk of a rank's shard (two chunks per rank in the `zigzag` layout), so any
-layout works. Mamba-2's and Mamba-1's scans are carried the same way (their transitions are
-decays: `ssd_scan_cp`, `selective_scan_cp`). `rule` and `conv` are the model's own functions (transformers' reference ones or
+layout works. Mamba-2's and Mamba-1's scans and RecurrentGemma's RG-LRU are carried the same way
+(their transitions are decays: `ssd_scan_cp`, `selective_scan_cp`, `diagonal_scan_cp`). `rule` and `conv` are the model's own functions (transformers' reference ones or
 the flash-linear-attention kernels, same signature), called unchanged on each chunk.
 """
 
@@ -380,3 +380,35 @@ def selective_scan_cp(scan: Callable, u: Tensor, delta: Tensor, A: Tensor, B: Te
         _, alone = scan(uk, dk, A, bk, ck, z=zk, return_last_state=True, **kwargs)
         return decays[index][:, :, k - 1] * entering[chunk] + alone.float()
     return out, _state_after(seq_len, lay, pg, final, up_to)
+
+
+@_EAGER
+def diagonal_scan_cp(scan: Callable, x: Tensor, a: Tensor, reset: Tensor, *, pg: dist.ProcessGroup, layout: str,
+                     seq_len: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """A linear recurrence with a diagonal transition per step, `h_t = a_t * h_{t-1} + x_t`, cut
+    where `reset` (`a_t` taken as 0 there), from a zero state: RecurrentGemma's RG-LRU scan `scan`
+    (`scan(x, a, reset, None)` with `x`, `a` `[B, T, D]` and `reset` `[B, T, 1]` bool, returning the
+    outputs and the final state `[B, D]`) over the whole sequence, of which these are this rank's
+    shard. Each rank scans its chunks from zero; a chunk's transition is the product of its `a`,
+    the state entering it comes from the scan over the ranks (`_entering_states`), and reaches
+    its outputs as `cumprod(a)_t * h_in`. Returns this rank's outputs and the state after the whole
+    sequence (fp32, on every rank; None when `seq_len` says the shards end in alignment padding)."""
+    lay = _layout_of(x.shape[1], layout, pg)
+    c = lay.chunk_len
+    mine = lay.chunks(dist.get_rank(pg))
+    zero_outs, decays, summaries = [], [], []
+    for i in range(len(mine)):
+        xi, ai, ri = (t.narrow(1, i * c, c) for t in (x, a, reset))
+        out, state = scan(xi, ai, ri, None)
+        decay = torch.cumprod((ai * ~ri).float(), dim=1)  # [B, c, D]: what the entering state is multiplied by
+        zero_outs.append(out)
+        decays.append(decay)
+        summaries.append((decay[:, -1], state.float()))
+    entering, final, received = _entering_states(summaries, lay, pg, mine, True, torch.mul)
+    outs = []
+    for chunk, out, decay in zip(mine, zero_outs, decays):
+        if chunk > 0:
+            out = (out.float() + decay * entering[chunk][:, None]).to(out.dtype)
+        outs.append(out)
+    out = depend_on(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], *received)
+    return out, (final if seq_len is None or seq_len >= lay.global_len else None)
