@@ -23,8 +23,9 @@ relay (rank r waits for rank r-1's final state) would serialise the whole layer.
 
 Both work on each chunk of a rank's shard (two chunks per rank in the `zigzag` layout), so any
 layout works. Mamba-2's and Mamba-1's scans and RecurrentGemma's RG-LRU are carried the same way
-(their transitions are decays: `ssd_scan_cp`, `selective_scan_cp`, `diagonal_scan_cp`). `rule` and `conv` are the model's own functions (transformers' reference ones or
-the flash-linear-attention kernels, same signature), called unchanged on each chunk.
+(their transitions are decays: `ssd_scan_cp`, `selective_scan_cp`, `diagonal_scan_cp`). `rule`
+and `conv` are the model's own functions (transformers' reference ones or the
+flash-linear-attention kernels, same signature), called unchanged on each chunk.
 """
 
 from __future__ import annotations
