@@ -16,8 +16,9 @@ rank, balanced causal work) and runs, on every rank, after one warm-up call:
   chunk's queries over the keys up to the chunk's end: the same MoBA output, the simple way;
 * `ring`: ring attention, dense causal: PyTorch's own implementation
   (`torch.distributed.tensor.experimental._context_parallel._attention._templated_ring_attention`,
-  rotation by all-to-all, no load balancing, with the CPU flash-attention op), or this file's
-  ring over `batch_isend_irecv` when that private API is missing or `--ring own` is given.
+  rotation by all-to-all, no load balancing, with the CPU flash-attention op), or this project's
+  (`parallel.ring.ring_attention_cp`, what the dense sites of `context_parallel` run) when that
+  private API is missing or `--ring own` is given.
 
 "bytes sent" is the payload one rank hands to collectives for other ranks: for `moba_cp` counted
 by `moba_rewrite.parallel.record_traffic` (block means, request codes, key/value tiles, shipped
@@ -104,33 +105,12 @@ def _torch_ring(q, k, v):
 
 
 def _own_ring(q, k, v):
-    """Ring attention over send/recv: K/V travel W - 1 steps; per step a dense block of the causal
-    attention, merged by log-sum-exp. Contiguous shards, no load balancing."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    scale = q.shape[-1] ** -0.5
-    kv = torch.stack([k, v]).contiguous()
-    out = torch.zeros_like(q)
-    lse = torch.full(q.shape[:-1], float("-inf"))
-    for step in range(world):
-        src = (rank - step) % world
-        if step < world - 1:
-            nxt = torch.empty_like(kv)
-            ops = [dist.P2POp(dist.isend, kv, (rank + 1) % world), dist.P2POp(dist.irecv, nxt, (rank - 1) % world)]
-            reqs = dist.batch_isend_irecv(ops)
-        if src <= rank:
-            s = (q @ kv[0].transpose(-1, -2)) * scale
-            if src == rank:
-                s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
-            blk_lse = s.logsumexp(-1)
-            blk_out = torch.softmax(s, -1) @ kv[1]
-            new_lse = torch.logaddexp(lse, blk_lse)
-            out = out * (lse - new_lse).exp()[..., None] + blk_out * (blk_lse - new_lse).exp()[..., None]
-            lse = new_lse
-        if step < world - 1:
-            for r in reqs:
-                r.wait()
-            kv = nxt
-    return out
+    """This project's ring attention (`parallel.ring.ring_attention_cp`: K/V shards passed around the
+    ring, parts merged by log-sum-exp; what the dense sites of `context_parallel` run), causal,
+    contiguous shards, no rank-agreement check."""
+    from moba_rewrite.parallel.ring import ring_attention_cp
+
+    return ring_attention_cp(q, k, v, causal=True, layout="contiguous", check_ranks=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +134,7 @@ def _decode_step(q, k, v, args, world: int) -> dict:
     if dist.get_rank() == world - 1:
         last.copy_(q[:, :, -1:])
     dist.broadcast(last, src=world - 1)  # the newest token's query, the same on every rank
-    bs, s_cap = args.block, k.shape[2]
+    bs = args.block
     means = key_block_means(k, bs)
     kw = dict(seq_len=args.tokens, check_ranks=False)  # as generate's steps after the first
     calls = {
@@ -225,14 +205,14 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
     if args.ring != "skip":  # contiguous shards whatever --layout is (ring moves the same bytes either way)
         qr, kr, vr = (q, k, v) if layout == "contiguous" else (shard_sequence(x) for x in make_inputs(args))
         ring = _own_ring
-        result["ring_impl"] = "own (batch_isend_irecv)"
+        result["ring_impl"] = "own (parallel.ring.ring_attention_cp)"
         if args.ring == "torch":
             try:
                 _torch_ring(q[:, :, :bs], k[:, :, :bs], v[:, :, :bs])
                 ring = _torch_ring
                 result["ring_impl"] = "torch _templated_ring_attention (all-to-all rotation)"
             except Exception as e:  # noqa: BLE001 - private API: fall back to our ring, and say so
-                result["ring_impl"] = f"own (batch_isend_irecv); torch's failed: {type(e).__name__}: {e}"[:300]
+                result["ring_impl"] = f"own (ring_attention_cp); torch's failed: {type(e).__name__}: {e}"[:300]
         with torch.no_grad():
             result["ring_s"] = _time(lambda: ring(qr, kr, vr), args.ring_repeats)
     report_ranks(result, world, rank, out_path)
