@@ -281,3 +281,22 @@ def test_while_sharded_every_kept_mask_is_materialised_with_its_reason():
         assert hf_masks.full_reason(mask_fn(mask_function=chunked, **kw)) == "chunked attention"
     finally:
         hf_masks.SHARDED = previous
+
+
+def test_depend_on_ties_the_exchanges_to_the_result_with_a_zero_gradient():
+    """`layout.depend_on`: the result is `out` (its gradient unchanged), each dependency gets a zero
+    gradient (so the backward of the collective that made it runs on every rank), the result may be
+    modified in place (a model's code may), and without autograd nothing is added."""
+    from moba_rewrite.parallel.layout import depend_on
+
+    x = torch.randn(5, requires_grad=True)
+    dep = torch.randn(2, 3, requires_grad=True)
+    y = depend_on(x * 3, dep)
+    assert torch.equal(y, x.detach() * 3)
+    y.mul_(2)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.full((5,), 6.0))
+    assert dep.grad is not None and torch.equal(dep.grad, torch.zeros(2, 3))
+    with torch.no_grad():
+        out = x * 1
+        assert depend_on(out, dep) is out

@@ -162,7 +162,7 @@ class _DependOn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: Tensor, *deps: Tensor) -> Tensor:
         ctx.shapes = [(d.shape, d.dtype, d.device) for d in deps]
-        return out.view_as(out)
+        return out.clone()  # not a view: the model's code may modify a layer's output in place
 
     @staticmethod
     def backward(ctx, grad: Tensor):
