@@ -96,28 +96,41 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float, attn
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
-def _chunk_grads(q, k, v, out, grad_out, mask: Tensor | None, scale: float):
-    """Softmax-attention gradients of one query chunk (fp32 math; k and v heads repeated per group,
-    each by its own: a model may have fewer key heads than value heads)."""
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    gk, gv = q.shape[1] // k.shape[1], q.shape[1] // v.shape[1]
-    kx = k.to(ct).repeat_interleave(gk, dim=1) if gk > 1 else k.to(ct)
-    vx = v.to(ct).repeat_interleave(gv, dim=1) if gv > 1 else v.to(ct)
-    s = torch.matmul(q.to(ct), kx.transpose(-1, -2)) * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(ct)
-    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # rows with no visible key: zero weights
+def _per_query_head(x: Tensor, heads: int, ct: torch.dtype) -> Tensor:
+    """Key or value heads repeated to `heads` query heads (GQA), in compute precision."""
+    group = heads // x.shape[1]
+    return x.to(ct).repeat_interleave(group, dim=1) if group > 1 else x.to(ct)
+
+
+def _per_kv_head(grad: Tensor, kv_heads: int) -> Tensor:
+    """A gradient over query heads summed back to `kv_heads` (GQA groups)."""
+    group = grad.shape[1] // kv_heads
+    return grad.unflatten(1, (kv_heads, group)).sum(2) if group > 1 else grad
+
+
+def _grads_from_weights(p: Tensor, q: Tensor, kx: Tensor, vx: Tensor, grad_out: Tensor, out: Tensor,
+                        scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """`(dq, dk, dv)` of `out = p @ v` for softmax weights `p` (per query head: `kx`, `vx` already
+    repeated to the query heads), in `p`'s precision."""
+    ct = p.dtype
     go = grad_out.to(ct)
     dv = torch.matmul(p.transpose(-1, -2), go)
     dp = torch.matmul(go, vx.transpose(-1, -2))
     ds = p * (dp - (go * out.to(ct)).sum(-1, keepdim=True)) * scale
-    dq = torch.matmul(ds, kx)
-    dk = torch.matmul(ds.transpose(-1, -2), q.to(ct))
-    if gk > 1:
-        dk = dk.unflatten(1, (k.shape[1], gk)).sum(2)
-    if gv > 1:
-        dv = dv.unflatten(1, (v.shape[1], gv)).sum(2)
-    return dq, dk, dv
+    return torch.matmul(ds, kx), torch.matmul(ds.transpose(-1, -2), q.to(ct)), dv
+
+
+def _chunk_grads(q, k, v, out, grad_out, mask: Tensor | None, scale: float):
+    """Softmax-attention gradients of one query chunk (fp32 math; k and v heads repeated per group,
+    each by its own: a model may have fewer key heads than value heads)."""
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kx, vx = _per_query_head(k, q.shape[1], ct), _per_query_head(v, q.shape[1], ct)
+    s = torch.matmul(q.to(ct), kx.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(ct)
+    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # rows with no visible key: zero weights
+    dq, dk, dv = _grads_from_weights(p, q, kx, vx, grad_out, out, scale)
+    return dq, _per_kv_head(dk, k.shape[1]), _per_kv_head(dv, v.shape[1])
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, causal: bool, scale: float,
@@ -270,8 +283,7 @@ def _part_mask(visible: Tensor | None, causal: bool, q0: int, q1: int, tk: int, 
 
 def _part_scores(q: Tensor, k: Tensor, scale: float, mask: Tensor | None) -> tuple[Tensor, Tensor, torch.dtype]:
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
-    group = q.shape[1] // k.shape[1]
-    kx = k.to(ct).repeat_interleave(group, dim=1) if group > 1 else k.to(ct)
+    kx = _per_query_head(k, q.shape[1], ct)
     s = torch.matmul(q.to(ct), kx.transpose(-1, -2)) * scale
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
@@ -292,14 +304,12 @@ def part_forward(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, causal
     tk = k.shape[2]
     rows = max(1, _PART_ELEMS // max(1, b * hq * tk))
     outs, lses = [], []
-    group_v = hq // v.shape[1]
     for q0 in range(0, tq, rows):
         q1 = min(tq, q0 + rows)
         s, _, ct = _part_scores(q[:, :, q0:q1], k, scale, _part_mask(visible, causal, q0, q1, tk, q.device))
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
-        vx = v.to(ct).repeat_interleave(group_v, dim=1) if group_v > 1 else v.to(ct)
-        outs.append(torch.matmul(p, vx).to(q.dtype))
+        outs.append(torch.matmul(p, _per_query_head(v, hq, ct)).to(q.dtype))
         lses.append(lse.float())
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
@@ -319,7 +329,6 @@ def part_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     b, hq, tq, _ = q.shape
     tk = k.shape[2]
     rows = max(1, _PART_ELEMS // max(1, b * hq * tk))
-    group_k, group_v = hq // k.shape[1], hq // v.shape[1]
     dq = torch.empty_like(q)
     dk = dv = None
     for q0 in range(0, tq, rows):
@@ -327,17 +336,9 @@ def part_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
         s, kx, ct = _part_scores(q[:, :, q0:q1], k, scale, _part_mask(visible, causal, q0, q1, tk, q.device))
         whole = lse[:, :, q0:q1].to(ct)
         p = torch.exp(s - whole.masked_fill(torch.isneginf(whole), float("inf"))[..., None])
-        go = grad_out[:, :, q0:q1].to(ct)
-        vx = v.to(ct).repeat_interleave(group_v, dim=1) if group_v > 1 else v.to(ct)
-        gv = torch.matmul(p.transpose(-1, -2), go)
-        dp = torch.matmul(go, vx.transpose(-1, -2))
-        ds = p * (dp - (go * out[:, :, q0:q1].to(ct)).sum(-1, keepdim=True)) * scale
-        dq[:, :, q0:q1] = torch.matmul(ds, kx).to(q.dtype)
-        gk = torch.matmul(ds.transpose(-1, -2), q[:, :, q0:q1].to(ct))
+        gq, gk, gv = _grads_from_weights(p, q[:, :, q0:q1], kx, _per_query_head(v, hq, ct), grad_out[:, :, q0:q1],
+                                         out[:, :, q0:q1], scale)
+        dq[:, :, q0:q1] = gq.to(q.dtype)
         dk = gk if dk is None else dk + gk
         dv = gv if dv is None else dv + gv
-    if group_k > 1:
-        dk = dk.unflatten(1, (k.shape[1], group_k)).sum(2)
-    if group_v > 1:
-        dv = dv.unflatten(1, (v.shape[1], group_v)).sum(2)
-    return dq, dk, dv
+    return dq, _per_kv_head(dk, k.shape[1]), _per_kv_head(dv, v.shape[1])

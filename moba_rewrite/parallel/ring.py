@@ -74,6 +74,11 @@ def _pairs(lay: ShardLayout, rank: int, holder: int, causal: bool) -> list[tuple
     return pairs
 
 
+def _by_chunk(visible: Tensor, lay: ShardLayout) -> Tensor:
+    """The whole sequence's key mask `[B, T]` as `[B, chunk, token in chunk]`."""
+    return visible.view(visible.shape[0], -1, lay.chunk_len)
+
+
 def _merge(out: Tensor, lse: Tensor, part_out: Tensor, part_lse: Tensor) -> tuple[Tensor, Tensor]:
     """Two attentions over disjoint keys merged by their log-sum-exps (fp32; -inf: no key seen)."""
     top = torch.maximum(lse, part_lse)
@@ -92,12 +97,12 @@ class _RingAttention(torch.autograd.Function):
         c = lay.chunk_len
         out = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        keys_seen = _by_chunk(visible, lay)
         shard = _pack(k, v)
         for step in range(world):
             ring = _Pass(shard, pg, RING_STEP) if step < world - 1 else None
             holder = (rank - step) % world
             k_h, v_h = _unpack(shard, k, v)
-            keys_seen = visible.view(visible.shape[0], world * len(lay.chunks(0)), c)
             for i, j, square in _pairs(lay, rank, holder, causal):
                 kc = lay.chunks(holder)[j]
                 rows = slice(i * c, (i + 1) * c)
@@ -119,7 +124,7 @@ class _RingAttention(torch.autograd.Function):
         c = lay.chunk_len
         grad_out = grad_out.contiguous()
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        keys_seen = visible.view(visible.shape[0], world * len(lay.chunks(0)), c)
+        keys_seen = _by_chunk(visible, lay)
         shard = _pack(k, v)
         acc = torch.zeros(shard.shape, dtype=torch.float32, device=q.device)  # dK/dV of the shard held now
         for step in range(world):
