@@ -2,7 +2,7 @@
 
 For every model type in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, built tiny as `generate_sweep.py`
 builds it (`zoo_sweep.tiny_config`, seed 0, SDPA where the model has it; sliding windows cut to 8
-tokens so that they cross shards) and rewritten sparse (block 4, top-2, so the gate chooses), two
+tokens and Llama 4's attention chunks to 10, so that they cross shards) and rewritten sparse (block 4, top-2, so the gate chooses), two
 gloo ranks (`--world`) on this machine run the prefill with the sequence sharded
 (`shard_inputs`, `context_parallel`), in the contiguous and the zigzag layout, on
 one 37-token prompt, on a batch of two whose second row is left-padded by 5 tokens
@@ -56,6 +56,7 @@ from zoo_sweep import MAX_PARAMS, _short, config_patches, finish_table, tiny_con
 SPARSE = {"version": 1, "defaults": {"block_size": 4, "top_k": 2}}
 T, HIDDEN_PAD = 37, 5
 WINDOW = 8  # sliding windows, where a model has them
+CHUNK = 10  # chunked attention (Llama 4), where a model has it: not a multiple of the block
 WORLD = 2  # ranks (--world)
 NEW = 10  # new tokens (--generate)
 PACKED = ((11, 17, 9), (20, 17))  # documents packed in each row of the third case (a start at the shard edge)
@@ -75,6 +76,8 @@ def _build(model_type: str, class_name: str):
             for sub in {id(c): c for c in (cfg, cfg.get_text_config(decoder=True))}.values():
                 if isinstance(getattr(sub, "sliding_window", None), int) and sub.sliding_window > WINDOW:
                     sub.sliding_window = WINDOW  # shorter than a shard, so that windows cross shards
+                if isinstance(getattr(sub, "attention_chunk_size", None), int) and sub.attention_chunk_size > CHUNK:
+                    sub.attention_chunk_size = CHUNK  # Llama 4's chunked layers: chunks that cross shards and blocks
             with torch.device("meta"):
                 params = sum(p.numel() for p in getattr(transformers, class_name)(cfg).parameters())
             if params > MAX_PARAMS:

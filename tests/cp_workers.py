@@ -1355,6 +1355,91 @@ def hf_sliding_window_matches_unsharded(ctx):
         close(f"gradient of {n}", p.grad, want_grads[n], atol=1e-4)
 
 
+def _chunked_llama4(chunk: int):
+    """Llama 4 text, three layers: 0 and 1 chunked attention (`chunk` tokens), 2 full attention (no
+    RoPE), every one an MoE layer; rewritten by the hybrid policy (MoBA block 8 / top-2, last layer
+    dense)."""
+    import moba_rewrite as mr
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    cfg = Llama4TextConfig(vocab_size=96, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                           num_local_experts=2, max_position_embeddings=512, attention_chunk_size=chunk,
+                           no_rope_layers=[1, 1, 0], tie_word_embeddings=False, attn_implementation="sdpa")
+    assert cfg.layer_types == ["chunked_attention"] * 2 + ["full_attention"], cfg.layer_types
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(cfg)
+    mr.rewrite(model, _POLICY)
+    return model.eval()
+
+
+def hf_chunked_attention_matches_unsharded(ctx):
+    """Llama 4's chunked attention (chunks of 20 tokens: they cross shards and MoBA's blocks) sharded
+    = the unsharded rewrite: a MoBA site and a dense site under the chunked mask at global positions,
+    both layouts, a left-padded batch (chunks counted from each row's first real token), packed
+    documents (chunks of each document's positions), training gradients, sharded-cache decoding
+    (greedy and beam search); only the chunk's keys travel."""
+    from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
+
+    t = 90
+    gen = torch.Generator().manual_seed(13)
+    ids = torch.randint(0, 96, (2, t), generator=gen)
+    mask = torch.ones(2, t, dtype=torch.long)
+    mask[1, :7] = 0  # left padding in row 1: its chunks start at token 7
+    real = mask.bool()
+    positions = torch.arange(t).expand(2, -1)
+    model = _chunked_llama4(20)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        whole = _chunked_llama4(4096)(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        assert (whole - want)[real].abs().max() > 1e-3, "the chunks change nothing: the test would not see it"
+        for layout in ("contiguous", "zigzag"):
+            got = _sharded_logits(model, ids, layout, mask=mask)
+            close(f"chunked logits [{layout}]", got[real], want[real])
+        packed = torch.cat([torch.cat([torch.arange(n) for n in lengths])[None] for lengths in ((23, 40, 27), (45, 45))])
+        want = model(input_ids=ids, position_ids=packed, use_cache=False).logits
+        for layout in ("contiguous", "zigzag"):
+            local_ids, local_pos, seq_len = shard_inputs(model, ids, layout=layout, position_ids=packed)
+            with context_parallel(model, layout=layout, seq_len=seq_len, packed=True):
+                local = model(input_ids=local_ids, position_ids=local_pos, use_cache=False).logits
+            close(f"chunked packed logits [{layout}]", unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len),
+                  want)
+        local_ids, pos, seq_len = shard_inputs(model, ids, layout="contiguous")
+        with record_traffic() as traffic, context_parallel(model, seq_len=seq_len):
+            model(input_ids=local_ids, position_ids=pos, use_cache=False)
+        sent = traffic.by_step.get("window keys/values")  # the last rank sends none (no one follows it)
+        assert sent is not None and (sent > 0) == (ctx.rank < ctx.world - 1), traffic.by_step
+        assert "all-gathered keys/values" not in traffic.by_step, traffic.by_step
+    # sharded-cache decoding (greedy and beam search, the left-padded batch): generate() decodes the
+    # chunked layers densely in their chunk, counted from each row's first real token
+    from moba_rewrite.integrations.hf_cp_generate import generate
+
+    prompt, prompt_mask = ids[:, :37], mask[:, :37]
+    with torch.no_grad():
+        want = model.generate(prompt, attention_mask=prompt_mask, max_new_tokens=14, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        beams = model.generate(prompt, attention_mask=prompt_mask, max_new_tokens=8, do_sample=False, num_beams=2,
+                               pad_token_id=0)
+    got, logits = generate(model, prompt, attention_mask=prompt_mask, max_new_tokens=14, return_logits=True)
+    assert torch.equal(got, want.sequences), (got[:, 37:], want.sequences[:, 37:])
+    close("chunked decode logits", logits, torch.stack(want.logits, dim=1), atol=1e-4)
+    got = generate(model, prompt, attention_mask=prompt_mask, max_new_tokens=8, num_beams=2, pad_token_id=0)
+    assert torch.equal(got, beams), (got[:, 37:], beams[:, 37:])
+    weights = torch.randn(2, t, 96, generator=gen) * mask[..., None]
+    (model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits * weights).sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    local_ids, pos, seq_len = shard_inputs(model, ids, layout="zigzag")
+    with context_parallel(model, layout="zigzag", seq_len=seq_len):
+        local = model(input_ids=local_ids, position_ids=pos, use_cache=False,
+                      attention_mask=shard_attention_mask(model, mask, layout="zigzag")).logits
+        (local * shard_sequence(weights, layout="zigzag", dim=1, block_size=8)).sum().backward()
+    for n, p in model.named_parameters():
+        if n in want_grads:
+            dist.all_reduce(p.grad)
+            close(f"chunked gradient of {n}", p.grad, want_grads[n], atol=1e-4)
+
+
 def hf_packed_sequences_match_unsharded(ctx):
     """Packed documents (position ids restarting at each; no attention_mask, so transformers masks
     each token to its own document): sharded with `packed=True` = the unsharded run, MoBA sites
@@ -1634,7 +1719,7 @@ SUITES = {
             shard_round_trip,
             bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_eager_encoder_matches_unsharded,
             hf_padded_batch_matches_unsharded, hf_dense_below_matches_unsharded,
-            hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
+            hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded, hf_chunked_attention_matches_unsharded,
             hf_model_attention_functions_in_pieces, hf_sharded_cache_generate_matches_generate, hf_sharded_cache_beam_search_matches_generate,
             hf_decoder_numbering_its_tokens_matches_unsharded, recurrences_match_one_process,
             hf_hybrid_recurrent_layers_match_unsharded, hf_recurrent_gemma_matches_unsharded,
@@ -1644,7 +1729,7 @@ SUITES = {
              op_every_exchange_mode, traffic_auto_spares_the_owners, dense_sdpa_cp_matches_whole_sequence,
              decode_against_a_sharded_cache, bad_inputs_fail_on_every_rank, hf_sharded_cache_generate_matches_generate,
              hf_sharded_cache_beam_search_matches_generate,
-             hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded,
+             hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded, hf_chunked_attention_matches_unsharded,
              hf_model_attention_functions_in_pieces, recurrences_match_one_process, hf_hybrid_recurrent_layers_match_unsharded,
              hf_recurrent_gemma_matches_unsharded,
              hf_contiguous_training_step_matches_unsharded, fsdp2_and_context_parallel_training_step],

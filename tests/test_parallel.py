@@ -94,10 +94,11 @@ def test_without_a_process_group_the_error_says_so():
 
 def test_sliding_windows_are_read_from_transformers_mask_functions():
     """The window of transformers' causal sliding-window mask function (alone or combined with
-    padding) is found; causal, bidirectional-window and chunked functions hold none."""
+    padding) is found; causal, bidirectional-window and chunked functions hold none. The chunk size
+    of its chunked causal function (Llama 4) is found the same way; no other function holds one."""
     from transformers import masking_utils as mu
 
-    from moba_rewrite.integrations.hf_masks import sliding_window_of
+    from moba_rewrite.integrations.hf_masks import chunk_size_of, sliding_window_of
 
     assert sliding_window_of(mu.sliding_window_causal_mask_function(7)) == 7
     assert sliding_window_of(mu.and_masks(mu.sliding_window_causal_mask_function(5),
@@ -105,6 +106,9 @@ def test_sliding_windows_are_read_from_transformers_mask_functions():
     assert sliding_window_of(mu.causal_mask_function) is None
     assert sliding_window_of(mu.sliding_window_bidirectional_mask_function(4)) is None
     assert sliding_window_of(mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))) is None
+    assert chunk_size_of(mu.chunked_causal_mask_function(12, torch.zeros(1, dtype=torch.long))) == 12
+    assert chunk_size_of(mu.sliding_window_causal_mask_function(7)) is None
+    assert chunk_size_of(mu.causal_mask_function) is None
 
 
 @pytest.mark.parametrize("reason", ["chunked attention", "a combined mask function (extra and/or masks)",
@@ -278,9 +282,38 @@ def test_while_sharded_every_kept_mask_is_materialised_with_its_reason():
     try:
         kept = mask_fn(mask_function=window, **kw)
         assert hf_masks.full_reason(kept) == "a sliding window" and hf_masks.window_of(kept) == 16
-        assert hf_masks.full_reason(mask_fn(mask_function=chunked, **kw)) == "chunked attention"
+        kept = mask_fn(mask_function=chunked, **kw)
+        assert hf_masks.full_reason(kept) == "chunked attention" and hf_masks.chunk_of(kept) == 16
     finally:
         hf_masks.SHARDED = previous
+
+
+def test_a_chunked_mask_with_more_in_it_is_refused_locally():
+    """A chunked mask is applied at global positions only where the shard's own mask is exactly
+    the chunked pattern (counted from the shard's first real token) over its padding: one that hides
+    or shows anything else (an extra mask function) is an error, never run as plain chunks."""
+    from transformers import masking_utils as mu
+
+    from moba_rewrite.integrations import hf_cp
+
+    t, chunk = 12, 5
+    padding = torch.ones(2, t, dtype=torch.bool)
+    padding[1, :3] = False
+    left = torch.tensor([0, 3])
+
+    def build(fn):
+        idx = torch.arange(t)
+        return torch.stack([torch.stack([torch.tensor([bool(fn(b, 0, q, k)) for k in idx]) for q in idx])
+                            for b in range(2)])[:, None] & padding[:, None, None, :]
+
+    plain = build(mu.chunked_causal_mask_function(chunk, left))
+    hf_cp._check_mask("site", plain, t, True, padding, chunk=chunk)  # the pattern itself passes
+    extra = build(mu.and_masks(mu.chunked_causal_mask_function(chunk, left), lambda b, h, q, k: k != 1))
+    with pytest.raises(ValueError, match="not plain causal chunked attention"):
+        hf_cp._check_mask("site", extra, t, True, padding, chunk=chunk)
+    with pytest.raises(ValueError, match="not plain causal chunked attention"):  # chunks counted from 0: not it
+        hf_cp._check_mask("site", build(mu.chunked_causal_mask_function(chunk, torch.zeros(2, dtype=torch.long))),
+                          t, True, padding, chunk=chunk)
 
 
 def test_depend_on_ties_the_exchanges_to_the_result_with_a_zero_gradient():

@@ -20,9 +20,10 @@ shift would be wrong at shard edges). A padded batch passes its 2-D `attention_m
 the tokens (`shard_attention_mask`): every site then hides the padding keys of the whole
 sequence, as the unsharded model does. Causal sliding windows are applied at global positions
 (`hf_masks.SHARDED` keeps each window's mask with its size; docs/CONTEXT_PARALLEL.md), and so are
+chunked attention (Llama 4's local layers: the chunk size kept the same way) and
 packed documents (`packed=True`, position ids restarting at each document). Hybrid stacks' recurrent
 layers (gated delta nets, Mamba-1 and Mamba-2 mixers, short convolutions) carry their state across
-ranks (`hf_cp_linear`). Not supported: other masks (4-D, chunked attention), a KV cache from
+ranks (`hf_cp_linear`). Not supported: other masks (4-D, extra mask functions), a KV cache from
 earlier steps (decode: `hf_cp_generate`), other token mixers; each is one clear error.
 """
 
@@ -201,10 +202,14 @@ class _ShardedAttention:
         self.custom_positions = False  # hf_cp_generate's padded-batch prefill: position_ids are the caller's
         self.packed = False  # context_parallel(packed=True): position_ids may restart (documents)
         self.documents: Tensor | None = None  # this forward's document of every token [B, W * T_local], if packed
+        self.positions: Tensor | None = None  # with documents: every token's position id [B, W * T_local]
+        self.segments: dict[int, Tensor] = {}  # this forward's chunked-attention segments, by chunk size
         self.packing_read = False  # this forward's mask creation read packed documents from position_ids
 
-    def start_forward(self, key_padding: Tensor | None, documents: Tensor | None = None) -> None:
+    def start_forward(self, key_padding: Tensor | None, documents: Tensor | None = None,
+                      positions: Tensor | None = None) -> None:
         self.key_padding, self.global_keys, self.documents = key_padding, None, documents
+        self.positions, self.segments = positions, {}
         self.packing_read = False
 
     @torch.compiler.disable  # eager: collectives, host reads of masks; a compiled model breaks its graph here
@@ -230,8 +235,9 @@ class _ShardedAttention:
             causal = True
         else:  # a materialised mask, checked below to say exactly this
             causal = hf.declared_causal(module, kwargs)
-        window = _window(name, attention_mask, kwargs)
-        _check_mask(name, attention_mask, tq, causal, self.key_padding, window)
+        window, chunk = _window(name, attention_mask, kwargs), hf_masks.chunk_of(attention_mask)
+        _check_mask(name, attention_mask, tq, causal, self.key_padding, window, chunk)
+        documents = self._chunk_segments(chunk, tq, query.device) if chunk is not None else self.documents
         scaling = kwargs.get("scaling")
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         decision = getattr(module, "_moba_decision", None)
@@ -243,9 +249,10 @@ class _ShardedAttention:
             if not problems and self.documents is not None and not causal:
                 raise ValueError(f"{_WHO}: attention site {name!r} is not causal; packed documents under context "
                                  f"parallelism are supported at causal MoBA sites (and at dense ones)")
-            if not problems and (window is not None or self.documents is not None):
+            if not problems and (window is not None or documents is not None):
                 out = self._gathered(query, key, value, scale, window, kind="moba", block_size=int(decision.block_size),
-                                     top_k=int(decision.top_k), backend=str(decision.backend))
+                                     top_k=int(decision.top_k), backend=str(decision.backend),
+                                     documents=documents, chunk=chunk)
                 return out.transpose(1, 2).contiguous(), None
             if not problems:
                 out = moba_attention_cp(query, key, value, group=self.pg, block_size=int(decision.block_size),
@@ -258,16 +265,40 @@ class _ShardedAttention:
             if decision.on_unsupported == "error":
                 raise hf.HFUnsupportedError(f"attention site {name!r} cannot run MoBA: {'; '.join(problems)} "
                                             f"(policy on_unsupported: error)")
-        return self._dense(origin, module, query, key, value, causal, scale, *args, window=window, **kwargs)
+        return self._dense(origin, module, query, key, value, causal, scale, *args, window=window,
+                           documents=documents, chunk=chunk, **kwargs)
+
+    def _chunk_segments(self, chunk: int, local_len: int, device) -> Tensor:
+        """Chunked attention (Llama 4's local layers) at global positions: every token's segment
+        `[B or 1, W * T_local]`, a query seeing the causal keys of its own segment. As transformers'
+        chunked mask: chunks of `chunk` tokens counted from each row's first real token (its left
+        padding, read from the whole sequence's key mask), or for packed documents chunks of each
+        document's position ids. Segments are runs, as documents are (`_causal_visibility`)."""
+        if chunk in self.segments:
+            return self.segments[chunk]
+        if self.documents is not None:  # transformers remaps the chunk overlay to the position ids
+            segments = self.documents * (self.documents.shape[1] + 1) + self.positions.div(chunk, rounding_mode="floor")
+        else:
+            index = torch.arange(local_len * dist.get_world_size(self.pg), device=device)[None]
+            left = torch.zeros_like(index[:, :1])
+            if self.key_padding is not None:
+                if self.global_keys is None:
+                    self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
+                left = (self.global_keys.long().cumsum(-1) == 0).sum(-1, keepdim=True)
+            segments = (index - left).div(chunk, rounding_mode="floor")
+        self.segments[chunk] = segments
+        return segments
 
     def _gathered(self, query: Tensor, key: Tensor, value: Tensor, scale: float, window: int | None, *,
-                  kind: str, block_size: int, top_k: int, backend: str) -> Tensor:
+                  kind: str, block_size: int, top_k: int, backend: str, documents: Tensor | None = None,
+                  chunk: int | None = None) -> Tensor:
         """Attention over the all-gathered K/V (`kind` "moba": a MoBA site whose mask the MoBA exchange
-        does not carry, a causal sliding window or packed documents; "dense": a causal dense site),
-        as one process computes it.
+        does not carry, a causal sliding window, chunked attention or packed documents; "dense": a
+        causal dense site), as one process computes it. `documents`: each token's document (packed
+        documents) or chunk segment (`_chunk_segments`), a query seeing its own only.
 
-        K/V are all-gathered, or for a causal sliding window without packed documents only the
-        window's keys are exchanged (`WindowKeys`). Each local chunk of queries runs the op in rows
+        K/V are all-gathered, or for a causal sliding window (or chunks of `chunk` tokens) without
+        packed documents only the keys within reach are exchanged (`WindowKeys`). Each local chunk of queries runs the op in rows
         of bounded size (`_ROWS_ELEMS` mask elements),
         each over the keys from the block holding the earliest key its queries see (the window's
         start, the document's start) to its last query, with the mask at global positions (and the
@@ -283,12 +314,12 @@ class _ShardedAttention:
         check_call_agreement(_WHO, self.pg, kind=kind, q=query, k=key, block_size=block_size if kind == "moba" else 0,
                              top_k=top_k if kind == "moba" else 0, causal=True, layout=self.layout, seq_len=seq_len,
                              scale=scale, key_padding=self.key_padding is not None, window=window,
-                             packed=self.documents is not None)
+                             packed=self.documents is not None, chunk=chunk)
         unit = block_size if kind == "moba" else 1
-        keys_of = self._key_spans(key, value, seq_len, window, unit)
+        keys_of = self._key_spans(key, value, seq_len, window or chunk, unit)
         if self.key_padding is not None and self.global_keys is None:
             self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
-        plain = window is None and self.documents is None
+        plain = window is None and documents is None
         outs = []
         b, hq, dv = query.shape[0], query.shape[1], value.shape[-1]
         rows = lay.chunk_len if plain else max(1, _ROWS_ELEMS // (b * seq_len))
@@ -300,7 +331,7 @@ class _ShardedAttention:
             if plain:
                 mask, first = None, 0
             else:
-                mask, first = _causal_visibility(q_pos, end, window, self.documents, unit)
+                mask, first = _causal_visibility(q_pos, end, window, documents, unit)
             if self.global_keys is not None:
                 keys = self.global_keys[:, None, None, first:end]
                 mask = keys if mask is None else mask & keys
@@ -326,10 +357,12 @@ class _ShardedAttention:
                                  enable_gqa=query.shape[1] != key.shape[1], layout=self.layout, seq_len=self.seq_len,
                                  global_key_mask=self.global_keys)
 
-    def _key_spans(self, key: Tensor, value: Tensor, seq_len: int, window: int | None, unit: int):
+    def _key_spans(self, key: Tensor, value: Tensor, seq_len: int, reach: int | None, unit: int):
         """`keys_of(first, end)`: the whole sequence's keys and values `first .. end-1`. All-gathered,
-        or for a causal sliding window without packed documents only the window's keys, exchanged
-        (`WindowKeys`, planned from blocks of `unit` tokens). A collective: every rank calls it."""
+        or where no query sees more than `reach` keys back (a causal sliding window, a chunk) and no
+        documents are packed, only the keys within reach, exchanged (`WindowKeys`, planned from
+        blocks of `unit` tokens). A collective: every rank calls it."""
+        window = reach
         if window is not None and self.documents is None:  # only the window's keys travel
             return WindowKeys(key, value, self.pg, self.layout, seq_len=seq_len, window=window, block_size=unit,
                               who=_WHO).span
@@ -346,8 +379,8 @@ class _ShardedAttention:
         them densely over that window: `hf_cache`), whatever their mask says."""
         if not hf.declared_causal(module, kwargs):
             raise ValueError(f"{_WHO}: attention site {name!r} is not causal; sharded-cache decoding is for causal LMs")
-        window = _window(name, attention_mask, kwargs)
-        _check_decode_mask(name, attention_mask, query.shape[2], self.decode_len, window)
+        window, chunk = _window(name, attention_mask, kwargs), hf_masks.chunk_of(attention_mask)
+        _check_decode_mask(name, attention_mask, query.shape[2], self.decode_len, window, chunk)
         dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)
         # soft-capping and sinks: MoBA cannot (one process runs the original attention), the dense op can
         dense_only = {k: kwargs[k] for k in _DENSE_DECODE_KWARGS if kwargs.get(k) is not None}
@@ -359,7 +392,10 @@ class _ShardedAttention:
         scaling = kwargs.get("scaling")
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         decision = getattr(module, "_moba_decision", None)
-        padding = getattr(getattr(self.decode_cache, "shared", None), "key_mask", None)
+        shared = getattr(self.decode_cache, "shared", None)
+        padding = getattr(shared, "key_mask", None)
+        if chunk is not None:  # the query's chunk, as a key mask over this rank's slots
+            padding = self._chunk_keys(name, query, key, chunk, getattr(shared, "left_padding", None), padding)
         gqa = query.shape[1] != key.shape[1]
         as_prefill = self.decode_as_prefill  # the prompt's last token(s): the site's prefill rules, not decode's
         moba = (decision is not None and decision.mode == "moba" and (as_prefill or decision.decode != "dense")
@@ -400,29 +436,46 @@ class _ShardedAttention:
                              check_ranks=self.decode_check, key_padding_mask=padding)
         return out.transpose(1, 2).contiguous(), None
 
+    def _chunk_keys(self, name: str, query: Tensor, key: Tensor, chunk: int, left_padding: Tensor | None,
+                    padding: Tensor | None) -> Tensor:
+        """This rank's cache slots `[B, S]` a decode step's query sees under chunked attention: those
+        from its chunk's start (chunks of `chunk` tokens counted from each row's first real token,
+        `left_padding`), AND the padding mask `padding` if given."""
+        if query.shape[2] != 1:
+            raise ValueError(f"{_WHO}: attention site {name!r} has chunked attention and got {query.shape[2]} queries "
+                             f"in one sharded-cache decode step; one at a time is supported")
+        b, s_cap = query.shape[0], key.shape[2]
+        left = torch.zeros(b, dtype=torch.long, device=key.device) if left_padding is None else left_padding.to(key.device)
+        position = self.decode_len - 1
+        start = left + (position - left).div(chunk, rounding_mode="floor") * chunk  # [B]
+        slots = dist.get_rank(self.pg) * s_cap + torch.arange(s_cap, device=key.device)
+        seen = slots[None, :] >= start[:, None]
+        return seen if padding is None else padding & seen
+
     def _dense(self, origin, module, query, key, value, causal: bool, scale: float, *args,
-               window: int | None = None, **kwargs):
+               window: int | None = None, documents: Tensor | None = None, chunk: int | None = None, **kwargs):
         """A dense site: causal calls the model's attention function would compute plainly (no
         soft-capping, sinks, dropout) run the dense op over the all-gathered K/V in bounded rows
         (`_gathered`); others call the model's own attention function, in pieces of queries whose
         scores stay under `_SCORE_ELEMS` elements, each over the keys it can see (causal: up to its
-        last query, from its window's start; a window's keys are all that travel), masked at global
-        positions (within packed documents, padding keys hidden). No `[T_local, T]` tensor."""
+        last query, from its window's or chunk's start; a window's or chunk's keys are all that
+        travel), masked at global positions (within packed documents or chunks (`documents`), padding
+        keys hidden). No `[T_local, T]` tensor."""
         dropout = float(kwargs.get("dropout", args[0] if args else 0.0) or 0.0)
         if causal and not hf.unsupported_reasons(query, key, value, None, dropout, module.training, kwargs):
-            if self.dense == "ring" and window is None and self.documents is None:
+            if self.dense == "ring" and window is None and documents is None:
                 out = self._ring(query, key, value, scale)
             else:
                 out = self._gathered(query, key, value, scale, window, kind="dense", block_size=0, top_k=0,
-                                     backend="torch")
+                                     backend="torch", documents=documents, chunk=chunk)
             return out.transpose(1, 2).contiguous(), None
         world, rank = dist.get_world_size(self.pg), dist.get_rank(self.pg)
         lay = ShardLayout(self.layout, world, query.shape[2])
         seq_len = self.seq_len if self.seq_len is not None else lay.global_len
         check_call_agreement(_WHO, self.pg, kind="dense", q=query, k=key, block_size=0, top_k=0, causal=causal,
                              layout=self.layout, seq_len=seq_len, scale=scale, key_padding=self.key_padding is not None,
-                             window=window, packed=self.documents is not None)
-        keys_of = self._key_spans(key, value, seq_len, window, 1)
+                             window=window, packed=self.documents is not None, chunk=chunk)
+        keys_of = self._key_spans(key, value, seq_len, window or (chunk if causal else None), 1)
         if self.key_padding is not None and self.global_keys is None:
             self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
         b, hq, dv = query.shape[0], query.shape[1], value.shape[-1]
@@ -434,11 +487,11 @@ class _ShardedAttention:
                 continue
             q_pos = torch.arange(start, end, device=query.device)
             if causal or window is not None:
-                mask, first = _causal_visibility(q_pos, end, window, self.documents, 1)
+                mask, first = _causal_visibility(q_pos, end, window, documents, 1)
             else:  # every key, within the query's own document when packed
                 mask, first, end = torch.ones(1, 1, end - start, seq_len, dtype=torch.bool, device=query.device), 0, seq_len
-                if self.documents is not None:
-                    docs = self.documents[:, :seq_len]
+                if documents is not None:
+                    docs = documents[:, :seq_len]
                     mask = docs[:, q_pos][:, None, :, None] == docs[:, None, None, :]
             if self.global_keys is not None:
                 mask = mask & self.global_keys[:, None, None, first:end]
@@ -510,13 +563,14 @@ def _dense_below(decision) -> int:
 def _window(name: str, mask: Tensor | None, kwargs: dict) -> int | None:
     """The causal sliding window of this call (`hf_masks.window_of` its mask, checked against the
     call's own `sliding_window`), None for none; a kept mask of any other kind that its local pattern
-    cannot show whole (chunked attention, packed sequences, a combined mask function) is an error."""
+    cannot show whole (packed sequences, a combined mask function) is an error. Chunked attention
+    (`hf_masks.chunk_of`) passes: its chunks are applied at global positions."""
     window, given = hf_masks.window_of(mask), kwargs.get("sliding_window")
     reason = hf_masks.full_reason(mask)
-    if window is None and reason and not reason.startswith(_LOCAL_PATTERN_SHOWS):
+    if window is None and hf_masks.chunk_of(mask) is None and reason and not reason.startswith(_LOCAL_PATTERN_SHOWS):
         raise ValueError(f"{_WHO}: attention site {name!r} got a mask of {reason}, which context parallelism "
-                         f"cannot carry across shards; it supports causal or full attention, padded batches and "
-                         f"causal sliding windows")
+                         f"cannot carry across shards; it supports causal or full attention, padded batches, "
+                         f"causal sliding windows and chunked attention")
     if given is not None and (window is None or int(given) != window):
         raise ValueError(f"{_WHO}: attention site {name!r} asks for a sliding window of {given} keys but its mask "
                          f"says {'none' if window is None else window}; the window cannot be applied across shards")
@@ -529,9 +583,10 @@ _LOCAL_PATTERN_SHOWS = ("bidirectional attention", "the model builds on the mate
 
 
 def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool, key_padding: Tensor | None,
-                window: int | None = None) -> None:
+                window: int | None = None, chunk: int | None = None) -> None:
     """The model's own (local) mask may only say "causal" (or nothing), within a causal sliding window
-    of `window` keys if given, and hide the padding keys of the caller's `attention_mask`
+    of `window` keys or chunks of `chunk` tokens (counted from the shard's first real token, as
+    transformers builds it from the shard's attention_mask) if given, and hide the padding keys of the caller's `attention_mask`
     (`key_padding`, this rank's shard), which the sharded attention applies over the whole sequence:
     other masks cannot be carried across shards, and ignoring them would change the result."""
     if mask is None:
@@ -552,19 +607,26 @@ def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool, key_paddin
         want = want.tril()
     if window is not None:
         want = want.triu(-(window - 1))
+    if chunk is not None:
+        left = torch.zeros(1, 1, dtype=torch.long, device=mask.device) if key_padding is None else \
+            (key_padding.long().cumsum(-1) == 0).sum(-1, keepdim=True)
+        segment = (torch.arange(t, device=mask.device)[None] - left).div(chunk, rounding_mode="floor")  # [B | 1, t]
+        want = want[None, None] & (segment[:, None, :, None] == segment[:, None, None, :])
     if key_padding is not None:
-        want = want[None, None] & key_padding[:, None, None, :]
+        want = want & key_padding[:, None, None, :]
     if visible.shape[-2] != t or visible.shape[-1] < t or not torch.equal(visible[..., :t],
                                                                             want.expand_as(visible[..., :t])):
         raise ValueError(f"{_WHO}: attention site {name!r} got a mask that is not plain "
-                         f"{'causal' if causal else 'full'} attention over the given attention_mask (a sliding "
+                         f"{'causal' if causal else 'full'}{' chunked' if chunk else ''} attention over the given attention_mask (a sliding "
                          f"window, packed sequences?); context parallelism supports plain and padded batches only")
 
 
-def _check_decode_mask(name: str, mask: Tensor | None, tq: int, length: int, window: int | None) -> None:
+def _check_decode_mask(name: str, mask: Tensor | None, tq: int, length: int, window: int | None,
+                       chunk: int | None = None) -> None:
     """A decode step's mask (over the whole cache: `length` keys, the `tq` queries the newest) may only
-    say "causal", within the causal sliding window `window` if given: the padding of a batch travels
-    in the sharded cache, not in the step's mask."""
+    say "causal", within the causal sliding window `window` or chunks of `chunk` tokens (as the step's
+    model builds them, with no padding: chunks counted from position 0) if given: the padding of a
+    batch travels in the sharded cache (and in its left padding, for chunks), not in the step's mask."""
     if mask is None:
         return
     if hf_masks.compact_of(mask) is not None:
@@ -577,11 +639,14 @@ def _check_decode_mask(name: str, mask: Tensor | None, tq: int, length: int, win
         q_pos = torch.arange(length - tq, length, device=mask.device)
         k_pos = torch.arange(length, device=mask.device)
         want = in_causal_window(q_pos, k_pos, window) if window is not None else k_pos[None, :] <= q_pos[:, None]
+        if chunk is not None:
+            want = want & (q_pos[:, None] // chunk == k_pos[None, :] // chunk)
         if visible.shape[-2:] == want.shape and torch.equal(visible, want.expand_as(visible)):
             return
         what = hf_masks.full_reason(mask) or "a mask the model built itself"
     raise ValueError(f"{_WHO}: attention site {name!r} got a mask other than plain causal attention"
-                     f"{f' in a window of {window} keys' if window is not None else ''} during sharded-cache "
+                     f"{f' in a window of {window} keys' if window is not None else ''}"
+                     f"{f' in chunks of {chunk} tokens' if chunk is not None else ''} during sharded-cache "
                      f"decoding ({what}); not supported")
 
 
@@ -689,13 +754,13 @@ def _prepare_call(pg: dist.ProcessGroup, layout: str, hook: _ShardedAttention, d
             if given is not None:
                 raise ValueError(f"{_WHO}: packed=True with an attention_mask: transformers reads packed documents "
                                  f"from position_ids only when no attention_mask is given; pass one or the other")
-            documents = _documents(rows.expand(batch, -1), pg, layout)
+            documents, positions = _documents(rows.expand(batch, -1), pg, layout)
         elif not hook.custom_positions and not torch.equal(rows, want.expand(rows.shape[0], -1)):
             raise ValueError(f"{_WHO}: position_ids are not this rank's global positions in the {layout} layout "
                              f"(shard_inputs gives them; for packed sequences, positions restarting at each "
                              f"document, pass packed=True to context_parallel and position_ids= to shard_inputs)")
         if documents is not None:  # no mask: transformers then reads packing from position_ids (recorded)
-            hook.start_forward(None, documents)
+            hook.start_forward(None, documents, positions)
         elif given is None:
             kwargs = {**kwargs, "attention_mask": torch.ones((batch, t), dtype=torch.long, device=pos.device)}
             hook.start_forward(None)
@@ -721,13 +786,13 @@ def _packing_reader(hook: _ShardedAttention):
     return find_packed_sequence_indices
 
 
-def _documents(local_positions: Tensor, pg: dist.ProcessGroup, layout: str) -> Tensor:
-    """Each token's document `[B, W * T_local]` in sequence order, from every rank's position ids
-    (one all-gather): a new document wherever a position is not its predecessor's plus one, as
-    transformers' `find_packed_sequence_indices` reads a packed sequence."""
+def _documents(local_positions: Tensor, pg: dist.ProcessGroup, layout: str) -> tuple[Tensor, Tensor]:
+    """(each token's document, its position id), `[B, W * T_local]` in sequence order, from every
+    rank's position ids (one all-gather): a new document wherever a position is not its
+    predecessor's plus one, as transformers' `find_packed_sequence_indices` reads a packed sequence."""
     positions = gather_sequence(local_positions.long(), pg, layout, dim=1, who=_WHO)
     step = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1)
-    return (step != 1).cumsum(-1)
+    return (step != 1).cumsum(-1), positions
 
 
 def _went_through(hook: _ShardedAttention, name: str):

@@ -66,6 +66,7 @@ class CacheSlice:
     world: int
     length: int = 0  # tokens in the whole cache before the current forward
     key_mask: Tensor | None = None  # a padded batch: [B, S] bool, which of this rank's slots are real tokens
+    left_padding: Tensor | None = None  # a padded batch: [B] padding tokens before each row's first real one
     prefilling: bool = False  # the sharded prefill is writing whole slices
 
 
@@ -212,16 +213,19 @@ class ShardedKVCache(Cache):
         super().reorder_cache(beam_idx)
         if self.shared.key_mask is not None:
             self.shared.key_mask = self.shared.key_mask.index_select(0, beam_idx.to(self.shared.key_mask.device))
+            self.shared.left_padding = self.shared.left_padding.index_select(0, beam_idx.to(self.shared.key_mask.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.shared.key_mask is not None:
             self.shared.key_mask = self.shared.key_mask.repeat_interleave(repeats, dim=0)
+            self.shared.left_padding = self.shared.left_padding.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: Tensor) -> None:
         super().batch_select_indices(indices)
         if self.shared.key_mask is not None:
             self.shared.key_mask = self.shared.key_mask[indices]
+            self.shared.left_padding = self.shared.left_padding[indices]
 
 
 def _padded_positions(model: nn.Module, input_ids: Tensor, real: Tensor) -> Tensor:
@@ -297,7 +301,8 @@ def _check_arguments(input_ids, attention_mask, max_new_tokens, do_sample, tempe
 def _place_prompt(model: nn.Module, input_ids: Tensor, real: Tensor | None, shared: CacheSlice
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """This rank's slice of the prompt, padded at its end to `W * S` tokens: (token ids, position ids,
-    each row's next position, the slice's padding mask or None)."""
+    each row's next position, the slice's padding mask or None). Records each row's left padding in
+    `shared` (chunked attention counts its chunks from the first real token)."""
     b, t = input_ids.shape
     slots, dev = shared.world * shared.capacity, input_ids.device
     mine = slice(shared.rank * shared.capacity, (shared.rank + 1) * shared.capacity)
@@ -311,7 +316,14 @@ def _place_prompt(model: nn.Module, input_ids: Tensor, real: Tensor | None, shar
     positions[:, :t] = _padded_positions(model, input_ids, real)
     whole = torch.zeros((b, slots), dtype=torch.bool, device=dev)
     whole[:, :t] = real
+    shared.left_padding = _left_padding(real)
     return ids[:, mine], positions[:, mine], real.long().sum(-1), whole[:, mine].clone()
+
+
+def _left_padding(real: Tensor) -> Tensor:
+    """`[B]` padding tokens before each row's first real token of a `[B, T]` mask (transformers' count
+    for chunked attention)."""
+    return (real.long().cumsum(-1) == 0).sum(-1)
 
 
 @torch.no_grad()
@@ -468,6 +480,7 @@ def _transformers_loop(model: nn.Module, input_ids: Tensor, attention_mask: Tens
             shared.length = t - 1
         elif real is not None:
             shared.key_mask = torch.zeros((b, capacity), dtype=torch.bool, device=input_ids.device)
+            shared.left_padding = _left_padding(real[:, :0])
         cache.batch_repeat_interleave(num_beams)
         if sampling["do_sample"]:
             _random_state_of_rank_0(pg, input_ids.device)

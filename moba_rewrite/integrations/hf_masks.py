@@ -48,9 +48,11 @@ DENSE_CACHE = "_moba_dense"     # attribute of a compact mask: the rebuilt origi
 FULL_REASON = "_moba_full"      # attribute of an original mask we kept: why it was not compacted
 ADDITIVE = "_moba_additive"     # attribute of an eager-origin mask we built: 0 / finfo.min only
 WINDOW = "_moba_window"         # attribute of a kept causal sliding-window mask (while sharded): its window
+CHUNK = "_moba_chunk"           # attribute of a kept chunked-attention mask (while sharded): its chunk size
 
 # Set by `integrations.hf_cp` while a sequence is sharded: a mask that cannot be compacted is then always
-# materialised with its reason (a causal sliding window also with its window), so the sharded attention
+# materialised with its reason (a causal sliding window also with its window, chunked attention with its
+# chunk size), so the sharded attention
 # applies the window at global positions and every rank sees the same kind of mask (transformers skips
 # a mask when a shard is no longer than the window or has no padding, which would hide it on some ranks).
 SHARDED = False
@@ -122,6 +124,23 @@ def sliding_window_of(fn: Callable) -> int | None:
     return None
 
 
+def chunk_size_of(fn: Callable) -> int | None:
+    """The chunk size `C` of transformers' chunked causal mask function (Llama 4's local layers: a
+    key is visible when it is causal and `(k - left_padding) // C == (q - left_padding) // C`), read
+    from its `chunked_overlay` closure; None when `fn` holds none."""
+    for f in _closure_functions(fn):
+        if not getattr(f, "__qualname__", "").startswith("chunked_overlay."):
+            continue
+        cell = dict(zip(f.__code__.co_freevars, f.__closure__ or ())).get("chunk_size")
+        try:
+            size = cell.cell_contents if cell is not None else None
+        except ValueError:
+            size = None
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size
+    return None
+
+
 def _function_name(fn: Callable) -> str:
     if torch.compiler.is_compiling():  # the words are for the report, made in eager mode (Dynamo cannot read
         return "a mask function other than the causal one"  # every function's __qualname__)
@@ -170,12 +189,6 @@ def _key_padding(attention_mask: Tensor | None, kv_length: Any) -> Tensor | None
     return pad[:, :kv_length].to(torch.bool)
 
 
-def _tracing(t: Tensor | None) -> bool:
-    from transformers.utils.import_utils import is_tracing
-
-    return is_tracing(t)
-
-
 def make_mask_function(origin: str) -> Callable:
     """The `AttentionMaskInterface` function registered for `moba_<origin>`."""
 
@@ -187,6 +200,7 @@ def make_mask_function(origin: str) -> Callable:
         why = why_not_compact(q_length, kv_length, q_offset, kv_offset, mask_function, kwargs)
         if why:
             window = sliding_window_of(mask_function) if SHARDED else None
+            chunk = chunk_size_of(mask_function) if SHARDED else None
             if SHARDED:  # every rank keeps the mask and its reason, whatever its own tokens are (padding
                 kwargs = {**kwargs, "allow_is_causal_skip": False}  # on one rank only), so all refuse alike
             out = _original(origin)(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
@@ -196,6 +210,8 @@ def make_mask_function(origin: str) -> Callable:
                 setattr(out, FULL_REASON, why)
                 if window is not None:
                     setattr(out, WINDOW, window)
+                if chunk is not None:
+                    setattr(out, CHUNK, chunk)
                 if out.dtype.is_floating_point:
                     setattr(out, ADDITIVE, True)  # eager_mask: where(mask, 0, finfo.min)
             return out
@@ -273,6 +289,11 @@ def dense_mask(origin: str, mask: Tensor | None, query: Tensor, key: Tensor, cau
 def window_of(mask: Any) -> int | None:
     """The window of a causal sliding-window mask kept while sharded (`SHARDED`), else None."""
     return getattr(mask, WINDOW, None) if isinstance(mask, Tensor) else None
+
+
+def chunk_of(mask: Any) -> int | None:
+    """The chunk size of a chunked-attention mask kept while sharded (`SHARDED`), else None."""
+    return getattr(mask, CHUNK, None) if isinstance(mask, Tensor) else None
 
 
 def full_reason(mask: Any) -> str:

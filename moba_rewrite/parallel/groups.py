@@ -71,7 +71,7 @@ _EXCHANGE_CODES = {"auto": 0, "keys": 1, "queries": 2}
 def check_call_agreement(who: str, pg: dist.ProcessGroup, *, kind: str, q: Tensor, k: Tensor, block_size: int,
                          top_k: int, causal: bool, layout: str, seq_len: int, scale: float,
                          exchange: str = "auto", key_padding: bool = False, window: int | None = None,
-                         packed: bool = False) -> None:
+                         packed: bool = False, chunk: int | None = None) -> None:
     """Fail on every rank unless all ranks make the same attention call (MoBA or dense, shapes and
     parameters alike); a MoBA site on one rank and a dense one on another is caught too."""
     check_same_on_all_ranks(who, pg, {
@@ -82,6 +82,7 @@ def check_call_agreement(who: str, pg: dist.ProcessGroup, *, kind: str, q: Tenso
         "dtype": _DTYPES.index(q.dtype) if q.dtype in _DTYPES else -1,
         "exchange": _EXCHANGE_CODES.get(exchange, -1), "whether a key padding mask is given": int(key_padding),
         "sliding window": int(window or 0), "whether documents are packed": int(packed),
+        "attention chunk": int(chunk or 0),
     }, q.device)
 
 
