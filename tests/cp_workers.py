@@ -1357,15 +1357,15 @@ def hf_sliding_window_matches_unsharded(ctx):
 
 def _chunked_llama4(chunk: int):
     """Llama 4 text, three layers: 0 and 1 chunked attention (`chunk` tokens), 2 full attention (no
-    RoPE), every one an MoE layer; rewritten by the hybrid policy (MoBA block 8 / top-2, last layer
-    dense)."""
+    RoPE, its queries scaled by a temperature of the token index that changes every 8 tokens), every
+    one an MoE layer; rewritten by the hybrid policy (MoBA block 8 / top-2, last layer dense)."""
     import moba_rewrite as mr
     from transformers import Llama4ForCausalLM, Llama4TextConfig
 
     cfg = Llama4TextConfig(vocab_size=96, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                            num_local_experts=2, max_position_embeddings=512, attention_chunk_size=chunk,
-                           no_rope_layers=[1, 1, 0], tie_word_embeddings=False, attn_implementation="sdpa")
+                           no_rope_layers=[1, 1, 0], floor_scale=8, attn_scale=1.0, tie_word_embeddings=False, attn_implementation="sdpa")
     assert cfg.layer_types == ["chunked_attention"] * 2 + ["full_attention"], cfg.layer_types
     torch.manual_seed(0)
     model = Llama4ForCausalLM(cfg)
@@ -1378,7 +1378,8 @@ def hf_chunked_attention_matches_unsharded(ctx):
     = the unsharded rewrite: a MoBA site and a dense site under the chunked mask at global positions,
     both layouts, a left-padded batch (chunks counted from each row's first real token), packed
     documents (chunks of each document's positions), training gradients, sharded-cache decoding
-    (greedy and beam search); only the chunk's keys travel."""
+    (greedy and beam search); only the chunk's keys travel. The NoPE layer's query temperature is
+    taken at global token indices (each shard counted from 0 before: 1.6e-3 off)."""
     from moba_rewrite.integrations.hf_cp import context_parallel, shard_attention_mask, shard_inputs
 
     t = 90

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from moba_rewrite.attention import autocast, op as moba_op
 from moba_rewrite.integrations import hf, hf_cache, hf_cp_linear, hf_masks
-from moba_rewrite.integrations.hf_cp_positions import GlobalNumbering, numbering_modules
+from moba_rewrite.integrations.hf_cp_positions import (GlobalNumbering, TemperatureTuning, global_indices,
+                                                      numbering_modules, scale_queries, temperature_tuned)
 from moba_rewrite.parallel import moba_attention_cp, moba_decode_cp, sdpa_decode_cp, shard_sequence
 from moba_rewrite.parallel.attention import check_key_padding
 from moba_rewrite.parallel.shipping import check_mode
@@ -205,6 +206,7 @@ class _ShardedAttention:
         self.positions: Tensor | None = None  # with documents: every token's position id [B, W * T_local]
         self.segments: dict[int, Tensor] = {}  # this forward's chunked-attention segments, by chunk size
         self.packing_read = False  # this forward's mask creation read packed documents from position_ids
+        self.tuned: set[int] = set()  # ids of modules whose query temperature is applied here (hf_cp_positions)
 
     def start_forward(self, key_padding: Tensor | None, documents: Tensor | None = None,
                       positions: Tensor | None = None) -> None:
@@ -215,6 +217,8 @@ class _ShardedAttention:
     @torch.compiler.disable  # eager: collectives, host reads of masks; a compiled model breaks its graph here
     def __call__(self, origin: str, module: nn.Module, query, key, value, attention_mask, *args, **kwargs):
         self.seen.add(id(module))
+        if id(module) in self.tuned:  # as the module scales them, at the tokens' global indices
+            query = scale_queries(query, module, global_indices(self, query.shape[2], query.device))
         if autocast.active(query):  # as the attention functions compute under autocast (SDPA's rule)
             query, key, value = autocast.cast_inputs(query, key, value)
         name = getattr(module, "_moba_site", type(module).__name__)
@@ -677,6 +681,8 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
         raise ValueError(f"{_WHO}: dense must be one of {', '.join(map(repr, DENSE_FORMS))}, got {dense!r}")
     hook = _ShardedAttention(pg, layout, seq_len, exchange, dense)
     hook.packed = packed
+    tuned = temperature_tuned(model)
+    hook.tuned = {id(m) for m in tuned}
     numbering = [] if hf_masks.takes_argument(model, "position_ids") else numbering_modules(model)
     if numbering and packed:
         raise ValueError(f"{_WHO}: packed=True, but {type(model).__name__} takes no position_ids (it numbers its "
@@ -704,8 +710,8 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
     if packed:
         masking_utils.find_packed_sequence_indices = _packing_reader(hook)
     try:
-        with hf_cp_linear.sharded_recurrent_layers(recurrent, pg, layout, seq_len=seq_len,
-                                                   decoding=lambda: hook.decode_len is not None):
+        with TemperatureTuning(tuned), hf_cp_linear.sharded_recurrent_layers(
+                recurrent, pg, layout, seq_len=seq_len, decoding=lambda: hook.decode_len is not None):
             yield
     finally:
         hf.CONTEXT_PARALLEL = previous

@@ -10,11 +10,18 @@ past the real length gets the last real position: no real token sees it), the ca
 sharded-cache decode step. It first checks that the module got consecutive numbers, as these
 decoders make; a forward that never reaches such a module is an error (the model then numbered its
 tokens some other way), never a silently shifted output.
+
+Llama 4's NoPE layers scale their queries by a temperature of each token's index, which they count
+from the tokens they are given (`arange(T) + cached tokens`: from 0 on every shard). Under
+`context_parallel` their own scaling is switched off (`TemperatureTuning`) and the sharded
+attention applies the same scaling at the tokens' global indices (`scale_queries`).
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -56,14 +63,7 @@ class GlobalNumbering:
 
     def positions(self, n: int, device) -> Tensor:
         """Global positions `[n]` of this rank's `n` tokens in the current forward."""
-        hook = self.hook
-        if hook.decode_len is not None:  # the new tokens end the filled cache (every rank runs them all)
-            return torch.arange(hook.decode_len - n, hook.decode_len, device=device)
-        pg = hook.pg
-        pos = ShardLayout(hook.layout, dist.get_world_size(pg), n).positions(dist.get_rank(pg), device)
-        if hook.seq_len is not None:
-            pos = pos.clamp(max=max(hook.seq_len - 1, 0))
-        return pos
+        return global_indices(self.hook, n, device)
 
     def _start(self, module, args):
         self.calls = 0
@@ -94,3 +94,43 @@ class GlobalNumbering:
                 return (*args[:2], new, *args[3:]), kwargs
             return args, {**kwargs, "position_ids": new}
         return give_global_positions
+
+
+def global_indices(hook, n: int, device) -> Tensor:
+    """Global indices `[n]` of this rank's `n` tokens in the current forward (`hook`: the sharded
+    attention): the layout's in a prefill or training step (alignment padding past the real length
+    gets the last real index: no real token sees it), the newest cache slots' in a decode step."""
+    if hook.decode_len is not None:  # the new tokens end the filled cache (every rank runs them all)
+        return torch.arange(hook.decode_len - n, hook.decode_len, device=device)
+    pg = hook.pg
+    pos = ShardLayout(hook.layout, dist.get_world_size(pg), n).positions(dist.get_rank(pg), device)
+    if hook.seq_len is not None:
+        pos = pos.clamp(max=max(hook.seq_len - 1, 0))
+    return pos
+
+
+def temperature_tuned(model: nn.Module) -> list[nn.Module]:
+    """Attention modules that scale their queries by a temperature of each token's index (Llama 4's
+    layers without RoPE: `attn_temperature_tuning`, `floor_scale`, `attn_scale`)."""
+    return [m for m in model.modules() if getattr(m, "attn_temperature_tuning", None) is True
+            and hasattr(m, "use_rope") and not m.use_rope and hasattr(m, "floor_scale") and hasattr(m, "attn_scale")]
+
+
+@contextmanager
+def TemperatureTuning(modules: list[nn.Module]) -> Iterator[None]:
+    """While sharded: the modules' own query scaling (by their local token count) switched off;
+    `scale_queries` applies it at global indices instead."""
+    for m in modules:
+        m.attn_temperature_tuning = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.attn_temperature_tuning = True
+
+
+def scale_queries(query: Tensor, module: nn.Module, index: Tensor) -> Tensor:
+    """`query` `[B, H, T, D]` scaled as Llama 4's attention scales it (`log1p(floor((i + 1) / floor_scale))
+    * attn_scale + 1` for token index `i`, in float32, back to the query's dtype), at `index` `[T]`."""
+    scales = torch.log1p(torch.floor((index.float() + 1.0) / module.floor_scale)) * module.attn_scale + 1.0
+    return (query * scales.view(1, 1, -1, 1)).to(query.dtype)
