@@ -35,7 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_suite(world: int, suite: str, *, deadline_s: float = 120.0) -> dict[str, dict[int, str]]:
+def run_suite(world: int, suite: str, *, deadline_s: float = 480.0) -> dict[str, dict[int, str]]:
     """Run `cp_workers.SUITES[suite]` on `world` gloo ranks; results per case and rank."""
     import cp_workers
 
