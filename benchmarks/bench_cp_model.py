@@ -5,7 +5,9 @@
 
 A Llama-style transformers model (random weights, sizes as flags; `--family qwen3_5`: Qwen3.5's
 hybrid stack, gated delta nets with attention every 4th layer, whose states cross ranks by
-`parallel.recurrence`, their bytes shown apart) is rewritten twice: every
+`parallel.recurrence`, their bytes shown apart; `--family llama4`: Llama 4's text stack, chunked
+attention (`--chunk` tokens) with a full NoPE layer every 4th, dense MLPs, the chunked layers'
+bytes shown apart) is rewritten twice: every
 site MoBA (`--block`, `--top-k`) and every site dense (`mode: dense`, the same model path). For
 every world size W it spawns W gloo ranks on this machine (CPU; W = 1 runs the same model in one
 process without `context_parallel`: the single-device baseline), shards one sequence
@@ -60,6 +62,10 @@ def build(args, mode: str):
         cfg = transformers.Qwen3_5TextConfig(**sizes, linear_num_key_heads=args.heads, linear_num_value_heads=args.heads,
                                              linear_key_head_dim=args.head_dim, linear_value_head_dim=args.head_dim)
         cls = transformers.Qwen3_5ForCausalLM
+    elif args.family == "llama4":  # chunked attention, a NoPE full-attention layer every 4th; no MoE layers
+        cfg = transformers.Llama4TextConfig(**sizes, intermediate_size_mlp=2 * args.hidden, moe_layers=[],
+                                            attention_chunk_size=args.chunk)
+        cls = transformers.Llama4ForCausalLM
     else:
         cfg, cls = transformers.LlamaConfig(**sizes), transformers.LlamaForCausalLM
     torch.manual_seed(args.seed)
@@ -161,7 +167,9 @@ def summarize(world: int, ranks: list[dict]) -> dict:
                      "bytes": max(r[mode]["bytes"] for r in ranks),
                      "max_diff": ranks[0][mode].get("max_diff"),
                      "recurrence_bytes": max(sum(n for step, n in r[mode].get("bytes_by_step", {}).items()
-                                                 if step in _RECURRENCE_STEPS) for r in ranks)}
+                                                 if step in _RECURRENCE_STEPS) for r in ranks),
+                     "window_bytes": max(sum(n for step, n in r[mode].get("bytes_by_step", {}).items()
+                                             if step.startswith("window keys/values")) for r in ranks)}
     return row
 
 
@@ -174,7 +182,8 @@ def _mib(b: int) -> str:
 
 
 def print_table(args, rows: list[dict]) -> None:
-    kind = "Llama-style" if args.family == "llama" else "Qwen3.5 hybrid (delta nets, attention every 4th layer),"
+    kind = {"llama": "Llama-style", "qwen3_5": "Qwen3.5 hybrid (delta nets, attention every 4th layer),",
+            "llama4": f"Llama 4 (chunks of {args.chunk} tokens, a full NoPE layer every 4th),"}[args.family]
     print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs; {kind} {args.layers} layers, hidden {args.hidden}, "
           f"{args.heads} heads (kv {args.kv_heads or args.heads}) x {args.head_dim}; {args.tokens} tokens, "
           f"layout {args.layout}, dense sites by {args.dense_form}; MoBA block {args.block} / top-{args.top_k}; "
@@ -196,6 +205,10 @@ def print_table(args, rows: list[dict]) -> None:
     if args.family == "qwen3_5":
         print("of which the delta nets' states (per rank, dense / MoBA): " + "; ".join(
             f"{r['world']} ranks {_mib(r['dense']['recurrence_bytes'])} / {_mib(r['moba']['recurrence_bytes'])}"
+            for r in rows if r["world"] > 1))
+    if args.family == "llama4":
+        print("of which the chunked layers' keys (per rank, dense / MoBA): " + "; ".join(
+            f"{r['world']} ranks {_mib(r['dense']['window_bytes'])} / {_mib(r['moba']['window_bytes'])}"
             for r in rows if r["world"] > 1))
 
 
@@ -225,9 +238,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--worlds", default="1,2,4", help="comma-separated numbers of ranks (1: one process, no CP)")
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--family", default="llama", choices=["llama", "qwen3_5"],
+    p.add_argument("--family", default="llama", choices=["llama", "qwen3_5", "llama4"],
                    help="llama: every layer attention; qwen3_5: Qwen3.5's hybrid stack (gated delta nets, full "
-                        "attention every 4th layer: the delta nets' states cross ranks, parallel.recurrence)")
+                        "attention every 4th layer: the delta nets' states cross ranks, parallel.recurrence); "
+                        "llama4: Llama 4's chunked attention, a full NoPE layer every 4th")
+    p.add_argument("--chunk", type=int, default=8192, help="--family llama4: attention chunk size (Llama 4's: 8192)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)

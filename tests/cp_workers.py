@@ -1406,12 +1406,19 @@ def hf_chunked_attention_matches_unsharded(ctx):
                 local = model(input_ids=local_ids, position_ids=local_pos, use_cache=False).logits
             close(f"chunked packed logits [{layout}]", unshard_sequence(local, layout=layout, dim=1, seq_len=seq_len),
                   want)
-        local_ids, pos, seq_len = shard_inputs(model, ids, layout="contiguous")
-        with record_traffic() as traffic, context_parallel(model, seq_len=seq_len):
-            model(input_ids=local_ids, position_ids=pos, use_cache=False)
-        sent = traffic.by_step.get("window keys/values")  # the last rank sends none (no one follows it)
-        assert sent is not None and (sent > 0) == (ctx.rank < ctx.world - 1), traffic.by_step
-        assert "all-gathered keys/values" not in traffic.by_step, traffic.by_step
+        # only what the chunks need travels: each rank's first query's chunk, from the block holding
+        # its start (the two chunked layers are MoBA sites, block 8); shards aligned to the chunks
+        # (chunks of 24 tokens in shards of 48 or 24) exchange nothing
+        for size in (20, 24):
+            chunked = model if size == 20 else _chunked_llama4(size)
+            local_ids, pos, seq_len = shard_inputs(chunked, ids, layout="contiguous")
+            with record_traffic() as traffic, context_parallel(chunked, seq_len=seq_len):
+                chunked(input_ids=local_ids, position_ids=pos, use_cache=False)
+            t_local = local_ids.shape[1]
+            start = (ctx.rank + 1) * t_local  # the next rank's first token
+            tokens = 0 if ctx.rank == ctx.world - 1 else start - start // size * size // 8 * 8
+            assert traffic.by_step.get("window keys/values") == 2 * tokens * 2 * 2 * (8 + 8) * 4, (size, traffic.by_step)
+            assert "all-gathered keys/values" not in traffic.by_step, traffic.by_step
     # sharded-cache decoding (greedy and beam search, the left-padded batch): generate() decodes the
     # chunked layers densely in their chunk, counted from each row's first real token
     from moba_rewrite.integrations.hf_cp_generate import generate

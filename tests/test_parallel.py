@@ -288,6 +288,21 @@ def test_while_sharded_every_kept_mask_is_materialised_with_its_reason():
         hf_masks.SHARDED = previous
 
 
+def test_chunk_start_is_the_earliest_key_any_row_sees():
+    """`window.chunk_start` (what the chunked layers' key exchange plans from) against brute force
+    over transformers' chunk rule: the first key in the same chunk as the query, over the rows'
+    left paddings, rounded down to a block start."""
+    from moba_rewrite.parallel.window import chunk_start
+
+    for chunk in (1, 5, 20, 64):
+        for pads in ((0,), (0, 7), (3, 11, 40), (25,)):
+            for block in (1, 8):
+                for start in range(0, 90, 3):
+                    k = torch.arange(start + 1)
+                    firsts = [int(((k - p) // chunk == (start - p) // chunk).nonzero()[0]) for p in pads]
+                    assert chunk_start(start, chunk, pads, block) == min(firsts) // block * block, (chunk, pads, start)
+
+
 def test_a_chunked_mask_with_more_in_it_is_refused_locally():
     """A chunked mask is applied at global positions only where the shard's own mask is exactly
     the chunked pattern (counted from the shard's first real token) over its padding: one that hides

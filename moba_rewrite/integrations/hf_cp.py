@@ -284,14 +284,18 @@ class _ShardedAttention:
             segments = self.documents * (self.documents.shape[1] + 1) + self.positions.div(chunk, rounding_mode="floor")
         else:
             index = torch.arange(local_len * dist.get_world_size(self.pg), device=device)[None]
-            left = torch.zeros_like(index[:, :1])
-            if self.key_padding is not None:
-                if self.global_keys is None:
-                    self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
-                left = (self.global_keys.long().cumsum(-1) == 0).sum(-1, keepdim=True)
-            segments = (index - left).div(chunk, rounding_mode="floor")
+            segments = (index - self._left_padding(device)[:, None]).div(chunk, rounding_mode="floor")
         self.segments[chunk] = segments
         return segments
+
+    def _left_padding(self, device) -> Tensor:
+        """`[B or 1]` padding tokens before each row's first real token in the whole sequence (from
+        the gathered key mask; zeros without one)."""
+        if self.key_padding is None:
+            return torch.zeros(1, dtype=torch.long, device=device)
+        if self.global_keys is None:
+            self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
+        return (self.global_keys.long().cumsum(-1) == 0).sum(-1)
 
     def _gathered(self, query: Tensor, key: Tensor, value: Tensor, scale: float, window: int | None, *,
                   kind: str, block_size: int, top_k: int, backend: str, documents: Tensor | None = None,
@@ -320,7 +324,7 @@ class _ShardedAttention:
                              scale=scale, key_padding=self.key_padding is not None, window=window,
                              packed=self.documents is not None, chunk=chunk)
         unit = block_size if kind == "moba" else 1
-        keys_of = self._key_spans(key, value, seq_len, window or chunk, unit)
+        keys_of = self._key_spans(key, value, seq_len, window, unit, chunk)
         if self.key_padding is not None and self.global_keys is None:
             self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
         plain = window is None and documents is None
@@ -361,15 +365,19 @@ class _ShardedAttention:
                                  enable_gqa=query.shape[1] != key.shape[1], layout=self.layout, seq_len=self.seq_len,
                                  global_key_mask=self.global_keys)
 
-    def _key_spans(self, key: Tensor, value: Tensor, seq_len: int, reach: int | None, unit: int):
+    def _key_spans(self, key: Tensor, value: Tensor, seq_len: int, window: int | None, unit: int,
+                   chunk: int | None = None):
         """`keys_of(first, end)`: the whole sequence's keys and values `first .. end-1`. All-gathered,
-        or where no query sees more than `reach` keys back (a causal sliding window, a chunk) and no
-        documents are packed, only the keys within reach, exchanged (`WindowKeys`, planned from
-        blocks of `unit` tokens). A collective: every rank calls it."""
-        window = reach
+        or for a causal sliding window or chunked attention (`chunk`) without packed documents only
+        the keys within the window or the chunk, exchanged (`WindowKeys`, planned from blocks of
+        `unit` tokens; chunks from the rows' left padding). A collective: every rank calls it."""
         if window is not None and self.documents is None:  # only the window's keys travel
             return WindowKeys(key, value, self.pg, self.layout, seq_len=seq_len, window=window, block_size=unit,
                               who=_WHO).span
+        if chunk is not None and self.documents is None:  # only the chunk's keys travel
+            left = tuple(self._left_padding(key.device).tolist())
+            return WindowKeys(key, value, self.pg, self.layout, seq_len=seq_len, window=chunk, block_size=unit,
+                              who=_WHO, chunk=chunk, left_padding=left).span
         k_all, v_all = gather_keys_values(key, value, self.pg, self.layout, _WHO)
 
         def keys_of(first: int, end: int) -> tuple[Tensor, Tensor]:
@@ -479,7 +487,7 @@ class _ShardedAttention:
         check_call_agreement(_WHO, self.pg, kind="dense", q=query, k=key, block_size=0, top_k=0, causal=causal,
                              layout=self.layout, seq_len=seq_len, scale=scale, key_padding=self.key_padding is not None,
                              window=window, packed=self.documents is not None, chunk=chunk)
-        keys_of = self._key_spans(key, value, seq_len, window or (chunk if causal else None), 1)
+        keys_of = self._key_spans(key, value, seq_len, window, 1, chunk if causal else None)
         if self.key_padding is not None and self.global_keys is None:
             self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
         b, hq, dv = query.shape[0], query.shape[1], value.shape[-1]

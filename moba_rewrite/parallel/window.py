@@ -8,6 +8,11 @@ needs from the layout alone (no request travels), so one `all_to_all_single` wit
 moves exactly those tokens: `O(window)` keys and values per rank and site instead of the whole
 sequence an all-gather moves. The backward returns their gradients to their owners the same way.
 
+Chunked attention (Llama 4: a query sees the causal keys of its own chunk of `C` tokens, counted
+from each row's first real token) is planned the same way with the chunk's start in place of the
+window's (`chunk_start`): a local chunk of queries starting at a chunk boundary needs nothing
+from the others, so shards aligned to the chunks exchange no keys at all.
+
 `WindowKeys(k, v, ...)` holds this rank's tokens and the received ones; `.span(first, end)` gives
 the keys and values of global positions `[first, end)` (differentiable), for any span the plan
 covers.
@@ -34,6 +39,15 @@ def window_start(start: int, window: int, block_size: int) -> int:
     return max(0, start - window + 1) // block_size * block_size
 
 
+def chunk_start(start: int, chunk: int, left_padding: tuple[int, ...], block_size: int) -> int:
+    """The first key a chunk of queries starting at global position `start` may need under chunked
+    attention (chunks of `chunk` tokens counted from each row's first real token, `left_padding`
+    per row): the earliest start of the chunk holding `start` over the rows, rounded down to a block
+    start (before a row's first real token its chunks count back from it)."""
+    first = min(max(0, pad + (start - pad) // chunk * chunk) for pad in left_padding or (0,))
+    return first // block_size * block_size
+
+
 @dataclass(frozen=True)
 class _Plan:
     """One rank's side of the exchange (CPU tensors; the same plan on every call with these sizes)."""
@@ -45,10 +59,11 @@ class _Plan:
 
 
 @lru_cache(maxsize=64)
-def _plan(layout: str, world: int, rank: int, local_len: int, seq_len: int, window: int, block_size: int) -> _Plan:
+def _plan(layout: str, world: int, rank: int, local_len: int, seq_len: int, window: int, block_size: int,
+          chunk: int = 0, left_padding: tuple[int, ...] = ()) -> _Plan:
     """What every rank needs from the others (positions before its chunks, within the window of
-    their first query), and this rank's part in moving it: deterministic from the layout, so no
-    request travels."""
+    their first query, or with `chunk` within its attention chunk), and this rank's part in moving
+    it: deterministic from the layout (and the rows' left padding), so no request travels."""
     lay = ShardLayout(layout, world, local_len)
     c = lay.chunk_len
     owner = torch.tensor([r for r, _ in lay.chunk_order()]).repeat_interleave(c)  # [W * T_local]
@@ -56,9 +71,11 @@ def _plan(layout: str, world: int, rank: int, local_len: int, seq_len: int, wind
 
     def needs(r: int) -> Tensor:  # positions rank r needs from others, ascending
         wanted = torch.zeros(world * local_len, dtype=torch.bool)
-        for chunk in lay.chunks(r):
-            if chunk * c < seq_len:
-                wanted[window_start(chunk * c, window, block_size):chunk * c] = True
+        for part in lay.chunks(r):
+            if part * c < seq_len:
+                first = (chunk_start(part * c, chunk, left_padding, block_size) if chunk else
+                         window_start(part * c, window, block_size))
+                wanted[first:part * c] = True
         wanted &= owner != r
         return wanted.nonzero().flatten()
 
@@ -102,12 +119,14 @@ class _Exchange(torch.autograd.Function):
 
 
 class WindowKeys:
-    """This rank's keys and values plus those the causal sliding window `window` needs from others
-    (one all-to-all; see the module doc). `k` `[B, Hkv, T_local, D]`, `v` `[B, Hkv, T_local, Dv]`."""
+    """This rank's keys and values plus those the causal sliding window `window` (or with `chunk`,
+    chunked attention of `chunk` tokens, rows left-padded by `left_padding`) needs from others (one
+    all-to-all; see the module doc). `k` `[B, Hkv, T_local, D]`, `v` `[B, Hkv, T_local, Dv]`."""
 
     def __init__(self, k: Tensor, v: Tensor, pg: dist.ProcessGroup, layout: str, *, seq_len: int, window: int,
-                 block_size: int, who: str):
-        plan = _plan(layout, dist.get_world_size(pg), dist.get_rank(pg), k.shape[2], seq_len, window, block_size)
+                 block_size: int, who: str, chunk: int = 0, left_padding: tuple[int, ...] = ()):
+        plan = _plan(layout, dist.get_world_size(pg), dist.get_rank(pg), k.shape[2], seq_len, window, block_size,
+                     chunk, tuple(sorted(set(left_padding))) if chunk else ())
         self.d = k.shape[-1]
         local = torch.cat([k, v.to(k.dtype)], dim=-1).permute(2, 0, 1, 3)  # [T_local, B, Hkv, D + Dv]
         received = _Exchange.apply(local, plan.send_rows.to(k.device), list(plan.send_counts),
