@@ -1449,6 +1449,63 @@ def hf_chunked_attention_matches_unsharded(ctx):
             close(f"chunked gradient of {n}", p.grad, want_grads[n], atol=1e-4)
 
 
+def _position_dependent_rope_models() -> list[tuple[str, torch.nn.Module]]:
+    """Models whose rotary frequencies depend on the largest position they are given: Phi-3 with
+    LongRoPE (long factors past `original_max_position_embeddings` = 64) and Llama with dynamic NTK
+    scaling (past `max_position_embeddings` = 64); the hybrid policy."""
+    import moba_rewrite as mr
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=False, attn_implementation="sdpa")
+    half = 32 // 4 // 2  # rotary dim / 2
+    phi = Phi3Config(max_position_embeddings=256, original_max_position_embeddings=64, pad_token_id=0,
+                     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                      "short_factor": [1.0] * half, "long_factor": [4.0 + i for i in range(half)],
+                                      "original_max_position_embeddings": 64}, **common)
+    llama = LlamaConfig(max_position_embeddings=64, rope_parameters={"rope_type": "dynamic", "factor": 4.0,
+                                                                     "rope_theta": 10000.0}, **common)
+    models = []
+    for name, cfg, cls in (("phi3 longrope", phi, Phi3ForCausalLM), ("llama dynamic", llama, LlamaForCausalLM)):
+        torch.manual_seed(0)
+        models.append((name, mr.rewrite(cls(cfg), _POLICY).eval()))
+    return models
+
+
+def hf_rope_scaled_by_the_longest_position_matches_unsharded(ctx):
+    """Rotary embeddings whose frequencies follow the largest position of the call (LongRoPE's long or
+    short factors, dynamic NTK's base): sharded, every rank uses the whole sequence's largest real
+    position, as one process does (a shard's own is smaller on all but the last rank), in a prefill
+    (both layouts, a left-padded batch; alignment padding past the real length excluded) and in
+    sharded-cache decoding. Before, LongRoPE was 0.166 off, dynamic NTK (with the padding) 0.073."""
+    t = 90  # past the models' 64 original positions; a shard (48 tokens) is not
+    gen = torch.Generator().manual_seed(17)
+    ids = torch.randint(0, 96, (2, t), generator=gen)
+    mask = torch.ones(2, t, dtype=torch.long)
+    mask[1, :7] = 0
+    real = mask.bool()
+    positions = torch.arange(t).expand(2, -1)
+    for name, model in _position_dependent_rope_models():
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            for layout in ("contiguous", "zigzag"):
+                got = _sharded_logits(model, ids, layout, mask=mask)
+                close(f"logits [{name} {layout}]", got[real], want[real])
+    from moba_rewrite.integrations.hf_cp_generate import generate
+
+    prompt, prompt_mask = ids[:, :70], mask[:, :70]  # a 70-token prompt: past the 64 original positions
+    # fresh copies for each run: dynamic NTK keeps the longest length it has seen (transformers' own
+    # generate() twice on one model differs too)
+    for (name, model), (_, fresh) in zip(_position_dependent_rope_models(), _position_dependent_rope_models()):
+        with torch.no_grad():
+            want = model.generate(prompt, attention_mask=prompt_mask, max_new_tokens=10, do_sample=False,
+                                  output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        got, logits = generate(fresh, prompt, attention_mask=prompt_mask, max_new_tokens=10, return_logits=True,
+                               pad_token_id=0)
+        assert torch.equal(got, want.sequences), (name, got[:, 70:], want.sequences[:, 70:])
+        close(f"decode logits [{name}]", logits, torch.stack(want.logits, dim=1), atol=1e-4)
+
+
 def hf_packed_sequences_match_unsharded(ctx):
     """Packed documents (position ids restarting at each; no attention_mask, so transformers masks
     each token to its own document): sharded with `packed=True` = the unsharded run, MoBA sites
@@ -1729,6 +1786,7 @@ SUITES = {
             bad_inputs_fail_on_every_rank, hf_prefill_matches_unsharded, hf_eager_encoder_matches_unsharded,
             hf_padded_batch_matches_unsharded, hf_dense_below_matches_unsharded,
             hf_sliding_window_matches_unsharded, hf_packed_sequences_match_unsharded, hf_chunked_attention_matches_unsharded,
+            hf_rope_scaled_by_the_longest_position_matches_unsharded,
             hf_model_attention_functions_in_pieces, hf_sharded_cache_generate_matches_generate, hf_sharded_cache_beam_search_matches_generate,
             hf_decoder_numbering_its_tokens_matches_unsharded, recurrences_match_one_process,
             hf_hybrid_recurrent_layers_match_unsharded, hf_recurrent_gemma_matches_unsharded,

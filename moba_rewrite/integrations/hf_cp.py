@@ -39,8 +39,9 @@ from torch import Tensor, nn
 
 from moba_rewrite.attention import autocast, op as moba_op
 from moba_rewrite.integrations import hf, hf_cache, hf_cp_linear, hf_masks
-from moba_rewrite.integrations.hf_cp_positions import (GlobalNumbering, TemperatureTuning, global_indices,
-                                                      numbering_modules, scale_queries, temperature_tuned)
+from moba_rewrite.integrations.hf_cp_positions import (GlobalNumbering, GlobalRopeLength, TemperatureTuning,
+                                                      global_indices, numbering_modules, position_scaled_rotary,
+                                                      scale_queries, temperature_tuned)
 from moba_rewrite.parallel import moba_attention_cp, moba_decode_cp, sdpa_decode_cp, shard_sequence
 from moba_rewrite.parallel.attention import check_key_padding
 from moba_rewrite.parallel.shipping import check_mode
@@ -704,6 +705,8 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
                                                with_kwargs=True)]
     if numbering:  # BART-style decoders: their position embeddings get the global positions
         handles += GlobalNumbering(hook, numbering).register(model)
+    rope = GlobalRopeLength(hook, position_scaled_rotary(model))  # dynamic NTK, LongRoPE: the whole sequence's length
+    handles += rope.register()
     for name, m in _attention_modules(model):
         handles.append(m.register_forward_hook(_went_through(hook, name)))
     carried_convs = {id(c) for _, m in recurrent for c in m.modules() if isinstance(c, nn.Conv1d)}
@@ -724,6 +727,7 @@ def context_parallel(model: nn.Module, group=None, *, layout: str = "contiguous"
     finally:
         hf.CONTEXT_PARALLEL = previous
         hf_masks.SHARDED = sharded
+        rope.restore()
         masking_utils.find_packed_sequence_indices = find_packed
         for h in handles:
             h.remove()

@@ -15,6 +15,12 @@ Llama 4's NoPE layers scale their queries by a temperature of each token's index
 from the tokens they are given (`arange(T) + cached tokens`: from 0 on every shard). Under
 `context_parallel` their own scaling is switched off (`TemperatureTuning`) and the sharded
 attention applies the same scaling at the tokens' global indices (`scale_queries`).
+
+Rotary embeddings with dynamic NTK scaling or LongRoPE (Phi-3's long-context models) choose their
+frequencies from the largest position of the call (`transformers.modeling_rope_utils.
+dynamic_rope_update`), which on a shard is its own largest, smaller than the sequence's on all
+but one rank. Under `context_parallel` (`GlobalRopeLength`) they are updated from the whole
+sequence's largest real position (one all-reduce per call) and then run with that update.
 """
 
 from __future__ import annotations
@@ -134,3 +140,72 @@ def scale_queries(query: Tensor, module: nn.Module, index: Tensor) -> Tensor:
     * attn_scale + 1` for token index `i`, in float32, back to the query's dtype), at `index` `[T]`."""
     scales = torch.log1p(torch.floor((index.float() + 1.0) / module.floor_scale)) * module.attn_scale + 1.0
     return (query * scales.view(1, 1, -1, 1)).to(query.dtype)
+
+
+def _position_scaled(kind) -> bool:
+    return isinstance(kind, str) and ("dynamic" in kind or kind == "longrope")
+
+
+def position_scaled_rotary(model: nn.Module) -> list[nn.Module]:
+    """Rotary embeddings whose frequencies follow the largest position they are given (transformers'
+    `rope_type` dynamic NTK or LongRoPE, also per layer type)."""
+    found = []
+    for m in model.modules():
+        kinds = getattr(m, "rope_type", None)
+        kinds = list(kinds.values()) if isinstance(kinds, dict) else [kinds]
+        if any(_position_scaled(k) for k in kinds) and any(n.endswith("inv_freq") for n, _ in m.named_buffers(
+                recurse=False)):
+            found.append(m)
+    return found
+
+
+class GlobalRopeLength:
+    """Pre- and post-hooks of position-scaled rotary embeddings under `context_parallel`: the
+    frequencies are updated from the whole sequence's largest real position (an all-reduce over the
+    group; alignment padding past the real length excluded), then the call runs as a plain rotary
+    embedding with them (`rope_type` "default" for its duration), so no rank's own positions choose.
+
+    `hook`: the sharded attention (`hf_cp._ShardedAttention`): its group, layout, real length and,
+    in a decode step, the cache's filled length."""
+
+    def __init__(self, hook, modules: list[nn.Module]) -> None:
+        self.hook, self.modules = hook, modules
+        self.saved: dict[int, object] = {}
+
+    def register(self) -> list:
+        return [h for m in self.modules for h in (m.register_forward_pre_hook(self._before, with_kwargs=True),
+                                                  m.register_forward_hook(self._after))]
+
+    @torch.compiler.disable  # a collective, and a call of the module itself: eager
+    def _before(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("x")
+        positions = args[1] if len(args) > 1 else kwargs.get("position_ids")
+        layer_type = args[2] if len(args) > 2 else kwargs.get("layer_type")
+        hook = self.hook
+        if not isinstance(positions, Tensor) or not isinstance(x, Tensor):
+            raise ValueError(f"{_WHO}: rotary embedding {type(module).__name__} was called without position_ids, so "
+                             f"its frequencies cannot be chosen from the whole sequence's positions")
+        rows = positions.reshape(-1, positions.shape[-1]).long()
+        if hook.decode_len is None and hook.seq_len is not None:  # alignment padding is no part of the sequence
+            pg = hook.pg
+            lay = ShardLayout(hook.layout, dist.get_world_size(pg), rows.shape[-1])
+            real = lay.positions(dist.get_rank(pg), rows.device) < hook.seq_len
+            rows = rows[:, real]
+        largest = rows.max().reshape(1) if rows.numel() else torch.full((1,), -1, dtype=torch.long, device=rows.device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=hook.pg)
+        extra = {} if layer_type is None else {"layer_type": layer_type}
+        type(module).forward(module, x, largest.clamp(min=0).view(1, 1).to(positions.dtype), **extra)  # the update
+        kinds = module.rope_type
+        self.saved[id(module)] = kinds
+        module.rope_type = ({k: "default" if _position_scaled(v) else v for k, v in kinds.items()}
+                            if isinstance(kinds, dict) else "default")
+        return None
+
+    def _after(self, module, args, output):
+        module.rope_type = self.saved.pop(id(module))
+
+    def restore(self) -> None:
+        """Put back every `rope_type` a failed call left replaced."""
+        for m in self.modules:
+            if id(m) in self.saved:
+                m.rope_type = self.saved.pop(id(m))
