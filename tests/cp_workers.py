@@ -1642,10 +1642,27 @@ def hf_model_attention_functions_in_pieces(ctx):
 
 def hf_bad_inputs(ctx):
     """Forgotten position_ids, a 4-D attention mask, a model that was not rewritten, a convolution
-    over the sharded sequence: one clear error each."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    over the sharded sequence, a bias in the mask (Falcon's ALiBi, in a prefill and in sharded-cache
+    decoding: it ran without the bias, 0.046 off): one clear error each."""
+    import moba_rewrite as mr
+    from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
+    from moba_rewrite.integrations.hf_cp_generate import generate
+
+    torch.manual_seed(0)
+    falcon = mr.rewrite(FalconForCausalLM(FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2,
+                                                       num_attention_heads=4, alibi=True, attn_implementation="sdpa")),
+                        _POLICY).eval()
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(3))
+    for run in (lambda: _sharded_logits(falcon, ids, "contiguous"), lambda: generate(falcon, ids, max_new_tokens=2)):
+        try:
+            with torch.no_grad():
+                run()
+        except ValueError as e:
+            assert "holding a bias" in str(e) and "ALiBi" in str(e), str(e)
+        else:
+            raise AssertionError("Falcon's ALiBi ran sharded without its bias")
 
     model, _ = _tiny_llama()
     ids = torch.randint(0, 96, (1, 64), generator=torch.Generator().manual_seed(4))

@@ -614,6 +614,7 @@ def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool, key_paddin
         raise ValueError(f"{_WHO}: attention site {name!r} got a key mask other than the attention_mask given to "
                          f"the model (pass the batch's padding mask as attention_mask=, sharded by "
                          f"shard_attention_mask)")
+    _refuse_bias(name, mask)
     visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
     want = torch.ones(t, t, dtype=torch.bool, device=mask.device)
     if causal or window is not None:
@@ -634,6 +635,16 @@ def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool, key_paddin
                          f"window, packed sequences?); context parallelism supports plain and padded batches only")
 
 
+def _refuse_bias(name: str, mask: Tensor) -> None:
+    """A float mask holding more than visibility (0 / huge negatives: a bias such as Falcon's ALiBi,
+    built from the shard's own key positions) is an error: the sharded attention applies masks as
+    visibility at global positions, so the bias would be dropped."""
+    if mask.dtype != torch.bool and hf_masks.float_mask_kind(mask) == "bias":
+        raise ValueError(f"{_WHO}: attention site {name!r} got an attention mask holding a bias (values other "
+                         f"than 0 / -inf, e.g. ALiBi), which context parallelism cannot carry across shards "
+                         f"(it would be dropped); not supported")
+
+
 def _check_decode_mask(name: str, mask: Tensor | None, tq: int, length: int, window: int | None,
                        chunk: int | None = None) -> None:
     """A decode step's mask (over the whole cache: `length` keys, the `tq` queries the newest) may only
@@ -648,6 +659,7 @@ def _check_decode_mask(name: str, mask: Tensor | None, tq: int, length: int, win
             return
         what = "padding"
     else:
+        _refuse_bias(name, mask)
         visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
         q_pos = torch.arange(length - tq, length, device=mask.device)
         k_pos = torch.arange(length, device=mask.device)
