@@ -108,37 +108,33 @@ def _parts(fn: Callable) -> list[str]:
     return [getattr(f, "__qualname__", "") or getattr(f, "__name__", "") for f in _closure_functions(fn)]
 
 
+def _overlay_constant(fn: Callable, overlay: str, name: str) -> int | None:
+    """The positive int `name` in the closure of transformers' `overlay` mask function found among `fn`
+    and the functions it combines; None when there is none."""
+    for f in _closure_functions(fn):
+        if not getattr(f, "__qualname__", "").startswith(f"{overlay}."):
+            continue
+        cell = dict(zip(f.__code__.co_freevars, f.__closure__ or ())).get(name)
+        try:
+            value = cell.cell_contents if cell is not None else None
+        except ValueError:
+            value = None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def sliding_window_of(fn: Callable) -> int | None:
     """The window `W` of transformers' causal sliding-window mask function (a key is visible when
     `q - W < k <= q`), read from its `sliding_window_overlay` closure; None when `fn` holds none."""
-    for f in _closure_functions(fn):
-        if not getattr(f, "__qualname__", "").startswith("sliding_window_overlay."):
-            continue
-        cell = dict(zip(f.__code__.co_freevars, f.__closure__ or ())).get("sliding_window")
-        try:
-            window = cell.cell_contents if cell is not None else None
-        except ValueError:
-            window = None
-        if isinstance(window, int) and not isinstance(window, bool) and window > 0:
-            return window
-    return None
+    return _overlay_constant(fn, "sliding_window_overlay", "sliding_window")
 
 
 def chunk_size_of(fn: Callable) -> int | None:
     """The chunk size `C` of transformers' chunked causal mask function (Llama 4's local layers: a
     key is visible when it is causal and `(k - left_padding) // C == (q - left_padding) // C`), read
     from its `chunked_overlay` closure; None when `fn` holds none."""
-    for f in _closure_functions(fn):
-        if not getattr(f, "__qualname__", "").startswith("chunked_overlay."):
-            continue
-        cell = dict(zip(f.__code__.co_freevars, f.__closure__ or ())).get("chunk_size")
-        try:
-            size = cell.cell_contents if cell is not None else None
-        except ValueError:
-            size = None
-        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-            return size
-    return None
+    return _overlay_constant(fn, "chunked_overlay", "chunk_size")
 
 
 def _function_name(fn: Callable) -> str:
