@@ -3,7 +3,8 @@
 For every model type in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, built tiny as `generate_sweep.py`
 builds it (`zoo_sweep.tiny_config`, seed 0, SDPA where the model has it; sliding windows cut to 8
 tokens and Llama 4's attention chunks to 10, so that they cross shards, and its query
-temperature's floor scale to 8 tokens, so that it varies across them) and rewritten sparse (block 4, top-2, so the gate chooses), two
+temperature's floor scale to 8 tokens, so that it varies across them) and rewritten sparse
+(block 4, top-2, so the gate chooses), two
 gloo ranks (`--world`) on this machine run the prefill with the sequence sharded
 (`shard_inputs`, `context_parallel`), in the contiguous and the zigzag layout, on
 one 37-token prompt, on a batch of two whose second row is left-padded by 5 tokens

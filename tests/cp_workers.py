@@ -1366,7 +1366,8 @@ def _chunked_llama4(chunk: int):
     cfg = Llama4TextConfig(vocab_size=96, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                            num_local_experts=2, max_position_embeddings=512, attention_chunk_size=chunk,
-                           no_rope_layers=[1, 1, 0], floor_scale=8, attn_scale=1.0, tie_word_embeddings=False, attn_implementation="sdpa")
+                           no_rope_layers=[1, 1, 0], floor_scale=8, attn_scale=1.0, tie_word_embeddings=False,
+                           attn_implementation="sdpa")
     assert cfg.layer_types == ["chunked_attention"] * 2 + ["full_attention"], cfg.layer_types
     torch.manual_seed(0)
     model = Llama4ForCausalLM(cfg)
@@ -1393,12 +1394,14 @@ def hf_chunked_attention_matches_unsharded(ctx):
     model = _chunked_llama4(20)
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-        whole = _chunked_llama4(4096)(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        whole = _chunked_llama4(4096)(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                      use_cache=False).logits
         assert (whole - want)[real].abs().max() > 1e-3, "the chunks change nothing: the test would not see it"
         for layout in ("contiguous", "zigzag"):
             got = _sharded_logits(model, ids, layout, mask=mask)
             close(f"chunked logits [{layout}]", got[real], want[real])
-        packed = torch.cat([torch.cat([torch.arange(n) for n in lengths])[None] for lengths in ((23, 40, 27), (45, 45))])
+        packed = torch.cat([torch.cat([torch.arange(n) for n in lengths])[None]
+                            for lengths in ((23, 40, 27), (45, 45))])
         want = model(input_ids=ids, position_ids=packed, use_cache=False).logits
         for layout in ("contiguous", "zigzag"):
             local_ids, local_pos, seq_len = shard_inputs(model, ids, layout=layout, position_ids=packed)
@@ -1417,7 +1420,8 @@ def hf_chunked_attention_matches_unsharded(ctx):
             t_local = local_ids.shape[1]
             start = (ctx.rank + 1) * t_local  # the next rank's first token
             tokens = 0 if ctx.rank == ctx.world - 1 else start - start // size * size // 8 * 8
-            assert traffic.by_step.get("window keys/values") == 2 * tokens * 2 * 2 * (8 + 8) * 4, (size, traffic.by_step)
+            assert traffic.by_step.get("window keys/values") == 2 * tokens * 2 * 2 * (8 + 8) * 4, \
+                (size, traffic.by_step)
             assert "all-gathered keys/values" not in traffic.by_step, traffic.by_step
     # sharded-cache decoding (greedy and beam search, the left-padded batch): generate() decodes the
     # chunked layers densely in their chunk, counted from each row's first real token

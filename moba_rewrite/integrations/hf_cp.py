@@ -307,10 +307,10 @@ class _ShardedAttention:
         documents) or chunk segment (`_chunk_segments`), a query seeing its own only.
 
         K/V are all-gathered, or for a causal sliding window (or chunks of `chunk` tokens) without
-        packed documents only the keys within reach are exchanged (`WindowKeys`). Each local chunk of queries runs the op in rows
-        of bounded size (`_ROWS_ELEMS` mask elements),
-        each over the keys from the block holding the earliest key its queries see (the window's
-        start, the document's start) to its last query, with the mask at global positions (and the
+        packed documents only the keys within reach are exchanged (`WindowKeys`). Each local chunk
+        of queries runs the op in rows of bounded size (`_ROWS_ELEMS` mask elements), each over the
+        keys from the block holding the earliest key its queries see (the window's start, the
+        document's or chunk's start) to its last query, with the mask at global positions (and the
         padding keys hidden); a plain causal call passes no mask but the padding's. Blocks start at
         global multiples of the block size and the queries are the newest of those keys, so the op's
         own block, candidates and block means are the ones the whole sequence gives (a dense site is
@@ -458,7 +458,8 @@ class _ShardedAttention:
             raise ValueError(f"{_WHO}: attention site {name!r} has chunked attention and got {query.shape[2]} queries "
                              f"in one sharded-cache decode step; one at a time is supported")
         b, s_cap = query.shape[0], key.shape[2]
-        left = torch.zeros(b, dtype=torch.long, device=key.device) if left_padding is None else left_padding.to(key.device)
+        left = (torch.zeros(b, dtype=torch.long, device=key.device) if left_padding is None else
+                left_padding.to(key.device))
         position = self.decode_len - 1
         start = left + (position - left).div(chunk, rounding_mode="floor") * chunk  # [B]
         slots = dist.get_rank(self.pg) * s_cap + torch.arange(s_cap, device=key.device)
@@ -599,9 +600,10 @@ def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool, key_paddin
                 window: int | None = None, chunk: int | None = None) -> None:
     """The model's own (local) mask may only say "causal" (or nothing), within a causal sliding window
     of `window` keys or chunks of `chunk` tokens (counted from the shard's first real token, as
-    transformers builds it from the shard's attention_mask) if given, and hide the padding keys of the caller's `attention_mask`
-    (`key_padding`, this rank's shard), which the sharded attention applies over the whole sequence:
-    other masks cannot be carried across shards, and ignoring them would change the result."""
+    transformers builds it from the shard's attention_mask) if given, and hide the padding keys of
+    the caller's `attention_mask` (`key_padding`, this rank's shard), which the sharded attention
+    applies over the whole sequence: other masks cannot be carried across shards, and ignoring them
+    would change the result."""
     if mask is None:
         return
     if hf_masks.compact_of(mask) is not None:  # causal AND a key mask
@@ -631,8 +633,9 @@ def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool, key_paddin
     if visible.shape[-2] != t or visible.shape[-1] < t or not torch.equal(visible[..., :t],
                                                                             want.expand_as(visible[..., :t])):
         raise ValueError(f"{_WHO}: attention site {name!r} got a mask that is not plain "
-                         f"{'causal' if causal else 'full'}{' chunked' if chunk else ''} attention over the given attention_mask (a sliding "
-                         f"window, packed sequences?); context parallelism supports plain and padded batches only")
+                         f"{'causal' if causal else 'full'}{' chunked' if chunk else ''} attention over the given "
+                         f"attention_mask (a sliding window, packed sequences?); context parallelism supports plain "
+                         f"and padded batches only")
 
 
 def _refuse_bias(name: str, mask: Tensor) -> None:

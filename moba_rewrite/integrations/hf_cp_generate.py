@@ -213,7 +213,8 @@ class ShardedKVCache(Cache):
         super().reorder_cache(beam_idx)
         if self.shared.key_mask is not None:
             self.shared.key_mask = self.shared.key_mask.index_select(0, beam_idx.to(self.shared.key_mask.device))
-            self.shared.left_padding = self.shared.left_padding.index_select(0, beam_idx.to(self.shared.key_mask.device))
+            self.shared.left_padding = self.shared.left_padding.index_select(
+                0, beam_idx.to(self.shared.key_mask.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
