@@ -1,4 +1,4 @@
-"""Spawning gloo ranks from pytest for the context-parallel tests (no test cases here).
+"""Spawning gloo ranks from pytest for the context-parallel tests (no test cases here; `check_case` asserts one case's results).
 
 `run_suite(world, suite)` starts `world` processes from a fork server (torch, transformers and
 moba_rewrite imported once, in the server, so each rank starts in a fraction of a second), each
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import socket
 import tempfile
 import time
@@ -60,6 +59,14 @@ def run_suite(world: int, suite: str, *, deadline_s: float = 480.0) -> dict[str,
         for case, status in done.items():
             results.setdefault(case, {})[rank] = status
     return results
+
+
+def check_case(results: dict, case: str, world: int) -> None:
+    """Fail unless every rank reported "ok" for `case` (naming each rank's error, or its silence)."""
+    per_rank = results.get(case, {})
+    problems = [f"rank {r}: {per_rank.get(r, 'no result (the rank died or hung past the deadline)')}"
+                for r in range(world) if per_rank.get(r) != "ok"]
+    assert not problems, f"{case} failed:\n" + "\n".join(problems)
 
 
 def case_names(suite: str) -> list[str]:

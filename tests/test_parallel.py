@@ -1,9 +1,9 @@
-"""Context-parallel MoBA (`moba_rewrite.parallel`, `integrations.hf_cp`).
+"""Context-parallel MoBA (`moba_rewrite.parallel`, `integrations.hf_cp`): the pieces, checked in
+this process, and rows of `benchmarks/cp_sweep.py`.
 
-The distributed cases run on 2 and 4 gloo ranks (and a few on 3) spawned once per suite (`cp_spawn`,
-`cp_workers`): each case compares a rank's shard of the sharded computation with the
-single-process answer (the `reference` backend on the whole sequence, or the unsharded model).
-The rest checks the pieces in this process.
+The distributed cases run on gloo ranks spawned once per suite (`cp_spawn`, `cp_workers`):
+`test_parallel_two_ranks.py` (2 ranks) and `test_parallel_more_ranks.py` (4 and 3), files of
+their own so that two test workers run them side by side.
 """
 
 from __future__ import annotations
@@ -11,49 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import cp_spawn
 from moba_rewrite.kernels import reference
 from moba_rewrite.parallel import moba_attention_cp, shard_sequence
 from moba_rewrite.parallel.gate import select_history
 from moba_rewrite.parallel.layout import ShardLayout
-
-
-def _check(results: dict, case: str, world: int) -> None:
-    per_rank = results.get(case, {})
-    problems = [f"rank {r}: {per_rank.get(r, 'no result (the rank died or hung past the deadline)')}"
-                for r in range(world) if per_rank.get(r) != "ok"]
-    assert not problems, f"{case} failed:\n" + "\n".join(problems)
-
-
-@pytest.fixture(scope="module")
-def two_ranks():
-    return cp_spawn.run_suite(2, "two")
-
-
-@pytest.fixture(scope="module")
-def four_ranks():
-    return cp_spawn.run_suite(4, "four")
-
-
-@pytest.fixture(scope="module")
-def three_ranks():
-    return cp_spawn.run_suite(3, "three")
-
-
-@pytest.mark.parametrize("case", cp_spawn.case_names("two"))
-def test_on_two_gloo_ranks(two_ranks, case):
-    _check(two_ranks, case, 2)
-
-
-@pytest.mark.parametrize("case", cp_spawn.case_names("four"))
-def test_on_four_gloo_ranks(four_ranks, case):
-    _check(four_ranks, case, 4)
-
-
-@pytest.mark.parametrize("case", cp_spawn.case_names("three"))
-def test_on_three_gloo_ranks(three_ranks, case):
-    """A group that is not a power of two (the recurrences' all-gather path)."""
-    _check(three_ranks, case, 3)
 
 
 # --------------------------------------------------------------------------------------------
