@@ -292,6 +292,29 @@ def test_a_chunked_mask_with_more_in_it_is_refused_locally():
                           t, True, padding, chunk=chunk)
 
 
+def test_rotary_embeddings_scaled_by_length_are_found():
+    """`hf_cp_positions.position_scaled_rotary` finds transformers' rotary embeddings whose frequencies
+    follow the longest position (LongRoPE, dynamic NTK), and no plain or statically scaled one
+    (default, linear, YaRN, Llama 3): only those get the whole sequence's length under context parallelism."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    from moba_rewrite.integrations.hf_cp_positions import position_scaled_rotary
+
+    common = dict(vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    half = 32 // 4 // 2
+    phi = Phi3ForCausalLM(Phi3Config(**common, original_max_position_embeddings=32, pad_token_id=0,
+                                     rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                      "short_factor": [1.0] * half, "long_factor": [2.0] * half,
+                                                      "original_max_position_embeddings": 32}))
+    assert position_scaled_rotary(phi) == [phi.model.rotary_emb]
+    for rope, found in (({"rope_type": "dynamic", "factor": 2.0}, True), ({"rope_type": "default"}, False),
+                        ({"rope_type": "linear", "factor": 2.0}, False),
+                        ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}, False)):
+        llama = LlamaForCausalLM(LlamaConfig(**common, rope_parameters={"rope_theta": 10000.0, **rope}))
+        assert position_scaled_rotary(llama) == ([llama.model.rotary_emb] if found else []), rope
+
+
 def test_depend_on_ties_the_exchanges_to_the_result_with_a_zero_gradient():
     """`layout.depend_on`: the result is `out` (its gradient unchanged), each dependency gets a zero
     gradient (so the backward of the collective that made it runs on every rank), the result may be
