@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,18 @@ def close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5, 
     err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
     if not err <= atol:
         raise AssertionError(f"{name}: max abs error {err:.3g} > {atol}")
+
+
+@contextmanager
+def raises(words: str, what: str):
+    """The block must raise a ValueError whose message holds `words`; `what` says what happened if
+    it raised none. (A plain helper: the ranks run outside pytest and report an AssertionError.)"""
+    try:
+        yield
+    except ValueError as e:
+        assert words in str(e), str(e)
+    else:
+        raise AssertionError(f"{what} (no error naming {words!r})")
 
 
 def _qkv(b, hq, hkv, t, d, seed, structured=False, dv=None):
@@ -208,12 +221,9 @@ def op_triton_local_attention(ctx):
         assert calls.count("fwd") == 6 + 3, calls  # one per layer
     finally:
         triton_backend.forward_selected, triton_backend.backward_selected = forward, backward
-    try:
+    with raises("backend must be one of auto, torch, triton, got 'reference'",
+                "backend='reference' was accepted"):
         moba_attention_cp(*_qkv(1, 2, 2, 16, 8, 0), block_size=8, top_k=2, backend="reference")
-    except ValueError as e:
-        assert "backend must be one of auto, torch, triton, got 'reference'" in str(e), e
-    else:
-        raise AssertionError("backend='reference' was accepted")
 
 
 def op_value_head_dim_of_its_own(ctx):
@@ -369,19 +379,11 @@ def decode_against_a_sharded_cache(ctx):
         got = sdpa_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=seq_len, enable_gqa=True, window=window,
                              softcap=3.0, sinks=sinks if with_sinks else None)
         close(f"sdpa_decode_cp, soft-capped, sinks={with_sinks}", got, want)
-    try:
+    with raises("window must be a positive integer", "window=0 was accepted"):
         sdpa_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=20, enable_gqa=True, window=0)
-    except ValueError as e:
-        assert "window must be a positive integer" in str(e), str(e)
-    else:
-        raise AssertionError("window=0 was accepted")
-    try:
+    with raises("key_block_means must be [B, Hkv, S / block_size, D]", "means of the wrong shape were accepted"):
         moba_decode_cp(q, k[:, :, mine], v[:, :, mine], seq_len=20, block_size=bs, top_k=3, enable_gqa=True,
                        key_block_means=torch.zeros(2, 2, 3, 16))
-    except ValueError as e:
-        assert "key_block_means must be [B, Hkv, S / block_size, D]" in str(e), str(e)
-    else:
-        raise AssertionError("means of the wrong shape were accepted")
 
 
 def traffic_only_selected_blocks(ctx):
@@ -1266,12 +1268,9 @@ def hf_recurrent_gemma_matches_unsharded(ctx):
         assert (alone - want).abs().max() > 1e-3, "the RG-LRU's state made no difference"
     for layout in ("contiguous", "zigzag"):
         _training_step_matches_unsharded("recurrent_gemma", _tiny_recurrent_gemma(), layout)
-    try:
+    with raises("keep their decoding state on the modules",
+                "sharded-cache decoding of RecurrentGemma was not refused"):
         generate(model, ids[:, :40], max_new_tokens=2)
-    except ValueError as e:
-        assert "keep their decoding state on the modules" in str(e), str(e)
-    else:
-        raise AssertionError("sharded-cache decoding of RecurrentGemma was not refused")
 
 
 def _sliding_model(family: str, window: int | None, origin: str):
@@ -1556,13 +1555,10 @@ def hf_packed_sequences_match_unsharded(ctx):
         dist.all_reduce(p.grad)
         close(f"packed gradient of {n}", p.grad, want_grads[n], atol=1e-4)
     local_ids, local_pos, seq_len = shard_inputs(model, ids, position_ids=pos)
-    try:
+    with raises("for packed sequences, positions restarting at each document, pass packed=True",
+                "restarting position ids ran without packed=True"):
         with torch.no_grad(), context_parallel(model, seq_len=seq_len):
             model(input_ids=local_ids, position_ids=local_pos, use_cache=False)
-    except ValueError as e:
-        assert "for packed sequences, positions restarting at each document, pass packed=True" in str(e), str(e)
-    else:
-        raise AssertionError("restarting position ids ran without packed=True")
 
 
 def _function_site_models() -> list[tuple[str, torch.nn.Module]]:
@@ -1660,13 +1656,10 @@ def hf_bad_inputs(ctx):
                         _POLICY).eval()
     ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(3))
     for run in (lambda: _sharded_logits(falcon, ids, "contiguous"), lambda: generate(falcon, ids, max_new_tokens=2)):
-        try:
+        with raises("holding a bias (values other than 0 / -inf, e.g. ALiBi)",
+                    "Falcon's ALiBi ran sharded without its bias"):
             with torch.no_grad():
                 run()
-        except ValueError as e:
-            assert "holding a bias" in str(e) and "ALiBi" in str(e), str(e)
-        else:
-            raise AssertionError("Falcon's ALiBi ran sharded without its bias")
 
     model, _ = _tiny_llama()
     ids = torch.randint(0, 96, (1, 64), generator=torch.Generator().manual_seed(4))
@@ -1677,43 +1670,26 @@ def hf_bad_inputs(ctx):
                                "2-D padding mask"),
                               ({"position_ids": pos, "attention_mask": torch.ones(1, 64, dtype=torch.long)},
                                "shard_attention_mask), got (1, 64)")):
-            try:
+            with raises(words, "it ran"):
                 model(input_ids=local_ids, use_cache=False, **kwargs)
-            except ValueError as e:
-                assert words in str(e), str(e)
-            else:
-                raise AssertionError(f"no error naming {words!r}")
     for kwargs, words in (({"dense": "allgather"}, "dense must be one of 'ring', 'gather', got 'allgather'"),
                           ({"packed": "yes"}, "packed must be True or False")):
-        try:
+        with raises(words, "it ran"):
             with context_parallel(model, seq_len=seq_len, **kwargs):
                 pass
-        except ValueError as e:
-            assert words in str(e), str(e)
-        else:
-            raise AssertionError(f"no error naming {words!r}")
-    from moba_rewrite.integrations.hf_cp_generate import generate
-
     for kwargs, words in (({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
                           ({"max_new_tokens": 2, "do_sample": True, "temperature": 0.0}, "temperature must be positive"),
                           ({"max_new_tokens": 2, "attention_mask": torch.ones(1, 3)}, "attention_mask must be the"),
                           ({"max_new_tokens": 2, "input_ids": ids.float()}, "input_ids must be integer token ids")):
-        try:
+        with raises(words, "it ran"):
             generate(model, **{"input_ids": ids, **kwargs})
-        except ValueError as e:
-            assert words in str(e), str(e)
-        else:
-            raise AssertionError(f"no error naming {words!r}")
     # a window whose cache layer keeps every key (so one process decodes MoBA under the window's
     # mask, which the sharded cache does not do): one clear error
     odd = _sliding_model("mistral", 20, "sdpa")
     odd.config.layer_types = ["full_attention"] * odd.config.num_hidden_layers
-    try:
+    with raises("decodes MoBA under a sliding window of 20 keys",
+                "sharded-cache decoding ran MoBA under a window it does not apply"):
         generate(odd, ids[:, :40], max_new_tokens=2)
-    except ValueError as e:
-        assert "decodes MoBA under a sliding window of 20 keys" in str(e), str(e)
-    else:
-        raise AssertionError("sharded-cache decoding ran MoBA under a window it does not apply")
     # a sequence convolution refuses the forward it runs in; one that does not run is left alone
     # (Phi-4-multimodal's audio tower in a text-only forward)
     conv_model = _tiny_llama()[0].eval()
@@ -1727,22 +1703,15 @@ def hf_bad_inputs(ctx):
         close("logits with an idle convolution", unshard_sequence(got, dim=1, seq_len=seq_len), want)
         plain_forward = mlp.forward
         mlp.forward = lambda x: plain_forward(mlp.conv(x.transpose(1, 2)).transpose(1, 2))
-        try:
+        with raises("the convolution LlamaMLP.conv ran on a sharded forward",
+                    "a convolution over the sequence ran on one shard's tokens"):
             with context_parallel(conv_model, seq_len=seq_len):
                 conv_model(input_ids=local_ids, position_ids=pos, use_cache=False)
-        except ValueError as e:
-            assert "the convolution LlamaMLP.conv ran on a sharded forward" in str(e), str(e)
-        else:
-            raise AssertionError("a convolution over the sequence ran on one shard's tokens")
     plain = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2))
-    try:
+    with raises("not a rewritten", "an unrewritten model was accepted"):
         with context_parallel(plain):
             pass
-    except ValueError as e:
-        assert "not a rewritten" in str(e), str(e)
-    else:
-        raise AssertionError("an unrewritten model was accepted")
 
 
 def fsdp2_and_context_parallel_training_step(ctx):
