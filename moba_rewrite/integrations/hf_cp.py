@@ -296,7 +296,7 @@ class _ShardedAttention:
             return torch.zeros(1, dtype=torch.long, device=device)
         if self.global_keys is None:
             self.global_keys = gather_key_mask(self.key_padding, self.pg, self.layout, _WHO)
-        return (self.global_keys.long().cumsum(-1) == 0).sum(-1)
+        return left_padding(self.global_keys)
 
     def _gathered(self, query: Tensor, key: Tensor, value: Tensor, scale: float, window: int | None, *,
                   kind: str, block_size: int, top_k: int, backend: str, documents: Tensor | None = None,
@@ -377,7 +377,7 @@ class _ShardedAttention:
                               who=_WHO).span
         if chunk is not None and self.documents is None:  # only the chunk's keys travel
             left = tuple(self._left_padding(key.device).tolist())
-            return WindowKeys(key, value, self.pg, self.layout, seq_len=seq_len, window=chunk, block_size=unit,
+            return WindowKeys(key, value, self.pg, self.layout, seq_len=seq_len, window=0, block_size=unit,
                               who=_WHO, chunk=chunk, left_padding=left).span
         k_all, v_all = gather_keys_values(key, value, self.pg, self.layout, _WHO)
 
@@ -569,6 +569,12 @@ def _causal_visibility(q_pos: Tensor, end: int, window: int | None, documents: T
     return visible, first
 
 
+def left_padding(real: Tensor) -> Tensor:
+    """`[B]` padding tokens before each row's first real token of a `[B, T]` key mask (True / 1: real):
+    where transformers' chunked attention starts counting a row's chunks."""
+    return (real.long().cumsum(-1) == 0).sum(-1)
+
+
 def _dense_below(decision) -> int:
     """The policy's `dense_below` (0 for none)."""
     return int(getattr(decision, "dense_below", None) or 0)
@@ -624,8 +630,8 @@ def _check_mask(name: str, mask: Tensor | None, t: int, causal: bool, key_paddin
     if window is not None:
         want = want.triu(-(window - 1))
     if chunk is not None:
-        left = torch.zeros(1, 1, dtype=torch.long, device=mask.device) if key_padding is None else \
-            (key_padding.long().cumsum(-1) == 0).sum(-1, keepdim=True)
+        left = (torch.zeros(1, 1, dtype=torch.long, device=mask.device) if key_padding is None else
+                left_padding(key_padding)[:, None])
         segment = (torch.arange(t, device=mask.device)[None] - left).div(chunk, rounding_mode="floor")  # [B | 1, t]
         want = want[None, None] & (segment[:, None, :, None] == segment[:, None, None, :])
     if key_padding is not None:

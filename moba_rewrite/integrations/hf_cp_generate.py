@@ -50,7 +50,7 @@ except ImportError:  # pragma: no cover
 
 from moba_rewrite.attention.block_means import refresh_key_block_means_
 from moba_rewrite.integrations import hf, hf_cp_linear, hf_masks
-from moba_rewrite.integrations.hf_cp import alignment, check_rewritten, context_parallel, layer_types
+from moba_rewrite.integrations.hf_cp import alignment, check_rewritten, context_parallel, layer_types, left_padding
 from moba_rewrite.integrations.hf_generation_config import logits_processing
 from moba_rewrite.parallel.groups import collective, resolve_group
 
@@ -317,14 +317,8 @@ def _place_prompt(model: nn.Module, input_ids: Tensor, real: Tensor | None, shar
     positions[:, :t] = _padded_positions(model, input_ids, real)
     whole = torch.zeros((b, slots), dtype=torch.bool, device=dev)
     whole[:, :t] = real
-    shared.left_padding = _left_padding(real)
+    shared.left_padding = left_padding(real)
     return ids[:, mine], positions[:, mine], real.long().sum(-1), whole[:, mine].clone()
-
-
-def _left_padding(real: Tensor) -> Tensor:
-    """`[B]` padding tokens before each row's first real token of a `[B, T]` mask (transformers' count
-    for chunked attention)."""
-    return (real.long().cumsum(-1) == 0).sum(-1)
 
 
 @torch.no_grad()
@@ -481,7 +475,7 @@ def _transformers_loop(model: nn.Module, input_ids: Tensor, attention_mask: Tens
             shared.length = t - 1
         elif real is not None:
             shared.key_mask = torch.zeros((b, capacity), dtype=torch.bool, device=input_ids.device)
-            shared.left_padding = _left_padding(real[:, :0])
+            shared.left_padding = left_padding(real[:, :0])
         cache.batch_repeat_interleave(num_beams)
         if sampling["do_sample"]:
             _random_state_of_rank_0(pg, input_ids.device)

@@ -102,15 +102,16 @@ class GlobalNumbering:
         return give_global_positions
 
 
-def global_indices(hook, n: int, device) -> Tensor:
+def global_indices(hook, n: int, device, *, clamp: bool = True) -> Tensor:
     """Global indices `[n]` of this rank's `n` tokens in the current forward (`hook`: the sharded
-    attention): the layout's in a prefill or training step (alignment padding past the real length
-    gets the last real index: no real token sees it), the newest cache slots' in a decode step."""
+    attention): the layout's in a prefill or training step (with `clamp`, alignment padding past the
+    real length gets the last real index: no real token sees it), the newest cache slots' in a decode
+    step."""
     if hook.decode_len is not None:  # the new tokens end the filled cache (every rank runs them all)
         return torch.arange(hook.decode_len - n, hook.decode_len, device=device)
     pg = hook.pg
     pos = ShardLayout(hook.layout, dist.get_world_size(pg), n).positions(dist.get_rank(pg), device)
-    if hook.seq_len is not None:
+    if clamp and hook.seq_len is not None:
         pos = pos.clamp(max=max(hook.seq_len - 1, 0))
     return pos
 
@@ -187,10 +188,7 @@ class GlobalRopeLength:
                              f"its frequencies cannot be chosen from the whole sequence's positions")
         rows = positions.reshape(-1, positions.shape[-1]).long()
         if hook.decode_len is None and hook.seq_len is not None:  # alignment padding is no part of the sequence
-            pg = hook.pg
-            lay = ShardLayout(hook.layout, dist.get_world_size(pg), rows.shape[-1])
-            real = lay.positions(dist.get_rank(pg), rows.device) < hook.seq_len
-            rows = rows[:, real]
+            rows = rows[:, global_indices(hook, rows.shape[-1], rows.device, clamp=False) < hook.seq_len]
         largest = rows.max().reshape(1) if rows.numel() else torch.full((1,), -1, dtype=torch.long, device=rows.device)
         dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=hook.pg)
         extra = {} if layer_type is None else {"layer_type": layer_type}

@@ -120,8 +120,8 @@ class _Exchange(torch.autograd.Function):
 
 class WindowKeys:
     """This rank's keys and values plus those the causal sliding window `window` (or with `chunk`,
-    chunked attention of `chunk` tokens, rows left-padded by `left_padding`) needs from others (one
-    all-to-all; see the module doc). `k` `[B, Hkv, T_local, D]`, `v` `[B, Hkv, T_local, Dv]`."""
+    chunked attention of `chunk` tokens, rows left-padded by `left_padding`; `window` unused) needs
+    from others (one all-to-all; see the module doc). `k` `[B, Hkv, T_local, D]`, `v` `[B, Hkv, T_local, Dv]`."""
 
     def __init__(self, k: Tensor, v: Tensor, pg: dist.ProcessGroup, layout: str, *, seq_len: int, window: int,
                  block_size: int, who: str, chunk: int = 0, left_padding: tuple[int, ...] = ()):
