@@ -389,6 +389,7 @@ def compile(model: nn.Module, policy: Any, *, example_inputs: Any = None,  # noq
     from moba_rewrite.dynamo_backend import MobaBackend
 
     policy = load_policy(policy)
+    hf.is_pretrained(model)  # a transformers model needs a supported transformers (one clear error)
     try:
         sites = find_sites(model, example_inputs)
     except Exception as exc:  # discovery is an aid for numbering only

@@ -83,6 +83,11 @@ def _run(args, debug: bool) -> int:
         sys.stderr.write(f"{PROG}: error: {err}\n")
         return err.code
     except Exception as exc:  # noqa: BLE001  (one line, not a traceback, unless --debug)
+        from moba_rewrite.integrations.hf_version import UnsupportedTransformersError
+
+        if isinstance(exc, UnsupportedTransformersError) and not debug:
+            sys.stderr.write(f"{PROG}: error: {exc}\n")
+            return EXIT_MISSING_PACKAGE
         return _internal(exc, debug)
 
 

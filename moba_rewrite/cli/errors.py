@@ -84,9 +84,12 @@ def checkpoint_errors() -> Iterator[None]:
 
 def rewrite_error(exc: Exception, verb: str = "rewrite") -> CliError:
     """A library failure while planning or rewriting: a policy error (5) or an unsupported model (4)."""
+    from moba_rewrite.integrations.hf_version import UnsupportedTransformersError
     from moba_rewrite.policy import PolicyError
 
     if isinstance(exc, PolicyError):
         return CliError("", str(exc), EXIT_POLICY)
+    if isinstance(exc, UnsupportedTransformersError):
+        return CliError("", str(exc), EXIT_MISSING_PACKAGE)
     return CliError("", f"expected a model moba-rewrite can {verb} ({type(exc).__name__}: "
                         f"{first_line(exc, type(exc).__name__)})", EXIT_ARCHITECTURE)

@@ -33,7 +33,7 @@ from torch import nn
 
 from moba_rewrite.attention import checked as _checked  # noqa: F401  (torch.ops.moba.attention_checked_mask)
 from moba_rewrite.attention import op as moba_op  # registers torch.ops.moba
-from moba_rewrite.integrations import hf_cache, hf_masks
+from moba_rewrite.integrations import hf_cache, hf_masks, hf_version
 from passes.sites import AttentionSite
 
 IMPL_PREFIX = "moba_"
@@ -55,14 +55,18 @@ class HFUnsupportedError(RuntimeError):
 
 
 def is_pretrained(model: nn.Module) -> bool:
-    """A transformers `PreTrainedModel` (whether or not its attention uses the AttentionInterface)."""
+    """A transformers `PreTrainedModel` (whether or not its attention uses the AttentionInterface).
+    Raises `hf_version.UnsupportedTransformersError` for one when transformers is too old."""
     if "transformers" not in sys.modules:
         return False
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover
         return False
-    return isinstance(model, PreTrainedModel)
+    if not isinstance(model, PreTrainedModel):
+        return False
+    hf_version.require_supported()
+    return True
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -159,6 +163,7 @@ def _make_interface(origin: str) -> Callable:
 
 def register() -> None:
     """Register `moba_sdpa` / `moba_eager` attention and (compact) mask functions (idempotent)."""
+    hf_version.require_supported()
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
