@@ -13,6 +13,8 @@
 #      torch.compile(mode="reduce-overhead") (CUDA graphs), dense vs MoBA (issue 11: >= 4x).
 #   4. benchmarks/bench_cp_local.py: one rank's local attention under context parallelism (128K
 #      over 4 ranks, bf16), the torch vs the Triton kernels, which must agree.
+# Steps 1-3 need transformers >= moba-rewrite's floor: the image had 5.17.0 (2026-11), so carry
+# the wheels that benchmarks/fetch_gpu_wheels.sh downloads: run(..., carry=[".whl"]).
 #   usage: benchmarks/gpu_model_check.sh            (on the GPU machine; JSON to $OUT when set)
 #          benchmarks/gpu_model_check.sh --dry-run  (the same steps on this CPU at toy sizes)
 set -u
@@ -29,12 +31,18 @@ fi
 echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?') device=$device dtype=$dtype"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi unavailable"
 python -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+source benchmarks/gpu_packages.sh  # a newer transformers from the carried .whl/ when the image's is too old
 status=0
 
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit}s)"
+    if [ "$HF_OK" = 0 ] && [[ "$name" != *bench_cp_local* ]]; then
+        echo "== $name: skipped (needs a supported transformers)"
+        status=1
+        return 0
+    fi
     timeout -k 10 "$limit" "$@"
     local rc=$?
     [ $rc -eq 124 ] && echo "== $name: stopped by its ${limit}s timeout (partial results above)"
