@@ -325,7 +325,10 @@ class _Eval:
             return self._constant(n)
         if n.op not in ("call_function", "call_method"):
             return None
-        name = _name(n).rstrip("_") if _name(n) not in ("__and__", "__or__", "__invert__") else _name(n)
+        name = _name(n)
+        if name not in ("__and__", "__or__", "__invert__"):  # `add_` -> add; `__eq__` (a tensor method in
+            # the graphs of torch 2.11's Dynamo, `operator.eq` in later ones) -> eq; `__rsub__` stays rsub
+            name = name[2:-2] if name.startswith("__") and name.endswith("__") else name.rstrip("_")
         a0 = n.args[0] if n.args else None
         shape = fxutil.shape(n)
         ndim = len(shape) if shape is not None else None
