@@ -42,7 +42,7 @@ class GrowingDynamicLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if not self._writable(key_states, value_states):
-            self.__dict__.pop("_moba_buffers", None)
+            self._moba_buffers = None  # (an attribute store: Dynamo in torch 2.11 cannot trace `__dict__.pop`)
             return super().update(key_states, value_states, *args, **kwargs)
         filled = self.keys.shape[2] if self.keys.dim() == 4 else 0
         needed = filled + key_states.shape[2]
