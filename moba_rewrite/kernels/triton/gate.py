@@ -127,7 +127,10 @@ def _gate_topk_kernel(
             vis = tl.load(VIS + b.to(tl.int64) * svb + hq.to(tl.int64)[:, None] * svh + t[:, None] * svt
                           + cols[None, :] * svn, mask=cand, other=0)
             cand = cand & (vis != 0)
-        s = tl.where(cand, s, float("-inf"))
+        # a NaN score (a NaN in the block's mean key) is never a candidate (SPEC section 2): said
+        # here, not left to how max treats NaN (ignored on GPUs; propagated by triton 3.6's
+        # interpreter, which then stopped the merge below and lost later picks)
+        s = tl.where(cand & (s == s), s, float("-inf"))
         # Merge this tile into the running top-k: pull the tile's best scores in descending order,
         # each replacing its row's current worst kept score, for as long as some row still improves
         # (at most N_PICK rounds; late tiles usually need none or one).
