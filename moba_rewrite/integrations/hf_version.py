@@ -7,15 +7,14 @@ fails (`TypeError` from the mask builder: 5.4 passes `q_length` / `q_offset` in 
 `cache=` given to an older model is swallowed by its `**kwargs`), which the generation exporters
 pass, so with 5.4 to 5.23 their static-cache programs fail; 5.24 refuses Qwen3.5's hybrid stack
 under context parallelism, where 5.25 shards it (measured 2026-12-08, the suite's Hugging Face
-files on each). CI runs the suite on
-5.25, so that is the floor: every entry point that meets a transformers model asks here first
-and stops with one line (pyproject.toml asks pip for the same floor, so a plain install upgrades
-transformers instead).
+files on each). CI runs the suite on 5.25, so that is the floor: every entry point that meets a
+transformers model asks here first and stops with one line (pyproject.toml asks pip for the same
+floor, so a plain install upgrades transformers instead).
 """
 
 from __future__ import annotations
 
-import re
+from packaging.version import Version
 
 MIN_TRANSFORMERS = (5, 25)
 
@@ -26,8 +25,7 @@ class UnsupportedTransformersError(RuntimeError):
 
 def _release(version: str) -> tuple[int, ...]:
     """(major, minor) of a version string such as `5.25.0` or `5.4.0.dev0`."""
-    numbers = re.findall(r"\d+", version)[:2]
-    return tuple(int(n) for n in numbers)
+    return Version(version).release[:2]
 
 
 def installed() -> str:
