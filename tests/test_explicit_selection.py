@@ -9,15 +9,17 @@ from moba_rewrite.kernels.torch import blocks, fast
 from moba_rewrite.kernels.torch.select import select_blocks
 
 
-def _allowed(q, k, selection, block_size, causal):
-    """`[B, Hq, Tq, Tk]` bool: the keys of each query's own block plus its given blocks."""
+def _allowed(q, k, selection, block_size, causal, own_block=True):
+    """`[B, Hq, Tq, Tk]` bool: the keys of each query's own block (unless `own_block=False`) plus its
+    given blocks."""
     b, hq, tq, d = q.shape
     tk = k.shape[2]
     n = -(-tk // block_size)
     own = (torch.arange(tk - tq, tk) // block_size).expand(b, hq, tq)
     chosen = torch.zeros(b, hq, tq, n + 1, dtype=torch.bool)
     chosen.scatter_(-1, torch.where(selection < 0, n, selection), True)
-    chosen.scatter_(-1, own[..., None], True)
+    if own_block:
+        chosen.scatter_(-1, own[..., None], True)
     allowed = chosen[..., :n][..., torch.arange(tk) // block_size]
     if causal:
         allowed &= torch.arange(tk)[None, :] <= torch.arange(tk - tq, tk)[:, None]
@@ -115,3 +117,60 @@ def test_log_sum_exp_for_merging_and_backward_given_it(big_scores, threads):
         torch.set_num_threads(before)
     for a, b in zip(given, plain):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def _softmax_reference(q, k, v, allowed, scale):
+    """Dense attention restricted to `allowed` (fp64); rows that see no key give zeros, lse -inf."""
+    g = q.shape[1] // k.shape[1]
+    kk, vv = (x.double().repeat_interleave(g, 1) for x in (k, v))
+    s = (q.double() @ kk.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    lse = s.logsumexp(-1)
+    p = (s - torch.where(torch.isfinite(lse), lse, 0.0)[..., None]).exp()
+    return p @ vv, lse
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["one_thread", "threaded_split"])
+@pytest.mark.parametrize("big_scores", [False, True], ids=["fast", "online"])
+def test_selected_blocks_without_the_own_block(big_scores, threads):
+    """`own_block=False` attends only the given blocks (rows with none: zeros, lse -inf), forward and
+    backward given a larger softmax's lse; merged by log-sum-exp with the own-block-only call it
+    equals the call that attends both (context parallelism's overlapped schedule)."""
+    from moba_rewrite.parallel.lse import merge_by_lse
+
+    torch.manual_seed(3)
+    bs, t = 64, 512 if threads == 1 else 2048
+    q, k, v = (torch.randn(1, 4, t, 16) for _ in range(3))
+    scale = 3.0 if big_scores else 0.25
+    sel = select_blocks(q, k, block_size=bs, top_k=3, causal=True, attn_mask=None)
+    sel[:, :, ::7, :] = -1  # some rows pick nothing
+    none = torch.full_like(sel, -1)
+    kw = dict(block_size=bs, top_k=3, causal=True, scale=scale, attn_mask=None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert bool(blocks._split_plan(q, k)[1]) == (threads == 2)
+        assert fast.applicable(q, k, v, scale=scale, attn_mask=None) != big_scores
+        picked, picked_lse = blocks.forward(q, k, v, selection=sel, own_block=False, return_lse=True, **kw)
+        want, want_lse = _softmax_reference(q, k, v, _allowed(q, k, sel, bs, True, own_block=False), scale)
+        torch.testing.assert_close(picked.double(), want, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(picked_lse.double(), want_lse, atol=1e-4, rtol=1e-5)
+        assert bool((picked[:, :, ::7] == 0).all()) and bool(torch.isneginf(picked_lse[:, :, ::7]).all())
+        own, own_lse = blocks.forward(q, k, v, selection=none, return_lse=True, **kw)
+        both, both_lse = blocks.forward(q, k, v, selection=sel, return_lse=True, **kw)
+        merged, merged_lse = merge_by_lse(own, own_lse, picked, picked_lse)
+        torch.testing.assert_close(merged.to(both.dtype), both, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(merged_lse, both_lse, atol=2e-6, rtol=1e-6)
+        grad = torch.randn_like(both)
+        whole = blocks.backward(grad, q, k, v, both, selection=sel, lse=both_lse, **kw)
+        part_own = blocks.backward(grad, q, k, v, both, selection=none, lse=both_lse, **kw)
+        part_picked = blocks.backward(grad, q, k, v, both, selection=sel, lse=both_lse, own_block=False, **kw)
+    finally:
+        torch.set_num_threads(before)
+    for w, a, b in zip(whole, part_own, part_picked):
+        torch.testing.assert_close(a + b, w, atol=2e-5, rtol=1e-4)
+
+
+def test_own_block_false_needs_a_selection():
+    q = torch.randn(1, 2, 64, 16)
+    with pytest.raises(ValueError, match="own_block=False needs an explicit selection"):
+        blocks.forward(q, q, q, block_size=16, top_k=2, causal=True, scale=0.25, attn_mask=None, own_block=False)

@@ -187,6 +187,40 @@ def test_given_picks_softmax_reference_is_the_best_attended_gate_score(monkeypat
     torch.testing.assert_close(out, want_out, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("mode", ["single", "two_pass"])
+def test_given_picks_without_the_own_block(mode, monkeypatch):
+    """`own_block=False` (context parallelism attends fetched blocks apart from its own): the picks
+    only, rows with none give zeros and lse -inf, in both forward modes; the backward given a larger
+    softmax's lse equals the torch backend's share of the gradients."""
+    from moba_rewrite.kernels.torch import blocks as torch_blocks
+    from moba_rewrite.kernels.triton import configs as triton_configs
+
+    monkeypatch.setattr(triton_configs, "pick", lambda name, default: mode if name == "fwd_mode" else default)
+    q, k, v = _inputs(2, 4, 2, 40, 56, 16, torch.float32, seed=10)
+    g = torch.Generator().manual_seed(11)
+    own = (torch.arange(40) + 16) // 8
+    picks = torch.rand(2, 4, 40, 7, generator=g).argsort(-1)[..., :3]
+    picks = torch.where((picks < own[:, None]) & (torch.rand(2, 4, 40, 3, generator=g) < 0.8), picks, -1)
+    picks[:, :, ::5] = -1  # rows that pick nothing
+    kw = dict(block_size=8, causal=True, scale=0.25, attn_mask=None)
+    out, lse = tb.forward_selected(q, k, v, picks, own_block=False, **kw)
+    selected = torch.zeros(2, 4, 40, 8, dtype=torch.bool).scatter_(-1, picks.masked_fill(picks < 0, 7), True)[..., :7]
+    s = (q.float() @ ref.repeat_kv(k, 4).float().transpose(-1, -2)) * 0.25
+    s = s.masked_fill(~selected[..., torch.arange(56) // 8], float("-inf"))
+    want_lse = s.logsumexp(-1)
+    want = torch.where(torch.isneginf(want_lse)[..., None], 0.0, torch.softmax(s, -1)) @ ref.repeat_kv(v, 4).float()
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    assert bool((out[:, :, ::5] == 0).all()) and bool(torch.isneginf(lse[:, :, ::5]).all())
+    whole, whole_lse = tb.forward_selected(q, k, v, picks, **kw)  # a larger softmax: own block + picks
+    grad = torch.randn_like(whole)
+    got = tb.backward_selected(grad, q, k, v, whole, picks, whole_lse, own_block=False, **kw)
+    want_grads = torch_blocks.backward(grad, q, k, v, whole, top_k=4, selection=picks, lse=whole_lse, own_block=False,
+                                       **kw)
+    for a, e in zip(got, want_grads):
+        torch.testing.assert_close(a, e, atol=5e-5, rtol=5e-5)
+
+
 def test_through_op_with_autograd():
     q, k, v = _inputs(1, 4, 2, 24, 24, 16, torch.float32, seed=6)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]

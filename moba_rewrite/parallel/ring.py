@@ -27,6 +27,7 @@ from moba_rewrite.kernels import dense as dense_kernels
 from moba_rewrite.parallel.dense import checked_dense_call
 from moba_rewrite.parallel.groups import collective
 from moba_rewrite.parallel.layout import ShardLayout, gather_key_mask
+from moba_rewrite.parallel.lse import merge_by_lse
 from moba_rewrite.parallel.traffic import count
 
 _WHO = "ring_attention_cp"
@@ -79,15 +80,6 @@ def _by_chunk(visible: Tensor, lay: ShardLayout) -> Tensor:
     return visible.view(visible.shape[0], -1, lay.chunk_len)
 
 
-def _merge(out: Tensor, lse: Tensor, part_out: Tensor, part_lse: Tensor) -> tuple[Tensor, Tensor]:
-    """Two attentions over disjoint keys merged by their log-sum-exps (fp32; -inf: no key seen)."""
-    top = torch.maximum(lse, part_lse)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    a, b = torch.exp(lse - top), torch.exp(part_lse - top)
-    total = a + b
-    merged = (out * a[..., None] + part_out.float() * b[..., None]) / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-    return merged, top + torch.log(total)
-
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
@@ -108,7 +100,7 @@ class _RingAttention(torch.autograd.Function):
                 rows = slice(i * c, (i + 1) * c)
                 part = dense_kernels.part_forward(q[:, :, rows], k_h[:, :, j * c:(j + 1) * c], v_h[:, :, j * c:(j + 1) * c],
                                                   keys_seen[:, kc], square, scale)
-                out[:, :, rows], lse[:, :, rows] = _merge(out[:, :, rows], lse[:, :, rows], *part)
+                out[:, :, rows], lse[:, :, rows] = merge_by_lse(out[:, :, rows], lse[:, :, rows], *part)
             if ring is not None:
                 shard = ring.wait()
         out = out.to(q.dtype)

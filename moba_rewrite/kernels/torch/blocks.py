@@ -153,17 +153,23 @@ def _run_parts(ranges: list[tuple[int, int]], work) -> None:
 
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
             attn_mask: Tensor | None, selection: Tensor | None = None,
-            return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+            return_lse: bool = False, own_block: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """MoBA output `[B, Hq, Tq, Dv]` in `q`'s dtype (SPEC section 2).
 
     `selection` (`[B, Hq, Tq, picks]` int64 block indices of k, -1 = none, own block excluded):
     attend these history blocks instead of gating (`select.route`; used by context parallelism).
     `return_lse`: also each row's log-sum-exp of its scaled scores, `[B, Hq, Tq]` in compute
-    precision (-inf where a row sees no key): `(out, lse)`, to merge with attention elsewhere."""
+    precision (-inf where a row sees no key): `(out, lse)`, to merge with attention elsewhere.
+    `own_block=False` (with `selection`): attend only the selected blocks, not each query's own
+    (context parallelism attends the fetched blocks apart from the local ones; a row with no
+    pick gets zeros and lse -inf)."""
+    _check_own_block(own_block, selection)
     attn_mask, causal = simplify(q, k, attn_mask, causal)  # a mask read as causal + key mask when it is one
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
     if return_lse:
         kw["return_lse"] = True
+    if not own_block:
+        kw["own_block"] = False
     dim, ranges = _split_plan(q, k)
     if not ranges:
         impl = implementation(q, k, v, block_size=block_size, scale=scale, attn_mask=attn_mask)
@@ -189,16 +195,25 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, cau
     return (out, lse) if return_lse else out
 
 
+def _check_own_block(own_block: bool, selection: Tensor | None) -> None:
+    if not own_block and selection is None:
+        raise ValueError("moba torch backend: own_block=False needs an explicit selection (which blocks to attend)")
+
+
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
              causal: bool, scale: float, attn_mask: Tensor | None, selection: Tensor | None = None,
-             lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """`(dq, dk, dv)` of `forward` (dk, dv summed over each GQA group); `selection` as in `forward`.
-    `lse` (`[B, Hq, Tq]`): the rows' log-sum-exp over all the keys they attend, of which `k` is a
-    part, with `out` the merged output (context parallelism: this part's share of the gradients)."""
+             lse: Tensor | None = None, own_block: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """`(dq, dk, dv)` of `forward` (dk, dv summed over each GQA group); `selection` and `own_block`
+    as in `forward`. `lse` (`[B, Hq, Tq]`): the rows' log-sum-exp over all the keys they attend, of
+    which `k` is a part, with `out` the merged output (context parallelism: this part's share of
+    the gradients)."""
+    _check_own_block(own_block, selection)
     attn_mask, causal = simplify(q, k, attn_mask, causal)
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
     if lse is not None:
         kw["lse"] = lse
+    if not own_block:
+        kw["own_block"] = False
     dim, ranges = _split_plan(q, k, _SPLIT_MIN_ROWS_BACKWARD)
     if not ranges:
         impl = implementation(q, k, v, block_size=block_size, scale=scale, attn_mask=attn_mask)

@@ -234,15 +234,25 @@ def _history_sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: 
 
 
 def _sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout, *, causal: bool, scale: float,
-          attn_mask: Tensor | None, acc: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+          attn_mask: Tensor | None, acc: Tensor | None = None,
+          own_block: bool = True) -> tuple[Tensor | None, Tensor]:
     """Padded accumulators: (sum of exp2(s) @ V or None, sum of exp2(s)), `[B, Hq, P(, Dv)]`.
 
     The own-block pass assigns every padded row before the history pass adds to it, so the
-    accumulators start uninitialised; `acc` may be given (contiguous `[B, Hq, P, Dv]` in ct)."""
+    accumulators start uninitialised (zeroed when `own_block=False` skips that pass); `acc` may
+    be given (contiguous `[B, Hq, P, Dv]` in ct)."""
     dev, ct, mult = q.device, lay.ct, scale * LOG2E
     row_sum = torch.empty((lay.b, lay.hq, lay.p), dtype=ct, device=dev)
     if v is not None and acc is None:
         acc = torch.empty((lay.b, lay.hq, lay.p, lay.dv), dtype=ct, device=dev)
+    if not own_block:
+        row_sum.zero_()
+        if acc is not None:
+            acc.zero_()
+        _history_sums(q, k, v if acc is not None else None, plan, lay, row_sum.view(-1),
+                      acc.view(-1, lay.dv) if acc is not None else None, mask4(attn_mask), mult,
+                      Scratch.for_thread(ct, dev))
+        return acc, row_sum
     masker = _OwnMasker(lay, causal, attn_mask, dev)
     sum_v = row_sum.view(lay.b, lay.hkv, lay.g, lay.nq, lay.bs)
     acc_v = acc.view(lay.b, lay.hkv, lay.g, lay.nq, lay.bs, lay.dv) if acc is not None else None
@@ -272,20 +282,20 @@ def _sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout,
 @torch.no_grad()
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
             attn_mask: Tensor | None, out: Tensor | None = None, selection: Tensor | None = None,
-            return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+            return_lse: bool = False, own_block: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """MoBA output `[B, Hq, Tq, Dv]` in `q`'s dtype; callers check `applicable` first.
 
     With `out` (shaped like the output, `q`'s dtype) the result is written there and `out` is
     returned; it is accumulated in place when the layout allows (prefill of whole blocks).
     `selection`: history blocks chosen by the caller (see `select.route`). `return_lse`: also
-    the rows' log-sum-exp (`online.forward`'s)."""
+    the rows' log-sum-exp (`online.forward`'s). `own_block=False`: the selected blocks only."""
     lay = _Layout(q, k, v, block_size)
     plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, include_own=False,
                  selection=selection)
     in_place = (out is not None and lay.front == 0 and lay.p == lay.tq and out.dtype == lay.ct
                 and out.is_contiguous())
     acc, row_sum = _sums(q, k, v, plan, lay, causal=causal, scale=scale, attn_mask=attn_mask,
-                         acc=out if in_place else None)
+                         acc=out if in_place else None, own_block=own_block)
     del plan
     # row sums are of exp2(s * scale * log2(e)) = exp(s * scale): their log is the natural lse
     lse = lay.unpad(row_sum).log() if return_lse else None
@@ -301,15 +311,17 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, cau
 @torch.no_grad()
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
              causal: bool, scale: float, attn_mask: Tensor | None, selection: Tensor | None = None,
-             lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+             lse: Tensor | None = None, own_block: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """`(dq, dk, dv)`; routing and row sums are recomputed, memory bounded like `forward`.
-    `lse`: the rows' log-sum-exp over a larger set of keys (see `online.backward`)."""
+    `lse`: the rows' log-sum-exp over a larger set of keys (see `online.backward`);
+    `own_block=False`: the selected blocks only (as `forward`)."""
     lay = _Layout(q, k, v, block_size)
     dev, ct, mult = q.device, lay.ct, scale * LOG2E
     plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, include_own=False,
                  selection=selection)
     if lse is None:
-        _, row_sum = _sums(q, k, None, plan, lay, causal=causal, scale=scale, attn_mask=attn_mask)
+        _, row_sum = _sums(q, k, None, plan, lay, causal=causal, scale=scale, attn_mask=attn_mask,
+                           own_block=own_block)
         inv = torch.where(row_sum > 0, row_sum.reciprocal(), 0.0)  # [B, Hq, P]
         del row_sum
     else:  # 1 / sum of exp over all the row's keys = exp(-lse); 0 on padding rows and rows seeing nothing
@@ -328,7 +340,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, 
     inv_v, delta_v, dq_v = inv.view(g6), delta.view(g6), dq.view(*g6, lay.d)
     dk_v = dk.view(lay.b, lay.hkv, lay.n, lay.bs, lay.d)[:, :, lay.j0:]
     dv_v = dv.view(lay.b, lay.hkv, lay.n, lay.bs, lay.dv)[:, :, lay.j0:]
-    for c0, c1 in lay.chunks():
+    for c0, c1 in lay.chunks() if own_block else ():
         qc = lay.q_chunk(q, c0, c1, mult)
         goc = lay.q_chunk(grad_out, c0, c1, None).mul_(inv_v[:, :, :, c0:c1, :, None])
         kc, vc = lay.kv_chunk(k, c0, c1), lay.kv_chunk(v, c0, c1)

@@ -106,12 +106,14 @@ def _attend(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, scorer: _Sc
 @torch.no_grad()
 def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, causal: bool, scale: float,
             attn_mask: Tensor | None, selection: Tensor | None = None,
-            return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+            return_lse: bool = False, own_block: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """MoBA output `[B, Hq, Tq, Dv]` in `q`'s dtype (SPEC section 2), tile by tile.
     `selection`: history blocks chosen by the caller (see `select.route`). `return_lse`: also the
     log-sum-exp of each row's scaled scores, `[B, Hq, Tq]` in compute precision (-inf for a row
-    that sees no key), for merging with attention over other keys (context parallelism)."""
-    plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, selection=selection)
+    that sees no key), for merging with attention over other keys (context parallelism).
+    `own_block=False` (with `selection`): attend the selected blocks only, not the query's own."""
+    plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, selection=selection,
+                 include_own=own_block)
     scorer = _Scorer(q, attn_mask, causal=causal, scale=scale, offset=plan.offset)
     acc, row_max, row_sum = _attend(q, k, v, plan, scorer)
     inv = torch.where(row_sum > 0, row_sum.reciprocal(), 0.0)
@@ -125,13 +127,14 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, cau
 @torch.no_grad()
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, block_size: int, top_k: int,
              causal: bool, scale: float, attn_mask: Tensor | None, selection: Tensor | None = None,
-             lse: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+             lse: Tensor | None = None, own_block: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """`(dq, dk, dv)` of `forward`; routing and log-sum-exp are recomputed, memory as forward.
 
     `lse` (`[B, Hq, Tq]`, as `forward(return_lse=True)` gives): the rows' log-sum-exp over *all*
     the keys they attend, of which `k` holds a part (context parallelism), with `out` the merged
     output: the gradients of this part's keys and queries within that larger softmax."""
-    plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, selection=selection)
+    plan = route(q, k, block_size=block_size, top_k=top_k, causal=causal, attn_mask=attn_mask, selection=selection,
+                 include_own=own_block)
     scorer = _Scorer(q, attn_mask, causal=causal, scale=scale, offset=plan.offset)
     ct = scorer.ct
     if lse is None:

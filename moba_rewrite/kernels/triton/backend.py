@@ -214,11 +214,14 @@ _LN2 = 0.6931471805599453
 
 
 def _selected_problem(q: Tensor, k: Tensor, v: Tensor, selection: Tensor, block_size: int, causal: bool,
-                      scale: float, attn_mask: Tensor | None) -> tuple["Problem", "triton_gate.Selection"]:
+                      scale: float, attn_mask: Tensor | None,
+                      own_block: bool = True) -> tuple["Problem", "triton_gate.Selection"]:
     _check(q, k, attn_mask, v)
+    if not own_block and q.shape[2] == 1:
+        raise ValueError("moba triton backend: own_block=False is for prefill-shaped calls (Tq > 1), got Tq=1")
     p = dense_problem(q, k, v, block_size=block_size, top_k=selection.shape[-1] + 1, causal=causal, scale=scale,
                       attn_mask=attn_mask)
-    return p, triton_gate.build_csr(p, triton_gate.selection_from_picks(p, selection))
+    return p, triton_gate.build_csr(p, triton_gate.selection_from_picks(p, selection, own_block))
 
 
 def _rows_to_heads(p: "Problem", rows: Tensor) -> Tensor:
@@ -228,12 +231,13 @@ def _rows_to_heads(p: "Problem", rows: Tensor) -> Tensor:
 
 
 def forward_selected(q: Tensor, k: Tensor, v: Tensor, selection: Tensor, *, block_size: int, causal: bool,
-                     scale: float, attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+                     scale: float, attn_mask: Tensor | None, own_block: bool = True) -> tuple[Tensor, Tensor]:
     """MoBA over given history blocks: `selection` `[B, Hq, Tq, S]` block indices of k per query row
     (-1 = none, own block excluded; the torch backend's `selection`). Returns `(out, lse)`, lse the
     rows' natural log-sum-exp `[B, Hq, Tq]` fp32 (-inf where a row sees no key), to merge with
-    attention computed elsewhere. Eager (context parallelism's local attention)."""
-    p, sel = _selected_problem(q, k, v, selection, block_size, causal, float(scale), attn_mask)
+    attention computed elsewhere. Eager (context parallelism's local attention). `own_block=False`:
+    the selected blocks only, not each query's own (a row with no pick: zeros, lse -inf)."""
+    p, sel = _selected_problem(q, k, v, selection, block_size, causal, float(scale), attn_mask, own_block)
     out, lse2 = triton_attn.attention_forward(p, sel)
     lse = _rows_to_heads(p, lse2) * _LN2
     return out, lse.masked_fill(torch.isposinf(lse), float("-inf"))
@@ -241,11 +245,11 @@ def forward_selected(q: Tensor, k: Tensor, v: Tensor, selection: Tensor, *, bloc
 
 def backward_selected(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, selection: Tensor,
                       lse: Tensor, *, block_size: int, causal: bool, scale: float,
-                      attn_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                      attn_mask: Tensor | None, own_block: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """`(dq, dk, dv)` of `forward_selected`, given the rows' log-sum-exp `lse` `[B, Hq, Tq]` over all
     the keys they attend (of which this call's are a part) and `out` the merged output: this part's
     share of the gradients."""
-    p, sel = _selected_problem(q, k, v, selection, block_size, causal, float(scale), attn_mask)
+    p, sel = _selected_problem(q, k, v, selection, block_size, causal, float(scale), attn_mask, own_block)
     lse2 = (lse.float() / _LN2).masked_fill(torch.isneginf(lse), float("inf"))  # a row seeing nothing: p = 0
     rows = lse2.reshape(p.batch, p.hkv, p.group, p.max_tq).transpose(2, 3).reshape(p.batch * p.hkv, p.rows)
     row_lse = torch.full((p.batch * p.hkv, sel.row_pad), float("inf"), dtype=torch.float32, device=q.device)

@@ -169,6 +169,7 @@ class Selection:
     entry_src: Tensor | None = None  # int32 [B*Hkv, RP * KS]: the entry's slot in row-major [RP, KS]
     part_picks: Tensor | None = None  # int32 [B*Hkv, RP, splits, KP]: per block range (partial gate)
     part_scores: Tensor | None = None  # fp32, same shape: their gate scores (-inf = none)
+    own_block: bool = True  # False: rows attend their picks only (context parallelism's fetched blocks)
 
 
 _MAX_GATE_SPLITS = 64  # block ranges of a partial (decode) gate ...
@@ -281,7 +282,7 @@ def row_blocks(p: Problem, sel: Selection) -> Tensor:
     q_len = p.q_len.repeat_interleave(p.hkv)[:, None]  # [B*Hkv, 1]
     k_len = p.k_len.repeat_interleave(p.hkv)[:, None]
     valid = t[None, :] < q_len
-    own = torch.where(valid, (k_len - q_len + t[None, :]) // p.block_size, -1).to(torch.int32)
+    own = torch.where(valid & sel.own_block, (k_len - q_len + t[None, :]) // p.block_size, -1).to(torch.int32)
     picks = torch.where(valid[..., None], sel.picks, -1)
     return torch.cat([own[..., None], picks], dim=-1)
 
@@ -324,12 +325,14 @@ def selection_from_map(p: Problem, selected: Tensor) -> Selection:
     return _selection_of_rows(p, ids, n_pick)
 
 
-def selection_from_picks(p: Problem, picks: Tensor) -> Selection:
+def selection_from_picks(p: Problem, picks: Tensor, own_block: bool = True) -> Selection:
     """Picks in kernel layout from history blocks given per query row, `[B, Hq, Tq, S]` block indices
-    of k (-1 = none, own block excluded; what context parallelism's gate chose)."""
+    of k (-1 = none, own block excluded; what context parallelism's gate chose). `own_block=False`:
+    the rows attend these blocks only."""
     s = picks.shape[-1]
     kp = max(1, next_pow2(s))
-    return _selection_of_rows(p, torch.nn.functional.pad(picks, (0, kp - s), value=-1) if kp > s else picks, s)
+    return _selection_of_rows(p, torch.nn.functional.pad(picks, (0, kp - s), value=-1) if kp > s else picks, s,
+                              own_block)
 
 
 def _own_blocks(p: Problem, tq: int, device) -> Tensor:
@@ -342,10 +345,10 @@ def _own_blocks(p: Problem, tq: int, device) -> Tensor:
 _REF_CHUNK_ELEMS = 1 << 24
 
 
-def _selection_of_rows(p: Problem, ids: Tensor, n_pick: int) -> Selection:
+def _selection_of_rows(p: Problem, ids: Tensor, n_pick: int, own_block: bool = True) -> Selection:
     """`Selection` from per-query history picks `ids` `[B, Hq, Tq, KP]` (-1 = none), with the softmax
     reference the gate kernel would give: each row's best gate score over its attended blocks (own
-    block and picks), computed in row chunks."""
+    block, unless `own_block=False`, and picks; 0 for a row attending nothing), computed in row chunks."""
     b, hq, tq, kp = ids.shape
     nb, dev, g = p.n_blocks, ids.device, p.group
     default_m, _ = gate_tiles(dev, p.d)
@@ -360,10 +363,13 @@ def _selection_of_rows(p: Problem, ids: Tensor, n_pick: int) -> Selection:
     for t0 in range(0, tq, step):
         t1 = min(tq, t0 + step)
         gate = p.q[:, :, t0:t1].float().reshape(b, p.hkv, g, t1 - t0, p.d) @ means_t  # [B, Hkv, G, rows, NB]
-        blocks = torch.cat([own[t0:t1].view(1, 1, -1, 1).expand(b, hq, -1, 1), ids[:, :, t0:t1]], dim=-1)
+        own_t = own[t0:t1] if own_block else torch.full_like(own[t0:t1], -1)
+        blocks = torch.cat([own_t.view(1, 1, -1, 1).expand(b, hq, -1, 1), ids[:, :, t0:t1]], dim=-1)
         blocks = blocks.view(b, p.hkv, g, t1 - t0, kp + 1)
         scores = gate.gather(-1, blocks.clamp(min=0)).masked_fill_(blocks < 0, float("-inf"))
         best[..., t0:t1] = scores.amax(-1)
+    if not own_block:
+        best.masked_fill_(torch.isneginf(best), 0.0)
     ref = torch.zeros((b * p.hkv, rp), dtype=torch.float32, device=dev)
     ref[:, : tq * g] = best.permute(0, 1, 3, 2).reshape(b * p.hkv, tq * g)
-    return Selection(picks=picks, n_pick=n_pick, row_pad=rp, ref=ref)
+    return Selection(picks=picks, n_pick=n_pick, row_pad=rp, ref=ref, own_block=own_block)
