@@ -190,13 +190,14 @@ def op_triton_local_attention(ctx):
     """The local attention on the `triton` backend's kernels (what `auto` picks on CUDA; here under the
     Triton interpreter), the selection given explicitly: the reference's output and gradients with
     fetched tiles, shipped rows merged by log-sum-exp, causal and not, GQA, zigzag, alignment and key
-    padding, a value head dim of its own; the kernels really ran."""
+    padding, a value head dim of its own; the kernels really ran, for the own blocks and (apart,
+    while the tiles travel) for the fetched ones."""
     from moba_rewrite.kernels.triton import backend as triton_backend
 
     calls = []
     forward, backward = triton_backend.forward_selected, triton_backend.backward_selected
-    triton_backend.forward_selected = lambda *a, **kw: calls.append("fwd") or forward(*a, **kw)
-    triton_backend.backward_selected = lambda *a, **kw: calls.append("bwd") or backward(*a, **kw)
+    triton_backend.forward_selected = lambda *a, **kw: calls.append(("fwd", kw["own_block"])) or forward(*a, **kw)
+    triton_backend.backward_selected = lambda *a, **kw: calls.append(("bwd", kw["own_block"])) or backward(*a, **kw)
     try:
         small = dict(t=64, backend="triton")
         for exchange in ("keys", "queries", "auto"):
@@ -205,7 +206,8 @@ def op_triton_local_attention(ctx):
         check_op_against_whole_sequence(ctx, b=3, hq=4, hkv=2, key_padding=_padded_batch(64), exchange="queries",
                                         seed=33, **small)
         check_op_against_whole_sequence(ctx, t=0, seq_len=45, layout="zigzag", dv=12, seed=34, backend="triton")
-        assert calls.count("fwd") == calls.count("bwd") == 6, calls
+        assert calls.count(("fwd", True)) == calls.count(("bwd", True)) == 6, calls
+        assert calls.count(("fwd", False)) == calls.count(("bwd", False)) >= 1, calls  # fetched tiles, attended apart
         # A Hugging Face model whose policy names the backend: its MoBA sites run the kernels sharded.
         from moba_rewrite.integrations.hf_cp import context_parallel, shard_inputs
 
@@ -218,7 +220,7 @@ def op_triton_local_attention(ctx):
             with context_parallel(model, layout="zigzag", seq_len=seq_len):
                 local = model(input_ids=local_ids, position_ids=pos, use_cache=False).logits
         close("logits [policy backend triton]", unshard_sequence(local, layout="zigzag", dim=1, seq_len=seq_len), want)
-        assert calls.count("fwd") == 6 + 3, calls  # one per layer
+        assert calls.count(("fwd", True)) == 6 + 3, calls  # one per layer
     finally:
         triton_backend.forward_selected, triton_backend.backward_selected = forward, backward
     with raises("backend must be one of auto, torch, triton, got 'reference'",

@@ -9,16 +9,18 @@ Per call, on every rank (W ranks, this one holding `T_local` tokens = whole bloc
    fetch the tile, or ship the few query rows that selected it to the tile's owner; one index
    exchange tells every owner both (`exchange.py`), then one all-to-all moves the tiles and one
    the shipped rows, which their owners attend and answer with partial outputs and log-sum-exps;
-4. it attends its own blocks plus the fetched ones with the `torch` backend's kernels or, on CUDA,
-   the `triton` backend's (`backend=`), the selection given explicitly: k/v are compacted to
-   `[fetched blocks | own blocks]`, so the queries are the newest tokens of the compact keys and
-   the own block (with its causal diagonal) is where the kernels expect it; every other selected
-   block is a complete history block (causal) or fully visible (non-causal), whatever its
-   position; the shipped partials are merged in by log-sum-exp.
+4. while the tiles travel (the all-to-all is started, not waited for) it attends its own blocks
+   (each query's own block and the selected blocks this rank holds), with the `torch` backend's
+   kernels or, on CUDA, the `triton` backend's (`backend=`), the selection given explicitly;
+5. then it attends the fetched blocks (k/v compacted to `[fetched blocks | own blocks]`, every
+   selected fetched block a complete history block (causal) or fully visible (non-causal),
+   whatever its position; `own_block=False`), and merges the two parts and the shipped partials
+   by log-sum-exp.
 
 The backward recomputes nothing collective except returning dK/dV of fetched tiles to their
-owners and, for shipped rows, sending their output gradients to the owners and dQ back.
-Every rank of the group must call the forward and the backward.
+owners (computed first and sent while the rank computes its own blocks' gradients) and, for
+shipped rows, sending their output gradients to the owners and dQ back. Every rank of the group
+must call the forward and the backward.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ from moba_rewrite.kernels.reference import compute_dtype
 from moba_rewrite.kernels.registry import load_backend, resolve_backend
 from moba_rewrite.kernels.torch import blocks as torch_blocks
 from moba_rewrite.parallel import shipping
-from moba_rewrite.parallel.exchange import BlockExchange, fetch_blocks, plan_exchange, return_gradients
+from moba_rewrite.parallel.exchange import (BlockExchange, InFlight, add_returned_gradients, plan_exchange,
+                                           start_fetch, start_gradient_return)
 from moba_rewrite.parallel.gate import select_history
 from moba_rewrite.parallel.groups import (all_gather_stacked, check_call_agreement, collective,
                                          resolve_group)
 from moba_rewrite.parallel.layout import ShardLayout, check_layout, gather_key_mask, resolve_seq_len
+from moba_rewrite.parallel.lse import merge_by_lse
 from moba_rewrite.parallel.traffic import count
 
 _WHO = "moba_attention_cp"
@@ -117,24 +121,28 @@ def _remote_pair_counts(sel: Tensor, hkv: int, owner_of: Tensor, rank: int, n: i
 
 
 class _Compact:
-    """This rank's attention problem: k/v as `[fetched blocks | own blocks]` and the selection in
-    those slots, plus what the backward needs to send gradients home."""
+    """This rank's attention problem in two parts: its own blocks (`k`, `v` as given, with
+    `own_selection`) and the fetched ones (`k`, `v` of the fetched tiles, with `fetched_selection`
+    for the query tokens `fetched_rows` that picked any, attended without the own block), plus what
+    the backward needs to send gradients home. The fetch is in flight after construction until
+    `receive()`."""
 
     def __init__(self, q, k, v, cfg: _Config, key_padding: Tensor | None = None):
-        lay, bs = cfg.lay, cfg.block_size
+        lay = cfg.lay
         dev = q.device
-        self.blocks_of = torch.tensor([lay.blocks(r, bs) for r in range(lay.world)], device=dev)  # [W, nb]
+        self.blocks_of = torch.tensor([lay.blocks(r, cfg.block_size) for r in range(lay.world)], device=dev)  # [W, nb]
         positions = lay.positions(cfg.rank, dev)
         self.query_real = positions < cfg.seq_len
         self.padded = not bool(self.query_real.all())
         self.local_keys = key_padding  # [B, T_local] bool or None
         self.global_keys = None if key_padding is None else gather_key_mask(key_padding, cfg.pg, lay.layout, _WHO)
-        sel, fetched, tiles = self._route(q, k, v, positions, cfg)
-        self._assemble(k, v, sel, fetched, tiles, cfg)
+        self.in_flight: InFlight | None = None
+        sel, fetched = self._route(q, k, v, positions, cfg)
+        self._split(k, v, sel, fetched, cfg)
 
-    def _route(self, q, k, v, positions: Tensor, cfg: _Config) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Gate against every block, exchange requests, fetch the tiles: (global selection, the
-        global blocks fetched for any (batch, kv head), the received tiles or None)."""
+    def _route(self, q, k, v, positions: Tensor, cfg: _Config) -> tuple[Tensor, Tensor]:
+        """Gate against every block, exchange requests, start fetching the tiles: (global selection,
+        the global blocks fetched for any (batch, kv head))."""
         bs, n, dev = cfg.block_size, self.blocks_of.numel(), q.device
         means = _gather_means(_local_means(k, positions, cfg), self.blocks_of, cfg)
         visible = None
@@ -146,7 +154,7 @@ class _Compact:
         self.exchange: BlockExchange | None = None
         self.ship: shipping.Shipment | None = None
         if sel.shape[-1] == 0:  # top_k == 1 (the same on every rank, checked): no rank exchanges anything
-            return sel, torch.empty(0, dtype=torch.long, device=dev), None
+            return sel, torch.empty(0, dtype=torch.long, device=dev)
         world, nb = self.blocks_of.shape
         owner_of = torch.empty(n, dtype=torch.long, device=dev)
         owner_of[self.blocks_of.reshape(-1)] = torch.arange(world, device=dev).repeat_interleave(nb)
@@ -154,7 +162,7 @@ class _Compact:
         codes = shipping.choose(counts, cfg.exchange, block_size=bs, head_dim=q.shape[-1], value_dim=v.shape[-1],
                                 itemsize=q.element_size())
         self.exchange = plan_exchange(codes, self.blocks_of, cfg.rank, cfg.pg, _WHO)
-        tiles = fetch_blocks(k, v, self.exchange, bs, cfg.pg, _WHO)
+        self.in_flight = start_fetch(k, v, self.exchange, bs, cfg.pg, _WHO)
         shipped = remote & (codes.view(-1)[tile] > 0)
         if cfg.exchange != "keys":  # every rank then joins the shipping collectives, empty or not
             local_of = torch.empty_like(owner_of)
@@ -162,99 +170,152 @@ class _Compact:
             self.ship = shipping.plan_units(shipped, sel, owner_of, local_of, hkv=k.shape[1], nb=nb, world=world,
                                             pg=cfg.pg, who=_WHO)
             sel = sel.masked_fill(shipped, -1)  # attended on their owners, not here
-        return sel, (codes == shipping.FETCH).any(1).any(0).nonzero().squeeze(1), tiles
+        return sel, (codes == shipping.FETCH).any(1).any(0).nonzero().squeeze(1)
 
-    def _assemble(self, k, v, sel: Tensor, fetched: Tensor, tiles: Tensor | None, cfg: _Config) -> None:
-        """Compact k/v, the selection in compact slots, and the mask of hidden keys (alignment padding
-        and the key padding mask; None when every key is visible)."""
+    def _split(self, k, v, sel: Tensor, fetched: Tensor, cfg: _Config) -> None:
+        """The two parts' selections (own: local block indices; fetched: slots of the fetched
+        tiles, for the query tokens that picked any), the fetched part's k/v (zero until
+        `receive()`), and the masks of hidden keys (alignment padding and the key padding mask;
+        None when every key is visible)."""
         bs, n, dev = cfg.block_size, self.blocks_of.numel(), k.device
-        b, hkv, _, d = k.shape
+        b, hkv, t, d = k.shape
         own = self.blocks_of[cfg.rank]
         f, nb = fetched.numel(), own.numel()
         self.n_fetched = f
         self.slot_of = torch.full((n + 1,), -1, dtype=torch.long, device=dev)  # global block -> slot (n: none)
         self.slot_of[fetched] = torch.arange(f, device=dev)
         self.slot_of[own] = torch.arange(f, f + nb, device=dev)
-        dv = v.shape[-1]
-        self.k = k.new_zeros((b, hkv, (f + nb) * bs, d))
-        self.v = v.new_zeros((b, hkv, (f + nb) * bs, dv))
-        self.k[:, :, f * bs:] = k
-        self.v[:, :, f * bs:] = v
-        if tiles is not None and tiles.shape[0]:
+        slots = self.slot_of[torch.where(sel < 0, n, sel)]
+        self.own_selection = torch.where(slots >= f, slots - f, -1)
+        own_pos = (own[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
+        own_real = (own_pos < cfg.seq_len)[None]
+        if self.global_keys is not None:
+            own_real = own_real & self.local_keys
+        self.own_key_real = None if bool(own_real.all()) else own_real  # [1 | B, T_local]
+        self.own_key_mask = None if self.own_key_real is None else self.own_key_real[:, None, None, :]
+        self.k = self.v = self.fetched_key_mask = None
+        if not f:
+            return
+        fetched_sel = torch.where(slots < f, slots, -1)  # -1 stays -1
+        picked = (fetched_sel >= 0).any(-1).any(1).any(0)  # [T_local]: tokens some head's query fetched for
+        rows = picked.nonzero().squeeze(1)
+        self.fetched_rows = slice(None) if rows.numel() == t else rows
+        self.fetched_selection = fetched_sel[:, :, self.fetched_rows]
+        # The kernels place their queries at the newest keys and need as many keys as queries; this
+        # part's queries see the selected blocks only (no causal cut), so zero blocks after the
+        # fetched ones, never selected, make that room.
+        n_slots = max(f, -(-self.fetched_selection.shape[2] // bs))
+        self.k = k.new_zeros((b, hkv, n_slots * bs, d))
+        self.v = v.new_zeros((b, hkv, n_slots * bs, v.shape[-1]))
+        fetched_pos = (fetched[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
+        real = fetched_pos < cfg.seq_len
+        if self.global_keys is not None:
+            real = real & self.global_keys[:, fetched_pos]
+        if not bool(real.all()):
+            room = torch.ones((real.shape[0] if real.dim() > 1 else 1, (n_slots - f) * bs), dtype=torch.bool, device=dev)
+            self.fetched_key_mask = torch.cat([real.view(room.shape[0], -1), room], dim=1)[:, None, None, :]
+
+    def receive(self) -> None:
+        """Wait for the fetched tiles and place them in the compact k/v."""
+        if self.in_flight is None:
+            return
+        tiles = self.in_flight.wait()
+        self.in_flight = None
+        if tiles.shape[0]:
+            b, hkv, _, d = self.k.shape
+            dv = self.v.shape[-1]
             rb, rh, rj = self.exchange.recv_index
             slots = self.slot_of[rj]
-            self.k.view(b, hkv, f + nb, bs, d)[rb, rh, slots] = tiles[..., :d]
-            self.v.view(b, hkv, f + nb, bs, dv)[rb, rh, slots] = tiles[..., d:]
-        self.selection = self.slot_of[torch.where(sel < 0, n, sel)]
-        key_pos = (torch.cat([fetched, own])[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
-        real_keys = (key_pos < cfg.seq_len)[None]
-        own_real = ((own[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1) < cfg.seq_len)[None]
-        if self.global_keys is not None:
-            real_keys = real_keys & self.global_keys[:, key_pos]
-            own_real = own_real & self.local_keys
-        self.key_mask = None if bool(real_keys.all()) else real_keys[:, None, None, :]  # [1 | B, 1, 1, K]
-        self.own_key_real = None if bool(own_real.all()) else own_real  # [1 | B, T_local], for shipped rows
+            bs = tiles.shape[1]
+            self.k.view(b, hkv, -1, bs, d)[rb, rh, slots] = tiles[..., :d]
+            self.v.view(b, hkv, -1, bs, dv)[rb, rh, slots] = tiles[..., d:]
 
     def zero_padding_rows(self, x: Tensor) -> Tensor:
         """Rows of padding queries set to zero (they are no part of the sequence)."""
         return x * self.query_real.view(1, 1, -1, 1).to(x.dtype) if self.padded else x
 
 
+def _part_args(cfg: _Config, key_mask: Tensor | None, own_block: bool) -> dict:
+    return dict(block_size=cfg.block_size, causal=cfg.causal and own_block, scale=cfg.scale, attn_mask=key_mask,
+                own_block=own_block)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, selection: Tensor, key_mask: Tensor | None, cfg: _Config, *,
+            own_block: bool) -> tuple[Tensor, Tensor]:
+    """(output, log-sum-exp) of q over k/v's given blocks, on the configured kernels. Without the own
+    block no causal cut applies: a selected remote block is a complete earlier block (causal) or
+    fully visible (non-causal), wherever the kernels place the queries."""
+    kw = _part_args(cfg, key_mask, own_block)
+    if cfg.backend == "triton":
+        return load_backend("triton").forward_selected(q, k, v, selection, **kw)
+    return torch_blocks.forward(q, k, v, top_k=cfg.top_k, selection=selection, return_lse=True, **kw)
+
+
+def _attend_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, selection: Tensor,
+                     key_mask: Tensor | None, cfg: _Config, *, own_block: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """This part's `(dq, dk, dv)` within the merged softmax (`out`, `lse`: the merged results)."""
+    kw = _part_args(cfg, key_mask, own_block)
+    if cfg.backend == "triton":
+        return load_backend("triton").backward_selected(grad_out, q, k, v, out, selection, lse, **kw)
+    return torch_blocks.backward(grad_out, q, k, v, out, top_k=cfg.top_k, selection=selection, lse=lse, **kw)
+
+
 class _MobaCP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cfg: _Config, key_padding: Tensor | None) -> Tensor:
         k, v = k.contiguous(), v.contiguous()
-        plan = _Compact(q, k, v, cfg, key_padding)
-        kw = dict(block_size=cfg.block_size, top_k=cfg.top_k, causal=cfg.causal, scale=cfg.scale,
-                  attn_mask=plan.key_mask, selection=plan.selection)
-        lse = None
-        if cfg.backend == "triton":  # the backward needs the rows' log-sum-exp either way
-            out, lse = load_backend("triton").forward_selected(
-                q, plan.k, plan.v, plan.selection, block_size=cfg.block_size, causal=cfg.causal, scale=cfg.scale,
-                attn_mask=plan.key_mask)
-        elif plan.ship is None:
-            out = torch_blocks.forward(q, plan.k, plan.v, **kw)
-        else:
-            out, lse = torch_blocks.forward(q, plan.k, plan.v, return_lse=True, **kw)
+        plan = _Compact(q, k, v, cfg, key_padding)  # the fetch is in flight from here ...
+        out, lse = _attend(q, k, v, plan.own_selection, plan.own_key_mask, cfg, own_block=True)
+        plan.receive()  # ... to here
+        if plan.n_fetched:
+            rows = plan.fetched_rows
+            part = _attend(q[:, :, rows], plan.k, plan.v, plan.fetched_selection, plan.fetched_key_mask, cfg,
+                           own_block=False)
+            merged, merged_lse = merge_by_lse(out[:, :, rows], lse[:, :, rows], *part)
+            out[:, :, rows], lse[:, :, rows] = merged.to(out.dtype), merged_lse.to(lse.dtype)
         if plan.ship is not None:
             part_out, part_lse = shipping.attend_shipped(
                 q, k, v, plan.ship, block_size=cfg.block_size, scale=cfg.scale, key_real=plan.own_key_real,
                 pg=cfg.pg, who=_WHO)
             out, lse = shipping.merge(out, lse, plan.ship.rows, part_out, part_lse)
-        out = plan.zero_padding_rows(out)
+        out = plan.zero_padding_rows(out.to(q.dtype))
         ctx.cfg, ctx.plan = cfg, plan
-        ctx.save_for_backward(q, out, *(() if lse is None else (lse,)))
+        ctx.save_for_backward(q, k, v, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, out, *lse = ctx.saved_tensors
-        lse = lse[0] if lse else None
+        q, k, v, out, lse = ctx.saved_tensors
         cfg, plan = ctx.cfg, ctx.plan
+        bs = cfg.block_size
         grad_out = plan.zero_padding_rows(grad_out.contiguous())
-        if cfg.backend == "triton":
-            dq, dk_c, dv_c = load_backend("triton").backward_selected(
-                grad_out, q, plan.k, plan.v, out, plan.selection, lse, block_size=cfg.block_size, causal=cfg.causal,
-                scale=cfg.scale, attn_mask=plan.key_mask)
-        else:
-            dq, dk_c, dv_c = torch_blocks.backward(
-                grad_out, q, plan.k, plan.v, out, block_size=cfg.block_size, top_k=cfg.top_k, causal=cfg.causal,
-                scale=cfg.scale, attn_mask=plan.key_mask, selection=plan.selection, lse=lse)
-        bs, f = cfg.block_size, plan.n_fetched
-        dk, dv = dk_c[:, :, f * bs:].contiguous(), dv_c[:, :, f * bs:].contiguous()
+        returning, dq_fetched = None, None
+        if plan.exchange is not None:  # the fetched tiles' gradients first, sent home while the rest is computed
+            if plan.n_fetched:
+                rows = plan.fetched_rows
+                dq_fetched, dk_c, dv_c = _attend_backward(
+                    grad_out[:, :, rows], q[:, :, rows], plan.k, plan.v, out[:, :, rows], lse[:, :, rows],
+                    plan.fetched_selection, plan.fetched_key_mask, cfg, own_block=False)
+                b, hkv, _, d = dk_c.shape
+                rb, rh, rj = plan.exchange.recv_index
+                slots = plan.slot_of[rj]
+                grads = torch.cat([dk_c.view(b, hkv, -1, bs, d)[rb, rh, slots],
+                                   dv_c.view(b, hkv, -1, bs, dv_c.shape[-1])[rb, rh, slots]], dim=-1)
+            else:
+                grads = k.new_empty((0, bs, k.shape[-1] + v.shape[-1]))
+            returning = start_gradient_return(grads, plan.exchange, cfg.pg, _WHO)
+        dq, dk, dv = _attend_backward(grad_out, q, k, v, out, lse, plan.own_selection, plan.own_key_mask, cfg,
+                                      own_block=True)
+        dk, dv = dk.contiguous(), dv.contiguous()
         if plan.ship is not None:
-            own_k, own_v = plan.k[:, :, f * bs:], plan.v[:, :, f * bs:]
             dq_rows = shipping.backward_shipped(
-                grad_out, out, lse, own_k, own_v, dk, dv, plan.ship, block_size=bs, scale=cfg.scale,
+                grad_out, out, lse, k, v, dk, dv, plan.ship, block_size=bs, scale=cfg.scale,
                 key_real=plan.own_key_real, pg=cfg.pg, who=_WHO)
             dq = dq.reshape(-1, dq.shape[-1]).index_add(0, plan.ship.rows, dq_rows.to(dq.dtype)).view(dq.shape)
-        if plan.exchange is not None:
-            b, hkv, _, d = dk_c.shape
-            rb, rh, rj = plan.exchange.recv_index
-            slots = plan.slot_of[rj]
-            grads = torch.cat([dk_c.view(b, hkv, -1, bs, d)[rb, rh, slots],
-                               dv_c.view(b, hkv, -1, bs, dv_c.shape[-1])[rb, rh, slots]], dim=-1)
-            return_gradients(grads, plan.exchange, dk, dv, bs, cfg.pg, _WHO)
+        if dq_fetched is not None:
+            dq[:, :, plan.fetched_rows] += dq_fetched.to(dq.dtype)
+        if returning is not None:
+            add_returned_gradients(returning.wait(), plan.exchange, dk, dv, bs)
         return dq, dk, dv, None, None
 
 

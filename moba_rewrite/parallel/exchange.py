@@ -8,8 +8,10 @@
 2. Block exchange: every owner sends the requested `(batch, kv head, block)` key and value tiles
    `[block_size, D + Dv]`, grouped by destination, in one `all_to_all_single` with uneven splits.
    Both sides list the tiles in the same order (destination or source rank, then batch, kv head,
-   block: the row-major order of the request codes), so no index travels with the data.
-3. Backward: the dK/dV tiles of fetched blocks travel the same way in reverse and are added into
+   block: the row-major order of the request codes), so no index travels with the data. It is
+   started asynchronously (`InFlight`): the rank attends its own blocks while the tiles travel.
+3. Backward: the dK/dV tiles of fetched blocks travel the same way in reverse (started as soon
+   as they are computed, while the rank computes its own blocks' gradients) and are added into
    their owner's gradient (a block fetched by several ranks gets the sum).
 """
 
@@ -64,29 +66,49 @@ def _tiles(x: Tensor, block_size: int) -> Tensor:
     return x.view(b, h, t // block_size, block_size, d)
 
 
-def fetch_blocks(k: Tensor, v: Tensor, ex: BlockExchange, block_size: int, pg: dist.ProcessGroup,
-                 who: str) -> Tensor:
-    """Send the requested tiles of this rank's k/v; return the received ones, `[N_recv, bs, D + Dv]`
-    (keys then values along the last dim: the value head dim may differ, as in multi-head latent
-    attention)."""
+class InFlight:
+    """An uneven all-to-all started without waiting (`async_op`): the caller computes meanwhile
+    (gloo moves the bytes on its own thread, NCCL on its stream) and `wait()`s for the output.
+    A failure, at the start or the wait, is one `ContextParallelError` naming the step."""
+
+    def __init__(self, send: Tensor, recv: Tensor, send_counts: list[int], recv_counts: list[int],
+                 pg: dist.ProcessGroup, who: str, step: str):
+        self.send, self.recv, self.pg, self.who, self.step = send, recv, pg, who, step  # send: alive until done
+        with collective(who, step, pg):
+            self.work = dist.all_to_all_single(recv, send, output_split_sizes=recv_counts,
+                                               input_split_sizes=send_counts, group=pg, async_op=True)
+
+    def wait(self) -> Tensor:
+        with collective(self.who, self.step, self.pg):
+            self.work.wait()
+        self.send = None
+        return self.recv
+
+
+def start_fetch(k: Tensor, v: Tensor, ex: BlockExchange, block_size: int, pg: dist.ProcessGroup,
+                who: str) -> InFlight:
+    """Start sending the requested tiles of this rank's k/v; `wait()` gives the received ones,
+    `[N_recv, bs, D + Dv]` (keys then values along the last dim: the value head dim may differ, as
+    in multi-head latent attention)."""
     b, h, j = ex.send_index
     send = torch.cat([_tiles(k, block_size)[b, h, j], _tiles(v, block_size)[b, h, j]], dim=-1)
     recv = send.new_empty((sum(ex.recv_counts), block_size, k.shape[-1] + v.shape[-1]))
-    with collective(who, "the all-to-all of key/value blocks", pg):
-        dist.all_to_all_single(recv, send, output_split_sizes=ex.recv_counts, input_split_sizes=ex.send_counts,
-                               group=pg)
     count("key/value blocks", send.numel() * send.element_size())
-    return recv
+    return InFlight(send, recv, ex.send_counts, ex.recv_counts, pg, who, "the all-to-all of key/value blocks")
 
 
-def return_gradients(grad_tiles: Tensor, ex: BlockExchange, dk: Tensor, dv: Tensor, block_size: int,
-                     pg: dist.ProcessGroup, who: str) -> None:
-    """Send dK/dV of fetched tiles (`[N_recv, bs, D + Dv]`) to their owners; add what arrives into dk/dv."""
+def start_gradient_return(grad_tiles: Tensor, ex: BlockExchange, pg: dist.ProcessGroup, who: str) -> InFlight:
+    """Start sending dK/dV of fetched tiles (`[N_recv, bs, D + Dv]`) to their owners; pass the
+    result of `wait()` to `add_returned_gradients`."""
     back = grad_tiles.new_empty((sum(ex.send_counts), *grad_tiles.shape[1:]))
-    with collective(who, "the all-to-all returning key/value gradients", pg):
-        dist.all_to_all_single(back, grad_tiles.contiguous(), output_split_sizes=ex.send_counts,
-                               input_split_sizes=ex.recv_counts, group=pg)
     count("key/value gradients", grad_tiles.numel() * grad_tiles.element_size())
+    return InFlight(grad_tiles.contiguous(), back, ex.recv_counts, ex.send_counts, pg, who,
+                    "the all-to-all returning key/value gradients")
+
+
+def add_returned_gradients(back: Tensor, ex: BlockExchange, dk: Tensor, dv: Tensor, block_size: int) -> None:
+    """Add the dK/dV tiles peers returned for this rank's blocks into dk/dv (a block fetched by
+    several ranks gets the sum)."""
     idx = ex.send_index
     d = dk.shape[-1]
     _tiles(dk, block_size).index_put_(idx, back[..., :d].to(dk.dtype), accumulate=True)
