@@ -3,6 +3,8 @@
     python benchmarks/bench_cp.py --worlds 2,4 --tokens 32768 --block 512 --top-k 3 --data rope
     flock /tmp/moba-heavy.lock python benchmarks/bench_cp.py ...   # on a shared machine
     python benchmarks/bench_cp.py --model        # the volume model of docs/CONTEXT_PARALLEL.md
+    python benchmarks/bench_cp.py --train ...    # also time MoBA-CP forward + backward (training)
+    MOBA_REWRITE_CODE=/other/checkout python benchmarks/bench_cp.py ...   # time another version
 
 For every world size W it spawns W gloo ranks on this machine (CPU), shards one causal sequence
 (`--layout`: contiguously, T / W tokens per rank, or zigzag: one early and one late chunk per
@@ -57,7 +59,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The checkout measured: this one, or MOBA_REWRITE_CODE's (to time two versions on one machine).
+CODE = os.environ.get("MOBA_REWRITE_CODE") or str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, CODE)
 
 from moba_rewrite.attention import moba_attention  # noqa: E402
 from moba_rewrite.attention.block_means import key_block_means  # noqa: E402
@@ -180,6 +184,12 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
                                            block_size=bs, top_k=top_k, causal=True, backend="torch"))
             return torch.cat(outs, dim=2)
 
+    def train_moba_cp(exchange: str):
+        """Forward and backward (every rank runs both), as a training step's attention does."""
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = moba_attention_cp(*leaves, block_size=bs, top_k=top_k, causal=True, exchange=exchange, layout=layout)
+        out.backward(torch.ones_like(out))
+
     out_ag = run_allgather()
     tile = 2 * bs * q.shape[-1] * q.element_size()
     # (batch, kv head, block) tiles this rank's causal queries could select on other ranks: every
@@ -197,6 +207,8 @@ def rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
             "max_diff_vs_allgather": (out_cp - out_ag).abs().max().item(),
             "s": _time(lambda: run_moba_cp(exchange), args.repeats),
         }
+        if args.train:
+            result["modes"][exchange]["train_s"] = _time(lambda: train_moba_cp(exchange), args.repeats)
     if layout == "contiguous":
         result["decode"] = _decode_step(q, k, v, args, world)
     result["allgather_bytes"] = (world - 1) * kv_bytes
@@ -276,6 +288,8 @@ def summarize(world: int, ranks: list[dict]) -> dict:
             "s": slowest(p["s"] for p in per),
             "max_diff_vs_allgather": max(p["max_diff_vs_allgather"] for p in per),
         }
+        if "train_s" in per[0]:
+            m["train_s"] = slowest(p["train_s"] for p in per)
         m["bytes_ratio_vs_ring_max"] = m["bytes_max"] / row["ring_bytes"]
         m["bytes_ratio_vs_ring_mean"] = m["bytes_mean"] / row["ring_bytes"]
         m["time_ratio_vs_allgather"] = m["s"] / row["allgather_s"]
@@ -292,19 +306,21 @@ def print_table(args, rows: list[dict]) -> None:
     data = f"rope, signal {args.signal:g}" if args.data == "rope" else args.data
     print(f"\ncausal prefill, fp32, B={args.batch} H={args.heads} D={args.dim} T={args.tokens} block={args.block} "
           f"top-{args.top_k}, data={data}, {args.layout} shards, CPU gloo, {os.cpu_count()} cores; bytes sent per "
-          f"rank, forward")
+          f"rank, forward; code: {CODE}")
     print("| W | exchange | MoBA-CP MiB sent (max / mean per rank) | ring = all-gather MiB | MoBA-CP / ring bytes "
           "(max / mean) | reachable remote tiles fetched | query rows shipped (once per owner) | MoBA-CP s | all-gather s | ring s "
-          "| MoBA-CP / all-gather time |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| MoBA-CP / all-gather time | MoBA-CP forward + backward s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ring_s = f"{r['ring_s']:.3f}" if "ring_s" in r else "-"
         for mode, m in r["modes"].items():
+            train_s = f"{m['train_s']:.3f}" if "train_s" in m else "-"
             print(f"| {r['world']} | {mode} | {m['bytes_max'] / mib:.2f} / {m['bytes_mean'] / mib:.2f} "
                   f"| {r['ring_bytes'] / mib:.2f} "
                   f"| {m['bytes_ratio_vs_ring_max']:.3f} / {m['bytes_ratio_vs_ring_mean']:.3f} "
                   f"| {100 * m['fetched_fraction_of_reachable_remote_tiles']:.1f}% | {int(m['rows_shipped'])} "
-                  f"| {m['s']:.3f} | {r['allgather_s']:.3f} | {ring_s} | {m['time_ratio_vs_allgather']:.2f} |")
+                  f"| {m['s']:.3f} | {r['allgather_s']:.3f} | {ring_s} | {m['time_ratio_vs_allgather']:.2f} "
+                  f"| {train_s} |")
     for r in rows:
         diffs = ", ".join(f"{mode} {m['max_diff_vs_allgather']:.2e}" for mode, m in r["modes"].items())
         print(f"W={r['world']}: ring = {r.get('ring_impl', 'skipped')}; max |moba_cp - allgather|: {diffs}")
@@ -382,6 +398,7 @@ def main(argv=None) -> int:
     p.add_argument("--ring", choices=["torch", "own", "skip"], default="torch")
     p.add_argument("--ring-repeats", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", action="store_true", help="also time MoBA-CP forward + backward per exchange mode")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--model", action="store_true", help="print the volume model at 1M and 10M tokens and exit")
     args = p.parse_args(argv)
