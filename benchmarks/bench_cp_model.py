@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cp_model.py --tokens 16384 --worlds 1,2,4
     python benchmarks/bench_cp_model.py --tokens 8192 --worlds 1,2 --backward --plot cp_model.png
+    MOBA_REWRITE_CODE=/other/checkout python benchmarks/bench_cp_model.py ...   # time another version
 
 A Llama-style transformers model (random weights, sizes as flags; `--family qwen3_5`: Qwen3.5's
 hybrid stack, gated delta nets with attention every 4th layer, whose states cross ranks by
@@ -40,7 +41,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The checkout measured: this one, or MOBA_REWRITE_CODE's (to time two versions on one machine).
+CODE = os.environ.get("MOBA_REWRITE_CODE") or str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, CODE)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from moba_rewrite.parallel import recurrence  # noqa: E402
@@ -187,7 +190,7 @@ def print_table(args, rows: list[dict]) -> None:
     print(f"\ntorch {torch.__version__}, {os.cpu_count()} CPUs; {kind} {args.layers} layers, hidden {args.hidden}, "
           f"{args.heads} heads (kv {args.kv_heads or args.heads}) x {args.head_dim}; {args.tokens} tokens, "
           f"layout {args.layout}, dense sites by {args.dense_form}; MoBA block {args.block} / top-{args.top_k}; "
-          f"{'forward + backward' if args.backward else 'forward'}")
+          f"{'forward + backward' if args.backward else 'forward'}; code: {CODE}")
     base = {m: rows[0][m] for m in MODES} if rows and rows[0]["world"] == 1 else None
     print("\n| ranks | dense s | MoBA s | dense / MoBA | peak per rank, dense | peak per rank, MoBA | "
           "MoBA peak vs 1 process | bytes sent per rank, dense | bytes sent per rank, MoBA | MoBA / dense bytes | "
