@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = {  # (keys, values, picks, own_block) of the own part and the fetched part, as the op splits them
         "own": (k[:, :, fetched:], v[:, :, fetched:], torch.where(sel * args.block >= fetched,
                                                                   sel - fetched // args.block, -1), True),
-        "fetched": (k, v, torch.where(sel * args.block < fetched, sel, -1), False),
+        "fetched": (k[:, :, :fetched], v[:, :, :fetched], torch.where(sel * args.block < fetched, sel, -1), False),
     }
     sync = torch.cuda.synchronize if q.is_cuda else (lambda: None)
     grad = torch.randn_like(q)
@@ -121,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             return out, None
         dq_f, dk_f, dv_f = backward_fn(grad, q, fk, fv, out, selection=fsel, lse=lse, **part_args(False))
         dq, dk_o, dv_o = backward_fn(grad, q, pk, pv, out, selection=psel, lse=lse, **part_args(True))
-        dk_f[:, :, fetched:] += dk_o
-        dv_f[:, :, fetched:] += dv_o
-        return out, (dq + dq_f, dk_f, dv_f)
+        return out, (dq + dq_f, torch.cat([dk_f, dk_o], dim=2), torch.cat([dv_f, dv_o], dim=2))
 
     def sdpa(backward: bool):
         lq, lk, lv = (x.detach().requires_grad_(backward) for x in (q, k, v))

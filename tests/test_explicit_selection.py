@@ -174,3 +174,33 @@ def test_own_block_false_needs_a_selection():
     q = torch.randn(1, 2, 64, 16)
     with pytest.raises(ValueError, match="own_block=False needs an explicit selection"):
         blocks.forward(q, q, q, block_size=16, top_k=2, causal=True, scale=0.25, attn_mask=None, own_block=False)
+
+
+@pytest.mark.parametrize("big_scores", [False, True], ids=["fast", "online"])
+def test_selected_blocks_only_with_more_queries_than_keys(big_scores):
+    """`own_block=False, causal=False` places no query anywhere: k may be shorter than q (context
+    parallelism's fetched tiles against every token that picked one), forward and backward."""
+    torch.manual_seed(4)
+    bs, tq, tk = 8, 100, 24
+    q, k, v = torch.randn(2, 4, tq, 16), torch.randn(2, 2, tk, 16), torch.randn(2, 2, tk, 16)
+    scale = 3.0 if big_scores else 0.25
+    assert fast.applicable(q, k, v, scale=scale, attn_mask=None) != big_scores
+    sel = torch.randint(0, tk // bs, (2, 4, tq, 2))
+    sel[..., 1] = torch.where(sel[..., 1] == sel[..., 0], -1, sel[..., 1])
+    sel[:, :, ::5] = -1
+    n = tk // bs
+    allowed = torch.zeros(2, 4, tq, n + 1, dtype=torch.bool).scatter_(-1, torch.where(sel < 0, n, sel), True)
+    allowed = allowed[..., :n][..., torch.arange(tk) // bs]
+    kw = dict(block_size=bs, top_k=3, causal=False, scale=scale, attn_mask=None, selection=sel, own_block=False)
+    out, lse = blocks.forward(q, k, v, return_lse=True, **kw)
+    want, want_lse = _softmax_reference(q, k, v, allowed, scale)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-4, rtol=1e-5)
+    grad = torch.randn_like(out)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    g = 2
+    s = (qd @ kd.repeat_interleave(g, 1).transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    p = torch.where(torch.isneginf(want_lse)[..., None], 0.0, torch.softmax(s, -1))
+    (p @ vd.repeat_interleave(g, 1) * grad.double()).sum().backward()
+    for got, ref in zip(blocks.backward(grad, q, k, v, out, lse=lse, **kw), (qd.grad, kd.grad, vd.grad)):
+        torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)

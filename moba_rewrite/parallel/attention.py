@@ -9,17 +9,17 @@ Per call, on every rank (W ranks, this one holding `T_local` tokens = whole bloc
    fetch the tile, or ship the few query rows that selected it to the tile's owner; one index
    exchange tells every owner both (`exchange.py`), then one all-to-all moves the tiles and one
    the shipped rows, which their owners attend and answer with partial outputs and log-sum-exps;
-4. while the tiles travel (the all-to-all is started, not waited for) it attends its own blocks
-   (each query's own block and the selected blocks this rank holds), with the `torch` backend's
-   kernels or, on CUDA, the `triton` backend's (`backend=`), the selection given explicitly;
-5. then it attends the fetched blocks (k/v compacted to `[fetched blocks | own blocks]`, every
-   selected fetched block a complete history block (causal) or fully visible (non-causal),
-   whatever its position; `own_block=False`), and merges the two parts and the shipped partials
-   by log-sum-exp.
+4. while the tiles and the shipped rows travel (their all-to-alls are started, not waited for) it
+   attends its own blocks (each query's own block and the selected blocks this rank holds), with
+   the `torch` backend's kernels or, on CUDA, the `triton` backend's (`backend=`), the selection
+   given explicitly; then, as an owner, the rows peers shipped to it (the answers start back);
+5. then it attends the fetched tiles (side by side, for the tokens that picked any; every one a
+   complete history block (causal) or fully visible (non-causal): `own_block=False`, no causal
+   cut), and merges the two parts and the shipped rows' answers by log-sum-exp.
 
 The backward recomputes nothing collective except returning dK/dV of fetched tiles to their
 owners (computed first and sent while the rank computes its own blocks' gradients) and, for
-shipped rows, sending their output gradients to the owners and dQ back. Every rank of the group
+shipped rows, sending their output gradients to the owners (started first) and dQ back. Every rank of the group
 must call the forward and the backward.
 """
 
@@ -37,10 +37,10 @@ from moba_rewrite.kernels.reference import compute_dtype
 from moba_rewrite.kernels.registry import load_backend, resolve_backend
 from moba_rewrite.kernels.torch import blocks as torch_blocks
 from moba_rewrite.parallel import shipping
-from moba_rewrite.parallel.exchange import (BlockExchange, InFlight, add_returned_gradients, plan_exchange,
-                                           start_fetch, start_gradient_return)
+from moba_rewrite.parallel.exchange import (BlockExchange, add_returned_gradients, plan_exchange, start_fetch,
+                                           start_gradient_return)
 from moba_rewrite.parallel.gate import select_history
-from moba_rewrite.parallel.groups import (all_gather_stacked, check_call_agreement, collective,
+from moba_rewrite.parallel.groups import (InFlight, all_gather_stacked, check_call_agreement, collective,
                                          resolve_group)
 from moba_rewrite.parallel.layout import ShardLayout, check_layout, gather_key_mask, resolve_seq_len
 from moba_rewrite.parallel.lse import merge_by_lse
@@ -122,10 +122,10 @@ def _remote_pair_counts(sel: Tensor, hkv: int, owner_of: Tensor, rank: int, n: i
 
 class _Compact:
     """This rank's attention problem in two parts: its own blocks (`k`, `v` as given, with
-    `own_selection`) and the fetched ones (`k`, `v` of the fetched tiles, with `fetched_selection`
-    for the query tokens `fetched_rows` that picked any, attended without the own block), plus what
-    the backward needs to send gradients home. The fetch is in flight after construction until
-    `receive()`."""
+    `own_selection`) and the fetched ones (`self.k`, `self.v`: the fetched tiles, with
+    `fetched_selection` for the query tokens `fetched_rows` that picked any, attended without the
+    own block), plus what the backward needs to send gradients home. The fetch is in flight after
+    construction until `receive()`."""
 
     def __init__(self, q, k, v, cfg: _Config, key_padding: Tensor | None = None):
         lay = cfg.lay
@@ -174,9 +174,9 @@ class _Compact:
 
     def _split(self, k, v, sel: Tensor, fetched: Tensor, cfg: _Config) -> None:
         """The two parts' selections (own: local block indices; fetched: slots of the fetched
-        tiles, for the query tokens that picked any), the fetched part's k/v (zero until
-        `receive()`), and the masks of hidden keys (alignment padding and the key padding mask;
-        None when every key is visible)."""
+        tiles, for the query tokens that picked any), the fetched part's k/v (filled by
+        `receive()`; every tile a fetched (batch, kv head) pair may select arrives), and the masks
+        of hidden keys (alignment padding and the key padding mask; None when every key is visible)."""
         bs, n, dev = cfg.block_size, self.blocks_of.numel(), k.device
         b, hkv, t, d = k.shape
         own = self.blocks_of[cfg.rank]
@@ -201,19 +201,13 @@ class _Compact:
         rows = picked.nonzero().squeeze(1)
         self.fetched_rows = slice(None) if rows.numel() == t else rows
         self.fetched_selection = fetched_sel[:, :, self.fetched_rows]
-        # The kernels place their queries at the newest keys and need as many keys as queries; this
-        # part's queries see the selected blocks only (no causal cut), so zero blocks after the
-        # fetched ones, never selected, make that room.
-        n_slots = max(f, -(-self.fetched_selection.shape[2] // bs))
-        self.k = k.new_zeros((b, hkv, n_slots * bs, d))
-        self.v = v.new_zeros((b, hkv, n_slots * bs, v.shape[-1]))
+        self.k = k.new_zeros((b, hkv, f * bs, d))  # filled by receive() (zeros: tiles no pair selects)
+        self.v = v.new_zeros((b, hkv, f * bs, v.shape[-1]))
         fetched_pos = (fetched[:, None] * bs + torch.arange(bs, device=dev)).reshape(-1)
-        real = fetched_pos < cfg.seq_len
+        real = (fetched_pos < cfg.seq_len)[None]
         if self.global_keys is not None:
             real = real & self.global_keys[:, fetched_pos]
-        if not bool(real.all()):
-            room = torch.ones((real.shape[0] if real.dim() > 1 else 1, (n_slots - f) * bs), dtype=torch.bool, device=dev)
-            self.fetched_key_mask = torch.cat([real.view(room.shape[0], -1), room], dim=1)[:, None, None, :]
+        self.fetched_key_mask = None if bool(real.all()) else real[:, None, None, :]  # [1 | B, 1, 1, K]
 
     def receive(self) -> None:
         """Wait for the fetched tiles and place them in the compact k/v."""
@@ -244,7 +238,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, selection: Tensor, key_mask: Tensor
             own_block: bool) -> tuple[Tensor, Tensor]:
     """(output, log-sum-exp) of q over k/v's given blocks, on the configured kernels. Without the own
     block no causal cut applies: a selected remote block is a complete earlier block (causal) or
-    fully visible (non-causal), wherever the kernels place the queries."""
+    fully visible (non-causal), wherever the kernels place the queries (k may hold fewer keys
+    than q has queries)."""
     kw = _part_args(cfg, key_mask, own_block)
     if cfg.backend == "triton":
         return load_backend("triton").forward_selected(q, k, v, selection, **kw)
@@ -265,18 +260,21 @@ class _MobaCP(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cfg: _Config, key_padding: Tensor | None) -> Tensor:
         k, v = k.contiguous(), v.contiguous()
         plan = _Compact(q, k, v, cfg, key_padding)  # the fetch is in flight from here ...
+        units = None if plan.ship is None else shipping.send_units(q, plan.ship, cfg.pg, _WHO)  # ... and the units
         out, lse = _attend(q, k, v, plan.own_selection, plan.own_key_mask, cfg, own_block=True)
-        plan.receive()  # ... to here
+        answers = None
+        if units is not None:  # the peers' units, attended here as their owner; the answers travel meanwhile
+            answers = shipping.attend_units(units, q.dtype, k, v, plan.ship, block_size=cfg.block_size,
+                                            scale=cfg.scale, key_real=plan.own_key_real, pg=cfg.pg, who=_WHO)
+        plan.receive()
         if plan.n_fetched:
             rows = plan.fetched_rows
             part = _attend(q[:, :, rows], plan.k, plan.v, plan.fetched_selection, plan.fetched_key_mask, cfg,
                            own_block=False)
             merged, merged_lse = merge_by_lse(out[:, :, rows], lse[:, :, rows], *part)
             out[:, :, rows], lse[:, :, rows] = merged.to(out.dtype), merged_lse.to(lse.dtype)
-        if plan.ship is not None:
-            part_out, part_lse = shipping.attend_shipped(
-                q, k, v, plan.ship, block_size=cfg.block_size, scale=cfg.scale, key_real=plan.own_key_real,
-                pg=cfg.pg, who=_WHO)
+        if answers is not None:
+            part_out, part_lse = answers.wait()
             out, lse = shipping.merge(out, lse, plan.ship.rows, part_out, part_lse)
         out = plan.zero_padding_rows(out.to(q.dtype))
         ctx.cfg, ctx.plan = cfg, plan
@@ -289,6 +287,8 @@ class _MobaCP(torch.autograd.Function):
         cfg, plan = ctx.cfg, ctx.plan
         bs = cfg.block_size
         grad_out = plan.zero_padding_rows(grad_out.contiguous())
+        unit_grads = None if plan.ship is None else shipping.send_unit_gradients(grad_out, out, lse, plan.ship,
+                                                                                  cfg.pg, _WHO)
         returning, dq_fetched = None, None
         if plan.exchange is not None:  # the fetched tiles' gradients first, sent home while the rest is computed
             if plan.n_fetched:
@@ -307,13 +307,13 @@ class _MobaCP(torch.autograd.Function):
         dq, dk, dv = _attend_backward(grad_out, q, k, v, out, lse, plan.own_selection, plan.own_key_mask, cfg,
                                       own_block=True)
         dk, dv = dk.contiguous(), dv.contiguous()
-        if plan.ship is not None:
-            dq_rows = shipping.backward_shipped(
-                grad_out, out, lse, k, v, dk, dv, plan.ship, block_size=bs, scale=cfg.scale,
-                key_real=plan.own_key_real, pg=cfg.pg, who=_WHO)
-            dq = dq.reshape(-1, dq.shape[-1]).index_add(0, plan.ship.rows, dq_rows.to(dq.dtype)).view(dq.shape)
         if dq_fetched is not None:
             dq[:, :, plan.fetched_rows] += dq_fetched.to(dq.dtype)
+        if unit_grads is not None:  # as owner: the peers' units' dK/dV into ours, their dQ sent back
+            dq_back = shipping.unit_gradients(unit_grads, lse.dtype, k, v, dk, dv, plan.ship, block_size=bs,
+                                              scale=cfg.scale, key_real=plan.own_key_real, pg=cfg.pg, who=_WHO)
+            dq_rows = dq_back.wait()
+            dq = dq.reshape(-1, dq.shape[-1]).index_add(0, plan.ship.rows, dq_rows.to(dq.dtype)).view(dq.shape)
         if returning is not None:
             add_returned_gradients(returning.wait(), plan.exchange, dk, dv, bs)
         return dq, dk, dv, None, None

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moba_rewrite.parallel.groups import collective
+from moba_rewrite.parallel.groups import InFlight, collective
 from moba_rewrite.parallel.shipping import FETCH
 from moba_rewrite.parallel.traffic import count
 
@@ -64,25 +64,6 @@ def _tiles(x: Tensor, block_size: int) -> Tensor:
     """`[B, H, T, D]` -> `[B, H, T / block_size, block_size, D]` view."""
     b, h, t, d = x.shape
     return x.view(b, h, t // block_size, block_size, d)
-
-
-class InFlight:
-    """An uneven all-to-all started without waiting (`async_op`): the caller computes meanwhile
-    (gloo moves the bytes on its own thread, NCCL on its stream) and `wait()`s for the output.
-    A failure, at the start or the wait, is one `ContextParallelError` naming the step."""
-
-    def __init__(self, send: Tensor, recv: Tensor, send_counts: list[int], recv_counts: list[int],
-                 pg: dist.ProcessGroup, who: str, step: str):
-        self.send, self.recv, self.pg, self.who, self.step = send, recv, pg, who, step  # send: alive until done
-        with collective(who, step, pg):
-            self.work = dist.all_to_all_single(recv, send, output_split_sizes=recv_counts,
-                                               input_split_sizes=send_counts, group=pg, async_op=True)
-
-    def wait(self) -> Tensor:
-        with collective(self.who, self.step, self.pg):
-            self.work.wait()
-        self.send = None
-        return self.recv
 
 
 def start_fetch(k: Tensor, v: Tensor, ex: BlockExchange, block_size: int, pg: dist.ProcessGroup,

@@ -63,6 +63,25 @@ def collective(who: str, step: str, pg: dist.ProcessGroup) -> Iterator[None]:
             f"died, stalled past the group's timeout, or called a different collective") from e
 
 
+class InFlight:
+    """An uneven all-to-all started without waiting (`async_op`): the caller computes meanwhile
+    (gloo moves the bytes on its own thread, NCCL on its stream) and `wait()`s for the output.
+    A failure, at the start or the wait, is one `ContextParallelError` naming the step."""
+
+    def __init__(self, send: Tensor, recv: Tensor, send_counts: list[int], recv_counts: list[int],
+                 pg: dist.ProcessGroup, who: str, step: str):
+        self.send, self.recv, self.pg, self.who, self.step = send, recv, pg, who, step  # send: alive until done
+        with collective(who, step, pg):
+            self.work = dist.all_to_all_single(recv, send, output_split_sizes=recv_counts,
+                                               input_split_sizes=send_counts, group=pg, async_op=True)
+
+    def wait(self) -> Tensor:
+        with collective(self.who, self.step, self.pg):
+            self.work.wait()
+        self.send = None
+        return self.recv
+
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LAYOUT_CODES = {"contiguous": 0, "zigzag": 1}
 _EXCHANGE_CODES = {"auto": 0, "keys": 1, "queries": 2}

@@ -14,6 +14,11 @@ and answers once. Backward: the requester sends each unit's output gradient with
 merged log-sum-exp and `delta = dO . O`; the owner recomputes the tiles' probabilities, adds
 their dK/dV into its own gradients and returns the unit's dQ.
 
+Each step's all-to-alls are started without waiting (`InFlight`), so the ranks compute while
+units and answers travel: `send_units` before the rank attends its own blocks, `attend_units`
+(the owner's work) after them, the answers collected last; in the backward likewise
+(`send_unit_gradients`, `unit_gradients`).
+
 Bytes per unit, forward: `D` values and the tile list from the requester, `Dv` values and one
 fp32 log-sum-exp from the owner; a fetched tile: `block x (D + Dv)` values from the owner.
 """
@@ -26,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moba_rewrite.parallel.groups import collective
+from moba_rewrite.parallel.groups import InFlight, collective
 from moba_rewrite.parallel.traffic import count
 
 MODES = ("auto", "keys", "queries")
@@ -105,15 +110,13 @@ def plan_units(shipped: Tensor, sel: Tensor, owner_of: Tensor, local_of: Tensor,
     return Shipment(rows=units % (b * hq * t), lists=lists, send_counts=send.tolist(), recv_counts=recv.tolist())
 
 
-def _all_to_all_rows(x: Tensor, send_counts: list[int], recv_counts: list[int], pg: dist.ProcessGroup, who: str,
-                     step: str) -> Tensor:
-    """Rows of `x` grouped by destination -> the rows every peer sent here, grouped by source."""
-    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
-    with collective(who, step, pg):
-        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts,
-                               group=pg)
+def _start_rows(x: Tensor, send_counts: list[int], recv_counts: list[int], pg: dist.ProcessGroup, who: str,
+                step: str) -> InFlight:
+    """Start sending rows of `x` grouped by destination; `wait()` gives the rows every peer sent
+    here, grouped by source."""
     count(step.removeprefix("the all-to-all of "), x.numel() * x.element_size())
-    return out
+    return InFlight(x.contiguous(), x.new_empty((sum(recv_counts), *x.shape[1:])), send_counts, recv_counts, pg, who,
+                    step)
 
 
 def _expand(ship: Shipment, lists: Tensor, hkv: int, nb: int) -> None:
@@ -150,18 +153,36 @@ def _tile_scores(q_rows: Tensor, k: Tensor, b: int, h: int, j: int, key_real: Te
     return s, qs, kt
 
 
-@torch.no_grad()
-def attend_shipped(q: Tensor, k: Tensor, v: Tensor, ship: Shipment, *, block_size: int, scale: float,
-                   key_real: Tensor | None, pg: dist.ProcessGroup, who: str) -> tuple[Tensor, Tensor]:
-    """Forward of the shipped units: send this rank's units, attend the units peers sent over
-    this rank's tiles (`k`, `v`: its own shard; each unit's tiles merged), answer them. Returns
-    this rank's units' (partial outputs `[U, Dv]` in q's dtype, log-sum-exps `[U]` fp32-or-wider)."""
-    ct = torch.promote_types(q.dtype, torch.float32)
-    hkv, nb = k.shape[1], k.shape[2] // block_size
+@dataclass
+class InTransit:
+    """Shipped-unit traffic under way: the collectives started, in the order every rank waits for them."""
+
+    parts: list[InFlight]
+
+    def wait(self) -> list[Tensor]:
+        return [part.wait() for part in self.parts]
+
+
+def send_units(q: Tensor, ship: Shipment, pg: dist.ProcessGroup, who: str) -> InTransit:
+    """Forward, requester side: start sending this rank's units (query rows and tile lists) to the
+    owners; `attend_units` takes what arrives."""
     sent = q.reshape(-1, q.shape[-1]).index_select(0, ship.rows)
-    got = _all_to_all_rows(sent, ship.send_counts, ship.recv_counts, pg, who, "the all-to-all of shipped queries")
-    lists = _all_to_all_rows(ship.lists, ship.send_counts, ship.recv_counts, pg, who,
-                             "the all-to-all of shipped tile lists")
+    return InTransit([
+        _start_rows(sent, ship.send_counts, ship.recv_counts, pg, who, "the all-to-all of shipped queries"),
+        _start_rows(ship.lists, ship.send_counts, ship.recv_counts, pg, who, "the all-to-all of shipped tile lists")])
+
+
+@torch.no_grad()
+def attend_units(arriving: InTransit, q_dtype: torch.dtype, k: Tensor, v: Tensor, ship: Shipment, *,
+                 block_size: int, scale: float, key_real: Tensor | None, pg: dist.ProcessGroup,
+                 who: str) -> InTransit:
+    """Forward, owner side: attend the units peers sent (`arriving`, from `send_units`) over this
+    rank's tiles (`k`, `v`: its own shard; each unit's tiles merged) and start the answers; their
+    `wait()` gives this rank's units' (partial outputs `[U, Dv]` in q's dtype, log-sum-exps `[U]`
+    fp32-or-wider)."""
+    ct = torch.promote_types(q_dtype, torch.float32)
+    hkv, nb = k.shape[1], k.shape[2] // block_size
+    got, lists = arriving.wait()
     ship.received_q = got
     _expand(ship, lists, hkv, nb)
     n_pairs = ship.pair_unit.numel()
@@ -182,10 +203,9 @@ def attend_shipped(q: Tensor, k: Tensor, v: Tensor, ship: Shipment, *, block_siz
             pair_lse[p0:p1] = m.add_(total.log())
         pair_out[p0:p1] = (p @ v[b, h, j * block_size:(j + 1) * block_size].to(ct)).div_(total[:, None])
     out, lse = _lse_merge(ship.pair_unit, pair_out, pair_lse, got.shape[0])
-    o = _all_to_all_rows(out.to(q.dtype), ship.recv_counts, ship.send_counts, pg, who,
-                         "the all-to-all of partial outputs")
-    l = _all_to_all_rows(lse, ship.recv_counts, ship.send_counts, pg, who, "the all-to-all of partial log-sum-exps")
-    return o, l
+    return InTransit([
+        _start_rows(out.to(q_dtype), ship.recv_counts, ship.send_counts, pg, who, "the all-to-all of partial outputs"),
+        _start_rows(lse, ship.recv_counts, ship.send_counts, pg, who, "the all-to-all of partial log-sum-exps")])
 
 
 def _lse_merge(index: Tensor, out: Tensor, lse: Tensor, n: int,
@@ -219,22 +239,29 @@ def merge(out: Tensor, lse: Tensor, rows: Tensor, part_out: Tensor, part_lse: Te
     return merged.view(out.shape).to(out.dtype), merged_lse.view(lse.shape)
 
 
-@torch.no_grad()
-def backward_shipped(grad_out: Tensor, out: Tensor, lse: Tensor, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor,
-                     ship: Shipment, *, block_size: int, scale: float, key_real: Tensor | None,
-                     pg: dist.ProcessGroup, who: str) -> Tensor:
-    """Backward of the shipped units. Sends this rank's units' output gradients with the rows'
-    merged statistics (lse, delta = dO . O); as an owner, adds its tiles' dK/dV into `dk`/`dv`
-    and returns the peers' units' dQ. Returns this rank's units' dQ `[U, D]` (q's dtype)."""
+def send_unit_gradients(grad_out: Tensor, out: Tensor, lse: Tensor, ship: Shipment, pg: dist.ProcessGroup,
+                        who: str) -> InTransit:
+    """Backward, requester side: start sending this rank's units' output gradients with the rows'
+    merged statistics (lse, delta = dO . O) to the owners; `unit_gradients` takes what arrives."""
     ct = lse.dtype
     d = grad_out.shape[-1]
     go = grad_out.reshape(-1, d).index_select(0, ship.rows)
     delta = (go.to(ct) * out.reshape(-1, d).index_select(0, ship.rows).to(ct)).sum(-1)
     stats = torch.stack([lse.reshape(-1).index_select(0, ship.rows), delta], dim=1)
-    go_in = _all_to_all_rows(go, ship.send_counts, ship.recv_counts, pg, who,
-                             "the all-to-all of shipped output gradients")
-    st_in = _all_to_all_rows(stats, ship.send_counts, ship.recv_counts, pg, who,
-                             "the all-to-all of shipped softmax statistics")
+    return InTransit([
+        _start_rows(go, ship.send_counts, ship.recv_counts, pg, who, "the all-to-all of shipped output gradients"),
+        _start_rows(stats, ship.send_counts, ship.recv_counts, pg, who,
+                    "the all-to-all of shipped softmax statistics")])
+
+
+@torch.no_grad()
+def unit_gradients(arriving: InTransit, ct: torch.dtype, k: Tensor, v: Tensor, dk: Tensor, dv: Tensor,
+                   ship: Shipment, *, block_size: int, scale: float, key_real: Tensor | None,
+                   pg: dist.ProcessGroup, who: str) -> InFlight:
+    """Backward, owner side: from the peers' units' gradients (`arriving`, from
+    `send_unit_gradients`) add this rank's tiles' dK/dV into `dk`/`dv` and start returning the
+    units' dQ; its `wait()` gives this rank's units' dQ `[U, D]` (q's dtype)."""
+    go_in, st_in = arriving.wait()
     q_in = ship.received_q
     dq_in = torch.zeros(q_in.shape, dtype=ct, device=q_in.device)
     for b, h, j, p0, p1 in ship.groups:
@@ -249,5 +276,5 @@ def backward_shipped(grad_out: Tensor, out: Tensor, lse: Tensor, k: Tensor, v: T
         ds = (g @ vt.transpose(0, 1)).sub_(st[:, 1:]).mul_(p)
         dq_in.index_add_(0, units, (ds @ kt).mul_(scale))
         dk[b, h, sl] += (ds.transpose(0, 1) @ qs).to(dk.dtype)  # qs carries the scale
-    return _all_to_all_rows(dq_in.to(q_in.dtype), ship.recv_counts, ship.send_counts, pg, who,
-                            "the all-to-all of query gradients")
+    return _start_rows(dq_in.to(q_in.dtype), ship.recv_counts, ship.send_counts, pg, who,
+                       "the all-to-all of query gradients")

@@ -162,7 +162,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, cau
     precision (-inf where a row sees no key): `(out, lse)`, to merge with attention elsewhere.
     `own_block=False` (with `selection`): attend only the selected blocks, not each query's own
     (context parallelism attends the fetched blocks apart from the local ones; a row with no
-    pick gets zeros and lse -inf)."""
+    pick gets zeros and lse -inf); pass `causal=False` then (a selected block is whole), and k
+    may hold fewer keys than q has queries."""
     _check_own_block(own_block, selection)
     attn_mask, causal = simplify(q, k, attn_mask, causal)  # a mask read as causal + key mask when it is one
     kw = dict(block_size=block_size, top_k=top_k, causal=causal, scale=scale)
