@@ -465,20 +465,24 @@ def shard_round_trip(ctx):
 
 
 def dead_rank_is_one_clear_error(ctx):
-    """The last case: rank 1 leaves; rank 0's next call fails with ContextParallelError within the
-    group's (short) timeout instead of hanging."""
+    """The last case: rank 1 leaves in the middle of a call, after the request exchange, while rank
+    0's key/value tiles are in flight (started, not waited for); rank 0 fails with one
+    ContextParallelError naming that step within the group's (short) timeout instead of hanging."""
     short = dist.new_group(list(range(ctx.world)), timeout=datetime.timedelta(seconds=3))
     dist.barrier()
     if ctx.rank == 1:
-        _write_and_exit(ctx, "ok")
+        from moba_rewrite.parallel import attention as cp_attention
+
+        cp_attention.start_fetch = lambda *a, **kw: _write_and_exit(ctx, "ok")
     q, k, v = (shard_sequence(x, group=short) for x in _qkv(1, 2, 2, 128, 16, 10))
     import time
 
     start = time.monotonic()
     try:
-        moba_attention_cp(q, k, v, group=short, block_size=8, top_k=3)
+        moba_attention_cp(q, k, v, group=short, block_size=8, top_k=3, exchange="keys", causal=False)
     except ContextParallelError as e:
         assert f"rank {ctx.rank} of {ctx.world}" in str(e) and "died" in str(e), str(e)
+        assert "key/value blocks" in str(e), str(e)
         assert time.monotonic() - start < 20, "took longer than the timeout"
         return
     raise AssertionError("no ContextParallelError after a rank died")
