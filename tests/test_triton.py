@@ -221,17 +221,18 @@ def test_given_picks_without_the_own_block(mode, monkeypatch):
         torch.testing.assert_close(a, e, atol=5e-5, rtol=5e-5)
 
 
-def test_given_picks_only_with_more_queries_than_keys():
+@pytest.mark.parametrize("tq", [100, 1])
+def test_given_picks_only_with_more_queries_than_keys(tq):
     """`own_block=False, causal=False`: k may be shorter than q (context parallelism's fetched tiles
-    against every token that picked one); forward and backward equal the torch backend's, which
-    `test_explicit_selection` checks against dense attention."""
+    against every token that picked one), or a single token picked them; forward and backward
+    equal the torch backend's, which `test_explicit_selection` checks against dense attention."""
     from moba_rewrite.kernels.torch import blocks as torch_blocks
 
-    q, k, v = _inputs(2, 4, 2, 100, 24, 16, torch.float32, seed=12)
+    q, k, v = _inputs(2, 4, 2, tq, 24, 16, torch.float32, seed=12)
     g = torch.Generator().manual_seed(13)
-    picks = torch.randint(0, 3, (2, 4, 100, 2), generator=g)
+    picks = torch.randint(0, 3, (2, 4, tq, 2), generator=g)
     picks[..., 1] = torch.where(picks[..., 1] == picks[..., 0], -1, picks[..., 1])
-    picks[:, :, ::5] = -1
+    picks[1, :, ::5] = -1
     kw = dict(block_size=8, causal=False, scale=0.25, attn_mask=None, own_block=False)
     out, lse = tb.forward_selected(q, k, v, picks, **kw)
     want, want_lse = torch_blocks.forward(q, k, v, top_k=3, selection=picks, return_lse=True, **kw)

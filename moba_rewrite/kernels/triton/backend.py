@@ -217,8 +217,6 @@ def _selected_problem(q: Tensor, k: Tensor, v: Tensor, selection: Tensor, block_
                       scale: float, attn_mask: Tensor | None,
                       own_block: bool = True) -> tuple["Problem", "triton_gate.Selection"]:
     _check(q, k, attn_mask, v)
-    if not own_block and q.shape[2] == 1:
-        raise ValueError("moba triton backend: own_block=False is for prefill-shaped calls (Tq > 1), got Tq=1")
     p = dense_problem(q, k, v, block_size=block_size, top_k=selection.shape[-1] + 1, causal=causal, scale=scale,
                       attn_mask=attn_mask)
     return p, triton_gate.build_csr(p, triton_gate.selection_from_picks(p, selection, own_block))
