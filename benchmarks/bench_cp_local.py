@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     grad = torch.randn_like(q)
     kernels = {"torch": (lambda *a, **kw: torch_blocks.forward(*a, top_k=args.top_k, return_lse=True, **kw),
                          lambda *a, **kw: torch_blocks.backward(*a, top_k=args.top_k, **kw)),
-               "triton": (triton_backend.forward_selected,
-                          lambda go, q_, k_, v_, out, selection, lse, **kw: triton_backend.backward_selected(
-                              go, q_, k_, v_, out, selection, lse, **kw))}
+               "triton": (triton_backend.forward_selected, triton_backend.backward_selected)}
 
     def part_args(own_block: bool) -> dict:
         return dict(block_size=args.block, causal=own_block, scale=scale, attn_mask=None, own_block=own_block)

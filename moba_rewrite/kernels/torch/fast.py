@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moba_rewrite.kernels.torch.select import RoutePlan, Scratch, compute_dtype, mask4, route, row_mask
@@ -249,15 +248,11 @@ def _sums(q: Tensor, k: Tensor, v: Tensor | None, plan: RoutePlan, lay: _Layout,
         row_sum.zero_()
         if acc is not None:
             acc.zero_()
-        _history_sums(q, k, v if acc is not None else None, plan, lay, row_sum.view(-1),
-                      acc.view(-1, lay.dv) if acc is not None else None, mask4(attn_mask), mult,
-                      Scratch.for_thread(ct, dev))
-        return acc, row_sum
     masker = _OwnMasker(lay, causal, attn_mask, dev)
     sum_v = row_sum.view(lay.b, lay.hkv, lay.g, lay.nq, lay.bs)
     acc_v = acc.view(lay.b, lay.hkv, lay.g, lay.nq, lay.bs, lay.dv) if acc is not None else None
     scratch = Scratch.for_thread(ct, dev)
-    for c0, c1 in lay.chunks():
+    for c0, c1 in lay.chunks() if own_block else ():
         rows_c, keys_c = (c1 - c0) * lay.bs, (c1 - c0) * lay.bs
         # The scale goes on the keys (the query chunk is then a plain copy).
         qc = lay.q_chunk(q, c0, c1, None, out=scratch.get("qc", (lay.b, lay.hq, rows_c, lay.d)))
